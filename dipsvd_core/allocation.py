@@ -1,0 +1,118 @@
+"""Step 4 of the flow: from keep ratios to ranks, under a parameter budget.
+
+Conventions (DESIGN.md section 1): `ratio` r is the fraction of the targeted parameters removed;
+keep-ratio p = 1 - r. A matrix (out x in) kept at p gets rank k = floor(p * out * in / (out + in)),
+clipped to [1, min(out, in)]; p >= 1 keeps it dense. Every allocation, whatever produced it, goes
+through `project`, which clamps p_l to [p_min, p_max] and rescales so the realized parameter
+count meets the budget (the largest count not above it, found by bisection on the scale).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DipSVDError
+from .models import Target
+
+DENSE = None  # rank value meaning "keep the matrix dense"
+
+
+def check_ratio(ratio: float) -> float:
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio < 1):
+        raise DipSVDError(f"ratio must be strictly between 0 and 1 (the fraction of targeted parameters "
+                          f"removed; 0.2 removes 20%, keeps 80%); got {ratio}")
+    return float(ratio)
+
+
+def describe_ratio(ratio: float) -> str:
+    return f"ratio {ratio:g} removed, {100 * (1 - ratio):.0f}% kept"
+
+
+def rank_for(p: float, out_features: int, in_features: int) -> int | None:
+    if p >= 1:
+        return DENSE
+    k = math.floor(p * out_features * in_features / (out_features + in_features))
+    return int(min(max(k, 1), min(out_features, in_features)))
+
+
+def matrix_params(k: int | None, out_features: int, in_features: int) -> int:
+    """Weight parameters of a matrix kept at rank k (dense when k is None). Biases are not counted."""
+    return out_features * in_features if k is DENSE else k * (out_features + in_features)
+
+
+def ranks_for(p_blocks, targets: list[Target]) -> dict[str, int | None]:
+    return {t.name: rank_for(float(p_blocks[t.block]), t.out_features, t.in_features) for t in targets}
+
+
+def kept_params(ranks: dict[str, int | None], targets: list[Target]) -> int:
+    return sum(matrix_params(ranks[t.name], t.out_features, t.in_features) for t in targets)
+
+
+def realized_ratio(ranks: dict[str, int | None], targets: list[Target]) -> float:
+    total = sum(t.params for t in targets)
+    return 1 - kept_params(ranks, targets) / total
+
+
+@dataclass
+class Allocation:
+    """Per-block keep ratios after projection, and the ranks they give."""
+
+    p_blocks: np.ndarray
+    ranks: dict[str, int | None]
+    ratio_target: float
+    ratio_realized: float
+    method: str = "uniform"
+
+
+def project(p_blocks, targets: list[Target], ratio: float, p_min: float = 0.05, p_max: float = 1.0,
+            method: str = "custom") -> Allocation:
+    """Clamp to [p_min, p_max] and rescale so kept parameters are the largest count <= budget."""
+    ratio = check_ratio(ratio)
+    if not 0 < p_min <= p_max:
+        raise DipSVDError(f"need 0 < p_min <= p_max (got {p_min}, {p_max})")
+    p = np.asarray(p_blocks, dtype=np.float64)
+    if p.ndim != 1 or not np.isfinite(p).all() or (p < 0).any():
+        raise DipSVDError("keep ratios must be finite and non-negative, one per block")
+    if p.max() <= 0:
+        p = np.ones_like(p)
+    budget = (1 - ratio) * sum(t.params for t in targets)
+
+    def at(scale: float) -> np.ndarray:
+        return np.clip(scale * p, p_min, p_max)
+
+    def count(scale: float) -> int:
+        return kept_params(ranks_for(at(scale), targets), targets)
+
+    if count(0.0) > budget:
+        raise DipSVDError(f"ratio {ratio:g} cannot be met with every block kept at p_min={p_min:g}; "
+                          "lower p_min or the ratio")
+    lo, hi = 0.0, 1.0
+    while count(hi) <= budget:  # grow until over budget, or until scaling changes nothing more
+        if np.array_equal(at(hi), at(2 * hi)):
+            lo = hi
+            break
+        lo, hi = hi, hi * 2
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
+    final = at(lo)
+    ranks = ranks_for(final, targets)
+    return Allocation(final, ranks, ratio, realized_ratio(ranks, targets), method)
+
+
+def block_params(targets: list[Target]) -> np.ndarray:
+    """P_l: targeted parameters of each block."""
+    n = 1 + max(t.block for t in targets)
+    out = np.zeros(n)
+    for t in targets:
+        out[t.block] += t.params
+    return out
+
+
+def uniform(targets: list[Target], ratio: float, **bounds) -> Allocation:
+    """SVD-LLM's allocation: every block keeps 1 - r, then projected onto the exact budget."""
+    n = 1 + max(t.block for t in targets)
+    return project(np.full(n, 1 - check_ratio(ratio)), targets, ratio, method="uniform", **bounds)

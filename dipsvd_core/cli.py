@@ -1,0 +1,256 @@
+"""Command-line interface: `python -m dipsvd_core {compress,evaluate} ...`.
+
+A flat argparse front over the Workbench. Bad input exits with status 2 and one line on stderr
+naming the problem and the fix; progress bars go to stderr; the JSON report goes to --report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import DipSVDError
+
+
+class Progress:
+    """A tqdm bar driven by (fraction, message) callbacks, one bar per step name."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.bar, self.step = quiet, None, None
+
+    def __call__(self, frac: float, msg: str = "") -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        step = msg.split(":")[0].split(" ")[0]
+        if self.bar is None or step != self.step:
+            self.close()
+            self.bar, self.step = tqdm(total=1000, desc=step, file=sys.stderr, leave=True,
+                                       bar_format="{desc:<12}{percentage:3.0f}%|{bar}| {elapsed} {postfix}"), step
+        self.bar.n = int(1000 * frac)
+        self.bar.set_postfix_str(msg[-48:], refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number, got '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"ratio must be strictly between 0 and 1 (fraction of targeted parameters removed), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (bundled), a hub id, a local folder, a .gguf file, or a saved compressed folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", default="wiki,news", help="comma-separated: wiki, news, wikitext2, ptb, c4, or paths")
+    p.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
+    p.add_argument("--eval-seqlen", type=_positive_int, default=None, help="window length (default: --seqlen)")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .factors import DEFAULT_WHITENING, METHODS, WHITENING_FORMS
+    from .pipeline import allocation_names
+
+    parser = argparse.ArgumentParser(prog="python -m dipsvd_core",
+                                     description="DipSVD Studio: SVD compression of causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
+    _add_model_args(c)
+    c.add_argument("--method", choices=METHODS, default="dipsvd")
+    c.add_argument("--allocation", choices=allocation_names(), default="uniform")
+    c.add_argument("--ratio", type=_ratio, default=0.2,
+                   help="fraction of targeted parameters REMOVED (0.2 removes 20%%, keeps 80%%)")
+    c.add_argument("--weight", type=float, default=30.0, help="scale of the important channels (DipSVD a)")
+    c.add_argument("--bar", type=float, default=0.03, help="fraction of channels protected (DipSVD p)")
+    c.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
+    c.add_argument("--p-min", type=float, default=0.05, help="lowest keep ratio of a block")
+    c.add_argument("--p-max", type=float, default=1.0, help="highest keep ratio of a block (1 = may stay dense)")
+    c.add_argument("--calib", default="wiki", help="calibration text: wiki, news, wikitext2, ptb, c4 or a path")
+    c.add_argument("--calib-windows", type=_positive_int, default=32)
+    c.add_argument("--seqlen", type=_positive_int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="save the compressed model to this folder")
+    c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    c.add_argument("--no-eval-original", action="store_true", help="skip the original model's perplexity")
+    c.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
+    c.add_argument("--generate", action="store_true", help="also generate for the default prompts")
+    _add_eval_args(c)
+
+    e = sub.add_parser("evaluate", help="perplexity of any model, including a saved compressed one")
+    _add_model_args(e)
+    e.add_argument("--seqlen", type=_positive_int, default=512)
+    e.add_argument("--speed", action="store_true")
+    e.add_argument("--generate", action="store_true")
+    _add_eval_args(e)
+    return parser
+
+
+def _eval_sets(lm, spec: str, seqlen: int, max_tokens: int):
+    from .data import evaluation_windows
+
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise DipSVDError("--eval names no dataset; give e.g. wiki,news")
+    return {n: evaluation_windows(lm.tokenizer, n, seqlen, max_tokens) for n in names}
+
+
+def _perplexities(model, sets, progress) -> dict:
+    from .evaluate import perplexity
+
+    return {name: perplexity(model, w, progress=progress) for name, w in sets.items()}
+
+
+def cmd_compress(args) -> dict:
+    from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
+    from .compressed import save_compressed
+    from .models import load_model
+    from .pipeline import Settings, Workbench, peak_memory_mb, settings_dict
+
+    settings = Settings(method=args.method, allocation=args.allocation, ratio=args.ratio, weight=args.weight,
+                        bar=args.bar, whitening=args.whitening, p_min=args.p_min, p_max=args.p_max).check()
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
+        raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
+    for path in (args.calib, *args.eval.split(",")):
+        if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
+            raise DipSVDError(f"text file not found: {path}; check the path")
+    progress = Progress(args.quiet)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
+    timings = {"load_model": time.perf_counter() - t0}
+    bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
+    t0 = time.perf_counter()
+    bench.windows()
+    timings["calibration_text"] = time.perf_counter() - t0
+    result = bench.build(settings, progress=progress)
+    timings.update(result.timings_s)
+    progress.close()
+    sets = _eval_sets(lm, args.eval, args.eval_seqlen or args.seqlen, args.eval_tokens)
+    t0 = time.perf_counter()
+    ppl = {"compressed": _perplexities(result.model, sets, progress)}
+    if not args.no_eval_original:
+        ppl["original"] = _perplexities(lm.model, sets, progress)
+    timings["evaluation"] = time.perf_counter() - t0
+    progress.close()
+    report = {
+        "model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
+        "method": settings.method, "allocation": settings.allocation,
+        "ratio_target": settings.ratio, "ratio_realized": result.allocation.ratio_realized,
+        "ratio_words": f"ratio {settings.ratio:g} removed, {100 * (1 - settings.ratio):.0f}% kept",
+        "settings": settings_dict(settings),
+        "calibration": {"source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen, "seed": args.seed},
+        "params": param_report(lm.model, result.model, lm.targets, result.allocation.ranks),
+        "p_blocks": [float(x) for x in result.allocation.p_blocks],
+        "ranks": {n: (k if k is not None else "dense") for n, k in result.allocation.ranks.items()},
+        "ppl": ppl,
+        "eval": {"sets": list(sets), "tokens_per_set": args.eval_tokens},
+    }
+    if args.speed:
+        report["speed"] = {"original": speed(lm.model), "compressed": speed(result.model)}
+    if args.generate:
+        report["generations"] = {"original": generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True),
+                                 "compressed": generate(result.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)}
+    if args.out:
+        t0 = time.perf_counter()
+        info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
+        report["saved_to"] = str(save_compressed(result.model, args.out, lm.tokenizer, info, force=args.force))
+        timings["save"] = time.perf_counter() - t0
+    report["timings_s"] = timings
+    report["peak_memory_mb"] = peak_memory_mb()
+    return report
+
+
+def cmd_evaluate(args) -> dict:
+    from .evaluate import DEFAULT_PROMPTS, generate, speed
+    from .models import count_params, load_model
+    from .pipeline import peak_memory_mb
+
+    progress = Progress(args.quiet)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
+    timings = {"load_model": time.perf_counter() - t0}
+    sets = _eval_sets(lm, args.eval, args.eval_seqlen or args.seqlen, args.eval_tokens)
+    t0 = time.perf_counter()
+    report = {"model": lm.spec, "model_source": lm.source, "params": {"total": count_params(lm.model)},
+              "ppl": _perplexities(lm.model, sets, progress)}
+    timings["evaluation"] = time.perf_counter() - t0
+    progress.close()
+    entry = getattr(lm.model.config, "dipsvd_compression", None)
+    if entry:
+        report["compression"] = entry
+    if args.speed:
+        report["speed"] = speed(lm.model)
+    if args.generate:
+        report["generations"] = generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)
+    report["timings_s"] = timings
+    report["peak_memory_mb"] = peak_memory_mb()
+    return report
+
+
+COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("DIPSVD_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "report", None) and Path(args.report).is_dir():
+            raise DipSVDError(f"--report {args.report} is a folder; give a file name like report.json")
+        report = COMMANDS[args.command](args)
+    except DipSVDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; use fewer calibration windows, a shorter --seqlen, or a smaller model",
+              file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2, default=str)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text)
+    print(text if not args.report else _summary(report))
+    return 0
+
+
+def _summary(report: dict) -> str:
+    lines = [f"model {report.get('model')}"]
+    if "ratio_target" in report:
+        lines.append(f"{report['method']} + {report['allocation']}: ratio {report['ratio_target']:g} removed "
+                     f"(realized {report['ratio_realized']:.4f})")
+    for kind, sets in (report["ppl"].items() if "compressed" in report["ppl"] else [("ppl", report["ppl"])]):
+        lines.append(f"  {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in sets.items()))
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Step 1b of the flow: text sources and token windows.
+
+Sources (DESIGN.md section 6):
+- `wiki`: the English Wikipedia extract shipped in gensim's wheel, split by article: the first
+  half of the articles is `calib`, the second half `eval`. Disjoint by construction.
+- `news`: gensim's `lee_background.cor` (one news story a line), for evaluation.
+- `wikitext2`, `ptb`, `c4`: through `datasets`, when the hub or its local cache has them.
+- a local `.txt` (blank-line separated documents) or `.jsonl` (a "text" field a line) path.
+
+Windows never pad: calibration windows are distinct non-overlapping chunks chosen by a seeded
+permutation; evaluation windows are the leading non-overlapping chunks, remainder dropped. If the
+tokenizer adds a BOS token to a text, every window starts with BOS.
+"""
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .cache import cache_dir, make_key
+from .errors import DipSVDError
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+HUB_SETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"calib": "train", "eval": "test"}, "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", {"calib": "train", "eval": "test"}, "sentence"),
+    "c4": ("allenai/c4", "en", {"calib": "train", "eval": "validation"}, "text"),
+}
+SOURCES = ("wiki", "news", *HUB_SETS)
+
+
+def _gensim_data() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise DipSVDError("gensim is not installed; it ships the default text. Run `pip install gensim`")
+    return Path(spec.origin).parent / "test" / "test_data"
+
+
+def _clean_wiki(markup: str) -> str:
+    """Wiki markup to prose: gensim strips links and templates; we drop emphasis quotes and tables."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(markup)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^\s*=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)  # headings -> plain lines
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("|", "{", "!", "*", "#", ":"))]
+    return "\n".join(lines)
+
+
+def wiki_articles() -> list[str]:
+    """All prose articles of the gensim Wikipedia extract, in file order (cached as JSON)."""
+    path = _gensim_data() / WIKI_FILE
+    if not path.exists():
+        raise DipSVDError(f"the gensim Wikipedia extract is missing ({path}); reinstall gensim")
+    cached = cache_dir() / "text" / f"wiki-{make_key(str(path), path.stat().st_size)}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    from gensim.corpora.wikicorpus import extract_pages
+
+    docs = []
+    with bz2.open(path) as f:
+        for _title, markup, _pid in extract_pages(f):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _clean_wiki(markup)
+            if len(text) > 200:
+                docs.append(text)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(docs))
+    return docs
+
+
+def _hub_docs(name: str, split: str) -> list[str]:
+    path, config, splits, field = HUB_SETS[name]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, config, split=splits[split])
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DipSVDError(
+            f"dataset '{name}' could not be loaded through `datasets` ({first}). It needs the hub or a "
+            "local datasets cache; offline, use 'wiki', 'news', or a local .txt/.jsonl path") from e
+    return [t for t in ds[field] if t and t.strip()]
+
+
+def _local_docs(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DipSVDError(f"{path}: line {i} is not JSON; a .jsonl file needs one JSON object a line") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DipSVDError(f"{path}: line {i} has no string field 'text'")
+            docs.append(row["text"])
+        return docs
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+
+
+def load_documents(source: str, split: str = "eval") -> list[str]:
+    """The documents of a text source; `split` is 'calib' or 'eval'."""
+    if split not in ("calib", "eval"):
+        raise ValueError(split)
+    if source == "wiki":
+        docs = wiki_articles()
+        half = len(docs) // 2
+        return docs[:half] if split == "calib" else docs[half:]
+    if source == "news":
+        path = _gensim_data() / NEWS_FILE
+        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if source in HUB_SETS:
+        return _hub_docs(source, split)
+    path = Path(os.path.expanduser(source))
+    if path.suffix in (".txt", ".jsonl"):
+        if not path.is_file():
+            raise DipSVDError(f"text file not found: {source}; check the path")
+        docs = _local_docs(path)
+        if not docs:
+            raise DipSVDError(f"{source} holds no text")
+        return docs
+    raise DipSVDError(f"unknown text source '{source}'; use one of {', '.join(SOURCES)}, or a .txt/.jsonl path")
+
+
+def bos_id(tokenizer) -> int | None:
+    """The BOS id if this tokenizer prepends one to a plain text, else None."""
+    ids = tokenizer("a")["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and len(ids) > 0 and ids[0] == bos else None
+
+
+def token_stream(tokenizer, source: str, split: str) -> torch.Tensor:
+    """Join the documents with blank lines and tokenize once, without special tokens."""
+    docs = load_documents(source, split)
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _chunks(stream: torch.Tensor, seqlen: int, bos: int | None) -> torch.Tensor:
+    body = seqlen - 1 if bos is not None else seqlen
+    n = stream.numel() // body
+    chunks = stream[: n * body].view(n, body)
+    if bos is not None:
+        chunks = torch.cat([torch.full((n, 1), bos, dtype=torch.long), chunks], dim=1)
+    return chunks
+
+
+def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`n_windows` distinct non-overlapping windows (n_windows, seqlen), chosen by a seeded permutation."""
+    if n_windows < 1 or seqlen < 2:
+        raise DipSVDError(f"need at least 1 calibration window of at least 2 tokens (got {n_windows} x {seqlen})")
+    split = "eval" if source == "news" else "calib"
+    chunks = _chunks(token_stream(tokenizer, source, split), seqlen, bos_id(tokenizer))
+    if len(chunks) < n_windows:
+        raise DipSVDError(
+            f"calibration text '{source}' is too short: it holds {len(chunks)} windows of {seqlen} tokens but "
+            f"{n_windows} were requested; lower --calib-windows or --seqlen, or give more text")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(chunks), generator=g)[:n_windows]
+    return chunks[pick.sort().values]
+
+
+def heldout_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
+                    skip: int = 0) -> torch.Tensor:
+    """Calibration-split windows NOT used for calibration (the `skip` windows the seed picked first)."""
+    split = "eval" if source == "news" else "calib"
+    chunks = _chunks(token_stream(tokenizer, source, split), seqlen, bos_id(tokenizer))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(chunks), generator=g)
+    rest = order[skip: skip + n_windows]
+    if len(rest) < n_windows:
+        raise DipSVDError(f"not enough held-out text in '{source}' for {n_windows} windows of {seqlen} tokens")
+    return chunks[rest.sort().values]
+
+
+def evaluation_windows(tokenizer, source: str, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The leading non-overlapping windows of the eval split, up to `max_tokens` tokens."""
+    chunks = _chunks(token_stream(tokenizer, source, "eval"), seqlen, bos_id(tokenizer))
+    if max_tokens:
+        chunks = chunks[: max(1, max_tokens // seqlen)]
+    if len(chunks) == 0:
+        raise DipSVDError(f"evaluation text '{source}' is shorter than one window of {seqlen} tokens")
+    return chunks

@@ -1,0 +1,99 @@
+"""Step 6 of the flow: perplexity, generation and speed, for any model.
+
+Perplexity (DESIGN.md section 5): windows are (n, seqlen) token ids cut without padding;
+PPL = exp(mean next-token NLL over every predicted token of every window). A non-finite loss
+is an error, never skipped.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DipSVDError
+from .models import count_params
+
+DEFAULT_PROMPTS = [
+    "What is the universe? Explain this concept.",
+    "The history of the Roman Empire begins",
+    "Write a short poem about the sea.",
+]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None) -> float:
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i: i + batch_size].to(device)
+        logits = model(batch).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                              reduction="sum")
+        if not torch.isfinite(nll):
+            raise DipSVDError(f"the loss is not finite on evaluation window {i}; the model is broken at this "
+                              "setting (try a lower ratio, or float32)")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+        if progress:
+            progress(min(1.0, (i + batch_size) / len(windows)), f"perplexity: window {i + 1}/{len(windows)}")
+    return math.exp(total_nll / total_tokens)
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 48,
+             chat: bool = False, greedy: bool = True) -> list[dict]:
+    """One completion per prompt, with tokens per second of the new tokens."""
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = _prompt_ids(tokenizer, prompt, chat).to(device)
+        t0 = time.perf_counter()
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=not greedy, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        secs = time.perf_counter() - t0
+        new = gen[0, ids.shape[1]:]
+        out.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
+                    "new_tokens": int(new.numel()), "tokens_per_s": new.numel() / max(secs, 1e-9)})
+    return out
+
+
+@torch.no_grad()
+def speed(model: nn.Module, seqlen: int = 256, new_tokens: int = 32, vocab: int = 1000, repeats: int = 2) -> dict:
+    """Prefill tokens/s of a (1, seqlen) batch and decode tokens/s of single-token steps with a KV cache."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    model(ids[:, :8])  # warm-up
+    best_prefill, best_decode = 0.0, 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        best_prefill = max(best_prefill, seqlen / (time.perf_counter() - t0))
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        best_decode = max(best_decode, new_tokens / (time.perf_counter() - t0))
+    return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
+
+
+def param_report(original: nn.Module, compressed: nn.Module, targets, ranks) -> dict:
+    from .allocation import kept_params
+
+    before_t = sum(t.params for t in targets)
+    after_t = kept_params(ranks, targets)
+    total_before, total_after = count_params(original), count_params(compressed)
+    return {"targeted_before": before_t, "targeted_after": after_t,
+            "total_before": total_before, "total_after": total_after,
+            "whole_model_reduction": 1 - total_after / total_before}

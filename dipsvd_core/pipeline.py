@@ -1,0 +1,131 @@
+"""The flow in one object: model + text -> statistics -> factors -> allocation -> compressed model.
+
+`Workbench` holds what is expensive (calibration windows, statistics, factors per FactorSpec) so
+that the CLI, the sweep and the app all reuse it: a new ratio or allocation only slices cached
+factors; a new weight, bar or whitening form refactors; new calibration data recollects.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import allocation as alloc
+from .data import calibration_windows, evaluation_windows
+from .errors import DipSVDError
+from .factors import DEFAULT_WHITENING, Factor, FactorSpec, cached_factors
+from .models import LoadedModel
+from .stats import Stats, cached_stats, stats_key
+from .surgery import compress_model, low_rank_weights
+
+ALLOCATIONS = ("uniform",)
+
+
+@dataclass
+class Settings:
+    method: str = "dipsvd"
+    allocation: str = "uniform"
+    ratio: float = 0.2
+    weight: float = 30.0
+    bar: float = 0.03
+    whitening: str = DEFAULT_WHITENING
+    p_min: float = 0.05
+    p_max: float = 1.0
+
+    @property
+    def spec(self) -> FactorSpec:
+        return FactorSpec(self.method, self.weight, self.bar, self.whitening)
+
+    def check(self) -> "Settings":
+        alloc.check_ratio(self.ratio)
+        self.spec  # validates method and whitening
+        if self.allocation not in allocation_names():
+            raise DipSVDError(f"unknown allocation '{self.allocation}'; use one of {', '.join(allocation_names())}")
+        return self
+
+
+def allocation_names() -> tuple[str, ...]:
+    return ALLOCATIONS
+
+
+@dataclass
+class Result:
+    model: torch.nn.Module
+    allocation: alloc.Allocation
+    settings: Settings
+    timings_s: dict = field(default_factory=dict)
+
+
+def peak_memory_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if torch.cuda.is_available():
+        rss = max(rss, torch.cuda.max_memory_allocated() / 2**20)
+    return rss
+
+
+class Workbench:
+    def __init__(self, lm: LoadedModel, calib: str = "wiki", calib_windows: int = 32, seqlen: int = 512,
+                 seed: int = 0):
+        self.lm, self.calib, self.n_windows, self.seqlen, self.seed = lm, calib, calib_windows, seqlen, seed
+        self._windows: torch.Tensor | None = None
+        self._stats: Stats | None = None
+        self._factors: dict[tuple, dict[str, Factor]] = {}
+        self.timings_s: dict[str, float] = {}
+
+    @property
+    def targets(self):
+        return self.lm.targets
+
+    def windows(self) -> torch.Tensor:
+        if self._windows is None:
+            self._windows = calibration_windows(self.lm.tokenizer, self.calib, self.n_windows, self.seqlen, self.seed)
+        return self._windows
+
+    def stats(self, progress=None) -> Stats:
+        if self._stats is None:
+            t0 = time.perf_counter()
+            self._stats = cached_stats(self.lm, self.windows(), progress)
+            self.timings_s["statistics"] = time.perf_counter() - t0
+        return self._stats
+
+    def has_factors(self, spec: FactorSpec) -> bool:
+        return spec.key in self._factors
+
+    def factors(self, spec: FactorSpec, progress=None) -> dict[str, Factor]:
+        if spec.key not in self._factors:
+            if spec.method == "svd":  # plain SVD needs no data
+                stats, skey = None, f"svd-{self.lm.fingerprint}"
+            else:
+                stats, skey = self.stats(progress), stats_key(self.lm, self.windows())
+            t0 = time.perf_counter()
+            self._factors[spec.key], _ = cached_factors(self.lm, skey, stats, spec, progress)
+            self.timings_s["factors"] = time.perf_counter() - t0
+        return self._factors[spec.key]
+
+    def allocate(self, settings: Settings, progress=None) -> alloc.Allocation:
+        settings.check()
+        bounds = {"p_min": settings.p_min, "p_max": settings.p_max}
+        if settings.allocation == "uniform":
+            return alloc.uniform(self.targets, settings.ratio, **bounds)
+        raise DipSVDError(f"unknown allocation '{settings.allocation}'")
+
+    def build(self, settings: Settings, allocation: alloc.Allocation | None = None, progress=None) -> Result:
+        """The compressed copy for these settings; the original model is left untouched."""
+        settings.check()
+        factors = self.factors(settings.spec, progress)
+        t0 = time.perf_counter()
+        allocation = allocation or self.allocate(settings, progress)
+        t1 = time.perf_counter()
+        model = compress_model(self.lm.model, low_rank_weights(factors, allocation.ranks))
+        t2 = time.perf_counter()
+        timings = dict(self.timings_s, allocation=t1 - t0, surgery=t2 - t1)
+        return Result(model, allocation, settings, timings)
+
+    def eval_windows(self, source: str, max_tokens: int | None = 16384, seqlen: int | None = None) -> torch.Tensor:
+        return evaluation_windows(self.lm.tokenizer, source, seqlen or self.seqlen, max_tokens)
+
+
+def settings_dict(s: Settings) -> dict:
+    return asdict(s)

@@ -33,6 +33,13 @@ class Settings:
     whitening: str = DEFAULT_WHITENING
     p_min: float = 0.05
     p_max: float = 1.0
+    # global importance (DESIGN.md section 4)
+    beta: float = 0.25  # Q_l = S~^beta * R~^(1 - beta)
+    tau: float = 0.95  # effective-rank energy threshold
+    energy: str = "sigma2"  # "sigma2" (Alg. 5) or "sigma" (Eq. 11)
+    bo_calls: int = 30
+    bo_objective: str = "ppl"  # "ppl" on held-out calibration text, or "cosine" of final logits
+    seed: int = 0
 
     @property
     def spec(self) -> FactorSpec:

@@ -25,10 +25,14 @@ class Stats:
     group_of: dict[str, str]  # Linear name -> group name
     block_grams: list[torch.Tensor]  # per block: (d, d) float64 Gram of the block output
     n_tokens: int
+    abs_means: dict[str, torch.Tensor]  # group name -> (in,) mean |x_j| over tokens
     seconds: float = 0.0
 
     def gram(self, name: str) -> torch.Tensor:
         return self.grams[self.group_of[name]]
+
+    def abs_mean(self, name: str) -> torch.Tensor:
+        return self.abs_means[self.group_of[name]]
 
     def alpha(self, name: str) -> torch.Tensor:
         """Channel importance (paper Eq. 1): alpha_j = ||G[:, j]||_2, since alpha_j^2 = ||X^T x_j||^2."""
@@ -45,6 +49,7 @@ class GramAccumulator:
 
     def __init__(self, dim: int, device: torch.device):
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)  # for ASVD's mean |x_j|
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -53,6 +58,7 @@ class GramAccumulator:
             raise NonFiniteActivations()
         x = x.float()
         self.gram += (x.T @ x).to(torch.float64)
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
 
@@ -127,12 +133,13 @@ def collect_stats(model: nn.Module, names: list[str], windows: torch.Tensor, pro
         for h in handles:
             h.remove()
     grams = {n: a.gram.cpu() for n, a in accs.items()}
+    abs_means = {n: (a.abs_sum / a.n).cpu() for n, a in accs.items()}
     return Stats(grams, group_of, [a.gram.cpu() for a in block_accs], accs[next(iter(accs))].n,
-                 time.perf_counter() - t0)
+                 abs_means, time.perf_counter() - t0)
 
 
 def stats_key(lm: LoadedModel, windows: torch.Tensor) -> str:
-    return make_key("stats-v2", lm.fingerprint, windows.shape, make_key(windows.tolist()))
+    return make_key("stats-v3", lm.fingerprint, windows.shape, make_key(windows.tolist()))
 
 
 def cached_stats(lm: LoadedModel, windows: torch.Tensor, progress=None) -> Stats:
@@ -143,11 +150,13 @@ def cached_stats(lm: LoadedModel, windows: torch.Tensor, progress=None) -> Stats
         tensors, meta = hit
         grams = {n: tensors[f"gram/{n}"] for n in meta["leaders"]}
         blocks = [tensors[f"block/{i}"] for i in range(meta["n_blocks"])]
-        return Stats(grams, meta["group_of"], blocks, meta["n_tokens"], 0.0)
+        abs_means = {n: tensors[f"absmean/{n}"] for n in meta["leaders"]}
+        return Stats(grams, meta["group_of"], blocks, meta["n_tokens"], abs_means, 0.0)
     names = [t.name for t in lm.targets]
     st = collect_stats(lm.model, names, windows, progress)
     tensors = {f"gram/{n}": g for n, g in st.grams.items()}
     tensors.update({f"block/{i}": g for i, g in enumerate(st.block_grams)})
+    tensors.update({f"absmean/{n}": m for n, m in st.abs_means.items()})
     save_tensors("stats", key, tensors, {"leaders": list(st.grams), "group_of": st.group_of,
                                          "n_blocks": len(st.block_grams), "n_tokens": st.n_tokens,
                                          "seconds": st.seconds})

@@ -88,19 +88,48 @@ def project(p_blocks, targets: list[Target], ratio: float, p_min: float = 0.05, 
     if count(0.0) > budget:
         raise DipSVDError(f"ratio {ratio:g} cannot be met with every block kept at p_min={p_min:g}; "
                           "lower p_min or the ratio")
-    lo, hi = 0.0, 1.0
-    while count(hi) <= budget:  # grow until over budget, or until scaling changes nothing more
-        if np.array_equal(at(hi), at(2 * hi)):
-            lo = hi
-            break
-        lo, hi = hi, hi * 2
-    else:
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
-    final = at(lo)
-    ranks = ranks_for(final, targets)
-    return Allocation(final, ranks, ratio, realized_ratio(ranks, targets), method)
+    lo = _bisect(lambda c: count(c) <= budget, grow=True)
+    base = at(lo)
+    if np.array_equal(base, at(2 * lo + 1)):
+        # Scaling saturated (e.g. all weight on blocks already at p_max, the rest at p_min):
+        # fill the remaining budget by shifting every unsaturated block up by the same amount.
+        def shifted(t: float) -> np.ndarray:
+            return np.clip(base + t, p_min, p_max)
+
+        t = _bisect(lambda t: kept_params(ranks_for(shifted(t), targets), targets) <= budget, hi=p_max)
+        base = shifted(t)
+    ranks = _spend_leftover(ranks_for(base, targets), base, targets, budget)
+    return Allocation(base, ranks, ratio, realized_ratio(ranks, targets), method)
+
+
+def _bisect(ok, hi: float = 1.0, grow: bool = False, steps: int = 60) -> float:
+    """Largest x >= 0 with ok(x) for a monotone predicate (ok(0) holds)."""
+    lo = 0.0
+    if grow:
+        while ok(hi) and hi < 1e12:
+            lo, hi = hi, hi * 2
+    elif ok(hi):
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _spend_leftover(ranks: dict, p_blocks: np.ndarray, targets: list[Target], budget: float) -> dict:
+    """Give the budget left by flooring back as +1 ranks, largest rounding remainder first.
+
+    One shared p per block moves all same-shaped matrices together, so on small models the floor
+    alone can miss the budget by more than 0.5%; this keeps every rank within 1 of the formula.
+    """
+    left = budget - kept_params(ranks, targets)
+    exact = {t.name: float(p_blocks[t.block]) * t.params / (t.out_features + t.in_features) for t in targets}
+    for t in sorted(targets, key=lambda t: -(exact[t.name] % 1)):
+        k, step = ranks[t.name], t.out_features + t.in_features
+        if k is not DENSE and step <= left and (k + 1) * step < t.params:
+            ranks[t.name] = k + 1
+            left -= step
+    return ranks
 
 
 def block_params(targets: list[Target]) -> np.ndarray:

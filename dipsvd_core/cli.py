@@ -41,6 +41,13 @@ class Progress:
             self.bar = None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (and exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -82,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .factors import DEFAULT_WHITENING, METHODS, WHITENING_FORMS
     from .pipeline import allocation_names
 
-    parser = argparse.ArgumentParser(prog="python -m dipsvd_core",
+    parser = Parser(prog="python -m dipsvd_core",
                                      description="DipSVD Studio: SVD compression of causal LMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
     _add_model_args(c)

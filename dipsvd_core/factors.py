@@ -104,13 +104,16 @@ def whitening(gram: torch.Tensor, d: torch.Tensor, form: str) -> tuple[torch.Ten
 
 
 def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None,
-                  floored: int = 0) -> Factor:
-    """SVD of W S (or of W when S is None), keeping all min(out, in) components."""
+                  floored: int = 0, dtype: torch.dtype = torch.float32) -> Factor:
+    """SVD of W S (or of W when S is None), keeping all min(out, in) components.
+
+    The SVD is float64; `dtype` is how us and vs are stored (float32 halves the memory).
+    """
     W64 = W.detach().double().cpu()
     U, sigma, Vt = torch.linalg.svd(W64 @ S if S is not None else W64, full_matrices=False)
     VtSinv = Vt @ S_inv if S_inv is not None else Vt
     root = sigma.sqrt()
-    return Factor((U * root).float(), sigma, (root[:, None] * VtSinv).float(), floored)
+    return Factor((U * root).to(dtype), sigma, (root[:, None] * VtSinv).to(dtype), floored)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,191 @@
+"""The math of DESIGN.md sections 1-3, asserted on numbers."""
+import math
+
+import pytest
+import torch
+
+from dipsvd_core.allocation import (kept_params, project, rank_for, ranks_for, realized_ratio, uniform)
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.factors import channel_scale, factor_matrix, loss_curve, whitening
+from dipsvd_core.models import Target
+from dipsvd_core.stats import channel_importance
+
+F64 = torch.float64
+
+
+def correlated_inputs(n_in=40, n_tok=300, seed=0):
+    """X (in, N) with correlated channels and a few loud ones, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.eye(n_in, dtype=F64) + 0.4 * torch.randn(n_in, n_in, generator=g, dtype=F64)
+    X = A @ torch.randn(n_in, n_tok, generator=g, dtype=F64)
+    X[:3] *= 20
+    return X
+
+
+@pytest.fixture
+def setting():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(24, 40, generator=g, dtype=F64)
+    X = correlated_inputs()
+    G = X @ X.T
+    d = channel_scale(channel_importance(G), weight=30, bar=0.1)
+    return W, X, G, d
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 15, 23])
+def test_whitening_theorem_paper_form(setting, k):
+    """||(W - W') D X||_F = sqrt(sum_{i>k} sigma_i^2) for the D G D whitening."""
+    W, X, G, d = setting
+    S, S_inv, floored = whitening(G, d, "paper")
+    assert floored == 0
+    f = factor_matrix(W, S, S_inv, dtype=F64)
+    lhs = torch.linalg.norm((W - f.weight(k)) @ (d[:, None] * X))
+    rhs = torch.sqrt((f.sigma[k:] ** 2).sum())
+    assert lhs.item() == pytest.approx(rhs.item(), rel=1e-6)
+    assert loss_curve(f.sigma)[k].item() == pytest.approx(rhs.item(), rel=1e-12)
+
+
+def test_whitening_matrices_square_to_the_weighted_gram(setting):
+    W, X, G, d = setting
+    S, S_inv, _ = whitening(G, d, "paper")
+    DGD = d[:, None] * G * d[None, :]
+    assert torch.allclose(S @ S.T, DGD, rtol=1e-9, atol=1e-9 * DGD.abs().max())
+    assert torch.allclose(S @ S_inv, torch.eye(40, dtype=F64), atol=1e-8)
+    # "code" form: S S^T = (G D^2 G)^{1/2}, i.e. (S S^T)^2 = G D^2 G
+    S, S_inv, _ = whitening(G, d, "code")
+    M = S @ S.T
+    target = G @ torch.diag(d ** 2) @ G
+    assert torch.allclose(M @ M, target, rtol=1e-8, atol=1e-8 * target.abs().max())
+    assert torch.allclose(S @ S_inv, torch.eye(40, dtype=F64), atol=1e-8)
+
+
+@pytest.mark.parametrize("k", [2, 10, 20])
+def test_code_form_error_identity(setting, k):
+    """For any whitening S: ||(W - W') S||_F = sqrt(sum_{i>k} sigma_i^2)."""
+    W, X, G, d = setting
+    S, S_inv, _ = whitening(G, d, "code")
+    f = factor_matrix(W, S, S_inv, dtype=F64)
+    lhs = torch.linalg.norm((W - f.weight(k)) @ S)
+    assert lhs.item() == pytest.approx(torch.sqrt((f.sigma[k:] ** 2).sum()).item(), rel=1e-6)
+
+
+def test_weight_one_or_bar_zero_is_svd_llm(setting):
+    W, X, G, _ = setting
+    ones = torch.ones(40, dtype=F64)
+    base = factor_matrix(W, *whitening(G, ones, "paper")[:2], dtype=F64)
+    for d in (channel_scale(channel_importance(G), 1.0, 0.1), channel_scale(channel_importance(G), 30, 0.0)):
+        for form in ("paper", "code"):
+            f = factor_matrix(W, *whitening(G, d, form)[:2], dtype=F64)
+            assert torch.allclose(f.sigma, base.sigma, rtol=1e-9)
+            assert torch.allclose(f.weight(7), base.weight(7), atol=1e-8)
+
+
+@pytest.mark.parametrize("form", ["paper", "code", None])
+def test_full_rank_reconstructs_w(setting, form):
+    W, X, G, d = setting
+    f = factor_matrix(W, *whitening(G, d, form)[:2], dtype=F64) if form else factor_matrix(W, dtype=F64)
+    assert f.max_rank == 24
+    assert torch.allclose(f.weight(24), W, atol=1e-9)
+
+
+@pytest.mark.parametrize("form", ["paper", "code"])
+def test_error_on_calibration_inputs_falls_as_rank_rises(setting, form):
+    W, X, G, d = setting
+    f = factor_matrix(W, *whitening(G, d, form)[:2], dtype=F64)
+    errs = [torch.linalg.norm((W - f.weight(k)) @ X).item() for k in range(1, 25)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 1e-8 * errs[0]
+
+
+def test_channel_weighting_protects_the_loud_channels(setting):
+    """What DipSVD is for: at equal rank, the error on the protected channels' contribution drops."""
+    W, X, G, d = setting
+    top = d > 1
+    plain = factor_matrix(W, *whitening(G, torch.ones(40, dtype=F64), "paper")[:2], dtype=F64)
+    dip = factor_matrix(W, *whitening(G, d, "paper")[:2], dtype=F64)
+    Xt = X.clone()
+    Xt[~top] = 0  # only the protected channels
+    k = 8
+    e_plain = torch.linalg.norm((W - plain.weight(k)) @ Xt)
+    e_dip = torch.linalg.norm((W - dip.weight(k)) @ Xt)
+    assert e_dip < 0.5 * e_plain
+
+
+def test_alpha_equals_direct_definition():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(50, 7, generator=g, dtype=F64)  # N tokens x in channels
+    direct = torch.stack([torch.sqrt(X[:, j] @ (X @ X.T) @ X[:, j]) for j in range(7)])
+    assert torch.allclose(channel_importance(X.T @ X), direct, rtol=1e-12)
+
+
+def test_channel_scale_picks_the_top_fraction():
+    alpha = torch.tensor([5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0, 0.5])
+    d = channel_scale(alpha, 30, 0.3)
+    assert d.tolist() == [1, 1, 30, 1, 30, 1, 30, 1, 1, 1]
+    assert channel_scale(alpha, 30, 0.0).tolist() == [1.0] * 10
+    with pytest.raises(DipSVDError, match="bar"):
+        channel_scale(alpha, 30, 1.5)
+    with pytest.raises(DipSVDError, match="weight"):
+        channel_scale(alpha, 0, 0.1)
+
+
+def test_singular_gram_is_floored_not_fatal():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(20, 5, generator=g, dtype=F64)  # rank 5 of 20
+    G = X @ X.T
+    S, S_inv, floored = whitening(G, torch.ones(20, dtype=F64), "paper")
+    assert floored >= 14
+    assert torch.isfinite(S_inv).all()
+    W = torch.randn(6, 20, generator=g, dtype=F64)
+    f = factor_matrix(W, S, S_inv, dtype=F64)
+    assert torch.allclose(f.weight(6), W, atol=1e-6)
+    with pytest.raises(DipSVDError, match="no usable activations"):
+        whitening(torch.zeros(4, 4, dtype=F64), torch.ones(4, dtype=F64), "paper")
+
+
+def test_rank_convention():
+    assert rank_for(0.8, 576, 576) == math.floor(0.8 * 576 * 576 / 1152) == 230
+    assert rank_for(0.9, 1536, 576) == math.floor(0.9 * 1536 * 576 / 2112) == 377
+    assert rank_for(1.0, 10, 20) is None  # dense
+    assert rank_for(0.0001, 10, 20) == 1  # clipped to at least 1
+
+
+SMOL_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+def smol_targets(n_blocks=30):
+    return [Target(f"b{b}.m{i}", b, o, n, False) for b in range(n_blocks) for i, (o, n) in enumerate(SMOL_SHAPES)]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+def test_realized_ratio_within_half_a_percent(ratio):
+    for targets in (smol_targets(), [Target(f"t{i}", i // 7, o // 9, n // 9, False)
+                                    for i, (o, n) in enumerate(SMOL_SHAPES * 2)]):
+        a = uniform(targets, ratio)
+        assert abs(a.ratio_realized - ratio) <= 0.005
+        assert a.ratio_realized >= ratio - 1e-12  # never over budget
+        assert realized_ratio(a.ranks, targets) == a.ratio_realized
+
+
+def test_projector_respects_bounds_and_budget():
+    targets = smol_targets(6)
+    for p in ([1, 1, 1, 1, 1, 1], [0, 0, 5, 0, 0, 0], [1, 2, 3, 4, 5, 1e6], [0.3, 0.9, 0.1, 0.5, 0.5, 0.2]):
+        a = project(p, targets, 0.3, p_min=0.2, p_max=0.95)
+        assert (a.p_blocks >= 0.2 - 1e-12).all() and (a.p_blocks <= 0.95 + 1e-12).all()
+        assert abs(a.ratio_realized - 0.3) <= 0.005
+    with pytest.raises(DipSVDError, match="p_min"):
+        project([1] * 6, targets, 0.9, p_min=0.5)
+
+
+def test_ranks_for_uses_the_block_ratio():
+    targets = smol_targets(2)
+    ranks = ranks_for([0.5, 1.0], targets)
+    assert ranks["b0.m0"] == 144 and ranks["b1.m0"] is None
+    assert kept_params(ranks, targets) == 144 * 1152 + sum(
+        rank_for(0.5, o, n) * (o + n) for o, n in SMOL_SHAPES[1:]) + sum(o * n for o, n in SMOL_SHAPES)
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, float("nan")])
+def test_ratio_out_of_range_is_a_clear_error(bad):
+    with pytest.raises(DipSVDError, match="strictly between 0 and 1"):
+        uniform(smol_targets(1), bad)

@@ -9,7 +9,7 @@ count meets the budget (the largest count not above it, found by bisection on th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,6 +64,8 @@ class Allocation:
     ratio_target: float
     ratio_realized: float
     method: str = "uniform"
+    history: list[float] = field(default_factory=list)  # bayes: best objective value after each call
+    values: list[float] = field(default_factory=list)  # bayes: each call's own objective value
 
 
 def project(p_blocks, targets: list[Target], ratio: float, p_min: float = 0.05, p_max: float = 1.0,

@@ -5,6 +5,11 @@ For a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
 - "code" form (the authors' public code): SVD of G D = U Sig V^T, S = U Sig^{1/2}, so that
   S S^T = (G D^2 G)^{1/2}; with D = I this is SVD-LLM's whitening too.
 - `svd` (no data): S = I.
+- Baselines with a diagonal S (S^{-1} its inverse, so every rank is still a slice):
+  `fwsvd` (Fisher-weighted SVD, Hsu et al. 2022): S = diag(sqrt(f_j)) with f_j the row-wise Fisher
+  of input channel j (importance.fisher_info, the same backward passes as the sensitivity);
+  `asvd` (activation-aware SVD, Yuan et al. 2023): S = diag(mean|x_j|^0.5) from the statistics,
+  with a uniform ratio. ASVD's per-layer sensitivity search for the ratios is left out.
 Then W S = U Sigma V^T and the rank-k matrix is W' = U_k Sigma_k (V_k^T S^{-1}). A Factor keeps
 U Sigma^{1/2}, sigma and Sigma^{1/2} V^T S^{-1} for all min(out, in) components, so any rank is a
 slice. In the paper form
@@ -26,8 +31,10 @@ log = logging.getLogger(__name__)
 
 WHITENING_FORMS = ("paper", "code")
 DEFAULT_WHITENING = "code"  # measured best on held-out text: bench/RESULTS.md
-METHODS = ("svd", "svd-llm", "dipsvd")
+METHODS = ("svd", "svd-llm", "dipsvd", "fwsvd", "asvd")
 EIG_FLOOR = 1e-10  # eigenvalues below this fraction of the largest are raised to it
+DIAG_FLOOR = 1e-6  # diagonal scales below this fraction of the largest are raised to it (dead channels)
+ASVD_ALPHA = 0.5  # ASVD's exponent on mean |x_j|
 
 
 @dataclass
@@ -137,16 +144,43 @@ class FactorSpec:
             return ("svd",)
         if self.method == "svd-llm":  # D = I: both forms give S S^T = G; eigh ("paper") is cheaper
             return ("svd-llm",)
+        if self.method == "fwsvd":  # the Fisher key is added by cached_factors
+            return ("fwsvd",)
+        if self.method == "asvd":
+            return ("asvd", ASVD_ALPHA)
         return ("dipsvd", float(self.weight), float(self.bar), self.whitening)
 
 
-def factor_model(weights: dict[str, torch.Tensor], stats, spec: FactorSpec, progress=None) -> dict[str, Factor]:
-    """Factor every targeted matrix. The whitening of a shared input group is computed once."""
+def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(S, S^{-1}, n_floored) for S = diag(scale); zero (dead) entries are floored so S^{-1} exists."""
+    s, n = _floor(scale.double(), what)
+    return torch.diag(s), torch.diag(1 / s), n
+
+
+def factor_model(weights: dict[str, torch.Tensor], stats, spec: FactorSpec, progress=None,
+                 fisher_rows: dict[str, torch.Tensor] | None = None) -> dict[str, Factor]:
+    """Factor every targeted matrix. The whitening of a shared input group is computed once.
+
+    `fisher_rows` (name -> (in,) row-wise Fisher, from importance.fisher_info) is needed by fwsvd only.
+    """
+    if spec.method == "fwsvd" and fisher_rows is None:
+        raise DipSVDError("fwsvd needs the Fisher weights of the calibration loss; pass fisher_rows "
+                          "(Workbench.factors does this)")
     whiten_cache: dict[str, tuple] = {}
     out = {}
     for i, (name, W) in enumerate(weights.items()):
         if spec.method == "svd":
             out[name] = factor_matrix(W)
+        elif spec.method == "fwsvd":  # per matrix: the Fisher of each weight differs even in a shared group
+            S, S_inv, n = diagonal_scale(fisher_rows[name].sqrt(), f"Fisher scale of {name}")
+            out[name] = factor_matrix(W, S, S_inv, n)
+        elif spec.method == "asvd":
+            group = stats.group_of[name]
+            if group not in whiten_cache:
+                whiten_cache[group] = diagonal_scale(stats.abs_means[group].double() ** ASVD_ALPHA,
+                                                     f"activation scale of {group}")
+            S, S_inv, n = whiten_cache[group]
+            out[name] = factor_matrix(W, S, S_inv, n)
         else:
             group = stats.group_of[name]
             if group not in whiten_cache:
@@ -163,9 +197,14 @@ def factor_model(weights: dict[str, torch.Tensor], stats, spec: FactorSpec, prog
     return out
 
 
-def cached_factors(lm, stats_key: str, stats, spec: FactorSpec, progress=None) -> tuple[dict[str, Factor], float]:
-    """Factors from the disk cache when present; returns (factors, seconds spent factoring)."""
-    key = make_key("factors-v2", stats_key, spec.key)
+def cached_factors(lm, stats_key: str, stats, spec: FactorSpec, progress=None,
+                   fisher=None) -> tuple[dict[str, Factor], float]:
+    """Factors from the disk cache when present; returns (factors, seconds spent factoring).
+
+    `fisher` (an importance.FisherInfo) is used by fwsvd only; its key joins the cache key.
+    """
+    fisher = fisher if spec.method == "fwsvd" else None
+    key = make_key("factors-v2", stats_key, spec.key, *([fisher.key] if fisher is not None else []))
     hit = load_tensors("factors", key)
     if hit is not None:
         t, meta = hit
@@ -174,7 +213,7 @@ def cached_factors(lm, stats_key: str, stats, spec: FactorSpec, progress=None) -
     t0 = time.perf_counter()
     mods = dict(lm.model.named_modules())
     weights = {t.name: mods[t.name].weight for t in lm.targets}
-    factors = factor_model(weights, stats, spec, progress)
+    factors = factor_model(weights, stats, spec, progress, fisher.rows if fisher is not None else None)
     seconds = time.perf_counter() - t0
     tensors = {}
     for n, f in factors.items():

@@ -1,0 +1,126 @@
+"""Plotly figures for the app (and for anyone with a notebook): plain arrays in, go.Figure out.
+
+Each function draws one thing the Studio shows; none computes anything the core has not already
+computed, beyond a log10 for display. No Streamlit import here: the pages place the figures.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+BLUE, ORANGE, GREEN, GREY, RED = "#1f6feb", "#f0883e", "#2da44e", "#8b949e", "#cf222e"
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360) -> go.Figure:
+    fig.update_layout(title={"text": title, "x": 0.0, "font": {"size": 15}}, height=height,
+                      margin={"l": 60, "r": 20, "t": 48, "b": 48}, xaxis_title=x, yaxis_title=y,
+                      template="plotly_white", legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right",
+                                                       "yanchor": "bottom"})
+    return fig
+
+
+def _blocks(n: int) -> list[int]:
+    return list(range(n))
+
+
+def alpha_heatmap(alpha: np.ndarray, group: str) -> go.Figure:
+    """Channel importance alpha (blocks x channels) on a log10 colour scale."""
+    a = np.asarray(alpha, dtype=np.float64)
+    z = np.log10(np.maximum(a, np.finfo(np.float64).tiny))
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(a.shape[1])), y=_blocks(a.shape[0]), colorscale="Viridis",
+                               colorbar={"title": "log10 α"},
+                               hovertemplate="block %{y}, channel %{x}<br>log10 α = %{z:.2f}<extra></extra>"))
+    return _layout(fig, f"Channel importance α — input of {group}", "input channel", "block", height=420)
+
+
+def sorted_alpha(alpha: np.ndarray, n_top: int, block: int, group: str) -> go.Figure:
+    """One block's alpha sorted high to low, with the top-`bar` cut (n_top channels) marked."""
+    a = np.sort(np.asarray(alpha, dtype=np.float64))[::-1]
+    rank = np.arange(1, a.size + 1)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=rank, y=a, mode="lines", name="α, sorted", line={"color": BLUE}))
+    if n_top > 0:
+        fig.add_trace(go.Scatter(x=rank[:n_top], y=a[:n_top], mode="markers", name=f"protected ({n_top})",
+                                 marker={"color": ORANGE, "size": 5}))
+        fig.add_vline(x=n_top + 0.5, line={"color": ORANGE, "dash": "dash"},
+                      annotation_text=f"top {n_top} channels", annotation_position="top right")
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"Sorted α — block {block}, input of {group}", "channel rank", "α (log)")
+
+
+def per_block(values: np.ndarray, title: str, y: str, color: str = BLUE, name: str | None = None) -> go.Figure:
+    """A bar per decoder block (Fisher sensitivity S_l, effective rank R_l, ...)."""
+    v = np.asarray(values, dtype=np.float64)
+    fig = go.Figure(go.Bar(x=_blocks(v.size), y=v, marker_color=color, name=name or y))
+    return _layout(fig, title, "block", y)
+
+
+def importance_q(s_norm: np.ndarray, r_norm: np.ndarray, q: np.ndarray, beta: float) -> go.Figure:
+    """Normalised S and R with their combination Q_l = S~^beta R~^(1-beta) (the paper's Figure 2)."""
+    x = _blocks(len(q))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(s_norm), mode="lines+markers", name="S̃ (Fisher, normalised)",
+                             line={"color": BLUE}))
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(r_norm), mode="lines+markers", name="R̃ (effective rank, normalised)",
+                             line={"color": GREEN}))
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(q), mode="lines+markers", name=f"Q (β = {beta:g})",
+                             line={"color": ORANGE, "width": 3}))
+    return _layout(fig, "Layer importance Q_l from sensitivity and effective rank", "block", "normalised value")
+
+
+def spectra(sigmas: dict[str, np.ndarray], matrix: str) -> go.Figure:
+    """Singular values of one matrix under each factorization, on a log scale."""
+    colors = {"svd": GREY, "svd-llm": BLUE, "dipsvd": ORANGE}
+    fig = go.Figure()
+    for label, s in sigmas.items():
+        s = np.asarray(s, dtype=np.float64)
+        fig.add_trace(go.Scatter(x=np.arange(1, s.size + 1), y=s / s[0], mode="lines", name=label,
+                                 line={"color": colors.get(label.split(" ")[0])}))
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"Singular values of {matrix} (each divided by its largest)", "index", "σ_i / σ_1 (log)")
+
+
+def keep_ratios(p_blocks: np.ndarray, p_uniform: np.ndarray, label: str) -> go.Figure:
+    """Per-block keep ratio p_l of an allocation against the uniform one."""
+    p = np.asarray(p_blocks, dtype=np.float64)
+    x = _blocks(p.size)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=x, y=p, name=label, marker_color=ORANGE))
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(p_uniform), mode="lines", name="uniform",
+                             line={"color": GREY, "dash": "dash"}))
+    fig.update_yaxes(range=[0, max(1.0, float(p.max()) * 1.05)])
+    return _layout(fig, "Keep ratio p_l per block", "block", "p_l (fraction kept)")
+
+
+def predicted_loss(loss: np.ndarray, loss_uniform: np.ndarray, label: str) -> go.Figure:
+    """Predicted whitened loss per block, sum over the block's matrices of L_m(k_m)^2."""
+    x = _blocks(len(loss))
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=x, y=np.asarray(loss), name=label, marker_color=BLUE))
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(loss_uniform), mode="lines+markers", name="uniform",
+                             line={"color": GREY, "dash": "dash"}))
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Predicted whitened loss per block", "block", "Σ L_m(k_m)² (log)")
+
+
+def convergence(values: list[float], best: list[float], objective: str) -> go.Figure:
+    """Bayesian optimization: every call's objective and the best so far."""
+    x = list(range(1, len(values) + 1))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=values, mode="markers", name="call", marker={"color": GREY}))
+    fig.add_trace(go.Scatter(x=x, y=best, mode="lines", name="best so far", line={"color": ORANGE, "width": 3}))
+    return _layout(fig, "Bayesian optimization", "call", objective, height=300)
+
+
+def ppl_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], original: float | None,
+                 dataset: str) -> go.Figure:
+    """Perplexity against ratio removed, one line per method."""
+    colors = {"svd": GREY, "svd-llm": BLUE, "dipsvd": ORANGE}
+    fig = go.Figure()
+    for method, (ratios, ppl) in curves.items():
+        fig.add_trace(go.Scatter(x=ratios, y=ppl, mode="lines+markers", name=method,
+                                 line={"color": colors.get(method)}))
+    if original is not None:
+        fig.add_hline(y=original, line={"color": GREEN, "dash": "dot"}, annotation_text=f"original {original:.1f}")
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"Perplexity on {dataset} against ratio removed", "ratio removed", "perplexity (log)")

@@ -1,0 +1,178 @@
+"""Plain data for looking at a model and a compression: what the Studio shows, sweeps and exports.
+
+These functions turn core objects (LoadedModel, Stats, factors, Allocation) into numbers, arrays,
+rows and dicts. `figures` draws them; the app only lays them out. No Streamlit import here.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections import OrderedDict
+
+import numpy as np
+
+from .allocation import Allocation, describe_ratio, matrix_params
+from .evaluate import perplexity
+from .factors import FactorSpec
+from .models import LoadedModel, Target, count_params, find_blocks
+from .pipeline import Settings, Workbench, settings_dict
+
+LARGE_MODEL_PARAMS = 1e9  # below this, small models have flat spectra: 0.1 removed is already a lot
+
+
+def default_ratio(lm: LoadedModel) -> float:
+    """0.1 for models under ~1B parameters (DESIGN.md section 8), 0.2 for 7B-class models."""
+    return 0.1 if count_params(lm.model) < LARGE_MODEL_PARAMS else 0.2
+
+
+def relative_names(lm: LoadedModel) -> dict[str, str]:
+    """Target name -> its name inside the block, e.g. 'model.layers.3.mlp.up_proj' -> 'mlp.up_proj'."""
+    prefix, _ = find_blocks(lm.model)
+    cut = len(prefix) + 1 if prefix else 0
+    return {t.name: t.name[cut:].split(".", 1)[1] for t in lm.targets}
+
+
+def architecture(lm: LoadedModel) -> dict:
+    total = count_params(lm.model)
+    targeted = sum(t.params for t in lm.targets)
+    cfg = getattr(lm.model, "config", None)
+    return {"architecture": type(lm.model).__name__, "model_type": getattr(cfg, "model_type", "?"),
+            "blocks": lm.n_blocks, "targeted_linears": len(lm.targets), "total_params": total,
+            "targeted_params": targeted, "targeted_share": targeted / total, "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(lm.device), "from_gguf": lm.from_gguf, "source": lm.source}
+
+
+def layer_rows(lm: LoadedModel) -> list[dict]:
+    """One row per kind of targeted Linear (same name inside every block), with its shape and counts."""
+    rel = relative_names(lm)
+    rows: OrderedDict[tuple, dict] = OrderedDict()
+    for t in lm.targets:
+        key = (rel[t.name], t.out_features, t.in_features)
+        row = rows.setdefault(key, {"linear": rel[t.name], "out x in": f"{t.out_features} x {t.in_features}",
+                                    "bias": t.has_bias, "blocks": 0, "params per block": t.params,
+                                    "params total": 0})
+        row["blocks"] += 1
+        row["params total"] += t.params
+    return list(rows.values())
+
+
+def input_groups(lm: LoadedModel, stats) -> dict[str, list[str]]:
+    """Linears that read the same input share one Gram and one alpha. Returns a label per group kind
+    (e.g. 'self_attn.q_proj / k_proj / v_proj') -> the group's leading Linear in every block."""
+    rel = relative_names(lm)
+    members: OrderedDict[str, list[str]] = OrderedDict()
+    for t in lm.targets:
+        members.setdefault(stats.group_of[t.name], []).append(t.name)
+    kinds: OrderedDict[str, list[str]] = OrderedDict()
+    for leader, names in members.items():
+        first = rel[names[0]]
+        label = " / ".join([first] + [rel[n].rsplit(".", 1)[-1] for n in names[1:]])
+        kinds.setdefault(label, []).append(leader)
+    return dict(kinds)
+
+
+def alpha_matrix(stats, leaders: list[str]) -> np.ndarray:
+    """(blocks, channels) channel importance of one input group kind."""
+    return np.stack([stats.alpha(n).double().numpy() for n in leaders])
+
+
+def n_protected(n_channels: int, bar: float) -> int:
+    """Channels scaled by `weight`: the top round(bar * n), as in factors.channel_scale."""
+    return int(round(bar * n_channels))
+
+
+def comparison_specs(settings: Settings) -> dict[str, FactorSpec]:
+    """Plain SVD, SVD-LLM whitening and the current channel-weighted whitening, for spectra and sweeps."""
+    s = settings.spec
+    return {"svd": FactorSpec("svd"), "svd-llm": FactorSpec("svd-llm"),
+            f"dipsvd (a={s.weight:g}, bar={s.bar:g}, {s.whitening})": FactorSpec("dipsvd", s.weight, s.bar, s.whitening)}
+
+
+def spectra(bench: Workbench, name: str, specs: dict[str, FactorSpec]) -> dict[str, np.ndarray]:
+    """Singular values of one matrix for each spec already factored (no new SVDs here)."""
+    return {label: bench.factors(spec)[name].sigma.numpy() for label, spec in specs.items()
+            if bench.has_factors(spec)}
+
+
+def budget(targets: list[Target], allocation: Allocation) -> dict:
+    before = sum(t.params for t in targets)
+    after = sum(matrix_params(allocation.ranks[t.name], t.out_features, t.in_features) for t in targets)
+    return {"targeted_before": before, "targeted_after": after, "ratio_target": allocation.ratio_target,
+            "ratio_realized": allocation.ratio_realized, "words": describe_ratio(allocation.ratio_target),
+            "dense_matrices": sum(k is None for k in allocation.ranks.values())}
+
+
+def allocation_rows(lm: LoadedModel, allocation: Allocation) -> list[dict]:
+    rel = relative_names(lm)
+    rows = []
+    for t in lm.targets:
+        k = allocation.ranks[t.name]
+        rows.append({"name": t.name, "block": t.block, "linear": rel[t.name], "out": t.out_features,
+                     "in": t.in_features, "p_block": round(float(allocation.p_blocks[t.block]), 6),
+                     "rank": "dense" if k is None else k, "params_before": t.params,
+                     "params_after": matrix_params(k, t.out_features, t.in_features)})
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def ppl_rows(ppl: dict[str, dict[str, float]]) -> list[dict]:
+    """Perplexity table rows: one per dataset, original and compressed side by side."""
+    names = list(dict.fromkeys([*ppl.get("original", {}), *ppl.get("compressed", {})]))
+    rows = []
+    for n in names:
+        o, c = ppl.get("original", {}).get(n), ppl.get("compressed", {}).get(n)
+        rows.append({"dataset": n, "original": o, "compressed": c,
+                     "compressed / original": (c / o) if o and c else None})
+    return rows
+
+
+def ppl_sweep(bench: Workbench, base: Settings, methods: list[str], ratios: list[float], windows,
+              progress=None, cancel=None) -> dict[str, tuple[list[float], list[float]]]:
+    """Perplexity of every (method, ratio) on `windows`, each built from cached factors.
+
+    Methods are factored once each; every ratio is then only slicing plus one evaluation.
+    """
+    curves = {}
+    steps = max(1, len(methods) * len(ratios))
+    done = 0
+    for method in methods:
+        xs, ys = [], []
+        for r in sorted(ratios):
+            if cancel is not None and cancel.is_set():
+                return curves
+            settings = Settings(**{**settings_dict(base), "method": method, "ratio": r})
+            result = bench.build(settings)
+            xs.append(r)
+            ys.append(perplexity(result.model, windows))
+            del result
+            done += 1
+            if progress:
+                progress(done / steps, f"sweep: {method} at ratio {r:g} ({done}/{steps})")
+        curves[method] = (xs, ys)
+    return curves
+
+
+def report(lm: LoadedModel, bench: Workbench, settings: Settings, allocation: Allocation, params: dict | None,
+           ppl: dict | None = None, speed: dict | None = None, generations: dict | None = None) -> dict:
+    """The JSON report of a compression, with the same keys as the CLI's `compress --report`."""
+    out = {"model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
+           "method": settings.method, "allocation": settings.allocation, "ratio_target": settings.ratio,
+           "ratio_realized": allocation.ratio_realized, "ratio_words": describe_ratio(settings.ratio),
+           "settings": settings_dict(settings),
+           "calibration": {"source": bench.calib, "windows": bench.n_windows, "seqlen": bench.seqlen,
+                           "seed": bench.seed},
+           "params": params, "p_blocks": [float(x) for x in allocation.p_blocks],
+           "ranks": {n: (k if k is not None else "dense") for n, k in allocation.ranks.items()},
+           "ppl": ppl or {}, "timings_s": dict(bench.timings_s)}
+    if speed:
+        out["speed"] = speed
+    if generations:
+        out["generations"] = generations
+    return out

@@ -1,0 +1,161 @@
+"""Page 3: settings of the compression and a live preview of the per-block allocation."""
+import time
+from dataclasses import replace
+
+import streamlit as st
+
+from dipsvd_core import figures
+from dipsvd_core.allocation import describe_ratio
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.factors import METHODS, WHITENING_FORMS
+from dipsvd_core.inspection import budget
+from dipsvd_core.pipeline import allocation_names, settings_dict
+from studio import ui
+
+ALLOCATION_HELP = {
+    "uniform": "every block keeps the same fraction (SVD-LLM)",
+    "heuristic": "p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)",
+    "bayes": "Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)",
+    "coupled": "one rank per matrix, minimising the Fisher-weighted whitened loss (ours, not in the paper)",
+}
+METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; dipsvd: whitened with the top "
+               "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels")
+NEEDS_FISHER = ("heuristic", "coupled", "bayes")
+
+s = ui.need_model()
+bench, busy = s.bench, ui.busy()
+ui.header("Allocation", "How much each block keeps. Ratio, β, τ and the allocation only re-slice factors "
+          "already in memory; the channel weight a, bar, whitening form and method need a new factorization.")
+
+cur = s.settings
+for name, value in settings_dict(cur).items():
+    ui.seed(f"k_s_{name}", value)
+
+controls, view = st.columns([1, 2], gap="large")
+with controls:
+    ratio = st.slider("Target ratio removed", 0.0, 1.0, step=0.01, key="k_s_ratio", disabled=busy,
+                      help="Fraction of the targeted parameters removed. Models under ~1B parameters start at "
+                           "0.1: their spectra are flat, so 0.05 to 0.2 is the useful range.")
+    st.markdown(f"**{describe_ratio(ratio)}**")
+    names = list(allocation_names())
+    allocation = st.radio("Allocation", names, key="k_s_allocation", horizontal=True, disabled=busy)
+    st.caption(ALLOCATION_HELP.get(allocation, ""))
+    with st.container(border=True):
+        st.markdown("**Local importance** · changes refactor")
+        method = st.selectbox("Method", list(METHODS), key="k_s_method", disabled=busy,
+                              help=METHOD_HELP)
+        weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight", disabled=busy or method != "dipsvd")
+        bar = st.slider("Protected fraction bar", 0.0, 0.2, step=0.005, key="k_s_bar", format="%.3f",
+                        disabled=busy or method != "dipsvd")
+        whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening", horizontal=True,
+                             disabled=busy or method != "dipsvd",
+                             help="paper: D G D (Eq. 3); code: the authors' code, SVD of G D")
+    with st.container(border=True):
+        st.markdown("**Global importance** · instant")
+        beta = st.slider("β (Fisher vs effective rank)", 0.0, 1.0, step=0.05, key="k_s_beta", disabled=busy)
+        tau = st.slider("τ (effective-rank energy)", 0.5, 0.999, step=0.005, key="k_s_tau", format="%.3f",
+                        disabled=busy)
+        energy = st.radio("Energy", ["sigma2", "sigma"], key="k_s_energy", horizontal=True, disabled=busy,
+                          help="sigma2: Alg. 5 (σ²); sigma: Eq. 11 (σ)")
+    with st.expander("Bounds and Bayesian optimization"):
+        p_min = st.number_input("p_min (lowest keep ratio of a block)", 0.01, 1.0, step=0.01, key="k_s_p_min",
+                                disabled=busy)
+        p_max = st.number_input("p_max (highest; 1 lets a block stay dense)", 0.01, 1.0, step=0.01,
+                                key="k_s_p_max", disabled=busy)
+        bo_calls = st.number_input("BO calls", 5, 500, step=5, key="k_s_bo_calls", disabled=busy)
+        bo_objective = st.radio("BO objective", ["ppl", "cosine"], key="k_s_bo_objective", horizontal=True,
+                                disabled=busy, help="ppl: perplexity on held-out calibration text; cosine: "
+                                                    "1 - cosine similarity of the final logits to the original's")
+        bo_windows = st.number_input("BO held-out windows", 1, 64, step=1, key="k_s_bo_windows", disabled=busy)
+
+new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), weight=float(weight), bar=float(bar),
+              whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
+              energy=energy, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows))
+s.settings = new
+
+with view:
+    try:
+        new.check()
+    except DipSVDError as e:
+        st.error(str(e), icon="⚠️")
+        st.stop()
+    if busy:
+        st.info("The preview resumes when the running step finishes.")
+        st.stop()
+
+    have_factors = bench.has_factors(new.spec)
+    if not have_factors:
+        st.warning(f"No factors yet for method {new.method}" + (
+            f" with a={new.weight:g}, bar={new.bar:g}, {new.whitening} whitening" if new.method == "dipsvd" else "")
+            + ". Factoring every matrix takes one SVD each (about a minute for the bundled model); "
+              "after that, every ratio and allocation is instant.", icon="🧮")
+        if st.button("Factor matrices", type="primary"):
+            ui.start(f"Factoring ({new.method})", lambda job: bench.factors(new.spec, job.progress))
+    needs_fisher = new.allocation in NEEDS_FISHER and s.fisher is None
+    if needs_fisher:
+        if not hasattr(bench, "fisher"):
+            st.info(f"The {new.allocation} allocation is not available yet in this build of the core.")
+            st.stop()
+        st.warning(f"The {new.allocation} allocation needs Fisher sensitivity: one backward pass per "
+                   "calibration window.", icon="🧮")
+
+        def fisher(job):
+            s.fisher = bench.fisher(job.progress)
+
+        if st.button("Compute Fisher sensitivity", type="primary" if have_factors else "secondary"):
+            ui.start("Computing Fisher sensitivity", fisher)
+        st.stop()
+    if new.allocation in ("coupled", "bayes") and not have_factors:
+        st.stop()
+
+    with ui.guard("The allocation preview"):
+        t0 = time.perf_counter()
+        uniform = bench.allocate(replace(new, allocation="uniform"))
+        if new.allocation == "bayes":
+            chosen = s.bo_allocation(new)
+            if chosen is None:
+                st.info(f"Bayesian optimization runs {new.bo_calls} evaluations of the {new.bo_objective} "
+                        "objective, each on a model sliced from the cached factors. It can be cancelled; "
+                        "the best allocation so far is kept.")
+
+                def run_bo(job):
+                    def callback(i, value, best):
+                        job.values.append(float(value))
+                        job.best.append(float(best))
+                        job.progress(i / new.bo_calls, f"call {i}/{new.bo_calls}, best {best:.4g}")
+
+                    result = bench.allocate(new, progress=job.progress, callback=callback, cancel=job.cancel)
+                    s.bo = {"settings": settings_dict(new), "allocation": result, "cancelled": job.cancelled}
+
+                if st.button("Run Bayesian optimization", type="primary"):
+                    ui.start("Bayesian optimization", run_bo, cancellable=True)
+                chosen = uniform
+        else:
+            chosen = bench.allocate(new)
+        loss = loss_u = None
+        if have_factors:
+            loss, loss_u = bench.predicted_loss(new, chosen), bench.predicted_loss(new, uniform)
+        elapsed = time.perf_counter() - t0
+
+        b = budget(bench.targets, chosen)
+        m = st.columns(4)
+        m[0].metric("Target", f"{b['ratio_target']:g} removed", f"{100 * (1 - b['ratio_target']):.0f}% kept",
+                    delta_color="off")
+        m[1].metric("Realized ratio", f"{b['ratio_realized']:.4f}",
+                    f"{b['ratio_realized'] - b['ratio_target']:+.4f} vs target", delta_color="off")
+        m[2].metric("Targeted parameters", ui.fmt_params(b["targeted_after"]),
+                    f"from {ui.fmt_params(b['targeted_before'])}", delta_color="off")
+        m[3].metric("Dense matrices", b["dense_matrices"], f"of {len(bench.targets)}", delta_color="off")
+        label = chosen.method if new.allocation != "bayes" or s.bo_allocation(new) is not None else "uniform"
+        st.plotly_chart(figures.keep_ratios(chosen.p_blocks, uniform.p_blocks, label), key="fig_keep")
+        st.caption("Bars: the fraction of each block's targeted parameters kept; dashed: the uniform allocation "
+                   "at the same budget. Higher Q (or lower predicted loss gain) keeps more.")
+        if loss is not None:
+            st.plotly_chart(figures.predicted_loss(loss, loss_u, label), key="fig_loss")
+            st.caption("Predicted whitened loss per block: Σ over its matrices of L_m(k_m)², the energy of the "
+                       "dropped singular values. Lower is better; it is exact in the whitened space.")
+        if new.allocation == "bayes" and s.bo is not None and s.bo_allocation(new) is not None:
+            st.plotly_chart(figures.convergence(chosen.values, chosen.history, new.bo_objective), key="fig_bo")
+            st.caption("Objective of each BO call and the best so far" +
+                       (" (cancelled early)." if s.bo["cancelled"] else "."))
+        st.caption(f"Preview computed in {elapsed * 1000:.0f} ms from cached factors.")

@@ -1,0 +1,146 @@
+"""Page 4: build the compressed model for the current settings and measure it."""
+from dataclasses import replace
+
+import streamlit as st
+
+from dipsvd_core import figures
+from dipsvd_core.allocation import describe_ratio
+from dipsvd_core.data import SOURCES
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.evaluate import param_report, perplexity, speed
+from dipsvd_core.factors import METHODS
+from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, ppl_sweep
+from studio import ui
+from studio.state import defaults
+
+s = ui.need_model()
+lm, bench, busy, cur, d = s.lm, s.bench, ui.busy(), s.settings, defaults()
+ui.header("Compress and evaluate", "Build the compressed copy for the current settings (the original is never "
+          "modified), then compare perplexity, size and speed.")
+
+where = f", a={cur.weight:g}, bar={cur.bar:g}, {cur.whitening} whitening" if cur.method == "dipsvd" else ""
+st.markdown(f"Current settings: **{cur.method}**{where} · **{cur.allocation}** allocation · "
+            f"**{describe_ratio(cur.ratio)}** (change them on the Allocation page)")
+
+
+def build(job):
+    allocation = s.bo_allocation(cur)
+    if cur.allocation == "bayes" and allocation is None:
+        raise DipSVDError("run Bayesian optimization on the Allocation page first, or choose another allocation")
+    s.forget_result()
+    result = bench.build(cur, allocation, progress=job.progress)
+    s.result = result
+    s.params = param_report(lm.model, result.model, lm.targets, result.allocation.ranks)
+
+
+if s.result is not None and not s.result_is_current:
+    st.warning("The compressed model below was built for other settings; build again to use the current ones.",
+               icon="🔁")
+if st.button("Build compressed model", type="primary", disabled=busy):
+    ui.start("Building the compressed model", build)
+
+if s.result is not None and s.params is not None:
+    p, a = s.params, s.result.allocation
+    m = st.columns(4)
+    m[0].metric("Realized ratio (targeted)", f"{a.ratio_realized:.4f}", describe_ratio(a.ratio_target),
+                delta_color="off")
+    m[1].metric("Targeted parameters", ui.fmt_params(p["targeted_after"]),
+                f"from {ui.fmt_params(p['targeted_before'])}", delta_color="off")
+    m[2].metric("Whole model", ui.fmt_params(p["total_after"]), f"from {ui.fmt_params(p['total_before'])}",
+                delta_color="off")
+    m[3].metric("Whole-model reduction", f"{100 * p['whole_model_reduction']:.1f}%",
+                "embeddings and lm_head are kept", delta_color="off")
+    st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
+               f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.1f} s.")
+
+st.subheader("Perplexity")
+c1, c2, c3 = st.columns([2, 2, 1])
+ui.seed("k_ev_sets", ["wiki", "news"])
+ui.seed("k_ev_tokens", d["eval_tokens"])
+sets = c1.multiselect("Datasets", list(SOURCES), key="k_ev_sets", disabled=busy,
+                      help="wiki: the held-out half of the Wikipedia extract; news: out of domain")
+extra = c2.text_input("Also a local .txt or .jsonl file", key="k_ev_path", disabled=busy).strip()
+tokens = c3.number_input("Tokens per dataset", 64, 1_000_000, step=1024, key="k_ev_tokens", disabled=busy)
+datasets = sets + ([extra] if extra else [])
+
+
+def evaluate(job):
+    config = (int(tokens), bench.seqlen)
+    if s.ppl.get("config") != config:
+        s.ppl = {"config": config}
+    todo = [(kind, model) for kind, model in (("original", lm.model), ("compressed", s.result and s.result.model))
+            if model is not None]
+    for i, name in enumerate(datasets):
+        windows = bench.eval_windows(name, int(tokens))
+        for j, (kind, model) in enumerate(todo):
+            if name in s.ppl.get(kind, {}) and kind == "original":
+                continue
+            step = (i * len(todo) + j) / (len(datasets) * len(todo))
+            s.ppl.setdefault(kind, {})[name] = perplexity(
+                model, windows, progress=lambda f, m: job.progress(step + f / (len(datasets) * len(todo)),
+                                                                   f"{kind} on {name}: {m}"))
+
+
+label = "Evaluate original and compressed" if s.result is not None else "Evaluate the original"
+if st.button(label, disabled=busy or not datasets):
+    ui.start("Evaluating perplexity", evaluate)
+rows = ppl_rows(s.ppl)
+if rows:
+    st.dataframe(rows, hide_index=True, width="stretch", key="ppl_table",
+                 column_config={"original": st.column_config.NumberColumn(format="%.2f"),
+                                "compressed": st.column_config.NumberColumn(format="%.2f"),
+                                "compressed / original": st.column_config.NumberColumn(format="%.2f×")})
+    st.caption(f"exp(mean next-token NLL) over the first {s.ppl['config'][0]:,} tokens of each set, in "
+               f"non-overlapping windows of {s.ppl['config'][1]} tokens.")
+
+st.subheader("Perplexity against ratio")
+large = sum(t.params for t in lm.targets) >= LARGE_MODEL_PARAMS
+grid = [0.1, 0.2, 0.3, 0.4, 0.5] if large else [0.05, 0.1, 0.15, 0.2, 0.3]
+c1, c2, c3 = st.columns([2, 2, 1])
+ui.seed("k_sw_methods", [m for m in ("svd-llm", "dipsvd") if m in METHODS])
+ui.seed("k_sw_ratios", grid[:3])
+methods = c1.multiselect("Methods", list(METHODS), key="k_sw_methods", disabled=busy)
+ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio])), key="k_sw_ratios", disabled=busy)
+sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
+base = replace(cur, allocation="uniform") if cur.allocation == "bayes" else cur  # BO per point is too slow
+
+
+def run_sweep(job):
+    windows = bench.eval_windows(sweep_set, int(tokens))
+    original = s.ppl.get("original", {}).get(sweep_set) if s.ppl.get("config") == (int(tokens), bench.seqlen) \
+        else None
+    if original is None:
+        job.progress(0.0, "original model")
+        original = perplexity(lm.model, windows)
+    curves = ppl_sweep(bench, base, methods, ratios, windows, job.progress, job.cancel)
+    s.sweep = {"dataset": sweep_set, "original": original, "curves": curves, "allocation": base.allocation}
+
+
+if st.button("Run sweep", disabled=busy or not methods or not ratios,
+             help="Each method is factored once; every ratio then only slices its factors and evaluates."):
+    ui.start("Sweeping ratios", run_sweep, cancellable=True)
+if s.sweep:
+    st.plotly_chart(figures.ppl_vs_ratio(s.sweep["curves"], s.sweep["original"], s.sweep["dataset"]),
+                    key="fig_sweep")
+    st.caption(f"Each point is a model built from cached factors with the {s.sweep['allocation']} allocation "
+               "and evaluated on the same windows; the dotted line is the original model.")
+
+st.subheader("Speed")
+if st.button("Measure prefill and decode speed", disabled=busy or s.result is None):
+    def measure(job):
+        job.progress(0.0, "original")
+        original = speed(lm.model)
+        job.progress(0.5, "compressed")
+        s.speed = {"original": original, "compressed": speed(s.result.model)}
+
+    ui.start("Measuring speed", measure)
+if s.result is None:
+    st.caption("Build the compressed model to compare speeds.")
+if s.speed:
+    m = st.columns(4)
+    o, c = s.speed["original"], s.speed["compressed"]
+    m[0].metric("Prefill, original", f"{o['prefill_tok_s']:.0f} tok/s")
+    m[1].metric("Prefill, compressed", f"{c['prefill_tok_s']:.0f} tok/s")
+    m[2].metric("Decode, original", f"{o['decode_tok_s']:.1f} tok/s")
+    m[3].metric("Decode, compressed", f"{c['decode_tok_s']:.1f} tok/s")
+    st.caption("Prefill: one 256-token forward pass; decode: 32 single-token steps with a KV cache; best of two.")

@@ -1,0 +1,57 @@
+"""Page 6: save the compressed model, download the report and the allocation."""
+import json
+
+import streamlit as st
+
+from dipsvd_core.allocation import describe_ratio
+from dipsvd_core.compressed import save_compressed
+from dipsvd_core.inspection import allocation_rows, report, to_csv
+from studio import ui
+
+s = ui.need_model()
+lm, bench, busy = s.lm, s.bench, ui.busy()
+ui.header("Export", "Save the compressed model as safetensors (it reloads with `python -m dipsvd_core evaluate "
+          "--model FOLDER`), and download the report and the per-matrix allocation.")
+
+if s.result is None:
+    st.info("Build a compressed model on Compress and evaluate first.")
+    st.page_link("pages/compress.py", label="Go to Compress and evaluate", icon="➡️")
+    st.stop()
+
+res = s.result
+st.markdown(f"Compressed model: **{res.settings.method}** + **{res.settings.allocation}** at "
+            f"**{describe_ratio(res.settings.ratio)}** (realized {res.allocation.ratio_realized:.4f}).")
+if not s.result_is_current:
+    st.warning("The settings changed since this model was built; the export is of the model as built.", icon="🔁")
+
+rep = report(lm, bench, res.settings, res.allocation, s.params,
+             {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
+             s.generations["columns"] if s.generations else None)
+c1, c2 = st.columns(2)
+c1.download_button("Download report (JSON)", json.dumps(rep, indent=2, default=str), "dipsvd-report.json",
+                   "application/json", width="stretch", key="dl_report")
+c2.download_button("Download allocation (CSV)", to_csv(allocation_rows(lm, res.allocation)), "dipsvd-allocation.csv",
+                   "text/csv", width="stretch", key="dl_alloc")
+
+st.subheader("Save the compressed model")
+folder = st.text_input("Folder", key="k_ex_folder", placeholder="e.g. out/smollm2-dipsvd-0.1",
+                       disabled=busy).strip()
+force = st.checkbox("Replace the folder if it exists and is not empty", key="k_ex_force", disabled=busy)
+confirmed = True
+if force:
+    confirmed = st.checkbox(f"Yes, delete what is in {folder or 'that folder'} and write the model there",
+                            key="k_ex_confirm", disabled=busy)
+
+
+def save(job):
+    job.progress(0.1, f"writing {folder}")
+    info = {k: rep[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
+    s.saved_to = str(save_compressed(res.model, folder, lm.tokenizer, info, force=force))
+
+
+if st.button("Save", type="primary", disabled=busy or not folder or not confirmed):
+    ui.start("Saving the compressed model", save)
+if force and not confirmed:
+    st.caption("Tick the confirmation to replace an existing folder.")
+if s.saved_to:
+    st.success(f"Saved to `{s.saved_to}`.", icon="✅")

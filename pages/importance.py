@@ -1,0 +1,83 @@
+"""Page 2: what DipSVD protects. Channel importance inside layers, and which blocks matter most."""
+import streamlit as st
+
+from dipsvd_core import figures
+from dipsvd_core.inspection import alpha_matrix, comparison_specs, input_groups, n_protected, spectra
+from studio import ui
+
+s = ui.need_model()
+bench, busy, cur = s.bench, ui.busy(), s.settings
+ui.header("Importance", "Local importance: which input channels of a layer carry the most energy (those get "
+          "weight a in the whitening). Global importance: which decoder blocks are most sensitive (those keep more).")
+
+tab_local, tab_global, tab_spectra = st.tabs(["Channel importance α", "Block importance S, R, Q",
+                                              "Singular value spectra"])
+
+with tab_local:
+    groups = input_groups(s.lm, bench.stats())
+    c1, c2 = st.columns([2, 1])
+    group = c1.selectbox("Input group", list(groups), key="k_imp_group",
+                         help="Linears that read the same input share one Gram and one α")
+    alpha = alpha_matrix(bench.stats(), groups[group])
+    st.plotly_chart(figures.alpha_heatmap(alpha, group), key="fig_alpha_heat")
+    st.caption("α_j = ‖G[:, j]‖₂, the L2 norm of column j of the input Gram (paper Eq. 1), per block and input "
+               "channel, log colour scale. A few bright channels per block are the outliers DipSVD protects.")
+    block = c2.number_input("Block", 0, alpha.shape[0] - 1, key="k_imp_block")
+    n_top = n_protected(alpha.shape[1], cur.bar)
+    st.plotly_chart(figures.sorted_alpha(alpha[block], n_top, block, group), key="fig_alpha_sorted")
+    st.caption(f"The same α for block {block}, sorted. The top bar = {cur.bar:g} fraction ({n_top} of "
+               f"{alpha.shape[1]} channels, left of the dashed line) is scaled by a = {cur.weight:g} in the "
+               "whitening. Change bar and a on the Allocation page.")
+
+with tab_global:
+    if not hasattr(bench, "fisher"):
+        st.info("Global importance (Fisher sensitivity, effective rank, Q) is not available yet in this build "
+                "of the core.")
+    else:
+        with ui.guard("Effective rank"):
+            R = bench.effective_ranks(cur.tau, cur.energy)
+            st.plotly_chart(figures.per_block(R, f"Effective rank R_l (τ = {cur.tau:g}, {cur.energy} energy)",
+                                              "R_l", color=figures.GREEN), key="fig_rank")
+            st.caption("R_l: the fewest singular directions of block l's output holding a τ share of its "
+                       "energy. A higher effective rank means the block's output is richer.")
+        if s.fisher is None:
+            st.info("Fisher sensitivity S_l needs one backward pass per calibration window.")
+
+            def fisher(job):
+                s.fisher = bench.fisher(job.progress)
+
+            if st.button("Compute Fisher sensitivity", type="primary", disabled=busy):
+                ui.start("Computing Fisher sensitivity", fisher)
+        else:
+            st.plotly_chart(figures.per_block(s.fisher.per_block, "Fisher sensitivity S_l", "S_l"),
+                            key="fig_fisher")
+            st.caption("S_l: the sum over the block's matrices of ‖∇W‖_F / ‖W‖_F for the next-token loss on "
+                       "the calibration windows. Higher means the loss reacts more to changing this block.")
+            with ui.guard("The importance score"):
+                imp = bench.importance(cur)
+                st.plotly_chart(figures.importance_q(imp["S_norm"], imp["R_norm"], imp["Q"], cur.beta),
+                                key="fig_q")
+                st.caption(f"Q_l = S̃^β · R̃^(1-β) with β = {cur.beta:g} (as in the paper's Figure 2). The "
+                           "heuristic allocation keeps more of blocks with higher Q. The paper's Alg. 4 "
+                           "'return S⁻¹' contradicts its text; we follow the text.")
+
+with tab_spectra:
+    names = [t.name for t in bench.targets]
+    name = st.selectbox("Matrix", names, key="k_imp_matrix")
+    specs = comparison_specs(cur)
+    sig = spectra(bench, name, specs)
+    missing = [label for label in specs if label not in sig]
+    if sig:
+        st.plotly_chart(figures.spectra(sig, name), key="fig_spectra")
+        st.caption("Singular values of W (plain SVD), of W S with SVD-LLM whitening, and with DipSVD's channel-"
+                   "weighted whitening. The faster a curve falls, the less a low rank loses; truncation at "
+                   "rank k drops everything right of k.")
+    if missing:
+        st.info("Not factored yet: " + ", ".join(missing) + ". Each needs one SVD per matrix of the model.")
+
+        def factor_missing(job):
+            for i, label in enumerate(missing):
+                bench.factors(specs[label], lambda f, m: job.progress((i + f) / len(missing), f"{label}: {m}"))
+
+        if st.button("Factor " + ", ".join(label.split(" ")[0] for label in missing), disabled=busy):
+            ui.start("Factoring for the spectra", factor_missing)

@@ -1,0 +1,100 @@
+"""Page 1: choose a model and calibration text, load it, collect statistics, see what is targeted."""
+import os
+
+import streamlit as st
+
+from dipsvd_core.data import SOURCES
+from dipsvd_core.inspection import architecture, default_ratio, layer_rows
+from dipsvd_core.models import DEFAULT_MODEL, DTYPES
+from dipsvd_core.pipeline import Settings, Workbench
+from studio import ui
+from studio.state import defaults
+
+KINDS = {"Bundled SmolLM2-135M": "bundled", "Hugging Face hub id": "hub", "Local folder": "folder",
+         "GGUF file": "gguf"}
+PATH = "a local .txt or .jsonl file"
+
+s, busy, d = ui.studio(), ui.busy(), defaults()
+ui.header("Model and data", "Pick the model to compress and the text it is calibrated on. Statistics "
+          "(input Grams, channel importance, block outputs) are collected once and cached on disk.")
+
+default_kind = ("Bundled SmolLM2-135M" if d["model"] == DEFAULT_MODEL else
+                "GGUF file" if d["model"].endswith(".gguf") else
+                "Local folder" if os.path.exists(d["model"]) else "Hugging Face hub id")
+ui.seed("k_load_kind", default_kind)
+ui.seed("k_load_spec", "" if d["model"] == DEFAULT_MODEL else d["model"])
+ui.seed("k_load_calib", d["calib"] if d["calib"] in SOURCES else PATH)
+ui.seed("k_load_calib_path", "" if d["calib"] in SOURCES else d["calib"])
+ui.seed("k_load_windows", d["calib_windows"])
+ui.seed("k_load_seqlen", d["seqlen"])
+
+left, right = st.columns(2, gap="large")
+with left:
+    st.subheader("Model")
+    kind = KINDS[st.radio("Source", list(KINDS), key="k_load_kind", horizontal=True, disabled=busy)]
+    spec = DEFAULT_MODEL
+    if kind != "bundled":
+        hint = {"hub": "e.g. HuggingFaceTB/SmolLM2-135M (needs the hub or its local cache)",
+                "folder": "a folder saved by save_pretrained (holds config.json)",
+                "gguf": "path to a .gguf file"}[kind]
+        spec = st.text_input("Model", key="k_load_spec", placeholder=hint, disabled=busy).strip()
+    c1, c2, c3 = st.columns(3)
+    device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="k_load_device", disabled=busy)
+    dtype = c2.selectbox("Dtype", ["auto", *DTYPES], key="k_load_dtype", disabled=busy,
+                         help="auto: float32 on CPU, bfloat16 on a GPU")
+    trust = c3.checkbox("Trust remote code", key="k_load_trust", disabled=busy,
+                        help="Only for hub models that ship their own code, and only if you trust it")
+with right:
+    st.subheader("Calibration text")
+    calib = st.selectbox("Source", [*SOURCES, PATH], key="k_load_calib", disabled=busy,
+                         help="wiki: the first half of gensim's Wikipedia extract (offline). news: gensim's "
+                              "news corpus. wikitext2, ptb, c4 need the hub or a local datasets cache.")
+    if calib == PATH:
+        calib = st.text_input("Path", key="k_load_calib_path", placeholder="/path/to/text.txt", disabled=busy).strip()
+    c1, c2, c3 = st.columns(3)
+    n_windows = c1.number_input("Windows", min_value=1, max_value=4096, step=1, key="k_load_windows", disabled=busy)
+    seqlen = c2.number_input("Tokens per window", min_value=8, max_value=8192, step=64, key="k_load_seqlen",
+                             disabled=busy)
+    seed = c3.number_input("Seed", min_value=0, step=1, key="k_load_seed", disabled=busy)
+    st.caption(f"{n_windows} × {seqlen} = {n_windows * seqlen:,} calibration tokens, cut without padding.")
+
+
+def load(job):
+    lm = ui.load_lm(spec or "", device, dtype, trust, _progress=job.progress)
+    job.progress(0.05, "cutting calibration windows")
+    bench = Workbench(lm, calib, int(n_windows), int(seqlen), int(seed))
+    bench.windows()
+    bench.stats(job.progress)
+    s.forget_model()
+    s.lm, s.bench = lm, bench
+    s.settings = Settings(ratio=default_ratio(lm), seed=int(seed))
+    s.settings_version += 1
+
+
+if st.button("Load model and collect statistics", type="primary", disabled=busy):
+    if kind != "bundled" and not spec:
+        st.error("Enter a model: a hub id, a local folder or a .gguf path; or pick the bundled SmolLM2.", icon="⚠️")
+    elif not calib:
+        st.error("Enter the path of a .txt or .jsonl calibration file, or pick a named source.", icon="⚠️")
+    else:
+        ui.start("Loading the model and collecting statistics", load)
+
+if s.lm is not None and s.bench is not None:
+    lm, bench = s.lm, s.bench
+    info = architecture(lm)
+    st.divider()
+    st.subheader(f"{info['architecture']} · {lm.spec}")
+    if lm.from_gguf:
+        st.info("These weights were dequantized from a quantized GGUF file (the bundled SmolLM2 is 4-bit): "
+                "the 'original' model here is that dequantized copy.", icon="ℹ️")
+    m = st.columns(5)
+    m[0].metric("Decoder blocks", info["blocks"])
+    m[1].metric("Targeted Linears", info["targeted_linears"])
+    m[2].metric("Total parameters", ui.fmt_params(info["total_params"]))
+    m[3].metric("Targeted parameters", ui.fmt_params(info["targeted_params"]),
+                f"{100 * info['targeted_share']:.0f}% of the model", delta_color="off")
+    m[4].metric("Calibration tokens", f"{bench.n_windows * bench.seqlen:,}",
+                f"statistics {bench.timings_s.get('statistics', 0):.1f} s", delta_color="off")
+    st.caption(f"Loaded from `{info['source']}` on {info['device']} in {info['dtype']} "
+               f"({lm.load_seconds:.1f} s). Embeddings and lm_head are never compressed.")
+    st.dataframe(layer_rows(lm), hide_index=True, width="stretch")

@@ -1,0 +1,73 @@
+"""Page 5: the same prompts through the original and the compressed model(s), side by side."""
+from dataclasses import replace
+
+import streamlit as st
+
+from dipsvd_core.allocation import describe_ratio
+from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
+from dipsvd_core.pipeline import settings_dict
+from studio import ui
+from studio.state import defaults
+
+s = ui.need_model()
+lm, bench, busy, cur = s.lm, s.bench, ui.busy(), s.settings
+ui.header("Side by side", "Greedy generations from the original and the compressed model, with tokens per second.")
+
+if s.result is None:
+    st.info("Build a compressed model on Compress and evaluate first.")
+    st.page_link("pages/compress.py", label="Go to Compress and evaluate", icon="➡️")
+    st.stop()
+
+has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+ui.seed("k_sbs_prompts", DEFAULT_PROMPTS[:1])
+ui.seed("k_sbs_chat", has_template)
+ui.seed("k_sbs_tokens", defaults()["new_tokens"])
+c1, c2 = st.columns([3, 2], gap="large")
+with c1:
+    chosen = st.multiselect("Prompts", DEFAULT_PROMPTS, key="k_sbs_prompts", disabled=busy)
+    own = st.text_area("Your own prompts, one a line", key="k_sbs_own", disabled=busy, height=90)
+with c2:
+    new_tokens = st.slider("New tokens", 8, 256, step=8, key="k_sbs_tokens", disabled=busy)
+    chat = st.toggle("Use the chat template", key="k_sbs_chat", disabled=busy or not has_template,
+                     help="For instruct models: wrap each prompt as a user turn" if has_template else
+                     "This tokenizer has no chat template")
+    extra = st.multiselect("Also at these ratios", [r for r in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+                                                     if r != cur.ratio], key="k_sbs_ratios", disabled=busy,
+                           help="Extra compressed models from the same cached factors (uniform allocation "
+                                "when the current one is Bayesian optimization)")
+prompts = chosen + [line.strip() for line in own.splitlines() if line.strip()]
+
+
+def run(job):
+    current = s.result.settings
+    alloc = "uniform" if current.allocation == "bayes" else current.allocation
+    more = {f"Compressed · {describe_ratio(r)}": replace(current, ratio=r, allocation=alloc) for r in extra}
+    runs = [("Original", lm.model), (f"Compressed · {describe_ratio(current.ratio)}", s.result.model)]
+    runs += [(label, None) for label in more]
+    columns = {}
+    for i, (label, model) in enumerate(runs):
+        job.progress(i / len(runs), label)
+        if model is None:  # an extra ratio: sliced from the cached factors
+            model = bench.build(more[label]).model
+        columns[label] = generate(model, lm.tokenizer, prompts, max_new_tokens=int(new_tokens), chat=chat)
+    s.generations = {"prompts": prompts, "columns": columns, "settings": settings_dict(current), "chat": chat}
+
+
+if st.button("Generate", type="primary", disabled=busy or not prompts):
+    ui.start("Generating", run)
+if not prompts:
+    st.caption("Choose or write at least one prompt.")
+
+g = s.generations
+if g:
+    labels = list(g["columns"])
+    for i, prompt in enumerate(g["prompts"]):
+        st.markdown(f"##### {prompt}")
+        cols = st.columns(len(labels))
+        for col, label in zip(cols, labels):
+            row = g["columns"][label][i]
+            with col.container(border=True):
+                st.markdown(f"**{label}**")
+                st.write(row["text"] or "*(no text)*")
+                st.caption(f"{row['new_tokens']} tokens · {row['tokens_per_s']:.1f} tok/s")
+    st.caption("Greedy decoding" + (", chat template on." if g["chat"] else ", plain prompts."))

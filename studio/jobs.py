@@ -1,0 +1,75 @@
+"""Long steps (loading, statistics, factoring, BO, evaluation) run in one background thread per
+session, so that the page stays live: it shows progress, can cancel, and survives page switches.
+
+A Job calls `fn(job)`; `fn` reports through `job.progress(fraction, message)`, may append BO values
+to `job.values`/`job.best`, checks `job.cancel`, and stores its results itself (into the session's
+Studio object, never into st.session_state, which a thread cannot touch).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from dipsvd_core.errors import DipSVDError
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    def __init__(self, title: str, fn, cancellable: bool = False):
+        self.title, self.cancellable = title, cancellable
+        self.fraction, self.message = 0.0, "starting"
+        self.values: list[float] = []  # BO: objective of every call
+        self.best: list[float] = []  # BO: best so far
+        self.cancel = threading.Event()
+        self.error: str | None = None
+        self.result = None
+        self.started = time.perf_counter()
+        self.seconds: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=f"studio-job-{title}")
+
+    def start(self, attach=None) -> "Job":
+        if attach:
+            attach(self.thread)
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.fraction = min(1.0, max(0.0, float(fraction)))
+        self.message = message
+
+    def wait(self, timeout: float | None = None) -> "Job":
+        self.thread.join(timeout)
+        return self
+
+    def _run(self, fn) -> None:
+        try:
+            self.result = fn(self)
+        except DipSVDError as e:
+            self.error = str(e)
+        except (MemoryError, RuntimeError) as e:
+            if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+                self.error = ("out of memory; use fewer calibration windows, a shorter sequence length, "
+                              "fewer evaluation tokens, or a smaller model")
+            else:
+                self.error = _unexpected(self.title, e)
+        except Exception as e:  # a bug, but the user gets one line and the log gets the traceback
+            self.error = _unexpected(self.title, e)
+        finally:
+            self.seconds = time.perf_counter() - self.started
+
+
+def _unexpected(title: str, e: Exception) -> str:
+    log.exception("job %s failed", title)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return (f"{title} failed unexpectedly ({type(e).__name__}: {first}). Try smaller settings or reload the "
+            "model; the server log has the details")

@@ -1,0 +1,133 @@
+"""Widgets and wrappers every page shares: the session's Studio, the job panel, error boxes,
+the cached model loader and number formatting."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+from dipsvd_core import figures
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.models import load_model
+
+from .jobs import Job
+from .state import Studio
+
+log = logging.getLogger(__name__)
+
+
+def studio() -> Studio:
+    if "studio" not in st.session_state:
+        st.session_state["studio"] = Studio()
+    return st.session_state["studio"]
+
+
+def busy() -> bool:
+    job = studio().job
+    return job is not None and job.running
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, _progress=None):
+    """One copy of each model per server, shared by sessions; compression never mutates it."""
+    return load_model(spec, device, dtype, trust_remote_code, _progress)
+
+
+def start(title: str, fn, cancellable: bool = False) -> None:
+    """Run fn(job) in the background and rerun so that every page shows it as running."""
+    if busy():
+        st.warning("Another step is still running; wait for it or cancel it first.")
+        return
+    ctx = get_script_run_ctx()
+    studio().job = Job(title, fn, cancellable).start(attach=(lambda t: add_script_run_ctx(t, ctx)) if ctx else None)
+    st.rerun()
+
+
+def header(title: str, caption: str) -> None:
+    """Page title, one line on what the page is for, and the state of the current job."""
+    st.title(title)
+    st.caption(caption)
+    job_panel()
+
+
+def job_panel() -> None:
+    job = studio().job
+    if job is None:
+        return
+    if job.running:
+        _live_job()
+    elif job.error:
+        st.error(job.error, icon="⚠️")
+    elif job.cancelled:
+        st.warning(f"{job.title}: cancelled after {job.seconds:.1f} s; kept what was finished.")
+    elif not getattr(job, "announced", False):
+        job.announced = True
+        st.toast(f"{job.title}: done in {job.seconds:.1f} s")
+
+
+@st.fragment(run_every=0.5)
+def _live_job() -> None:
+    job = studio().job
+    if job is None or not job.running:
+        st.rerun()
+    elapsed = time.perf_counter() - job.started
+    with st.container(border=True):
+        st.progress(job.fraction, text=f"**{job.title}** · {job.message} · {elapsed:.0f} s")
+        if job.values:
+            st.plotly_chart(figures.convergence(job.values, job.best, studio().settings.bo_objective),
+                            key="bo_live")
+        if job.cancellable:
+            st.button("Cancel", key="cancel_job", on_click=job.cancel.set, disabled=job.cancelled)
+
+
+@contextlib.contextmanager
+def guard(what: str):
+    """Show a DipSVDError as its one-line message and anything else as a short note, never a traceback."""
+    try:
+        yield
+    except DipSVDError as e:
+        st.error(str(e), icon="⚠️")
+    except Exception as e:
+        log.exception("%s failed", what)
+        st.error(f"{what} failed unexpectedly ({type(e).__name__}). Check the settings and try again; "
+                 "the server log has the details.", icon="⚠️")
+
+
+def need_model() -> Studio:
+    """The session's Studio when a model and its statistics are ready; otherwise a pointer and stop."""
+    s = studio()
+    if s.lm is None or s.bench is None:  # the load job sets bench only once statistics exist
+        st.info("Load a model and collect calibration statistics first.")
+        st.page_link("pages/model_data.py", label="Go to Model and data", icon="➡️")
+        st.stop()
+    if st.session_state.get("settings_version") != s.settings_version:
+        # A new model: every per-model widget (all "k_" keys but the loader's) starts from its defaults.
+        for key in [k for k in st.session_state if isinstance(k, str) and k.startswith("k_")
+                    and not k.startswith("k_load_")]:
+            del st.session_state[key]
+        st.session_state["settings_version"] = s.settings_version
+    return s
+
+
+def seed(key: str, value) -> None:
+    """Give a widget its starting value once; the value then lives under `key` in session state.
+    Keys starting with "k_" survive page switches (see `keep_widget_state`)."""
+    if key not in st.session_state:
+        st.session_state[key] = value
+
+
+def keep_widget_state() -> None:
+    """Streamlit drops a widget's state when its page is not shown; re-assigning keeps it."""
+    for key in list(st.session_state):
+        if isinstance(key, str) and key.startswith("k_"):
+            st.session_state[key] = st.session_state[key]
+
+
+def fmt_params(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f}"

@@ -137,12 +137,29 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None):
     return _load_folder(str(folder), dtype, trust_remote_code=False)
 
 
-def _load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool):
+def _load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    tok = AutoTokenizer.from_pretrained(source, **kw)
     return model, tok
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick TCP check of the hub endpoint, so offline users get an answer in seconds, not after
+    huggingface_hub's retries (about 25 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
@@ -180,14 +197,16 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         raise DipSVDError(f"model path not found: {spec}; check the path, or give a hub id like "
                           "HuggingFaceTB/SmolLM2-135M")
     else:
+        offline = not _hub_reachable()
         try:
-            model, tok = _load_folder(spec, dt, trust_remote_code)
+            model, tok = _load_folder(spec, dt, trust_remote_code, local_only=offline)
         except Exception as e:
             msg = _first_line(e)
             if "trust_remote_code" in msg:
                 raise DipSVDError(f"{spec} needs custom code; pass --trust-remote-code only if you trust it") from e
+            where = "the hub is unreachable (offline) and it is not in the local hub cache" if offline else msg
             raise DipSVDError(
-                f"could not load '{spec}' from the Hugging Face hub ({msg}). If you are offline, use the "
+                f"could not load '{spec}' from the Hugging Face hub ({where}). If you are offline, use the "
                 f"bundled model '{DEFAULT_MODEL}', a local folder, or a .gguf file; set HF_HUB_OFFLINE=1 to use "
                 "only the local hub cache") from e
         source = spec

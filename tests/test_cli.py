@@ -1,0 +1,84 @@
+"""The command line: error exits with one-line reasons, and a full run on the tiny model."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "dipsvd_core", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compress", "--ratio", "0"], "ratio must be strictly between 0 and 1"),
+    (["compress", "--ratio", "1"], "ratio must be strictly between 0 and 1"),
+    (["compress", "--ratio", "1.5"], "ratio must be strictly between 0 and 1"),
+    (["compress", "--ratio", "abc"], "ratio must be a number"),
+    (["compress", "--method", "magic"], "invalid choice: 'magic'"),
+    (["compress", "--calib-windows", "0"], "positive whole number"),
+    (["compress", "--model", "./missing/model"], "model path not found: ./missing/model"),
+    (["evaluate", "--model", "/nope/model.gguf"], "GGUF file not found"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_exits_with_one_line(args, needle):
+    proc = run(*args, "--quiet")
+    assert proc.returncode == 2
+    assert needle in error_line(proc)
+    assert "Traceback" not in proc.stderr
+
+
+def test_calibration_text_too_short(tiny_model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of calibration text.")
+    proc = run("compress", "--model", tiny_model_dir, "--calib", str(short), "--calib-windows", "4",
+               "--seqlen", "64", "--quiet")
+    assert proc.returncode == 2
+    assert "calibration text" in error_line(proc) and "too short" in error_line(proc)
+
+
+def test_out_folder_is_never_overwritten_without_force(tiny_model_dir, tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    proc = run("compress", "--model", tiny_model_dir, "--out", str(out), "--quiet")
+    assert proc.returncode == 2 and "--force" in error_line(proc)
+    assert (out / "mine.txt").read_text() == "precious"
+
+
+def test_compress_then_evaluate_the_saved_model(tiny_model_dir, tmp_path):
+    report, out = tmp_path / "r.json", tmp_path / "model"
+    proc = run("compress", "--model", tiny_model_dir, "--method", "dipsvd", "--allocation", "uniform",
+               "--ratio", "0.3", "--weight", "30", "--bar", "0.05", "--calib", "wiki", "--calib-windows", "4",
+               "--seqlen", "64", "--eval", "wiki,news", "--eval-tokens", "256", "--out", str(out),
+               "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(report.read_text())
+    for key in ("model", "method", "allocation", "ratio_target", "ratio_realized", "params", "ranks", "ppl",
+                "timings_s", "peak_memory_mb"):
+        assert key in r
+    assert r["method"] == "dipsvd" and r["allocation"] == "uniform" and r["ratio_target"] == 0.3
+    assert abs(r["ratio_realized"] - 0.3) <= 0.005
+    p = r["params"]
+    assert p["targeted_after"] / p["targeted_before"] == pytest.approx(1 - r["ratio_realized"])
+    assert p["total_before"] - p["total_after"] == p["targeted_before"] - p["targeted_after"]
+    assert len(r["ranks"]) == 14 and all(isinstance(k, int) for k in r["ranks"].values())
+    assert set(r["ppl"]["original"]) == set(r["ppl"]["compressed"]) == {"wiki", "news"}
+    assert all(v > 1 for v in r["ppl"]["compressed"].values())
+    assert {"load_model", "statistics", "factors", "surgery", "evaluation", "save"} <= set(r["timings_s"])
+    assert "100%" in proc.stderr  # progress bars were drawn
+    # The saved model evaluates to the same perplexity through `evaluate`.
+    report2 = tmp_path / "r2.json"
+    proc = run("evaluate", "--model", str(out), "--eval", "wiki,news", "--eval-tokens", "256", "--seqlen", "64",
+               "--report", str(report2))
+    assert proc.returncode == 0, proc.stderr
+    r2 = json.loads(report2.read_text())
+    assert r2["ppl"]["wiki"] == pytest.approx(r["ppl"]["compressed"]["wiki"], rel=1e-5)
+    assert r2["compression"]["ranks"] == r["ranks"]

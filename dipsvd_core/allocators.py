@@ -22,7 +22,6 @@ the same budget exactly, so all of them are compared at the same realized size.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from functools import reduce
 
@@ -120,15 +119,25 @@ def _exact(opts, spare: int, unit: int) -> list[int]:
 
 
 def _hull(costs: np.ndarray, losses: np.ndarray) -> list[int]:
-    """Indices of the lower convex hull of (cost, loss), from the cheapest point, loss decreasing."""
-    hull: list[int] = [0]
-    for j in range(1, len(costs)):
-        if losses[j] >= losses[hull[-1]]:
+    """Indices of the lower convex hull of (cost, loss), from the cheapest point, loss decreasing.
+
+    Sorted singular values make the rank points convex already (the loss drops by sigma_{k+1}^2
+    per step, less and less), so the longest convex prefix is found at once and only the rest
+    (usually the dense point alone) goes through the monotone-chain loop."""
+    c, l = costs.astype(np.float64), np.asarray(losses, dtype=np.float64)
+    slopes = (l[:-1] - l[1:]) / (c[1:] - c[:-1])  # slopes[j - 1]: gain per parameter from point j - 1 to j
+    good = slopes > 0
+    good[1:] &= slopes[1:] < slopes[:-1]  # strictly decreasing gains: the points stay on the hull
+    bad = np.flatnonzero(~good)
+    hull: list[int] = list(range(1 + (int(bad[0]) if len(bad) else len(good))))
+    n_prefix = len(hull)
+    for j in range(n_prefix, len(c)):
+        if l[j] >= l[hull[-1]]:
             continue  # dominated: costs more and loses no less
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # drop b if it lies on or above the segment a -> j
-            if (losses[b] - losses[a]) * (costs[j] - costs[a]) >= (losses[j] - losses[a]) * (costs[b] - costs[a]):
+            if (l[b] - l[a]) * (c[j] - c[a]) >= (l[j] - l[a]) * (c[b] - c[a]):
                 hull.pop()
             else:
                 break
@@ -139,25 +148,24 @@ def _hull(costs: np.ndarray, losses: np.ndarray) -> list[int]:
 def _greedy(opts, spare: float) -> list[int]:
     """Hull segments by gain per parameter (largest first), then single steps for the leftover."""
     choice = [0] * len(opts)
-    heap = []  # (-gain per parameter, matrix, position on its hull)
-    hulls = [_hull(c, l) for _, c, l in opts]
-
-    def push(m, h):
-        if h + 1 < len(hulls[m]):
-            _, c, l = opts[m]
-            a, b = hulls[m][h], hulls[m][h + 1]
-            heapq.heappush(heap, (-(l[a] - l[b]) / (c[b] - c[a]), m, h))
-
-    for m in range(len(opts)):
-        push(m, 0)
-    while heap:
-        _, m, h = heapq.heappop(heap)
-        _, c, _ = opts[m]
-        a, b = hulls[m][h], hulls[m][h + 1]
-        if c[b] - c[a] <= spare:  # a segment that does not fit is dropped with the rest of its hull
-            spare -= c[b] - c[a]
-            choice[m] = b
-            push(m, h + 1)
+    hulls, parts = [], []
+    for m, (_, c, l) in enumerate(opts):
+        h = np.asarray(_hull(c, l))
+        hulls.append(h)
+        dc = c[h[1:]] - c[h[:-1]]
+        parts.append((-(l[h[:-1]] - l[h[1:]]) / dc, dc, np.full(len(dc), m), np.arange(1, len(h))))
+    neg_gain, dcost, owner, pos = (np.concatenate(x) for x in zip(*parts))
+    # Along a hull the gains strictly decrease, so one global sort keeps each matrix's segments in order.
+    order = np.lexsort((pos, neg_gain))
+    blocked = [False] * len(opts)
+    for dc, m, h in zip(dcost[order].tolist(), owner[order].tolist(), pos[order].tolist()):
+        if blocked[m]:
+            continue
+        if dc <= spare:
+            spare -= dc
+            choice[m] = int(hulls[m][h])
+        else:  # a segment that does not fit is dropped with the rest of its hull
+            blocked[m] = True
     # Leftover: any single option step that fits, best gain per parameter first.
     improved = True
     while improved:

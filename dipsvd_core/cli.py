@@ -1,4 +1,4 @@
-"""Command-line interface: `python -m dipsvd_core {compress,evaluate} ...`.
+"""Command-line interface: `python -m dipsvd_core {compress,evaluate,sweep} ...`.
 
 A flat argparse front over the Workbench. Bad input exits with status 2 and one line on stderr
 naming the problem and the fix; progress bars go to stderr; the JSON report goes to --report.
@@ -85,6 +85,36 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki, news, wikitext2, ptb, c4 or a path")
+    p.add_argument("--calib-windows", type=_positive_int, default=32)
+    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_importance_args(p: argparse.ArgumentParser) -> None:
+    from .bayes import OBJECTIVES
+    from .importance import ENERGIES
+
+    p.add_argument("--beta", type=float, default=0.25, help="Q = S~^beta * R~^(1-beta): weight of Fisher sensitivity")
+    p.add_argument("--tau", type=float, default=0.95, help="energy threshold of the effective rank")
+    p.add_argument("--energy", choices=ENERGIES, default="sigma2", help="effective-rank energy: sigma2 (Alg. 5) or sigma")
+    p.add_argument("--bo-calls", type=_positive_int, default=30, help="Bayesian optimisation: evaluations")
+    p.add_argument("--bo-objective", choices=OBJECTIVES, default="ppl",
+                   help="BO objective on held-out calibration text: ppl, or 1 - cosine of the logits")
+    p.add_argument("--bo-windows", type=_positive_int, default=4, help="held-out windows per BO evaluation")
+
+
+def _settings_from(args, **over):
+    from .pipeline import Settings
+
+    fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, p_min=args.p_min, p_max=args.p_max,
+                  beta=args.beta, tau=args.tau, energy=args.energy, bo_calls=args.bo_calls,
+                  bo_objective=args.bo_objective, bo_windows=args.bo_windows, seed=args.seed)
+    fields.update(over)
+    return Settings(**fields).check()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .factors import DEFAULT_WHITENING, METHODS, WHITENING_FORMS
     from .pipeline import allocation_names
@@ -104,16 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
     c.add_argument("--p-min", type=float, default=0.05, help="lowest keep ratio of a block")
     c.add_argument("--p-max", type=float, default=1.0, help="highest keep ratio of a block (1 = may stay dense)")
-    c.add_argument("--calib", default="wiki", help="calibration text: wiki, news, wikitext2, ptb, c4 or a path")
-    c.add_argument("--calib-windows", type=_positive_int, default=32)
-    c.add_argument("--seqlen", type=_positive_int, default=512)
-    c.add_argument("--seed", type=int, default=0)
+    _add_calib_args(c)
+    _add_importance_args(c)
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     c.add_argument("--no-eval-original", action="store_true", help="skip the original model's perplexity")
     c.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
     c.add_argument("--generate", action="store_true", help="also generate for the default prompts")
     _add_eval_args(c)
+
+    w = sub.add_parser("sweep", help="a grid of methods x allocations x ratios on one set of statistics")
+    _add_model_args(w)
+    w.add_argument("--grid", default=None,
+                   help="rows as method:allocation, comma-separated (default: the ablation plus baselines), "
+                        "e.g. svd-llm:uniform,dipsvd:heuristic")
+    w.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated fractions REMOVED")
+    w.add_argument("--weight", type=float, default=30.0)
+    w.add_argument("--bar", type=float, default=0.03)
+    w.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
+    w.add_argument("--p-min", type=float, default=0.05)
+    w.add_argument("--p-max", type=float, default=1.0)
+    _add_calib_args(w)
+    _add_importance_args(w)
+    w.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets")
+    w.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
+    w.add_argument("--out-json", default="sweep.json", help="the JSON report (rewritten after every row)")
+    w.add_argument("--out-md", default="sweep.md", help="the Markdown table")
+    w.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("evaluate", help="perplexity of any model, including a saved compressed one")
     _add_model_args(e)
@@ -145,8 +192,7 @@ def cmd_compress(args) -> dict:
     from .models import load_model
     from .pipeline import Settings, Workbench, peak_memory_mb, settings_dict
 
-    settings = Settings(method=args.method, allocation=args.allocation, ratio=args.ratio, weight=args.weight,
-                        bar=args.bar, whitening=args.whitening, p_min=args.p_min, p_max=args.p_max).check()
+    settings = _settings_from(args, method=args.method, allocation=args.allocation, ratio=args.ratio)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
         raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
     for path in (args.calib, *args.eval.split(",")):
@@ -183,6 +229,8 @@ def cmd_compress(args) -> dict:
         "ppl": ppl,
         "eval": {"sets": list(sets), "tokens_per_set": args.eval_tokens},
     }
+    if result.allocation.history:
+        report["bo_history"] = result.allocation.history
     if args.speed:
         report["speed"] = {"original": speed(lm.model), "compressed": speed(result.model)}
     if args.generate:
@@ -225,7 +273,42 @@ def cmd_evaluate(args) -> dict:
     return report
 
 
-COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate}
+def cmd_sweep(args) -> dict:
+    from .models import load_model
+    from .pipeline import Workbench, peak_memory_mb
+    from .sweep import markdown, parse_grid, parse_ratios, run_sweep
+
+    grid, ratios = parse_grid(args.grid), parse_ratios(args.ratios)
+    base = _settings_from(args, ratio=ratios[0])
+    for out in (args.out_json, args.out_md):
+        if Path(out).is_dir():
+            raise DipSVDError(f"{out} is a folder; give a file name")
+    progress = Progress(args.quiet)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
+    load_s = time.perf_counter() - t0
+    bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
+    sets = _eval_sets(lm, args.eval, args.seqlen, args.eval_tokens)
+
+    def write(report):
+        report.update(model=lm.spec, dequantized_from_gguf=lm.from_gguf,
+                      calibration={"source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen,
+                                   "seed": args.seed})
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(report, indent=1, default=str))
+        Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_md).write_text(markdown(report))
+
+    report = run_sweep(bench, base, grid, ratios, sets, progress, on_row=write)
+    progress.close()
+    report["timings_s"]["load_model"] = load_s
+    report["peak_memory_mb"] = peak_memory_mb()
+    write(report)
+    report["report_paths"] = [args.out_json, args.out_md]
+    return report
+
+
+COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,14 +329,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2, default=str)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text)
-    print(text if not args.report else _summary(report))
+    path = getattr(args, "report", None)  # sweep writes its own --out-json / --out-md
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    print(_summary(report) if path or "rows" in report else text)
     return 0
 
 
 def _summary(report: dict) -> str:
+    if "rows" in report:
+        from .sweep import markdown
+
+        return markdown(report) + f"written: {', '.join(report.get('report_paths', []))}"
     lines = [f"model {report.get('model')}"]
     if "ratio_target" in report:
         lines.append(f"{report['method']} + {report['allocation']}: ratio {report['ratio_target']:g} removed "

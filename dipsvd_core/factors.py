@@ -82,12 +82,12 @@ def channel_scale(alpha: torch.Tensor, weight: float, bar: float) -> torch.Tenso
     return d
 
 
-def _floor(values: torch.Tensor, what: str) -> tuple[torch.Tensor, int]:
+def _floor(values: torch.Tensor, what: str, rel: float = EIG_FLOOR) -> tuple[torch.Tensor, int]:
     top = values.max().clamp_min(0)
     if top <= 0 or not torch.isfinite(top):
         raise DipSVDError(f"the {what} is zero or not finite: this layer saw no usable activations; "
                           "check the calibration text and the model's dtype")
-    floor = top * EIG_FLOOR
+    floor = top * rel
     n = int((values < floor).sum())
     if n:
         log.info("%s: %d of %d eigenvalues floored at %.3g", what, n, values.numel(), floor.item())
@@ -145,15 +145,15 @@ class FactorSpec:
         if self.method == "svd-llm":  # D = I: both forms give S S^T = G; eigh ("paper") is cheaper
             return ("svd-llm",)
         if self.method == "fwsvd":  # the Fisher key is added by cached_factors
-            return ("fwsvd",)
+            return ("fwsvd", DIAG_FLOOR)
         if self.method == "asvd":
-            return ("asvd", ASVD_ALPHA)
+            return ("asvd", ASVD_ALPHA, DIAG_FLOOR)
         return ("dipsvd", float(self.weight), float(self.bar), self.whitening)
 
 
 def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(S, S^{-1}, n_floored) for S = diag(scale); zero (dead) entries are floored so S^{-1} exists."""
-    s, n = _floor(scale.double(), what)
+    s, n = _floor(scale.double(), what, DIAG_FLOOR)
     return torch.diag(s), torch.diag(1 / s), n
 
 

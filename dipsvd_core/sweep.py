@@ -1,0 +1,142 @@
+"""A grid of methods x allocations x ratios on ONE set of cached statistics (`python -m dipsvd_core sweep`).
+
+Everything expensive is shared: the calibration windows, the statistics, the Fisher pass and one
+factorisation per method; each row only allocates (slicing cached factors), builds the compressed
+copy and measures perplexity. Rows are grouped by method so that one method's factors can be
+freed before the next is loaded. The default grid is the paper's ablation (Table 6) plus the
+baselines and our coupled allocator:
+
+  svd-llm + uniform   SVD-LLM                   dipsvd + uniform    Step 1 (local importance)
+  svd-llm + heuristic Step 2 (global only)      dipsvd + heuristic  Step 1+2 (DipSVD, heuristic)
+  dipsvd + bayes      Step 1+2 (DipSVD, BO)     svd / fwsvd / asvd + uniform   baselines
+  dipsvd + coupled    ours: per-matrix ranks from whitened loss curves and Fisher weights
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from .errors import DipSVDError
+from .evaluate import perplexity
+from .factors import METHODS
+from .pipeline import Settings, Workbench, allocation_names
+
+DEFAULT_GRID = (("svd-llm", "uniform"), ("dipsvd", "uniform"), ("svd-llm", "heuristic"), ("dipsvd", "heuristic"),
+                ("dipsvd", "bayes"), ("svd", "uniform"), ("fwsvd", "uniform"), ("asvd", "uniform"),
+                ("dipsvd", "coupled"))
+LABELS = {("svd-llm", "uniform"): "SVD-LLM", ("dipsvd", "uniform"): "Step 1", ("svd-llm", "heuristic"): "Step 2",
+          ("dipsvd", "heuristic"): "Step 1+2", ("dipsvd", "bayes"): "Step 1+2 (BO)",
+          ("dipsvd", "coupled"): "ours: coupled"}
+
+
+def parse_grid(text: str | None) -> list[tuple[str, str]]:
+    """'svd-llm:uniform,dipsvd:heuristic' -> [(method, allocation), ...]; empty means the default grid."""
+    if not text or not text.strip():
+        return list(DEFAULT_GRID)
+    rows = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        method, sep, allocation = item.partition(":")
+        if not sep or method not in METHODS or allocation not in allocation_names():
+            raise DipSVDError(f"bad grid entry '{item}'; write method:allocation with method in {', '.join(METHODS)} "
+                              f"and allocation in {', '.join(allocation_names())}, e.g. svd-llm:uniform,dipsvd:heuristic")
+        if (method, allocation) not in rows:
+            rows.append((method, allocation))
+    if not rows:
+        raise DipSVDError("--grid names no row; e.g. --grid svd-llm:uniform,dipsvd:heuristic")
+    return rows
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DipSVDError(f"--ratios must be comma-separated numbers like 0.1,0.2,0.3; got '{text}'") from None
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise DipSVDError(f"every ratio must be strictly between 0 and 1 (fraction removed); got '{text}'")
+    return ratios
+
+
+def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], ratios: list[float],
+              eval_sets: dict, progress=None, on_row=None) -> dict:
+    """Rows of {method, allocation, ratio, ratio_realized, ppl{set}, allocation_s, ...}; on_row(report)
+    is called after every row so that partial results can be written out."""
+    for method, allocation in grid:  # validate every row before any work
+        replace(base, method=method, allocation=allocation, ratio=ratios[0]).check()
+    report = {"grid": [list(g) for g in grid], "ratios": ratios, "eval_sets": list(eval_sets),
+              "eval_tokens": {n: int(w.numel()) for n, w in eval_sets.items()},
+              "settings": {k: getattr(base, k) for k in ("weight", "bar", "whitening", "p_min", "p_max", "beta",
+                                                        "tau", "energy", "bo_calls", "bo_objective", "bo_windows",
+                                                        "seed")},
+              "timings_s": {}, "rows": []}
+    timings = report["timings_s"]
+    t0 = time.perf_counter()
+    report["original_ppl"] = {n: perplexity(bench.lm.model, w) for n, w in eval_sets.items()}
+    timings["evaluate_original"] = time.perf_counter() - t0
+    if any(m != "svd" for m, _ in grid):
+        t0 = time.perf_counter()
+        bench.stats(progress)
+        timings["statistics"] = time.perf_counter() - t0
+    if any(a != "uniform" or m == "fwsvd" for m, a in grid):
+        t0 = time.perf_counter()
+        bench.fisher(progress)  # shared by heuristic, bayes, coupled and fwsvd; timed once here
+        timings["fisher"] = time.perf_counter() - t0
+    methods = list(dict.fromkeys(m for m, _ in grid))
+    for method in methods:
+        spec = replace(base, method=method).spec
+        t0 = time.perf_counter()
+        bench.factors(spec, progress)
+        timings[f"factors/{method}"] = time.perf_counter() - t0
+        for ratio in ratios:
+            for m, allocation in grid:
+                if m != method:
+                    continue
+                settings = replace(base, method=method, allocation=allocation, ratio=ratio)
+                report["rows"].append(_row(bench, settings, eval_sets, progress))
+                if on_row:
+                    on_row(report)
+        bench.drop_factors(spec)
+    return report
+
+
+def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dict:
+    t0 = time.perf_counter()
+    allocation = bench.allocate(settings, progress)
+    t1 = time.perf_counter()
+    result = bench.build(settings, allocation)
+    ppl = {n: perplexity(result.model, w) for n, w in eval_sets.items()}
+    t2 = time.perf_counter()
+    del result
+    row = {"method": settings.method, "allocation": settings.allocation,
+           "label": LABELS.get((settings.method, settings.allocation), "baseline"),
+           "ratio": settings.ratio, "ratio_realized": allocation.ratio_realized, "ppl": ppl,
+           "allocation_s": t1 - t0, "build_eval_s": t2 - t1,
+           "p_blocks": [round(float(p), 5) for p in allocation.p_blocks]}
+    if allocation.history:
+        row["bo_history"] = allocation.history
+        row["bo_calls"] = len(allocation.history)
+    return row
+
+
+def markdown(report: dict) -> str:
+    """One table: a row per (method, allocation, ratio), perplexity per evaluation set."""
+    sets = report["eval_sets"]
+    head = ["method", "allocation", "step", "ratio (removed / kept)", "realized", *[f"ppl {s}" for s in sets],
+            "allocation s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    orig = report.get("original_ppl", {})
+    lines.append("| original | - | - | 0 / 100% | 0 | " + " | ".join(f"{orig.get(s, float('nan')):.2f}" for s in sets)
+                 + " | - |")
+    for r in sorted(report["rows"], key=lambda r: (r["ratio"], _order(report, r))):
+        cells = [r["method"], r["allocation"], r["label"], f"{r['ratio']:g} / {100 * (1 - r['ratio']):.0f}%",
+                 f"{r['ratio_realized']:.4f}", *[f"{r['ppl'][s]:.2f}" for s in sets], f"{r['allocation_s']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _order(report: dict, row: dict) -> int:
+    grid = [tuple(g) for g in report["grid"]]
+    key = (row["method"], row["allocation"])
+    return grid.index(key) if key in grid else len(grid)

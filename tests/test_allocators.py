@@ -1,0 +1,255 @@
+"""Allocations under one budget: the projector, heuristic, coupled (vs brute force) and bayes."""
+import itertools
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dipsvd_core import allocators
+from dipsvd_core.allocation import DENSE, block_params, kept_params, matrix_params, project, uniform
+from dipsvd_core.bayes import bayes
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.factors import Factor
+from dipsvd_core.models import Target
+from dipsvd_core.pipeline import Settings, Workbench
+
+
+def llama_targets(n_blocks=6, d=64, kv=32, inter=160):
+    """Llama-shaped targets: q, k, v, o, gate, up, down per block."""
+    shapes = [("q", d, d), ("k", kv, d), ("v", kv, d), ("o", d, d), ("gate", inter, d), ("up", inter, d),
+              ("down", d, inter)]
+    return [Target(f"layers.{b}.{n}", b, o, i, False) for b in range(n_blocks) for n, o, i in shapes]
+
+
+def assert_on_budget(a, targets, ratio, p_min, p_max):
+    total = sum(t.params for t in targets)
+    assert kept_params(a.ranks, targets) <= (1 - ratio) * total
+    assert 0 <= a.ratio_realized - ratio <= 0.005
+    assert a.ratio_realized == pytest.approx(1 - kept_params(a.ranks, targets) / total)
+    assert (a.p_blocks >= p_min - 1e-12).all() and (a.p_blocks <= p_max + 1e-12).all()
+
+
+Q_CASES = {
+    "equal": np.full(6, 0.3),
+    "zeros": np.zeros(6),
+    "some zeros": np.array([0.0, 1.0, 0.0, 2.0, 0.5, 0.0]),
+    "huge outlier": np.array([1.0, 1.0, 1e9, 1.0, 1.0, 1.0]),
+    "tiny values": np.array([1e-12, 2e-12, 3e-12, 1e-12, 5e-12, 1e-12]),
+    "spread": np.array([1e-6, 0.2, 0.4, 0.6, 0.8, 1.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(Q_CASES))
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.5, 0.8])
+@pytest.mark.parametrize("bounds", [(0.05, 1.0), (0.1, 0.9)])
+def test_projector_meets_budget_and_bounds(case, ratio, bounds):
+    targets = llama_targets()
+    if 1 - ratio > bounds[1]:  # keeping 95% is impossible when no block may keep more than 90%
+        with pytest.raises(DipSVDError, match="p_max"):
+            project(Q_CASES[case], targets, ratio, *bounds)
+        return
+    a = project(Q_CASES[case], targets, ratio, *bounds)
+    assert_on_budget(a, targets, ratio, *bounds)
+
+
+def test_projector_on_real_model_shapes_and_errors(tiny_lm):
+    for q in Q_CASES.values():
+        q = q[: tiny_lm.n_blocks] if len(q) >= tiny_lm.n_blocks else q
+        for ratio in (0.1, 0.3):
+            assert_on_budget(project(q[:2], tiny_lm.targets, ratio), tiny_lm.targets, ratio, 0.05, 1.0)
+    with pytest.raises(DipSVDError, match="p_min"):
+        project(np.ones(6), llama_targets(), 0.97, p_min=0.5)
+    with pytest.raises(DipSVDError, match="finite"):
+        project(np.array([1, np.nan, 1, 1, 1, 1]), llama_targets(), 0.2)
+
+
+def test_heuristic_gives_more_to_the_block_with_higher_q():
+    targets = llama_targets(n_blocks=3)
+    q = np.array([0.2, 1.0, 0.5])
+    a = allocators.heuristic(q, targets, 0.3)
+    assert_on_budget(a, targets, 0.3, 0.05, 1.0)
+    kept = np.zeros(3)
+    for t in targets:
+        kept[t.block] += matrix_params(a.ranks[t.name], t.out_features, t.in_features)
+    kept /= block_params(targets)
+    assert a.p_blocks[1] > a.p_blocks[2] > a.p_blocks[0]
+    assert kept[1] > kept[2] > kept[0]
+    # proportional before clamping: p_l / p_m = Q_l / Q_m wherever no bound is hit
+    if a.p_blocks.max() < 1:
+        assert a.p_blocks[2] / a.p_blocks[0] == pytest.approx(2.5, rel=1e-6)
+    with pytest.raises(DipSVDError, match="one importance score per block"):
+        allocators.heuristic(q[:2], targets, 0.3)
+
+
+# --- coupled: exact against brute force -----------------------------------------------------------
+
+def _objective(ranks, sigmas, weights):
+    total = 0.0
+    for n, k in ranks.items():
+        if k is not DENSE:
+            total += weights[n] * float((sigmas[n][k:] ** 2).sum())
+    return total
+
+
+def _brute_force(targets, sigmas, weights, budget):
+    options = []
+    for t in targets:
+        k_cap = -(-t.params // (t.out_features + t.in_features)) - 1
+        options.append(list(range(1, min(k_cap, t.out_features, t.in_features) + 1)) + [DENSE])
+    best = None
+    for combo in itertools.product(*options):
+        ranks = dict(zip((t.name for t in targets), combo))
+        if kept_params(ranks, targets) <= budget:
+            value = _objective(ranks, sigmas, weights)
+            best = value if best is None or value < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coupled_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    targets = [Target("a", 0, 9, 6, False), Target("b", 0, 8, 8, False), Target("c", 1, 12, 5, False),
+               Target("d", 1, 7, 10, False)]
+    # Non-convex spectra on purpose: plateaus and jumps, so the greedy's hull could skip points.
+    sigmas = {t.name: np.sort(rng.choice([0.1, 1.0, 3.0], size=min(t.out_features, t.in_features))
+                              * rng.uniform(0.5, 2.0, size=min(t.out_features, t.in_features)))[::-1]
+              for t in targets}
+    weights = {t.name: float(rng.uniform(0.2, 3.0)) for t in targets}
+    total = sum(t.params for t in targets)
+    for keep in (0.3, 0.5, 0.7, 0.9):
+        budget = keep * total
+        ranks = allocators.coupled_ranks(sigmas, weights, targets, budget, p_min=0.0, exact=True)
+        assert kept_params(ranks, targets) <= budget
+        assert _objective(ranks, sigmas, weights) == pytest.approx(_brute_force(targets, sigmas, weights, budget),
+                                                                   rel=1e-12, abs=1e-12)
+        # the auto choice is the exact solver on a problem this small
+        assert allocators.coupled_ranks(sigmas, weights, targets, budget, p_min=0.0) == ranks
+        # the greedy is feasible and never worse than the uniform ranks at the same budget
+        greedy = allocators.coupled_ranks(sigmas, weights, targets, budget, p_min=0.0, exact=False)
+        assert kept_params(greedy, targets) <= budget
+        assert _objective(greedy, sigmas, weights) >= _objective(ranks, sigmas, weights) - 1e-12
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lower_hull_matches_a_brute_force_hull(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    costs = np.cumsum(rng.integers(1, 5, size=n))
+    losses = rng.choice([rng.uniform(0, 10, size=n), np.sort(rng.uniform(0, 10, size=n))[::-1]])
+    hull = allocators._hull(costs, losses)
+    # brute force: a point is on the decreasing lower hull from point 0 iff it is below every earlier
+    # point's loss and strictly below every chord between a point on its left and a lower one on its right
+    expected = [0]
+    for j in range(1, n):
+        if losses[j] >= losses[:j].min():
+            continue  # dominated
+        under = True
+        for a in range(j):
+            for b in range(j + 1, n):
+                chord = losses[a] + (losses[b] - losses[a]) * (costs[j] - costs[a]) / (costs[b] - costs[a])
+                if losses[j] >= chord - 1e-12 and losses[b] < losses[j]:
+                    under = False
+        if under:
+            expected.append(j)
+    assert hull == expected
+
+
+def test_coupled_greedy_is_fast_on_a_135m_sized_model():
+    """30 blocks x 7 matrices of SmolLM2-135M's shapes, up to 576 ranks each."""
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    targets = [Target(f"{b}.{j}", b, o, i, False) for b in range(30) for j, (o, i) in enumerate(shapes)]
+    rng = np.random.default_rng(0)
+    sigmas = {t.name: np.sort(rng.gamma(2.0, size=min(t.out_features, t.in_features)))[::-1] for t in targets}
+    weights = {t.name: float(rng.uniform(0.5, 2)) for t in targets}
+    budget = 0.8 * sum(t.params for t in targets)
+    t0 = time.perf_counter()
+    ranks = allocators.coupled_ranks(sigmas, weights, targets, budget, p_min=0.05)
+    seconds = time.perf_counter() - t0
+    assert seconds < 1.0
+    kept = kept_params(ranks, targets)
+    assert budget * 0.999 <= kept <= budget
+    # better than uniform ranks on its own objective
+    uni = uniform(targets, 0.2).ranks
+    assert _objective(ranks, sigmas, weights) < _objective(uni, sigmas, weights)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_lm):
+    return Workbench(tiny_lm, "wiki", 4, 64)
+
+
+def test_coupled_on_the_tiny_model(bench, tiny_lm):
+    s = Settings(method="dipsvd", allocation="coupled", ratio=0.3)
+    a = bench.allocate(s)
+    targets = tiny_lm.targets
+    assert a.method == "coupled"
+    assert 0 <= a.ratio_realized - 0.3 <= 0.005
+    factors = bench.factors(s.spec)
+    mods = dict(tiny_lm.model.named_modules())
+    norms = {t.name: float(mods[t.name].weight.detach().double().pow(2).sum()) for t in targets}
+    w = allocators.coupled_weights(factors, bench.fisher(), norms, targets)
+    sig = {t.name: factors[t.name].sigma.numpy() for t in targets}
+    uni = bench.allocate(Settings(method="dipsvd", allocation="uniform", ratio=0.3))
+    assert _objective(a.ranks, sig, w) <= _objective(uni.ranks, sig, w)
+    # predicted loss: per block, the sum of the tails of the chosen ranks
+    pred = bench.predicted_loss(s, a)
+    expected = np.zeros(tiny_lm.n_blocks)
+    for t in targets:
+        if a.ranks[t.name] is not DENSE:
+            expected[t.block] += float((factors[t.name].sigma[a.ranks[t.name]:] ** 2).sum())
+    np.testing.assert_allclose(pred, expected, rtol=1e-12)
+    np.testing.assert_allclose(a.p_blocks * block_params(targets),
+                               [sum(matrix_params(a.ranks[t.name], t.out_features, t.in_features)
+                                    for t in targets if t.block == b) for b in range(tiny_lm.n_blocks)])
+
+
+# --- bayes ------------------------------------------------------------------------------------
+
+def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):
+    s = Settings(method="dipsvd", allocation="bayes", ratio=0.3, bo_calls=5, bo_windows=2, seed=3)
+    seen = []
+    first = bench.allocate(s, callback=lambda i, v, b: seen.append((i, v, b)))
+    second = bench.allocate(s)
+    assert len(first.history) == 5 and [i for i, _, _ in seen] == [1, 2, 3, 4, 5]
+    assert first.history == second.history and first.ranks == second.ranks
+    assert first.history == list(np.minimum.accumulate(first.values))
+    assert first.history[-1] == min(v for _, v, _ in seen)
+    assert_on_budget(first, tiny_lm.targets, 0.3, 0.05, 1.0)
+    # the warm starts are the first two calls: uniform, then heuristic
+    assert seen[0][1] == pytest.approx(bench._objectives[(s.spec.key, "ppl", 2)](
+        bench.allocate(Settings(method="dipsvd", ratio=0.3)).ranks), rel=1e-9)
+
+
+def test_bayes_every_evaluated_point_is_on_budget_and_cancel_stops(tiny_lm):
+    targets = tiny_lm.targets
+    budget = 0.7 * sum(t.params for t in targets)
+    evaluated = []
+
+    def objective(ranks):  # a cheap stand-in: prefers keeping block 1
+        evaluated.append(kept_params(ranks, targets))
+        return float(sum(k or 64 for n, k in ranks.items() if ".0." in n))
+
+    warm = [np.full(2, 0.7), np.array([0.4, 1.0])]
+    a = bayes(objective, targets, 0.3, warm, calls=8, seed=0)
+    assert len(evaluated) == 8 and max(evaluated) <= budget
+    assert len(a.history) == 8 and a.history[-1] == min(a.values)
+    # a callback returning False stops after that call; so does a set Event
+    b = bayes(objective, targets, 0.3, warm, calls=8, seed=0, callback=lambda i, v, best: i < 3)
+    assert len(b.history) == 3
+    ev = threading.Event()
+    c = bayes(objective, targets, 0.3, warm, calls=8, seed=0, callback=lambda i, v, best: ev.set() if i == 4 else None,
+              cancel=ev)
+    assert len(c.history) == 4
+    assert_on_budget(c, targets, 0.3, 0.05, 1.0)
+    with pytest.raises(DipSVDError, match="bo-calls"):
+        bayes(objective, targets, 0.3, warm, calls=1)
+
+
+def test_settings_reject_bad_global_importance_values():
+    for bad, match in [(dict(beta=-0.1), "beta"), (dict(tau=0.0), "tau"), (dict(energy="x"), "energy"),
+                       (dict(bo_objective="kl"), "objective"), (dict(bo_calls=1), "bo_calls"),
+                       (dict(allocation="random"), "allocation")]:
+        with pytest.raises(DipSVDError, match=match):
+            Settings(**bad).check()

@@ -1,0 +1,114 @@
+"""Global importance signals (DESIGN.md section 4): effective rank, Fisher sensitivity, Q."""
+import numpy as np
+import pytest
+import torch
+
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.importance import (NORM_EPS, cached_fisher, combined_score, effective_rank, fisher_info,
+                                    minmax)
+from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.stats import stats_key
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("tau, energy, expected", [
+    (0.95, "sigma2", 4), (0.9, "sigma2", 3), (0.7, "sigma2", 2), (0.71, "sigma2", 3), (0.4, "sigma2", 1),
+    (1.0, "sigma2", 4), (0.8, "sigma", 3), (0.6, "sigma", 2), (0.61, "sigma", 3)])
+def test_effective_rank_of_known_eigenvalues(tau, energy, expected):
+    # sigma^2 = 4, 3, 2, 1 (plus exact zeros): cumulative sigma^2 energy 0.4, 0.7, 0.9, 1.0;
+    # sigma = 2, 1.732, 1.414, 1: cumulative sigma energy 0.325, 0.607, 0.837, 1.0
+    eigs = torch.tensor([1.0, 0.0, 4.0, 2.0, 3.0, 0.0], dtype=F64)
+    assert effective_rank(eigs, tau, energy) == expected
+
+
+def test_effective_rank_from_a_gram_with_a_known_spectrum():
+    """H = U diag(s) V^T built directly: H^T H has eigenvalues s^2, so R follows from s alone."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 200, 48
+    U, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    s = 0.8 ** torch.arange(d, dtype=F64)  # geometric spectrum
+    H = U @ torch.diag(s) @ V.T
+    energy = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+    expected = int((energy < 0.95).sum()) + 1
+    assert effective_rank(H.T @ H, 0.95, "sigma2") == expected == 7  # 1 - 0.64^7 = 0.956 >= 0.95 > 0.93
+    energy1 = torch.cumsum(s, 0) / s.sum()
+    assert effective_rank(H.T @ H, 0.95, "sigma") == int((energy1 < 0.95).sum()) + 1 == 14
+
+
+def test_effective_rank_rejects_bad_input():
+    with pytest.raises(DipSVDError, match="tau"):
+        effective_rank(torch.ones(3), 1.5)
+    with pytest.raises(DipSVDError, match="energy"):
+        effective_rank(torch.ones(3), 0.9, "entropy")
+    with pytest.raises(DipSVDError, match="zero energy"):
+        effective_rank(torch.zeros(3), 0.9)
+
+
+def test_combined_score_numbers():
+    S, R = np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])
+    Q = combined_score(S, R, beta=0.25)
+    e = NORM_EPS
+    expected = np.array([e ** 0.25 * (1 + e) ** 0.75, (0.5 + e) ** 0.25 * (0.5 + e) ** 0.75, (1 + e) ** 0.25 * e ** 0.75])
+    np.testing.assert_allclose(Q, expected, rtol=1e-12)
+    np.testing.assert_allclose(combined_score(S, R, beta=1.0), minmax(S), rtol=1e-12)
+    np.testing.assert_allclose(combined_score(S, R, beta=0.0), minmax(R), rtol=1e-12)
+    # equal signals carry no information: every block gets the same score
+    np.testing.assert_allclose(combined_score(np.ones(4), np.full(4, 7.0), 0.25), np.ones(4))
+    with pytest.raises(DipSVDError, match="beta"):
+        combined_score(S, R, beta=1.5)
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_lm):
+    return Workbench(tiny_lm, "wiki", 3, 48).windows()
+
+
+def test_fisher_matches_direct_autograd(tiny_lm, windows):
+    model = tiny_lm.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    info = fisher_info(model, tiny_lm.targets, windows)
+
+    mods = dict(model.named_modules())
+    weights = [mods[t.name].weight for t in tiny_lm.targets]
+    per_window = []
+    for i in range(len(windows)):
+        ids = windows[i: i + 1]
+        logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        per_window.append(torch.autograd.grad(loss, weights))
+    for j, t in enumerate(tiny_lm.targets):
+        g_mean = sum(g[j].double() for g in per_window) / len(windows)
+        expected = (torch.linalg.norm(g_mean) / (torch.linalg.norm(weights[j].double()) + 1e-8)).item()
+        assert info.per_matrix[t.name] == pytest.approx(expected, rel=1e-4)
+        rows = sum((g[j].double() ** 2).sum(0) for g in per_window)
+        torch.testing.assert_close(info.rows[t.name], rows, rtol=1e-4, atol=1e-12)
+        assert info.trace[t.name] == pytest.approx(rows.sum().item() / len(windows), rel=1e-4)
+    blocks = np.zeros(tiny_lm.n_blocks)
+    for t in tiny_lm.targets:
+        blocks[t.block] += info.per_matrix[t.name]
+    np.testing.assert_allclose(info.per_block, blocks, rtol=1e-12)
+    assert all(v > 0 for v in info.per_matrix.values())
+    # the model is left exactly as it was
+    for n, p in model.named_parameters():
+        assert p.requires_grad == flags[n] and p.grad is None
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_fisher_is_cached_and_workbench_importance_has_every_signal(tiny_lm, windows):
+    bench = Workbench(tiny_lm, "wiki", 3, 48)
+    first = bench.fisher()
+    again = cached_fisher(tiny_lm, windows, stats_key(tiny_lm, windows))
+    assert again.seconds == 0.0  # from the disk cache
+    np.testing.assert_allclose(again.per_block, first.per_block)
+    name = tiny_lm.targets[0].name
+    torch.testing.assert_close(again.rows[name], first.rows[name])
+    imp = bench.importance(Settings(beta=0.25))
+    assert set(imp) == {"S", "R", "S_norm", "R_norm", "Q"}
+    assert all(v.shape == (tiny_lm.n_blocks,) for v in imp.values())
+    np.testing.assert_allclose(imp["S"], first.per_block)
+    np.testing.assert_allclose(imp["R"], bench.effective_ranks(0.95, "sigma2"))
+    np.testing.assert_allclose(imp["Q"], imp["S_norm"] ** 0.25 * imp["R_norm"] ** 0.75)
+    assert 1 <= imp["R"].min() and imp["R"].max() <= tiny_lm.model.config.hidden_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -256,10 +257,11 @@ def fingerprint(model: nn.Module) -> str:
     """Identifies the weights cheaply: config plus a sample of every parameter's values."""
     h = hashlib.sha256(type(model).__name__.encode())
     cfg = getattr(model, "config", None)
-    if cfg is not None:
-        h.update(cfg.to_json_string(use_diff=False).encode())
+    if cfg is not None:  # where it was loaded from, or by which version, does not change the weights
+        d = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
-        h.update(name.encode())
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
         h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
 

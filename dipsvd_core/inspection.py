@@ -128,8 +128,9 @@ def ppl_rows(ppl: dict[str, dict[str, float]]) -> list[dict]:
     rows = []
     for n in names:
         o, c = ppl.get("original", {}).get(n), ppl.get("compressed", {}).get(n)
-        rows.append({"dataset": n, "original": o, "compressed": c,
-                     "compressed / original": (c / o) if o and c else None})
+        rows.append({"dataset": n, "original": None if o is None else round(o, 2),
+                     "compressed": None if c is None else round(c, 2),
+                     "compressed / original": round(c / o, 3) if o and c else None})
     return rows
 
 

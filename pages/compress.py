@@ -55,7 +55,8 @@ if s.result is not None and s.params is not None:
 
 st.subheader("Perplexity")
 c1, c2, c3 = st.columns([2, 2, 1])
-ui.seed("k_ev_sets", ["wiki", "news"])
+ui.seed("k_ev_sets", [x for x in d["eval"] if x in SOURCES])
+ui.seed("k_ev_path", next((x for x in d["eval"] if x not in SOURCES), ""))
 ui.seed("k_ev_tokens", d["eval_tokens"])
 sets = c1.multiselect("Datasets", list(SOURCES), key="k_ev_sets", disabled=busy,
                       help="wiki: the held-out half of the Wikipedia extract; news: out of domain")
@@ -86,10 +87,7 @@ if st.button(label, disabled=busy or not datasets):
     ui.start("Evaluating perplexity", evaluate)
 rows = ppl_rows(s.ppl)
 if rows:
-    st.dataframe(rows, hide_index=True, width="stretch", key="ppl_table",
-                 column_config={"original": st.column_config.NumberColumn(format="%.2f"),
-                                "compressed": st.column_config.NumberColumn(format="%.2f"),
-                                "compressed / original": st.column_config.NumberColumn(format="%.2f×")})
+    st.table(rows, border="horizontal", hide_index=True)
     st.caption(f"exp(mean next-token NLL) over the first {s.ppl['config'][0]:,} tokens of each set, in "
                f"non-overlapping windows of {s.ppl['config'][1]} tokens.")
 

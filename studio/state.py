@@ -23,6 +23,7 @@ def defaults() -> dict:
     """Start-up values of the Model and data page (and a few evaluation sizes)."""
     return {"model": _env("DEFAULT_MODEL", DEFAULT_MODEL), "calib": _env("CALIB", "wiki"),
             "calib_windows": _env("CALIB_WINDOWS", 16, int), "seqlen": _env("SEQLEN", 256, int),
+            "eval": [x.strip() for x in _env("EVAL", "wiki,news").split(",") if x.strip()],
             "eval_tokens": _env("EVAL_TOKENS", 4096, int), "new_tokens": _env("NEW_TOKENS", 48, int)}
 
 

@@ -1,0 +1,395 @@
+"""The Studio app driven through Streamlit's AppTest on a tiny random Llama (issue 4).
+
+Each test starts a fresh session, loads the tiny model through the Model and data page (the model
+itself is shared through st.cache_resource), then drives the page under test: it sets widgets,
+clicks buttons, waits for the background job and asserts on values, tables, figure data and
+error messages.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+APP = os.path.join(os.path.dirname(__file__), "..", "app.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_defaults(tmp_path_factory, tiny_model_dir):
+    """The app's defaults, pointed at a tiny model and small calibration."""
+    root = tmp_path_factory.mktemp("studio")
+    # A slice of the news corpus as both calibration and evaluation text: tokenizing all of the
+    # Wikipedia extract takes seconds per use, and these tests are about the app, not the data.
+    from dipsvd_core.data import load_documents
+
+    text = root / "news.txt"
+    text.write_text("\n\n".join(load_documents("news")[:40]))
+    env = {"DIPSVD_STUDIO_DEFAULT_MODEL": tiny_model_dir, "DIPSVD_STUDIO_CALIB": str(text),
+           "DIPSVD_STUDIO_CALIB_WINDOWS": "4", "DIPSVD_STUDIO_SEQLEN": "64", "DIPSVD_STUDIO_EVAL": f"news,{text}",
+           "DIPSVD_STUDIO_EVAL_TOKENS": "256", "DIPSVD_STUDIO_NEW_TOKENS": "8"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def settle(at: AppTest) -> AppTest:
+    """Rerun until the session's background job has finished, then once more to show its result."""
+    at.run()
+    studio = at.session_state["studio"]
+    if studio.job is not None:
+        studio.job.wait()
+        at.run()  # the run above may have started while the job was still going
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def click(at: AppTest, label: str) -> AppTest:
+    buttons = [b for b in at.button if b.label == label]
+    assert buttons, f"no button '{label}' among {[b.label for b in at.button]}"
+    buttons[0].click()
+    return settle(at)
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric '{label}' among {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def figure(at: AppTest, key: str) -> dict:
+    """The plotly spec of the chart with this key; numpy arrays (plotly's base64 'bdata') as lists."""
+    for chart in at.get("plotly_chart"):
+        if chart.proto.id and key in chart.proto.id:
+            spec = json.loads(chart.proto.spec)
+            for trace in spec["data"]:
+                for k, v in trace.items():
+                    if isinstance(v, dict) and "bdata" in v:
+                        arr = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+                        trace[k] = arr.reshape([int(n) for n in v["shape"].split(",")]).tolist() \
+                            if "shape" in v else arr.tolist()
+            return spec
+    raise AssertionError(f"no plotly chart with key {key}")
+
+
+def loaded() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    return click(at, "Load model and collect statistics")
+
+
+def page(at: AppTest, name: str) -> AppTest:
+    at.switch_page(f"pages/{name}.py")
+    return settle(at)
+
+
+def factored(at: AppTest) -> AppTest:
+    page(at, "allocation")
+    return click(at, "Factor matrices")
+
+
+# --- Model and data -----------------------------------------------------------------------------
+
+def test_load_shows_architecture_and_statistics():
+    at = loaded()
+    assert not errors(at)
+    assert metric(at, "Decoder blocks") == "2"
+    assert metric(at, "Targeted Linears") == "14"  # q k v o gate up down, two blocks
+    assert metric(at, "Calibration tokens") == "256"  # 4 windows x 64 tokens
+    rows = at.dataframe[0].value
+    assert list(rows["linear"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert list(rows["out x in"])[-1] == "64 x 128" and list(rows["blocks"]) == [2] * 7
+    studio = at.session_state["studio"]
+    assert studio.bench.n_windows == 4 and studio.settings.ratio == 0.1  # small model: 0.1 removed by default
+    assert not any("GGUF" in i.value for i in at.info)  # a plain folder, not dequantized
+
+
+def _load_with(at: AppTest, kind: str = "Local folder", spec: str | None = None, calib_path: str | None = None,
+               windows: int | None = None) -> AppTest:
+    at.radio(key="k_load_kind").set_value(kind)
+    at.run()
+    if spec is not None:
+        at.text_input(key="k_load_spec").input(spec)
+    if calib_path is not None:
+        at.selectbox(key="k_load_calib").set_value("a local .txt or .jsonl file")
+        at.run()
+        at.text_input(key="k_load_calib_path").input(calib_path)
+    if windows is not None:
+        at.number_input(key="k_load_windows").set_value(windows)
+    at.run()
+    return click(at, "Load model and collect statistics")
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    _load_with(at, spec=str(tmp_path / "no-such-model"))
+    assert errors(at) == [f"model path not found: {tmp_path / 'no-such-model'}; check the path, or give a hub id "
+                          "like HuggingFaceTB/SmolLM2-135M"]
+    assert at.session_state["studio"].lm is None
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    _load_with(at, spec=str(folder))
+    assert "is not a model folder (no config.json)" in errors(at)[0]
+
+
+def test_model_without_decoder_linears_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    _load_with(at, spec=str(tmp_path / "gpt2"))
+    [msg] = errors(at)
+    assert "unsupported architecture GPT2LMHeadModel" in msg and "Conv1D" in msg
+    assert "Traceback" not in msg
+
+
+def test_calibration_text_too_short_is_a_clear_error(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words of calibration text.\n")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    _load_with(at, kind="Local folder", spec=os.environ["DIPSVD_STUDIO_DEFAULT_MODEL"], calib_path=str(text),
+               windows=64)
+    [msg] = errors(at)
+    assert msg.startswith(f"calibration text '{text}' is too short") and "64 were requested" in msg
+
+
+def test_pages_ask_for_a_model_first():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    for name in ("importance", "allocation", "compress", "side_by_side", "export"):
+        page(at, name)
+        assert at.info[0].value == "Load a model and collect calibration statistics first."
+
+
+# --- Importance ---------------------------------------------------------------------------------
+
+def test_importance_figures():
+    at = page(loaded(), "importance")
+    heat = figure(at, "fig_alpha_heat")["data"][0]
+    assert heat["type"] == "heatmap" and len(heat["z"]) == 2 and len(heat["z"][0]) == 64  # blocks x channels
+    studio = at.session_state["studio"]
+    alpha = studio.bench.stats().alpha("model.layers.1.self_attn.q_proj")
+    assert heat["z"][1][5] == pytest.approx(float(torch.log10(alpha[5])), rel=1e-6)
+    groups = at.selectbox(key="k_imp_group").options
+    assert groups == ["self_attn.q_proj / k_proj / v_proj", "self_attn.o_proj", "mlp.gate_proj / up_proj",
+                      "mlp.down_proj"]
+    at.selectbox(key="k_imp_group").set_value("mlp.down_proj")
+    at.number_input(key="k_imp_block").set_value(1)
+    settle(at)
+    assert len(figure(at, "fig_alpha_heat")["data"][0]["z"][0]) == 128
+    curve = figure(at, "fig_alpha_sorted")
+    assert curve["data"][0]["y"] == sorted(curve["data"][0]["y"], reverse=True)
+    assert len(curve["data"][1]["x"]) == round(0.03 * 128)  # the protected top-bar channels
+    ranks = figure(at, "fig_rank")["data"][0]["y"]
+    assert [int(r) for r in ranks] == list(studio.bench.effective_ranks(0.95, "sigma2"))
+
+    click(at, "Compute Fisher sensitivity")
+    fisher = figure(at, "fig_fisher")["data"][0]["y"]
+    assert fisher == pytest.approx(list(studio.fisher.per_block))
+    q = figure(at, "fig_q")["data"]
+    assert [t["name"].split(" ")[0] for t in q] == ["S̃", "R̃", "Q"] and len(q[2]["y"]) == 2
+
+    click(at, "Factor svd, svd-llm, dipsvd")
+    spectra = figure(at, "fig_spectra")["data"]
+    assert [t["name"].split(" ")[0] for t in spectra] == ["svd", "svd-llm", "dipsvd"]
+    assert all(t["y"][0] == pytest.approx(1.0) and len(t["y"]) == 64 for t in spectra)  # q_proj is 64 x 64
+
+
+# --- Allocation ---------------------------------------------------------------------------------
+
+def test_allocation_preview_slices_cached_factors_fast():
+    at = page(loaded(), "allocation")
+    assert "No factors yet" in at.warning[0].value
+    click(at, "Factor matrices")
+    assert metric(at, "Target") == "0.1 removed"
+    assert abs(float(metric(at, "Realized ratio")) - 0.1) < 0.005
+    keep = figure(at, "fig_keep")["data"]
+    assert keep[0]["y"] == pytest.approx(keep[1]["y"])  # uniform against uniform
+    at.slider(key="k_s_ratio").set_value(0.3)
+    t0 = time.perf_counter()
+    at.run()
+    assert time.perf_counter() - t0 < 1.0  # re-allocation only: no new SVD
+    assert abs(float(metric(at, "Realized ratio")) - 0.3) < 0.005
+    assert any(m.value == "**ratio 0.3 removed, 70% kept**" for m in at.markdown)
+    loss = figure(at, "fig_loss")["data"]
+    assert len(loss[0]["y"]) == 2 and all(v > 0 for v in loss[0]["y"])
+
+    at.slider(key="k_s_weight").set_value(10.0)
+    at.run()
+    assert "No factors yet for method dipsvd with a=10" in at.warning[0].value  # a refactor is needed
+    assert any(b.label == "Factor matrices" for b in at.button)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_ratio_outside_0_1_is_a_clear_error(ratio):
+    at = factored(loaded())
+    at.slider(key="k_s_ratio").set_value(ratio)
+    at.run()
+    assert errors(at) == [f"ratio must be strictly between 0 and 1 (the fraction of targeted parameters removed; "
+                          f"0.2 removes 20%, keeps 80%); got {ratio}"]
+    assert not at.get("plotly_chart")
+
+
+def test_heuristic_and_coupled_allocations_differ_from_uniform():
+    at = factored(loaded())
+    at.slider(key="k_s_ratio").set_value(0.3)
+    at.radio(key="k_s_allocation").set_value("heuristic")
+    settle(at)
+    assert "needs Fisher sensitivity" in at.warning[0].value
+    click(at, "Compute Fisher sensitivity")
+    bars, uniform = figure(at, "fig_keep")["data"]
+    assert bars["name"] == "heuristic" and bars["y"] != pytest.approx(uniform["y"])
+    assert abs(float(metric(at, "Realized ratio")) - 0.3) < 0.005
+    at.radio(key="k_s_allocation").set_value("coupled")
+    settle(at)
+    assert figure(at, "fig_keep")["data"][0]["name"] == "coupled"
+    assert abs(float(metric(at, "Realized ratio")) - 0.3) < 0.005
+
+
+def test_bayesian_optimization_converges_and_can_be_cancelled():
+    at = factored(loaded())
+    at.radio(key="k_s_allocation").set_value("bayes")
+    settle(at)
+    click(at, "Compute Fisher sensitivity")  # the heuristic warm start needs it
+    at.number_input(key="k_s_bo_calls").set_value(5)
+    settle(at)
+    click(at, "Run Bayesian optimization")
+    conv = figure(at, "fig_bo")["data"]
+    assert len(conv[0]["y"]) == 5 and conv[1]["y"] == sorted(conv[1]["y"], reverse=True)  # best so far falls
+    assert abs(float(metric(at, "Realized ratio")) - 0.1) < 0.005
+
+    at.number_input(key="k_s_bo_calls").set_value(200)
+    settle(at)
+    [b for b in at.button if b.label == "Run Bayesian optimization"][0].click()
+    at.run()
+    studio = at.session_state["studio"]
+    while len(studio.job.values) < 3:
+        time.sleep(0.1)
+    at.run()
+    assert at.slider(key="k_s_ratio").disabled  # no interrupting widget while the job runs
+    [b for b in at.button if b.label == "Cancel"][0].click()
+    settle(at)
+    assert at.warning[0].value.startswith("Bayesian optimization: cancelled after")
+    assert studio.bo["cancelled"] and 3 <= len(studio.bo["allocation"].values) < 200
+
+
+# --- Compress and evaluate ----------------------------------------------------------------------
+
+def test_compress_evaluate_sweep_and_speed():
+    at = factored(loaded())
+    at.slider(key="k_s_ratio").set_value(0.2)
+    settle(at)
+    studio = at.session_state["studio"]
+    before = studio.lm.fingerprint
+    page(at, "compress")
+    click(at, "Build compressed model")
+    assert abs(float(metric(at, "Realized ratio (targeted)")) - 0.2) < 0.005
+    report = studio.params
+    assert report["targeted_after"] < report["targeted_before"] and report["total_after"] < report["total_before"]
+    click(at, "Evaluate original and compressed")
+    table = at.table[0].value
+    assert list(table["dataset"]) == ["news", os.environ["DIPSVD_STUDIO_CALIB"]]
+    assert all(0 < v < float("inf") for v in list(table["original"]) + list(table["compressed"]))
+    click(at, "Run sweep")
+    sweep = figure(at, "fig_sweep")["data"]
+    assert [t["name"] for t in sweep] == ["svd-llm", "dipsvd"] and all(t["x"] == [0.05, 0.1, 0.15] for t in sweep)
+    click(at, "Measure prefill and decode speed")
+    assert metric(at, "Prefill, original").endswith("tok/s")
+    # The original model is never touched: same weights, still plain Linears.
+    from dipsvd_core.models import fingerprint
+
+    assert fingerprint(studio.lm.model) == before
+    assert all(type(studio.lm.model.get_submodule(t.name)).__name__ == "Linear" for t in studio.lm.targets)
+
+
+# --- Side by side -------------------------------------------------------------------------------
+
+def test_side_by_side_generations():
+    at = factored(loaded())
+    page(at, "compress")
+    click(at, "Build compressed model")
+    page(at, "side_by_side")
+    assert at.toggle(key="k_sbs_chat").value  # the bundled tokenizer has a chat template
+    at.text_area(key="k_sbs_own").input("Tell me about rivers.")
+    at.multiselect(key="k_sbs_ratios").set_value([0.2])
+    settle(at)
+    click(at, "Generate")
+    labels = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert labels[:3] == ["**Original**", "**Compressed · ratio 0.1 removed, 90% kept**",
+                          "**Compressed · ratio 0.2 removed, 80% kept**"]
+    assert [m.value for m in at.markdown if m.value.startswith("#####")] == [
+        "##### What is the universe? Explain this concept.", "##### Tell me about rivers."]
+    gens = at.session_state["studio"].generations["columns"]
+    assert all(len(rows) == 2 and rows[0]["new_tokens"] <= 8 for rows in gens.values())
+    assert sum("tok/s" in c.value for c in at.caption) == 6
+
+
+# --- Export -------------------------------------------------------------------------------------
+
+def test_export_saves_and_asks_before_replacing(tmp_path):
+    from dipsvd_core.compressed import load_compressed
+    from dipsvd_core.surgery import module_ranks
+
+    at = factored(loaded())
+    page(at, "compress")
+    click(at, "Build compressed model")
+    page(at, "export")
+    assert [d.label for d in at.get("download_button")] == ["Download report (JSON)", "Download allocation (CSV)"]
+    out = tmp_path / "saved"
+    at.text_input(key="k_ex_folder").input(str(out))
+    settle(at)
+    click(at, "Save")
+    assert at.success[0].value == f"Saved to `{out}`."
+    studio = at.session_state["studio"]
+    again = load_compressed(out)
+    assert module_ranks(again.model) == {n: k for n, k in studio.result.allocation.ranks.items() if k is not None}
+    click(at, "Save")  # the folder is not empty now
+    assert "already exists and is not empty" in errors(at)[0]
+    at.checkbox(key="k_ex_force").check()
+    settle(at)
+    assert [b for b in at.button if b.label == "Save"][0].disabled  # not before the explicit confirmation
+    at.checkbox(key="k_ex_confirm").check()
+    settle(at)
+    click(at, "Save")
+    assert not errors(at) and at.success
+
+
+def test_report_and_allocation_csv_content():
+    from dipsvd_core.inspection import allocation_rows, report, to_csv
+
+    at = factored(loaded())
+    page(at, "compress")
+    click(at, "Build compressed model")
+    s = at.session_state["studio"]
+    rep = json.loads(json.dumps(report(s.lm, s.bench, s.result.settings, s.result.allocation, s.params),
+                                default=str))
+    assert rep["ratio_words"] == "ratio 0.1 removed, 90% kept" and rep["calibration"]["windows"] == 4
+    csv = to_csv(allocation_rows(s.lm, s.result.allocation)).splitlines()
+    assert csv[0] == "name,block,linear,out,in,p_block,rank,params_before,params_after" and len(csv) == 15
+
+
+# --- Behaviour ----------------------------------------------------------------------------------
+
+def test_work_survives_page_switches():
+    at = factored(loaded())
+    at.slider(key="k_s_ratio").set_value(0.25)
+    at.radio(key="k_s_whitening").set_value("paper")
+    settle(at)
+    page(at, "compress")
+    assert "ratio 0.25 removed, 75% kept" in at.markdown[0].value
+    page(at, "importance")
+    page(at, "allocation")
+    assert at.slider(key="k_s_ratio").value == 0.25 and at.radio(key="k_s_whitening").value == "paper"
+    page(at, "model_data")
+    assert metric(at, "Decoder blocks") == "2"  # the loaded model is still there

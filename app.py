@@ -3,15 +3,15 @@ import streamlit as st
 
 from studio import ui
 
-st.set_page_config(page_title="DipSVD Studio", page_icon="🗜️", layout="wide")
+st.set_page_config(page_title="DipSVD Studio", page_icon=":material/compress:", layout="wide")
 
 PAGES = {
-    "Prepare": [st.Page("pages/model_data.py", title="Model and data", icon="📦", default=True)],
-    "Inspect": [st.Page("pages/importance.py", title="Importance", icon="🔍"),
-                st.Page("pages/allocation.py", title="Allocation", icon="🎚️")],
-    "Compress": [st.Page("pages/compress.py", title="Compress and evaluate", icon="🗜️"),
-                 st.Page("pages/side_by_side.py", title="Side by side", icon="💬"),
-                 st.Page("pages/export.py", title="Export", icon="💾")],
+    "Prepare": [st.Page("pages/model_data.py", title="Model and data", icon=":material/deployed_code:", default=True)],
+    "Inspect": [st.Page("pages/importance.py", title="Importance", icon=":material/insights:"),
+                st.Page("pages/allocation.py", title="Allocation", icon=":material/tune:")],
+    "Compress": [st.Page("pages/compress.py", title="Compress and evaluate", icon=":material/compress:"),
+                 st.Page("pages/side_by_side.py", title="Side by side", icon=":material/forum:"),
+                 st.Page("pages/export.py", title="Export", icon=":material/save:")],
 }
 
 ui.keep_widget_state()

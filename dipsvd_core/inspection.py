@@ -12,7 +12,6 @@ from collections import OrderedDict
 import numpy as np
 
 from .allocation import Allocation, describe_ratio, matrix_params
-from .evaluate import perplexity
 from .factors import FactorSpec
 from .models import LoadedModel, Target, count_params, find_blocks
 from .pipeline import Settings, Workbench, settings_dict
@@ -134,29 +133,13 @@ def ppl_rows(ppl: dict[str, dict[str, float]]) -> list[dict]:
     return rows
 
 
-def ppl_sweep(bench: Workbench, base: Settings, methods: list[str], ratios: list[float], windows,
-              progress=None, cancel=None) -> dict[str, tuple[list[float], list[float]]]:
-    """Perplexity of every (method, ratio) on `windows`, each built from cached factors.
-
-    Methods are factored once each; every ratio is then only slicing plus one evaluation.
-    """
-    curves = {}
-    steps = max(1, len(methods) * len(ratios))
-    done = 0
-    for method in methods:
-        xs, ys = [], []
-        for r in sorted(ratios):
-            if cancel is not None and cancel.is_set():
-                return curves
-            settings = Settings(**{**settings_dict(base), "method": method, "ratio": r})
-            result = bench.build(settings)
-            xs.append(r)
-            ys.append(perplexity(result.model, windows))
-            del result
-            done += 1
-            if progress:
-                progress(done / steps, f"sweep: {method} at ratio {r:g} ({done}/{steps})")
-        curves[method] = (xs, ys)
+def sweep_curves(report: dict, dataset: str) -> dict[str, tuple[list[float], list[float]]]:
+    """A `sweep.run_sweep` report as one (ratios, perplexities) curve per method/allocation row kind."""
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for row in sorted(report["rows"], key=lambda r: r["ratio"]):
+        xs, ys = curves.setdefault(row["method"], ([], []))
+        xs.append(row["ratio"])
+        ys.append(row["ppl"][dataset])
     return curves
 
 

@@ -77,7 +77,7 @@ with view:
     try:
         new.check()
     except DipSVDError as e:
-        st.error(str(e), icon="⚠️")
+        st.error(str(e), icon=":material/error:")
         st.stop()
     if busy:
         st.info("The preview resumes when the running step finishes.")
@@ -88,7 +88,7 @@ with view:
         st.warning(f"No factors yet for method {new.method}" + (
             f" with a={new.weight:g}, bar={new.bar:g}, {new.whitening} whitening" if new.method == "dipsvd" else "")
             + ". Factoring every matrix takes one SVD each (about a minute for the bundled model); "
-              "after that, every ratio and allocation is instant.", icon="🧮")
+              "after that, every ratio and allocation is instant.", icon=":material/calculate:")
         if st.button("Factor matrices", type="primary"):
             ui.start(f"Factoring ({new.method})", lambda job: bench.factors(new.spec, job.progress))
     needs_fisher = new.allocation in NEEDS_FISHER and s.fisher is None
@@ -97,7 +97,7 @@ with view:
             st.info(f"The {new.allocation} allocation is not available yet in this build of the core.")
             st.stop()
         st.warning(f"The {new.allocation} allocation needs Fisher sensitivity: one backward pass per "
-                   "calibration window.", icon="🧮")
+                   "calibration window.", icon=":material/calculate:")
 
         def fisher(job):
             s.fisher = bench.fisher(job.progress)
@@ -139,13 +139,13 @@ with view:
 
         b = budget(bench.targets, chosen)
         m = st.columns(4)
-        m[0].metric("Target", f"{b['ratio_target']:g} removed", f"{100 * (1 - b['ratio_target']):.0f}% kept",
-                    delta_color="off")
+        m[0].metric("Target ratio removed", f"{b['ratio_target']:g}", f"{100 * (1 - b['ratio_target']):.0f}% kept",
+                    delta_color="off", delta_arrow="off")
         m[1].metric("Realized ratio", f"{b['ratio_realized']:.4f}",
-                    f"{b['ratio_realized'] - b['ratio_target']:+.4f} vs target", delta_color="off")
+                    f"{b['ratio_realized'] - b['ratio_target']:+.4f} vs target", delta_color="off", delta_arrow="off")
         m[2].metric("Targeted parameters", ui.fmt_params(b["targeted_after"]),
-                    f"from {ui.fmt_params(b['targeted_before'])}", delta_color="off")
-        m[3].metric("Dense matrices", b["dense_matrices"], f"of {len(bench.targets)}", delta_color="off")
+                    f"from {ui.fmt_params(b['targeted_before'])}", delta_color="off", delta_arrow="off")
+        m[3].metric("Dense matrices", b["dense_matrices"], f"of {len(bench.targets)}", delta_color="off", delta_arrow="off")
         label = chosen.method if new.allocation != "bayes" or s.bo_allocation(new) is not None else "uniform"
         st.plotly_chart(figures.keep_ratios(chosen.p_blocks, uniform.p_blocks, label), key="fig_keep")
         st.caption("Bars: the fraction of each block's targeted parameters kept; dashed: the uniform allocation "

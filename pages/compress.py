@@ -1,6 +1,7 @@
 """Page 4: build the compressed model for the current settings and measure it."""
 from dataclasses import replace
 
+import pandas as pd
 import streamlit as st
 
 from dipsvd_core import figures
@@ -9,7 +10,8 @@ from dipsvd_core.data import SOURCES
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.factors import METHODS
-from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, ppl_sweep
+from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
+from dipsvd_core.sweep import run_sweep
 from studio import ui
 from studio.state import defaults
 
@@ -35,7 +37,7 @@ def build(job):
 
 if s.result is not None and not s.result_is_current:
     st.warning("The compressed model below was built for other settings; build again to use the current ones.",
-               icon="🔁")
+               icon=":material/sync_problem:")
 if st.button("Build compressed model", type="primary", disabled=busy):
     ui.start("Building the compressed model", build)
 
@@ -43,13 +45,13 @@ if s.result is not None and s.params is not None:
     p, a = s.params, s.result.allocation
     m = st.columns(4)
     m[0].metric("Realized ratio (targeted)", f"{a.ratio_realized:.4f}", describe_ratio(a.ratio_target),
-                delta_color="off")
+                delta_color="off", delta_arrow="off")
     m[1].metric("Targeted parameters", ui.fmt_params(p["targeted_after"]),
-                f"from {ui.fmt_params(p['targeted_before'])}", delta_color="off")
+                f"from {ui.fmt_params(p['targeted_before'])}", delta_color="off", delta_arrow="off")
     m[2].metric("Whole model", ui.fmt_params(p["total_after"]), f"from {ui.fmt_params(p['total_before'])}",
-                delta_color="off")
+                delta_color="off", delta_arrow="off")
     m[3].metric("Whole-model reduction", f"{100 * p['whole_model_reduction']:.1f}%",
-                "embeddings and lm_head are kept", delta_color="off")
+                "embeddings and lm_head are kept", delta_color="off", delta_arrow="off")
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
                f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.1f} s.")
 
@@ -87,7 +89,9 @@ if st.button(label, disabled=busy or not datasets):
     ui.start("Evaluating perplexity", evaluate)
 rows = ppl_rows(s.ppl)
 if rows:
-    st.table(rows, border="horizontal", hide_index=True)
+    st.table(pd.DataFrame(rows).style.format({"original": "{:,.2f}", "compressed": "{:,.2f}",
+                                              "compressed / original": "{:.3f}×"}, na_rep="–"),
+             border="horizontal", hide_index=True)
     st.caption(f"exp(mean next-token NLL) over the first {s.ppl['config'][0]:,} tokens of each set, in "
                f"non-overlapping windows of {s.ppl['config'][1]} tokens.")
 
@@ -103,22 +107,32 @@ sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabl
 base = replace(cur, allocation="uniform") if cur.allocation == "bayes" else cur  # BO per point is too slow
 
 
-def run_sweep(job):
-    windows = bench.eval_windows(sweep_set, int(tokens))
-    original = s.ppl.get("original", {}).get(sweep_set) if s.ppl.get("config") == (int(tokens), bench.seqlen) \
-        else None
-    if original is None:
-        job.progress(0.0, "original model")
-        original = perplexity(lm.model, windows)
-    curves = ppl_sweep(bench, base, methods, ratios, windows, job.progress, job.cancel)
-    s.sweep = {"dataset": sweep_set, "original": original, "curves": curves, "allocation": base.allocation}
+def sweep(job):
+    class Cancelled(Exception):
+        pass
+
+    def on_row(report):
+        if job.cancel.is_set():
+            raise Cancelled
+        s.sweep = {"dataset": sweep_set, "report": report, "allocation": base.allocation}
+
+    sets = {sweep_set: bench.eval_windows(sweep_set, int(tokens))}
+    in_memory = [spec for spec in (replace(base, method=m).spec for m in methods) if bench.has_factors(spec)]
+    try:
+        run_sweep(bench, base, [(m, base.allocation) for m in methods], sorted(ratios), sets, job.progress, on_row)
+    except Cancelled:
+        pass
+    finally:
+        for spec in in_memory:  # the sweep frees each method's factors; reload what the other pages had (disk cache)
+            bench.factors(spec)
 
 
 if st.button("Run sweep", disabled=busy or not methods or not ratios,
              help="Each method is factored once; every ratio then only slices its factors and evaluates."):
-    ui.start("Sweeping ratios", run_sweep, cancellable=True)
+    ui.start("Sweeping ratios", sweep, cancellable=True)
 if s.sweep:
-    st.plotly_chart(figures.ppl_vs_ratio(s.sweep["curves"], s.sweep["original"], s.sweep["dataset"]),
+    st.plotly_chart(figures.ppl_vs_ratio(sweep_curves(s.sweep["report"], s.sweep["dataset"]),
+                                         s.sweep["report"]["original_ppl"][s.sweep["dataset"]], s.sweep["dataset"]),
                     key="fig_sweep")
     st.caption(f"Each point is a model built from cached factors with the {s.sweep['allocation']} allocation "
                "and evaluated on the same windows; the dotted line is the original model.")

@@ -15,14 +15,14 @@ ui.header("Export", "Save the compressed model as safetensors (it reloads with `
 
 if s.result is None:
     st.info("Build a compressed model on Compress and evaluate first.")
-    st.page_link("pages/compress.py", label="Go to Compress and evaluate", icon="➡️")
+    st.page_link("pages/compress.py", label="Go to Compress and evaluate", icon=":material/arrow_forward:")
     st.stop()
 
 res = s.result
 st.markdown(f"Compressed model: **{res.settings.method}** + **{res.settings.allocation}** at "
             f"**{describe_ratio(res.settings.ratio)}** (realized {res.allocation.ratio_realized:.4f}).")
 if not s.result_is_current:
-    st.warning("The settings changed since this model was built; the export is of the model as built.", icon="🔁")
+    st.warning("The settings changed since this model was built; the export is of the model as built.", icon=":material/sync_problem:")
 
 rep = report(lm, bench, res.settings, res.allocation, s.params,
              {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
@@ -54,4 +54,4 @@ if st.button("Save", type="primary", disabled=busy or not folder or not confirme
 if force and not confirmed:
     st.caption("Tick the confirmation to replace an existing folder.")
 if s.saved_to:
-    st.success(f"Saved to `{s.saved_to}`.", icon="✅")
+    st.success(f"Saved to `{s.saved_to}`.", icon=":material/check_circle:")

@@ -73,9 +73,9 @@ def load(job):
 
 if st.button("Load model and collect statistics", type="primary", disabled=busy):
     if kind != "bundled" and not spec:
-        st.error("Enter a model: a hub id, a local folder or a .gguf path; or pick the bundled SmolLM2.", icon="⚠️")
+        st.error("Enter a model: a hub id, a local folder or a .gguf path; or pick the bundled SmolLM2.", icon=":material/error:")
     elif not calib:
-        st.error("Enter the path of a .txt or .jsonl calibration file, or pick a named source.", icon="⚠️")
+        st.error("Enter the path of a .txt or .jsonl calibration file, or pick a named source.", icon=":material/error:")
     else:
         ui.start("Loading the model and collecting statistics", load)
 
@@ -86,15 +86,15 @@ if s.lm is not None and s.bench is not None:
     st.subheader(f"{info['architecture']} · {lm.spec}")
     if lm.from_gguf:
         st.info("These weights were dequantized from a quantized GGUF file (the bundled SmolLM2 is 4-bit): "
-                "the 'original' model here is that dequantized copy.", icon="ℹ️")
+                "the 'original' model here is that dequantized copy.", icon=":material/info:")
     m = st.columns(5)
     m[0].metric("Decoder blocks", info["blocks"])
     m[1].metric("Targeted Linears", info["targeted_linears"])
     m[2].metric("Total parameters", ui.fmt_params(info["total_params"]))
     m[3].metric("Targeted parameters", ui.fmt_params(info["targeted_params"]),
-                f"{100 * info['targeted_share']:.0f}% of the model", delta_color="off")
+                f"{100 * info['targeted_share']:.0f}% of the model", delta_color="off", delta_arrow="off")
     m[4].metric("Calibration tokens", f"{bench.n_windows * bench.seqlen:,}",
-                f"statistics {bench.timings_s.get('statistics', 0):.1f} s", delta_color="off")
+                f"statistics {bench.timings_s.get('statistics', 0):.1f} s", delta_color="off", delta_arrow="off")
     st.caption(f"Loaded from `{info['source']}` on {info['device']} in {info['dtype']} "
                f"({lm.load_seconds:.1f} s). Embeddings and lm_head are never compressed.")
     st.dataframe(layer_rows(lm), hide_index=True, width="stretch")

@@ -15,7 +15,7 @@ ui.header("Side by side", "Greedy generations from the original and the compress
 
 if s.result is None:
     st.info("Build a compressed model on Compress and evaluate first.")
-    st.page_link("pages/compress.py", label="Go to Compress and evaluate", icon="➡️")
+    st.page_link("pages/compress.py", label="Go to Compress and evaluate", icon=":material/arrow_forward:")
     st.stop()
 
 has_template = bool(getattr(lm.tokenizer, "chat_template", None))
@@ -68,6 +68,6 @@ if g:
             row = g["columns"][label][i]
             with col.container(border=True):
                 st.markdown(f"**{label}**")
-                st.write(row["text"] or "*(no text)*")
+                st.write(row["text"].strip() or "*(no text: the model produced only whitespace or special tokens)*")
                 st.caption(f"{row['new_tokens']} tokens · {row['tokens_per_s']:.1f} tok/s")
     st.caption("Greedy decoding" + (", chat template on." if g["chat"] else ", plain prompts."))

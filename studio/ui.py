@@ -60,7 +60,7 @@ def job_panel() -> None:
     if job.running:
         _live_job()
     elif job.error:
-        st.error(job.error, icon="⚠️")
+        st.error(job.error, icon=":material/error:")
     elif job.cancelled:
         st.warning(f"{job.title}: cancelled after {job.seconds:.1f} s; kept what was finished.")
     elif not getattr(job, "announced", False):
@@ -89,11 +89,11 @@ def guard(what: str):
     try:
         yield
     except DipSVDError as e:
-        st.error(str(e), icon="⚠️")
+        st.error(str(e), icon=":material/error:")
     except Exception as e:
         log.exception("%s failed", what)
         st.error(f"{what} failed unexpectedly ({type(e).__name__}). Check the settings and try again; "
-                 "the server log has the details.", icon="⚠️")
+                 "the server log has the details.", icon=":material/error:")
 
 
 def need_model() -> Studio:
@@ -101,7 +101,7 @@ def need_model() -> Studio:
     s = studio()
     if s.lm is None or s.bench is None:  # the load job sets bench only once statistics exist
         st.info("Load a model and collect calibration statistics first.")
-        st.page_link("pages/model_data.py", label="Go to Model and data", icon="➡️")
+        st.page_link("pages/model_data.py", label="Go to Model and data", icon=":material/arrow_forward:")
         st.stop()
     if st.session_state.get("settings_version") != s.settings_version:
         # A new model: every per-model widget (all "k_" keys but the loader's) starts from its defaults.

@@ -212,7 +212,7 @@ def test_allocation_preview_slices_cached_factors_fast():
     at = page(loaded(), "allocation")
     assert "No factors yet" in at.warning[0].value
     click(at, "Factor matrices")
-    assert metric(at, "Target") == "0.1 removed"
+    assert metric(at, "Target ratio removed") == "0.1"
     assert abs(float(metric(at, "Realized ratio")) - 0.1) < 0.005
     keep = figure(at, "fig_keep")["data"]
     assert keep[0]["y"] == pytest.approx(keep[1]["y"])  # uniform against uniform

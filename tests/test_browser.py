@@ -82,7 +82,7 @@ def test_studio_in_a_real_browser(server):
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
 
         def shot(name: str) -> None:
-            page.wait_for_timeout(600)  # let plotly finish drawing
+            page.wait_for_timeout(1500)  # let plotly finish drawing
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
         def go(title: str) -> None:
@@ -110,7 +110,7 @@ def test_studio_in_a_real_browser(server):
 
             go("Allocation")
             page.get_by_role("button", name="Factor matrices").click()
-            expect(page.get_by_text("Realized ratio")).to_be_visible(timeout=SLOW)
+            expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)
             expect(page.get_by_text("ratio 0.1 removed, 90% kept").first).to_be_visible()
             no_errors()
             shot("4-allocation")

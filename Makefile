@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: run test install bench clean-cache
+.PHONY: run test install bench bench-app clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: install
 
 bench: install
 	$(PY) bench/bench_core.py
+
+bench-app: install
+	$(PY) bench/bench_app.py --write
 
 clean-cache:
 	rm -rf "$${DIPSVD_STUDIO_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/dipsvd-studio}"

@@ -44,8 +44,9 @@ def sorted_alpha(alpha: np.ndarray, n_top: int, block: int, group: str) -> go.Fi
                                  marker={"color": ORANGE, "size": 5}))
         fig.add_vline(x=n_top + 0.5, line={"color": ORANGE, "dash": "dash"},
                       annotation_text=f"top {n_top} channels", annotation_position="top right")
+    fig.update_xaxes(type="log")  # the protected head is a few percent of the channels: give it room
     fig.update_yaxes(type="log")
-    return _layout(fig, f"Sorted α — block {block}, input of {group}", "channel rank", "α (log)")
+    return _layout(fig, f"Sorted α — block {block}, input of {group}", "channel rank (log)", "α (log)")
 
 
 def per_block(values: np.ndarray, title: str, y: str, color: str = BLUE, name: str | None = None) -> go.Figure:

@@ -93,9 +93,6 @@ with view:
             ui.start(f"Factoring ({new.method})", lambda job: bench.factors(new.spec, job.progress))
     needs_fisher = new.allocation in NEEDS_FISHER and s.fisher is None
     if needs_fisher:
-        if not hasattr(bench, "fisher"):
-            st.info(f"The {new.allocation} allocation is not available yet in this build of the core.")
-            st.stop()
         st.warning(f"The {new.allocation} allocation needs Fisher sensitivity: one backward pass per "
                    "calibration window.", icon=":material/calculate:")
 

@@ -29,37 +29,29 @@ with tab_local:
                f"{alpha.shape[1]} channels, left of the dashed line) is scaled by a = {cur.weight:g} in the "
                "whitening. Change bar and a on the Allocation page.")
 
-with tab_global:
-    if not hasattr(bench, "fisher"):
-        st.info("Global importance (Fisher sensitivity, effective rank, Q) is not available yet in this build "
-                "of the core.")
+with tab_global, ui.guard("Block importance"):
+    imp = bench.importance(cur) if s.fisher is not None else None  # S, R and Q from one call
+    R = imp["R"] if imp is not None else bench.effective_ranks(cur.tau, cur.energy)
+    st.plotly_chart(figures.per_block(R, f"Effective rank R_l (τ = {cur.tau:g}, {cur.energy} energy)", "R_l",
+                                      color=figures.GREEN), key="fig_rank")
+    st.caption("R_l: the fewest singular directions of block l's output holding a τ share of its energy. A "
+               "higher effective rank means the block's output is richer.")
+    if imp is None:
+        st.info("Fisher sensitivity S_l needs one backward pass per calibration window.")
+
+        def fisher(job):
+            s.fisher = bench.fisher(job.progress)
+
+        if st.button("Compute Fisher sensitivity", type="primary", disabled=busy):
+            ui.start("Computing Fisher sensitivity", fisher)
     else:
-        with ui.guard("Effective rank"):
-            R = bench.effective_ranks(cur.tau, cur.energy)
-            st.plotly_chart(figures.per_block(R, f"Effective rank R_l (τ = {cur.tau:g}, {cur.energy} energy)",
-                                              "R_l", color=figures.GREEN), key="fig_rank")
-            st.caption("R_l: the fewest singular directions of block l's output holding a τ share of its "
-                       "energy. A higher effective rank means the block's output is richer.")
-        if s.fisher is None:
-            st.info("Fisher sensitivity S_l needs one backward pass per calibration window.")
-
-            def fisher(job):
-                s.fisher = bench.fisher(job.progress)
-
-            if st.button("Compute Fisher sensitivity", type="primary", disabled=busy):
-                ui.start("Computing Fisher sensitivity", fisher)
-        else:
-            st.plotly_chart(figures.per_block(s.fisher.per_block, "Fisher sensitivity S_l", "S_l"),
-                            key="fig_fisher")
-            st.caption("S_l: the sum over the block's matrices of ‖∇W‖_F / ‖W‖_F for the next-token loss on "
-                       "the calibration windows. Higher means the loss reacts more to changing this block.")
-            with ui.guard("The importance score"):
-                imp = bench.importance(cur)
-                st.plotly_chart(figures.importance_q(imp["S_norm"], imp["R_norm"], imp["Q"], cur.beta),
-                                key="fig_q")
-                st.caption(f"Q_l = S̃^β · R̃^(1-β) with β = {cur.beta:g} (as in the paper's Figure 2). The "
-                           "heuristic allocation keeps more of blocks with higher Q. The paper's Alg. 4 "
-                           "'return S⁻¹' contradicts its text; we follow the text.")
+        st.plotly_chart(figures.per_block(imp["S"], "Fisher sensitivity S_l", "S_l"), key="fig_fisher")
+        st.caption("S_l: the sum over the block's matrices of ‖∇W‖_F / ‖W‖_F for the next-token loss on the "
+                   "calibration windows. Higher means the loss reacts more to changing this block.")
+        st.plotly_chart(figures.importance_q(imp["S_norm"], imp["R_norm"], imp["Q"], cur.beta), key="fig_q")
+        st.caption(f"Q_l = S̃^β · R̃^(1-β) with β = {cur.beta:g} (as in the paper's Figure 2). The heuristic "
+                   "allocation keeps more of blocks with higher Q. The paper's Alg. 4 'return S⁻¹' contradicts "
+                   "its text; we follow the text.")
 
 with tab_spectra:
     names = [t.name for t in bench.targets]

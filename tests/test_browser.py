@@ -1,7 +1,9 @@
 """End to end in a real browser: `streamlit run app.py`, driven by headless Chromium (issue 4).
 
 The bundled SmolLM2 goes through load -> importance -> allocation -> compress -> side by side with
-small settings (4 calibration windows of 128 tokens, 512 evaluation tokens, 16 new tokens).
+small settings (4 calibration windows of 128 tokens, "paper" whitening, 512 evaluation tokens, 16
+new tokens). Statistics and factors come from the disk cache after the first run; a cold first run
+factors all 210 matrices (about a minute on an idle 2-core CPU, several under load).
 Screenshots go to tests/artifacts/. Debian's chromium is required: without it this test FAILS.
 """
 from __future__ import annotations
@@ -109,6 +111,9 @@ def test_studio_in_a_real_browser(server):
             shot("3-importance")
 
             go("Allocation")
+            # The paper's D G D form: an eigendecomposition per input group, cheaper than the code form's SVD.
+            page.get_by_role("radio", name="paper").check(force=True)
+            expect(page.get_by_text("paper whitening")).to_be_visible(timeout=30_000)
             page.get_by_role("button", name="Factor matrices").click()
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)
             expect(page.get_by_text("ratio 0.1 removed, 90% kept").first).to_be_visible()

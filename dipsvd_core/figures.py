@@ -11,11 +11,11 @@ import plotly.graph_objects as go
 BLUE, ORANGE, GREEN, GREY, RED = "#1f6feb", "#f0883e", "#2da44e", "#8b949e", "#cf222e"
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360) -> go.Figure:
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 380) -> go.Figure:
+    # Legend below the plot: the top right belongs to plotly's toolbar.
     fig.update_layout(title={"text": title, "x": 0.0, "font": {"size": 15}}, height=height,
-                      margin={"l": 60, "r": 20, "t": 48, "b": 48}, xaxis_title=x, yaxis_title=y,
-                      template="plotly_white", legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right",
-                                                       "yanchor": "bottom"})
+                      margin={"l": 70, "r": 20, "t": 48, "b": 40}, xaxis_title=x, yaxis_title=y,
+                      template="plotly_white", legend={"orientation": "h", "x": 0, "y": -0.18, "yanchor": "top"})
     return fig
 
 
@@ -87,7 +87,7 @@ def keep_ratios(p_blocks: np.ndarray, p_uniform: np.ndarray, label: str) -> go.F
     x = _blocks(p.size)
     fig = go.Figure()
     fig.add_trace(go.Bar(x=x, y=p, name=label, marker_color=ORANGE))
-    fig.add_trace(go.Scatter(x=x, y=np.asarray(p_uniform), mode="lines", name="uniform",
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(p_uniform), mode="lines", name="uniform (reference)",
                              line={"color": GREY, "dash": "dash"}))
     fig.update_yaxes(range=[0, max(1.0, float(p.max()) * 1.05)])
     return _layout(fig, "Keep ratio p_l per block", "block", "p_l (fraction kept)")
@@ -98,10 +98,10 @@ def predicted_loss(loss: np.ndarray, loss_uniform: np.ndarray, label: str) -> go
     x = _blocks(len(loss))
     fig = go.Figure()
     fig.add_trace(go.Bar(x=x, y=np.asarray(loss), name=label, marker_color=BLUE))
-    fig.add_trace(go.Scatter(x=x, y=np.asarray(loss_uniform), mode="lines+markers", name="uniform",
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(loss_uniform), mode="lines+markers", name="uniform (reference)",
                              line={"color": GREY, "dash": "dash"}))
     fig.update_yaxes(type="log")
-    return _layout(fig, "Predicted whitened loss per block", "block", "Σ L_m(k_m)² (log)")
+    return _layout(fig, "Predicted whitened loss per block", "block", "Σ L² (log)")
 
 
 def convergence(values: list[float], best: list[float], objective: str) -> go.Figure:

@@ -68,6 +68,23 @@ def checks(report: dict) -> list[str]:
     return out
 
 
+SECTION = "## Global importance (issue 3)"
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    """Add or replace one '## ' section of a shared Markdown file, leaving every other section as is.
+    The file is re-read right before writing, since others write to it too."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == title), None)
+    if start is None:
+        lines += ["", *body.rstrip().splitlines()]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = [*body.rstrip().splitlines(), ""]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-tokens", type=int, default=16384)

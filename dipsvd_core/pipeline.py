@@ -17,13 +17,15 @@ from . import allocation as alloc
 from . import allocators
 from .data import calibration_windows, evaluation_windows, heldout_windows
 from .errors import DipSVDError
-from .factors import DEFAULT_WHITENING, Factor, FactorSpec, cached_factors
+from .cache import load_tensors, make_key, save_tensors
+from .factors import DEFAULT_WHITENING, METHODS, Factor, FactorSpec, cached_factors
 from .importance import FisherInfo, cached_fisher, check_importance, effective_ranks, importance
 from .models import LoadedModel
 from .stats import Stats, cached_stats, stats_key
 from .surgery import compress_model, low_rank_weights
 
-ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled")
+ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
+ALL_METHODS = METHODS + ("dobi",)  # dobi trains its ranks and rebuilds weights: no FactorSpec
 
 
 @dataclass
@@ -44,14 +46,42 @@ class Settings:
     bo_objective: str = "ppl"  # "ppl" on held-out calibration text, or "cosine" of final logits
     bo_windows: int = 4  # held-out calibration-split windows (of the Workbench's seqlen) per BO evaluation
     seed: int = 0
+    # Dobi-SVD (method "dobi", allocation "trained"); see dobi.DobiConfig
+    dobi_epochs: int = 2
+    dobi_lr: float = 0.02
+    dobi_lambda: float = 100.0
+    dobi_windows: int = 4
+    dobi_beta: float = 10.0
+    remap: bool = False
 
     @property
     def spec(self) -> FactorSpec:
+        if self.method == "dobi":
+            raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
+                              "the weights (Workbench.build does this)")
         return FactorSpec(self.method, self.weight, self.bar, self.whitening)
+
+    @property
+    def dobi(self):
+        from .dobi import DobiConfig
+
+        return DobiConfig(self.dobi_epochs, self.dobi_lr, self.dobi_lambda, self.dobi_windows, self.dobi_beta,
+                          self.remap)
 
     def check(self) -> "Settings":
         alloc.check_ratio(self.ratio)
-        self.spec  # validates method and whitening
+        if self.method not in ALL_METHODS:
+            raise DipSVDError(f"unknown method '{self.method}'; use one of {', '.join(ALL_METHODS)}")
+        if self.method == "dobi":
+            if self.allocation != "trained":
+                raise DipSVDError("dobi learns its own per-matrix ranks: use allocation 'trained' with it")
+            self.dobi.check()
+        else:
+            self.spec  # validates method and whitening
+            if self.allocation == "trained":
+                raise DipSVDError(f"allocation 'trained' is Dobi-SVD's own; use it with method dobi, not {self.method}")
+            if self.remap:
+                raise DipSVDError("remap (8-bit factors) is part of Dobi-SVD; use it with method dobi")
         if self.allocation not in allocation_names():
             raise DipSVDError(f"unknown allocation '{self.allocation}'; use one of {', '.join(allocation_names())}")
         if not 0 < self.p_min <= self.p_max:
@@ -78,6 +108,7 @@ class Result:
     allocation: alloc.Allocation
     settings: Settings
     timings_s: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # dobi: {"storage", "history", "ratio_trained", ...}
 
 
 def peak_memory_mb() -> float:
@@ -96,6 +127,7 @@ class Workbench:
         self._factors: dict[tuple, dict[str, Factor]] = {}
         self._fisher: FisherInfo | None = None
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
+        self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self.timings_s: dict[str, float] = {}
 
     @property
@@ -191,9 +223,71 @@ class Workbench:
         """Per block: sum of the whitened losses L_m(k_m)^2 of its matrices (from the factors, cheap)."""
         return allocators.predicted_loss(self.factors(settings.spec), allocation.ranks, self.targets)
 
+    # --- Dobi-SVD (dobi.py) ---
+    def has_dobi(self, settings: Settings) -> bool:
+        return (settings.ratio, settings.dobi) in self._dobi
+
+    def train_dobi(self, settings: Settings, progress=None, callback=None, cancel=None):
+        """Trained truncation positions for this ratio and config (memory, then disk cache, then training).
+        A cancelled run is returned but not cached."""
+        from . import dobi
+
+        settings.check()
+        key = (settings.ratio, settings.dobi)
+        if key in self._dobi:
+            return self._dobi[key]
+        windows = self.windows()[: settings.dobi_windows]
+        if len(windows) < settings.dobi_windows:
+            raise DipSVDError(f"dobi_windows={settings.dobi_windows} but only {len(windows)} calibration windows "
+                              "exist; raise the calibration windows or lower dobi_windows")
+        cfg = settings.dobi
+        disk = make_key("dobi-v4", stats_key(self.lm, windows), settings.ratio, dobi.config_dict(cfg))
+        hit = load_tensors("dobi", disk)
+        if hit is not None:
+            t, meta = hit
+            trained = dobi.Trained(dict(zip(meta["names"], t["gammas"].tolist())), meta["history"], 0.0)
+        else:
+            trained = dobi.train_gammas(self.lm.model, self.targets, windows, settings.ratio, cfg, progress,
+                                        callback, cancel)
+            if trained.cancelled:
+                return trained
+            save_tensors("dobi", disk, {"gammas": torch.tensor([trained.gammas[t.name] for t in self.targets])},
+                         {"names": [t.name for t in self.targets], "history": trained.history,
+                          "seconds": trained.seconds, "config": dobi.config_dict(cfg), "ratio": settings.ratio})
+        self.timings_s["dobi_training"] = trained.seconds
+        self._dobi[key] = trained
+        return trained
+
+    def build_dobi(self, settings: Settings, progress=None, callback=None, cancel=None) -> Result:
+        from . import dobi
+
+        trained = self.train_dobi(settings, progress, callback, cancel)
+        if trained.cancelled:
+            raise DipSVDError("Dobi-SVD training was cancelled; nothing was built")
+        cfg, targets = settings.dobi, self.targets
+        t0 = time.perf_counter()
+        ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, cfg.remap)
+        weights = dobi.ipca_weights(self.lm.model, targets, self.windows()[: cfg.windows], ranks, cfg.ipca_extra,
+                                    progress)
+        t1 = time.perf_counter()
+        if cfg.remap:
+            weights = dobi.remap_weights(weights)
+        model = compress_model(self.lm.model, weights)
+        t2 = time.perf_counter()
+        allocation = dobi.allocation_of(ranks, targets, settings.ratio, cfg.remap,
+                                        [h["task"] for h in trained.history])
+        trained_ranks = dobi.ranks_from_gammas(trained.gammas, targets, cfg.remap)
+        info = {"storage": dobi.storage_report(ranks, targets, cfg.remap),
+                "ratio_trained": dobi.storage_ratio(trained_ranks, targets, cfg.remap),
+                "history": trained.history, "config": dobi.config_dict(cfg)}
+        timings = dict(self.timings_s, ipca_update=t1 - t0, surgery=t2 - t1)
+        return Result(model, allocation, settings, timings, info)
+
     def build(self, settings: Settings, allocation: alloc.Allocation | None = None, progress=None) -> Result:
         """The compressed copy for these settings; the original model is left untouched."""
         settings.check()
+        if settings.method == "dobi":
+            return self.build_dobi(settings, progress)
         factors = self.factors(settings.spec, progress)
         t0 = time.perf_counter()
         allocation = allocation or self.allocate(settings, progress)

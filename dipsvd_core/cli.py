@@ -111,13 +111,29 @@ def _settings_from(args, **over):
     fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, p_min=args.p_min, p_max=args.p_max,
                   beta=args.beta, tau=args.tau, energy=args.energy, bo_calls=args.bo_calls,
                   bo_objective=args.bo_objective, bo_windows=args.bo_windows, seed=args.seed)
+    for name in ("dobi_epochs", "dobi_lr", "dobi_lambda", "dobi_windows", "dobi_beta", "remap"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
     fields.update(over)
     return Settings(**fields).check()
 
 
+def _add_dobi_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Dobi-SVD (--method dobi)")
+    g.add_argument("--dobi-epochs", type=_positive_int, default=2, help="passes over the training windows")
+    g.add_argument("--dobi-lr", type=float, default=0.02,
+                   help="Adam step on each truncation position, as a share of its largest rank")
+    g.add_argument("--dobi-lambda", type=float, default=100.0, help="weight of |ratio - target| in the loss")
+    g.add_argument("--dobi-windows", type=_positive_int, default=4,
+                   help="calibration windows for training and the IPCA weight update (the first of --calib-windows)")
+    g.add_argument("--dobi-beta", type=float, default=10.0, help="sharpness of the tanh truncation mask")
+    g.add_argument("--remap", action="store_true",
+                   help="store the factors in 8 bits (ratio then counted in bytes against 16-bit weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .factors import DEFAULT_WHITENING, METHODS, WHITENING_FORMS
-    from .pipeline import allocation_names
+    from .factors import DEFAULT_WHITENING, WHITENING_FORMS
+    from .pipeline import ALL_METHODS, allocation_names
 
     parser = Parser(prog="python -m dipsvd_core",
                                      description="DipSVD Studio: SVD compression of causal LMs")
@@ -125,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
     _add_model_args(c)
-    c.add_argument("--method", choices=METHODS, default="dipsvd")
-    c.add_argument("--allocation", choices=allocation_names(), default="uniform")
+    c.add_argument("--method", choices=ALL_METHODS, default="dipsvd")
+    c.add_argument("--allocation", choices=allocation_names(), default=None,
+                   help="default: uniform, or trained for dobi (which learns its own ranks)")
     c.add_argument("--ratio", type=_ratio, default=0.2,
                    help="fraction of targeted parameters REMOVED (0.2 removes 20%%, keeps 80%%)")
     c.add_argument("--weight", type=float, default=30.0, help="scale of the important channels (DipSVD a)")
@@ -136,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--p-max", type=float, default=1.0, help="highest keep ratio of a block (1 = may stay dense)")
     _add_calib_args(c)
     _add_importance_args(c)
+    _add_dobi_args(c)
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     c.add_argument("--no-eval-original", action="store_true", help="skip the original model's perplexity")
@@ -156,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--p-max", type=float, default=1.0)
     _add_calib_args(w)
     _add_importance_args(w)
+    _add_dobi_args(w)
     w.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets")
     w.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
     w.add_argument("--out-json", default="sweep.json", help="the JSON report (rewritten after every row)")
@@ -192,7 +211,8 @@ def cmd_compress(args) -> dict:
     from .models import load_model
     from .pipeline import Settings, Workbench, peak_memory_mb, settings_dict
 
-    settings = _settings_from(args, method=args.method, allocation=args.allocation, ratio=args.ratio)
+    allocation = args.allocation or ("trained" if args.method == "dobi" else "uniform")
+    settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
         raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
     for path in (args.calib, *args.eval.split(",")):
@@ -229,7 +249,10 @@ def cmd_compress(args) -> dict:
         "ppl": ppl,
         "eval": {"sets": list(sets), "tokens_per_set": args.eval_tokens},
     }
-    if result.allocation.history:
+    if result.info:  # dobi: storage in bytes (16-bit dense baseline), the ratio the gammas reached, the loss curve
+        report["storage"] = result.info["storage"]
+        report["dobi"] = {k: result.info[k] for k in ("ratio_trained", "history", "config")}
+    elif result.allocation.history:
         report["bo_history"] = result.allocation.history
     if args.speed:
         report["speed"] = {"original": speed(lm.model), "compressed": speed(result.model)}
@@ -239,6 +262,8 @@ def cmd_compress(args) -> dict:
     if args.out:
         t0 = time.perf_counter()
         info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
+        if "storage" in report:
+            info.update(remap=report["storage"]["remap"], storage=report["storage"])
         report["saved_to"] = str(save_compressed(result.model, args.out, lm.tokenizer, info, force=args.force))
         timings["save"] = time.perf_counter() - t0
     report["timings_s"] = timings

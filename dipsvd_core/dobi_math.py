@@ -166,7 +166,7 @@ class IncrementalPCA:
             return self
         self._s, self._Vt = self._s.to(chunk.device), self._Vt.to(chunk.device)
         stacked = torch.cat([self._s[:, None] * self._Vt, chunk.detach().to(self.dtype)])
-        _, s, Vt = torch.linalg.svd(stacked, full_matrices=False)
+        s, Vt = _right_svd(stacked)
         self.n_seen += chunk.shape[0]
         keep = min(self.max_components or self.dim, self.n_seen, self.dim)
         self._s, self._Vt = s[:keep].clone(), Vt[:keep].clone()  # clone: free the full SVD
@@ -181,6 +181,24 @@ class IncrementalPCA:
     def singular_values(self) -> torch.Tensor:
         """(c,) descending; their squares are the eigenvalues of sum A^T A (when nothing was dropped)."""
         return self._s
+
+
+def _right_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, Vt) of M (r, d), descending, from the eigendecomposition of the smaller Gram matrix.
+
+    eigh of M M^T (r < d) or M^T M is 5-10x faster than a full SVD on a CPU; squaring costs
+    precision only in directions below sqrt(machine eps) of the largest, which are dropped.
+    """
+    r, d = M.shape
+    if r < d:
+        lam, U = torch.linalg.eigh(M @ M.T)
+        lam, U = lam.flip(0), U.flip(1)
+        s = lam.clamp_min(0).sqrt()
+        keep = s > s[0] * torch.finfo(M.dtype).eps ** 0.5 if s[0] > 0 else s > 0
+        s, U = s[keep], U[:, keep]
+        return s, (U.T @ M) / s[:, None]
+    lam, V = torch.linalg.eigh(M.T @ M)
+    return lam.flip(0).clamp_min(0).sqrt(), V.flip(1).T
 
 
 def ipca_basis(chunks: Iterable[torch.Tensor], dim: int, k: int,

@@ -113,6 +113,17 @@ def convergence(values: list[float], best: list[float], objective: str) -> go.Fi
     return _layout(fig, "Bayesian optimization", "call", objective, height=300)
 
 
+def dobi_training(history: list[dict]) -> go.Figure:
+    """Dobi-SVD: task loss and total loss (with the ratio penalty) at every training step."""
+    x = [h["step"] for h in history]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=[h["task"] for h in history], mode="lines+markers", name="task loss",
+                             line={"color": BLUE}))
+    fig.add_trace(go.Scatter(x=x, y=[h["loss"] for h in history], mode="lines", name="task + λ·|ratio − target|",
+                             line={"color": ORANGE, "dash": "dot"}))
+    return _layout(fig, "Dobi-SVD training", "step", "loss", height=300)
+
+
 def ppl_vs_ratio(curves: dict[str, tuple[list[float], list[float]]], original: float | None,
                  dataset: str) -> go.Figure:
     """Perplexity against ratio removed, one line per method."""

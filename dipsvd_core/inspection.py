@@ -93,6 +93,21 @@ def spectra(bench: Workbench, name: str, specs: dict[str, FactorSpec]) -> dict[s
             if bench.has_factors(spec)}
 
 
+def dobi_preview(bench: Workbench, settings: Settings) -> dict:
+    """What trained Dobi-SVD gammas give at this ratio: the budget-fixed allocation, the uniform keep
+    ratios in the same currency, the ratio the gammas reached themselves, and the training curve."""
+    from . import dobi
+
+    trained = bench.train_dobi(settings)  # cached: the page asks only after training
+    targets, remap = bench.targets, settings.remap
+    ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, remap)
+    uniform = dobi.ranks_from_gammas(dobi.uniform_gammas(targets, settings.ratio, remap), targets, remap)
+    return {"allocation": dobi.allocation_of(ranks, targets, settings.ratio, remap, []),
+            "uniform": dobi.allocation_of(uniform, targets, settings.ratio, remap, []).p_blocks,
+            "ratio_trained": dobi.storage_ratio(dobi.ranks_from_gammas(trained.gammas, targets, remap), targets, remap),
+            "history": trained.history}
+
+
 def budget(targets: list[Target], allocation: Allocation) -> dict:
     before = sum(t.params for t in targets)
     after = sum(matrix_params(allocation.ranks[t.name], t.out_features, t.in_features) for t in targets)
@@ -144,7 +159,8 @@ def sweep_curves(report: dict, dataset: str) -> dict[str, tuple[list[float], lis
 
 
 def report(lm: LoadedModel, bench: Workbench, settings: Settings, allocation: Allocation, params: dict | None,
-           ppl: dict | None = None, speed: dict | None = None, generations: dict | None = None) -> dict:
+           ppl: dict | None = None, speed: dict | None = None, generations: dict | None = None,
+           result_info: dict | None = None) -> dict:
     """The JSON report of a compression, with the same keys as the CLI's `compress --report`."""
     out = {"model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
            "method": settings.method, "allocation": settings.allocation, "ratio_target": settings.ratio,
@@ -155,6 +171,9 @@ def report(lm: LoadedModel, bench: Workbench, settings: Settings, allocation: Al
            "params": params, "p_blocks": [float(x) for x in allocation.p_blocks],
            "ranks": {n: (k if k is not None else "dense") for n, k in allocation.ranks.items()},
            "ppl": ppl or {}, "timings_s": dict(bench.timings_s)}
+    if settings.method == "dobi" and result_info:
+        out["storage"] = result_info["storage"]
+        out["dobi"] = {k: result_info[k] for k in ("ratio_trained", "history", "config")}
     if speed:
         out["speed"] = speed
     if generations:

@@ -241,7 +241,7 @@ class Workbench:
             raise DipSVDError(f"dobi_windows={settings.dobi_windows} but only {len(windows)} calibration windows "
                               "exist; raise the calibration windows or lower dobi_windows")
         cfg = settings.dobi
-        disk = make_key("dobi-v4", stats_key(self.lm, windows), settings.ratio, dobi.config_dict(cfg))
+        disk = make_key("dobi-v5", stats_key(self.lm, windows), settings.ratio, dobi.config_dict(cfg))
         hit = load_tensors("dobi", disk)
         if hit is not None:
             t, meta = hit

@@ -10,6 +10,7 @@ baselines and our coupled allocator:
   svd-llm + heuristic Step 2 (global only)      dipsvd + heuristic  Step 1+2 (DipSVD, heuristic)
   dipsvd + bayes      Step 1+2 (DipSVD, BO)     svd / fwsvd / asvd + uniform   baselines
   dipsvd + coupled    ours: per-matrix ranks from whitened loss curves and Fisher weights
+Dobi-SVD rows are asked for by name (dobi:trained, dobi-remap:trained); they train per ratio.
 """
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ from dataclasses import replace
 
 from .errors import DipSVDError
 from .evaluate import perplexity
-from .factors import METHODS
-from .pipeline import Settings, Workbench, allocation_names
+from .pipeline import ALL_METHODS, Settings, Workbench, allocation_names
+
+# Grid-only name: Dobi-SVD with 8-bit remapping, so one sweep can hold both Dobi variants.
+GRID_METHODS = ALL_METHODS + ("dobi-remap",)
 
 DEFAULT_GRID = (("svd-llm", "uniform"), ("dipsvd", "uniform"), ("svd-llm", "heuristic"), ("dipsvd", "heuristic"),
                 ("dipsvd", "bayes"), ("svd", "uniform"), ("fwsvd", "uniform"), ("asvd", "uniform"),
                 ("dipsvd", "coupled"))
 LABELS = {("svd-llm", "uniform"): "SVD-LLM", ("dipsvd", "uniform"): "Step 1", ("svd-llm", "heuristic"): "Step 2",
           ("dipsvd", "heuristic"): "Step 1+2", ("dipsvd", "bayes"): "Step 1+2 (BO)",
-          ("dipsvd", "coupled"): "ours: coupled"}
+          ("dipsvd", "coupled"): "ours: coupled", ("dobi", "trained"): "Dobi-SVD",
+          ("dobi-remap", "trained"): "Dobi-SVD + remap"}
 
 
 def parse_grid(text: str | None) -> list[tuple[str, str]]:
@@ -39,8 +43,8 @@ def parse_grid(text: str | None) -> list[tuple[str, str]]:
         if not item:
             continue
         method, sep, allocation = item.partition(":")
-        if not sep or method not in METHODS or allocation not in allocation_names():
-            raise DipSVDError(f"bad grid entry '{item}'; write method:allocation with method in {', '.join(METHODS)} "
+        if not sep or method not in GRID_METHODS or allocation not in allocation_names():
+            raise DipSVDError(f"bad grid entry '{item}'; write method:allocation with method in {', '.join(GRID_METHODS)} "
                               f"and allocation in {', '.join(allocation_names())}, e.g. svd-llm:uniform,dipsvd:heuristic")
         if (method, allocation) not in rows:
             rows.append((method, allocation))
@@ -64,7 +68,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
     """Rows of {method, allocation, ratio, ratio_realized, ppl{set}, allocation_s, ...}; on_row(report)
     is called after every row so that partial results can be written out."""
     for method, allocation in grid:  # validate every row before any work
-        replace(base, method=method, allocation=allocation, ratio=ratios[0]).check()
+        _settings(base, method, allocation, ratios[0]).check()
     report = {"grid": [list(g) for g in grid], "ratios": ratios, "eval_sets": list(eval_sets),
               "eval_tokens": {n: int(w.numel()) for n, w in eval_sets.items()},
               "settings": {k: getattr(base, k) for k in ("weight", "bar", "whitening", "p_min", "p_max", "beta",
@@ -75,46 +79,66 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
     t0 = time.perf_counter()
     report["original_ppl"] = {n: perplexity(bench.lm.model, w) for n, w in eval_sets.items()}
     timings["evaluate_original"] = time.perf_counter() - t0
-    if any(m != "svd" for m, _ in grid):
+    if any(m not in ("svd", "dobi", "dobi-remap") for m, _ in grid):
         t0 = time.perf_counter()
         bench.stats(progress)
         timings["statistics"] = time.perf_counter() - t0
-    if any(a != "uniform" or m == "fwsvd" for m, a in grid):
+    if any(a not in ("uniform", "trained") or m == "fwsvd" for m, a in grid):
         t0 = time.perf_counter()
         bench.fisher(progress)  # shared by heuristic, bayes, coupled and fwsvd; timed once here
         timings["fisher"] = time.perf_counter() - t0
     methods = list(dict.fromkeys(m for m, _ in grid))
     for method in methods:
-        spec = replace(base, method=method).spec
-        t0 = time.perf_counter()
-        bench.factors(spec, progress)
-        timings[f"factors/{method}"] = time.perf_counter() - t0
+        factored = not method.startswith("dobi")
+        if factored:
+            spec = replace(base, method=method).spec
+            t0 = time.perf_counter()
+            bench.factors(spec, progress)
+            timings[f"factors/{method}"] = time.perf_counter() - t0
         for ratio in ratios:
             for m, allocation in grid:
                 if m != method:
                     continue
-                settings = replace(base, method=method, allocation=allocation, ratio=ratio)
-                report["rows"].append(_row(bench, settings, eval_sets, progress))
+                row = _row(bench, _settings(base, method, allocation, ratio), eval_sets, progress)
+                row["method"] = method
+                report["rows"].append(row)
                 if on_row:
                     on_row(report)
-        bench.drop_factors(spec)
+        if factored:
+            bench.drop_factors(spec)
     return report
+
+
+def _settings(base: Settings, method: str, allocation: str, ratio: float) -> Settings:
+    if method == "dobi-remap":
+        return replace(base, method="dobi", remap=True, allocation=allocation, ratio=ratio)
+    return replace(base, method=method, allocation=allocation, ratio=ratio)
 
 
 def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dict:
     t0 = time.perf_counter()
-    allocation = bench.allocate(settings, progress)
+    if settings.method == "dobi":  # training + IPCA update is its "allocation"; build does both
+        result = bench.build(settings, progress=progress)
+        allocation = result.allocation
+    else:
+        allocation = bench.allocate(settings, progress)
+        result = None
     t1 = time.perf_counter()
-    result = bench.build(settings, allocation)
+    result = result or bench.build(settings, allocation)
     ppl = {n: perplexity(result.model, w) for n, w in eval_sets.items()}
     t2 = time.perf_counter()
+    info = result.info
     del result
     row = {"method": settings.method, "allocation": settings.allocation,
            "label": LABELS.get((settings.method, settings.allocation), "baseline"),
            "ratio": settings.ratio, "ratio_realized": allocation.ratio_realized, "ppl": ppl,
            "allocation_s": t1 - t0, "build_eval_s": t2 - t1,
            "p_blocks": [round(float(p), 5) for p in allocation.p_blocks]}
-    if allocation.history:
+    if info:
+        row["storage"] = info["storage"]
+        row["ratio_trained"] = info["ratio_trained"]
+        row["dobi_task_loss"] = [h["task"] for h in info["history"]]
+    elif allocation.history:
         row["bo_history"] = allocation.history
         row["bo_calls"] = len(allocation.history)
     return row

@@ -7,9 +7,9 @@ import streamlit as st
 from dipsvd_core import figures
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import METHODS, WHITENING_FORMS
-from dipsvd_core.inspection import budget
-from dipsvd_core.pipeline import allocation_names, settings_dict
+from dipsvd_core.factors import WHITENING_FORMS
+from dipsvd_core.inspection import budget, dobi_preview
+from dipsvd_core.pipeline import ALL_METHODS, allocation_names, settings_dict
 from studio import ui
 
 ALLOCATION_HELP = {
@@ -17,9 +17,11 @@ ALLOCATION_HELP = {
     "heuristic": "p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)",
     "bayes": "Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)",
     "coupled": "one rank per matrix, minimising the Fisher-weighted whitened loss (ours, not in the paper)",
+    "trained": "Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)",
 }
 METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; dipsvd: whitened with the top "
-               "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels")
+               "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels; "
+               "dobi: Dobi-SVD, trained truncation of activations and an IPCA weight update")
 NEEDS_FISHER = ("heuristic", "coupled", "bayes")
 
 s = ui.need_model()
@@ -37,12 +39,16 @@ with controls:
                       help="Fraction of the targeted parameters removed. Models under ~1B parameters start at "
                            "0.1: their spectra are flat, so 0.05 to 0.2 is the useful range.")
     st.markdown(f"**{describe_ratio(ratio)}**")
-    names = list(allocation_names())
+    # Dobi-SVD has exactly one allocation, its own; the factor-based methods have all the others.
+    is_dobi = st.session_state.get("k_s_method") == "dobi"
+    names = ["trained"] if is_dobi else [a for a in allocation_names() if a != "trained"]
+    if st.session_state.get("k_s_allocation") not in names:
+        st.session_state["k_s_allocation"] = names[0]
     allocation = st.radio("Allocation", names, key="k_s_allocation", horizontal=True, disabled=busy)
     st.caption(ALLOCATION_HELP.get(allocation, ""))
     with st.container(border=True):
         st.markdown("**Local importance** · changes refactor")
-        method = st.selectbox("Method", list(METHODS), key="k_s_method", disabled=busy,
+        method = st.selectbox("Method", list(ALL_METHODS), key="k_s_method", disabled=busy,
                               help=METHOD_HELP)
         weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight", disabled=busy or method != "dipsvd")
         bar = st.slider("Protected fraction bar", 0.0, 0.2, step=0.005, key="k_s_bar", format="%.3f",
@@ -50,6 +56,22 @@ with controls:
         whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening", horizontal=True,
                              disabled=busy or method != "dipsvd",
                              help="paper: D G D (Eq. 3); code: the authors' code, SVD of G D")
+    if method == "dobi":
+        with st.container(border=True):
+            st.markdown("**Dobi-SVD** · changes retrain")
+            dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs", disabled=busy)
+            dobi_windows = st.number_input("Training windows", 1, 256, step=1, key="k_s_dobi_windows", disabled=busy,
+                                           help="the first calibration windows; also feed the IPCA weight update")
+            dobi_lr = st.number_input("Learning rate (share of a matrix's rank range)", 0.001, 0.5, step=0.005,
+                                      format="%.3f", key="k_s_dobi_lr", disabled=busy)
+            dobi_lambda = st.number_input("λ (weight of |ratio − target|)", 0.0, 100000.0, step=10.0,
+                                          key="k_s_dobi_lambda", disabled=busy)
+            dobi_beta = st.number_input("β of the tanh mask", 0.5, 100.0, step=0.5, key="k_s_dobi_beta", disabled=busy)
+            remap = st.checkbox("Remap: 8-bit factors (ratio counted in bytes against 16-bit weights)",
+                                key="k_s_remap", disabled=busy)
+    else:
+        dobi_epochs, dobi_windows, dobi_lr, dobi_lambda, dobi_beta, remap = (
+            cur.dobi_epochs, cur.dobi_windows, cur.dobi_lr, cur.dobi_lambda, cur.dobi_beta, False)
     with st.container(border=True):
         st.markdown("**Global importance** · instant")
         beta = st.slider("β (Fisher vs effective rank)", 0.0, 1.0, step=0.05, key="k_s_beta", disabled=busy)
@@ -70,7 +92,9 @@ with controls:
 
 new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), weight=float(weight), bar=float(bar),
               whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
-              energy=energy, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows))
+              energy=energy, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows),
+              dobi_epochs=int(dobi_epochs), dobi_windows=int(dobi_windows), dobi_lr=float(dobi_lr),
+              dobi_lambda=float(dobi_lambda), dobi_beta=float(dobi_beta), remap=bool(remap))
 s.settings = new
 
 with view:
@@ -81,6 +105,41 @@ with view:
         st.stop()
     if busy:
         st.info("The preview resumes when the running step finishes.")
+        st.stop()
+
+    if new.method == "dobi":
+        if not bench.has_dobi(new):
+            st.info(f"Dobi-SVD trains one truncation position per matrix: {new.dobi_epochs} epoch(s) over "
+                    f"{new.dobi_windows} calibration window(s), each step an SVD of every layer's activations "
+                    "(about 12 s a step for the bundled model on 2 CPU cores). It can be cancelled.")
+
+            def train(job):
+                def callback(step, record):
+                    job.records.append(record)
+
+                trained = bench.train_dobi(new, job.progress, callback, job.cancel)
+                if trained.cancelled:
+                    raise DipSVDError("Dobi-SVD training was cancelled; nothing was kept. Train again to use dobi")
+
+            if st.button("Train truncation positions", type="primary"):
+                ui.start("Dobi-SVD training", train, cancellable=True)
+            st.stop()
+        with ui.guard("The Dobi-SVD preview"):
+            pre = dobi_preview(bench, new)
+            m = st.columns(3)
+            m[0].metric("Target ratio removed", f"{new.ratio:g}", f"{100 * (1 - new.ratio):.0f}% kept",
+                        delta_color="off", delta_arrow="off")
+            m[1].metric("Ratio the gammas reached", f"{pre['ratio_trained']:.4f}",
+                        f"{pre['ratio_trained'] - new.ratio:+.4f} vs target", delta_color="off", delta_arrow="off")
+            m[2].metric("Realized after the budget fix", f"{pre['allocation'].ratio_realized:.4f}",
+                        "bytes vs 16-bit" if new.remap else "parameters", delta_color="off", delta_arrow="off")
+            st.plotly_chart(figures.keep_ratios(pre["allocation"].p_blocks, pre["uniform"], "trained"), key="fig_keep")
+            st.caption("Bars: the share of each block's 16-bit bytes kept by the trained ranks; dashed: uniform at "
+                       "the same budget." + (" With remap a rank costs half, so ranks are about twice as high."
+                                             if new.remap else ""))
+            st.plotly_chart(figures.dobi_training(pre["history"]), key="fig_dobi")
+            st.caption("Training: next-token loss with every layer's activations truncated at its gamma, and the "
+                       "total loss with λ·|ratio − target|.")
         st.stop()
 
     have_factors = bench.has_factors(new.spec)

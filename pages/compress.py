@@ -52,6 +52,12 @@ if s.result is not None and s.params is not None:
                 delta_color="off", delta_arrow="off")
     m[3].metric("Whole-model reduction", f"{100 * p['whole_model_reduction']:.1f}%",
                 "embeddings and lm_head are kept", delta_color="off", delta_arrow="off")
+    if s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
+        st_ = s.result.info["storage"]
+        st.caption(f"Storage of the targeted matrices: {st_['targeted_bytes_after'] / 2**20:.1f} MiB from "
+                   f"{st_['targeted_bytes_before_16bit'] / 2**20:.1f} MiB at 16 bits"
+                   + (" (8-bit factors with per-vector scales)" if st_["remap"] else "")
+                   + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
                f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.1f} s.")
 

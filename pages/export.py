@@ -26,7 +26,7 @@ if not s.result_is_current:
 
 rep = report(lm, bench, res.settings, res.allocation, s.params,
              {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
-             s.generations["columns"] if s.generations else None)
+             s.generations["columns"] if s.generations else None, res.info)
 c1, c2 = st.columns(2)
 c1.download_button("Download report (JSON)", json.dumps(rep, indent=2, default=str), "dipsvd-report.json",
                    "application/json", width="stretch", key="dl_report")
@@ -46,6 +46,8 @@ if force:
 def save(job):
     job.progress(0.1, f"writing {folder}")
     info = {k: rep[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
+    if "storage" in rep:  # dobi: a remapped model is written as int8 factors
+        info.update(remap=rep["storage"]["remap"], storage=rep["storage"])
     s.saved_to = str(save_compressed(res.model, folder, lm.tokenizer, info, force=force))
 
 

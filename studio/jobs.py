@@ -22,6 +22,7 @@ class Job:
         self.fraction, self.message = 0.0, "starting"
         self.values: list[float] = []  # BO: objective of every call
         self.best: list[float] = []  # BO: best so far
+        self.records: list[dict] = []  # Dobi-SVD training: one {step, loss, task, ratio} per step
         self.cancel = threading.Event()
         self.error: str | None = None
         self.result = None

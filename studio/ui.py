@@ -76,6 +76,8 @@ def _live_job() -> None:
     elapsed = time.perf_counter() - job.started
     with st.container(border=True):
         st.progress(job.fraction, text=f"**{job.title}** · {job.message} · {elapsed:.0f} s")
+        if job.records:
+            st.plotly_chart(figures.dobi_training(job.records), key="dobi_live")
         if job.values:
             st.plotly_chart(figures.convergence(job.values, job.best, studio().settings.bo_objective),
                             key="bo_live")

@@ -284,6 +284,37 @@ def test_bayesian_optimization_converges_and_can_be_cancelled():
     assert studio.bo["cancelled"] and 3 <= len(studio.bo["allocation"].values) < 200
 
 
+def test_dobi_trains_previews_builds_and_exports(tmp_path):
+    at = loaded()
+    page(at, "allocation")
+    at.selectbox(key="k_s_method").set_value("dobi")
+    settle(at)
+    assert at.radio(key="k_s_allocation").options == ["trained"]  # Dobi-SVD's own allocation only
+    at.number_input(key="k_s_dobi_windows").set_value(2)
+    at.checkbox(key="k_s_remap").check()
+    at.slider(key="k_s_ratio").set_value(0.3)
+    settle(at)
+    click(at, "Train truncation positions")
+    assert not errors(at)
+    curve = figure(at, "fig_dobi")["data"]
+    assert len(curve[0]["y"]) == 2 * 2 and all(v > 0 for v in curve[0]["y"])  # epochs x windows steps
+    assert abs(float(metric(at, "Ratio the gammas reached")) - 0.3) < 0.01
+    assert abs(float(metric(at, "Realized after the budget fix")) - 0.3) < 0.005
+    keep = figure(at, "fig_keep")["data"]
+    assert len(keep[0]["y"]) == 2  # one bar per block
+    page(at, "compress")
+    click(at, "Build compressed model")
+    studio = at.session_state["studio"]
+    assert studio.result.settings.method == "dobi" and studio.result.info["storage"]["remap"]
+    assert any("8-bit factors" in c.value for c in at.caption)
+    page(at, "export")
+    at.text_input(key="k_ex_folder").set_value(str(tmp_path / "dobi-out"))
+    settle(at)
+    click(at, "Save")
+    entry = json.loads((tmp_path / "dobi-out" / "config.json").read_text())["dipsvd_compression"]
+    assert entry["method"] == "dobi" and entry["remap"] is True
+
+
 # --- Compress and evaluate ----------------------------------------------------------------------
 
 def test_compress_evaluate_sweep_and_speed():

@@ -82,3 +82,34 @@ def test_compress_then_evaluate_the_saved_model(tiny_model_dir, tmp_path):
     r2 = json.loads(report2.read_text())
     assert r2["ppl"]["wiki"] == pytest.approx(r["ppl"]["compressed"]["wiki"], rel=1e-5)
     assert r2["compression"]["ranks"] == r["ranks"]
+
+
+def test_dobi_remap_compress_then_evaluate(tiny_model_dir, tmp_path):
+    report, out = tmp_path / "r.json", tmp_path / "dobi"
+    proc = run("compress", "--model", tiny_model_dir, "--method", "dobi", "--remap", "--ratio", "0.3",
+               "--calib", "wiki", "--calib-windows", "4", "--seqlen", "64", "--dobi-windows", "2", "--dobi-epochs", "2",
+               "--eval", "wiki", "--eval-tokens", "256", "--out", str(out), "--report", str(report), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(report.read_text())
+    assert r["method"] == "dobi" and r["allocation"] == "trained"
+    assert r["storage"]["remap"] and abs(r["storage"]["storage_ratio"] - 0.3) <= 0.005
+    assert r["ratio_realized"] == r["storage"]["storage_ratio"]  # counted in bytes against 16-bit weights
+    assert len(r["dobi"]["history"]) == 4 and abs(r["dobi"]["ratio_trained"] - 0.3) < 0.01
+    # 8-bit factors: more parameters are kept than a 16-bit budget of 70% would allow
+    assert r["params"]["targeted_after"] > 0.7 * r["params"]["targeted_before"]
+    report2 = tmp_path / "r2.json"
+    proc = run("evaluate", "--model", str(out), "--eval", "wiki", "--eval-tokens", "256", "--seqlen", "64",
+               "--report", str(report2))
+    assert proc.returncode == 0, proc.stderr
+    r2 = json.loads(report2.read_text())
+    assert r2["ppl"]["wiki"] == pytest.approx(r["ppl"]["compressed"]["wiki"], rel=1e-4)
+    assert r2["compression"]["remap"] is True
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compress", "--method", "dobi", "--allocation", "uniform"], "use allocation 'trained'"),
+    (["compress", "--method", "svd-llm", "--remap"], "use it with method dobi"),
+])
+def test_dobi_bad_combinations(args, needle):
+    proc = run(*args, "--quiet")
+    assert proc.returncode == 2 and needle in error_line(proc)

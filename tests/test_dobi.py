@@ -162,3 +162,13 @@ def test_training_can_be_cancelled(bench):
                                 callback=cb, cancel=stop)
     assert trained.cancelled and len(trained.history) == 2 and all(x > 0 for x in seen)
     assert all(p.requires_grad for p in bench.lm.model.parameters())  # parameters thawed again
+
+
+def test_the_penalty_alone_holds_the_ratio_on_the_tiny_model(bench):
+    """The paper's mechanism, without our per-step projection: lam * |ratio - target| in the loss."""
+    cfg = dobi.DobiConfig(epochs=3, windows=4, project=False)
+    trained = dobi.train_gammas(bench.lm.model, bench.targets, bench.windows()[:4], 0.3, cfg)
+    for remap in (False,):
+        ranks = dobi.ranks_from_gammas(trained.gammas, bench.targets, remap)
+        assert abs(dobi.storage_ratio(ranks, bench.targets, remap) - 0.3) < 0.01
+    assert max(abs(h["ratio"] - 0.3) for h in trained.history[1:]) < 0.03  # it drifts but is pulled back

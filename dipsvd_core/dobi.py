@@ -108,7 +108,19 @@ def meet_budget(gammas: dict[str, float], targets: list[Target], ratio: float, r
     for _ in range(50):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return ranks_from_gammas(gammas, targets, remap, lo)
+    ranks = ranks_from_gammas(gammas, targets, remap, lo)
+    # Flooring leaves budget unspent (a lot on small models): give it back one rank at a time,
+    # largest rounding remainder first, as the projector does for the other methods.
+    left = (1 - ratio) * sum(dense_cost(t) for t in targets) - sum(matrix_bytes(ranks[t.name], t, remap) for t in targets)
+    order = sorted(targets, key=lambda t: -((lo * gammas[t.name]) % 1))
+    grew = True
+    while grew:
+        grew = False
+        for t in order:
+            k = ranks[t.name]
+            if k is not DENSE and k < max_factored_rank(t, remap) and rank_cost(t, remap) <= left:
+                ranks[t.name], left, grew = k + 1, left - rank_cost(t, remap), True
+    return ranks
 
 
 def uniform_gammas(targets: list[Target], ratio: float, remap: bool) -> dict[str, float]:

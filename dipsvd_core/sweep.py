@@ -100,7 +100,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
                 if m != method:
                     continue
                 row = _row(bench, _settings(base, method, allocation, ratio), eval_sets, progress)
-                row["method"] = method
+                row["method"], row["label"] = method, LABELS.get((method, allocation), row["label"])
                 report["rows"].append(row)
                 if on_row:
                     on_row(report)

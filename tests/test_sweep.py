@@ -80,3 +80,21 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_sweep_puts_dobi_next_to_dipsvd(tiny_model_dir, tmp_path):
+    out_json, out_md = tmp_path / "s.json", tmp_path / "s.md"
+    grid = "svd-llm:uniform,dobi:trained,dobi-remap:trained"
+    code = main(["sweep", "--model", tiny_model_dir, "--grid", grid, "--ratios", "0.2,0.4", "--eval", "wiki",
+                 "--dobi-windows", "2", "--dobi-epochs", "1", "--out-json", str(out_json), "--out-md", str(out_md),
+                 *SMALL])
+    assert code == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert sorted((r["method"], r["ratio"]) for r in rows) == sorted(
+        (m, r) for m in ("svd-llm", "dobi", "dobi-remap") for r in (0.2, 0.4))
+    for r in rows:
+        assert 0 <= r["ratio_realized"] - r["ratio"] <= 0.005 and math.isfinite(r["ppl"]["wiki"])
+        if r["method"].startswith("dobi"):
+            assert r["storage"]["remap"] == (r["method"] == "dobi-remap") and len(r["dobi_task_loss"]) == 2
+    md = out_md.read_text()
+    assert "| dobi-remap | trained | Dobi-SVD + remap | 0.4 / 60% |" in md

@@ -111,7 +111,7 @@ def _settings_from(args, **over):
     fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, p_min=args.p_min, p_max=args.p_max,
                   beta=args.beta, tau=args.tau, energy=args.energy, bo_calls=args.bo_calls,
                   bo_objective=args.bo_objective, bo_windows=args.bo_windows, seed=args.seed)
-    for name in ("dobi_epochs", "dobi_lr", "dobi_lambda", "dobi_windows", "dobi_beta", "remap"):
+    for name in ("dobi_epochs", "dobi_lr", "dobi_lambda", "dobi_windows", "dobi_ipca_windows", "dobi_beta", "remap"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(over)
@@ -125,7 +125,9 @@ def _add_dobi_args(p: argparse.ArgumentParser) -> None:
                    help="Adam step on each truncation position, as a share of its largest rank")
     g.add_argument("--dobi-lambda", type=float, default=100.0, help="weight of |ratio - target| in the loss")
     g.add_argument("--dobi-windows", type=_positive_int, default=4,
-                   help="calibration windows for training and the IPCA weight update (the first of --calib-windows)")
+                   help="calibration windows for training (the first of --calib-windows)")
+    g.add_argument("--dobi-ipca-windows", type=_positive_int, default=None,
+                   help="calibration windows for the IPCA weight update (default: all --calib-windows)")
     g.add_argument("--dobi-beta", type=float, default=10.0, help="sharpness of the tanh truncation mask")
     g.add_argument("--remap", action="store_true",
                    help="store the factors in 8 bits (ratio then counted in bytes against 16-bit weights)")

@@ -5,8 +5,9 @@ A. train: a forward hook on every targeted Linear replaces its output a = x W^T 
    SVD a' = U diag(S t(gamma)) V^T (dobi_math.masked_svd, stabilised backward); only the gammas
    learn, with Adam, on next-token loss + lam * |ratio(gamma) - target|. The model is not modified.
 B. ranks: k_m = floor(gamma_m); one common scale on all gammas then meets the budget exactly.
-C. weights: V_k, the top-k right singular vectors of the layer's activations over the training
-   windows, from incremental PCA in chunks (bounded memory); W' = V_k (V_k^T W), stored as
+C. weights: V_k, the top-k right singular vectors of the layer's activations over the calibration
+   windows (all of them by default, as the whitening methods use), from incremental PCA one window
+   at a time (bounded memory); W' = V_k (V_k^T W), stored as
    u = V_k (out, k) and v = V_k^T W (k, in), bias on u.
    Note: with exact PCA on the same windows this is the rank-k matrix that minimises
    ||(W - W') X||_F, i.e. SVD-LLM's whitened truncation; the tests check that equality.
@@ -39,13 +40,17 @@ class DobiConfig:
     epochs: int = 2
     lr: float = 0.02  # Adam step on gamma / (its largest factored rank + 1), decayed linearly to lr / 10
     lam: float = 100.0  # weight of |ratio(gamma) - target| in the loss
-    windows: int = 4  # calibration windows used for training and for the IPCA update
+    windows: int = 4  # calibration windows used for training (the first ones)
+    ipca_windows: int | None = None  # windows for the IPCA weight update; None: all calibration windows
     beta: float = 10.0  # sharpness of the tanh mask
     remap: bool = False  # 8-bit factors
     ipca_extra: int = 64  # components IPCA keeps beyond the rank (more = closer to exact PCA, slower)
     project: bool = True  # after each step, shift all gammas together onto the budget (ours; see train_gammas)
 
     def check(self) -> "DobiConfig":
+        if self.ipca_windows is not None and self.ipca_windows < 1:
+            raise DipSVDError(f"Dobi-SVD needs ipca_windows >= 1, or None for all calibration windows "
+                              f"(got {self.ipca_windows})")
         if self.epochs < 1 or self.windows < 1:
             raise DipSVDError(f"Dobi-SVD needs epochs >= 1 and windows >= 1 (got {self.epochs}, {self.windows})")
         if not (self.lr > 0 and self.lam >= 0 and self.beta > 0 and self.ipca_extra >= 0):
@@ -127,6 +132,14 @@ def uniform_gammas(targets: list[Target], ratio: float, remap: bool) -> dict[str
     """Start: every matrix keeps (1 - ratio) of its bytes; gamma = k + 0.5 so floor(gamma) = k."""
     return {t.name: min(math.floor((1 - ratio) * dense_cost(t) / rank_cost(t, remap)), gamma_cap(t, remap)) + 0.5
             for t in targets}
+
+
+def gamma_shift(gammas: dict[str, float], targets: list[Target], ratio: float, remap: bool) -> dict:
+    """How far training moved the truncation positions from the uniform start, in ranks."""
+    start = uniform_gammas(targets, ratio, remap)
+    moves = np.array([gammas[t.name] - start[t.name] for t in targets])
+    return {"max_abs": float(np.abs(moves).max()), "mean_abs": float(np.abs(moves).mean()),
+            "min": float(moves.min()), "max": float(moves.max())}
 
 
 # --- A. training ---

@@ -52,6 +52,7 @@ class Settings:
     dobi_lambda: float = 100.0
     dobi_windows: int = 4
     dobi_beta: float = 10.0
+    dobi_ipca_windows: int | None = None  # None: all calibration windows
     remap: bool = False
 
     @property
@@ -65,8 +66,8 @@ class Settings:
     def dobi(self):
         from .dobi import DobiConfig
 
-        return DobiConfig(self.dobi_epochs, self.dobi_lr, self.dobi_lambda, self.dobi_windows, self.dobi_beta,
-                          self.remap)
+        return DobiConfig(self.dobi_epochs, self.dobi_lr, self.dobi_lambda, self.dobi_windows, self.dobi_ipca_windows,
+                          self.dobi_beta, self.remap)
 
     def check(self) -> "Settings":
         alloc.check_ratio(self.ratio)
@@ -241,7 +242,8 @@ class Workbench:
             raise DipSVDError(f"dobi_windows={settings.dobi_windows} but only {len(windows)} calibration windows "
                               "exist; raise the calibration windows or lower dobi_windows")
         cfg = settings.dobi
-        disk = make_key("dobi-v5", stats_key(self.lm, windows), settings.ratio, dobi.config_dict(cfg))
+        training = {k: v for k, v in dobi.config_dict(cfg).items() if not k.startswith("ipca")}  # not the update's
+        disk = make_key("dobi-v6", stats_key(self.lm, windows), settings.ratio, training)
         hit = load_tensors("dobi", disk)
         if hit is not None:
             t, meta = hit
@@ -267,8 +269,8 @@ class Workbench:
         cfg, targets = settings.dobi, self.targets
         t0 = time.perf_counter()
         ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, cfg.remap)
-        weights = dobi.ipca_weights(self.lm.model, targets, self.windows()[: cfg.windows], ranks, cfg.ipca_extra,
-                                    progress)
+        ipca = self.windows()[: cfg.ipca_windows] if cfg.ipca_windows else self.windows()
+        weights = dobi.ipca_weights(self.lm.model, targets, ipca, ranks, cfg.ipca_extra, progress)
         t1 = time.perf_counter()
         if cfg.remap:
             weights = dobi.remap_weights(weights)
@@ -279,7 +281,8 @@ class Workbench:
         trained_ranks = dobi.ranks_from_gammas(trained.gammas, targets, cfg.remap)
         info = {"storage": dobi.storage_report(ranks, targets, cfg.remap),
                 "ratio_trained": dobi.storage_ratio(trained_ranks, targets, cfg.remap),
-                "history": trained.history, "config": dobi.config_dict(cfg)}
+                "history": trained.history, "config": dobi.config_dict(cfg),
+                "gamma_shift": dobi.gamma_shift(trained.gammas, targets, settings.ratio, cfg.remap)}
         timings = dict(self.timings_s, ipca_update=t1 - t0, surgery=t2 - t1)
         return Result(model, allocation, settings, timings, info)
 

@@ -61,7 +61,7 @@ with controls:
             st.markdown("**Dobi-SVD** · changes retrain")
             dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs", disabled=busy)
             dobi_windows = st.number_input("Training windows", 1, 256, step=1, key="k_s_dobi_windows", disabled=busy,
-                                           help="the first calibration windows; also feed the IPCA weight update")
+                                           help="the first calibration windows; the IPCA weight update uses all of them")
             dobi_lr = st.number_input("Learning rate (share of a matrix's rank range)", 0.001, 0.5, step=0.005,
                                       format="%.3f", key="k_s_dobi_lr", disabled=busy)
             dobi_lambda = st.number_input("λ (weight of |ratio − target|)", 0.0, 100000.0, step=10.0,

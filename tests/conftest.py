@@ -40,6 +40,26 @@ def make_tiny_llama(folder, seed: int = 0, layers: int = 2, hidden: int = 64, in
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """The suite never reads or writes the user's statistics, factors or training caches: a stale
+    entry from older code could hide a change. Only the dequantized bundled model (keyed by its
+    GGUF file, 15 s to rebuild) is shared with the user cache."""
+    from dipsvd_core.cache import cache_dir
+
+    old = os.environ.get("DIPSVD_STUDIO_CACHE")
+    user_models = cache_dir() / "models"
+    user_models.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("cache")
+    (root / "models").symlink_to(user_models, target_is_directory=True)
+    os.environ["DIPSVD_STUDIO_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("DIPSVD_STUDIO_CACHE", None)
+    else:
+        os.environ["DIPSVD_STUDIO_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,79 @@
+"""Benchmark of issue 5: Dobi-SVD next to DipSVD and SVD-LLM on the bundled model.
+
+SmolLM2-135M (bundled, dequantized from a 4-bit GGUF); 32 calibration windows x 512 tokens of
+`wiki` (seed 0) for the statistics of svd-llm and dipsvd; Dobi-SVD trains on the first
+--dobi-windows of the same windows. Perplexity on `wiki` and `news` (--eval-tokens each, 512-token
+windows), the same evaluation as the issue 3 sweep. Rows per ratio:
+
+  svd-llm + uniform        SVD-LLM
+  dipsvd + heuristic       DipSVD, the paper's allocation
+  dipsvd + coupled         DipSVD with our coupled allocator (the best at 0.1 and 0.2 in issue 3)
+  dobi + trained           Dobi-SVD, 16-bit factors (parameter ratio)
+  dobi-remap + trained     Dobi-SVD with 8-bit remapping (ratio counted in bytes vs 16-bit weights)
+
+Writes bench/sweep_dobi.json and .md (rewritten after every row) and its section of
+bench/RESULTS.md is written by hand from them.
+
+    .venv/bin/python bench/bench_dobi.py [--ratios 0.1,0.2,0.3] [--eval-tokens 8192] [--dobi-epochs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dipsvd_core.data import evaluation_windows  # noqa: E402
+from dipsvd_core.models import load_model  # noqa: E402
+from dipsvd_core.pipeline import Settings, Workbench, peak_memory_mb  # noqa: E402
+from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+GRID = "svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled,dobi:trained,dobi-remap:trained"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ratios", default="0.1,0.2,0.3")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--grid", default=GRID)
+    ap.add_argument("--dobi-epochs", type=int, default=2)
+    ap.add_argument("--dobi-windows", type=int, default=4)
+    ap.add_argument("--out", default=str(HERE / "sweep_dobi"))
+    args = ap.parse_args()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t_all = time.perf_counter()
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    bench = Workbench(lm, "wiki", 32, 512, seed=0)
+    sets = {s: evaluation_windows(lm.tokenizer, s, 512, args.eval_tokens) for s in ("wiki", "news")}
+    base = Settings(dobi_epochs=args.dobi_epochs, dobi_windows=args.dobi_windows)
+
+    def write(report):
+        report.update(model=lm.spec, dequantized_from_gguf=lm.from_gguf, started=started,
+                      machine=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
+                      command=" ".join([".venv/bin/python", *sys.argv]),
+                      calibration={"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0})
+        Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
+        Path(args.out + ".md").write_text(markdown(report))
+        print(f"[{time.perf_counter() - t_all:7.0f} s] rows done: {len(report['rows'])}", flush=True)
+
+    report = run_sweep(bench, base, parse_grid(args.grid), parse_ratios(args.ratios), sets, on_row=write)
+    report["timings_s"]["total"] = time.perf_counter() - t_all
+    report["peak_memory_mb"] = peak_memory_mb()
+    write(report)
+    print(markdown(report))
+    for r in report["rows"]:
+        if r["method"].startswith("dobi"):
+            print(r["method"], r["ratio"], "trained ratio", round(r["ratio_trained"], 4), "storage",
+                  r["storage"], "task loss", [round(x, 3) for x in r["dobi_task_loss"]])
+    print("timings:", json.dumps({k: round(v, 1) for k, v in report["timings_s"].items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,8 @@ ratios on the bundled SmolLM2-135M, with wall time and peak memory of every step
 Run: .venv/bin/python bench/bench_core.py [--ratios 0.05,0.1,0.2,0.3] [--eval-tokens 16384]
 With --cold, statistics and factors are computed cold: the run uses a fresh cache folder (the
 dequantized model is linked in, so its one-time conversion is not counted); without it, the user
-cache is used and the step times show cache hits. Results go to
-bench/results_core.json and the "Core engine" section of bench/RESULTS.md.
+cache is used and the step times show cache hits. Results go to bench/results_core.json (or
+--out); the "Core engine" section of bench/RESULTS.md is written from that file by hand.
 """
 from __future__ import annotations
 

@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dipsvd_core.data import evaluation_windows  # noqa: E402
-from dipsvd_core.models import load_model  # noqa: E402
-from dipsvd_core.pipeline import Settings, Workbench, peak_memory_mb  # noqa: E402
-from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep  # noqa: E402
+from bench_sweep import run  # noqa: E402  (bench/ is on sys.path when this script runs)
+from dipsvd_core.pipeline import Settings  # noqa: E402
+from dipsvd_core.sweep import markdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GRID = "svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled,dobi:trained,dobi-remap:trained"
@@ -47,31 +42,13 @@ def main() -> None:
     ap.add_argument("--dobi-windows", type=int, default=4)
     ap.add_argument("--out", default=str(HERE / "sweep_dobi"))
     args = ap.parse_args()
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t_all = time.perf_counter()
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    bench = Workbench(lm, "wiki", 32, 512, seed=0)
-    sets = {s: evaluation_windows(lm.tokenizer, s, 512, args.eval_tokens) for s in ("wiki", "news")}
     base = Settings(dobi_epochs=args.dobi_epochs, dobi_windows=args.dobi_windows)
-
-    def write(report):
-        report.update(model=lm.spec, dequantized_from_gguf=lm.from_gguf, started=started,
-                      machine=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
-                      command=" ".join([".venv/bin/python", *sys.argv]),
-                      calibration={"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0})
-        Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
-        Path(args.out + ".md").write_text(markdown(report))
-        print(f"[{time.perf_counter() - t_all:7.0f} s] rows done: {len(report['rows'])}", flush=True)
-
-    report = run_sweep(bench, base, parse_grid(args.grid), parse_ratios(args.ratios), sets, on_row=write)
-    report["timings_s"]["total"] = time.perf_counter() - t_all
-    report["peak_memory_mb"] = peak_memory_mb()
-    write(report)
+    report = run(args.grid, args.ratios, args.eval_tokens, args.out, base)
     print(markdown(report))
     for r in report["rows"]:
         if r["method"].startswith("dobi"):
             print(r["method"], r["ratio"], "trained ratio", round(r["ratio_trained"], 4), "storage",
-                  r["storage"], "task loss", [round(x, 3) for x in r["dobi_task_loss"]])
+                  r["storage"], "gamma shift", r["gamma_shift"], "task loss", [round(x, 3) for x in r["dobi_task_loss"]])
     print("timings:", json.dumps({k: round(v, 1) for k, v in report["timings_s"].items()}))
 
 

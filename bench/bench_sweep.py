@@ -85,6 +85,31 @@ def replace_section(path: Path, title: str, body: str) -> None:
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 
+def run(grid: str | None, ratios: str, eval_tokens: int, out: str, base: Settings) -> dict:
+    """The sweep on the bundled model with the benchmark's calibration; <out>.json and <out>.md are
+    rewritten after every row, so a partial run still leaves its rows."""
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t_all = time.perf_counter()
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    bench = Workbench(lm, "wiki", 32, 512, seed=0)
+    sets = {s: evaluation_windows(lm.tokenizer, s, 512, eval_tokens) for s in ("wiki", "news")}
+
+    def write(report):
+        report.update(model=lm.spec, dequantized_from_gguf=lm.from_gguf, started=started,
+                      machine=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
+                      command=" ".join([".venv/bin/python", *sys.argv]),
+                      calibration={"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0})
+        Path(out + ".json").write_text(json.dumps(report, indent=1, default=str))
+        Path(out + ".md").write_text(markdown(report))
+        print(f"[{time.perf_counter() - t_all:7.0f} s] rows done: {len(report['rows'])}", flush=True)
+
+    report = run_sweep(bench, base, parse_grid(grid), parse_ratios(ratios), sets, on_row=write)
+    report["timings_s"]["total"] = time.perf_counter() - t_all
+    report["peak_memory_mb"] = peak_memory_mb()
+    write(report)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -93,27 +118,9 @@ def main() -> None:
     ap.add_argument("--grid", default=None)
     ap.add_argument("--out", default=str(HERE / "sweep_smollm"))
     args = ap.parse_args()
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t_all = time.perf_counter()
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    bench = Workbench(lm, "wiki", 32, 512, seed=0)
-    sets = {s: evaluation_windows(lm.tokenizer, s, 512, args.eval_tokens) for s in ("wiki", "news")}
-    base = Settings(bo_calls=args.bo_calls)
-
-    def write(report):
-        report.update(model=lm.spec, dequantized_from_gguf=lm.from_gguf, started=started,
-                      machine=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
-                      command=" ".join([".venv/bin/python", *sys.argv]),
-                      calibration={"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0})
-        Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
-        Path(args.out + ".md").write_text(markdown(report))
-        print(f"[{time.perf_counter() - t_all:7.0f} s] rows done: {len(report['rows'])}", flush=True)
-
-    report = run_sweep(bench, base, parse_grid(args.grid), parse_ratios(args.ratios), sets, on_row=write)
-    report["timings_s"]["total"] = time.perf_counter() - t_all
-    report["peak_memory_mb"] = peak_memory_mb()
+    report = run(args.grid, args.ratios, args.eval_tokens, args.out, Settings(bo_calls=args.bo_calls))
     report["checks"] = checks(report)
-    write(report)
+    Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
     print(markdown(report))
     print("\n".join(report["checks"]))
     print("timings:", json.dumps({k: round(v, 1) for k, v in report["timings_s"].items()}))

@@ -33,8 +33,10 @@ with c2:
                      "This tokenizer has no chat template")
     extra = st.multiselect("Also at these ratios", [r for r in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
                                                      if r != cur.ratio], key="k_sbs_ratios", disabled=busy,
-                           help="Extra compressed models from the same cached factors (uniform allocation "
-                                "when the current one is Bayesian optimization)")
+                           help="Dobi-SVD trains its truncation positions once per ratio: minutes each on a CPU"
+                           if cur.method == "dobi" else
+                           "Extra compressed models from the same cached factors (uniform allocation "
+                           "when the current one is Bayesian optimization)")
 prompts = chosen + [line.strip() for line in own.splitlines() if line.strip()]
 
 

@@ -167,11 +167,13 @@ def train_gammas(model: torch.nn.Module, targets: list[Target], windows: torch.T
     window per step. `callback(step, record)` sees every step (return False to stop); `cancel` is a
     threading.Event. The model's own parameters are frozen for the run and restored after.
 
-    With cfg.project (the default, ours) every step ends with one common shift of all gammas (as a
-    share of their range) that puts the soft ratio back on the target. The paper relies on the
-    lam * |ratio - target| term alone; measured on SmolLM2-135M with few CPU steps, the task gradient
-    outweighs it (lam = 100 let the ratio drift from 0.20 to 0.18 in one step), so without the shift
-    the budget is met only by the fix-up after training, which rescales what was learned."""
+    With cfg.project (the default, ours) the budget is held by projection, so lam has no effect:
+    the gradient is projected onto the budget plane before each Adam step (_project_gradient), and
+    the step ends with one common shift of all gammas (as a share of their range) that puts the soft
+    ratio back on the target. The paper relies on the lam * |ratio - target| term alone (project=False);
+    measured on SmolLM2-135M with few CPU steps, the task gradient outweighs it (lam = 100 let the
+    ratio drift from 0.20 to 0.18 in one step), so the budget is then met only by the fix-up after
+    training, which rescales what was learned."""
     ratio, cfg = check_ratio(ratio), cfg.check()
     device = next(model.parameters()).device
     # Each gamma is learned as a fraction g of its cap (gamma_cap), so one
@@ -214,6 +216,8 @@ def train_gammas(model: torch.nn.Module, targets: list[Target], windows: torch.T
             loss = task + cfg.lam * (soft - ratio).abs()
             opt.zero_grad()
             loss.backward()
+            if cfg.project:
+                _project_gradient(frac, cap, targets, cfg.remap)
             opt.step()
             with torch.no_grad():
                 for n, f in frac.items():
@@ -237,6 +241,26 @@ def train_gammas(model: torch.nn.Module, targets: list[Target], windows: torch.T
     out.gammas = {n: float(f.detach()) * cap[n] for n, f in frac.items()}
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _project_gradient(frac: dict[str, torch.Tensor], cap: dict[str, float], targets: list[Target],
+                      remap: bool) -> None:
+    """In place: remove from the gradient its component along the budget's normal a_m = d kept / d frac_m.
+
+    What is left moves bytes from matrices whose loss gradient is below the average to those above
+    it, at constant total size. Without this, Adam's per-parameter normalisation turns a gradient
+    that says "every matrix wants more rank" into the same step for all, which the budget shift then
+    undoes: on SmolLM2-135M every gamma moved less than 0.2 ranks in 8 steps.
+    """
+    a = {t.name: cap[t.name] * rank_cost(t, remap) for t in targets
+         if frac[t.name].grad is not None and (frac[t.name] - 0.5 / cap[t.name]) * cap[t.name] * rank_cost(t, remap)
+         < dense_cost(t)}  # matrices past the dense break-even have no budget gradient
+    if not a:
+        return
+    dot = sum(float(frac[n].grad) * v for n, v in a.items())
+    mu = dot / sum(v * v for v in a.values())
+    for n, v in a.items():
+        frac[n].grad -= mu * v
 
 
 def _project(frac: dict[str, torch.Tensor], cap: dict[str, float], targets: list[Target], ratio: float,

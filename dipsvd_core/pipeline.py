@@ -243,7 +243,7 @@ class Workbench:
                               "exist; raise the calibration windows or lower dobi_windows")
         cfg = settings.dobi
         training = {k: v for k, v in dobi.config_dict(cfg).items() if not k.startswith("ipca")}  # not the update's
-        disk = make_key("dobi-v6", stats_key(self.lm, windows), settings.ratio, training)
+        disk = make_key("dobi-v7", stats_key(self.lm, windows), settings.ratio, training)
         hit = load_tensors("dobi", disk)
         if hit is not None:
             t, meta = hit

@@ -36,11 +36,11 @@ def test_trained_gammas_meet_the_ratio_within_one_percent(bench, ratio, remap):
     # The ranks of the trained gammas themselves, before any budget fix-up:
     ranks = dobi.ranks_from_gammas(trained.gammas, bench.targets, remap)
     assert abs(dobi.storage_ratio(ranks, bench.targets, remap) - ratio) < 0.01
-    # The gammas moved away from the uniform start, and not by one common shift: the task loss
-    # moved each matrix differently, so the allocation was learned, not copied.
+    # The gammas moved away from the uniform start in both directions: bytes went from some matrices
+    # to others, so the allocation was learned, not copied.
     start = dobi.uniform_gammas(bench.targets, ratio, remap)
     moves = [trained.gammas[n] - start[n] for n in start]
-    assert max(map(abs, moves)) > 0.1 and max(moves) - min(moves) > 0.05
+    assert min(moves) < -0.5 and max(moves) > 0.5
 
 
 def test_budget_fixup_is_exact_and_never_over(bench):

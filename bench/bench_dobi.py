@@ -11,8 +11,9 @@ windows), the same evaluation as the issue 3 sweep. Rows per ratio:
   dobi + trained           Dobi-SVD, 16-bit factors (parameter ratio)
   dobi-remap + trained     Dobi-SVD with 8-bit remapping (ratio counted in bytes vs 16-bit weights)
 
-Writes bench/sweep_dobi.json and .md (rewritten after every row) and its section of
-bench/RESULTS.md is written by hand from them.
+Writes bench/sweep_dobi.json and .md (rewritten after every row) and prints the comparison tables
+(`--table-only` prints them again from the JSON); the section of bench/RESULTS.md is written by
+hand from them.
 
     .venv/bin/python bench/bench_dobi.py [--ratios 0.1,0.2,0.3] [--eval-tokens 8192] [--dobi-epochs 2]
 """
@@ -33,6 +34,39 @@ HERE = Path(__file__).resolve().parent
 GRID = "svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled,dobi:trained,dobi-remap:trained"
 
 
+def fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
+def table(report: dict) -> str:
+    """Perplexity wiki / news per ratio, one column per row of the grid; then the Dobi-SVD details."""
+    rows = {(r["method"], r["allocation"], r["ratio"]): r for r in report["rows"]}
+    grid = [tuple(g) for g in report["grid"]]
+    head = ["ratio (removed / kept)", *[f"{m} + {a}" for m, a in grid]]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    o = report["original_ppl"]
+    out.append(f"| 0 (original) | {fmt(o['wiki'])} / {fmt(o['news'])} |" + " |" * (len(grid) - 1))
+    for ratio in report["ratios"]:
+        cells = []
+        for m, a in grid:
+            r = rows.get((m, a, ratio))
+            cells.append(f"{fmt(r['ppl']['wiki'])} / {fmt(r['ppl']['news'])}" if r else "-")
+        out.append(f"| {ratio:g} / {100 * (1 - ratio):.0f}% | " + " | ".join(cells) + " |")
+    out += ["", "| Dobi-SVD run | ratio | trained ratio | realized | storage MiB (16-bit: before) | "
+            "gamma shift, ranks (min / max) | task loss, first / last epoch | train + IPCA s |", "|" + "---|" * 8]
+    for r in report["rows"]:
+        if not r["method"].startswith("dobi"):
+            continue
+        st, loss = r["storage"], r["dobi_task_loss"]
+        half = len(loss) // 2
+        out.append(f"| {r['method']} | {r['ratio']:g} | {r['ratio_trained']:.4f} | {r['ratio_realized']:.4f} | "
+                   f"{st['targeted_bytes_after'] / 2**20:.1f} ({st['targeted_bytes_before_16bit'] / 2**20:.1f}) | "
+                   f"{r['gamma_shift']['min']:+.1f} / {r['gamma_shift']['max']:+.1f} | "
+                   f"{sum(loss[:half]) / max(half, 1):.3f} / {sum(loss[half:]) / max(len(loss) - half, 1):.3f} | "
+                   f"{r['allocation_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
@@ -41,10 +75,15 @@ def main() -> None:
     ap.add_argument("--dobi-epochs", type=int, default=2)
     ap.add_argument("--dobi-windows", type=int, default=4)
     ap.add_argument("--out", default=str(HERE / "sweep_dobi"))
+    ap.add_argument("--table-only", action="store_true", help="print the tables of an existing <out>.json")
     args = ap.parse_args()
+    if args.table_only:
+        print(table(json.loads(Path(args.out + ".json").read_text())))
+        return
     base = Settings(dobi_epochs=args.dobi_epochs, dobi_windows=args.dobi_windows)
     report = run(args.grid, args.ratios, args.eval_tokens, args.out, base)
     print(markdown(report))
+    print(table(report))
     for r in report["rows"]:
         if r["method"].startswith("dobi"):
             print(r["method"], r["ratio"], "trained ratio", round(r["ratio_trained"], 4), "storage",

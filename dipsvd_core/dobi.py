@@ -45,7 +45,7 @@ class DobiConfig:
     beta: float = 10.0  # sharpness of the tanh mask
     remap: bool = False  # 8-bit factors
     ipca_extra: int = 64  # components IPCA keeps beyond the rank (more = closer to exact PCA, slower)
-    project: bool = True  # after each step, shift all gammas together onto the budget (ours; see train_gammas)
+    project: bool = True  # hold the budget by projection, not by lam alone (ours; see train_gammas)
 
     def check(self) -> "DobiConfig":
         if self.ipca_windows is not None and self.ipca_windows < 1:

@@ -147,6 +147,7 @@ def effective_rank(eigs_or_gram, tau: float = 0.95, energy: str = "sigma2") -> i
 
 
 def effective_ranks(block_grams: list[torch.Tensor], tau: float = 0.95, energy: str = "sigma2") -> np.ndarray:
+    """R_l per block; each entry a Gram (d, d) or its eigenvalues (d,), which are cheaper to reuse."""
     return np.array([effective_rank(g, tau, energy) for g in block_grams], dtype=np.float64)
 
 

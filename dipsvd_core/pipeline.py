@@ -127,6 +127,7 @@ class Workbench:
         self._stats: Stats | None = None
         self._factors: dict[tuple, dict[str, Factor]] = {}
         self._fisher: FisherInfo | None = None
+        self._block_spectra: list[torch.Tensor] | None = None
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self.timings_s: dict[str, float] = {}
@@ -177,12 +178,19 @@ class Workbench:
             self.timings_s["fisher"] = time.perf_counter() - t0
         return self._fisher
 
+    def block_spectra(self, progress=None) -> list[torch.Tensor]:
+        """Eigenvalues (sigma^2) of every block output's Gram, computed once: a tau, energy or beta
+        slider then only re-reads them."""
+        if self._block_spectra is None:
+            self._block_spectra = [torch.linalg.eigvalsh(g.double()) for g in self.stats(progress).block_grams]
+        return self._block_spectra
+
     def effective_ranks(self, tau: float = 0.95, energy: str = "sigma2") -> np.ndarray:
-        return effective_ranks(self.stats().block_grams, tau, energy)
+        return effective_ranks(self.block_spectra(), tau, energy)
 
     def importance(self, settings: Settings, progress=None) -> dict[str, np.ndarray]:
         """S, R, their normalised forms and Q, one value per block."""
-        return importance(self.fisher(progress), self.stats(progress).block_grams, settings.beta, settings.tau,
+        return importance(self.fisher(progress), self.block_spectra(progress), settings.beta, settings.tau,
                           settings.energy)
 
     def heldout(self, n_windows: int) -> torch.Tensor:

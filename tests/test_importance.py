@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dipsvd_core.errors import DipSVDError
-from dipsvd_core.importance import (NORM_EPS, cached_fisher, combined_score, effective_rank, fisher_info,
+from dipsvd_core.importance import (NORM_EPS, cached_fisher, combined_score, effective_rank, effective_ranks, fisher_info,
                                     minmax)
 from dipsvd_core.pipeline import Settings, Workbench
 from dipsvd_core.stats import stats_key
@@ -110,5 +110,8 @@ def test_fisher_is_cached_and_workbench_importance_has_every_signal(tiny_lm, win
     assert all(v.shape == (tiny_lm.n_blocks,) for v in imp.values())
     np.testing.assert_allclose(imp["S"], first.per_block)
     np.testing.assert_allclose(imp["R"], bench.effective_ranks(0.95, "sigma2"))
+    for tau, energy in ((0.95, "sigma2"), (0.9, "sigma"), (0.5, "sigma2")):  # cached spectra == the Grams
+        np.testing.assert_array_equal(bench.effective_ranks(tau, energy),
+                                      effective_ranks(bench.stats().block_grams, tau, energy))
     np.testing.assert_allclose(imp["Q"], imp["S_norm"] ** 0.25 * imp["R_norm"] ** 0.75)
     assert 1 <= imp["R"].min() and imp["R"].max() <= tiny_lm.model.config.hidden_size

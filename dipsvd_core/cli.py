@@ -253,7 +253,9 @@ def cmd_compress(args) -> dict:
     }
     if result.info:  # dobi: storage in bytes (16-bit dense baseline), the ratio the gammas reached, the loss curve
         report["storage"] = result.info["storage"]
-        report["dobi"] = {k: result.info[k] for k in ("ratio_trained", "history", "config")}
+        report["dobi"] = {k: result.info[k] for k in ("ratio_trained", "history", "config", "gamma_shift", "note")}
+        if result.info["note"]:
+            print(f"note: {result.info['note']}", file=sys.stderr)
     elif result.allocation.history:
         report["bo_history"] = result.allocation.history
     if args.speed:

@@ -128,6 +128,17 @@ def meet_budget(gammas: dict[str, float], targets: list[Target], ratio: float, r
     return ranks
 
 
+def budget_note(targets: list[Target], ratio: float, remap: bool) -> str | None:
+    """A sentence when the budget cannot be spent: with remap, full-rank 8-bit factors of a non-square
+    matrix take less than its 16-bit bytes, so small ratios remove more than asked."""
+    full = {t.name: gamma_cap(t, remap) for t in targets}
+    least = storage_ratio(ranks_from_gammas(full, targets, remap), targets, remap)
+    if least > ratio + 0.005:
+        return (f"ratio {ratio:g} cannot be spent: even at full rank the 8-bit factors remove {least:.3f} of the "
+                f"16-bit bytes, so the model is smaller than asked; compare it with the other methods at {least:.2f}")
+    return None
+
+
 def uniform_gammas(targets: list[Target], ratio: float, remap: bool) -> dict[str, float]:
     """Start: every matrix keeps (1 - ratio) of its bytes; gamma = k + 0.5 so floor(gamma) = k."""
     return {t.name: min(math.floor((1 - ratio) * dense_cost(t) / rank_cost(t, remap)), gamma_cap(t, remap)) + 0.5

@@ -173,7 +173,7 @@ def report(lm: LoadedModel, bench: Workbench, settings: Settings, allocation: Al
            "ppl": ppl or {}, "timings_s": dict(bench.timings_s)}
     if settings.method == "dobi" and result_info:
         out["storage"] = result_info["storage"]
-        out["dobi"] = {k: result_info[k] for k in ("ratio_trained", "history", "config")}
+        out["dobi"] = {k: result_info.get(k) for k in ("ratio_trained", "history", "config", "gamma_shift", "note")}
     if speed:
         out["speed"] = speed
     if generations:

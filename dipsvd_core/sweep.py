@@ -139,6 +139,8 @@ def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dic
         row["ratio_trained"] = info["ratio_trained"]
         row["dobi_task_loss"] = [h["task"] for h in info["history"]]
         row["gamma_shift"] = info["gamma_shift"]
+        if info["note"]:
+            row["note"] = info["note"]
     elif allocation.history:
         row["bo_history"] = allocation.history
         row["bo_calls"] = len(allocation.history)

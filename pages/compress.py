@@ -58,6 +58,8 @@ if s.result is not None and s.params is not None:
                    f"{st_['targeted_bytes_before_16bit'] / 2**20:.1f} MiB at 16 bits"
                    + (" (8-bit factors with per-vector scales)" if st_["remap"] else "")
                    + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
+        if s.result.info.get("note"):
+            st.warning(s.result.info["note"], icon=":material/info:")
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
                f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.1f} s.")
 

@@ -172,3 +172,13 @@ def test_the_penalty_alone_holds_the_ratio_on_the_tiny_model(bench):
         ranks = dobi.ranks_from_gammas(trained.gammas, bench.targets, remap)
         assert abs(dobi.storage_ratio(ranks, bench.targets, remap) - 0.3) < 0.01
     assert max(abs(h["ratio"] - 0.3) for h in trained.history[1:]) < 0.03  # it drifts but is pulled back
+
+
+def test_remap_says_when_a_small_ratio_cannot_be_spent(tiny_lm):
+    # 64 x 128 and 32 x 64 matrices at full rank in 8 bits take 78% and 81% of their 16-bit bytes
+    note = dobi.budget_note(tiny_lm.targets, 0.05, remap=True)
+    full = {t.name: dobi.gamma_cap(t, True) for t in tiny_lm.targets}
+    least = dobi.storage_ratio(dobi.ranks_from_gammas(full, tiny_lm.targets, True), tiny_lm.targets, True)
+    assert 0.05 < least < 0.3 and note is not None and f"{least:.3f}" in note
+    assert dobi.budget_note(tiny_lm.targets, 0.4, remap=True) is None
+    assert dobi.budget_note(tiny_lm.targets, 0.05, remap=False) is None

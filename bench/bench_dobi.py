@@ -67,6 +67,34 @@ def table(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def references(out: str, ratio: float, eval_tokens: int) -> dict:
+    """Two references for the remapped rows: the factor methods at the storage ratio the remap really
+    reached (matched bytes), and plain int8 absmax quantisation of every targeted matrix (no SVD)."""
+    import copy
+
+    from bench_sweep import run as run_sweep_bench
+    from dipsvd_core.data import evaluation_windows
+    from dipsvd_core.dobi_math import dequantize_absmax, quantize_absmax
+    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.models import load_model
+
+    matched = run_sweep_bench("svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled", f"{ratio}", eval_tokens,
+                              out + "_matched", Settings())
+    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    model = copy.deepcopy(lm.model)
+    mods = dict(model.named_modules())
+    before = after = 0
+    for t in lm.targets:
+        w = mods[t.name].weight
+        q, scale = quantize_absmax(w.data, 1)  # one scale per output row
+        w.data = dequantize_absmax(q, scale, 1).to(w.dtype)
+        before, after = before + 2 * t.params, after + t.params + 4 * t.out_features
+    sets = {s: evaluation_windows(lm.tokenizer, s, 512, eval_tokens) for s in ("wiki", "news")}
+    int8 = {"storage_ratio": 1 - after / before, "ppl": {s: perplexity(model, w) for s, w in sets.items()}}
+    return {"matched": [{k: r[k] for k in ("method", "allocation", "ratio", "ratio_realized", "ppl")}
+                        for r in matched["rows"]], "int8_dense": int8}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
@@ -76,7 +104,16 @@ def main() -> None:
     ap.add_argument("--dobi-windows", type=int, default=4)
     ap.add_argument("--out", default=str(HERE / "sweep_dobi"))
     ap.add_argument("--table-only", action="store_true", help="print the tables of an existing <out>.json")
+    ap.add_argument("--references", type=float, default=None, metavar="RATIO",
+                    help="only add the references to <out>.json: the factor methods at RATIO (the storage ratio "
+                         "the remapped rows reached) and int8 quantisation of the dense matrices")
     args = ap.parse_args()
+    if args.references is not None:
+        report = json.loads(Path(args.out + ".json").read_text())
+        report["references"] = references(args.out, args.references, args.eval_tokens)
+        Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
+        print(json.dumps(report["references"], indent=1))
+        return
     if args.table_only:
         print(table(json.loads(Path(args.out + ".json").read_text())))
         return

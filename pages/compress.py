@@ -109,10 +109,17 @@ grid = [0.1, 0.2, 0.3, 0.4, 0.5] if large else [0.05, 0.1, 0.15, 0.2, 0.3]
 c1, c2, c3 = st.columns([2, 2, 1])
 ui.seed("k_sw_methods", [m for m in ("svd-llm", "dipsvd") if m in METHODS])
 ui.seed("k_sw_ratios", grid[:3])
-methods = c1.multiselect("Methods", list(METHODS), key="k_sw_methods", disabled=busy)
+methods = c1.multiselect("Methods", [*METHODS, "dobi", "dobi-remap"], key="k_sw_methods", disabled=busy,
+                         help="dobi and dobi-remap (8-bit factors) train once per ratio: minutes each on a CPU")
 ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio])), key="k_sw_ratios", disabled=busy)
 sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
-base = replace(cur, allocation="uniform") if cur.allocation == "bayes" else cur  # BO per point is too slow
+# BO per point is too slow; Dobi-SVD's "trained" is its own, so factor methods then use uniform.
+base = replace(cur, allocation="uniform") if cur.allocation in ("bayes", "trained") else cur
+base = replace(base, method="svd-llm", remap=False) if base.method == "dobi" else base
+
+
+def row_allocation(method: str) -> str:
+    return "trained" if method.startswith("dobi") else base.allocation
 
 
 def sweep(job):
@@ -125,9 +132,10 @@ def sweep(job):
         s.sweep = {"dataset": sweep_set, "report": report, "allocation": base.allocation}
 
     sets = {sweep_set: bench.eval_windows(sweep_set, int(tokens))}
-    in_memory = [spec for spec in (replace(base, method=m).spec for m in methods) if bench.has_factors(spec)]
+    in_memory = [spec for spec in (replace(base, method=m).spec for m in methods if not m.startswith("dobi"))
+                 if bench.has_factors(spec)]
     try:
-        run_sweep(bench, base, [(m, base.allocation) for m in methods], sorted(ratios), sets, job.progress, on_row)
+        run_sweep(bench, base, [(m, row_allocation(m)) for m in methods], sorted(ratios), sets, job.progress, on_row)
     except Cancelled:
         pass
     finally:
@@ -143,6 +151,7 @@ if s.sweep:
                                          s.sweep["report"]["original_ppl"][s.sweep["dataset"]], s.sweep["dataset"]),
                     key="fig_sweep")
     st.caption(f"Each point is a model built from cached factors with the {s.sweep['allocation']} allocation "
+               "(Dobi-SVD: its trained ranks; with remap the ratio is counted in bytes against 16-bit weights) "
                "and evaluated on the same windows; the dotted line is the original model.")
 
 st.subheader("Speed")

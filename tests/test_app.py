@@ -307,6 +307,13 @@ def test_dobi_trains_previews_builds_and_exports(tmp_path):
     studio = at.session_state["studio"]
     assert studio.result.settings.method == "dobi" and studio.result.info["storage"]["remap"]
     assert any("8-bit factors" in c.value for c in at.caption)
+    # The ratio sweep puts Dobi-SVD next to SVD-LLM on the same windows
+    at.multiselect(key="k_sw_methods").set_value(["svd-llm", "dobi"])
+    at.multiselect(key="k_sw_ratios").set_value([0.1, 0.3])
+    settle(at)
+    click(at, "Run sweep")
+    traces = {t["name"]: t for t in figure(at, "fig_sweep")["data"] if t.get("name") in ("svd-llm", "dobi")}
+    assert set(traces) == {"svd-llm", "dobi"} and all(len(t["y"]) == 2 for t in traces.values())
     page(at, "export")
     at.text_input(key="k_ex_folder").set_value(str(tmp_path / "dobi-out"))
     settle(at)

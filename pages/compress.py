@@ -54,8 +54,8 @@ if s.result is not None and s.params is not None:
                 "embeddings and lm_head are kept", delta_color="off", delta_arrow="off")
     if s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
         st_ = s.result.info["storage"]
-        st.caption(f"Storage of the targeted matrices: {st_['targeted_bytes_after'] / 2**20:.1f} MiB from "
-                   f"{st_['targeted_bytes_before_16bit'] / 2**20:.1f} MiB at 16 bits"
+        st.caption(f"Storage of the targeted matrices: {ui.fmt_bytes(st_['targeted_bytes_after'])} from "
+                   f"{ui.fmt_bytes(st_['targeted_bytes_before_16bit'])} at 16 bits"
                    + (" (8-bit factors with per-vector scales)" if st_["remap"] else "")
                    + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
         if s.result.info.get("note"):

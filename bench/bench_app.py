@@ -153,8 +153,9 @@ def markdown(res: dict) -> str:
     c = res["core"]
     return f"""{SECTION}
 
-Machine: {res['machine']}. Date: 2026-11-23. Command: `make bench-app` (`python bench/bench_app.py --write`),
-torch threads: {res['torch_threads']}. The CPU was shared with other jobs while this ran, so times are upper bounds.
+Machine: {res['machine']}. Date: {time.strftime('%Y-%m-%d')}. Command: `make bench-app`
+(`python bench/bench_app.py --write`), torch threads: {res['torch_threads']}. Heavy jobs running beside it
+(see the load average) make every time an upper bound.
 Calibration for the factors, Fisher and the slider: 4 x 128 tokens of wiki, dipsvd with "paper" whitening
 (as in tests/test_browser.py), factors and Fisher already in the disk cache.
 

@@ -2,9 +2,10 @@
 
 A saved folder is an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer)
 whose config.json carries a `dipsvd_compression` entry: the method, the settings and every
-module's rank. A remapped Dobi-SVD model (entry "remap": true) stores each low-rank u and v as int8
-with a float32 `<name>_scale` per rank vector, and is dequantized on load. `load_compressed` rebuilds the architecture from the config, swaps in
+module's rank. `load_compressed` rebuilds the architecture from the config, swaps in
 LowRankLinear modules of those ranks and loads the tensors; `trust_remote_code` is never used.
+A remapped Dobi-SVD model (entry "remap": true) stores each low-rank u and v as int8 with a
+float32 `<name>_scale` per rank vector, and is dequantized on load.
 Saving writes to a temporary sibling folder and renames it into place, and refuses to replace a
 non-empty folder unless `force` is given.
 """

@@ -287,7 +287,8 @@ class Workbench:
         allocation = dobi.allocation_of(ranks, targets, settings.ratio, cfg.remap,
                                         [h["task"] for h in trained.history])
         trained_ranks = dobi.ranks_from_gammas(trained.gammas, targets, cfg.remap)
-        info = {"storage": dobi.storage_report(ranks, targets, cfg.remap), "note": dobi.budget_note(targets, settings.ratio, cfg.remap),
+        info = {"storage": dobi.storage_report(ranks, targets, cfg.remap),
+                "note": dobi.budget_note(targets, settings.ratio, cfg.remap),
                 "ratio_trained": dobi.storage_ratio(trained_ranks, targets, cfg.remap),
                 "history": trained.history, "config": dobi.config_dict(cfg),
                 "gamma_shift": dobi.gamma_shift(trained.gammas, targets, settings.ratio, cfg.remap)}

@@ -31,6 +31,7 @@ from .dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, 
                         masked_svd, max_remap_rank, quantize_absmax)
 from .errors import DipSVDError
 from .models import Target
+from .surgery import LowRankLinear
 
 DENSE_BYTES = 2  # the 16-bit dense model that storage is counted against
 
@@ -88,7 +89,7 @@ def matrix_bytes(k: int | None, t: Target, remap: bool) -> int:
 
 def storage_ratio(ranks: dict[str, int | None], targets: list[Target], remap: bool) -> float:
     """Fraction of the targeted 16-bit bytes removed."""
-    return 1 - sum(matrix_bytes(ranks[t.name], t, remap) for t in targets) / sum(dense_cost(t) for t in targets)
+    return storage_report(ranks, targets, remap)["storage_ratio"]
 
 
 def ranks_from_gammas(gammas: dict[str, float], targets: list[Target], remap: bool,
@@ -340,9 +341,9 @@ def remap_weights(weights: dict[str, tuple]) -> dict[str, tuple]:
 
 
 def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The int8 form of every LowRankLinear's u and v (`.weight` int8 plus `.weight_scale`)."""
-    from .surgery import LowRankLinear
-
+    """The int8 form of every LowRankLinear's u and v (`.weight` int8 plus `.weight_scale`).
+    Re-quantising remap_weights' output gives back its int8 values: each vector's absmax is 127
+    times its scale (up to float rounding of that scale)."""
     state = {}
     for name, m in model.named_modules():
         if isinstance(m, LowRankLinear):
@@ -367,8 +368,6 @@ def allocation_of(ranks: dict[str, int | None], targets: list[Target], ratio: fl
     for t in targets:
         kept[t.block] += matrix_bytes(ranks[t.name], t, remap)
         total[t.block] += dense_cost(t)
-
-
     p = np.array([k / d for k, d in zip(kept, total)])
     return Allocation(p, ranks, ratio, storage_ratio(ranks, targets, remap), "trained", history=list(history))
 

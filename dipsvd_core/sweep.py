@@ -119,12 +119,11 @@ def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dic
     t0 = time.perf_counter()
     if settings.method == "dobi":  # training + IPCA update is its "allocation"; build does both
         result = bench.build(settings, progress=progress)
-        allocation = result.allocation
+        allocation, t1 = result.allocation, time.perf_counter()
     else:
         allocation = bench.allocate(settings, progress)
-        result = None
-    t1 = time.perf_counter()
-    result = result or bench.build(settings, allocation)
+        t1 = time.perf_counter()
+        result = bench.build(settings, allocation)
     ppl = {n: perplexity(result.model, w) for n, w in eval_sets.items()}
     t2 = time.perf_counter()
     info = result.info

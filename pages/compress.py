@@ -115,7 +115,7 @@ ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio])), key="
 sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
 # BO per point is too slow; Dobi-SVD's "trained" is its own, so factor methods then use uniform.
 base = replace(cur, allocation="uniform") if cur.allocation in ("bayes", "trained") else cur
-base = replace(base, method="svd-llm", remap=False) if base.method == "dobi" else base
+base = replace(base, remap=False)  # remap belongs to the dobi-remap rows only
 
 
 def row_allocation(method: str) -> str:

@@ -101,10 +101,24 @@ def bundled_gguf() -> Path:
     return Path(files[0])
 
 
+HEADER_BYTES = 16 << 20  # GGUF metadata (tokenizer included) and tensor index sit at the front
+
+
+def gguf_content_tag(gguf: Path) -> str:
+    """What a GGUF file is, not where it lies: its name, its size and a hash of its first 16 MiB.
+
+    A new clone, venv or machine that installs the same file reuses the dequantized copy; a
+    different quantization or model changes the header and so the tag. Reading 16 MiB takes
+    about 10 ms, against seconds to hash a multi-GB file whole.
+    """
+    h = hashlib.sha256(f"{gguf.name}|{gguf.stat().st_size}|".encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(HEADER_BYTES))
+    return h.hexdigest()[:16]
+
+
 def _dequantized_cache(gguf: Path) -> Path:
-    st = gguf.stat()
-    tag = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.stem}-{tag}"
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf_content_tag(gguf)}"
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None):

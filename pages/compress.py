@@ -61,7 +61,7 @@ if s.result is not None and s.params is not None:
         if s.result.info.get("note"):
             st.warning(s.result.info["note"], icon=":material/info:")
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
-               f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.1f} s.")
+               f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
 
 st.subheader("Perplexity")
 c1, c2, c3 = st.columns([2, 2, 1])

@@ -53,12 +53,18 @@ def header(title: str, caption: str) -> None:
     job_panel()
 
 
+FAST_POLL_S, SLOW_POLL_S, FAST_FOR_S = 0.5, 2.0, 3.0
+
+
 def job_panel() -> None:
     job = studio().job
     if job is None:
         return
     if job.running:
-        _live_job()
+        # A job's first and last seconds are polled every half second, so that its result shows at once;
+        # the rest every 2 s, since every poll is a script run and a browser redraw that take the GIL and a
+        # core share from the job (issue 9).
+        (_live_job_fast if _near_ends(job) else _live_job_slow)()
     elif job.error:
         st.error(job.error, icon=":material/error:")
     elif job.cancelled:
@@ -68,7 +74,30 @@ def job_panel() -> None:
         st.toast(f"{job.title}: done in {job.seconds:.1f} s")
 
 
-@st.fragment(run_every=0.5)
+def _near_ends(job: Job, end_margin: float = 1.0) -> bool:
+    """Within FAST_FOR_S of the job's start, or within end_margin x FAST_FOR_S of its end as its progress
+    fraction predicts it."""
+    elapsed = time.perf_counter() - job.started
+    left = elapsed * (1 - job.fraction) / job.fraction if job.fraction > 0 else float("inf")
+    return elapsed < FAST_FOR_S or left < end_margin * FAST_FOR_S
+
+
+@st.fragment(run_every=FAST_POLL_S)
+def _live_job_fast() -> None:
+    job = studio().job
+    if job is not None and job.running and not _near_ends(job, end_margin=2.0):  # a margin against flapping
+        st.rerun()  # the page reruns once and switches to the slow poll
+    _live_job()
+
+
+@st.fragment(run_every=SLOW_POLL_S)
+def _live_job_slow() -> None:
+    job = studio().job
+    if job is not None and job.running and _near_ends(job):
+        st.rerun()  # the end is near: back to the fast poll
+    _live_job()
+
+
 def _live_job() -> None:
     job = studio().job
     if job is None or not job.running:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: run test install bench bench-app clean-cache
+.PHONY: run test install browser bench bench-app bench-app-cli clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,18 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT)
 
-test: install
+test: install browser
 	$(PY) -m pytest
+
+# tests/test_browser.py drives the app in Debian's chromium (Playwright's own browser download is not used).
+# Installed here when missing and this is root on Debian; otherwise those tests skip with the reason
+# (and fail under CI=true, so CI never skips them silently).
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "could not install chromium; the browser tests will say why they skip"; \
+	fi
 
 bench: install
 	$(PY) bench/bench_core.py
@@ -33,5 +43,9 @@ bench: install
 bench-app: install
 	$(PY) bench/bench_app.py --write
 
+bench-app-cli: install browser
+	$(PY) bench/bench_app_cli.py --write --cold-start
+
+# Statistics, factors, Fisher, Dobi-SVD gammas and the dequantized bundled model (README "Caches").
 clean-cache:
 	rm -rf "$${DIPSVD_STUDIO_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/dipsvd-studio}"

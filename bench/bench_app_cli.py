@@ -1,0 +1,305 @@
+"""Benchmark of issue 9: every long step of the Studio against the same work from the CLI.
+
+    python bench/bench_app_cli.py [--write] [--cold-start]
+
+One run, one machine, one after the other, nothing else running, each side on an empty cache of its
+own (so both dequantize the bundled GGUF and collect statistics cold):
+- CLI: `python -m dipsvd_core compress` three times (the main run, then Bayesian optimization and
+  Dobi-SVD training on the main run's cache), with --report; the step times come from its report.
+- App: `streamlit run app.py` driven in headless Chromium as a user would, with the page left open
+  on the step while it runs (its progress display polling). A step's app time is from the click
+  until its result is on the page.
+The work: the bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd with the uniform
+allocation at ratio 0.1, wiki and news with 1024 evaluation tokens each, the three default
+prompts (48 new tokens, chat template), BO with 10 calls, Dobi-SVD with 1 epoch over 2 windows.
+
+--cold-start also times a first-time user on a fresh clone with an empty HOME (so pip's cache is
+empty too): `make install`, then `make run` until Chromium shows the first page.
+--write replaces the "## App against CLI (issue 9)" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_sweep import replace_section  # noqa: E402
+
+SECTION = "## App against CLI (issue 9)"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic"]
+CALIB = ["--calib", "wiki", "--calib-windows", "8", "--seqlen", "256", "--seed", "0"]
+WORK = ["--method", "dipsvd", "--ratio", "0.1", *CALIB]
+BO_CALLS, DOBI_EPOCHS, DOBI_WINDOWS = 10, 1, 2
+LONG = 900_000  # ms: the longest a step may take in the browser before the run is abandoned
+
+
+def cli(cache: Path, *args: str) -> dict:
+    """One `compress` run on this cache; its report, with the wall time of the whole process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", *args, "--report", str(report), "--quiet"],
+                       cwd=ROOT, env=dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache)), check=True,
+                       stdout=subprocess.DEVNULL)
+        out = json.loads(report.read_text())
+        out["wall_s"] = time.perf_counter() - t0
+        return out
+
+
+def cli_side(cache: Path) -> dict:
+    main = cli(cache, *WORK, "--eval", "wiki,news", "--eval-tokens", "1024", "--generate")["timings_s"]
+    small_eval = ["--eval", "wiki", "--eval-tokens", "256", "--no-eval-original"]
+    bo = cli(cache, *WORK, "--allocation", "bayes", "--bo-calls", str(BO_CALLS), *small_eval)["timings_s"]
+    dobi = cli(cache, *CALIB, "--method", "dobi", "--ratio", "0.1", "--dobi-epochs", str(DOBI_EPOCHS),
+               "--dobi-windows", str(DOBI_WINDOWS), *small_eval)["timings_s"]
+    return {
+        "load and statistics": main["load_model"] + main["calibration_text"] + main["statistics"],
+        "statistics": main["statistics"],
+        "factors": main["factors"],
+        "build (allocation and surgery)": main["allocation"] + main["surgery"],
+        "surgery": main["surgery"],
+        "evaluate original and compressed": main["evaluation"],
+        "generate, original and compressed": main["generation"],
+        "Fisher sensitivity": bo["fisher"],
+        "Bayesian optimization": bo["allocation"] - bo["fisher"],  # allocate() computed Fisher inside
+        "Dobi-SVD training": dobi["dobi_training"],
+        "_raw": {"main": main, "bo": bo, "dobi": dobi},
+    }
+
+
+class App:
+    """The Studio in a real browser; `step(click, done)` times one job from its click to its result."""
+
+    def __init__(self, cache: Path, log: Path):
+        from playwright.sync_api import sync_playwright
+
+        from tests.test_browser import free_port, wait_for_server
+
+        port = free_port()
+        env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), DIPSVD_STUDIO_CALIB_WINDOWS="8",
+                   DIPSVD_STUDIO_SEQLEN="256", DIPSVD_STUDIO_EVAL="wiki,news", DIPSVD_STUDIO_EVAL_TOKENS="1024",
+                   DIPSVD_STUDIO_NEW_TOKENS="48")
+        env.pop("DIPSVD_STUDIO_DEFAULT_MODEL", None)
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://localhost:{port}"
+        wait_for_server(self.url, self.proc)
+        self.pw = sync_playwright().start()
+        self.browser = self.pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        self.page = self.browser.new_page(viewport={"width": 1440, "height": 1000})
+
+    def close(self) -> None:
+        self.browser.close()
+        self.pw.stop()
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+    def go(self, title: str) -> None:
+        from playwright.sync_api import expect
+
+        self.page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+        expect(self.page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=60_000)
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait for the rerun a widget change started."""
+        self.page.wait_for_timeout(800)
+        self.page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+
+    def step(self, button: str, done) -> float:
+        self.page.get_by_role("button", name=button).click()
+        t0 = time.perf_counter()
+        done().wait_for(state="visible", timeout=LONG)
+        seconds = time.perf_counter() - t0
+        errors = self.page.get_by_test_id("stAlertContentError").all_inner_texts()
+        if errors:
+            raise RuntimeError(f"the app showed an error after '{button}': {errors}")
+        return seconds
+
+    def number(self, label: str, value: int) -> None:
+        box = self.page.get_by_label(label, exact=True)
+        box.fill(str(value))
+        box.press("Enter")
+        self.settle()
+
+    def choose(self, label: str, option: str) -> None:
+        self.page.get_by_test_id("stSelectbox").filter(has_text=label).click()
+        self.page.get_by_role("option", name=option, exact=True).click()
+        self.settle()
+
+
+def app_side(cache: Path, log: Path) -> dict:
+    from playwright.sync_api import expect
+
+    app, out = App(cache, log), {}
+    page = app.page
+    try:
+        page.goto(app.url)
+        expect(page.get_by_role("heading", name="Model and data", exact=True)).to_be_visible(timeout=60_000)
+        out["load and statistics"] = app.step("Load model and collect statistics",
+                                              lambda: page.get_by_text("Decoder blocks"))
+        shown = page.get_by_test_id("stMetricDelta").filter(has_text="statistics").inner_text()
+        out["statistics"] = float(re.search(r"statistics ([0-9.]+) s", shown).group(1))  # the job's own time
+
+        app.go("Allocation")
+        out["factors"] = app.step("Factor matrices",
+                                  lambda: page.get_by_text("the energy of the dropped singular values"))
+
+        app.go("Compress and evaluate")
+        out["build (allocation and surgery)"] = app.step("Build compressed model",
+                                                         lambda: page.get_by_text("Realized ratio (targeted)"))
+        shown = page.get_by_text("surgery", exact=False).filter(has_text="Built with").inner_text()
+        out["surgery"] = float(re.search(r"surgery ([0-9.]+) s", shown).group(1))  # the job's own time
+        out["evaluate original and compressed"] = app.step(
+            "Evaluate original and compressed",
+            lambda: page.get_by_test_id("stTable").locator("tbody tr").nth(1).get_by_text("news", exact=True))
+
+        app.go("Side by side")
+        own = page.get_by_label("Your own prompts, one a line")  # with the preselected one: the CLI's three
+        own.fill("The history of the Roman Empire begins\nWrite a short poem about the sea.")
+        own.press("Control+Enter")
+        app.settle()
+        out["generate, original and compressed"] = app.step("Generate",
+                                                            lambda: page.get_by_text("tok/s").nth(5))
+
+        app.go("Allocation")
+        page.get_by_role("radio", name="bayes").check(force=True)
+        app.settle()
+        out["Fisher sensitivity"] = app.step("Compute Fisher sensitivity",
+                                             lambda: page.get_by_role("button", name="Run Bayesian optimization"))
+        page.get_by_text("Bounds and Bayesian optimization").click()
+        app.number("BO calls", BO_CALLS)
+        out["Bayesian optimization"] = app.step("Run Bayesian optimization",
+                                                lambda: page.get_by_text("Objective of each BO call"))
+
+        app.choose("Method", "dobi")
+        app.number("Epochs", DOBI_EPOCHS)
+        app.number("Training windows", DOBI_WINDOWS)
+        out["Dobi-SVD training"] = app.step("Train truncation positions",
+                                            lambda: page.get_by_text("Ratio the gammas reached"))
+    except Exception:
+        page.screenshot(path=str(log.with_suffix(".png")), full_page=True)
+        raise
+    finally:
+        app.close()
+    return out
+
+
+def cold_start() -> dict:
+    """A first-time user: a fresh clone, an empty HOME (no pip or model cache), `make install`, then
+    `make run` until Chromium shows the first page."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_browser import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="dipsvd-cold-"))
+    try:
+        clone, home = work / "clone", work / "home"
+        home.mkdir()
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DIPSVD_STUDIO", "VIRTUAL_ENV", "XDG_CACHE"))}
+        env["HOME"] = str(home)
+        t0 = time.perf_counter()
+        subprocess.run(["make", "install"], cwd=clone, env=env, check=True, stdout=subprocess.DEVNULL)
+        install = time.perf_counter() - t0
+        port = free_port()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=clone, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1)
+                    break
+                except OSError:
+                    if time.perf_counter() - t0 > 300:
+                        raise RuntimeError("make run did not serve within 300 s")
+                    time.sleep(0.05)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+                page = browser.new_page()
+                page.goto(f"http://localhost:{port}")
+                expect(page.get_by_role("heading", name="Model and data", exact=True)).to_be_visible(timeout=120_000)
+                first_page = time.perf_counter() - t0
+                browser.close()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        return {"install_s": install, "first_page_s": first_page}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(res: dict) -> str:
+    rows = []
+    for step, app_s in res["app"].items():
+        cli_s = res["cli"][step]
+        rows.append(f"| {step} | {cli_s:.1f} | {app_s:.1f} | {app_s / cli_s:.2f} |")
+    cold = res.get("cold_start")
+    cold_text = "" if not cold else f"""
+A first-time user (`--cold-start`): a fresh clone and an empty HOME, so pip downloads everything but torch
+(a wheel on this machine's disk). `make install` {cold['install_s']:.0f} s; then `make run` until Chromium shows
+the first page {cold['first_page_s']:.1f} s. The first load of the bundled model then dequantizes it (the
+"load and statistics" row above includes that, on both sides).
+"""
+    raw = res["cli"]["_raw"]["main"]
+    return f"""{SECTION}
+
+Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{' --cold-start' if cold else ''}`.
+The bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd + uniform at ratio 0.1, wiki and news
+with 1024 evaluation tokens each, the three default prompts (48 new tokens), BO with {BO_CALLS} calls, Dobi-SVD
+with {DOBI_EPOCHS} epoch over {DOBI_WINDOWS} windows. CLI and app ran one after the other, each on an empty cache
+of its own, so both dequantize the GGUF (CLI: {raw['load_model']:.1f} s of its load) and compute every step cold.
+CLI times come from the `compress` report; an app time runs from the click until the result is on the page,
+with the page left open on the step (its progress display polling every 0.5 s in its first 3 s and, by its progress, its last 3 s, and every 2 s between),
+except "statistics" and "surgery", which are the job's own times as the page shows them. "Build" in the app also computes the parameter report and redraws the page.
+
+| step | CLI s | app s | app / CLI |
+|---|---|---|---|
+{chr(10).join(rows)}
+{cold_text}"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
+    ap.add_argument("--cold-start", action="store_true", help="also time install and first page on a fresh clone")
+    args = ap.parse_args()
+    res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
+                      f"load average {os.getloadavg()[0]:.1f} at the start",
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as tmp:
+        res["cli"] = cli_side(Path(tmp) / "cli-cache")
+        print(json.dumps(res["cli"], indent=1), flush=True)
+        res["app"] = app_side(Path(tmp) / "app-cache", Path(tempfile.gettempdir()) / "bench_app_cli_streamlit.log")
+        print(json.dumps(res["app"], indent=1), flush=True)
+    if args.cold_start:
+        res["cold_start"] = cold_start()
+    (ROOT / "bench" / "app_cli.json").write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    print(text)
+    if args.write:
+        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text)
+
+
+if __name__ == "__main__":
+    main()

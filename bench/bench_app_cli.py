@@ -122,8 +122,9 @@ class App:
 
     def settle(self) -> None:
         """Wait for the rerun a widget change started."""
-        self.page.wait_for_timeout(800)
-        self.page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+        from tests.test_browser import settle
+
+        settle(self.page)
 
     def step(self, button: str, done) -> float:
         self.page.get_by_role("button", name=button).click()

@@ -84,6 +84,12 @@ def streamlit_server(log_path: Path, **env_vars):
         shutil.copy(log_path, ARTIFACTS / log_path.name) if ARTIFACTS.exists() else None
 
 
+def settle(page) -> None:
+    """Wait until the page's script run has finished (Streamlit shows its status widget while it runs)."""
+    page.wait_for_timeout(500)
+    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
+
+
 @contextlib.contextmanager
 def browser_page():
     from playwright.sync_api import sync_playwright
@@ -119,6 +125,7 @@ def test_studio_in_a_real_browser(server):
         def go(title: str) -> None:
             page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
             expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=30_000)
+            settle(page)
 
         def no_errors() -> None:
             errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
@@ -141,7 +148,11 @@ def test_studio_in_a_real_browser(server):
 
             go("Allocation")
             # The paper's D G D form: an eigendecomposition per input group, cheaper than the code form's SVD.
-            page.get_by_role("radio", name="paper").check(force=True)
+            for _ in range(3):  # a click that lands while the page redraws can be lost: look for its effect
+                page.get_by_role("radio", name="paper").click(force=True)
+                settle(page)
+                if page.get_by_text("paper whitening").count():
+                    break
             expect(page.get_by_text("paper whitening")).to_be_visible(timeout=30_000)
             page.get_by_role("button", name="Factor matrices").click()
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)

@@ -1,12 +1,17 @@
 """Step 5 of the flow: build the compressed model. The original is never modified.
 
 Math and surgery are separate: `low_rank_weights` turns factors and ranks into a plain dict of
-(u, v) tensors; `compress_model` copies the model and swaps each targeted Linear for a
-LowRankLinear (x -> v -> u, u keeps the bias) or leaves it dense.
+(u, v) tensors (k rows of each factor, read from disk); `compress_model` builds a second module tree
+that shares every tensor it does not change with the original (embeddings, norms, lm_head, biases,
+buffers and every matrix kept dense: the same storage, no copy) and swaps each factored Linear for
+a LowRankLinear (x -> v -> u, u keeps the bias). Original plus compressed in memory is then the
+original plus the kept factors. Nothing writes into a shared tensor: the compressed model is for
+inference and saving, like the original.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -30,8 +35,8 @@ class LowRankLinear(nn.Module):
         lr = cls(v.shape[1], u.shape[0], u.shape[1], bias is not None, device="meta")
         lr.v.weight = nn.Parameter(v)
         lr.u.weight = nn.Parameter(u)
-        if bias is not None:
-            lr.u.bias = nn.Parameter(bias.detach().clone())
+        if bias is not None:  # the original's bias, shared
+            lr.u.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
         return lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,10 +57,11 @@ def low_rank_weights(factors: dict[str, Factor], ranks: dict[str, int | None]) -
 
 
 def compress_model(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-    """A copy of `model` with each named Linear replaced by LowRankLinear(u, v)."""
+    """`model` with each named Linear replaced by LowRankLinear(u, v), as a new module tree over the
+    original's tensors: the original is unchanged and nothing but the factors is allocated."""
     mods = dict(model.named_modules())
-    # Copy everything but the Linears being replaced: their dense weights are never needed.
-    memo = {id(mods[n].weight): None for n in weights}
+    # deepcopy copies the modules; a memo entry that maps a tensor to itself makes the copy share it.
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     new = copy.deepcopy(model, memo)
     for name, (u, v) in weights.items():
         old = mods[name]

@@ -85,7 +85,7 @@ def timed(fn, repeats: int = 5) -> float:
 def core() -> dict:
     from dipsvd_core.models import load_model
     from dipsvd_core.pipeline import Settings, Workbench
-    from dipsvd_core.stats import collect_stats
+    from dipsvd_core.stats import stream_stats
 
     out = {}
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def core() -> dict:
     windows = app.windows()
     out["calibration_text_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    collect_stats(lm.model, [t.name for t in lm.targets], windows)  # no disk cache: the real cost
+    stream_stats(lm.model, [t.name for t in lm.targets], windows)  # no disk cache: the real cost
     out["statistics_16x256_s"] = time.perf_counter() - t0
 
     bench = Workbench(lm, **CALIB)

@@ -5,7 +5,7 @@ projected onto the budget by `allocation.project`, so no evaluated point ever br
 search is seeded and warm-started (x0) with the uniform and heuristic allocations.
 
 Evaluating a point never recomputes an SVD: `RankSwapper` holds ONE reusable copy of the model and
-writes W' = us[:, :k] @ vs[:k] (a slice of the cached factors) into each targeted Linear in place,
+writes W' = us[:, :k] @ vs[:k] (k rows of the cached factors, read from disk) into each targeted Linear in place,
 or the original W for a dense one. The original model is never touched. The objective is
 perplexity on held-out calibration-split windows (disjoint from the calibration windows), or
 1 - mean cosine similarity between the copy's and the original model's logits on those windows.
@@ -46,8 +46,9 @@ class RankSwapper:
             if k is DENSE:
                 mod.weight.copy_(orig.weight)
             else:
-                f = factors[name]
-                mod.weight.copy_((f.us[:, :k].float() @ f.vs[:k].float()).to(mod.weight.dtype))
+                u, v = factors[name].low_rank(k)  # k rows of each factor, read from disk
+                mod.weight.copy_((u.to(mod.weight.device).float() @ v.to(mod.weight.device).float())
+                                 .to(mod.weight.dtype))
         return self.copy
 
 

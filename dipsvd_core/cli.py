@@ -108,7 +108,8 @@ def _add_importance_args(p: argparse.ArgumentParser) -> None:
 def _settings_from(args, **over):
     from .pipeline import Settings
 
-    fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, p_min=args.p_min, p_max=args.p_max,
+    fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, compute_dtype=args.compute_dtype,
+                  factor_dtype=args.factor_dtype, p_min=args.p_min, p_max=args.p_max,
                   beta=args.beta, tau=args.tau, energy=args.energy, bo_calls=args.bo_calls,
                   bo_objective=args.bo_objective, bo_windows=args.bo_windows, seed=args.seed)
     for name in ("dobi_epochs", "dobi_lr", "dobi_lambda", "dobi_windows", "dobi_ipca_windows", "dobi_beta", "remap"):
@@ -116,6 +117,13 @@ def _settings_from(args, **over):
             fields[name] = getattr(args, name)
     fields.update(over)
     return Settings(**fields).check()
+
+
+def _add_dtype_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compute-dtype", choices=("float64", "float32"), default="float64",
+                   help="dtype of the whitening and the SVD (float32 for GPUs without fast float64)")
+    p.add_argument("--factor-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the factors stored on disk (bfloat16 halves them)")
 
 
 def _add_dobi_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
     c.add_argument("--p-min", type=float, default=0.05, help="lowest keep ratio of a block")
     c.add_argument("--p-max", type=float, default=1.0, help="highest keep ratio of a block (1 = may stay dense)")
+    _add_dtype_args(c)
     _add_calib_args(c)
     _add_importance_args(c)
     _add_dobi_args(c)
@@ -174,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
     w.add_argument("--p-min", type=float, default=0.05)
     w.add_argument("--p-max", type=float, default=1.0)
+    _add_dtype_args(w)
     _add_calib_args(w)
     _add_importance_args(w)
     _add_dobi_args(w)

@@ -14,17 +14,28 @@ Then W S = U Sigma V^T and the rank-k matrix is W' = U_k Sigma_k (V_k^T S^{-1}).
 U Sigma^{1/2}, sigma and Sigma^{1/2} V^T S^{-1} for all min(out, in) components, so any rank is a
 slice. In the paper form
 ||(W - W') D X||_F = sqrt(sum_{i>k} sigma_i^2) exactly (where no eigenvalue was floored).
-Everything is float64; the factors are stored in float32 with sigma in float64.
+The whitening and the SVD run on the device of the weight and the Gram (the model's device), in
+the spec's compute dtype (float64 by default); the factors are stored in float32 (or the model's
+bfloat16) with sigma in float64.
+
+Factors live on disk (`FactorStore`), one safetensors file per decoder block, laid out so that a
+rank-k slice is k contiguous rows of each tensor: u is stored transposed, as ut = (U Sigma^{1/2})^T
+(r, out), next to vs (r, in). Only sigma stays in memory; `Factor.low_rank(k)` reads k rows of
+each through a memory map (safetensors `get_slice`).
 """
 from __future__ import annotations
 
+import json
 import logging
-import time
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
 
 log = logging.getLogger(__name__)
@@ -32,31 +43,60 @@ log = logging.getLogger(__name__)
 WHITENING_FORMS = ("paper", "code")
 DEFAULT_WHITENING = "code"  # measured best on held-out text: bench/RESULTS.md
 METHODS = ("svd", "svd-llm", "dipsvd", "fwsvd", "asvd")
-EIG_FLOOR = 1e-10  # eigenvalues below this fraction of the largest are raised to it
+GRAM_METHODS = ("svd-llm", "dipsvd")  # the methods whose whitening needs the input Grams
+EIG_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-6}  # eigenvalues below this fraction of the largest are raised to it
 DIAG_FLOOR = 1e-6  # diagonal scales below this fraction of the largest are raised to it (dead channels)
 ASVD_ALPHA = 0.5  # ASVD's exponent on mean |x_j|
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@dataclass
 class Factor:
     """W S = U diag(sigma) V^T, stored pre-scaled so that any rank is a slice:
-    us = U Sigma^{1/2} (out, r) and vs = Sigma^{1/2} V^T S^{-1} (r, in), r = min(out, in)."""
+    us = U Sigma^{1/2} (out, r) and vs = Sigma^{1/2} V^T S^{-1} (r, in), r = min(out, in).
 
-    us: torch.Tensor
-    sigma: torch.Tensor  # (r,) float64, descending
-    vs: torch.Tensor
-    floored: int = 0  # eigenvalues floored while whitening: the loss identity is then approximate
+    In memory (`Factor(us, sigma, vs)`) or on disk (`Factor.on_disk(file, name, sigma)`): then only
+    sigma is held, and `low_rank(k)` reads k rows of ut and vs."""
+
+    def __init__(self, us: torch.Tensor | None, sigma: torch.Tensor, vs: torch.Tensor | None, floored: int = 0,
+                 file: str | None = None, name: str = ""):
+        self._us, self.sigma, self._vs, self.floored = us, sigma, vs, floored  # sigma: (r,) float64, descending
+        self.file, self.name = file, name
+
+    @classmethod
+    def on_disk(cls, file: str, name: str, sigma: torch.Tensor, floored: int = 0) -> "Factor":
+        return cls(None, sigma, None, floored, file, name)
 
     @property
     def max_rank(self) -> int:
         return self.sigma.numel()
 
+    def _rows(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ut[:k], vs[:k]) as views: k rows of each. On disk the views lie in a memory map of the block
+        file, so only the pages a copy of them touches are read."""
+        if self.file is None:
+            k = self.max_rank if k is None else k
+            return self._us[:, :k].T, self._vs[:k]
+        with safe_open(self.file, framework="pt") as f:
+            ut, vs = f.get_slice(f"{self.name}/ut"), f.get_slice(f"{self.name}/vs")
+            return (ut[:k], vs[:k]) if k is not None else (ut[:], vs[:])
+
+    @property
+    def us(self) -> torch.Tensor:
+        return self._us if self._us is not None else self._rows(None)[0].T.clone(memory_format=torch.contiguous_format)
+
+    @property
+    def vs(self) -> torch.Tensor:
+        return self._vs if self._vs is not None else self._rows(None)[1].clone()
+
     def low_rank(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, v) with W' = u @ v = U_k Sigma_k V_k^T S^{-1}; u is (out, k), v is (k, in). Fresh copies."""
-        return self.us[:, :k].contiguous(), self.vs[:k].clone()
+        """(u, v) with W' = u @ v = U_k Sigma_k V_k^T S^{-1}; u is (out, k), v is (k, in). Fresh copies that
+        hold nothing beyond their k rows."""
+        ut, vs = self._rows(k)
+        return ut.T.clone(memory_format=torch.contiguous_format), vs.clone()
 
     def weight(self, k: int) -> torch.Tensor:
-        return self.us[:, :k].double() @ self.vs[:k].double()
+        u, v = self.low_rank(k)
+        return u.double() @ v.double()
 
     def loss_curve(self) -> torch.Tensor:
         """L(k) = sqrt(sum_{i>k} sigma_i^2) for k = 0..r: the whitened error of every rank."""
@@ -82,7 +122,7 @@ def channel_scale(alpha: torch.Tensor, weight: float, bar: float) -> torch.Tenso
     return d
 
 
-def _floor(values: torch.Tensor, what: str, rel: float = EIG_FLOOR) -> tuple[torch.Tensor, int]:
+def _floor(values: torch.Tensor, what: str, rel: float) -> tuple[torch.Tensor, int]:
     top = values.max().clamp_min(0)
     if top <= 0 or not torch.isfinite(top):
         raise DipSVDError(f"the {what} is zero or not finite: this layer saw no usable activations; "
@@ -94,33 +134,38 @@ def _floor(values: torch.Tensor, what: str, rel: float = EIG_FLOOR) -> tuple[tor
     return values.clamp_min(floor), n
 
 
-def whitening(gram: torch.Tensor, d: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(S, S^{-1}, n_floored) for Gram G and channel scale d, in float64."""
-    G = gram.double()
+def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
+              compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(S, S^{-1}, n_floored) for Gram G and channel scale d, in `compute` dtype on the Gram's device."""
+    G, d = gram.to(compute), d.to(gram.device, compute)
+    rel = EIG_FLOOR[compute]
     if form == "paper":
         L, Q = torch.linalg.eigh(d[:, None] * G * d[None, :])
-        L, n = _floor(L, "weighted Gram")
+        L, n = _floor(L, "weighted Gram", rel)
         root = L.sqrt()
         return Q * root, Q.T / root[:, None], n
     if form == "code":
         U, sig, _ = torch.linalg.svd(G * d[None, :])
-        sig, n = _floor(sig, "weighted Gram")
+        sig, n = _floor(sig, "weighted Gram", rel)
         root = sig.sqrt()
         return U * root, U.T / root[:, None], n
     raise DipSVDError(f"unknown whitening form '{form}'; use one of {', '.join(WHITENING_FORMS)}")
 
 
 def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None,
-                  floored: int = 0, dtype: torch.dtype = torch.float32) -> Factor:
-    """SVD of W S (or of W when S is None), keeping all min(out, in) components.
+                  floored: int = 0, dtype: torch.dtype = torch.float32,
+                  compute: torch.dtype = torch.float64) -> Factor:
+    """SVD of W S (or of W when S is None), keeping all min(out, in) components, on W's device.
 
-    The SVD is float64; `dtype` is how us and vs are stored (float32 halves the memory).
+    The SVD runs in `compute` dtype; `dtype` is how us and vs are stored. sigma comes back in float64 on the CPU.
     """
-    W64 = W.detach().double().cpu()
-    U, sigma, Vt = torch.linalg.svd(W64 @ S if S is not None else W64, full_matrices=False)
+    Wc = W.detach().to(compute)
+    if S is not None:
+        S, S_inv = S.to(Wc.device, compute), S_inv.to(Wc.device, compute)
+    U, sigma, Vt = torch.linalg.svd(Wc @ S if S is not None else Wc, full_matrices=False)
     VtSinv = Vt @ S_inv if S_inv is not None else Vt
     root = sigma.sqrt()
-    return Factor((U * root).to(dtype), sigma, (root[:, None] * VtSinv).to(dtype), floored)
+    return Factor((U * root).to(dtype), sigma.double().cpu(), (root[:, None] * VtSinv).to(dtype), floored)
 
 
 @dataclass(frozen=True)
@@ -131,24 +176,31 @@ class FactorSpec:
     weight: float = 30.0
     bar: float = 0.03
     whitening: str = DEFAULT_WHITENING
+    compute: str = "float64"  # dtype of the whitening and the SVD
+    storage: str = "float32"  # dtype of the stored factors (bfloat16 halves the disk and the reads)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise DipSVDError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
         if self.whitening not in WHITENING_FORMS:
             raise DipSVDError(f"unknown whitening form '{self.whitening}'; use paper or code")
+        if self.compute not in ("float64", "float32"):
+            raise DipSVDError(f"unknown compute dtype '{self.compute}'; use float64 or float32")
+        if self.storage not in ("float32", "bfloat16"):
+            raise DipSVDError(f"unknown factor dtype '{self.storage}'; use float32 or bfloat16")
 
     @property
     def key(self) -> tuple:
+        dtypes = () if (self.compute, self.storage) == ("float64", "float32") else (self.compute, self.storage)
         if self.method == "svd":
-            return ("svd",)
+            return ("svd", *dtypes)
         if self.method == "svd-llm":  # D = I: both forms give S S^T = G; eigh ("paper") is cheaper
-            return ("svd-llm",)
-        if self.method == "fwsvd":  # the Fisher key is added by cached_factors
-            return ("fwsvd", DIAG_FLOOR)
+            return ("svd-llm", *dtypes)
+        if self.method == "fwsvd":  # the Fisher key is added by the Workbench
+            return ("fwsvd", DIAG_FLOOR, *dtypes)
         if self.method == "asvd":
-            return ("asvd", ASVD_ALPHA, DIAG_FLOOR)
-        return ("dipsvd", float(self.weight), float(self.bar), self.whitening)
+            return ("asvd", ASVD_ALPHA, DIAG_FLOOR, *dtypes)
+        return ("dipsvd", float(self.weight), float(self.bar), self.whitening, *dtypes)
 
 
 def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -157,68 +209,98 @@ def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.
     return torch.diag(s), torch.diag(1 / s), n
 
 
-def factor_model(weights: dict[str, torch.Tensor], stats, spec: FactorSpec, progress=None,
-                 fisher_rows: dict[str, torch.Tensor] | None = None) -> dict[str, Factor]:
-    """Factor every targeted matrix. The whitening of a shared input group is computed once.
+def factor_model(weights: dict[str, torch.Tensor], spec: FactorSpec, group_of: dict[str, str] | None = None,
+                 grams: dict[str, torch.Tensor] | None = None, abs_means: dict[str, torch.Tensor] | None = None,
+                 fisher_rows: dict[str, torch.Tensor] | None = None, progress=None) -> dict[str, Factor]:
+    """Factor these matrices (one block's, or any set). The whitening of a shared input group is computed once.
 
-    `fisher_rows` (name -> (in,) row-wise Fisher, from importance.fisher_info) is needed by fwsvd only.
+    svd-llm and dipsvd need `group_of` and the `grams` of the groups; asvd needs `abs_means` per group;
+    fwsvd needs `fisher_rows` (name -> (in,) row-wise Fisher, from importance.fisher_info).
     """
     if spec.method == "fwsvd" and fisher_rows is None:
         raise DipSVDError("fwsvd needs the Fisher weights of the calibration loss; pass fisher_rows "
                           "(Workbench.factors does this)")
+    compute, storage = DTYPES[spec.compute], DTYPES[spec.storage]
     whiten_cache: dict[str, tuple] = {}
     out = {}
     for i, (name, W) in enumerate(weights.items()):
-        if spec.method == "svd":
-            out[name] = factor_matrix(W)
-        elif spec.method == "fwsvd":  # per matrix: the Fisher of each weight differs even in a shared group
+        S = S_inv = None
+        n = 0
+        if spec.method == "fwsvd":  # per matrix: the Fisher of each weight differs even in a shared group
             S, S_inv, n = diagonal_scale(fisher_rows[name].sqrt(), f"Fisher scale of {name}")
-            out[name] = factor_matrix(W, S, S_inv, n)
-        elif spec.method == "asvd":
-            group = stats.group_of[name]
+        elif spec.method != "svd":
+            group = group_of[name]
             if group not in whiten_cache:
-                whiten_cache[group] = diagonal_scale(stats.abs_means[group].double() ** ASVD_ALPHA,
-                                                     f"activation scale of {group}")
-            S, S_inv, n = whiten_cache[group]
-            out[name] = factor_matrix(W, S, S_inv, n)
-        else:
-            group = stats.group_of[name]
-            if group not in whiten_cache:
-                gram = stats.grams[group]
-                if spec.method == "dipsvd":
-                    d = channel_scale(stats.alpha(name), spec.weight, spec.bar)
-                    whiten_cache[group] = whitening(gram, d, spec.whitening)
+                if spec.method == "asvd":
+                    whiten_cache[group] = diagonal_scale(abs_means[group].double() ** ASVD_ALPHA,
+                                                         f"activation scale of {group}")
                 else:
-                    whiten_cache[group] = whitening(gram, torch.ones(gram.shape[0], dtype=torch.float64), "paper")
+                    gram = grams[group]
+                    ones = torch.ones(gram.shape[0], dtype=torch.float64)
+                    if spec.method == "dipsvd":
+                        alpha = torch.linalg.vector_norm(gram.double(), dim=0)
+                        whiten_cache[group] = whitening(gram, channel_scale(alpha, spec.weight, spec.bar),
+                                                        spec.whitening, compute)
+                    else:
+                        whiten_cache[group] = whitening(gram, ones, "paper", compute)
             S, S_inv, n = whiten_cache[group]
-            out[name] = factor_matrix(W, S, S_inv, n)
+        out[name] = factor_matrix(W, S, S_inv, n, storage, compute)
         if progress:
             progress((i + 1) / len(weights), f"factoring {name}")
     return out
 
 
-def cached_factors(lm, stats_key: str, stats, spec: FactorSpec, progress=None,
-                   fisher=None) -> tuple[dict[str, Factor], float]:
-    """Factors from the disk cache when present; returns (factors, seconds spent factoring).
+class FactorStore:
+    """A method's factors on disk: block-NNNN.safetensors per decoder block, then meta.json once all are in.
 
-    `fisher` (an importance.FisherInfo) is used by fwsvd only; its key joins the cache key.
-    """
-    fisher = fisher if spec.method == "fwsvd" else None
-    key = make_key("factors-v2", stats_key, spec.key, *([fisher.key] if fisher is not None else []))
-    hit = load_tensors("factors", key)
-    if hit is not None:
-        t, meta = hit
-        return {n: Factor(t[f"{n}/us"], t[f"{n}/sigma"], t[f"{n}/vs"], meta["floored"][n])
-                for n in meta["names"]}, 0.0
-    t0 = time.perf_counter()
-    mods = dict(lm.model.named_modules())
-    weights = {t.name: mods[t.name].weight for t in lm.targets}
-    factors = factor_model(weights, stats, spec, progress, fisher.rows if fisher is not None else None)
-    seconds = time.perf_counter() - t0
-    tensors = {}
-    for n, f in factors.items():
-        tensors.update({f"{n}/us": f.us, f"{n}/sigma": f.sigma, f"{n}/vs": f.vs})
-    save_tensors("factors", key, tensors, {"names": list(factors), "spec": list(spec.key),
-                                           "floored": {n: f.floored for n, f in factors.items()},
-                                           "seconds": seconds})
-    return factors, seconds
+    Each block file holds, per matrix, ut (r, out), vs (r, in) and sigma (r,): a rank-k slice is the
+    first k rows of ut and vs, a contiguous read."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @property
+    def complete(self) -> bool:
+        return (self.folder / "meta.json").exists()
+
+    def block_file(self, b: int) -> Path:
+        return self.folder / f"block-{b:04d}.safetensors"
+
+    def start(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)  # an unfinished earlier pass is not trusted
+        self.folder.mkdir(parents=True)
+
+    def write_block(self, b: int, factors: dict[str, Factor]) -> dict[str, Factor]:
+        """Write one block's in-memory factors; returns them as on-disk Factors (the memory is freed)."""
+        tensors = {}
+        for n, f in factors.items():
+            tensors.update({f"{n}/ut": f.us.T.contiguous().cpu(), f"{n}/vs": f.vs.contiguous().cpu(),
+                            f"{n}/sigma": f.sigma})
+        path = self.block_file(b)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        return {n: Factor.on_disk(str(path), n, f.sigma, f.floored) for n, f in factors.items()}
+
+    def finish(self, blocks: dict[str, int], factors: dict[str, Factor], meta: dict) -> None:
+        meta = dict(meta, blocks=blocks, floored={n: f.floored for n, f in factors.items()})
+        tmp = self.folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.folder / "meta.json")
+
+    def load(self) -> dict[str, Factor] | None:
+        """Every factor as on-disk Factors (sigma read now, the rest on demand); None if incomplete or torn."""
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text())
+            out = {}
+            for b in sorted(set(meta["blocks"].values())):
+                path = str(self.block_file(b))
+                with safe_open(path, framework="pt") as f:
+                    for n in [n for n, nb in meta["blocks"].items() if nb == b]:
+                        out[n] = Factor.on_disk(path, n, f.get_tensor(f"{n}/sigma"), meta["floored"][n])
+            return {n: out[n] for n in meta["blocks"]}
+        except Exception:  # a torn or stale folder is recomputed, not trusted
+            return None
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))

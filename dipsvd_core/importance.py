@@ -8,7 +8,7 @@ Computed from the calibration windows and the cached statistics, returned as pla
   row-wise Fisher f_j = sum over windows of sum_i grad_w[i, j]^2 (one value per input channel j,
   grad_w the gradient of window w's loss), which FWSVD needs, and the Fisher trace
   sum_j f_j / n_windows, which the coupled allocator needs.
-- Effective rank R_l: the eigenvalues of H_l^T H_l (the block-output Gram in Stats.block_grams)
+- Effective rank R_l: the eigenvalues of H_l^T H_l (Stats.block_spectra, taken while the block streamed)
   are sigma_i^2 of H_l; R_l = min k with cumulative energy >= tau, the energy being sigma^2
   (Alg. 5, default) or sigma (Eq. 11).
 - Combined score Q_l = S~^beta * R~^(1 - beta), S~ and R~ min-max normalised plus eps. Higher Q
@@ -146,9 +146,9 @@ def effective_rank(eigs_or_gram, tau: float = 0.95, energy: str = "sigma2") -> i
     return int(torch.searchsorted(cum, torch.tensor([tau - 1e-12], dtype=torch.float64)).item()) + 1
 
 
-def effective_ranks(block_grams: list[torch.Tensor], tau: float = 0.95, energy: str = "sigma2") -> np.ndarray:
-    """R_l per block; each entry a Gram (d, d) or its eigenvalues (d,), which are cheaper to reuse."""
-    return np.array([effective_rank(g, tau, energy) for g in block_grams], dtype=np.float64)
+def effective_ranks(spectra: list[torch.Tensor], tau: float = 0.95, energy: str = "sigma2") -> np.ndarray:
+    """R_l per block; each entry the eigenvalues (d,) of a block-output Gram, or the Gram (d, d) itself."""
+    return np.array([effective_rank(g, tau, energy) for g in spectra], dtype=np.float64)
 
 
 def minmax(x, eps: float = NORM_EPS) -> np.ndarray:
@@ -171,9 +171,9 @@ def combined_score(S, R, beta: float = 0.25, eps: float = NORM_EPS) -> np.ndarra
     return minmax(S, eps) ** beta * minmax(R, eps) ** (1 - beta)
 
 
-def importance(fisher: FisherInfo, block_grams: list[torch.Tensor], beta: float = 0.25, tau: float = 0.95,
+def importance(fisher: FisherInfo, spectra: list[torch.Tensor], beta: float = 0.25, tau: float = 0.95,
                energy: str = "sigma2") -> dict[str, np.ndarray]:
     """Every per-block signal the heuristic uses, for tables and plots."""
     check_importance(beta, tau, energy)
-    S, R = np.asarray(fisher.per_block, dtype=np.float64), effective_ranks(block_grams, tau, energy)
+    S, R = np.asarray(fisher.per_block, dtype=np.float64), effective_ranks(spectra, tau, energy)
     return {"S": S, "R": R, "S_norm": minmax(S), "R_norm": minmax(R), "Q": combined_score(S, R, beta)}

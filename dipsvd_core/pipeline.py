@@ -2,7 +2,9 @@
 
 `Workbench` holds what is expensive (calibration windows, statistics, factors per FactorSpec) so
 that the CLI, the sweep and the app all reuse it: a new ratio or allocation only slices cached
-factors; a new weight, bar or whitening form refactors; new calibration data recollects.
+factors; a new weight, bar or whitening form refactors; new calibration data recollects. Statistics
+and factors come from block-streaming passes (stream.py): what it holds for every block is small
+(alpha, spectra, singular values); the factors themselves stay on disk and are read as slices.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from . import allocation as alloc
 from . import allocators
 from .data import calibration_windows, evaluation_windows, heldout_windows
 from .errors import DipSVDError
-from .cache import load_tensors, make_key, save_tensors
-from .factors import DEFAULT_WHITENING, METHODS, Factor, FactorSpec, cached_factors
+from .cache import cache_dir, load_tensors, make_key, save_tensors
+from .factors import DEFAULT_WHITENING, GRAM_METHODS, METHODS, Factor, FactorSpec, FactorStore, factor_model
 from .importance import FisherInfo, cached_fisher, check_importance, effective_ranks, importance
 from .models import LoadedModel
-from .stats import Stats, cached_stats, stats_key
+from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .surgery import compress_model, low_rank_weights
 
 ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
@@ -36,6 +38,8 @@ class Settings:
     weight: float = 30.0
     bar: float = 0.03
     whitening: str = DEFAULT_WHITENING
+    compute_dtype: str = "float64"  # the whitening and the SVD; float32 where float64 is slow (workstation GPUs)
+    factor_dtype: str = "float32"  # the factors on disk; bfloat16 halves them for large models
     p_min: float = 0.05
     p_max: float = 1.0
     # global importance (DESIGN.md section 4)
@@ -60,7 +64,7 @@ class Settings:
         if self.method == "dobi":
             raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
                               "the weights (Workbench.build does this)")
-        return FactorSpec(self.method, self.weight, self.bar, self.whitening)
+        return FactorSpec(self.method, self.weight, self.bar, self.whitening, self.compute_dtype, self.factor_dtype)
 
     @property
     def dobi(self):
@@ -127,7 +131,6 @@ class Workbench:
         self._stats: Stats | None = None
         self._factors: dict[tuple, dict[str, Factor]] = {}
         self._fisher: FisherInfo | None = None
-        self._block_spectra: list[torch.Tensor] | None = None
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self.timings_s: dict[str, float] = {}
@@ -152,16 +155,56 @@ class Workbench:
         return spec.key in self._factors
 
     def factors(self, spec: FactorSpec, progress=None) -> dict[str, Factor]:
+        """Every targeted matrix's factors for this spec: sigma in memory, the rest on disk (FactorStore).
+        A method that whitens with the Grams runs one block-streaming pass (statistics and factors of
+        a block, then the next); the others factor block by block from the weights."""
         if spec.key not in self._factors:
-            if spec.method == "svd":  # plain SVD needs no data
-                stats, skey = None, f"svd-{self.lm.fingerprint}"
-            else:
-                stats, skey = self.stats(progress), stats_key(self.lm, self.windows())
-            fisher = self.fisher(progress) if spec.method == "fwsvd" else None
             t0 = time.perf_counter()
-            self._factors[spec.key], _ = cached_factors(self.lm, skey, stats, spec, progress, fisher=fisher)
-            self.timings_s["factors"] = time.perf_counter() - t0
+            self._factors[spec.key], stats_s = self._factor_pass(spec, progress)
+            self.timings_s["factors"] = time.perf_counter() - t0 - stats_s
         return self._factors[spec.key]
+
+    def _factor_pass(self, spec: FactorSpec, progress=None) -> tuple[dict[str, Factor], float]:
+        """(factors, seconds of the pass that were statistics rather than factoring)."""
+        fisher = self.fisher(progress) if spec.method == "fwsvd" else None
+        data = f"svd-{self.lm.fingerprint}" if spec.method == "svd" else stats_key(self.lm, self.windows())
+        store = FactorStore(cache_dir() / "factors" / make_key("factors-v3", data, spec.key,
+                                                               *([fisher.key] if fisher is not None else [])))
+        if store.complete:
+            hit = store.load()
+            if hit is not None:
+                return hit, 0.0
+        store.start()
+        mods = dict(self.lm.model.named_modules())
+        n_blocks = self.lm.n_blocks
+        out, block_of = {}, {}
+
+        def factor_block(b: int, group_of=None, grams=None, abs_means=None) -> None:
+            if progress:
+                progress(b / n_blocks, f"block {b + 1}/{n_blocks}: factoring")
+            names = [t.name for t in self.targets if t.block == b]
+            factors = factor_model({n: mods[n].weight for n in names}, spec, group_of, grams, abs_means,
+                                   fisher.rows if fisher is not None else None)
+            out.update(store.write_block(b, factors))
+            block_of.update({n: b for n in names})
+
+        if spec.method in GRAM_METHODS:
+            stats = stream_stats(self.lm.model, [t.name for t in self.targets], self.windows(),
+                                 lambda b, st: factor_block(b, st.group_of, st.grams), progress)
+            stats_s = stats.seconds
+            if self._stats is None:  # the same pass gave the statistics: keep them
+                save_stats(stats_key(self.lm, self.windows()), stats)
+                self._stats = stats
+                self.timings_s["statistics"] = stats_s
+        else:
+            stats_s = 0.0
+            stats = self.stats(progress) if spec.method == "asvd" else None
+            for b in range(n_blocks):
+                factor_block(b, stats and stats.group_of, None, stats and stats.abs_means)
+        store.finish(block_of, out, {"spec": list(spec.key)})
+        if progress:
+            progress(1.0, f"block {n_blocks}/{n_blocks}: factors written")
+        return out, stats_s
 
     def drop_factors(self, spec: FactorSpec) -> None:
         """Free one method's factors (and its BO model copies); they reload from the disk cache."""
@@ -181,9 +224,7 @@ class Workbench:
     def block_spectra(self, progress=None) -> list[torch.Tensor]:
         """Eigenvalues (sigma^2) of every block output's Gram, computed once: a tau, energy or beta
         slider then only re-reads them."""
-        if self._block_spectra is None:
-            self._block_spectra = [torch.linalg.eigvalsh(g.double()) for g in self.stats(progress).block_grams]
-        return self._block_spectra
+        return self.stats(progress).block_spectra
 
     def effective_ranks(self, tau: float = 0.95, energy: str = "sigma2") -> np.ndarray:
         return effective_ranks(self.block_spectra(), tau, energy)

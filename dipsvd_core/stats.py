@@ -1,10 +1,15 @@
-"""Step 2 of the flow: one pass over the calibration windows, collecting second moments.
+"""Step 2 of the flow: second moments of every targeted Linear's input, one decoder block at a time.
 
-For each targeted Linear y = W x we need the input Gram G = sum_tokens x x^T (in x in). Layers
-that read the very same input tensor (q/k/v, gate/up) share one Gram, computed once: the groups
-are found by tensor identity in a short probe forward. We also keep H^T H (d x d) of each decoder
-block's output for the effective rank. Hooks live here and nowhere else; the math consumes
-plain tensors.
+For each targeted Linear y = W x the factors need the input Gram G = sum_tokens x x^T (in x in).
+Layers that read the very same input tensor (q/k/v, gate/up) share one Gram, computed once: within
+each window the hooks recognise a tensor they already saw. The pass runs block by block (stream.py):
+a block's Grams exist only while that block is processed and are handed to `on_block` (which
+factors them and writes the factors to disk), then freed. What is kept for every block is small:
+channel importance alpha and mean |x| per input group, and the eigenvalues of the block output's
+Gram H^T H (for the effective rank). Hooks live here and in stream.py and nowhere else.
+
+Accumulation runs on the model's device: each window's X^T X in float32 (TF32 off), summed in
+`accumulate` dtype (float64 by default; a window's product loses ~1e-7 relative).
 """
 from __future__ import annotations
 
@@ -17,26 +22,24 @@ from torch import nn
 from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
 from .models import LoadedModel, find_blocks
+from .stream import capture_inputs, forward_block
 
 
 @dataclass
 class Stats:
-    grams: dict[str, torch.Tensor]  # group name (its first Linear) -> (in, in) float64
-    group_of: dict[str, str]  # Linear name -> group name
-    block_grams: list[torch.Tensor]  # per block: (d, d) float64 Gram of the block output
+    group_of: dict[str, str]  # Linear name -> group name (the first Linear reading the same input)
+    alphas: dict[str, torch.Tensor]  # group -> (in,) float64 channel importance
+    abs_means: dict[str, torch.Tensor]  # group -> (in,) float64 mean |x_j| over tokens
+    block_spectra: list[torch.Tensor]  # per block: eigenvalues (sigma^2, ascending) of H^T H, float64
     n_tokens: int
-    abs_means: dict[str, torch.Tensor]  # group name -> (in,) mean |x_j| over tokens
     seconds: float = 0.0
-
-    def gram(self, name: str) -> torch.Tensor:
-        return self.grams[self.group_of[name]]
-
-    def abs_mean(self, name: str) -> torch.Tensor:
-        return self.abs_means[self.group_of[name]]
 
     def alpha(self, name: str) -> torch.Tensor:
         """Channel importance (paper Eq. 1): alpha_j = ||G[:, j]||_2, since alpha_j^2 = ||X^T x_j||^2."""
-        return channel_importance(self.gram(name))
+        return self.alphas[self.group_of[name]]
+
+    def abs_mean(self, name: str) -> torch.Tensor:
+        return self.abs_means[self.group_of[name]]
 
 
 def channel_importance(gram: torch.Tensor) -> torch.Tensor:
@@ -44,11 +47,10 @@ def channel_importance(gram: torch.Tensor) -> torch.Tensor:
 
 
 class GramAccumulator:
-    """Accumulates X^T X over windows in float64. Each window's product (a few hundred rows) is
-    taken in float32, which is 10x faster on CPU and loses ~1e-7 relative per window."""
+    """Accumulates X^T X and sum |x| over windows on X's device."""
 
-    def __init__(self, dim: int, device: torch.device):
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float64):
+        self.gram = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)  # for ASVD's mean |x_j|
         self.n = 0
 
@@ -57,7 +59,7 @@ class GramAccumulator:
         if not torch.isfinite(x).all():
             raise NonFiniteActivations()
         x = x.float()
-        self.gram += (x.T @ x).to(torch.float64)
+        self.gram += (x.T @ x).to(self.gram.dtype)
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
@@ -66,98 +68,150 @@ class NonFiniteActivations(Exception):
     pass
 
 
-def _linear_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
-    mods = dict(model.named_modules())
-    return {n: mods[n] for n in names}
+class BlockStats:
+    """One block's statistics while its windows run: a Gram per input group and the output Gram."""
 
+    def __init__(self, linears: dict[str, nn.Linear], accumulate: torch.dtype = torch.float64):
+        self.linears, self.accumulate = linears, accumulate
+        self.group_of: dict[str, str] = {}
+        self.accs: dict[str, GramAccumulator] = {}
+        self.output: GramAccumulator | None = None
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # this window's inputs, by identity
 
-def find_input_groups(model: nn.Module, names: list[str], sample: torch.Tensor) -> dict[str, str]:
-    """Map each Linear to the first Linear that reads the identical input tensor."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0]))
-               for n, m in _linear_modules(model, names).items()]
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for h in handles:
-            h.remove()
-    # All inputs are still referenced by `seen`, so identity cannot be confused by memory reuse.
-    group_of, owner = {}, {}
-    for n in names:
-        if n not in seen:
-            raise DipSVDError(f"layer {n} was never called in a forward pass; this architecture is not supported")
-        key = id(seen[n])
-        owner.setdefault(key, n)
-        group_of[n] = owner[key]
-    return group_of
-
-
-def collect_stats(model: nn.Module, names: list[str], windows: torch.Tensor, progress=None) -> Stats:
-    """One forward pass per calibration window; windows is (n, seqlen) token ids."""
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    windows = windows.to(device)
-    group_of = find_input_groups(model, names, windows[:1, : min(8, windows.shape[1])])
-    leaders = _linear_modules(model, sorted(set(group_of.values()), key=names.index))
-    accs = {n: GramAccumulator(m.in_features, device) for n, m in leaders.items()}
-    _, blocks = find_blocks(model)
-    block_accs: list[GramAccumulator | None] = [None] * len(blocks)
-
-    def block_hook(i):
-        def hook(mod, args, out):
-            h = out[0] if isinstance(out, tuple) else out
-            if block_accs[i] is None:
-                block_accs[i] = GramAccumulator(h.shape[-1], device)
-            block_accs[i].add(h.detach())
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:  # the same tensor as an earlier Linear: share its Gram
+                self.group_of[name] = seen[1]
+                return
+            self._seen[id(x)] = (x, name)  # holding x keeps its id from being reused in this window
+            self.group_of[name] = name
+            if name not in self.accs:
+                self.accs[name] = GramAccumulator(x.shape[-1], x.device, self.accumulate)
+            self.accs[name].add(x.detach())
         return hook
 
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: accs[n].add(args[0].detach()))
-               for n, m in leaders.items()]
-    handles += [blk.register_forward_hook(block_hook(i)) for i, blk in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for i in range(len(windows)):
-                try:
-                    model(windows[i: i + 1])
-                except NonFiniteActivations:
-                    raise DipSVDError(
-                        f"NaN or infinite activations in calibration window {i}; the model overflows in this "
-                        "dtype. Load it in float32 (--dtype float32)") from None
-                except torch.OutOfMemoryError:
-                    raise DipSVDError("out of memory while collecting statistics; use a shorter --seqlen, "
-                                      "fewer windows, or the CPU") from None
+    def attach(self) -> list:
+        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+
+    def add_output(self, h: torch.Tensor) -> None:
+        self._seen.clear()  # a window ends with its block output
+        if self.output is None:
+            self.output = GramAccumulator(h.shape[-1], h.device, self.accumulate)
+        self.output.add(h.detach())
+
+    @property
+    def grams(self) -> dict[str, torch.Tensor]:
+        return {n: a.gram for n, a in self.accs.items()}
+
+    def gram(self, name: str) -> torch.Tensor:
+        return self.accs[self.group_of[name]].gram
+
+
+def _no_tf32():
+    """float32 matmuls in IEEE precision on CUDA (TF32 would cost ~1e-3 relative in every Gram)."""
+    import contextlib
+
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    prev = torch.backends.cuda.matmul.allow_tf32
+
+    @contextlib.contextmanager
+    def ctx():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return ctx()
+
+
+def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_block=None, progress=None,
+                 accumulate: torch.dtype = torch.float64) -> Stats:
+    """One pass over the calibration windows (n, seqlen), block by block. `on_block(index, block_stats)`
+    is called after each block's windows have run, while its Grams still exist; Stats.seconds leaves
+    the time spent in it out."""
+    t0 = time.perf_counter()
+    _, blocks = find_blocks(model)
+    mods = dict(model.named_modules())
+    wanted = set(names)
+    group_of, alphas, abs_means, spectra, n_tokens, t_other = {}, {}, {}, [], 0, 0.0
+    with _no_tf32():
+        try:
+            inputs = capture_inputs(model, blocks, windows)
+        except torch.OutOfMemoryError:
+            raise DipSVDError("out of memory while running the calibration windows; use a shorter --seqlen, "
+                              "fewer windows, or --offload") from None
+        n_blocks = len(blocks)
+        for b, block in enumerate(blocks):
+            prefix = next(n for n, m in mods.items() if m is block)
+            linears = {f"{prefix}.{n}": m for n, m in block.named_modules()
+                       if isinstance(m, nn.Linear) and f"{prefix}.{n}" in wanted}
+            st = BlockStats(linears, accumulate)
+            handles = st.attach()
+
+            def step(i, n, b=b):
                 if progress:
-                    progress((i + 1) / len(windows), f"statistics: window {i + 1}/{len(windows)}")
-    finally:
-        for h in handles:
-            h.remove()
-    grams = {n: a.gram.cpu() for n, a in accs.items()}
-    abs_means = {n: (a.abs_sum / a.n).cpu() for n, a in accs.items()}
-    return Stats(grams, group_of, [a.gram.cpu() for a in block_accs], accs[next(iter(accs))].n,
-                 abs_means, time.perf_counter() - t0)
+                    progress((b + i / n) / n_blocks, f"block {b + 1}/{n_blocks}: statistics, window {i}/{n}")
+            try:
+                forward_block(block, inputs, st.add_output, step)
+            except NonFiniteActivations:
+                raise DipSVDError(
+                    f"NaN or infinite activations in decoder block {b}; the model overflows in this dtype. "
+                    "Load it in float32 (--dtype float32)") from None
+            except torch.OutOfMemoryError:
+                raise DipSVDError(f"out of memory in decoder block {b}; use a shorter --seqlen, fewer windows, "
+                                  "float32 statistics or --offload") from None
+            finally:
+                for h in handles:
+                    h.remove()
+            group_of.update(st.group_of)
+            for g, acc in st.accs.items():
+                alphas[g] = channel_importance(acc.gram.double()).cpu()
+                abs_means[g] = (acc.abs_sum / acc.n).cpu()
+            spectra.append(torch.linalg.eigvalsh(st.output.gram.double()).cpu())
+            n_tokens = st.output.n
+            if on_block is not None:
+                t_block = time.perf_counter()
+                on_block(b, st)
+                t_other += time.perf_counter() - t_block
+            del st
+    missing = wanted - set(group_of)
+    if missing:
+        raise DipSVDError(f"layer {sorted(missing)[0]} was never called in a forward pass; this architecture is "
+                          "not supported")
+    return Stats(group_of, alphas, abs_means, spectra, n_tokens, time.perf_counter() - t0 - t_other)
 
 
 def stats_key(lm: LoadedModel, windows: torch.Tensor) -> str:
-    return make_key("stats-v3", lm.fingerprint, windows.shape, make_key(windows.tolist()))
+    return make_key("stats-v4", lm.fingerprint, windows.shape, make_key(windows.tolist()))
 
 
-def cached_stats(lm: LoadedModel, windows: torch.Tensor, progress=None) -> Stats:
-    """Statistics for these exact windows, from the cache when present."""
-    key = stats_key(lm, windows)
-    hit = load_tensors("stats", key)
-    if hit is not None:
-        tensors, meta = hit
-        grams = {n: tensors[f"gram/{n}"] for n in meta["leaders"]}
-        blocks = [tensors[f"block/{i}"] for i in range(meta["n_blocks"])]
-        abs_means = {n: tensors[f"absmean/{n}"] for n in meta["leaders"]}
-        return Stats(grams, meta["group_of"], blocks, meta["n_tokens"], abs_means, 0.0)
-    names = [t.name for t in lm.targets]
-    st = collect_stats(lm.model, names, windows, progress)
-    tensors = {f"gram/{n}": g for n, g in st.grams.items()}
-    tensors.update({f"block/{i}": g for i, g in enumerate(st.block_grams)})
+def save_stats(key: str, st: Stats) -> None:
+    tensors = {f"alpha/{n}": a for n, a in st.alphas.items()}
     tensors.update({f"absmean/{n}": m for n, m in st.abs_means.items()})
-    save_tensors("stats", key, tensors, {"leaders": list(st.grams), "group_of": st.group_of,
-                                         "n_blocks": len(st.block_grams), "n_tokens": st.n_tokens,
+    tensors.update({f"spectrum/{i}": s for i, s in enumerate(st.block_spectra)})
+    save_tensors("stats", key, tensors, {"leaders": list(st.alphas), "group_of": st.group_of,
+                                         "n_blocks": len(st.block_spectra), "n_tokens": st.n_tokens,
                                          "seconds": st.seconds})
+
+
+def load_stats(key: str) -> Stats | None:
+    hit = load_tensors("stats", key)
+    if hit is None:
+        return None
+    t, meta = hit
+    return Stats(meta["group_of"], {n: t[f"alpha/{n}"] for n in meta["leaders"]},
+                 {n: t[f"absmean/{n}"] for n in meta["leaders"]},
+                 [t[f"spectrum/{i}"] for i in range(meta["n_blocks"])], meta["n_tokens"], 0.0)
+
+
+def cached_stats(lm: LoadedModel, windows: torch.Tensor, progress=None, on_block=None) -> Stats:
+    """Statistics for these exact windows, from the cache when present (then `on_block` is not called)."""
+    key = stats_key(lm, windows)
+    st = load_stats(key)
+    if st is None:
+        st = stream_stats(lm.model, [t.name for t in lm.targets], windows, on_block, progress)
+        save_stats(key, st)
     return st

@@ -66,8 +66,8 @@ def test_zero_channels_are_guarded_and_fwsvd_needs_fisher(tiny_lm, bench):
     torch.testing.assert_close(fac.weight(6), W, rtol=1e-9, atol=1e-9)
     weights = {"x": W}
     with pytest.raises(DipSVDError, match="Fisher"):
-        factor_model(weights, None, FactorSpec("fwsvd"))
-    out = factor_model(weights, None, FactorSpec("fwsvd"), fisher_rows={"x": rows})  # stored in float32
+        factor_model(weights, FactorSpec("fwsvd"))
+    out = factor_model(weights, FactorSpec("fwsvd"), fisher_rows={"x": rows})  # stored in float32
     assert torch.isfinite(out["x"].vs).all()
     torch.testing.assert_close(out["x"].weight(6), W, rtol=0, atol=1e-5 * W.abs().max().item())
 

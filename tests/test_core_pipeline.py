@@ -13,7 +13,8 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import generate, param_report, perplexity, speed
 from dipsvd_core.models import count_params, find_targets, load_model
 from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.stats import collect_stats
+from dipsvd_core.factors import FactorStore, factor_matrix
+from dipsvd_core.stats import stream_stats
 from dipsvd_core.surgery import LowRankLinear, module_ranks
 
 
@@ -53,27 +54,72 @@ def test_bad_model_specs_give_clear_errors(tmp_path):
         load_model("someone/not-a-real-model-xyz")
 
 
-def test_statistics_share_grams_and_match_a_direct_computation(tiny_lm, bench):
+def direct_inputs(model, name: str, windows) -> torch.Tensor:
+    """The input rows of one Linear over all windows, captured in a plain whole-model forward (float64)."""
+    xs = []
+    mod = model.get_submodule(name)
+    h = mod.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for w in windows:
+            model(w[None])
+    h.remove()
+    return torch.cat(xs).double()
+
+
+def test_streamed_statistics_share_grams_and_match_a_whole_model_pass(tiny_lm, bench):
+    """Block by block (stream.py) gives the Grams, alpha, mean |x| and output spectra that hooks on a
+    whole-model forward give."""
     windows = bench.windows()
-    st = collect_stats(tiny_lm.model, [t.name for t in tiny_lm.targets], windows)
+    grams, blocks_seen = {}, []
+
+    def on_block(b, st):
+        blocks_seen.append(b)
+        grams.update({n: g.clone() for n, g in st.grams.items()})
+
+    st = stream_stats(tiny_lm.model, [t.name for t in tiny_lm.targets], windows, on_block)
     g = st.group_of
     assert g["model.layers.0.self_attn.k_proj"] == g["model.layers.0.self_attn.v_proj"] == \
         "model.layers.0.self_attn.q_proj"
     assert g["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
     assert g["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.down_proj"
-    assert len(st.grams) == 2 * 4 and st.n_tokens == 4 * 64
-    # Direct: capture the down_proj input of block 1 and form X^T X in float64.
-    xs = []
-    mod = tiny_lm.model.get_submodule("model.layers.1.mlp.down_proj")
-    h = mod.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    assert blocks_seen == [0, 1] and len(grams) == len(st.alphas) == 2 * 4 and st.n_tokens == 4 * 64
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        X = direct_inputs(tiny_lm.model, name, windows)
+        assert torch.allclose(grams[name], X.T @ X, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(st.alpha(name), torch.linalg.vector_norm(X.T @ X, dim=0), rtol=1e-5)
+        assert torch.allclose(st.abs_mean(name), X.abs().mean(0), rtol=1e-5)
+    # Block 0's output is block 1's input; its Gram's eigenvalues are block 0's spectrum.
+    outs = []
+    blk = tiny_lm.model.model.layers[0]
+    hook = blk.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).reshape(-1, 64)))
     with torch.no_grad():
         for w in windows:
             tiny_lm.model(w[None])
-    h.remove()
-    X = torch.cat(xs).double()
-    assert torch.allclose(st.gram("model.layers.1.mlp.down_proj"), X.T @ X, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(st.abs_mean("model.layers.1.mlp.down_proj"), X.abs().mean(0), rtol=1e-5)
-    assert len(st.block_grams) == 2 and st.block_grams[0].shape == (64, 64)
+    hook.remove()
+    H = torch.cat(outs).double()
+    assert len(st.block_spectra) == 2 and st.block_spectra[0].shape == (64,)
+    assert torch.allclose(st.block_spectra[0], torch.linalg.eigvalsh(H.T @ H), rtol=1e-5, atol=1e-4)
+
+
+def test_a_factor_slice_read_from_disk_equals_the_in_memory_slice(tiny_lm, bench, tmp_path):
+    """FactorStore: rank-k reads through safetensors get_slice are the first k rows, nothing else."""
+    W = tiny_lm.model.get_submodule("model.layers.0.mlp.down_proj").weight
+    f = factor_matrix(W, torch.eye(128, dtype=torch.float64), torch.eye(128, dtype=torch.float64))
+    store = FactorStore(tmp_path / "factors")
+    store.start()
+    disk = store.write_block(0, {"m": f})["m"]
+    store.finish({"m": 0}, {"m": disk}, {})
+    loaded = store.load()["m"]
+    assert loaded.file is not None and torch.equal(loaded.sigma, f.sigma)
+    for k in (1, 17, 64):
+        u, v = loaded.low_rank(k)
+        u0, v0 = f.low_rank(k)
+        assert torch.equal(u, u0) and torch.equal(v, v0) and u.is_contiguous()
+        # the copies hold their k rows and nothing of the rest of the file
+        assert (u.untyped_storage().nbytes(), v.untyped_storage().nbytes()) == (k * 64 * 4, k * 128 * 4)
+    assert torch.equal(loaded.us, f.us) and torch.equal(loaded.vs, f.vs)
+    (tmp_path / "factors" / "meta.json").write_text("{")  # a torn folder is not trusted
+    assert store.load() is None
 
 
 def test_nan_activations_are_a_clear_error(tiny_model_dir):
@@ -81,7 +127,7 @@ def test_nan_activations_are_a_clear_error(tiny_model_dir):
     with torch.no_grad():
         lm.model.model.layers[0].input_layernorm.weight[0] = float("nan")
     with pytest.raises(DipSVDError, match="NaN"):
-        collect_stats(lm.model, [t.name for t in lm.targets], torch.randint(0, 100, (2, 16)))
+        stream_stats(lm.model, [t.name for t in lm.targets], torch.randint(0, 100, (2, 16)))
     with pytest.raises(DipSVDError, match="not finite"):
         perplexity(lm.model, torch.randint(0, 100, (1, 16)))
 
@@ -219,3 +265,46 @@ def test_eval_windows_do_not_overlap(tiny_lm):
     ev = evaluation_windows(tiny_lm.tokenizer, "news", 32, max_tokens=320)
     assert ev.shape == (10, 32)
     assert torch.equal(ev[1, :5], evaluation_windows(tiny_lm.tokenizer, "news", 32)[1, :5])
+
+
+def storage_bytes(*models) -> int:
+    """Bytes of the distinct tensor storages of these models together."""
+    seen = {}
+    for m in models:
+        for t in [*m.parameters(), *m.buffers()]:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_compressed_model_shares_what_it_does_not_change(tiny_lm, bench):
+    """Embeddings, norms, lm_head, biases and dense-kept matrices are the original's tensors; original
+    plus compressed in memory is the original plus the kept factors."""
+    from dipsvd_core.surgery import compress_model, low_rank_weights
+
+    factors = bench.factors(Settings(method="svd-llm").spec)
+    ranks = {t.name: (None if t.block == 1 else 8) for t in tiny_lm.targets}  # block 1 stays dense
+    model = compress_model(tiny_lm.model, low_rank_weights(factors, ranks))
+    orig = dict(tiny_lm.model.named_parameters())
+    new = dict(model.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+                 "model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert new[name].data_ptr() == orig[name].data_ptr(), name
+    assert model.lm_head.weight.data_ptr() == tiny_lm.model.lm_head.weight.data_ptr()
+    assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), LowRankLinear)
+    kept = sum(m.u.weight.numel() + m.v.weight.numel() for m in model.modules() if isinstance(m, LowRankLinear))
+    assert storage_bytes(tiny_lm.model, model) == storage_bytes(tiny_lm.model) + 4 * kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pass_matches_the_cpu_pass(tiny_model_dir, tmp_path, monkeypatch):
+    """The same streaming pass with the model on CUDA: Grams, whitening and SVD on the GPU (TF32 off)."""
+    spec = Settings(method="dipsvd", whitening="paper").spec
+    out = {}
+    for device in ("cpu", "cuda"):
+        monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path / device))  # its own cache: the pass really runs
+        lm = load_model(tiny_model_dir, device=device, dtype="float32")
+        out[device] = Workbench(lm, "wiki", 4, 64).factors(spec)
+    for name, f in out["cpu"].items():
+        g = out["cuda"][name]
+        assert torch.allclose(g.sigma, f.sigma, rtol=1e-4, atol=1e-6 * f.sigma[0].item()), name

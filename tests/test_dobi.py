@@ -14,6 +14,7 @@ from dipsvd_core.compressed import load_compressed, save_compressed
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import FactorSpec
 from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.stats import stream_stats
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,10 @@ def test_ipca_update_equals_svd_llm_truncation(tiny_lm):
     factors = wb.factors(FactorSpec("svd-llm"))
     ranks = {t.name: (12 if t.out_features > 32 else 6) for t in tiny_lm.targets}
     weights = dobi.ipca_weights(tiny_lm.model, tiny_lm.targets, wb.windows(), ranks, extra=10_000)
-    G = wb.stats().gram(tiny_lm.targets[0].name)  # inputs of q/k/v in block 0
+    grams = {}
+    stream_stats(tiny_lm.model, [t.name for t in tiny_lm.targets], wb.windows(),
+                 lambda b, st: grams.update({n: g.clone() for n, g in st.grams.items()}))
+    G = grams[tiny_lm.targets[0].name]  # inputs of q/k/v in block 0
     for t in tiny_lm.targets[:3]:
         u, v = weights[t.name]
         W_dobi = u.double() @ v.double()

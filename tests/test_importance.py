@@ -112,6 +112,6 @@ def test_fisher_is_cached_and_workbench_importance_has_every_signal(tiny_lm, win
     np.testing.assert_allclose(imp["R"], bench.effective_ranks(0.95, "sigma2"))
     for tau, energy in ((0.95, "sigma2"), (0.9, "sigma"), (0.5, "sigma2")):  # cached spectra == the Grams
         np.testing.assert_array_equal(bench.effective_ranks(tau, energy),
-                                      effective_ranks(bench.stats().block_grams, tau, energy))
+                                      effective_ranks(bench.stats().block_spectra, tau, energy))
     np.testing.assert_allclose(imp["Q"], imp["S_norm"] ** 0.25 * imp["R_norm"] ** 0.75)
     assert 1 <= imp["R"].min() and imp["R"].max() <= tiny_lm.model.config.hidden_size

@@ -1,0 +1,90 @@
+"""The block loop every data pass runs on: one decoder block at a time, as GPTQ and llm-compressor do.
+
+`capture_inputs` runs the model up to its first decoder block once per calibration window and keeps
+what that block receives: the hidden states (windows x seqlen x hidden, in the model's dtype, on
+the model's device) and the keyword arguments the model passes every block (position embeddings,
+masks). `forward_block` then runs one block over every window and replaces each window's hidden
+states by the block's output, which is the next block's input. A pass over the model is
+
+    inputs = capture_inputs(model, windows)
+    for index, block in enumerate(blocks):
+        <hooks on this block's Linears>
+        forward_block(block, inputs)
+        <consume and free this block's statistics>
+
+so its peak memory is the model, one block's statistics and the activations between blocks, and
+does not grow with depth. Blocks placed by accelerate (`device_map`, CPU or disk offload) bring their
+own weights to the execution device through accelerate's hooks when they are called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import DipSVDError
+
+
+class _Captured(Exception):
+    """Raised by the first block's pre-hook once its inputs are recorded: the rest of the model is not run."""
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]  # one (1, seqlen, hidden) tensor per window
+    kwargs: list[dict]  # what the model passes each block for that window
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def first_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the embedding's execution device (accelerate's map when present)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int) or (isinstance(first, str) and first not in ("cpu", "disk", "meta")):
+            return torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> BlockInputs:
+    """The first block's inputs for every window (n, seqlen) of token ids."""
+    hidden, kwargs = [], []
+
+    def hook(module, args, kw):
+        x = args[0] if args else kw.pop("hidden_states")
+        hidden.append(x)
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = first_device(model)
+    try:
+        for i in range(len(windows)):
+            try:
+                model(windows[i: i + 1].to(device), use_cache=False)
+            except _Captured:
+                continue
+            raise DipSVDError("the model never called its first decoder block; this architecture is not supported")
+    finally:
+        handle.remove()
+    return BlockInputs(hidden, kwargs)
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, inputs: BlockInputs, on_output=None, progress=None) -> None:
+    """Run `block` over every window, in place: each window's hidden states become the block's output.
+    `on_output(h)` sees each output (1, seqlen, hidden) before it replaces the input."""
+    for i, (x, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        out = block(x, **kw)
+        h = out[0] if isinstance(out, tuple) else out
+        if on_output is not None:
+            on_output(h)
+        inputs.hidden[i] = h
+        if progress:
+            progress(i + 1, len(inputs.hidden))

@@ -1,0 +1,143 @@
+"""Benchmark of issue 10: the block-streaming engine against the all-at-once engine it replaced.
+
+    .venv/bin/python bench/bench_stream.py [--write] [--base COMMIT] [--only depth,width,bundled]
+
+Each case runs `python -m dipsvd_core compress` twice, once with the engine of COMMIT (default: the
+last commit before streaming, checked out into a temporary git worktree) and once with this tree,
+each on an empty cache, one after the other. Peak RSS is the compress process's own ru_maxrss.
+- depth: random-init Llamas with SmolLM2-360M's widths (hidden 960, intermediate 2560, GQA 15/5) at
+  8 and 32 blocks; svd-llm at ratio 0.2, 8 x 256 calibration tokens. Target: peak(32) - peak(8) at
+  most 1.25x the difference of their float32 weights.
+- width: a random-init Llama with Llama-3.2-1B's widths (hidden 2048, intermediate 8192, GQA 32/8) and
+  4 blocks, same settings; time per block and peak memory.
+- bundled: the cold compress of SmolLM2-135M with dipsvd (default settings, 32 x 512 calibration
+  tokens); statistics plus factors, evaluation left out of the comparison.
+--write replaces the "## Block streaming (issue 10)" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_sweep import replace_section  # noqa: E402
+
+SECTION = "## Block streaming (issue 10)"
+BASE = "4e5cc3d"  # the engine before streaming
+SMOL360 = dict(hidden=960, inter=2560, heads=15, kv_heads=5)
+LLAMA1B = dict(hidden=2048, inter=8192, heads=32, kv_heads=8)
+SMALL = ["--method", "svd-llm", "--ratio", "0.2", "--calib-windows", "8", "--seqlen", "256", "--eval", "wiki",
+         "--eval-tokens", "512", "--no-eval-original", "--dtype", "float32", "--device", "cpu"]
+
+
+def random_llama(folder: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int) -> int:
+    """Save a random-init Llama of these shapes with the bundled tokenizer; returns its float32 bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import bundled_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    src, name = bundled_tokenizer_dir()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters()) * 4
+
+
+def compress(tree: Path, *args: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cache = Path(tmp) / "cache"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", *args, "--report", str(report), "--quiet"],
+                       cwd=tree, env=dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), PYTHONPATH=str(tree)),
+                       check=True, stdout=subprocess.DEVNULL)
+        out = json.loads(report.read_text())
+        out["wall_s"] = time.perf_counter() - t0
+        out["cache_bytes"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        return {k: out[k] for k in ("timings_s", "peak_memory_mb", "wall_s", "cache_bytes", "ppl")}
+
+
+def both(base: Path, *args: str) -> dict:
+    return {"before": compress(base, *args), "after": compress(ROOT, *args)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--base", default=BASE)
+    ap.add_argument("--only", default="depth,width,bundled")
+    args = ap.parse_args()
+    cases = args.only.split(",")
+    res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "base": args.base}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "base"
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), args.base], cwd=ROOT, check=True)
+        try:
+            if "depth" in cases:
+                for layers in (8, 32):
+                    folder = tmp / f"smol360-{layers}"
+                    res[f"depth{layers}_weight_bytes"] = random_llama(folder, layers, **SMOL360)
+                    res[f"depth{layers}"] = both(base, "--model", str(folder), *SMALL)
+                    print(json.dumps(res[f"depth{layers}"], indent=1), flush=True)
+            if "width" in cases:
+                folder = tmp / "llama1b-4"
+                res["width_weight_bytes"] = random_llama(folder, 4, **LLAMA1B)
+                res["width"] = both(base, "--model", str(folder), *SMALL)
+                print(json.dumps(res["width"], indent=1), flush=True)
+            if "bundled" in cases:
+                res["bundled"] = both(base, "--eval", "wiki", "--eval-tokens", "512", "--no-eval-original")
+                print(json.dumps(res["bundled"], indent=1), flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT)
+    (ROOT / "bench" / "stream.json").write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    print(text)
+    if args.write:
+        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text)
+
+
+def markdown(res: dict) -> str:
+    rows = []
+    for case in ("depth8", "depth32", "width", "bundled"):
+        if case not in res:
+            continue
+        for engine in ("before", "after"):
+            r = res[case][engine]
+            t = r["timings_s"]
+            rows.append(f"| {case} | {engine} | {r['peak_memory_mb']:,.0f} | {t.get('statistics', 0):.1f} | "
+                        f"{t.get('factors', 0):.1f} | {r['cache_bytes'] / 2**20:,.0f} | {r['ppl']['compressed']['wiki']:.4g} |")
+    lines = [SECTION, "", f"Machine: {res['machine']}. Date: {res['date']}. Command: "
+             f"`.venv/bin/python bench/bench_stream.py --write`; \"before\" is commit {res['base']}.", "",
+             "| case | engine | peak RSS MB | statistics s | factors s | cache MB | wiki ppl |",
+             "|---|---|---|---|---|---|---|", *rows]
+    if "depth8" in res and "depth32" in res:
+        dw = (res["depth32_weight_bytes"] - res["depth8_weight_bytes"]) / 2**20
+        for engine in ("before", "after"):
+            dp = res["depth32"][engine]["peak_memory_mb"] - res["depth8"][engine]["peak_memory_mb"]
+            lines.append(f"\nDepth, {engine}: peak(32) - peak(8) = {dp:,.0f} MB against {dw:,.0f} MB of float32 "
+                         f"weights ({dp / dw:.2f}x; target at most 1.25x).")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -39,12 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def startup() -> dict:
+def startup(root: Path = ROOT, env: dict | None = None, timeout: float = 120) -> dict:
+    """`make run` in `root` until the health endpoint answers and until Chromium shows the first page."""
     from playwright.sync_api import expect, sync_playwright
 
     port = free_port()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         health = None
@@ -53,8 +54,8 @@ def startup() -> dict:
                 urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1)
                 health = time.perf_counter() - t0
             except OSError:
-                if time.perf_counter() - t0 > 120:
-                    raise RuntimeError("make run did not serve within 120 s")
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"make run did not serve within {timeout:.0f} s")
                 time.sleep(0.05)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,

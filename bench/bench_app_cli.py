@@ -25,12 +25,10 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -208,9 +206,7 @@ def app_side(cache: Path, log: Path) -> dict:
 def cold_start() -> dict:
     """A first-time user: a fresh clone, an empty HOME (no pip or model cache), `make install`, then
     `make run` until Chromium shows the first page."""
-    from playwright.sync_api import expect, sync_playwright
-
-    from tests.test_browser import free_port
+    from bench_app import startup
 
     work = Path(tempfile.mkdtemp(prefix="dipsvd-cold-"))
     try:
@@ -222,29 +218,7 @@ def cold_start() -> dict:
         t0 = time.perf_counter()
         subprocess.run(["make", "install"], cwd=clone, env=env, check=True, stdout=subprocess.DEVNULL)
         install = time.perf_counter() - t0
-        port = free_port()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=clone, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1)
-                    break
-                except OSError:
-                    if time.perf_counter() - t0 > 300:
-                        raise RuntimeError("make run did not serve within 300 s")
-                    time.sleep(0.05)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-                page = browser.new_page()
-                page.goto(f"http://localhost:{port}")
-                expect(page.get_by_role("heading", name="Model and data", exact=True)).to_be_visible(timeout=120_000)
-                first_page = time.perf_counter() - t0
-                browser.close()
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        first_page = startup(clone, env, timeout=300)["title_rendered_s"]
         return {"install_s": install, "first_page_s": first_page}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -142,7 +142,7 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
             inputs = capture_inputs(model, blocks, windows)
         except torch.OutOfMemoryError:
             raise DipSVDError("out of memory while running the calibration windows; use a shorter --seqlen, "
-                              "fewer windows, or --offload") from None
+                              "fewer --calib-windows, or the CPU") from None
         n_blocks = len(blocks)
         for b, block in enumerate(blocks):
             prefix = next(n for n, m in mods.items() if m is block)
@@ -161,8 +161,8 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
                     f"NaN or infinite activations in decoder block {b}; the model overflows in this dtype. "
                     "Load it in float32 (--dtype float32)") from None
             except torch.OutOfMemoryError:
-                raise DipSVDError(f"out of memory in decoder block {b}; use a shorter --seqlen, fewer windows, "
-                                  "float32 statistics or --offload") from None
+                raise DipSVDError(f"out of memory in decoder block {b}; use a shorter --seqlen, fewer "
+                                  "--calib-windows, or the CPU") from None
             finally:
                 for h in handles:
                     h.remove()

@@ -14,7 +14,8 @@ states by the block's output, which is the next block's input. A pass over the m
 
 so its peak memory is the model, one block's statistics and the activations between blocks, and
 does not grow with depth. Blocks placed by accelerate (`device_map`, CPU or disk offload) bring their
-own weights to the execution device through accelerate's hooks when they are called.
+own weights to the execution device through accelerate's hooks when they are called, and
+`first_device` follows the device map; loading with offload is not offered yet, so no test runs that path.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import DipSVDError
+from .stats import channel_importance
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +237,12 @@ def factor_model(weights: dict[str, torch.Tensor], spec: FactorSpec, group_of: d
                                                          f"activation scale of {group}")
                 else:
                     gram = grams[group]
-                    ones = torch.ones(gram.shape[0], dtype=torch.float64)
                     if spec.method == "dipsvd":
-                        alpha = torch.linalg.vector_norm(gram.double(), dim=0)
-                        whiten_cache[group] = whitening(gram, channel_scale(alpha, spec.weight, spec.bar),
-                                                        spec.whitening, compute)
+                        d = channel_scale(channel_importance(gram.double()), spec.weight, spec.bar)
+                        whiten_cache[group] = whitening(gram, d, spec.whitening, compute)
                     else:
-                        whiten_cache[group] = whitening(gram, ones, "paper", compute)
+                        whiten_cache[group] = whitening(gram, torch.ones(gram.shape[0], dtype=torch.float64),
+                                                        "paper", compute)
             S, S_inv, n = whiten_cache[group]
         out[name] = factor_matrix(W, S, S_inv, n, storage, compute)
         if progress:

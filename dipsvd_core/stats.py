@@ -13,6 +13,7 @@ Accumulation runs on the model's device: each window's X^T X in float32 (TF32 of
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -105,26 +106,16 @@ class BlockStats:
     def grams(self) -> dict[str, torch.Tensor]:
         return {n: a.gram for n, a in self.accs.items()}
 
-    def gram(self, name: str) -> torch.Tensor:
-        return self.accs[self.group_of[name]].gram
 
-
+@contextlib.contextmanager
 def _no_tf32():
     """float32 matmuls in IEEE precision on CUDA (TF32 would cost ~1e-3 relative in every Gram)."""
-    import contextlib
-
-    if not torch.cuda.is_available():
-        return contextlib.nullcontext()
     prev = torch.backends.cuda.matmul.allow_tf32
-
-    @contextlib.contextmanager
-    def ctx():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    return ctx()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_block=None, progress=None,
@@ -133,8 +124,7 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
     is called after each block's windows have run, while its Grams still exist; Stats.seconds leaves
     the time spent in it out."""
     t0 = time.perf_counter()
-    _, blocks = find_blocks(model)
-    mods = dict(model.named_modules())
+    prefix, blocks = find_blocks(model)
     wanted = set(names)
     group_of, alphas, abs_means, spectra, n_tokens, t_other = {}, {}, {}, [], 0, 0.0
     with _no_tf32():
@@ -145,9 +135,9 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
                               "fewer --calib-windows, or the CPU") from None
         n_blocks = len(blocks)
         for b, block in enumerate(blocks):
-            prefix = next(n for n, m in mods.items() if m is block)
-            linears = {f"{prefix}.{n}": m for n, m in block.named_modules()
-                       if isinstance(m, nn.Linear) and f"{prefix}.{n}" in wanted}
+            base = f"{prefix}.{b}" if prefix else str(b)  # as models.find_targets names them
+            linears = {f"{base}.{n}": m for n, m in block.named_modules()
+                       if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
             st = BlockStats(linears, accumulate)
             handles = st.attach()
 

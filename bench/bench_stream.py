@@ -75,8 +75,29 @@ def compress(tree: Path, *args: str) -> dict:
         return {k: out[k] for k in ("timings_s", "peak_memory_mb", "wall_s", "cache_bytes", "ppl")}
 
 
-def both(base: Path, *args: str) -> dict:
-    return {"before": compress(base, *args), "after": compress(ROOT, *args)}
+def plan(*args: str) -> dict:
+    """This tree's plan for the same compress arguments (memory only: --no-bench)."""
+    allowed = {"--model", "--method", "--ratio", "--calib-windows", "--seqlen", "--eval", "--eval-tokens", "--dtype",
+               "--device", "--compute-dtype", "--factor-dtype", "--no-eval-original"}
+    out, i = [], 0
+    while i < len(args):
+        n = 2 if i + 1 < len(args) and not args[i + 1].startswith("--") else 1
+        if args[i] in allowed:
+            out += args[i: i + n]
+        i += n
+    res = subprocess.run([sys.executable, "-m", "dipsvd_core", "plan", *out, "--no-bench", "--json"], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True, text=True)
+    return json.loads(res.stdout)
+
+
+def both(base: Path | None, *args: str) -> dict:
+    """Today's engine (base) and this tree, one after the other; the plan's prediction for this tree."""
+    out = {"before": compress(base, *args)} if base is not None else {}
+    out["after"] = compress(ROOT, *args)
+    p = plan(*args)
+    out["plan"] = {"peak_host_bytes": p["peak_host_bytes"], "disk_bytes": p["disk_bytes"],
+                   "phases": {n: v["host_bytes"] for n, v in p["phases"].items() if v["needed"]}}
+    return out
 
 
 def main() -> None:
@@ -84,14 +105,16 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--base", default=BASE)
     ap.add_argument("--only", default="depth,width,bundled")
+    ap.add_argument("--no-before", action="store_true", help="this tree only (no worktree of --base)")
     args = ap.parse_args()
     cases = args.only.split(",")
     res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "base": args.base}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = tmp / "base"
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), args.base], cwd=ROOT, check=True)
+        base = None if args.no_before else tmp / "base"
+        if base is not None:
+            subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), args.base], cwd=ROOT, check=True)
         try:
             if "depth" in cases:
                 for layers in (8, 32):
@@ -108,7 +131,8 @@ def main() -> None:
                 res["bundled"] = both(base, "--eval", "wiki", "--eval-tokens", "512", "--no-eval-original")
                 print(json.dumps(res["bundled"], indent=1), flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT)
+            if base is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT)
     (ROOT / "bench" / "stream.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)
     print(text)

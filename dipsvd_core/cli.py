@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(c)
     _add_importance_args(c)
     _add_dobi_args(c)
+    c.add_argument("--ignore-plan", action="store_true",
+                   help="run even when the plan predicts that memory or disk will not suffice")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     c.add_argument("--no-eval-original", action="store_true", help="skip the original model's perplexity")
@@ -193,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out-md", default="sweep.md", help="the Markdown table")
     w.add_argument("--quiet", action="store_true")
 
+    pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
+    _add_model_args(pl)
+    pl.add_argument("--method", choices=ALL_METHODS, default="dipsvd")
+    pl.add_argument("--allocation", choices=allocation_names(), default="uniform")
+    pl.add_argument("--ratio", type=_ratio, default=0.2)
+    _add_dtype_args(pl)
+    pl.add_argument("--calib-windows", type=_positive_int, default=32)
+    pl.add_argument("--seqlen", type=_positive_int, default=512)
+    pl.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
+    pl.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets (only their number counts)")
+    pl.add_argument("--no-eval-original", action="store_true", help="plan without the original's perplexity")
+    pl.add_argument("--offload", action="store_true", help="weights on the host, one block at a time on the GPU")
+    pl.add_argument("--no-bench", action="store_true", help="memory only: skip the few-second microbenchmark")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+
     e = sub.add_parser("evaluate", help="perplexity of any model, including a saved compressed one")
     _add_model_args(e)
     e.add_argument("--seqlen", type=_positive_int, default=512)
@@ -217,11 +234,47 @@ def _perplexities(model, sets, progress) -> dict:
     return {name: perplexity(model, w, progress=progress) for name, w in sets.items()}
 
 
+def _run_of(args):
+    from .plan import Run
+
+    allocation = getattr(args, "allocation", None) or ("trained" if args.method == "dobi" else "uniform")
+    return Run(method=args.method, allocation=allocation, ratio=args.ratio,
+               calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
+               eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
+               eval_original=not args.no_eval_original, dtype=args.dtype, compute_dtype=args.compute_dtype,
+               factor_dtype=args.factor_dtype, offload=getattr(args, "offload", False))
+
+
+def cmd_plan(args):
+    from .plan import make_plan, plan_json
+
+    plan = make_plan(args.model, args.device, _run_of(args), bench=not args.no_bench,
+                     trust_remote_code=args.trust_remote_code)
+    return plan_json(plan) if args.json else plan.table()
+
+
+def _check_plan(args) -> dict | None:
+    """The plan's memory figures for this compress run; refuses up front when they do not fit."""
+    from .compressed import is_compressed_folder
+    from .plan import check_fits, make_plan
+
+    if Path(os.path.expanduser(args.model)).is_dir() and is_compressed_folder(Path(os.path.expanduser(args.model))):
+        return None
+    plan = make_plan(args.model, args.device, _run_of(args), bench=False, trust_remote_code=args.trust_remote_code)
+    if not args.ignore_plan:
+        check_fits(plan)
+    if not args.quiet:
+        print(f"plan: peak host {plan.peak_host_bytes / 2**30:.2f} GB, device {plan.peak_device_bytes / 2**30:.2f} GB, "
+              f"disk {plan.disk_bytes / 2**30:.2f} GB (python -m dipsvd_core plan for the phases and times)",
+              file=sys.stderr)
+    return plan.to_dict()
+
+
 def cmd_compress(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
     from .compressed import save_compressed
-    from .models import load_model
-    from .pipeline import Settings, Workbench, peak_memory_mb, settings_dict
+    from .models import count_params, load_model
+    from .pipeline import Workbench, peak_memory_mb, settings_dict
 
     allocation = args.allocation or ("trained" if args.method == "dobi" else "uniform")
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
@@ -230,6 +283,7 @@ def cmd_compress(args) -> dict:
     for path in (args.calib, *args.eval.split(",")):
         if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
             raise DipSVDError(f"text file not found: {path}; check the path")
+    plan = _check_plan(args)
     progress = Progress(args.quiet)
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
@@ -238,7 +292,10 @@ def cmd_compress(args) -> dict:
     t0 = time.perf_counter()
     bench.windows()
     timings["calibration_text"] = time.perf_counter() - t0
-    result = bench.build(settings, progress=progress)
+    # Nothing looks at the original after the build: convert it in place (peak: one model, not two).
+    inplace = args.no_eval_original and not args.speed and not args.generate
+    params_before = count_params(lm.model)
+    result = bench.build(settings, progress=progress, inplace=inplace)
     timings.update(result.timings_s)
     progress.close()
     t0 = time.perf_counter()  # evaluation includes cutting its windows, as the app's does
@@ -255,7 +312,7 @@ def cmd_compress(args) -> dict:
         "ratio_words": f"ratio {settings.ratio:g} removed, {100 * (1 - settings.ratio):.0f}% kept",
         "settings": settings_dict(settings),
         "calibration": {"source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen, "seed": args.seed},
-        "params": param_report(lm.model, result.model, lm.targets, result.allocation.ranks),
+        "params": param_report(params_before, result.model, lm.targets, result.allocation.ranks),
         "p_blocks": [float(x) for x in result.allocation.p_blocks],
         "ranks": {n: (k if k is not None else "dense") for n, k in result.allocation.ranks.items()},
         "ppl": ppl,
@@ -284,6 +341,8 @@ def cmd_compress(args) -> dict:
         timings["save"] = time.perf_counter() - t0
     report["timings_s"] = timings
     report["peak_memory_mb"] = peak_memory_mb()
+    if plan is not None:
+        report["plan"] = plan
     return report
 
 
@@ -349,7 +408,7 @@ def cmd_sweep(args) -> dict:
     return report
 
 
-COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep}
+COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "report", None) and Path(args.report).is_dir():
             raise DipSVDError(f"--report {args.report} is a folder; give a file name like report.json")
         report = COMMANDS[args.command](args)
+        if isinstance(report, str):  # plan prints its own text
+            print(report)
+            return 0
     except DipSVDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

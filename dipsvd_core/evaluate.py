@@ -88,12 +88,14 @@ def speed(model: nn.Module, seqlen: int = 256, new_tokens: int = 32, vocab: int 
     return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
 
 
-def param_report(original: nn.Module, compressed: nn.Module, targets, ranks) -> dict:
+def param_report(original: nn.Module | int, compressed: nn.Module, targets, ranks) -> dict:
+    """`original` is the model or its parameter count (taken before an in-place conversion)."""
     from .allocation import kept_params
 
     before_t = sum(t.params for t in targets)
     after_t = kept_params(ranks, targets)
-    total_before, total_after = count_params(original), count_params(compressed)
+    total_before = original if isinstance(original, int) else count_params(original)
+    total_after = count_params(compressed)
     return {"targeted_before": before_t, "targeted_after": after_t,
             "total_before": total_before, "total_after": total_after,
             "whole_model_reduction": 1 - total_after / total_before}

@@ -24,6 +24,7 @@ from .factors import DEFAULT_WHITENING, GRAM_METHODS, METHODS, Factor, FactorSpe
 from .importance import FisherInfo, cached_fisher, check_importance, effective_ranks, importance
 from .models import LoadedModel
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
+from .stream import release_host_memory
 from .surgery import compress_model, low_rank_weights
 
 ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
@@ -134,6 +135,7 @@ class Workbench:
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self.timings_s: dict[str, float] = {}
+        self._converted = False  # build(inplace=True) turned the original into the compressed model
 
     @property
     def targets(self):
@@ -187,6 +189,8 @@ class Workbench:
                                    fisher.rows if fisher is not None else None)
             out.update(store.write_block(b, factors))
             block_of.update({n: b for n in names})
+            del factors
+            release_host_memory()
 
         if spec.method in GRAM_METHODS:
             stats = stream_stats(self.lm.model, [t.name for t in self.targets], self.windows(),
@@ -309,7 +313,7 @@ class Workbench:
         self._dobi[key] = trained
         return trained
 
-    def build_dobi(self, settings: Settings, progress=None, callback=None, cancel=None) -> Result:
+    def build_dobi(self, settings: Settings, progress=None, callback=None, cancel=None, inplace: bool = False) -> Result:
         from . import dobi
 
         trained = self.train_dobi(settings, progress, callback, cancel)
@@ -323,7 +327,7 @@ class Workbench:
         t1 = time.perf_counter()
         if cfg.remap:
             weights = dobi.remap_weights(weights)
-        model = compress_model(self.lm.model, weights)
+        model = self._surgery(weights, inplace)
         t2 = time.perf_counter()
         allocation = dobi.allocation_of(ranks, targets, settings.ratio, cfg.remap,
                                         [h["task"] for h in trained.history])
@@ -336,19 +340,28 @@ class Workbench:
         timings = dict(self.timings_s, ipca_update=t1 - t0, surgery=t2 - t1)
         return Result(model, allocation, settings, timings, info)
 
-    def build(self, settings: Settings, allocation: alloc.Allocation | None = None, progress=None) -> Result:
-        """The compressed copy for these settings; the original model is left untouched."""
+    def build(self, settings: Settings, allocation: alloc.Allocation | None = None, progress=None,
+              inplace: bool = False) -> Result:
+        """The compressed copy for these settings; the original model is left untouched. With `inplace`
+        the original itself is converted (a batch run that never uses it again peaks lower); this
+        Workbench then builds nothing more."""
         settings.check()
         if settings.method == "dobi":
-            return self.build_dobi(settings, progress)
+            return self.build_dobi(settings, progress, inplace=inplace)
         factors = self.factors(settings.spec, progress)
         t0 = time.perf_counter()
         allocation = allocation or self.allocate(settings, progress)
         t1 = time.perf_counter()
-        model = compress_model(self.lm.model, low_rank_weights(factors, allocation.ranks))
+        model = self._surgery(low_rank_weights(factors, allocation.ranks), inplace)
         t2 = time.perf_counter()
         timings = dict(self.timings_s, allocation=t1 - t0, surgery=t2 - t1)
         return Result(model, allocation, settings, timings)
+
+    def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
+        if self._converted:
+            raise DipSVDError("this model was already converted in place; load it again to build another")
+        self._converted = inplace
+        return compress_model(self.lm.model, weights, inplace=inplace)
 
     def eval_windows(self, source: str, max_tokens: int | None = 16384, seqlen: int | None = None) -> torch.Tensor:
         return evaluation_windows(self.lm.tokenizer, source, seqlen or self.seqlen, max_tokens)

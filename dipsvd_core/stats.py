@@ -23,7 +23,7 @@ from torch import nn
 from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
 from .models import LoadedModel, find_blocks
-from .stream import capture_inputs, forward_block
+from .stream import capture_inputs, forward_block, release_host_memory
 
 
 @dataclass
@@ -167,6 +167,7 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
                 on_block(b, st)
                 t_other += time.perf_counter() - t_block
             del st
+            release_host_memory()
     missing = wanted - set(group_of)
     if missing:
         raise DipSVDError(f"layer {sorted(missing)[0]} was never called in a forward pass; this architecture is "

@@ -19,6 +19,9 @@ own weights to the execution device through accelerate's hooks when they are cal
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,23 @@ from .errors import DipSVDError
 
 class _Captured(Exception):
     """Raised by the first block's pre-hook once its inputs are recorded: the rest of the model is not run."""
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_host_memory() -> None:
+    """Give the host memory freed by a finished block back to the system. Without it glibc keeps the
+    freed blocks' Grams and factors as heap fragments, and the pass's resident memory grows with depth
+    (measured: about 35 MB a block at SmolLM2-360M's widths, 280 MB of 350 returned at 8 blocks)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass

@@ -1,17 +1,28 @@
 """Step 5 of the flow: build the compressed model. The original is never modified.
 
-Math and surgery are separate: `low_rank_weights` turns factors and ranks into a plain dict of
-(u, v) tensors (k rows of each factor, read from disk); `compress_model` builds a second module tree
+Math and surgery are separate: `low_rank_weights` turns factors and ranks into a mapping of
+(u, v) tensors (k rows of each factor, read from disk when asked for, so that surgery holds one
+matrix's factors on the host at a time); `compress_model` builds a second module tree
 that shares every tensor it does not change with the original (embeddings, norms, lm_head, biases,
 buffers and every matrix kept dense: the same storage, no copy) and swaps each factored Linear for
 a LowRankLinear (x -> v -> u, u keeps the bias). Original plus compressed in memory is then the
 original plus the kept factors. Nothing writes into a shared tensor: the compressed model is for
 inference and saving, like the original.
+
+`compress_model(..., inplace=True)` converts the original itself instead, dropping each dense matrix
+as its factors replace it: batch runs that never look at the original again (`compress
+--no-eval-original`) then peak at the original, not the original plus the kept factors. A model loaded
+from safetensors on the CPU keeps its weights in a memory map of the file, which stays mapped while
+any weight of that file lives; freeing one matrix then does not shrink the process, so its pages are
+dropped explicitly (`_drop_file_pages`, when nothing else holds the matrix).
 """
 from __future__ import annotations
 
 import copy
+import ctypes
 import itertools
+import mmap
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -51,22 +62,87 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def low_rank_weights(factors: dict[str, Factor], ranks: dict[str, int | None]) -> dict[str, tuple]:
-    """name -> (u, v) for every factored matrix; dense ones are left out."""
-    return {n: factors[n].low_rank(k) for n, k in ranks.items() if k is not None}
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory maps of .safetensors files (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = [ln.split() for ln in f]
+    except OSError:
+        return []
+    out = []
+    for parts in lines:
+        if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
 
 
-def compress_model(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+def _drop_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> int:
+    """Release the pages of a CPU weight that lies in a read-only file map and that nothing else holds
+    (the caller's reference and this storage handle only); returns the bytes released. The pages are
+    file-backed and never written, so a later read would fault them back in from the file: safe."""
+    if weight.device.type != "cpu" or not mappings:
+        return 0
+    storage = weight.untyped_storage()
+    if torch._C._storage_Use_Count(storage._cdata) > 2:  # a view or another tensor shares it
+        return 0
+    ptr, n = storage.data_ptr(), storage.nbytes()
+    if not any(a <= ptr and ptr + n <= b for a, b in mappings):
+        return 0
+    page = mmap.PAGESIZE
+    lo, hi = -(-ptr // page) * page, (ptr + n) // page * page
+    if hi <= lo:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return hi - lo if libc.madvise(lo, hi - lo, 4) == 0 else 0  # 4 = MADV_DONTNEED
+
+
+class LowRankWeights(Mapping):
+    """name -> (u, v) for every factored matrix (dense ones are left out), each read when asked for."""
+
+    def __init__(self, factors: dict[str, Factor], ranks: dict[str, int | None]):
+        self.factors, self.ranks = factors, {n: k for n, k in ranks.items() if k is not None}
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors[name].low_rank(self.ranks[name])
+
+    def __iter__(self):
+        return iter(self.ranks)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+
+def low_rank_weights(factors: dict[str, Factor], ranks: dict[str, int | None]) -> LowRankWeights:
+    return LowRankWeights(factors, ranks)
+
+
+def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   inplace: bool = False) -> nn.Module:
     """`model` with each named Linear replaced by LowRankLinear(u, v), as a new module tree over the
-    original's tensors: the original is unchanged and nothing but the factors is allocated."""
+    original's tensors: the original is unchanged and nothing but the factors is allocated. With
+    `inplace`, `model` itself is converted (and returned), each dense matrix freed as it goes."""
     mods = dict(model.named_modules())
-    # deepcopy copies the modules; a memo entry that maps a tensor to itself makes the copy share it.
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    new = copy.deepcopy(model, memo)
-    for name, (u, v) in weights.items():
+    mappings = _file_mappings() if inplace else []
+    if inplace:
+        new = model
+    else:  # deepcopy copies the modules; a memo entry that maps a tensor to itself makes the copy share it.
+        memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        new = copy.deepcopy(model, memo)
+    for name in weights:
+        u, v = weights[name]  # read now: one matrix's factors at a time
         old = mods[name]
         dev, dt = old.weight.device, old.weight.dtype
         set_module(new, name, LowRankLinear.from_weights(u.to(dev, dt), v.to(dev, dt), old.bias))
+        del u, v
+        if inplace:
+            w = old.weight
+            del old, mods[name]
+            _drop_file_pages(w, mappings)
+            del w
+        else:
+            del old, mods[name]
     return new
 
 

@@ -1,0 +1,555 @@
+"""A plan before the run: predicted memory, disk and time of each phase, from the config alone.
+
+`make_plan` reads a model's config (a folder that holds only `config.json` is enough, as are a hub id
+when online and a GGUF's metadata), builds the module tree on the meta device
+(`accelerate.init_empty_weights`: no weights are allocated or read), finds the targeted Linears as
+the engine does, and learns which of them share an input by one forward pass on meta tensors. From
+these shapes it adds up what each phase holds at its peak:
+
+- load: the weights (on the host first, since transformers loads there, then on the device);
+  a GGUF not dequantized yet also holds a float32 copy while it is converted.
+- statistics (stats.stream_stats): the weights, the calibration activations between blocks
+  (windows x seqlen x hidden), one window's transients inside a block, and one block's Grams in
+  float64 (one per input group, plus the block output's), with the float32 product of a window.
+- factors (the same pass for svd-llm and dipsvd): the above plus the factoring of the largest matrix
+  in the compute dtype (the whitening's SVD of the in x in Gram, the SVD of W S) and the block's
+  factors before they are written.
+- Fisher (importance.fisher_info): the weights, a float32 sum of every targeted weight's gradient
+  and the gradient itself, and the autograd activations of one window through the whole model.
+- surgery: the weights plus the kept factors at this ratio (read from disk in the factor dtype).
+- evaluation: the original, the kept factors, one window's activations and float32 logits.
+
+On a CUDA device these go to the device and the host holds the runtime and the factors being
+written; with `offload` the weights stay on the host and the device holds one block at a time. On
+the CPU everything is host memory, and `device_bytes` is 0. Every phase adds the runtime measured
+in this process (Python, torch and transformers imported).
+
+Time comes from a microbenchmark of a few seconds on the device: one decoder block of the real
+widths (random weights, vocabulary cut to 1024) run over one window with the statistics hooks, and
+the SVD and eigendecomposition of a 512 x 512 matrix in the compute dtype, scaled by their
+O(m n min(m, n)) cost. Loading is timed as a host memory copy of the weights, so it leaves out
+reading the disk and a GGUF's first dequantization.
+
+`check_fits` refuses a plan that does not fit, naming the one option that would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DipSVDError
+
+PHASES = ("load", "statistics", "factors", "fisher", "surgery", "evaluation")
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled")
+GRAM_METHODS = ("svd-llm", "dipsvd")
+GiB = 2**30
+
+
+@dataclass
+class Shapes:
+    """What the plan needs to know about a model, read from its config and meta module tree."""
+
+    n_blocks: int
+    hidden: int
+    vocab: int
+    heads: int
+    params: int  # unique parameters
+    block_params: int  # the largest block's parameters
+    matrices: list[tuple[int, int, int]]  # (block, out, in) of every targeted Linear
+    groups: list[int]  # one block's input groups: the in_features of each Gram
+    window_width: int  # widest activation inside a block (the MLP's intermediate)
+    from_gguf: bool = False
+    grouped_by: str = "meta forward"  # or "one Gram per Linear (an upper bound)"
+
+    @property
+    def targeted(self) -> int:
+        return sum(o * i for _, o, i in self.matrices)
+
+
+@dataclass
+class Phase:
+    host_bytes: int
+    device_bytes: int
+    disk_bytes: int
+    seconds: float | None
+    needed: bool = True
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    settings: dict
+    phases: dict[str, Phase]
+    shapes: dict
+    runtime_bytes: int
+    notes: list[str] = field(default_factory=list)
+    free_host_bytes: int | None = None
+    free_device_bytes: int | None = None
+    free_disk_bytes: int | None = None
+    shape: Shapes | None = field(default=None, repr=False)
+
+    def _peak(self, attr: str) -> int:
+        return max(getattr(p, attr) for p in self.phases.values() if p.needed)
+
+    @property
+    def peak_host_bytes(self) -> int:
+        return self._peak("host_bytes")
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return self._peak("device_bytes")
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(p.disk_bytes for p in self.phases.values() if p.needed)
+
+    @property
+    def seconds(self) -> float | None:
+        times = [p.seconds for p in self.phases.values() if p.needed]
+        return None if any(t is None for t in times) else sum(times)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "device": self.device, "settings": self.settings,
+                "phases": {n: dataclasses.asdict(p) for n, p in self.phases.items()},
+                "peak_host_bytes": self.peak_host_bytes, "peak_device_bytes": self.peak_device_bytes,
+                "disk_bytes": self.disk_bytes, "seconds": self.seconds, "runtime_bytes": self.runtime_bytes,
+                "free_host_bytes": self.free_host_bytes, "free_device_bytes": self.free_device_bytes,
+                "free_disk_bytes": self.free_disk_bytes, "shapes": self.shapes, "notes": self.notes}
+
+    def table(self) -> str:
+        rows = [f"plan for {self.model} on {self.device} ({_settings_words(self.settings)})",
+                f"{'phase':<11} {'host':>10} {'device':>10} {'disk':>10} {'time':>9}"]
+        for n, p in self.phases.items():
+            t = "?" if p.seconds is None else _seconds(p.seconds)
+            rows.append(f"{n:<11} {_gb(p.host_bytes):>10} {_gb(p.device_bytes):>10} {_gb(p.disk_bytes):>10} "
+                        f"{t:>9}" + ("" if p.needed else "  (not needed by these settings)"))
+        total = "?" if self.seconds is None else _seconds(self.seconds)
+        rows.append(f"{'peak':<11} {_gb(self.peak_host_bytes):>10} {_gb(self.peak_device_bytes):>10} "
+                    f"{_gb(self.disk_bytes):>10} {total:>9}")
+        free = [f"{w} {_gb(b)}" for w, b in (("host", self.free_host_bytes), ("device", self.free_device_bytes),
+                                             ("disk", self.free_disk_bytes)) if b is not None]
+        if free:
+            rows.append("free now: " + ", ".join(free))
+        rows += [f"note: {n}" for n in self.notes]
+        return "\n".join(rows)
+
+
+def _gb(b: int) -> str:
+    return f"{b / GiB:.2f} GB" if b else "-"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min"
+
+
+def _settings_words(s: dict) -> str:
+    return (f"{s['method']}, {s['calib_windows']} x {s['seqlen']} calibration tokens, ratio {s['ratio']:g}, "
+            f"{s['dtype']} weights, {s['compute_dtype']} compute, {s['factor_dtype']} factors"
+            + (", offload" if s["offload"] else ""))
+
+
+# --- reading a model without its weights ---
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """(config, from_gguf) for the same specs as models.load_model, reading no weights."""
+    from transformers import AutoConfig
+
+    from .compressed import is_compressed_folder
+    from .models import DEFAULT_MODEL, _dequantized_cache, _hub_reachable, bundled_gguf
+
+    spec = (spec or DEFAULT_MODEL).strip()
+    path = Path(os.path.expanduser(spec))
+    gguf = None
+    if spec.lower() in (DEFAULT_MODEL, "default", "smollm2"):
+        gguf = bundled_gguf()
+    elif spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise DipSVDError(f"GGUF file not found: {spec}; check the path")
+        gguf = path
+    if gguf is not None:
+        done = _dequantized_cache(gguf)
+        if (done / "config.json").exists():
+            return AutoConfig.from_pretrained(str(done)), False
+        try:
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), True
+        except Exception as e:
+            raise DipSVDError(f"could not read the config in GGUF file {gguf}: {e}") from e
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DipSVDError(f"{spec} holds no config.json; give a model folder, a .gguf file or a hub id")
+        if is_compressed_folder(path):
+            raise DipSVDError(f"{spec} is a compressed model already; plan the original model instead")
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), False
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise DipSVDError(f"model path not found: {spec}; check the path, or give a hub id like HuggingFaceTB/SmolLM2-135M")
+    offline = not _hub_reachable()
+    try:
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, local_files_only=offline), False
+    except Exception as e:
+        where = "the hub is unreachable (offline) and it is not in the local hub cache" if offline else str(e)[:200]
+        raise DipSVDError(f"could not read the config of '{spec}' ({where}); download its config.json into a "
+                          "folder and plan that folder") from e
+
+
+def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise DipSVDError(f"unsupported architecture {getattr(config, 'model_type', '?')}: transformers cannot "
+                          f"build it as a causal LM ({str(e)[:200]})") from e
+
+
+def _input_groups(model: nn.Module, block: nn.Module, linears: dict[str, nn.Linear]) -> list[int] | None:
+    """in_features of each distinct input tensor of the block's Linears, from one forward on meta tensors."""
+    seen: dict[int, tuple] = {}
+    def hook(mod, args):
+        seen.setdefault(id(args[0]), (args[0], mod.in_features))
+
+    handles = [m.register_forward_pre_hook(hook) for m in linears.values()]
+
+    class Stop(Exception):
+        pass
+
+    handles.append(block.register_forward_hook(lambda *a: (_ for _ in ()).throw(Stop())))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 8, dtype=torch.long, device="meta"))  # (use_cache=False trips a .item() on meta)
+    except Stop:
+        return [v[1] for v in seen.values()]
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False) -> Shapes:
+    from .models import count_params, find_blocks, find_targets
+
+    model = meta_model(config, trust_remote_code)
+    if getattr(config, "tie_word_embeddings", False):  # from_config on meta does not tie: count them once
+        model.tie_weights()
+    _, blocks = find_blocks(model)
+    targets = find_targets(model)
+    first = [t for t in targets if t.block == 0]
+    linears = {n: m for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    groups = _input_groups(model, blocks[0], linears)
+    grouped_by = "meta forward"
+    if groups is None:
+        groups, grouped_by = [t.in_features for t in first], "one Gram per Linear (an upper bound)"
+    hidden = int(getattr(config, "hidden_size", 0) or max(t.in_features for t in first))
+    widest = max(max(t.out_features, t.in_features) for t in first)
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    vocab = int(getattr(config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+    return Shapes(len(blocks), hidden, vocab, heads, count_params(model), block_params,
+                  [(t.block, t.out_features, t.in_features) for t in targets], groups, widest, from_gguf, grouped_by)
+
+
+# --- the memory model ---
+
+@dataclass(frozen=True)
+class Run:
+    """The settings a plan depends on."""
+
+    method: str = "dipsvd"
+    allocation: str = "uniform"
+    ratio: float = 0.2
+    calib_windows: int = 32
+    seqlen: int = 512
+    eval_tokens: int = 16384
+    eval_sets: int = 2
+    eval_original: bool = True
+    dtype: str = "float32"
+    compute_dtype: str = "float64"
+    factor_dtype: str = "float32"
+    offload: bool = False
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.method == "fwsvd" or self.allocation in FISHER_ALLOCATIONS
+
+
+def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
+    """Bytes of every phase at its peak (host, device, disk); seconds are filled in by `timing`."""
+    B, c, s = DTYPE_BYTES[run.dtype], DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[run.factor_dtype]
+    T, N, H, L = run.seqlen, run.calib_windows, sh.hidden, sh.n_blocks
+    weights = sh.params * B
+    per_block = [m for m in sh.matrices if m[0] == 0]
+    factor_bytes = lambda ms, b: sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)  # noqa: E731
+    kept = int((1 - run.ratio) * sh.targeted)  # parameters of the kept factors (the allocation's budget)
+
+    window = T * (4 * H + 3 * sh.window_width) * B + sh.heads * T * T * 4  # one window inside a block
+    acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window  # between blocks, rotary, one window
+    gram_in = run.method in GRAM_METHODS or run.method == "asvd" or run.allocation in ("heuristic", "bayes", "coupled")
+    grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12  # + a window's product
+    o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
+    whiten = 5 * i * i if run.method in GRAM_METHODS else 2 * i * i
+    factoring = max(whiten, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
+    layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd, one window
+    logits = 3 * T * sh.vocab * 4
+    fisher = sh.targeted * (4 + B) + L * layer_saved + logits
+    largest_block = sh.block_params * B
+    one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
+    # Without the original's perplexity, compress converts the original in place: one model, not two.
+    compressed = kept * B if run.eval_original else kept * B - sh.targeted * B
+
+    # (work on the device, host besides the runtime) per phase
+    load_host = weights + (sh.params * 4 if sh.from_gguf else 0)
+    work = {"load": weights,
+            "statistics": weights + acts + grams,
+            "factors": weights + acts + grams + factoring if run.method in GRAM_METHODS else weights + factoring,
+            "fisher": weights + fisher,
+            "surgery": weights + (kept * B if run.eval_original else 0) + one_matrix * (s + B),
+            "evaluation": weights + compressed + logits + window}
+    disk = {"load": sh.params * 4 if sh.from_gguf else 0,
+            "statistics": sum(g * 16 for g in sh.groups) * L + L * H * 8,
+            "factors": factor_bytes(sh.matrices, s),
+            "fisher": sum(i * 8 for _, _, i in sh.matrices),
+            "surgery": 0, "evaluation": 0}
+    if run.method not in GRAM_METHODS and not gram_in:
+        disk["statistics"] = 0
+    phases = {}
+    for name in PHASES:
+        if not cuda:
+            host, dev = runtime + (load_host if name == "load" else work[name]), 0
+        elif run.offload:  # weights on the host, one block (plus the embeddings' window) on the device
+            dev = work[name] - weights + largest_block
+            host = runtime + weights + (factor_bytes(per_block, s) if name == "factors" else 0)
+        else:
+            dev = work[name]
+            host = runtime + {"load": load_host, "factors": factor_bytes(per_block, s),
+                              "surgery": one_matrix * s}.get(name, 0)
+        needed = {"statistics": gram_in or run.method in GRAM_METHODS, "fisher": run.needs_fisher}.get(name, True)
+        phases[name] = Phase(int(host), int(dev), int(disk[name]), None, needed)
+    return phases
+
+
+# --- the microbenchmark ---
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, device, repeat: int = 2) -> float:
+    fn()  # warm-up
+    _sync(device)
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclass
+class Rates:
+    block_window_s: float  # one decoder block over one window of seqlen, with the statistics hooks
+    block_forward_s: float  # the same without hooks (evaluation, Fisher)
+    svd_512_s: float  # SVD of a 512 x 512 matrix in the compute dtype
+    eigh_512_s: float
+    matmul_flops: float  # float32 or compute-dtype matmul rate (flop/s)
+    copy_bytes_s: float  # host memory copy rate
+
+
+def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
+    """A few seconds on the device: one real-width decoder block over one window, plus small SVDs."""
+    from transformers import AutoModelForCausalLM
+
+    from .stats import BlockStats
+    from .stream import capture_inputs, forward_block
+    from .models import DTYPES, find_blocks
+
+    cfg = config.__class__.from_dict(config.to_dict())
+    cfg.num_hidden_layers, cfg.vocab_size = 1, min(sh.vocab, 1024)
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) >= cfg.vocab_size:
+            setattr(cfg, k, 0)
+    for k in ("layer_types",):  # per-layer lists must match the one layer
+        if isinstance(getattr(cfg, k, None), list):
+            setattr(cfg, k, getattr(cfg, k)[:1])
+    dtype = DTYPES[run.dtype]
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    _, blocks = find_blocks(model)
+    linears = {n: m for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    windows = torch.randint(0, cfg.vocab_size, (1, run.seqlen))
+    inputs = capture_inputs(model, blocks, windows)
+    x0 = inputs.hidden[0]
+
+    def block_pass():
+        inputs.hidden[0] = x0
+        st = BlockStats(linears)
+        handles = st.attach()
+        try:
+            forward_block(blocks[0], inputs, st.add_output)
+        finally:
+            for h in handles:
+                h.remove()
+
+    block_s = _best(block_pass, device)
+
+    def plain():
+        inputs.hidden[0] = x0
+        forward_block(blocks[0], inputs)
+
+    plain_s = _best(plain, device)
+    del model, inputs
+    cdt = DTYPES.get(run.compute_dtype, torch.float64)
+    a = torch.randn(512, 512, device=device, dtype=cdt)
+    svd_s = _best(lambda: torch.linalg.svd(a, full_matrices=False), device)
+    g = a @ a.T
+    eigh_s = _best(lambda: torch.linalg.eigh(g), device)
+    m = torch.randn(1024, 1024, device=device, dtype=cdt)
+    mm_s = _best(lambda: m @ m, device)
+    host = torch.empty(64 << 20, dtype=torch.uint8)
+    copy_s = _best(lambda: host.clone(), torch.device("cpu"))
+    return Rates(block_s, plain_s, svd_s, eigh_s, 2 * 1024**3 / mm_s, (64 << 20) / copy_s)
+
+
+def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
+    """Seconds of every phase from the microbenchmark's rates."""
+    L, N = sh.n_blocks, run.calib_windows
+    cost = lambda o, i: o * i * min(o, i) / 512**3  # noqa: E731  (SVD cost, in 512^3 units)
+    per_block = [(o, i) for b, o, i in sh.matrices if b == 0]
+    forward = L * N * r.block_window_s
+    whiten = sum(cost(g, g) for g in sh.groups) * (r.svd_512_s if run.method == "dipsvd" else r.eigh_512_s)
+    factor = sum(cost(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
+    if run.method not in GRAM_METHODS:
+        whiten = 0.0
+    eval_windows = run.eval_sets * math.ceil(run.eval_tokens / run.seqlen)
+    lm_head = 2 * run.seqlen * sh.hidden * sh.vocab / r.matmul_flops
+    fwd_model = L * r.block_forward_s + lm_head  # one window through the model
+    phases["load"].seconds = sh.params * DTYPE_BYTES[run.dtype] / r.copy_bytes_s
+    phases["statistics"].seconds = forward + L * cost(sh.hidden, sh.hidden) * r.eigh_512_s
+    phases["factors"].seconds = L * (whiten + factor)
+    phases["fisher"].seconds = 3 * N * fwd_model
+    phases["surgery"].seconds = (1 - run.ratio) * sh.targeted * DTYPE_BYTES[run.factor_dtype] / r.copy_bytes_s
+    phases["evaluation"].seconds = eval_windows * fwd_model * ((2 - run.ratio) if run.eval_original else 1)
+
+
+# --- the plan ---
+
+def runtime_bytes() -> int:
+    """This process's resident memory now: Python, torch and transformers loaded, no model yet."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def free_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        return info.get("MemAvailable")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bool = True,
+              trust_remote_code: bool = False) -> Plan:
+    """The plan for compressing `model` with these settings on `device` (auto: CUDA when present).
+    `device="cuda"` on a machine without CUDA plans the memory only (no time, no free memory)."""
+    from .cache import cache_dir
+
+    import transformers  # noqa: F401  (the runtime the plan measures includes it)
+
+    want = device or "auto"
+    has_cuda = torch.cuda.is_available()
+    if want == "auto":
+        want = "cuda" if has_cuda else "cpu"
+    try:
+        dev = torch.device(want)
+    except RuntimeError as e:
+        raise DipSVDError(f"unknown device '{device}'; use auto, cpu or cuda") from e
+    cuda = dev.type == "cuda"
+    if run.dtype == "auto":
+        run = dataclasses.replace(run, dtype="bfloat16" if cuda else "float32")
+    runtime = runtime_bytes()
+    config, from_gguf = load_config(model, trust_remote_code)
+    sh = shapes_of(config, trust_remote_code, from_gguf)
+    phases = memory(sh, run, cuda, runtime)
+    notes = []
+    if run.offload and not cuda:
+        notes.append("offload moves weights off a GPU; on the CPU it changes nothing")
+    if sh.grouped_by != "meta forward":
+        notes.append(f"shared inputs not found by a meta forward: {sh.grouped_by}")
+    if bench and (not cuda or has_cuda):
+        timing(phases, sh, run, microbenchmark(config, sh, run, dev))
+        notes.append("load time is a host memory copy of the weights: reading the disk (and a GGUF's first "
+                     "dequantization) comes on top")
+    elif bench:
+        notes.append("no CUDA device here: memory is predicted, time is not")
+    plan = Plan(model, str(dev), dataclasses.asdict(run), phases, dataclasses.asdict(sh) | {"matrices": len(sh.matrices)},
+                runtime, notes, shape=sh)
+    plan.free_host_bytes = free_host_bytes()
+    if cuda and has_cuda:
+        plan.free_device_bytes = torch.cuda.mem_get_info(dev)[0]
+    plan.free_disk_bytes = shutil.disk_usage(cache_dir()).free
+    return plan
+
+
+def _misfit(plan: Plan, margin: float = 1.0) -> str | None:
+    """What does not fit, in words, or None."""
+    for what, need, free in (("host memory", plan.peak_host_bytes, plan.free_host_bytes),
+                             ("device memory", plan.peak_device_bytes, plan.free_device_bytes),
+                             ("disk in the cache folder", plan.disk_bytes, plan.free_disk_bytes)):
+        if free is not None and need > free * margin:
+            return f"predicted peak {what} {_gb(need)}, {_gb(free)} free"
+    return None
+
+
+def check_fits(plan: Plan) -> None:
+    """Raise a DipSVDError naming the one option that would fit, when the plan does not."""
+    problem = _misfit(plan)
+    if problem is None:
+        return
+    run = Run(**plan.settings)
+    cuda = plan.device.startswith("cuda")
+    shapes = plan.shape
+    tries = []
+    for n in (run.calib_windows // 2, run.calib_windows // 4, run.calib_windows // 8):
+        if n >= 1:
+            tries.append((f"--calib-windows {n}", dataclasses.replace(run, calib_windows=n)))
+    for t in (run.seqlen // 2, run.seqlen // 4):
+        if t >= 64:
+            tries.append((f"--seqlen {t}", dataclasses.replace(run, seqlen=t)))
+    if run.compute_dtype == "float64":
+        tries.append(("--compute-dtype float32", dataclasses.replace(run, compute_dtype="float32")))
+    if cuda and not run.offload:
+        tries.append(("--offload", dataclasses.replace(run, offload=True)))
+    if run.factor_dtype == "float32":
+        tries.append(("--factor-dtype bfloat16", dataclasses.replace(run, factor_dtype="bfloat16")))
+    for option, other in tries:
+        alt = dataclasses.replace(plan, phases=memory(shapes, other, cuda, plan.runtime_bytes))
+        if _misfit(alt) is None:
+            raise DipSVDError(f"this run does not fit: {problem}. {option} would fit "
+                              "(or pass --ignore-plan to run anyway)")
+    raise DipSVDError(f"this run does not fit: {problem}, and no single option makes it fit; use a machine with "
+                      "more memory or a smaller model (or pass --ignore-plan to run anyway)")
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=1, default=str)

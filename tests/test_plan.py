@@ -1,0 +1,179 @@
+"""The plan: shapes from the config alone, the memory model's terms, the refusal, the CLI; and the
+in-place surgery that batch runs use."""
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dipsvd_core import plan as P
+from dipsvd_core.errors import DipSVDError
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory, tiny_model_dir):
+    """A folder that holds only the tiny model's config.json, as a user has before downloading."""
+    folder = tmp_path_factory.mktemp("config-only")
+    shutil.copy(f"{tiny_model_dir}/config.json", folder / "config.json")
+    return folder
+
+
+def test_shapes_from_the_config_alone(config_only, tiny_lm):
+    config, gguf = P.load_config(str(config_only))
+    sh = P.shapes_of(config)
+    assert not gguf and sh.grouped_by == "meta forward"
+    # Llama: q/k/v read one tensor, o another, gate/up one, down one (hidden 64, intermediate 128)
+    assert sh.groups == [64, 64, 64, 128]
+    assert sh.n_blocks == 2 and sh.hidden == 64
+    real = [(t.block, t.out_features, t.in_features) for t in tiny_lm.targets]
+    assert sh.matrices == real
+    assert sh.params == sum(p.numel() for p in dict(tiny_lm.model.named_parameters()).values())
+
+
+def test_memory_terms_are_the_documented_sums(config_only):
+    config, _ = P.load_config(str(config_only))
+    sh = P.shapes_of(config)
+    run = P.Run(method="dipsvd", calib_windows=4, seqlen=32, ratio=0.25)
+    runtime = 1000
+    ph = P.memory(sh, run, cuda=False, runtime=runtime)
+    weights = sh.params * 4
+    # disk: every factor at full rank r = min(out, in): ut (r, out) and vs (r, in) in float32, sigma in float64
+    assert ph["factors"].disk_bytes == sum(min(o, i) * (o + i) * 4 + min(o, i) * 8 for _, o, i in sh.matrices)
+    assert ph["load"].host_bytes == runtime + weights and ph["load"].device_bytes == 0
+    # statistics: weights + activations + one block's float64 Grams (+ the output Gram and a window's product)
+    grams = 8 * (3 * 64 ** 2 + 128 ** 2) + 8 * 64 ** 2 + 12 * 128 ** 2
+    window = 32 * (4 * 64 + 3 * 128) * 4 + 4 * 32 * 32 * 4
+    acts = 4 * 32 * 64 * 4 + 4 * 2 * 32 * 16 * 4 * 2 + window
+    assert ph["statistics"].host_bytes == runtime + weights + acts + grams
+    # bfloat16 factors halve the stored matrices (sigma stays float64)
+    half = P.memory(sh, dataclasses.replace(run, factor_dtype="bfloat16"), False, runtime)["factors"].disk_bytes
+    assert half == sum(min(o, i) * (o + i) * 2 + min(o, i) * 8 for _, o, i in sh.matrices)
+    # Fisher is only needed by the allocations and the method that use it
+    assert not ph["fisher"].needed
+    assert P.memory(sh, dataclasses.replace(run, allocation="heuristic"), False, runtime)["fisher"].needed
+
+
+def test_plan_on_cuda_splits_host_and_device(config_only):
+    config, _ = P.load_config(str(config_only))
+    sh = P.shapes_of(config)
+    run = P.Run(dtype="bfloat16")
+    gpu = P.memory(sh, run, cuda=True, runtime=0)
+    off = P.memory(sh, dataclasses.replace(run, offload=True), cuda=True, runtime=0)
+    weights = sh.params * 2
+    assert gpu["statistics"].device_bytes > weights and gpu["statistics"].host_bytes == 0
+    # offload: the weights on the host, one block's on the device
+    assert off["statistics"].host_bytes == weights
+    assert off["statistics"].device_bytes == gpu["statistics"].device_bytes - weights + sh.block_params * 2
+
+
+def test_predicted_factor_disk_matches_the_store(tiny_lm):
+    """The plan's factor disk against the files the engine writes (safetensors headers aside)."""
+    from dipsvd_core.pipeline import Settings, Workbench
+
+    config, _ = P.load_config(tiny_lm.source)
+    sh = P.shapes_of(config)
+    bench = Workbench(tiny_lm, "wiki", 4, 64)
+    factors = bench.factors(Settings(method="svd-llm").spec)
+    files = {f.file for f in factors.values()}
+    written = sum(__import__("os").path.getsize(f) for f in files)
+    predicted = P.memory(sh, P.Run(method="svd-llm"), False, 0)["factors"].disk_bytes
+    assert predicted <= written <= predicted * 1.05
+
+
+def test_refusal_names_the_option_that_fits(config_only, monkeypatch):
+    run = P.Run(calib_windows=8192, seqlen=256)  # the activations dominate
+    plan = P.make_plan(str(config_only), "cpu", run, bench=False)
+    half = P.memory(plan.shape, dataclasses.replace(run, calib_windows=4096), False, plan.runtime_bytes)
+    plan.free_host_bytes = max(p.host_bytes for p in half.values() if p.needed) + 1
+    assert plan.peak_host_bytes > plan.free_host_bytes
+    with pytest.raises(DipSVDError, match=r"does not fit: predicted peak host memory .* --calib-windows 4096 would fit"):
+        P.check_fits(plan)
+    plan.free_host_bytes = 1
+    with pytest.raises(DipSVDError, match="no single option makes it fit"):
+        P.check_fits(plan)
+    plan.free_host_bytes = plan.peak_host_bytes
+    P.check_fits(plan)  # exactly enough: no error
+
+
+def test_microbenchmark_times_every_phase(config_only):
+    plan = P.make_plan(str(config_only), "cpu", P.Run(calib_windows=2, seqlen=64), bench=True)
+    for name, phase in plan.phases.items():
+        assert phase.seconds is not None and phase.seconds >= 0, name
+    assert plan.phases["statistics"].seconds > 0 and plan.phases["evaluation"].seconds > 0
+
+
+def test_cli_plan_json_on_a_config_only_folder(config_only):
+    proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "plan", "--model", str(config_only), "--json",
+                           "--no-bench", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out["phases"]) == set(P.PHASES)
+    for phase in out["phases"].values():
+        assert set(phase) >= {"host_bytes", "device_bytes", "disk_bytes", "seconds"}
+    assert out["peak_host_bytes"] == max(p["host_bytes"] for p in out["phases"].values() if p["needed"])
+    assert out["disk_bytes"] > 0 and out["peak_device_bytes"] == 0
+
+
+def test_cli_plan_for_a_gpu_without_one(config_only):
+    """A user plans a GPU run from a laptop: memory predicted, time not."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "plan", "--model", str(config_only), "--device",
+                           "cuda", "--dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device here: memory is predicted, time is not" in proc.stdout
+
+
+def test_compress_refuses_up_front(tiny_model_dir):
+    """A run the plan says will not fit stops before loading anything, with one line naming the fix."""
+    code = ("import sys; from dipsvd_core import plan; plan.free_host_bytes = lambda: 1; "
+            "from dipsvd_core.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "compress", "--model", tiny_model_dir, "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: this run does not fit: predicted peak host memory" in proc.stderr
+    assert "--ignore-plan" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plan_of_a_compressed_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dipsvd_compression": {"ranks": {}}}))
+    from dipsvd_core.compressed import is_compressed_folder
+
+    if not is_compressed_folder(tmp_path):
+        pytest.skip("compressed folders are recognised by other files")
+    with pytest.raises(DipSVDError, match="compressed model already"):
+        P.load_config(str(tmp_path))
+
+
+def test_inplace_surgery_equals_the_copy_and_releases_the_dense_pages(tiny_model_dir, monkeypatch):
+    """compress --no-eval-original converts the loaded model itself; same model, and the replaced
+    matrices' file-mapped pages are released."""
+    from dipsvd_core import surgery
+    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.models import load_model
+    from dipsvd_core.pipeline import Settings, Workbench
+
+    settings = Settings(method="svd-llm", ratio=0.3)
+    lm = load_model(tiny_model_dir, "cpu", "float32")
+    bench = Workbench(lm, "wiki", 4, 64)
+    ev = bench.eval_windows("wiki", 512)
+    copy = bench.build(settings)
+    ref = perplexity(copy.model, ev)
+    original = perplexity(lm.model, ev)
+
+    lm2 = load_model(tiny_model_dir, "cpu", "float32")
+    released = []
+    real = surgery._drop_file_pages
+    monkeypatch.setattr(surgery, "_drop_file_pages", lambda w, m: released.append(real(w, m)) or released[-1])
+    bench2 = Workbench(lm2, "wiki", 4, 64)
+    res = bench2.build(settings, inplace=True)
+    assert res.model is lm2.model
+    assert perplexity(res.model, ev) == pytest.approx(ref, rel=1e-6)
+    assert perplexity(lm.model, ev) == original  # the copy path left its original alone
+    factored = [n for n, k in res.allocation.ranks.items() if k is not None]
+    assert len(released) == len(factored) and sum(released) > 0
+    with pytest.raises(DipSVDError, match="converted in place"):
+        bench2.build(settings)

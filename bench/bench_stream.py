@@ -12,6 +12,8 @@ each on an empty cache, one after the other. Peak RSS is the compress process's 
   4 blocks, same settings; time per block and peak memory.
 - bundled: the cold compress of SmolLM2-135M with dipsvd (default settings, 32 x 512 calibration
   tokens); statistics plus factors, evaluation left out of the comparison.
+Each "after" run is set beside this tree's `plan` for the same arguments (predicted peak host memory),
+and the plan's memory for the users' models on one 80 GB GPU is listed (config only, no weights).
 --write replaces the "## Block streaming (issue 10)" section of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -100,6 +102,37 @@ def both(base: Path | None, *args: str) -> dict:
     return out
 
 
+GPU_MODELS = {  # the shapes of the models our users bring (config.json values)
+    "Llama-3.2-1B": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "Llama-3-8B": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "Qwen2.5-7B": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+}
+
+
+def gpu_predictions(tmp: Path) -> dict:
+    """plan --device cuda --dtype bfloat16 for each model, float64 and float32 compute (memory only)."""
+    from transformers import AutoConfig
+
+    out = {}
+    for name, cfg in GPU_MODELS.items():
+        folder = tmp / name
+        kw = dict(cfg)
+        AutoConfig.for_model(kw.pop("model_type"), **kw).save_pretrained(folder)
+        for compute in ("float64", "float32"):
+            res = subprocess.run([sys.executable, "-m", "dipsvd_core", "plan", "--model", str(folder), "--device", "cuda",
+                                  "--dtype", "bfloat16", "--compute-dtype", compute, "--no-bench", "--json"],
+                                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True,
+                                 text=True)
+            p = json.loads(res.stdout)
+            out[f"{name}|{compute}"] = {"device": p["peak_device_bytes"], "host": p["peak_host_bytes"],
+                                        "disk": p["disk_bytes"],
+                                        "fisher_device": p["phases"]["fisher"]["device_bytes"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true")
@@ -127,6 +160,7 @@ def main() -> None:
                 res["width_weight_bytes"] = random_llama(folder, 4, **LLAMA1B)
                 res["width"] = both(base, "--model", str(folder), *SMALL)
                 print(json.dumps(res["width"], indent=1), flush=True)
+            res["gpu"] = gpu_predictions(tmp)
             if "bundled" in cases:
                 res["bundled"] = both(base, "--eval", "wiki", "--eval-tokens", "512", "--no-eval-original")
                 print(json.dumps(res["bundled"], indent=1), flush=True)
@@ -146,20 +180,35 @@ def markdown(res: dict) -> str:
         if case not in res:
             continue
         for engine in ("before", "after"):
+            if engine not in res[case]:
+                continue
             r = res[case][engine]
             t = r["timings_s"]
-            rows.append(f"| {case} | {engine} | {r['peak_memory_mb']:,.0f} | {t.get('statistics', 0):.1f} | "
+            planned = ""
+            if engine == "after" and "plan" in res[case]:
+                pm = res[case]["plan"]["peak_host_bytes"] / 2**20
+                planned = f"{pm:,.0f} ({pm / r['peak_memory_mb']:.2f}x)"
+            rows.append(f"| {case} | {engine} | {r['peak_memory_mb']:,.0f} | {planned} | {t.get('statistics', 0):.1f} | "
                         f"{t.get('factors', 0):.1f} | {r['cache_bytes'] / 2**20:,.0f} | {r['ppl']['compressed']['wiki']:.4g} |")
     lines = [SECTION, "", f"Machine: {res['machine']}. Date: {res['date']}. Command: "
              f"`.venv/bin/python bench/bench_stream.py --write`; \"before\" is commit {res['base']}.", "",
-             "| case | engine | peak RSS MB | statistics s | factors s | cache MB | wiki ppl |",
-             "|---|---|---|---|---|---|---|", *rows]
+             "| case | engine | peak RSS MB | plan's peak MB (plan / measured) | statistics s | factors s | cache MB | wiki ppl |",
+             "|---|---|---|---|---|---|---|---|", *rows]
     if "depth8" in res and "depth32" in res:
         dw = (res["depth32_weight_bytes"] - res["depth8_weight_bytes"]) / 2**20
-        for engine in ("before", "after"):
+        for engine in [e for e in ("before", "after") if e in res["depth32"]]:
             dp = res["depth32"][engine]["peak_memory_mb"] - res["depth8"][engine]["peak_memory_mb"]
             lines.append(f"\nDepth, {engine}: peak(32) - peak(8) = {dp:,.0f} MB against {dw:,.0f} MB of float32 "
                          f"weights ({dp / dw:.2f}x; target at most 1.25x).")
+    if "gpu" in res:
+        lines += ["", "The plan for the users' models on one GPU (bf16 weights, dipsvd at ratio 0.2, 32 x 512 calibration "
+                  "tokens; config only, predicted, not measured):", "",
+                  "| model | compute | peak device GB | Fisher phase device GB | peak host GB | disk GB |",
+                  "|---|---|---|---|---|---|"]
+        for key, v in res["gpu"].items():
+            name, compute = key.split("|")
+            lines.append(f"| {name} | {compute} | {v['device'] / 2**30:.1f} | {v['fisher_device'] / 2**30:.1f} | "
+                         f"{v['host'] / 2**30:.1f} | {v['disk'] / 2**30:.1f} |")
     return "\n".join(lines) + "\n"
 
 

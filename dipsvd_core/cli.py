@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(c)
     _add_importance_args(c)
     _add_dobi_args(c)
+    c.add_argument("--offload", action="store_true",
+                   help="a model bigger than the GPU: accelerate keeps blocks in CPU memory or on disk and the engine "
+                        "brings one at a time to the GPU (device_map=auto)")
     c.add_argument("--ignore-plan", action="store_true",
                    help="run even when the plan predicts that memory or disk will not suffice")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
@@ -286,24 +289,33 @@ def cmd_compress(args) -> dict:
     plan = _check_plan(args)
     progress = Progress(args.quiet)
     t0 = time.perf_counter()
-    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, offload=args.offload)
     timings = {"load_model": time.perf_counter() - t0}
     bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
     t0 = time.perf_counter()
     bench.windows()
     timings["calibration_text"] = time.perf_counter() - t0
-    # Nothing looks at the original after the build: convert it in place (peak: one model, not two).
-    inplace = args.no_eval_original and not args.speed and not args.generate
-    params_before = count_params(lm.model)
-    result = bench.build(settings, progress=progress, inplace=inplace)
-    timings.update(result.timings_s)
-    progress.close()
+    # Everything the original is needed for comes first; then the build converts it in place, so the
+    # run holds one model, never the original and the compressed one side by side.
     t0 = time.perf_counter()  # evaluation includes cutting its windows, as the app's does
     sets = _eval_sets(lm, args.eval, args.eval_seqlen or args.seqlen, args.eval_tokens)
-    ppl = {"compressed": _perplexities(result.model, sets, progress)}
-    if not args.no_eval_original:
-        ppl["original"] = _perplexities(lm.model, sets, progress)
-    timings["evaluation"] = time.perf_counter() - t0
+    ppl = {} if args.no_eval_original else {"original": _perplexities(lm.model, sets, progress)}
+    t_eval = time.perf_counter() - t0
+    progress.close()
+    extra, t_gen = {}, 0.0
+    if args.speed:
+        extra["speed"] = {"original": speed(lm.model)}
+    if args.generate:
+        t0 = time.perf_counter()
+        extra["generations"] = {"original": generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)}
+        t_gen = time.perf_counter() - t0
+    params_before = count_params(lm.model)
+    result = bench.build(settings, progress=progress, inplace=True)
+    timings.update(result.timings_s)
+    progress.close()
+    t0 = time.perf_counter()
+    ppl = {"compressed": _perplexities(result.model, sets, progress), **ppl}
+    timings["evaluation"] = t_eval + time.perf_counter() - t0
     progress.close()
     report = {
         "model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
@@ -326,12 +338,12 @@ def cmd_compress(args) -> dict:
     elif result.allocation.history:
         report["bo_history"] = result.allocation.history
     if args.speed:
-        report["speed"] = {"original": speed(lm.model), "compressed": speed(result.model)}
+        report["speed"] = dict(extra["speed"], compressed=speed(result.model))
     if args.generate:
         t0 = time.perf_counter()
-        report["generations"] = {"original": generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True),
-                                 "compressed": generate(result.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)}
-        timings["generation"] = time.perf_counter() - t0
+        report["generations"] = dict(extra["generations"],
+                                     compressed=generate(result.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True))
+        timings["generation"] = t_gen + time.perf_counter() - t0
     if args.out:
         t0 = time.perf_counter()
         info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}

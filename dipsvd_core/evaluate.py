@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DipSVDError
-from .models import count_params
+from .models import count_params, input_device
 
 DEFAULT_PROMPTS = [
     "What is the universe? Explain this concept.",
@@ -25,7 +25,7 @@ DEFAULT_PROMPTS = [
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None) -> float:
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     for i in range(0, len(windows), batch_size):
         batch = windows[i: i + batch_size].to(device)
@@ -54,7 +54,7 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 48,
              chat: bool = False, greedy: bool = True) -> list[dict]:
     """One completion per prompt, with tokens per second of the new tokens."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for prompt in prompts:
         ids = _prompt_ids(tokenizer, prompt, chat).to(device)
@@ -71,7 +71,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
 @torch.no_grad()
 def speed(model: nn.Module, seqlen: int = 256, new_tokens: int = 32, vocab: int = 1000, repeats: int = 2) -> dict:
     """Prefill tokens/s of a (1, seqlen) batch and decode tokens/s of single-token steps with a KV cache."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
     model(ids[:, :8])  # warm-up
     best_prefill, best_decode = 0.0, 0.0

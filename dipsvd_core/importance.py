@@ -1,7 +1,8 @@
 """Step 3b of the flow: global importance signals per decoder block (DESIGN.md section 4).
 
 Computed from the calibration windows and the cached statistics, returned as plain arrays:
-- Fisher sensitivity S_l: one backward pass of the next-token loss per calibration window. For a
+- Fisher sensitivity S_l: one backward pass of the next-token loss per calibration window, taken one
+  decoder block at a time (`fisher_info`), so that it fits where the model fits (offload too). For a
   targeted weight theta, s = ||grad||_F / (||theta||_F + eps) where grad is the gradient of the
   MEAN calibration loss (the mean over windows of each window's mean token NLL), and
   S_l = sum of s over the block's targeted weights. The same pass keeps, per weight, the
@@ -27,10 +28,10 @@ from torch import nn
 
 from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
-from .models import Target
+from .models import Target, weights_of
 
 ENERGIES = ("sigma2", "sigma")
-FISHER_VERSION = "fisher-v1"
+FISHER_VERSION = "fisher-v2"  # v2: block-by-block backward
 GRAD_EPS = 1e-8  # in ||grad|| / (||theta|| + eps)
 NORM_EPS = 1e-6  # added after min-max normalisation so that no Q_l is exactly zero
 
@@ -49,50 +50,122 @@ class FisherInfo:
     seconds: float = 0.0
 
 
+class _Inject(nn.Module):
+    """Stands in for a decoder block while the top of the model runs: the last one returns a given
+    hidden state (the leaf whose gradient is wanted), the others pass their input through."""
+
+    def __init__(self, value: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.value, self.as_tuple = value, as_tuple
+
+    def forward(self, *args, **kwargs):
+        h = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
+        return (h,) if self.as_tuple else h
+
+
 def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, progress=None) -> FisherInfo:
-    """Backward passes over `windows` (n, seqlen). Only the targeted weights get requires_grad; every
-    flag and .grad is restored afterwards, so the model is left exactly as it was."""
+    """Backward passes over `windows` (n, seqlen), one decoder block at a time (stream.py), so that memory
+    holds one block's gradients, not the whole model's:
+
+    1. a no-grad streaming pass keeps every block's input for every window;
+    2. per window, the top of the model (final norm, lm_head, loss) runs on the last block's output
+       with the blocks stood in for, giving dL_w/dh at that output;
+    3. from the last block down, each block is run again on its saved inputs and back-propagated from
+       dL_w/dh; for every targeted Linear y = x W^T its weight gradient is grad_y^T x (hooks, no
+       requires_grad on any weight, so accelerate-offloaded weights work), and the gradient at the
+       block's input is passed down.
+    The weights' requires_grad flags and .grad are left exactly as they were."""
+    from .models import find_blocks, input_device
+    from .stream import capture_inputs, forward_block
+
     t0 = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    n, n_blocks = len(windows), len(blocks)
     mods = dict(model.named_modules())
-    weights = {t.name: mods[t.name].weight for t in targets}
-    device = next(model.parameters()).device
-    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    grad_sum = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}  # (out, in)
-    rows = {n: torch.zeros(w.shape[1], dtype=torch.float64, device=device) for n, w in weights.items()}
-    total_loss = 0.0
+    names_of: dict[int, list[str]] = {}
+    for t in targets:
+        names_of.setdefault(t.block, []).append(t.name)
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    originals = list(blocks)
+    grad_sum, rows, total_loss = {}, {}, 0.0
     try:
-        for p, _, _ in saved:
+        for p, _ in saved_flags:
             p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        with torch.enable_grad():
-            for i in range(len(windows)):
-                ids = windows[i: i + 1].to(device)
-                logits = model(ids).logits.float()
+        with torch.no_grad():  # 1. every block's inputs
+            inputs = capture_inputs(model, blocks, windows)
+            out = blocks[0](inputs.hidden[0], **inputs.kwargs[0])
+            as_tuple = isinstance(out, tuple)
+            del out
+            saved = []
+            for b, block in enumerate(blocks):
+                saved.append(list(inputs.hidden))
+                forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
+                    0.5 * (b + i / m) / n_blocks, f"fisher: forward, block {b + 1}/{n_blocks}"))
+        grads = []  # 2. dL_w/dh at the last block's output
+        device = input_device(model)
+        for i in range(n):
+            top = inputs.hidden[i].detach().requires_grad_(True)
+            for b in range(n_blocks):
+                blocks[b] = _Inject(top if b == n_blocks - 1 else None, as_tuple)
+            ids = windows[i: i + 1].to(device)
+            with torch.enable_grad():
+                logits = model(ids, use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])  # mean next-token NLL
                 if not torch.isfinite(loss):
                     raise DipSVDError(f"the loss is not finite on calibration window {i}; load the model in "
                                       "float32 (--dtype float32)")
                 loss.backward()
-                total_loss += loss.item()
-                for n, w in weights.items():
-                    g = w.grad.float()
-                    grad_sum[n] += g
-                    rows[n] += (g.double() ** 2).sum(0)  # sum over the output dim: one value per input channel
-                    w.grad = None
-                if progress:
-                    progress((i + 1) / len(windows), f"fisher: window {i + 1}/{len(windows)}")
+            total_loss += loss.item()
+            grads.append(top.grad)
+            del logits, loss, top
+        for b, block in enumerate(originals):
+            blocks[b] = block
+        for b in reversed(range(n_blocks)):  # 3. block by block, from the top
+            names = names_of.get(b, [])
+            for name in names:
+                W = mods[name].weight
+                grad_sum[name] = torch.zeros(W.shape, dtype=torch.float32, device=grads[0].device)
+                rows[name] = torch.zeros(W.shape[1], dtype=torch.float64, device=grads[0].device)
+
+            def hook(name):
+                def forward_hook(module, args, y):
+                    x = args[0].detach()
+
+                    def on_grad(g):
+                        gw = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
+                        grad_sum[name] += gw.to(grad_sum[name].device)
+                        rows[name] += (gw.double() ** 2).sum(0).to(rows[name].device)  # one value per input channel
+                    y.register_hook(on_grad)
+                return forward_hook
+
+            handles = [mods[nm].register_forward_hook(hook(nm)) for nm in names]
+            try:
+                for i in range(n):
+                    x = saved[b][i].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = originals[b](x, **inputs.kwargs[i])
+                        h = out[0] if isinstance(out, tuple) else out
+                        h.backward(grads[i].to(h.device))
+                    grads[i] = x.grad
+                    if progress:
+                        progress(0.5 + 0.5 * (n_blocks - b - 1 + (i + 1) / n) / n_blocks,
+                                 f"fisher: backward, block {b + 1}/{n_blocks}, window {i + 1}/{n}")
+            finally:
+                for h_ in handles:
+                    h_.remove()
+            saved[b] = None
     finally:
-        for p, flag, grad in saved:
+        for b, block in enumerate(originals):
+            blocks[b] = block
+        for p, flag in saved_flags:
             p.requires_grad_(flag)
-            p.grad = grad
-    n = len(windows)
     per_matrix, trace = {}, {}
     per_block = np.zeros(1 + max(t.block for t in targets))
     for t in targets:
         g = grad_sum[t.name].double() / n  # gradient of the mean loss over windows
-        s = (torch.linalg.norm(g) / (torch.linalg.norm(weights[t.name].detach().double()) + GRAD_EPS)).item()
+        with weights_of(mods[t.name]):
+            norm_w = torch.linalg.norm(mods[t.name].weight.detach().double()).to(g.device)
+        s = (torch.linalg.norm(g) / (norm_w + GRAD_EPS)).item()
         per_matrix[t.name] = s
         trace[t.name] = rows[t.name].sum().item() / n
         per_block[t.block] += s

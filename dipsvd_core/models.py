@@ -59,11 +59,37 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the token ids go (the embedding's execution device when accelerate placed the model)."""
+        return input_device(self.model)
+
+    @property
+    def offloaded(self) -> bool:
+        return is_offloaded(self.model)
 
     @property
     def n_blocks(self) -> int:
         return 1 + max(t.block for t in self.targets)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids go: the embedding's execution device under accelerate's device map
+    (CPU for "cpu" and "disk" entries), else the device of its first parameter."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        if isinstance(first, str) and first not in ("cpu", "disk", "meta"):
+            return torch.device(first)
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Some weights live off the execution device (CPU or disk offload): accelerate brings them in per call."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return any(d in ("cpu", "disk") for d in device_map.values()) and any(
+        p.device.type == "meta" for p in model.parameters())
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -121,7 +147,7 @@ def _dequantized_cache(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{gguf_content_tag(gguf)}"
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None):
+def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None, placement: dict | None = None):
     """Dequantize a GGUF once into a safetensors folder in the cache, then load that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,14 +175,15 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None):
         else:
             os.replace(tmp, folder)
         del model
-    return _load_folder(str(folder), dtype, trust_remote_code=False)
+    return _load_folder(str(folder), dtype, trust_remote_code=False, placement=placement)
 
 
-def _load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False):
+def _load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False,
+                 placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw, **(placement or {}))
     tok = AutoTokenizer.from_pretrained(source, **kw)
     return model, tok
 
@@ -177,25 +204,43 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def offload_placement(device: torch.device, dtype: torch.dtype, source_key: str,
+                      device_map: dict | str | None = None) -> dict:
+    """from_pretrained arguments for accelerate's big-model inference: `device_map` (default "auto":
+    the GPU first, then CPU memory, then disk) and an offload folder in the cache, one per model and dtype."""
+    if device_map is None:
+        if device.type != "cuda":
+            raise DipSVDError("--offload keeps weights off a GPU that is too small; on the CPU there is nothing to "
+                              "offload to. Drop --offload, or use --device cuda")
+        device_map = "auto"
+    folder = cache_dir() / "offload" / hashlib.sha256(f"{source_key}|{dtype}".encode()).hexdigest()[:16]
+    return {"device_map": device_map, "offload_folder": str(folder), "offload_state_dict": True}
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-               trust_remote_code: bool = False, progress=None) -> LoadedModel:
-    """Load a causal LM from the bundled default, a hub id, a local folder or a .gguf file."""
+               trust_remote_code: bool = False, progress=None, offload: bool = False,
+               device_map: dict | str | None = None) -> LoadedModel:
+    """Load a causal LM from the bundled default, a hub id, a local folder or a .gguf file.
+
+    With `offload` (or an explicit accelerate `device_map`), the model is placed by accelerate: blocks
+    that do not fit the GPU stay in CPU memory or on disk and are brought to the GPU one call at a time."""
     from .compressed import is_compressed_folder, load_compressed  # a saved compressed model
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = (spec or DEFAULT_MODEL).strip()
+    placement = offload_placement(dev, dt, spec, device_map) if (offload or device_map is not None) else None
     from_gguf = False
     path = Path(os.path.expanduser(spec))
     if spec.lower() in (DEFAULT_MODEL, "default", "smollm2"):
         gguf = bundled_gguf()
-        model, tok = _load_gguf(gguf, dt, progress)
+        model, tok = _load_gguf(gguf, dt, progress, placement)
         source, from_gguf = str(gguf), True
     elif spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise DipSVDError(f"GGUF file not found: {spec}; check the path")
-        model, tok = _load_gguf(path, dt, progress)
+        model, tok = _load_gguf(path, dt, progress, placement)
         source, from_gguf = str(path), True
     elif path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -204,7 +249,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         if is_compressed_folder(path):
             return load_compressed(path, device=str(dev), dtype=dt)
         try:
-            model, tok = _load_folder(str(path), dt, trust_remote_code)
+            model, tok = _load_folder(str(path), dt, trust_remote_code, placement=placement)
         except Exception as e:
             raise DipSVDError(f"could not load the model in {spec}: {_first_line(e)}") from e
         source = str(path.resolve())
@@ -214,7 +259,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     else:
         offline = not _hub_reachable()
         try:
-            model, tok = _load_folder(spec, dt, trust_remote_code, local_only=offline)
+            model, tok = _load_folder(spec, dt, trust_remote_code, local_only=offline, placement=placement)
         except Exception as e:
             msg = _first_line(e)
             if "trust_remote_code" in msg:
@@ -225,7 +270,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
                 f"bundled model '{DEFAULT_MODEL}', a local folder, or a .gguf file; set HF_HUB_OFFLINE=1 to use "
                 "only the local hub cache") from e
         source = spec
-    model.to(dev).eval()
+    if placement is None:
+        model.to(dev)
+    model.eval()
     lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, from_gguf=from_gguf)
     lm.targets = find_targets(model)
     lm.fingerprint = fingerprint(model)
@@ -276,8 +323,26 @@ def fingerprint(model: nn.Module) -> str:
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-        h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
+        if p.device.type == "meta":  # offloaded: read it through accelerate's hook
+            mod = model.get_submodule(name.rpartition(".")[0])
+            with weights_of(mod):
+                p = getattr(mod, name.rpartition(".")[2])
+                h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
+        else:
+            h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+def weights_of(module: nn.Module):
+    """A context in which an offloaded module's weights are real tensors on its execution device
+    (accelerate's align_module_device); a no-op for a module that holds its weights."""
+    import contextlib
+
+    if getattr(module, "_hf_hook", None) is None:
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
 
 
 def count_params(model: nn.Module) -> int:

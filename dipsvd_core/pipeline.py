@@ -8,6 +8,7 @@ and factors come from block-streaming passes (stream.py): what it holds for ever
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from .errors import DipSVDError
 from .cache import cache_dir, load_tensors, make_key, save_tensors
 from .factors import DEFAULT_WHITENING, GRAM_METHODS, METHODS, Factor, FactorSpec, FactorStore, factor_model
 from .importance import FisherInfo, cached_fisher, check_importance, effective_ranks, importance
-from .models import LoadedModel
+from .models import LoadedModel, weights_of
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
 from .surgery import compress_model, low_rank_weights
@@ -185,8 +186,11 @@ class Workbench:
             if progress:
                 progress(b / n_blocks, f"block {b + 1}/{n_blocks}: factoring")
             names = [t.name for t in self.targets if t.block == b]
-            factors = factor_model({n: mods[n].weight for n in names}, spec, group_of, grams, abs_means,
-                                   fisher.rows if fisher is not None else None)
+            with contextlib.ExitStack() as stack:  # offloaded blocks: their weights on the execution device
+                for n in names:
+                    stack.enter_context(weights_of(mods[n]))
+                factors = factor_model({n: mods[n].weight for n in names}, spec, group_of, grams, abs_means,
+                                       fisher.rows if fisher is not None else None)
             out.update(store.write_block(b, factors))
             block_of.update({n: b for n in names})
             del factors
@@ -255,12 +259,18 @@ class Workbench:
         if settings.allocation == "coupled":
             factors = self.factors(settings.spec, progress)
             mods = dict(self.lm.model.named_modules())
-            norms = {t.name: float(mods[t.name].weight.detach().double().pow(2).sum()) for t in self.targets}
+            norms = {}
+            for t in self.targets:
+                with weights_of(mods[t.name]):
+                    norms[t.name] = float(mods[t.name].weight.detach().double().pow(2).sum())
             weights = allocators.coupled_weights(factors, self.fisher(progress), norms, self.targets)
             return allocators.coupled(factors, weights, self.targets, settings.ratio, **bounds)
         if settings.allocation == "bayes":
             from .bayes import Objective, bayes
 
+            if self.lm.offloaded:
+                raise DipSVDError("Bayesian optimisation builds a second model to evaluate ranks; with an offloaded "
+                                  "model use the heuristic or coupled allocation")
             factors = self.factors(settings.spec, progress)
             key = (settings.spec.key, settings.bo_objective, settings.bo_windows)
             if key not in self._objectives:
@@ -360,6 +370,9 @@ class Workbench:
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:
             raise DipSVDError("this model was already converted in place; load it again to build another")
+        if self.lm.offloaded and not inplace:
+            raise DipSVDError("an offloaded model is compressed in place (a side-by-side copy would not fit): "
+                              "evaluate the original first, then build with inplace=True (compress does this)")
         self._converted = inplace
         return compress_model(self.lm.model, weights, inplace=inplace)
 

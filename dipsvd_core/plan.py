@@ -14,10 +14,12 @@ these shapes it adds up what each phase holds at its peak:
 - factors (the same pass for svd-llm and dipsvd): the above plus the factoring of the largest matrix
   in the compute dtype (the whitening's SVD of the in x in Gram, the SVD of W S) and the block's
   factors before they are written.
-- Fisher (importance.fisher_info): the weights, a float32 sum of every targeted weight's gradient
-  and the gradient itself, and the autograd activations of one window through the whole model.
-- surgery: the weights plus the kept factors at this ratio (read from disk in the factor dtype).
-- evaluation: the original, the kept factors, one window's activations and float32 logits.
+- Fisher (importance.fisher_info, block by block): the weights, every block's inputs for every window,
+  the gradients at one block boundary, one block's float32 gradient sums and autograd, one window's logits.
+- surgery: the weights plus the kept factors at this ratio (read from disk one matrix at a time). compress
+  converts the model in place, dropping each dense matrix as its factors replace it; the app keeps the
+  original beside the compressed copy (`Run.inplace=False`).
+- evaluation: the model (or both), one window's activations and float32 logits.
 
 On a CUDA device these go to the device and the host holds the runtime and the factors being
 written; with `offload` the weights stay on the host and the device holds one block at a time. On
@@ -280,6 +282,7 @@ class Run:
     compute_dtype: str = "float64"
     factor_dtype: str = "float32"
     offload: bool = False
+    inplace: bool = True  # compress converts the model in place; the app keeps the original beside the copy
 
     @property
     def needs_fisher(self) -> bool:
@@ -302,13 +305,16 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
     whiten = 5 * i * i if run.method in GRAM_METHODS else 2 * i * i
     factoring = max(whiten, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
-    layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd, one window
+    layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
     logits = 3 * T * sh.vocab * 4
-    fisher = sh.targeted * (4 + B) + L * layer_saved + logits
+    block_targeted = sum(o * i for _, o, i in per_block)
+    # Fisher runs block by block: every block's inputs (L x windows x T x H), the gradients at one level,
+    # one block's float32 gradient sums, one block's autograd, the logits of one window
+    fisher = L * N * T * H * B + N * T * H * 4 + block_targeted * 4 * 2 + layer_saved + logits
     largest_block = sh.block_params * B
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
-    # Without the original's perplexity, compress converts the original in place: one model, not two.
-    compressed = kept * B if run.eval_original else kept * B - sh.targeted * B
+    # compress converts the original in place (one model, not two); the app keeps both
+    compressed = kept * B - sh.targeted * B if run.inplace else kept * B
 
     # (work on the device, host besides the runtime) per phase
     load_host = weights + (sh.params * 4 if sh.from_gguf else 0)
@@ -316,7 +322,7 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             "statistics": weights + acts + grams,
             "factors": weights + acts + grams + factoring if run.method in GRAM_METHODS else weights + factoring,
             "fisher": weights + fisher,
-            "surgery": weights + (kept * B if run.eval_original else 0) + one_matrix * (s + B),
+            "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
             "evaluation": weights + compressed + logits + window}
     disk = {"load": sh.params * 4 if sh.from_gguf else 0,
             "statistics": sum(g * 16 for g in sh.groups) * L + L * H * 8,

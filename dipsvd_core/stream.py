@@ -15,7 +15,7 @@ states by the block's output, which is the next block's input. A pass over the m
 so its peak memory is the model, one block's statistics and the activations between blocks, and
 does not grow with depth. Blocks placed by accelerate (`device_map`, CPU or disk offload) bring their
 own weights to the execution device through accelerate's hooks when they are called, and
-`first_device` follows the device map; loading with offload is not offered yet, so no test runs that path.
+`first_device` follows the device map (tests/test_offload.py runs a model with blocks on CPU and disk).
 """
 from __future__ import annotations
 
@@ -62,14 +62,10 @@ class BlockInputs:
 
 
 def first_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the embedding's execution device (accelerate's map when present)."""
-    device_map = getattr(model, "hf_device_map", None)
-    if device_map:
-        first = next(iter(device_map.values()))
-        if isinstance(first, int) or (isinstance(first, str) and first not in ("cpu", "disk", "meta")):
-            return torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
-        return torch.device("cpu")
-    return next(model.parameters()).device
+    """Where the token ids go (models.input_device)."""
+    from .models import input_device
+
+    return input_device(model)
 
 
 @torch.no_grad()

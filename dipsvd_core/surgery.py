@@ -62,6 +62,12 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _weights_of(module: nn.Module):
+    from .models import weights_of
+
+    return weights_of(module)
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's memory maps of .safetensors files (Linux; empty elsewhere)."""
     try:
@@ -133,8 +139,17 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
     for name in weights:
         u, v = weights[name]  # read now: one matrix's factors at a time
         old = mods[name]
-        dev, dt = old.weight.device, old.weight.dtype
-        set_module(new, name, LowRankLinear.from_weights(u.to(dev, dt), v.to(dev, dt), old.bias))
+        hook = getattr(old, "_hf_hook", None)  # offloaded by accelerate: the factors go to its execution device
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            dev = torch.device(hook.execution_device)
+            bias = None
+            if old.bias is not None:
+                with _weights_of(old):
+                    bias = nn.Parameter(old.bias.detach().to(dev).clone(), requires_grad=False)
+        else:
+            dev, bias = old.weight.device, old.bias
+        dt = old.weight.dtype
+        set_module(new, name, LowRankLinear.from_weights(u.to(dev, dt), v.to(dev, dt), bias))
         del u, v
         if inplace:
             w = old.weight

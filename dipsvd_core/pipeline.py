@@ -371,8 +371,8 @@ class Workbench:
         if self._converted:
             raise DipSVDError("this model was already converted in place; load it again to build another")
         if self.lm.offloaded and not inplace:
-            raise DipSVDError("an offloaded model is compressed in place (a side-by-side copy would not fit): "
-                              "evaluate the original first, then build with inplace=True (compress does this)")
+            raise DipSVDError("an offloaded model is compressed in place, since a side-by-side copy would not fit: "
+                              "use `python -m dipsvd_core compress --offload`, which evaluates the original first")
         self._converted = inplace
         return compress_model(self.lm.model, weights, inplace=inplace)
 

@@ -508,8 +508,7 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
                      "dequantization) comes on top")
     elif bench:
         notes.append("no CUDA device here: memory is predicted, time is not")
-    plan = Plan(model, str(dev), dataclasses.asdict(run), phases, dataclasses.asdict(sh) | {"matrices": len(sh.matrices)},
-                runtime, notes, shape=sh)
+    plan = Plan(model, str(dev), dataclasses.asdict(run), phases, dataclasses.asdict(sh), runtime, notes, shape=sh)
     plan.free_host_bytes = free_host_bytes()
     if cuda and has_cuda:
         plan.free_device_bytes = torch.cuda.mem_get_info(dev)[0]
@@ -555,6 +554,15 @@ def check_fits(plan: Plan) -> None:
                               "(or pass --ignore-plan to run anyway)")
     raise DipSVDError(f"this run does not fit: {problem}, and no single option makes it fit; use a machine with "
                       "more memory or a smaller model (or pass --ignore-plan to run anyway)")
+
+
+def plan_from_dict(d: dict) -> Plan:
+    """A Plan back from `Plan.to_dict()` (the app caches plans as dicts)."""
+    sh = dict(d["shapes"])
+    sh["matrices"] = [tuple(m) for m in sh["matrices"]]
+    return Plan(d["model"], d["device"], d["settings"], {n: Phase(**p) for n, p in d["phases"].items()}, d["shapes"],
+                d["runtime_bytes"], list(d["notes"]), d["free_host_bytes"], d["free_device_bytes"],
+                d["free_disk_bytes"], shape=Shapes(**sh))
 
 
 def plan_json(plan: Plan) -> str:

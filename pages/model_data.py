@@ -1,12 +1,16 @@
 """Page 1: choose a model and calibration text, load it, collect statistics, see what is targeted."""
 import os
 
+import pandas as pd
 import streamlit as st
+import torch
 
 from dipsvd_core.data import SOURCES
+from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.plan import check_fits, plan_from_dict
 from studio import ui
 from studio.state import defaults
 
@@ -38,12 +42,18 @@ with left:
                 "folder": "a folder saved by save_pretrained (holds config.json)",
                 "gguf": "path to a .gguf file"}[kind]
         spec = st.text_input("Model", key="k_load_spec", placeholder=hint, disabled=busy).strip()
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="k_load_device", disabled=busy)
     dtype = c2.selectbox("Dtype", ["auto", *DTYPES], key="k_load_dtype", disabled=busy,
                          help="auto: float32 on CPU, bfloat16 on a GPU")
-    trust = c3.checkbox("Trust remote code", key="k_load_trust", disabled=busy,
+    has_gpu = torch.cuda.is_available() and device != "cpu"
+    offload = c3.checkbox("Offload", key="k_load_offload", disabled=busy or not has_gpu,
+                          help="For a model bigger than the GPU: accelerate keeps blocks in CPU memory or on disk "
+                               "and the engine brings one at a time to the GPU" + ("" if has_gpu else
+                                                                                  " (needs a CUDA GPU)"))
+    trust = c4.checkbox("Trust remote code", key="k_load_trust", disabled=busy,
                         help="Only for hub models that ship their own code, and only if you trust it")
+    ui.device_panel(device)
 with right:
     st.subheader("Calibration text")
     calib = st.selectbox("Source", [*SOURCES, PATH], key="k_load_calib", disabled=busy,
@@ -59,8 +69,34 @@ with right:
     st.caption(f"{n_windows} × {seqlen} = {n_windows * seqlen:,} calibration tokens, cut without padding.")
 
 
+# The plan for these choices: the default method (dipsvd) and the app's evaluation sizes, with the
+# original kept beside the compressed copy (memory only; the microbenchmark is a button).
+run = {"method": "dipsvd", "calib_windows": int(n_windows), "seqlen": int(seqlen), "dtype": dtype,
+       "eval_tokens": d["eval_tokens"], "eval_sets": max(1, len(d["eval"])), "offload": bool(offload),
+       "inplace": False}
+plan = ui.plan_of(spec or "", device, run, trust) if (kind == "bundled" or spec) else None
+if plan is not None:
+    with st.expander("Plan: predicted memory, disk and time of each phase", expanded=False):
+        if "error" in plan:
+            st.caption(f"No plan: {plan['error']}")
+        else:
+            timed = ui.plan_of(spec or "", device, run, trust, True) if st.session_state.get("k_plan_timed") else plan
+            rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
+                     "disk": ui.fmt_bytes(p["disk_bytes"]),
+                     "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
+                     "needed": "yes" if p["needed"] else "no (Fisher: heuristic, BO, coupled, fwsvd)"}
+                    for n, p in plan["phases"].items()]
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            st.caption(f"Peak host {ui.fmt_bytes(plan['peak_host_bytes'])}, device "
+                       f"{ui.fmt_bytes(plan['peak_device_bytes'])}, disk {ui.fmt_bytes(plan['disk_bytes'])}; "
+                       "from the config alone, with the original kept beside the compressed copy. "
+                       + " ".join(timed.get("notes", [])))
+            st.checkbox("Predict the time (a few seconds' microbenchmark on this device)", key="k_plan_timed",
+                        disabled=busy)
+
+
 def load(job):
-    lm = ui.load_lm(spec or "", device, dtype, trust, _progress=job.progress)
+    lm = ui.load_lm(spec or "", device, dtype, trust, bool(offload), _progress=job.progress)
     job.progress(0.05, "cutting calibration windows")
     bench = Workbench(lm, calib, int(n_windows), int(seqlen), int(seed))
     bench.windows()
@@ -77,7 +113,16 @@ if st.button("Load model and collect statistics", type="primary", disabled=busy)
     elif not calib:
         st.error("Enter the path of a .txt or .jsonl calibration file, or pick a named source.", icon=":material/error:")
     else:
-        ui.start("Loading the model and collecting statistics", load)
+        misfit = None
+        if plan is not None and "error" not in plan:
+            try:
+                check_fits(plan_from_dict(plan))
+            except DipSVDError as e:
+                misfit = str(e).replace("--ignore-plan", "the CLI's --ignore-plan")
+        if misfit:
+            st.error(misfit, icon=":material/memory:")
+        else:
+            ui.start("Loading the model and collecting statistics", load)
 
 if s.lm is not None and s.bench is not None:
     lm, bench = s.lm, s.bench

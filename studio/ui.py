@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import streamlit as st
@@ -31,9 +32,37 @@ def busy() -> bool:
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, _progress=None):
+def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, offload: bool = False, _progress=None):
     """One copy of each model per server, shared by sessions; compression never mutates it."""
-    return load_model(spec, device, dtype, trust_remote_code, _progress)
+    return load_model(spec, device, dtype, trust_remote_code, _progress, offload=offload)
+
+
+@st.cache_data(show_spinner=False, max_entries=32, ttl=600)
+def plan_of(spec: str, device: str, run: dict, trust_remote_code: bool, bench: bool = False) -> dict:
+    """The plan (plan.make_plan) as a dict, or {"error": message}; memory only unless `bench`."""
+    from dipsvd_core.plan import Run, make_plan
+
+    try:
+        return make_plan(spec, device, Run(**run), bench=bench, trust_remote_code=trust_remote_code).to_dict()
+    except DipSVDError as e:
+        return {"error": str(e)}
+
+
+def device_panel(device: str) -> None:
+    """The compute device, its memory used and free, and the host's free memory."""
+    import torch
+
+    from dipsvd_core.plan import free_host_bytes
+
+    host = free_host_bytes()
+    host_txt = f" · host memory free {fmt_bytes(host)}" if host is not None else ""
+    if torch.cuda.is_available() and device in ("auto", "cuda"):
+        free, total = torch.cuda.mem_get_info()
+        st.caption(f"Device: **{torch.cuda.get_device_name()}** · GPU memory used {fmt_bytes(total - free)} of "
+                   f"{fmt_bytes(total)}, free {fmt_bytes(free)}{host_txt}")
+    else:
+        why = "no CUDA GPU found" if not torch.cuda.is_available() else "chosen"
+        st.caption(f"Device: **CPU** ({why}; {os.cpu_count()} cores){host_txt}")
 
 
 def start(title: str, fn, cancellable: bool = False) -> None:

@@ -107,7 +107,11 @@ def test_load_shows_architecture_and_statistics():
     assert metric(at, "Decoder blocks") == "2"
     assert metric(at, "Targeted Linears") == "14"  # q k v o gate up down, two blocks
     assert metric(at, "Calibration tokens") == "256"  # 4 windows x 64 tokens
-    rows = at.dataframe[0].value
+    tables = [df.value for df in at.dataframe]
+    rows = next(t for t in tables if "linear" in t.columns)
+    plan = next(t for t in tables if "phase" in t.columns)  # the plan for these choices, from the config alone
+    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "surgery", "evaluation"]
+    assert any("Device: **CPU**" in c.value for c in at.caption)
     assert list(rows["linear"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert list(rows["out x in"])[-1] == "64 x 128" and list(rows["blocks"]) == [2] * 7
@@ -431,3 +435,15 @@ def test_work_survives_page_switches():
     assert at.slider(key="k_s_ratio").value == 0.25 and at.radio(key="k_s_whitening").value == "paper"
     page(at, "model_data")
     assert metric(at, "Decoder blocks") == "2"  # the loaded model is still there
+
+
+def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_model_dir, monkeypatch):
+    """The Model page checks the plan on the click: no job starts, one message names the option that fits."""
+    from dipsvd_core import plan
+
+    monkeypatch.setattr(plan, "free_host_bytes", lambda: 1)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    _load_with(at, spec=tiny_model_dir, windows=4093)  # a window count no other test plans (the plan is cached)
+    [msg] = errors(at)
+    assert msg.startswith("this run does not fit: predicted peak host memory") and "--ignore-plan" in msg
+    assert at.session_state["studio"].lm is None and at.session_state["studio"].job is None

@@ -240,7 +240,9 @@ def _perplexities(model, sets, progress) -> dict:
 def _run_of(args):
     from .plan import Run
 
-    allocation = getattr(args, "allocation", None) or ("trained" if args.method == "dobi" else "uniform")
+    from .methods import handler
+
+    allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
     return Run(method=args.method, allocation=allocation, ratio=args.ratio,
                calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
@@ -277,9 +279,11 @@ def cmd_compress(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
     from .compressed import save_compressed
     from .models import count_params, load_model
-    from .pipeline import Workbench, peak_memory_mb, settings_dict
+    from .methods import handler
+    from .pipeline import Workbench, peak_memory_mb
+    from .report import compression_report
 
-    allocation = args.allocation or ("trained" if args.method == "dobi" else "uniform")
+    allocation = args.allocation or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
         raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
@@ -317,26 +321,11 @@ def cmd_compress(args) -> dict:
     ppl = {"compressed": _perplexities(result.model, sets, progress), **ppl}
     timings["evaluation"] = t_eval + time.perf_counter() - t0
     progress.close()
-    report = {
-        "model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
-        "method": settings.method, "allocation": settings.allocation,
-        "ratio_target": settings.ratio, "ratio_realized": result.allocation.ratio_realized,
-        "ratio_words": f"ratio {settings.ratio:g} removed, {100 * (1 - settings.ratio):.0f}% kept",
-        "settings": settings_dict(settings),
-        "calibration": {"source": args.calib, "windows": args.calib_windows, "seqlen": args.seqlen, "seed": args.seed},
-        "params": param_report(params_before, result.model, lm.targets, result.allocation.ranks),
-        "p_blocks": [float(x) for x in result.allocation.p_blocks],
-        "ranks": {n: (k if k is not None else "dense") for n, k in result.allocation.ranks.items()},
-        "ppl": ppl,
-        "eval": {"sets": list(sets), "tokens_per_set": args.eval_tokens},
-    }
-    if result.info:  # dobi: storage in bytes (16-bit dense baseline), the ratio the gammas reached, the loss curve
-        report["storage"] = result.info["storage"]
-        report["dobi"] = {k: result.info[k] for k in ("ratio_trained", "history", "config", "gamma_shift", "note")}
-        if result.info["note"]:
-            print(f"note: {result.info['note']}", file=sys.stderr)
-    elif result.allocation.history:
-        report["bo_history"] = result.allocation.history
+    report = compression_report(lm, bench, result,
+                                param_report(params_before, result.model, lm.targets, result.allocation.ranks), ppl)
+    report["eval"] = {"sets": list(sets), "tokens_per_set": args.eval_tokens}
+    if report.get("dobi", {}).get("note"):
+        print(f"note: {report['dobi']['note']}", file=sys.stderr)
     if args.speed:
         report["speed"] = dict(extra["speed"], compressed=speed(result.model))
     if args.generate:

@@ -14,7 +14,7 @@ import numpy as np
 from .allocation import Allocation, describe_ratio, matrix_params
 from .factors import FactorSpec
 from .models import LoadedModel, Target, count_params, find_blocks
-from .pipeline import Settings, Workbench, settings_dict
+from .pipeline import Settings, Workbench
 
 LARGE_MODEL_PARAMS = 1e9  # below this, small models have flat spectra: 0.1 removed is already a lot
 
@@ -157,25 +157,3 @@ def sweep_curves(report: dict, dataset: str) -> dict[str, tuple[list[float], lis
         ys.append(row["ppl"][dataset])
     return curves
 
-
-def report(lm: LoadedModel, bench: Workbench, settings: Settings, allocation: Allocation, params: dict | None,
-           ppl: dict | None = None, speed: dict | None = None, generations: dict | None = None,
-           result_info: dict | None = None) -> dict:
-    """The JSON report of a compression, with the same keys as the CLI's `compress --report`."""
-    out = {"model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
-           "method": settings.method, "allocation": settings.allocation, "ratio_target": settings.ratio,
-           "ratio_realized": allocation.ratio_realized, "ratio_words": describe_ratio(settings.ratio),
-           "settings": settings_dict(settings),
-           "calibration": {"source": bench.calib, "windows": bench.n_windows, "seqlen": bench.seqlen,
-                           "seed": bench.seed},
-           "params": params, "p_blocks": [float(x) for x in allocation.p_blocks],
-           "ranks": {n: (k if k is not None else "dense") for n, k in allocation.ranks.items()},
-           "ppl": ppl or {}, "timings_s": dict(bench.timings_s)}
-    if settings.method == "dobi" and result_info:
-        out["storage"] = result_info["storage"]
-        out["dobi"] = {k: result_info.get(k) for k in ("ratio_trained", "history", "config", "gamma_shift", "note")}
-    if speed:
-        out["speed"] = speed
-    if generations:
-        out["generations"] = generations
-    return out

@@ -21,15 +21,16 @@ from . import allocators
 from .data import calibration_windows, evaluation_windows, heldout_windows
 from .errors import DipSVDError
 from .cache import cache_dir, load_tensors, make_key, save_tensors
-from .factors import DEFAULT_WHITENING, GRAM_METHODS, METHODS, Factor, FactorSpec, FactorStore, factor_model
+from .factors import DEFAULT_WHITENING, GRAM_METHODS, Factor, FactorSpec, FactorStore, factor_model
+from .methods import HANDLERS
 from .importance import FisherInfo, cached_fisher, check_importance, effective_ranks, importance
 from .models import LoadedModel, weights_of
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
-from .surgery import compress_model, low_rank_weights
+from .surgery import compress_model
 
 ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
-ALL_METHODS = METHODS + ("dobi",)  # dobi trains its ranks and rebuilds weights: no FactorSpec
+ALL_METHODS = tuple(HANDLERS)  # svd, svd-llm, dipsvd, fwsvd, asvd (factored) and dobi (trains its ranks)
 
 
 @dataclass
@@ -76,19 +77,10 @@ class Settings:
                           self.dobi_beta, self.remap)
 
     def check(self) -> "Settings":
+        from .methods import handler
+
         alloc.check_ratio(self.ratio)
-        if self.method not in ALL_METHODS:
-            raise DipSVDError(f"unknown method '{self.method}'; use one of {', '.join(ALL_METHODS)}")
-        if self.method == "dobi":
-            if self.allocation != "trained":
-                raise DipSVDError("dobi learns its own per-matrix ranks: use allocation 'trained' with it")
-            self.dobi.check()
-        else:
-            self.spec  # validates method and whitening
-            if self.allocation == "trained":
-                raise DipSVDError(f"allocation 'trained' is Dobi-SVD's own; use it with method dobi, not {self.method}")
-            if self.remap:
-                raise DipSVDError("remap (8-bit factors) is part of Dobi-SVD; use it with method dobi")
+        handler(self.method).check(self)
         if self.allocation not in allocation_names():
             raise DipSVDError(f"unknown allocation '{self.allocation}'; use one of {', '.join(allocation_names())}")
         if not 0 < self.p_min <= self.p_max:
@@ -323,49 +315,20 @@ class Workbench:
         self._dobi[key] = trained
         return trained
 
-    def build_dobi(self, settings: Settings, progress=None, callback=None, cancel=None, inplace: bool = False) -> Result:
-        from . import dobi
-
-        trained = self.train_dobi(settings, progress, callback, cancel)
-        if trained.cancelled:
-            raise DipSVDError("Dobi-SVD training was cancelled; nothing was built")
-        cfg, targets = settings.dobi, self.targets
-        t0 = time.perf_counter()
-        ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, cfg.remap)
-        ipca = self.windows()[: cfg.ipca_windows] if cfg.ipca_windows else self.windows()
-        weights = dobi.ipca_weights(self.lm.model, targets, ipca, ranks, cfg.ipca_extra, progress)
-        t1 = time.perf_counter()
-        if cfg.remap:
-            weights = dobi.remap_weights(weights)
-        model = self._surgery(weights, inplace)
-        t2 = time.perf_counter()
-        allocation = dobi.allocation_of(ranks, targets, settings.ratio, cfg.remap,
-                                        [h["task"] for h in trained.history])
-        trained_ranks = dobi.ranks_from_gammas(trained.gammas, targets, cfg.remap)
-        info = {"storage": dobi.storage_report(ranks, targets, cfg.remap),
-                "note": dobi.budget_note(targets, settings.ratio, cfg.remap),
-                "ratio_trained": dobi.storage_ratio(trained_ranks, targets, cfg.remap),
-                "history": trained.history, "config": dobi.config_dict(cfg),
-                "gamma_shift": dobi.gamma_shift(trained.gammas, targets, settings.ratio, cfg.remap)}
-        timings = dict(self.timings_s, ipca_update=t1 - t0, surgery=t2 - t1)
-        return Result(model, allocation, settings, timings, info)
-
     def build(self, settings: Settings, allocation: alloc.Allocation | None = None, progress=None,
               inplace: bool = False) -> Result:
         """The compressed copy for these settings; the original model is left untouched. With `inplace`
         the original itself is converted (a batch run that never uses it again peaks lower); this
-        Workbench then builds nothing more."""
+        Workbench then builds nothing more. The method's handler (methods.py) builds the new state;
+        surgery is the same for every method."""
+        from .methods import handler
+
         settings.check()
-        if settings.method == "dobi":
-            return self.build_dobi(settings, progress, inplace=inplace)
-        factors = self.factors(settings.spec, progress)
+        state = handler(settings.method).new_state(self, settings, allocation, progress)
         t0 = time.perf_counter()
-        allocation = allocation or self.allocate(settings, progress)
-        t1 = time.perf_counter()
-        model = self._surgery(low_rank_weights(factors, allocation.ranks), inplace)
-        t2 = time.perf_counter()
-        timings = dict(self.timings_s, allocation=t1 - t0, surgery=t2 - t1)
-        return Result(model, allocation, settings, timings)
+        model = self._surgery(state.weights, inplace)
+        timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
+        return Result(model, state.allocation, settings, timings, state.info)
 
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:

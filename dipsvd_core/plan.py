@@ -418,7 +418,7 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
         forward_block(blocks[0], inputs)
 
     plain_s = _best(plain, device)
-    del model, inputs
+    del model
     cdt = DTYPES.get(run.compute_dtype, torch.float64)
     a = torch.randn(512, 512, device=device, dtype=cdt)
     svd_s = _best(lambda: torch.linalg.svd(a, full_matrices=False), device)

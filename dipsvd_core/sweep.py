@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from .errors import DipSVDError
 from .evaluate import perplexity
+from .methods import handler
 from .pipeline import ALL_METHODS, Settings, Workbench, allocation_names
 
 # Grid-only name: Dobi-SVD with 8-bit remapping, so one sweep can hold both Dobi variants.
@@ -89,7 +90,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
         timings["fisher"] = time.perf_counter() - t0
     methods = list(dict.fromkeys(m for m, _ in grid))
     for method in methods:
-        factored = not method.startswith("dobi")
+        factored = not handler(_settings(base, method, "uniform", ratios[0]).method).trains_ranks
         if factored:
             spec = replace(base, method=method).spec
             t0 = time.perf_counter()
@@ -116,8 +117,10 @@ def _settings(base: Settings, method: str, allocation: str, ratio: float) -> Set
 
 
 def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dict:
+    from .report import compression_report, sweep_row
+
     t0 = time.perf_counter()
-    if settings.method == "dobi":  # training + IPCA update is its "allocation"; build does both
+    if handler(settings.method).trains_ranks:  # training + IPCA update is its "allocation"; build does both
         result = bench.build(settings, progress=progress)
         allocation, t1 = result.allocation, time.perf_counter()
     else:
@@ -126,23 +129,10 @@ def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dic
         result = bench.build(settings, allocation)
     ppl = {n: perplexity(result.model, w) for n, w in eval_sets.items()}
     t2 = time.perf_counter()
-    info = result.info
+    row = sweep_row(compression_report(bench.lm, bench, result, None, ppl))
     del result
-    row = {"method": settings.method, "allocation": settings.allocation,
-           "label": LABELS.get((settings.method, settings.allocation), "baseline"),
-           "ratio": settings.ratio, "ratio_realized": allocation.ratio_realized, "ppl": ppl,
-           "allocation_s": t1 - t0, "build_eval_s": t2 - t1,
-           "p_blocks": [round(float(p), 5) for p in allocation.p_blocks]}
-    if info:
-        row["storage"] = info["storage"]
-        row["ratio_trained"] = info["ratio_trained"]
-        row["dobi_task_loss"] = [h["task"] for h in info["history"]]
-        row["gamma_shift"] = info["gamma_shift"]
-        if info["note"]:
-            row["note"] = info["note"]
-    elif allocation.history:
-        row["bo_history"] = allocation.history
-        row["bo_calls"] = len(allocation.history)
+    row.update(label=LABELS.get((settings.method, settings.allocation), "baseline"), allocation_s=t1 - t0,
+               build_eval_s=t2 - t1)
     return row
 
 

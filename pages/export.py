@@ -5,7 +5,8 @@ import streamlit as st
 
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.compressed import save_compressed
-from dipsvd_core.inspection import allocation_rows, report, to_csv
+from dipsvd_core.inspection import allocation_rows, to_csv
+from dipsvd_core.report import compression_report
 from studio import ui
 
 s = ui.need_model()
@@ -24,9 +25,8 @@ st.markdown(f"Compressed model: **{res.settings.method}** + **{res.settings.allo
 if not s.result_is_current:
     st.warning("The settings changed since this model was built; the export is of the model as built.", icon=":material/sync_problem:")
 
-rep = report(lm, bench, res.settings, res.allocation, s.params,
-             {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
-             s.generations["columns"] if s.generations else None, res.info)
+rep = compression_report(lm, bench, res, s.params, {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
+             s.generations["columns"] if s.generations else None)
 c1, c2 = st.columns(2)
 c1.download_button("Download report (JSON)", json.dumps(rep, indent=2, default=str), "dipsvd-report.json",
                    "application/json", width="stretch", key="dl_report")

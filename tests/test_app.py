@@ -408,14 +408,14 @@ def test_export_saves_and_asks_before_replacing(tmp_path):
 
 
 def test_report_and_allocation_csv_content():
-    from dipsvd_core.inspection import allocation_rows, report, to_csv
+    from dipsvd_core.inspection import allocation_rows, to_csv
+    from dipsvd_core.report import compression_report
 
     at = factored(loaded())
     page(at, "compress")
     click(at, "Build compressed model")
     s = at.session_state["studio"]
-    rep = json.loads(json.dumps(report(s.lm, s.bench, s.result.settings, s.result.allocation, s.params),
-                                default=str))
+    rep = json.loads(json.dumps(compression_report(s.lm, s.bench, s.result, s.params), default=str))
     assert rep["ratio_words"] == "ratio 0.1 removed, 90% kept" and rep["calibration"]["windows"] == 4
     csv = to_csv(allocation_rows(s.lm, s.result.allocation)).splitlines()
     assert csv[0] == "name,block,linear,out,in,p_block,rank,params_before,params_after" and len(csv) == 15

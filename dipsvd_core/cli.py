@@ -109,6 +109,7 @@ def _settings_from(args, **over):
     from .pipeline import Settings
 
     fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, compute_dtype=args.compute_dtype,
+                  refine=args.refine,
                   factor_dtype=args.factor_dtype, p_min=args.p_min, p_max=args.p_max,
                   beta=args.beta, tau=args.tau, energy=args.energy, bo_calls=args.bo_calls,
                   bo_objective=args.bo_objective, bo_windows=args.bo_windows, seed=args.seed)
@@ -117,6 +118,12 @@ def _settings_from(args, **over):
             fields[name] = getattr(args, name)
     fields.update(over)
     return Settings(**fields).check()
+
+
+def _add_refine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", choices=("none", "sequential"), default="none",
+                   help="sequential: refit each block to the inputs the compressed blocks before it produce "
+                        "(one more streaming pass at build time)")
 
 
 def _add_dtype_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
     c.add_argument("--p-min", type=float, default=0.05, help="lowest keep ratio of a block")
     c.add_argument("--p-max", type=float, default=1.0, help="highest keep ratio of a block (1 = may stay dense)")
+    _add_refine_arg(c)
     _add_dtype_args(c)
     _add_calib_args(c)
     _add_importance_args(c)
@@ -188,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
     w.add_argument("--p-min", type=float, default=0.05)
     w.add_argument("--p-max", type=float, default=1.0)
+    _add_refine_arg(w)
     _add_dtype_args(w)
     _add_calib_args(w)
     _add_importance_args(w)

@@ -43,6 +43,7 @@ class Settings:
     whitening: str = DEFAULT_WHITENING
     compute_dtype: str = "float64"  # the whitening and the SVD; float32 where float64 is slow (workstation GPUs)
     factor_dtype: str = "float32"  # the factors on disk; bfloat16 halves them for large models
+    refine: str = "none"  # "sequential": each block refit to the inputs the compressed blocks before it give (refine.py)
     p_min: float = 0.05
     p_max: float = 1.0
     # global importance (DESIGN.md section 4)
@@ -79,8 +80,14 @@ class Settings:
     def check(self) -> "Settings":
         from .methods import handler
 
+        from .refine import REFINES
+
         alloc.check_ratio(self.ratio)
         handler(self.method).check(self)
+        if self.refine not in REFINES:
+            raise DipSVDError(f"unknown refine '{self.refine}'; use none or sequential")
+        if self.refine != "none" and handler(self.method).trains_ranks:
+            raise DipSVDError("refine works on SVD factors; dobi rebuilds its weights by IPCA instead: use refine none")
         if self.allocation not in allocation_names():
             raise DipSVDError(f"unknown allocation '{self.allocation}'; use one of {', '.join(allocation_names())}")
         if not 0 < self.p_min <= self.p_max:
@@ -325,10 +332,24 @@ class Workbench:
 
         settings.check()
         state = handler(settings.method).new_state(self, settings, allocation, progress)
+        if settings.refine == "sequential":
+            state.weights, info = self.refine(settings, state.allocation, progress)
+            state.timings_s["refine"] = info["seconds"]
+            state.info = dict(state.info, refine=info)
         t0 = time.perf_counter()
         model = self._surgery(state.weights, inplace)
         timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
         return Result(model, state.allocation, settings, timings, state.info)
+
+    def refine(self, settings: Settings, allocation: alloc.Allocation, progress=None) -> tuple[dict, dict]:
+        """Sequential compensation (refine.py) of this allocation's factored matrices: one more streaming pass."""
+        from .refine import refine
+
+        spec = settings.spec
+        abs_means = self.stats(progress).abs_means if spec.method == "asvd" else None
+        rows = self.fisher(progress).rows if spec.method == "fwsvd" else None
+        return refine(self.lm.model, [t.name for t in self.targets], self.windows(), spec, allocation.ranks,
+                      abs_means, rows, progress)
 
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:

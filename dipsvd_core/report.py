@@ -23,6 +23,8 @@ def compression_report(lm, bench, result, params: dict | None, ppl: dict | None 
            "ranks": {n: (k if k is not None else "dense") for n, k in allocation.ranks.items()},
            "ppl": ppl or {}, "timings_s": dict(result.timings_s)}
     out.update(handler(settings.method).report_fields(result.info, allocation))
+    if "refine" in result.info:
+        out["refine"] = result.info["refine"]
     if speed:
         out["speed"] = speed
     if generations:
@@ -41,6 +43,8 @@ def sweep_row(report: dict) -> dict:
                    dobi_task_loss=[h["task"] for h in d["history"]], gamma_shift=d["gamma_shift"])
         if d["note"]:
             row["note"] = d["note"]
+    if "refine" in report:
+        row["refine_s"] = report["refine"]["seconds"]
     if report.get("bo_history"):
         row.update(bo_history=report["bo_history"], bo_calls=len(report["bo_history"]))
     return row

@@ -11,6 +11,8 @@ baselines and our coupled allocator:
   dipsvd + bayes      Step 1+2 (DipSVD, BO)     svd / fwsvd / asvd + uniform   baselines
   dipsvd + coupled    ours: per-matrix ranks from whitened loss curves and Fisher weights
 Dobi-SVD rows are asked for by name (dobi:trained, dobi-remap:trained); they train per ratio.
+An allocation with "+refine" (e.g. dipsvd:heuristic+refine) builds that row with sequential
+compensation (refine.py) on top of the same factors and allocation.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .evaluate import perplexity
 from .methods import handler
 from .pipeline import ALL_METHODS, Settings, Workbench, allocation_names
 
+REFINED = "+refine"  # an allocation with this suffix is built with sequential compensation
 # Grid-only name: Dobi-SVD with 8-bit remapping, so one sweep can hold both Dobi variants.
 GRID_METHODS = ALL_METHODS + ("dobi-remap",)
 
@@ -44,9 +47,11 @@ def parse_grid(text: str | None) -> list[tuple[str, str]]:
         if not item:
             continue
         method, sep, allocation = item.partition(":")
-        if not sep or method not in GRID_METHODS or allocation not in allocation_names():
+        plain = allocation.removesuffix(REFINED)
+        if not sep or method not in GRID_METHODS or plain not in allocation_names():
             raise DipSVDError(f"bad grid entry '{item}'; write method:allocation with method in {', '.join(GRID_METHODS)} "
-                              f"and allocation in {', '.join(allocation_names())}, e.g. svd-llm:uniform,dipsvd:heuristic")
+                              f"and allocation in {', '.join(allocation_names())} (optionally +refine), e.g. "
+                              "svd-llm:uniform,dipsvd:heuristic,dipsvd:heuristic+refine")
         if (method, allocation) not in rows:
             rows.append((method, allocation))
     if not rows:
@@ -74,7 +79,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
               "eval_tokens": {n: int(w.numel()) for n, w in eval_sets.items()},
               "settings": {k: getattr(base, k) for k in ("weight", "bar", "whitening", "p_min", "p_max", "beta",
                                                         "tau", "energy", "bo_calls", "bo_objective", "bo_windows",
-                                                        "seed")},
+                                                        "seed", "refine")},
               "timings_s": {}, "rows": []}
     timings = report["timings_s"]
     t0 = time.perf_counter()
@@ -84,7 +89,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
         t0 = time.perf_counter()
         bench.stats(progress)
         timings["statistics"] = time.perf_counter() - t0
-    if any(a not in ("uniform", "trained") or m == "fwsvd" for m, a in grid):
+    if any(a.removesuffix(REFINED) not in ("uniform", "trained") or m == "fwsvd" for m, a in grid):
         t0 = time.perf_counter()
         bench.fisher(progress)  # shared by heuristic, bayes, coupled and fwsvd; timed once here
         timings["fisher"] = time.perf_counter() - t0
@@ -100,8 +105,11 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
             for m, allocation in grid:
                 if m != method:
                     continue
-                row = _row(bench, _settings(base, method, allocation, ratio), eval_sets, progress)
-                row["method"], row["label"] = method, LABELS.get((method, allocation), row["label"])
+                settings = _settings(base, method, allocation, ratio)
+                row = _row(bench, settings, eval_sets, progress)
+                label = LABELS.get((method, settings.allocation), row["label"])
+                row["method"], row["allocation"], row["refine"] = method, allocation, settings.refine
+                row["label"] = label + (" + refine" if settings.refine != "none" else "")
                 report["rows"].append(row)
                 if on_row:
                     on_row(report)
@@ -111,6 +119,8 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
 
 
 def _settings(base: Settings, method: str, allocation: str, ratio: float) -> Settings:
+    if allocation.endswith(REFINED):
+        base, allocation = replace(base, refine="sequential"), allocation.removesuffix(REFINED)
     if method == "dobi-remap":
         return replace(base, method="dobi", remap=True, allocation=allocation, ratio=ratio)
     return replace(base, method=method, allocation=allocation, ratio=ratio)

@@ -1,0 +1,134 @@
+"""Sequential compensation (refine.py): the closed form against a brute-force optimum, and the pass on
+the tiny model against the plain factors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dipsvd_core.factors import factor_matrix, whitening
+from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.refine import least_squares_target, refine
+
+
+def objective(W, X, Wp, Xh):
+    return float(torch.linalg.norm(W @ X - Wp @ Xh) ** 2)
+
+
+def closed_form(W, X, Xh, k):
+    G, C = Xh @ Xh.T, X @ Xh.T
+    target, _ = least_squares_target(W, C, G)
+    S, S_inv, _ = whitening(G, torch.ones(G.shape[0], dtype=torch.float64), "paper")
+    u, v = factor_matrix(target, S, S_inv, dtype=torch.float64).low_rank(k)
+    return u @ v, target
+
+
+def als(W, X, Xh, k, starts=8, steps=400, seed=0):
+    """Brute force: alternating least squares over W' = A B from random starts; the best value found."""
+    gen = torch.Generator().manual_seed(seed)
+    Y = W @ X
+    best = float("inf")
+    for _ in range(starts):
+        B = torch.randn(k, W.shape[1], generator=gen, dtype=torch.float64)
+        for _ in range(steps):
+            Z = B @ Xh  # (k, T): A = Y Z^+
+            A = torch.linalg.lstsq(Z.T, Y.T).solution.T
+            # B: min ||Y - A B Xh|| -> vec form via the normal equations (A^T A) B (Xh Xh^T) = A^T Y Xh^T
+            lhs = torch.kron(A.T @ A, Xh @ Xh.T)
+            rhs = (A.T @ Y @ Xh.T).reshape(-1)
+            B = torch.linalg.solve(lhs, rhs).reshape(k, -1)
+        best = min(best, objective(W, X, A @ B, Xh))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closed_form_is_the_optimum(seed):
+    g = torch.Generator().manual_seed(seed)
+    out, inn, T, k = 6, 8, 120, 3
+    W = torch.randn(out, inn, generator=g, dtype=torch.float64)
+    X = torch.randn(inn, T, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, inn, dtype=torch.float64)[:, None]
+    Xh = X + 0.3 * torch.randn(inn, T, generator=g, dtype=torch.float64)  # what compressed blocks feed
+    Wp, target = closed_form(W, X, Xh, k)
+    assert torch.linalg.matrix_rank(Wp) == k
+    value = objective(W, X, Wp, Xh)
+    brute = als(W, X, Xh, k, seed=seed)
+    assert value == pytest.approx(brute, rel=1e-7)
+    # Pythagoras: for any W', the error splits into the target's residual plus the whitened distance
+    other = torch.randn(out, k, generator=g, dtype=torch.float64) @ torch.randn(k, inn, generator=g, dtype=torch.float64)
+    lhs = objective(W, X, other, Xh)
+    rhs = objective(W, X, target, Xh) + float(torch.linalg.norm((target - other) @ Xh) ** 2)
+    assert lhs == pytest.approx(rhs, rel=1e-9)
+    # the plain truncation (W against X^'s Gram, ignoring that X^ differs from X) is worse
+    S, S_inv, _ = whitening(Xh @ Xh.T, torch.ones(inn, dtype=torch.float64), "paper")
+    u, v = factor_matrix(W, S, S_inv, dtype=torch.float64).low_rank(k)
+    assert objective(W, X, u @ v, Xh) > value
+
+
+def _inputs(model, name, windows):
+    """The input of Linear `name` over `windows`, as (in, tokens)."""
+    mod = dict(model.named_modules())[name]
+    got = []
+    h = mod.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(len(windows)):
+            model(windows[i: i + 1])
+    h.remove()
+    return torch.cat(got).double().T
+
+
+def test_refined_model_fits_the_original_output_better(tiny_lm):
+    from dipsvd_core.surgery import compress_model, low_rank_weights
+
+    settings = Settings(method="svd-llm", ratio=0.4)
+    bench = Workbench(tiny_lm, "wiki", 4, 64)
+    factors = bench.factors(settings.spec)
+    allocation = bench.allocate(settings)
+    refined, info = refine(tiny_lm.model, [t.name for t in tiny_lm.targets], bench.windows(), settings.spec,
+                           allocation.ranks)
+    assert set(refined) == {n for n, k in allocation.ranks.items() if k is not None} and info["seconds"] > 0
+    # block 0 sees the original inputs (X^ = X): refining changes nothing there
+    first = tiny_lm.targets[0].name
+    u, v = refined[first]
+    u0, v0 = factors[first].low_rank(allocation.ranks[first])
+    torch.testing.assert_close((u @ v).double(), (u0 @ v0).double(), rtol=1e-4, atol=1e-5)
+    # the last block's q_proj: on the inputs the refined compressed model gives it, the refined matrix is
+    # closer to the original output than the plain factors' rank-k slice
+    name = [t.name for t in tiny_lm.targets if t.block == tiny_lm.n_blocks - 1][0]
+    model = compress_model(tiny_lm.model, refined)
+    X, Xh = _inputs(tiny_lm.model, name, bench.windows()), _inputs(model, name, bench.windows())
+    W = dict(tiny_lm.model.named_modules())[name].weight.detach().double()
+    plain = low_rank_weights(factors, allocation.ranks)[name]
+    e_refined = objective(W, X, (refined[name][0] @ refined[name][1]).double(), Xh)
+    e_plain = objective(W, X, (plain[0] @ plain[1]).double(), Xh)
+    assert e_refined < e_plain
+
+
+def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
+    rep = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", "--model", tiny_model_dir, "--method",
+                           "dipsvd", "--ratio", "0.3", "--refine", "sequential", "--calib-windows", "4", "--seqlen",
+                           "64", "--eval", "wiki", "--eval-tokens", "256", "--report", str(rep), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(rep.read_text())
+    assert r["settings"]["refine"] == "sequential" and r["refine"]["seconds"] > 0 and "refine" in r["timings_s"]
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "sweep", "--model", tiny_model_dir, "--grid",
+                           "svd-llm:uniform,svd-llm:uniform+refine", "--ratios", "0.3", "--calib-windows", "4",
+                           "--seqlen", "64", "--eval", "wiki", "--eval-tokens", "256", "--out-json", str(out),
+                           "--out-md", str(tmp_path / "s.md"), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["allocation"], r["refine"], r["label"]) for r in rows] == [
+        ("uniform", "none", "SVD-LLM"), ("uniform+refine", "sequential", "SVD-LLM + refine")]
+    assert rows[0]["ratio_realized"] == rows[1]["ratio_realized"]  # same allocation, refitted matrices
+    assert rows[0]["ppl"]["wiki"] != rows[1]["ppl"]["wiki"]
+    assert "svd-llm | uniform+refine" in (tmp_path / "s.md").read_text()
+
+
+def test_refine_refuses_dobi():
+    from dipsvd_core.errors import DipSVDError
+
+    with pytest.raises(DipSVDError, match="refine works on SVD factors"):
+        Settings(method="dobi", allocation="trained", refine="sequential").check()

@@ -152,7 +152,8 @@ def sweep_curves(report: dict, dataset: str) -> dict[str, tuple[list[float], lis
     """A `sweep.run_sweep` report as one (ratios, perplexities) curve per method/allocation row kind."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for row in sorted(report["rows"], key=lambda r: r["ratio"]):
-        xs, ys = curves.setdefault(row["method"], ([], []))
+        name = row["method"] + (" + refine" if row.get("refine", "none") != "none" else "")
+        xs, ys = curves.setdefault(name, ([], []))
         xs.append(row["ratio"])
         ys.append(row["ppl"][dataset])
     return curves

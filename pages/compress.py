@@ -35,6 +35,14 @@ def build(job):
     s.params = param_report(lm.model, result.model, lm.targets, result.allocation.ranks)
 
 
+refinable = cur.method != "dobi"
+refine = st.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
+                     value=cur.refine == "sequential",
+                     help="One more block-by-block pass: each block's factored matrices are refitted, in closed form, "
+                          "to give the original outputs on the inputs that the already-compressed blocks before it "
+                          "produce. Same ranks, same size; a build step, not a slider step.")
+if refinable and (cur.refine == "sequential") != refine:
+    s.settings = cur = replace(cur, refine="sequential" if refine else "none")
 if s.result is not None and not s.result_is_current:
     st.warning("The compressed model below was built for other settings; build again to use the current ones.",
                icon=":material/sync_problem:")
@@ -52,7 +60,7 @@ if s.result is not None and s.params is not None:
                 delta_color="off", delta_arrow="off")
     m[3].metric("Whole-model reduction", f"{100 * p['whole_model_reduction']:.1f}%",
                 "embeddings and lm_head are kept", delta_color="off", delta_arrow="off")
-    if s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
+    if "storage" in s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
         st_ = s.result.info["storage"]
         st.caption(f"Storage of the targeted matrices: {ui.fmt_bytes(st_['targeted_bytes_after'])} from "
                    f"{ui.fmt_bytes(st_['targeted_bytes_before_16bit'])} at 16 bits"
@@ -60,8 +68,11 @@ if s.result is not None and s.params is not None:
                    + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
         if s.result.info.get("note"):
             st.warning(s.result.info["note"], icon=":material/info:")
+    refined = s.result.info.get("refine")
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
-               f"{describe_ratio(s.result.settings.ratio)}; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
+               f"{describe_ratio(s.result.settings.ratio)}"
+               + (f", refined by sequential compensation ({refined['seconds']:.1f} s)" if refined else "")
+               + f"; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
 
 st.subheader("Perplexity")
 c1, c2, c3 = st.columns([2, 2, 1])
@@ -113,9 +124,11 @@ methods = c1.multiselect("Methods", [*METHODS, "dobi", "dobi-remap"], key="k_sw_
                          help="dobi and dobi-remap (8-bit factors) train once per ratio: minutes each on a CPU")
 ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio])), key="k_sw_ratios", disabled=busy)
 sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
+with_refined = st.checkbox("Also refined rows (sequential compensation, one more pass per point)", key="k_sw_refine",
+                           disabled=busy)
 # BO per point is too slow; Dobi-SVD's "trained" is its own, so factor methods then use uniform.
 base = replace(cur, allocation="uniform") if cur.allocation in ("bayes", "trained") else cur
-base = replace(base, remap=False)  # remap belongs to the dobi-remap rows only
+base = replace(base, remap=False, refine="none")  # remap belongs to the dobi-remap rows only; refine to "+refine" rows
 
 
 def row_allocation(method: str) -> str:
@@ -135,7 +148,10 @@ def sweep(job):
     in_memory = [spec for spec in (replace(base, method=m).spec for m in methods if not m.startswith("dobi"))
                  if bench.has_factors(spec)]
     try:
-        run_sweep(bench, base, [(m, row_allocation(m)) for m in methods], sorted(ratios), sets, job.progress, on_row)
+        grid = [(m, row_allocation(m)) for m in methods]
+        if with_refined:
+            grid += [(m, row_allocation(m) + "+refine") for m in methods if not m.startswith("dobi")]
+        run_sweep(bench, base, grid, sorted(ratios), sets, job.progress, on_row)
     except Cancelled:
         pass
     finally:

@@ -447,3 +447,24 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_model_dir, monke
     [msg] = errors(at)
     assert msg.startswith("this run does not fit: predicted peak host memory") and "--ignore-plan" in msg
     assert at.session_state["studio"].lm is None and at.session_state["studio"].job is None
+
+
+def test_refine_on_the_compress_page_and_refined_sweep_rows():
+    """Refine is a build step on the Compress page; the sweep can put refined curves next to plain ones."""
+    at = factored(loaded())
+    page(at, "compress")
+    at.checkbox(key="k_c_refine").check()
+    settle(at)
+    studio = at.session_state["studio"]
+    assert studio.settings.refine == "sequential"
+    click(at, "Build compressed model")
+    assert not errors(at)
+    assert studio.result.settings.refine == "sequential" and studio.result.info["refine"]["seconds"] > 0
+    assert studio.result_is_current
+    at.multiselect(key="k_sw_methods").set_value(["svd-llm"])
+    at.multiselect(key="k_sw_ratios").set_value([0.1, 0.3])
+    at.checkbox(key="k_sw_refine").check()
+    settle(at)
+    click(at, "Run sweep")
+    names = [t["name"] for t in figure(at, "fig_sweep")["data"]]
+    assert names == ["svd-llm", "svd-llm + refine"]

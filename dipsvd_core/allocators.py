@@ -199,6 +199,27 @@ def coupled(factors, weights: dict[str, float], targets: list[Target], ratio: fl
     return Allocation(p_blocks, ranks, ratio, alloc.realized_ratio(ranks, targets), method="coupled")
 
 
+def nested(factors, weights: dict[str, float], targets: list[Target], outer: Allocation, p_min: float = 0.05,
+           p_max: float = 1.0, exact: bool | None = None) -> Allocation:
+    """Per-block budgets from `outer` (the heuristic's, which measures how blocks feed each other through
+    Fisher sensitivity and effective rank), per-matrix ranks inside each block from the coupled
+    objective: the weights w_m then only compare matrices of the same block, where a second-order
+    estimate of one matrix's effect does not have to stand in for the error compounding across blocks.
+    Each block keeps at most what `outer` gave it, so the realized ratio is at least outer's."""
+    sigmas = {t.name: factors[t.name].sigma.double().numpy() for t in targets}
+    ranks: dict[str, int | None] = {}
+    n_blocks = 1 + max(t.block for t in targets)
+    for b in range(n_blocks):
+        ts = [t for t in targets if t.block == b]
+        budget = sum(alloc.matrix_params(outer.ranks[t.name], t.out_features, t.in_features) for t in ts)
+        ranks.update(coupled_ranks(sigmas, weights, ts, budget, p_min, p_max, exact))
+    kept = np.zeros(n_blocks)
+    for t in targets:
+        kept[t.block] += alloc.matrix_params(ranks[t.name], t.out_features, t.in_features)
+    return Allocation(kept / alloc.block_params(targets), ranks, outer.ratio_target, alloc.realized_ratio(ranks, targets),
+                      method="nested")
+
+
 def predicted_loss(factors, ranks: dict[str, int | None], targets: list[Target]) -> np.ndarray:
     """Per block: sum over its matrices of L_m(k_m)^2, the whitened error of the chosen ranks."""
     out = np.zeros(1 + max(t.block for t in targets))

@@ -29,7 +29,7 @@ from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
 from .surgery import compress_model
 
-ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
+ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "nested", "trained")
 ALL_METHODS = tuple(HANDLERS)  # svd, svd-llm, dipsvd, fwsvd, asvd (factored) and dobi (trains its ranks)
 
 
@@ -255,7 +255,7 @@ class Workbench:
             return alloc.uniform(self.targets, settings.ratio, **bounds)
         if settings.allocation == "heuristic":
             return allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio, **bounds)
-        if settings.allocation == "coupled":
+        if settings.allocation in ("coupled", "nested"):
             factors = self.factors(settings.spec, progress)
             mods = dict(self.lm.model.named_modules())
             norms = {}
@@ -263,6 +263,10 @@ class Workbench:
                 with weights_of(mods[t.name]):
                     norms[t.name] = float(mods[t.name].weight.detach().double().pow(2).sum())
             weights = allocators.coupled_weights(factors, self.fisher(progress), norms, self.targets)
+            if settings.allocation == "nested":  # the heuristic's block budgets, coupled ranks inside each block
+                outer = allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio,
+                                             **bounds)
+                return allocators.nested(factors, weights, self.targets, outer, **bounds)
             return allocators.coupled(factors, weights, self.targets, settings.ratio, **bounds)
         if settings.allocation == "bayes":
             from .bayes import Objective, bayes

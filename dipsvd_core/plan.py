@@ -52,7 +52,7 @@ from .errors import DipSVDError
 
 PHASES = ("load", "statistics", "factors", "fisher", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled")
+FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled", "nested")
 GRAM_METHODS = ("svd-llm", "dipsvd")
 GiB = 2**30
 
@@ -300,7 +300,7 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
 
     window = T * (4 * H + 3 * sh.window_width) * B + sh.heads * T * T * 4  # one window inside a block
     acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window  # between blocks, rotary, one window
-    gram_in = run.method in GRAM_METHODS or run.method == "asvd" or run.allocation in ("heuristic", "bayes", "coupled")
+    gram_in = run.method in GRAM_METHODS or run.method == "asvd" or run.allocation in FISHER_ALLOCATIONS
     grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12  # + a window's product
     o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
     whiten = 5 * i * i if run.method in GRAM_METHODS else 2 * i * i

@@ -33,7 +33,7 @@ DEFAULT_GRID = (("svd-llm", "uniform"), ("dipsvd", "uniform"), ("svd-llm", "heur
                 ("dipsvd", "coupled"))
 LABELS = {("svd-llm", "uniform"): "SVD-LLM", ("dipsvd", "uniform"): "Step 1", ("svd-llm", "heuristic"): "Step 2",
           ("dipsvd", "heuristic"): "Step 1+2", ("dipsvd", "bayes"): "Step 1+2 (BO)",
-          ("dipsvd", "coupled"): "ours: coupled", ("dobi", "trained"): "Dobi-SVD",
+          ("dipsvd", "coupled"): "ours: coupled", ("dipsvd", "nested"): "ours: nested", ("dobi", "trained"): "Dobi-SVD",
           ("dobi-remap", "trained"): "Dobi-SVD + remap"}
 
 

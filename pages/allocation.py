@@ -17,12 +17,13 @@ ALLOCATION_HELP = {
     "heuristic": "p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)",
     "bayes": "Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)",
     "coupled": "one rank per matrix, minimising the Fisher-weighted whitened loss (ours, not in the paper)",
+    "nested": "the heuristic's budget per block, the coupled ranks inside each block (ours, not in the paper)",
     "trained": "Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)",
 }
 METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; dipsvd: whitened with the top "
                "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels; "
                "dobi: Dobi-SVD, trained truncation of activations and an IPCA weight update")
-NEEDS_FISHER = ("heuristic", "coupled", "bayes")
+NEEDS_FISHER = ("heuristic", "coupled", "nested", "bayes")
 
 s = ui.need_model()
 bench, busy = s.bench, ui.busy()
@@ -161,7 +162,7 @@ with view:
         if st.button("Compute Fisher sensitivity", type="primary" if have_factors else "secondary"):
             ui.start("Computing Fisher sensitivity", fisher)
         st.stop()
-    if new.allocation in ("coupled", "bayes") and not have_factors:
+    if new.allocation in ("coupled", "nested", "bayes") and not have_factors:
         st.stop()
 
     with ui.guard("The allocation preview"):

@@ -205,6 +205,26 @@ def test_coupled_on_the_tiny_model(bench, tiny_lm):
                                     for t in targets if t.block == b) for b in range(tiny_lm.n_blocks)])
 
 
+def test_nested_keeps_the_heuristic_block_budgets_and_is_optimal_inside_each_block(bench, tiny_lm):
+    s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
+    a = bench.allocate(s)
+    h = bench.allocate(Settings(method="dipsvd", allocation="heuristic", ratio=0.3))
+    targets = tiny_lm.targets
+    assert a.method == "nested" and a.ratio_realized >= h.ratio_realized - 1e-12
+    factors = bench.factors(s.spec)
+    mods = dict(tiny_lm.model.named_modules())
+    norms = {t.name: float(mods[t.name].weight.detach().double().pow(2).sum()) for t in targets}
+    w = allocators.coupled_weights(factors, bench.fisher(), norms, targets)
+    sig = {t.name: factors[t.name].sigma.numpy() for t in targets}
+    for b in range(tiny_lm.n_blocks):
+        names = [t for t in targets if t.block == b]
+        kept = lambda r: sum(matrix_params(r[t.name], t.out_features, t.in_features) for t in names)  # noqa: E731
+        assert kept(a.ranks) <= kept(h.ranks)  # never more than the heuristic gave the block
+        mine = {t.name: a.ranks[t.name] for t in names}
+        theirs = {t.name: h.ranks[t.name] for t in names}
+        assert _objective(mine, sig, w) <= _objective(theirs, sig, w) + 1e-12  # the heuristic's ranks are feasible
+
+
 # --- bayes ------------------------------------------------------------------------------------
 
 def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):

@@ -161,57 +161,78 @@ class Workbench:
         A method that whitens with the Grams runs one block-streaming pass (statistics and factors of
         a block, then the next); the others factor block by block from the weights."""
         if spec.key not in self._factors:
-            t0 = time.perf_counter()
-            self._factors[spec.key], stats_s = self._factor_pass(spec, progress)
-            self.timings_s["factors"] = time.perf_counter() - t0 - stats_s
+            self.prefactor([spec], progress)
         return self._factors[spec.key]
 
-    def _factor_pass(self, spec: FactorSpec, progress=None) -> tuple[dict[str, Factor], float]:
-        """(factors, seconds of the pass that were statistics rather than factoring)."""
-        fisher = self.fisher(progress) if spec.method == "fwsvd" else None
+    def _store(self, spec: FactorSpec) -> FactorStore:
+        fisher = self.fisher() if spec.method == "fwsvd" else None
         data = f"svd-{self.lm.fingerprint}" if spec.method == "svd" else stats_key(self.lm, self.windows())
-        store = FactorStore(cache_dir() / "factors" / make_key("factors-v3", data, spec.key,
-                                                               *([fisher.key] if fisher is not None else [])))
-        if store.complete:
-            hit = store.load()
+        return FactorStore(cache_dir() / "factors" / make_key("factors-v3", data, spec.key,
+                                                              *([fisher.key] if fisher is not None else [])))
+
+    def prefactor(self, specs: list[FactorSpec], progress=None) -> None:
+        """Factors for several specs: from the disk cache where they are, else computed, the Gram methods
+        (svd-llm, dipsvd, any weights) all in ONE block-streaming pass that factors each block for every
+        spec while its Grams exist; the others block by block from the weights."""
+        t0 = time.perf_counter()
+        pending = []
+        for spec in dict.fromkeys(specs):
+            if spec.key in self._factors:
+                continue
+            if spec.method == "fwsvd":
+                self.fisher(progress)
+            store = self._store(spec)
+            hit = store.load() if store.complete else None
             if hit is not None:
-                return hit, 0.0
-        store.start()
+                self._factors[spec.key] = hit
+            else:
+                pending.append((spec, store))
+        if not pending:
+            return
         mods = dict(self.lm.model.named_modules())
         n_blocks = self.lm.n_blocks
-        out, block_of = {}, {}
+        outs = {spec.key: ({}, {}) for spec, _ in pending}
 
-        def factor_block(b: int, group_of=None, grams=None, abs_means=None) -> None:
+        def factor_block(b: int, todo, group_of=None, grams=None, abs_means=None) -> None:
             if progress:
                 progress(b / n_blocks, f"block {b + 1}/{n_blocks}: factoring")
             names = [t.name for t in self.targets if t.block == b]
             with contextlib.ExitStack() as stack:  # offloaded blocks: their weights on the execution device
                 for n in names:
                     stack.enter_context(weights_of(mods[n]))
-                factors = factor_model({n: mods[n].weight for n in names}, spec, group_of, grams, abs_means,
-                                       fisher.rows if fisher is not None else None)
-            out.update(store.write_block(b, factors))
-            block_of.update({n: b for n in names})
-            del factors
+                for spec, store in todo:
+                    rows = self.fisher().rows if spec.method == "fwsvd" else None
+                    factors = factor_model({n: mods[n].weight for n in names}, spec, group_of, grams, abs_means, rows)
+                    out, block_of = outs[spec.key]
+                    out.update(store.write_block(b, factors))
+                    block_of.update({n: b for n in names})
+                    del factors
             release_host_memory()
 
-        if spec.method in GRAM_METHODS:
+        for _, store in pending:
+            store.start()
+        gram = [(spec, store) for spec, store in pending if spec.method in GRAM_METHODS]
+        other = [(spec, store) for spec, store in pending if spec.method not in GRAM_METHODS]
+        stats_s = 0.0
+        if gram:
             stats = stream_stats(self.lm.model, [t.name for t in self.targets], self.windows(),
-                                 lambda b, st: factor_block(b, st.group_of, st.grams), progress)
+                                 lambda b, st: factor_block(b, gram, st.group_of, st.grams), progress)
             stats_s = stats.seconds
             if self._stats is None:  # the same pass gave the statistics: keep them
                 save_stats(stats_key(self.lm, self.windows()), stats)
                 self._stats = stats
                 self.timings_s["statistics"] = stats_s
-        else:
-            stats_s = 0.0
+        for spec, store in other:
             stats = self.stats(progress) if spec.method == "asvd" else None
             for b in range(n_blocks):
-                factor_block(b, stats and stats.group_of, None, stats and stats.abs_means)
-        store.finish(block_of, out, {"spec": list(spec.key)})
+                factor_block(b, [(spec, store)], stats and stats.group_of, None, stats and stats.abs_means)
+        for spec, store in pending:
+            out, block_of = outs[spec.key]
+            store.finish(block_of, out, {"spec": list(spec.key)})
+            self._factors[spec.key] = out
         if progress:
             progress(1.0, f"block {n_blocks}/{n_blocks}: factors written")
-        return out, stats_s
+        self.timings_s["factors"] = time.perf_counter() - t0 - stats_s
 
     def drop_factors(self, spec: FactorSpec) -> None:
         """Free one method's factors (and its BO model copies); they reload from the disk cache."""

@@ -22,6 +22,7 @@ from dataclasses import replace
 from .errors import DipSVDError
 from .evaluate import perplexity
 from .methods import handler
+from .factors import GRAM_METHODS
 from .pipeline import ALL_METHODS, Settings, Workbench, allocation_names
 
 REFINED = "+refine"  # an allocation with this suffix is built with sequential compensation
@@ -85,6 +86,12 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
     t0 = time.perf_counter()
     report["original_ppl"] = {n: perplexity(bench.lm.model, w) for n, w in eval_sets.items()}
     timings["evaluate_original"] = time.perf_counter() - t0
+    methods = list(dict.fromkeys(m for m, _ in grid))
+    gram = [replace(base, method=m).spec for m in methods if m in GRAM_METHODS]
+    if gram:  # one streaming pass gives the statistics and every Gram method's factors
+        t0 = time.perf_counter()
+        bench.prefactor(gram, progress)
+        timings["statistics + factors (" + ", ".join(s.method for s in gram) + ")"] = time.perf_counter() - t0
     if any(m not in ("svd", "dobi", "dobi-remap") for m, _ in grid):
         t0 = time.perf_counter()
         bench.stats(progress)
@@ -93,7 +100,6 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
         t0 = time.perf_counter()
         bench.fisher(progress)  # shared by heuristic, bayes, coupled and fwsvd; timed once here
         timings["fisher"] = time.perf_counter() - t0
-    methods = list(dict.fromkeys(m for m, _ in grid))
     for method in methods:
         factored = not handler(_settings(base, method, "uniform", ratios[0]).method).trains_ranks
         if factored:

@@ -326,7 +326,7 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             "factors": weights + acts + grams + factoring if run.method in GRAM_METHODS else weights + factoring,
             "fisher": weights + fisher,
             "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
-            "evaluation": weights + compressed + logits + window}
+            "evaluation": weights + max(compressed, 0) + logits + window}  # in place: the original's turn is larger
     disk = {"load": sh.params * 4 if sh.from_gguf else 0,
             "statistics": sum(g * 16 for g in sh.groups) * L + L * H * 8,
             "factors": factor_bytes(sh.matrices, s),

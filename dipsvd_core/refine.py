@@ -11,7 +11,10 @@ matrix by the rank-k matrix closest to the original output on those inputs:
 where X (in x tokens) are the inputs of W in the original model and X^ those in the model whose
 earlier blocks are already compressed. With the Gram G^ = X^ X^^T and the cross-Gram C = X X^^T:
 
-1. Least-squares target. The unconstrained minimiser solves W' G^ = W C, so W* = W C G^^{-1}.
+1. Least-squares target. The unconstrained minimiser solves W' G^ = W C, so W* = W C G^^{-1}. In
+   practice G^ is damped, W* = W C (G^ + delta I)^{-1} with delta = 0.01 x its mean eigenvalue (as
+   GPTQ damps its Hessian): undamped, the target fits the calibration windows and loses on held-out
+   text (measured in bench/RESULTS.md).
    The residual W X - W* X^ is orthogonal to the rows of X^ (normal equations), so for ANY W'
        ||W X - W' X^||^2 = ||W X - W* X^||^2 + ||(W* - W') X^||^2
    (Pythagoras): the first term does not depend on W', and what is left is a whitened truncation.
@@ -23,11 +26,13 @@ earlier blocks are already compressed. With the Gram G^ = X^ X^^T and the cross-
    method's own weighted error of W* - W' while step 1 has already absorbed what X^ lost.
 
 The pass streams like the statistics pass (stream.py), with two sets of activations: the original
-path and the compressed one. For block l it runs the original block on both (hooks accumulate C and
-G^ per input group, shared inputs once), refines the block's factored matrices, then runs the block
-with its refined matrices on the compressed path to give block l+1 its inputs. Dense-kept matrices
-stay the original's. Refining is a build step: the allocation (ranks) comes from the fast
-factor-once path; one refine costs three block forwards per block plus one SVD per factored matrix.
+path and the compressed one. For block l it runs the original block once, keeping every input
+group's X; then, group by group in the order the block calls them (q/k/v, o, gate/up, down), it runs
+the block on the compressed path with the groups before already refined, stopping at the group, to
+take X^ (so o_proj and down_proj are fitted to the inputs they will really see), and refines the
+group's factored matrices; finally the refined block runs on the compressed path to give block l+1
+its inputs. Dense-kept matrices stay the original's. Refining is a build step: the allocation
+(ranks) comes from the fast factor-once path.
 """
 from __future__ import annotations
 
@@ -42,11 +47,13 @@ from .models import find_blocks, weights_of
 from .stream import BlockInputs, capture_inputs, release_host_memory
 
 REFINES = ("none", "sequential")
+DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the least-squares target (GPTQ's percdamp)
 
 
 def least_squares_target(W: torch.Tensor, cross: torch.Tensor, gram_hat: torch.Tensor,
-                         compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
-    """(W* = W C G^^{-1}, eigenvalues floored), with G^^{-1} from the floored eigendecomposition of G^."""
+                         compute: torch.dtype = torch.float64, damp: float = 0.0) -> tuple[torch.Tensor, int]:
+    """(W* = W C (G^ + delta I)^{-1}, eigenvalues floored), with delta = damp x the mean eigenvalue of G^
+    (GPTQ's dampening) and the inverse from the floored eigendecomposition."""
     G = gram_hat.to(compute)
     L, Q = torch.linalg.eigh(G)
     top = L.max()
@@ -55,65 +62,36 @@ def least_squares_target(W: torch.Tensor, cross: torch.Tensor, gram_hat: torch.T
                           "against (check the calibration text and the model's dtype)")
     floor = top * EIG_FLOOR[compute]
     n = int((L < floor).sum())
-    L = L.clamp_min(floor)
+    L = L.clamp_min(floor) + damp * L.clamp_min(0).mean()
     inv = (Q / L) @ Q.T
     return W.to(compute) @ cross.to(compute, copy=False).to(W.device) @ inv.to(W.device), n
 
 
-class _PairStats:
-    """C = sum x x^^T and G^ = sum x^ x^^T per input group of one block, with shared inputs once."""
-
-    def __init__(self, linears: dict[str, nn.Linear], accumulate: torch.dtype = torch.float64):
-        self.linears, self.accumulate = linears, accumulate
-        self.group_of: dict[str, str] = {}
-        self.cross: dict[str, torch.Tensor] = {}
-        self.gram: dict[str, torch.Tensor] = {}
-        self.taken: dict[str, torch.Tensor] = {}  # this window's original-path inputs, by group
-        self.phase = "original"
-        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0]
-            seen = self._seen.get(id(x))
-            if seen is not None and seen[0] is x:
-                self.group_of[name] = seen[1]
-                return
-            self._seen[id(x)] = (x, name)
-            self.group_of[name] = name
-            x = x.detach().reshape(-1, x.shape[-1])
-            if not torch.isfinite(x).all():
-                raise DipSVDError(f"NaN or infinite activations at {name} while refining; load the model in float32")
-            if self.phase == "original":
-                self.taken[name] = x
-                return
-            x0 = self.taken.pop(name).float()
-            xh = x.float()
-            if name not in self.gram:
-                dim = xh.shape[-1]
-                self.gram[name] = torch.zeros(dim, dim, dtype=self.accumulate, device=xh.device)
-                self.cross[name] = torch.zeros(dim, dim, dtype=self.accumulate, device=xh.device)
-            self.gram[name] += (xh.T @ xh).to(self.accumulate)
-            self.cross[name] += (x0.T @ xh).to(self.accumulate)
-        return hook
-
-    def window(self, phase: str) -> None:
-        self.phase = phase
-        self._seen.clear()
-
-    def attach(self) -> list:
-        return [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+class _Stop(Exception):
+    """Raised by a pre-hook once the input it waits for is taken: the rest of the block is not run."""
 
 
 def _block_out(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _check(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise DipSVDError(f"NaN or infinite activations at {name} while refining; load the model in float32")
+    return x
+
+
 @torch.no_grad()
 def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: FactorSpec, ranks: dict[str, int | None],
-           abs_means: dict | None = None, fisher_rows: dict | None = None, progress=None) -> tuple[dict, dict]:
+           abs_means: dict | None = None, fisher_rows: dict | None = None, progress=None,
+           damp: float = DAMP) -> tuple[dict, dict]:
     """Refined (u, v) of every matrix that `ranks` factors, from one streaming pass over `windows`.
-    Returns (weights, info) with info: seconds and the number of eigenvalues of G^ floored."""
+    Returns (weights, info) with info: seconds and the number of eigenvalues of G^ floored.
+
+    Within a block the input groups are refined in the order the block calls them (q/k/v, o, gate/up,
+    down for Llama): the compressed-path inputs of a group are taken with the groups before it already
+    refined, since those are the inputs it will see in the compressed model. Each group's inputs are
+    taken by a forward that stops at that group."""
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
     wanted = set(names)
@@ -126,41 +104,33 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
         base = f"{prefix}.{b}" if prefix else str(b)
         linears = {f"{base}.{n}": m for n, m in block.named_modules()
                    if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
-        st = _PairStats(linears)
-        handles = st.attach()
+        # 1. the original block: every group's original inputs X, per window (shared inputs once)
+        group_of: dict[str, str] = {}
+        taken: dict[str, list[torch.Tensor]] = {}
+        seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+        def take(name):
+            def hook(module, args):
+                x = args[0]
+                hit = seen.get(id(x))
+                if hit is not None and hit[0] is x:
+                    group_of[name] = hit[1]
+                    return
+                seen[id(x)] = (x, name)
+                group_of[name] = name
+                taken.setdefault(name, []).append(_check(x.detach().reshape(-1, x.shape[-1]), name))
+            return hook
+
+        handles = [m.register_forward_pre_hook(take(n)) for n, m in linears.items()]
         try:
-            for i in range(n_win):  # the original block on both paths: C and G^
-                st.window("original")
-                new = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
-                st.window("compressed")
-                block(hat.hidden[i], **hat.kwargs[i])
-                orig.hidden[i] = new
-                if progress:
-                    progress((b + 0.5 * (i + 1) / n_win) / n_blocks, f"block {b + 1}/{n_blocks}: refining, window "
-                             f"{i + 1}/{n_win}")
+            for i in range(n_win):
+                seen.clear()
+                orig.hidden[i] = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
         finally:
             for h in handles:
                 h.remove()
-        if progress:
-            progress((b + 0.5) / n_blocks, f"block {b + 1}/{n_blocks}: refining, factoring")
-        mods = {n: m for n, m in linears.items() if ranks.get(n) is not None}
-        targets = {}
-        for n, m in mods.items():
-            g = st.group_of[n]
-            with weights_of(m):
-                W = m.weight.detach()
-                targets[n], k = least_squares_target(W, st.cross[g], st.gram[g], compute)
-            floored += k
-        grams = {g: st.gram[g] for g in set(st.group_of[n] for n in mods)}
-        factors = factor_model(targets, spec, st.group_of, grams, abs_means, fisher_rows)
-        replaced = {}
-        for n, m in mods.items():
-            u, v = factors[n].low_rank(ranks[n])
-            with weights_of(m):
-                dev, dt = m.weight.device, m.weight.dtype
-            out[n] = (u, v)
-            replaced[n] = (u.to(dev, dt), v.to(dev, dt))
-        del factors, targets, st, grams
+        seen.clear()
+        replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def swap(name):  # the refined matrix in place of the original, on the compressed path only
             def hook(module, args, y):
@@ -169,12 +139,61 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                 return z + module.bias if module.bias is not None else z
             return hook
 
-        handles = [m.register_forward_hook(swap(n)) for n, m in mods.items()]
+        swaps = []
+        leaders = list(taken)  # in the order the block calls them
+        for j, leader in enumerate(leaders):
+            members = [n for n in linears if group_of.get(n) == leader and ranks.get(n) is not None]
+            if members:
+                # 2. this group's compressed-path inputs X^, the groups before it already refined
+                gram = cross = None
+
+                def stop(module, args):
+                    raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+                handle = linears[leader].register_forward_pre_hook(stop)
+                try:
+                    for i in range(n_win):
+                        try:
+                            block(hat.hidden[i], **hat.kwargs[i])
+                            raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
+                                              "structure is not supported by refine")
+                        except _Stop as e:
+                            xh = _check(e.args[0], leader).float()
+                        x0 = taken[leader][i].float()
+                        if gram is None:
+                            dim = xh.shape[-1]
+                            gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+                            cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+                        gram += (xh.T @ xh).double()
+                        cross += (x0.T @ xh).double()
+                finally:
+                    handle.remove()
+                # 3. refine the group's factored matrices against (C, G^)
+                targets = {}
+                for n in members:
+                    with weights_of(linears[n]):
+                        targets[n], k = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp)
+                    floored += k
+                factors = factor_model(targets, spec, {n: leader for n in members}, {leader: gram}, abs_means,
+                                       fisher_rows)
+                for n in members:
+                    u, v = factors[n].low_rank(ranks[n])
+                    with weights_of(linears[n]):
+                        dev, dt = linears[n].weight.device, linears[n].weight.dtype
+                    out[n] = (u, v)
+                    replaced[n] = (u.to(dev, dt), v.to(dev, dt))
+                    swaps.append(linears[n].register_forward_hook(swap(n)))
+                del factors, targets, gram, cross
+            taken.pop(leader)
+            if progress:
+                progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
+                         f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
+        # 4. the refined block on the compressed path gives the next block its inputs
         try:
             for i in range(n_win):
                 hat.hidden[i] = _block_out(block(hat.hidden[i], **hat.kwargs[i]))
         finally:
-            for h in handles:
+            for h in swaps:
                 h.remove()
         release_host_memory()
     if progress:

@@ -180,8 +180,8 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                     u, v = factors[n].low_rank(ranks[n])
                     with weights_of(linears[n]):
                         dev, dt = linears[n].weight.device, linears[n].weight.dtype
-                    out[n] = (u, v)
                     replaced[n] = (u.to(dev, dt), v.to(dev, dt))
+                    out[n] = (u.to("cpu", dt), v.to("cpu", dt))  # the kept factors, in the model's dtype, on the host
                     swaps.append(linears[n].register_forward_hook(swap(n)))
                 del factors, targets, gram, cross
             taken.pop(leader)

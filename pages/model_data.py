@@ -10,7 +10,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.plan import check_fits, plan_from_dict
+from dipsvd_core.plan import Run, check_fits, make_plan
 from studio import ui
 from studio.state import defaults
 
@@ -70,32 +70,43 @@ with right:
 
 
 # The plan for these choices: the default method (dipsvd) and the app's evaluation sizes, with the
-# original kept beside the compressed copy (memory only; the microbenchmark is a button).
+# original kept beside the compressed copy. Shown on request (reading a GGUF's config takes seconds on a
+# first start); the load job always checks it first and refuses a run that does not fit.
 run = {"method": "dipsvd", "calib_windows": int(n_windows), "seqlen": int(seqlen), "dtype": dtype,
        "eval_tokens": d["eval_tokens"], "eval_sets": max(1, len(d["eval"])), "offload": bool(offload),
        "inplace": False}
-plan = ui.plan_of(spec or "", device, run, trust) if (kind == "bundled" or spec) else None
-if plan is not None:
-    with st.expander("Plan: predicted memory, disk and time of each phase", expanded=False):
-        if "error" in plan:
-            st.caption(f"No plan: {plan['error']}")
-        else:
-            timed = ui.plan_of(spec or "", device, run, trust, True) if st.session_state.get("k_plan_timed") else plan
-            rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
-                     "disk": ui.fmt_bytes(p["disk_bytes"]),
-                     "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
-                     "needed": "yes" if p["needed"] else "no (Fisher: heuristic, BO, coupled, fwsvd)"}
-                    for n, p in plan["phases"].items()]
-            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-            st.caption(f"Peak host {ui.fmt_bytes(plan['peak_host_bytes'])}, device "
-                       f"{ui.fmt_bytes(plan['peak_device_bytes'])}, disk {ui.fmt_bytes(plan['disk_bytes'])}; "
-                       "from the config alone, with the original kept beside the compressed copy. "
-                       + " ".join(timed.get("notes", [])))
-            st.checkbox("Predict the time (a few seconds' microbenchmark on this device)", key="k_plan_timed",
-                        disabled=busy)
+if st.toggle("Show the plan: predicted memory, disk and time of each phase", key="k_plan_show", disabled=busy) \
+        and (kind == "bundled" or spec):
+    plan = ui.plan_of(spec or "", device, run, trust)
+    if "error" in plan:
+        st.caption(f"No plan: {plan['error']}")
+    else:
+        timed = ui.plan_of(spec or "", device, run, trust, True) if st.session_state.get("k_plan_timed") else plan
+        rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
+                 "disk": ui.fmt_bytes(p["disk_bytes"]),
+                 "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
+                 "needed": "yes" if p["needed"] else "no (Fisher: heuristic, BO, coupled, nested, fwsvd)"}
+                for n, p in plan["phases"].items()]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.caption(f"Peak host {ui.fmt_bytes(plan['peak_host_bytes'])}, device "
+                   f"{ui.fmt_bytes(plan['peak_device_bytes'])}, disk {ui.fmt_bytes(plan['disk_bytes'])}; "
+                   "from the config alone, with the original kept beside the compressed copy. "
+                   + " ".join(timed.get("notes", [])))
+        st.checkbox("Predict the time (a few seconds' microbenchmark on this device)", key="k_plan_timed",
+                    disabled=busy)
 
 
 def load(job):
+    job.progress(0.0, "planning: will it fit?")
+    try:
+        plan = make_plan(spec or "", device, Run(**run), bench=False, trust_remote_code=trust)
+    except DipSVDError:  # a config that cannot be read is left to the loader, which says why
+        plan = None
+    if plan is not None:
+        try:
+            check_fits(plan)
+        except DipSVDError as e:
+            raise DipSVDError(str(e).replace("--ignore-plan", "the CLI's --ignore-plan")) from None
     lm = ui.load_lm(spec or "", device, dtype, trust, bool(offload), _progress=job.progress)
     job.progress(0.05, "cutting calibration windows")
     bench = Workbench(lm, calib, int(n_windows), int(seqlen), int(seed))
@@ -113,16 +124,7 @@ if st.button("Load model and collect statistics", type="primary", disabled=busy)
     elif not calib:
         st.error("Enter the path of a .txt or .jsonl calibration file, or pick a named source.", icon=":material/error:")
     else:
-        misfit = None
-        if plan is not None and "error" not in plan:
-            try:
-                check_fits(plan_from_dict(plan))
-            except DipSVDError as e:
-                misfit = str(e).replace("--ignore-plan", "the CLI's --ignore-plan")
-        if misfit:
-            st.error(misfit, icon=":material/memory:")
-        else:
-            ui.start("Loading the model and collecting statistics", load)
+        ui.start("Loading the model and collecting statistics", load)
 
 if s.lm is not None and s.bench is not None:
     lm, bench = s.lm, s.bench

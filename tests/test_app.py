@@ -109,9 +109,11 @@ def test_load_shows_architecture_and_statistics():
     assert metric(at, "Calibration tokens") == "256"  # 4 windows x 64 tokens
     tables = [df.value for df in at.dataframe]
     rows = next(t for t in tables if "linear" in t.columns)
-    plan = next(t for t in tables if "phase" in t.columns)  # the plan for these choices, from the config alone
-    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "surgery", "evaluation"]
     assert any("Device: **CPU**" in c.value for c in at.caption)
+    at.toggle(key="k_plan_show").set_value(True)
+    at.run()
+    plan = next(df.value for df in at.dataframe if "phase" in df.value.columns)  # from the config alone
+    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "surgery", "evaluation"]
     assert list(rows["linear"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert list(rows["out x in"])[-1] == "64 x 128" and list(rows["blocks"]) == [2] * 7
@@ -438,15 +440,15 @@ def test_work_survives_page_switches():
 
 
 def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_model_dir, monkeypatch):
-    """The Model page checks the plan on the click: no job starts, one message names the option that fits."""
+    """The load job checks the plan before it loads anything; one message names the option that fits."""
     from dipsvd_core import plan
 
     monkeypatch.setattr(plan, "free_host_bytes", lambda: 1)
     at = AppTest.from_file(APP, default_timeout=60).run()
-    _load_with(at, spec=tiny_model_dir, windows=4093)  # a window count no other test plans (the plan is cached)
+    _load_with(at, spec=tiny_model_dir)
     [msg] = errors(at)
     assert msg.startswith("this run does not fit: predicted peak host memory") and "--ignore-plan" in msg
-    assert at.session_state["studio"].lm is None and at.session_state["studio"].job is None
+    assert at.session_state["studio"].lm is None
 
 
 def test_refine_on_the_compress_page_and_refined_sweep_rows():

@@ -25,6 +25,15 @@ earlier blocks are already compressed. With the Gram G^ = X^ X^^T and the cross-
    with its weight and bar), asvd and fwsvd with their diagonal scales, so step 2 minimises the
    method's own weighted error of W* - W' while step 1 has already absorbed what X^ lost.
 
+4. The residual stream. In a pre-norm block (Llama, Mistral, Qwen2) the block's last Linear writes
+   straight into the residual stream: output = r + down_proj(x). The compressed path's residual r^
+   has drifted from the original r, and no later matrix of the block can correct that drift. So the
+   last Linear's target is the original output plus the drift: Y = W X + (R - R^), giving
+   W* = (W C + (R - R^) X^^T) (G^ + delta I)^{-1}, and the block output, not only the matrix output,
+   is brought back to the original's (in the spirit of SAES-SVD's alignment with the original model's
+   outputs). The last Linear is found by running one window and checking that nothing with weights
+   runs after it; otherwise (post-norms, as in Gemma) the plain target is used.
+
 The pass streams like the statistics pass (stream.py), with two sets of activations: the original
 path and the compressed one. For block l it runs the original block once, keeping every input
 group's X; then, group by group in the order the block calls them (q/k/v, o, gate/up, down), it runs
@@ -48,10 +57,12 @@ from .stream import BlockInputs, capture_inputs, release_host_memory
 
 REFINES = ("none", "sequential")
 DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the least-squares target (GPTQ's percdamp)
+RESIDUAL = True  # the block's last Linear also takes back the residual stream's drift
 
 
 def least_squares_target(W: torch.Tensor, cross: torch.Tensor, gram_hat: torch.Tensor,
-                         compute: torch.dtype = torch.float64, damp: float = 0.0) -> tuple[torch.Tensor, int]:
+                         compute: torch.dtype = torch.float64, damp: float = 0.0,
+                         drift: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(W* = W C (G^ + delta I)^{-1}, eigenvalues floored), with delta = damp x the mean eigenvalue of G^
     (GPTQ's dampening) and the inverse from the floored eigendecomposition."""
     G = gram_hat.to(compute)
@@ -64,7 +75,10 @@ def least_squares_target(W: torch.Tensor, cross: torch.Tensor, gram_hat: torch.T
     n = int((L < floor).sum())
     L = L.clamp_min(floor) + damp * L.clamp_min(0).mean()
     inv = (Q / L) @ Q.T
-    return W.to(compute) @ cross.to(compute, copy=False).to(W.device) @ inv.to(W.device), n
+    target = W.to(compute) @ cross.to(compute, copy=False).to(W.device)
+    if drift is not None:  # D X^^T: the output should also carry the residual stream's drift D back
+        target = target + drift.to(W.device, compute)
+    return target @ inv.to(W.device), n
 
 
 class _Stop(Exception):
@@ -84,7 +98,7 @@ def _check(x: torch.Tensor, name: str) -> torch.Tensor:
 @torch.no_grad()
 def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: FactorSpec, ranks: dict[str, int | None],
            abs_means: dict | None = None, fisher_rows: dict | None = None, progress=None,
-           damp: float = DAMP) -> tuple[dict, dict]:
+           damp: float = DAMP, residual: bool = RESIDUAL) -> tuple[dict, dict]:
     """Refined (u, v) of every matrix that `ranks` factors, from one streaming pass over `windows`.
     Returns (weights, info) with info: seconds and the number of eigenvalues of G^ floored.
 
@@ -121,11 +135,32 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                 taken.setdefault(name, []).append(_check(x.detach().reshape(-1, x.shape[-1]), name))
             return hook
 
+        # The block's last Linear, when nothing with weights runs after it, writes straight into the
+        # residual stream (Llama, Mistral, Qwen2: block output = r + down_proj(x)); with `residual` its
+        # target also takes back the drift r - r^ of the residual stream. One window finds it.
+        last = None
+        if residual:
+            finished: list[nn.Module] = []
+            leaves = [m for m in block.modules() if next(m.parameters(recurse=False), None) is not None]
+            probes = [m.register_forward_hook(lambda mod, a, y: finished.append(mod)) for m in leaves]
+            try:
+                block(orig.hidden[0], **orig.kwargs[0])
+            finally:
+                for h in probes:
+                    h.remove()
+            last = next((n for n, m in linears.items() if finished and m is finished[-1]), None)
+        last_y: list[torch.Tensor] = []
+        r_orig: list[torch.Tensor] = []
         handles = [m.register_forward_pre_hook(take(n)) for n, m in linears.items()]
+        if last is not None:
+            handles.append(linears[last].register_forward_hook(lambda mod, a, y: last_y.append(y.detach())))
         try:
             for i in range(n_win):
                 seen.clear()
-                orig.hidden[i] = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
+                new = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
+                orig.hidden[i] = new
+                if last is not None:
+                    r_orig.append((new - last_y.pop()).reshape(-1, new.shape[-1]))
         finally:
             for h in handles:
                 h.remove()
@@ -147,16 +182,32 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                 # 2. this group's compressed-path inputs X^, the groups before it already refined
                 gram = cross = None
 
+                drift = None
+                full = last is not None and members == [last] and leader == last
+                got: list[torch.Tensor] = []
+
                 def stop(module, args):
-                    raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
+                    x = args[0].detach().reshape(-1, args[0].shape[-1])
+                    if not full:
+                        raise _Stop(x)
+                    got.append(x)
 
                 handle = linears[leader].register_forward_pre_hook(stop)
+                if full:
+                    handle_y = linears[leader].register_forward_hook(lambda mod, a, y: got.append(y.detach()))
                 try:
                     for i in range(n_win):
                         try:
-                            block(hat.hidden[i], **hat.kwargs[i])
-                            raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
-                                              "structure is not supported by refine")
+                            out_h = _block_out(block(hat.hidden[i], **hat.kwargs[i]))
+                            if not full:
+                                raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
+                                                  "structure is not supported by refine")
+                            x_raw, y_h = got[0], got[1]
+                            got.clear()
+                            xh = _check(x_raw, leader).float()
+                            r_h = (out_h - y_h).reshape(-1, out_h.shape[-1])
+                            d = (r_orig[i] - r_h).float()
+                            drift = d.T @ xh if drift is None else drift + d.T @ xh
                         except _Stop as e:
                             xh = _check(e.args[0], leader).float()
                         x0 = taken[leader][i].float()
@@ -168,11 +219,14 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                         cross += (x0.T @ xh).double()
                 finally:
                     handle.remove()
+                    if full:
+                        handle_y.remove()
                 # 3. refine the group's factored matrices against (C, G^)
                 targets = {}
                 for n in members:
                     with weights_of(linears[n]):
-                        targets[n], k = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp)
+                        targets[n], k = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp,
+                                                             drift.double() if drift is not None else None)
                     floored += k
                 factors = factor_model(targets, spec, {n: leader for n in members}, {leader: gram}, abs_means,
                                        fisher_rows)

@@ -559,14 +559,5 @@ def check_fits(plan: Plan) -> None:
                       "more memory or a smaller model (or pass --ignore-plan to run anyway)")
 
 
-def plan_from_dict(d: dict) -> Plan:
-    """A Plan back from `Plan.to_dict()` (the app caches plans as dicts)."""
-    sh = dict(d["shapes"])
-    sh["matrices"] = [tuple(m) for m in sh["matrices"]]
-    return Plan(d["model"], d["device"], d["settings"], {n: Phase(**p) for n, p in d["phases"].items()}, d["shapes"],
-                d["runtime_bytes"], list(d["notes"]), d["free_host_bytes"], d["free_device_bytes"],
-                d["free_disk_bytes"], shape=Shapes(**sh))
-
-
 def plan_json(plan: Plan) -> str:
     return json.dumps(plan.to_dict(), indent=1, default=str)

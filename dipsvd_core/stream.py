@@ -15,7 +15,7 @@ states by the block's output, which is the next block's input. A pass over the m
 so its peak memory is the model, one block's statistics and the activations between blocks, and
 does not grow with depth. Blocks placed by accelerate (`device_map`, CPU or disk offload) bring their
 own weights to the execution device through accelerate's hooks when they are called, and
-`first_device` follows the device map (tests/test_offload.py runs a model with blocks on CPU and disk).
+`models.input_device` follows the device map (tests/test_offload.py runs a model with blocks on CPU and disk).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import DipSVDError
+from .models import input_device
 
 
 class _Captured(Exception):
@@ -61,13 +62,6 @@ class BlockInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
-def first_device(model: nn.Module) -> torch.device:
-    """Where the token ids go (models.input_device)."""
-    from .models import input_device
-
-    return input_device(model)
-
-
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> BlockInputs:
     """The first block's inputs for every window (n, seqlen) of token ids."""
@@ -80,7 +74,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = first_device(model)
+    device = input_device(model)
     try:
         for i in range(len(windows)):
             try:

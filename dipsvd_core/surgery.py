@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .factors import Factor
+from .models import weights_of
 
 
 class LowRankLinear(nn.Module):
@@ -60,12 +61,6 @@ class LowRankLinear(nn.Module):
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _weights_of(module: nn.Module):
-    from .models import weights_of
-
-    return weights_of(module)
 
 
 def _file_mappings() -> list[tuple[int, int]]:
@@ -144,7 +139,7 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
             dev = torch.device(hook.execution_device)
             bias = None
             if old.bias is not None:
-                with _weights_of(old):
+                with weights_of(old):
                     bias = nn.Parameter(old.bias.detach().to(dev).clone(), requires_grad=False)
         else:
             dev, bias = old.weight.device, old.bias

@@ -178,13 +178,3 @@ def test_inplace_surgery_equals_the_copy_and_releases_the_dense_pages(tiny_model
     with pytest.raises(DipSVDError, match="converted in place"):
         bench2.build(settings)
 
-
-def test_plan_survives_a_round_trip_through_its_dict(config_only):
-    """The app caches plans as dicts and checks them again before loading."""
-    plan = P.make_plan(str(config_only), "cpu", P.Run(calib_windows=8192, seqlen=256), bench=False)
-    back = P.plan_from_dict(json.loads(P.plan_json(plan)))
-    assert back.peak_host_bytes == plan.peak_host_bytes and back.disk_bytes == plan.disk_bytes
-    assert back.shape == plan.shape
-    back.free_host_bytes = 1
-    with pytest.raises(DipSVDError, match="does not fit"):
-        P.check_fits(back)

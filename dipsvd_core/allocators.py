@@ -7,13 +7,26 @@ the same budget exactly, so all of them are compared at the same realized size.
       sum_m w_m L_m(k_m)^2   subject to   sum_m cost_m(k_m) <= budget,
   cost_m(k) = k (out + in), or out * in when kept dense (which loses nothing). Ranks with
   k (out + in) >= out * in are never chosen: dense costs no more and is exact.
-  The weight makes the terms comparable across matrices. L_m(k)^2 / L_m(0)^2 is the squared
-  RELATIVE whitened error, invariant to how the layer is scaled. A second-order estimate of the
-  loss increase for a perturbation of relative size e spread over the matrix is
-  0.5 e^2 ||W_m||_F^2 tr(F_m) / P_m, with tr(F_m) the empirical Fisher trace (mean over windows of
-  ||grad||_F^2) and P_m = out * in. So
-      w_m = ||W_m||_F^2 * tr(F_m) / P_m / L_m(0)^2,
-  which is also invariant to the reparametrisation W -> cW, x -> x / c (unlike ||g|| / ||W||).
+  The weight turns each matrix's whitened error into an estimate of the loss it adds, in two steps.
+  1. Second order, at the matrix's output. Truncating W adds e_t = (W - W') x_t to its output y_t.
+     With the empirical Fisher at that output, g_t = dL/dy_t, the loss grows by about
+     0.5 sum_t (g_t . e_t)^2; taking e_t isotropic against g_t, 0.5 sum_t ||g_t||^2 ||e_t||^2 / out.
+     L_m(k)^2 / L_m(0)^2 is the RELATIVE output error (exact for svd-llm's whitening; for dipsvd's
+     channel-weighted one, the error in the weighted norm), so sum_t ||e_t||^2 = E_m L_m(k)^2 / L_m(0)^2
+     with E_m = mean_t ||y_t||^2, and
+         w_m = G_m / out_m * E_m / L_m(0)^2,   G_m = mean_t ||g_t||^2
+     (both from the Fisher pass, importance.py). g_t comes back through every block after m, so this
+     already weighs m by how its block's output error reaches the final loss, to first order.
+  2. Measured, per block. The first-order estimate misses what the blocks after m do to a LARGE error
+     (the compounding of the issue): on the bundled model it is off by a factor that varies 30x across
+     blocks (block 0 and the last blocks far more sensitive than it says). So each block l is probed:
+     truncated ALONE, every matrix at keep fraction PROBE_KEEP, on held-out windows; the measured
+     increase of the mean next-token loss d_l against the predicted sum_{m in l} w_m L_m(k_m)^2 gives
+     c_l = d_l / predicted_l, and w_m is multiplied by c_l of its block (`calibrate`). The probe costs one
+     forward pass over the held-out windows per block and no copy of the model (importance.py).
+  On the bundled model (bench/RESULTS.md) step 1 alone beat the heuristic at 0.1 and 0.2 and still
+  collapsed at 0.3; with step 2 it no longer collapses. The earlier weight, ||W||_F^2 tr(F_W) / P / L(0)^2
+  (a relative perturbation spread evenly over the weights), was worse at every ratio.
   Solver: the lower convex hull of each matrix's (cost, loss) points, with all hull segments taken
   in order of loss reduction per parameter (exact for the convexified problem), then the leftover
   budget filled with single steps. Because the hull can skip points, that greedy is not always
@@ -44,13 +57,38 @@ def heuristic(Q, targets: list[Target], ratio: float, p_min: float = 0.05, p_max
     return project(Q, targets, ratio, p_min, p_max, method="heuristic")
 
 
-def coupled_weights(factors, fisher, weights_norm2: dict[str, float], targets: list[Target]) -> dict[str, float]:
-    """w_m = ||W_m||_F^2 * tr(F_m) / P_m / L_m(0)^2 (see the module docstring)."""
+PROBE_KEEP = 0.25  # the keep fraction of the per-block probe (step 2 of the coupled weights)
+PROBE_FLOOR = 1e-3  # a probe below this fraction of the median positive one counts as this (noise, not a gain)
+
+
+def coupled_weights(factors, fisher, targets: list[Target], calibration=None) -> dict[str, float]:
+    """w_m = G_m / out_m * E_m / L_m(0)^2, times c_l of m's block when a calibration is given (module docstring)."""
     out = {}
     for t in targets:
         total = float((factors[t.name].sigma.double() ** 2).sum())
-        out[t.name] = weights_norm2[t.name] * fisher.trace[t.name] / t.params / max(total, 1e-300)
+        w = fisher.out_grad2[t.name] / t.out_features * fisher.out_energy[t.name] / max(total, 1e-300)
+        out[t.name] = w * (1.0 if calibration is None else float(calibration[t.block]))
     return out
+
+
+def weighted_loss(factors, weights: dict[str, float], ranks: dict[str, int | None], targets: list[Target]) -> np.ndarray:
+    """Per block: sum over its matrices of w_m L_m(k_m)^2, the coupled objective's share of each block."""
+    out = np.zeros(1 + max(t.block for t in targets))
+    for t in targets:
+        k = ranks[t.name]
+        if k is not DENSE:
+            out[t.block] += weights[t.name] * float((factors[t.name].sigma[k:].double() ** 2).sum())
+    return out
+
+
+def calibrate(measured, predicted) -> np.ndarray:
+    """c_l = d_l / predicted_l; a measured increase below PROBE_FLOOR x the median positive one (noise, or a
+    cut that happened to help) is floored, so that no block's error counts as free or as a gain."""
+    d, p = np.asarray(measured, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    if d.shape != p.shape or not (np.isfinite(d).all() and np.isfinite(p).all()):
+        raise DipSVDError("the block probes gave no finite loss; load the model in float32 (--dtype float32)")
+    floor = PROBE_FLOOR * (float(np.median(d[d > 0])) if (d > 0).any() else 1e-9)
+    return np.maximum(d, floor) / np.maximum(p, 1e-300)
 
 
 def _options(sigma: np.ndarray, t: Target, weight: float, k_min: int, k_max: int, dense: bool):
@@ -197,27 +235,6 @@ def coupled(factors, weights: dict[str, float], targets: list[Target], ratio: fl
         kept[t.block] += alloc.matrix_params(ranks[t.name], t.out_features, t.in_features)
     p_blocks = kept / alloc.block_params(targets)
     return Allocation(p_blocks, ranks, ratio, alloc.realized_ratio(ranks, targets), method="coupled")
-
-
-def nested(factors, weights: dict[str, float], targets: list[Target], outer: Allocation, p_min: float = 0.05,
-           p_max: float = 1.0, exact: bool | None = None) -> Allocation:
-    """Per-block budgets from `outer` (the heuristic's, which measures how blocks feed each other through
-    Fisher sensitivity and effective rank), per-matrix ranks inside each block from the coupled
-    objective: the weights w_m then only compare matrices of the same block, where a second-order
-    estimate of one matrix's effect does not have to stand in for the error compounding across blocks.
-    Each block keeps at most what `outer` gave it, so the realized ratio is at least outer's."""
-    sigmas = {t.name: factors[t.name].sigma.double().numpy() for t in targets}
-    ranks: dict[str, int | None] = {}
-    n_blocks = 1 + max(t.block for t in targets)
-    for b in range(n_blocks):
-        ts = [t for t in targets if t.block == b]
-        budget = sum(alloc.matrix_params(outer.ranks[t.name], t.out_features, t.in_features) for t in ts)
-        ranks.update(coupled_ranks(sigmas, weights, ts, budget, p_min, p_max, exact))
-    kept = np.zeros(n_blocks)
-    for t in targets:
-        kept[t.block] += alloc.matrix_params(ranks[t.name], t.out_features, t.in_features)
-    return Allocation(kept / alloc.block_params(targets), ranks, outer.ratio_target, alloc.realized_ratio(ranks, targets),
-                      method="nested")
 
 
 def predicted_loss(factors, ranks: dict[str, int | None], targets: list[Target]) -> np.ndarray:

@@ -8,7 +8,8 @@ Computed from the calibration windows and the cached statistics, returned as pla
   S_l = sum of s over the block's targeted weights. The same pass keeps, per weight, the
   row-wise Fisher f_j = sum over windows of sum_i grad_w[i, j]^2 (one value per input channel j,
   grad_w the gradient of window w's loss), which FWSVD needs, and the Fisher trace
-  sum_j f_j / n_windows, which the coupled allocator needs.
+  sum_j f_j / n_windows. And at each targeted Linear's OUTPUT y (the same hooks): the mean over tokens of
+  ||dL_w/dy_t||^2 and of ||y_t||^2, the two numbers the coupled allocator weighs a matrix's error with.
 - Effective rank R_l: the eigenvalues of H_l^T H_l (Stats.block_spectra, taken while the block streamed)
   are sigma_i^2 of H_l; R_l = min k with cumulative energy >= tau, the energy being sigma^2
   (Alg. 5, default) or sigma (Eq. 11).
@@ -31,7 +32,7 @@ from .errors import DipSVDError
 from .models import Target, weights_of
 
 ENERGIES = ("sigma2", "sigma")
-FISHER_VERSION = "fisher-v2"  # v2: block-by-block backward
+FISHER_VERSION = "fisher-v3"  # v2: block-by-block backward; v3: output-gradient and output energies
 GRAD_EPS = 1e-8  # in ||grad|| / (||theta|| + eps)
 NORM_EPS = 1e-6  # added after min-max normalisation so that no Q_l is exactly zero
 
@@ -43,7 +44,9 @@ class FisherInfo:
     per_block: np.ndarray  # (n_blocks,) S_l
     per_matrix: dict[str, float]  # name -> ||grad||_F / (||theta||_F + eps)
     rows: dict[str, torch.Tensor]  # name -> (in,) float64 row-wise Fisher f_j (for fwsvd)
-    trace: dict[str, float]  # name -> mean over windows of ||grad_w||_F^2 (for the coupled allocator)
+    trace: dict[str, float]  # name -> mean over windows of ||grad_w||_F^2
+    out_grad2: dict[str, float]  # name -> mean over tokens of ||dL_w/dy_t||^2 at the Linear's output (coupled)
+    out_energy: dict[str, float]  # name -> mean over tokens of ||y_t||^2 (coupled)
     n_windows: int
     loss: float  # mean calibration loss
     key: str = ""  # cache key, part of the fwsvd factor key
@@ -88,6 +91,7 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     originals = list(blocks)
     grad_sum, rows, total_loss = {}, {}, 0.0
+    out_grad2, out_energy = {t.name: 0.0 for t in targets}, {t.name: 0.0 for t in targets}
     try:
         for p, _ in saved_flags:
             p.requires_grad_(False)
@@ -130,8 +134,10 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
             def hook(name):
                 def forward_hook(module, args, y):
                     x = args[0].detach()
+                    out_energy[name] += float(y.detach().double().pow(2).sum())
 
                     def on_grad(g):
+                        out_grad2[name] += float(g.double().pow(2).sum())
                         gw = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
                         grad_sum[name] += gw.to(grad_sum[name].device)
                         rows[name] += (gw.double() ** 2).sum(0).to(rows[name].device)  # one value per input channel
@@ -160,6 +166,7 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
         for p, flag in saved_flags:
             p.requires_grad_(flag)
     per_matrix, trace = {}, {}
+    tokens = windows.numel()
     per_block = np.zeros(1 + max(t.block for t in targets))
     for t in targets:
         g = grad_sum[t.name].double() / n  # gradient of the mean loss over windows
@@ -169,8 +176,9 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
         per_matrix[t.name] = s
         trace[t.name] = rows[t.name].sum().item() / n
         per_block[t.block] += s
-    return FisherInfo(per_block, per_matrix, {k: v.cpu() for k, v in rows.items()}, trace, n, total_loss / n,
-                      seconds=time.perf_counter() - t0)
+    return FisherInfo(per_block, per_matrix, {k: v.cpu() for k, v in rows.items()}, trace,
+                      {k: v / tokens for k, v in out_grad2.items()}, {k: v / tokens for k, v in out_energy.items()},
+                      n, total_loss / n, seconds=time.perf_counter() - t0)
 
 
 def cached_fisher(lm, windows: torch.Tensor, stats_key: str, progress=None) -> FisherInfo:
@@ -181,12 +189,13 @@ def cached_fisher(lm, windows: torch.Tensor, stats_key: str, progress=None) -> F
     if hit is not None and hit[1].get("names") == names:
         t, meta = hit
         return FisherInfo(np.asarray(meta["per_block"]), meta["per_matrix"], {n: t[f"rows/{n}"] for n in names},
-                          meta["trace"], meta["n_windows"], meta["loss"], key, 0.0)
+                          meta["trace"], meta["out_grad2"], meta["out_energy"], meta["n_windows"], meta["loss"], key,
+                          0.0)
     info = fisher_info(lm.model, lm.targets, windows, progress)
     info.key = key
     save_tensors("fisher", key, {f"rows/{n}": r for n, r in info.rows.items()},
                  {"names": names, "per_block": info.per_block.tolist(), "per_matrix": info.per_matrix,
-                  "trace": info.trace, "n_windows": info.n_windows, "loss": info.loss, "seconds": info.seconds})
+                  "trace": info.trace, "out_grad2": info.out_grad2, "out_energy": info.out_energy, "n_windows": info.n_windows, "loss": info.loss, "seconds": info.seconds})
     return info
 
 
@@ -250,3 +259,47 @@ def importance(fisher: FisherInfo, spectra: list[torch.Tensor], beta: float = 0.
     check_importance(beta, tau, energy)
     S, R = np.asarray(fisher.per_block, dtype=np.float64), effective_ranks(spectra, tau, energy)
     return {"S": S, "R": R, "S_norm": minmax(S), "R_norm": minmax(R), "Q": combined_score(S, R, beta)}
+
+
+@torch.no_grad()
+def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
+                      progress=None) -> np.ndarray:
+    """d_l: how much the mean next-token loss on `windows` grows when block l ALONE is truncated, every
+    matrix of it at keep fraction `keep` (allocation.rank_for), one value per block. The block's Linears
+    answer through forward hooks with x V_k^T U_k^T (+ bias) from the cached factors: nothing of the model
+    is written or copied, so this works where the model runs (offloaded too) at one block's factors."""
+    import math
+
+    from .allocation import DENSE, rank_for
+    from .evaluate import perplexity
+
+    mods = dict(model.named_modules())
+    n_blocks = 1 + max(t.block for t in targets)
+    base = math.log(perplexity(model, windows))
+    out = np.zeros(n_blocks)
+
+    def swap(u, v, bias):
+        def hook(module, args, y):
+            x = args[0]
+            z = (x @ v.to(x.device, x.dtype).T) @ u.to(x.device, x.dtype).T
+            return z + bias.to(z.dtype) if bias is not None else z
+        return hook
+
+    for b in range(n_blocks):
+        handles = []
+        try:
+            for t in targets:
+                k = rank_for(keep, t.out_features, t.in_features)
+                if t.block != b or k is DENSE:
+                    continue
+                u, v = factors[t.name].low_rank(k)
+                with weights_of(mods[t.name]):  # an offloaded bias is only real inside this
+                    bias = None if mods[t.name].bias is None else mods[t.name].bias.detach().clone()
+                handles.append(mods[t.name].register_forward_hook(swap(u, v, bias)))
+            out[b] = math.log(perplexity(model, windows)) - base
+        finally:
+            for h in handles:
+                h.remove()
+        if progress:
+            progress((b + 1) / n_blocks, f"probing block {b + 1}/{n_blocks} (keep {keep:g})")
+    return out

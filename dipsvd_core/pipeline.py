@@ -29,7 +29,7 @@ from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
 from .surgery import compress_model
 
-ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "nested", "trained")
+ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
 ALL_METHODS = tuple(HANDLERS)  # svd, svd-llm, dipsvd, fwsvd, asvd (factored) and dobi (trains its ranks)
 
 
@@ -134,6 +134,7 @@ class Workbench:
         self._fisher: FisherInfo | None = None
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
+        self._probes: dict[str, np.ndarray] = {}  # block probes of the coupled allocator, per key
         self.timings_s: dict[str, float] = {}
         self._converted = False  # build(inplace=True) turned the original into the compressed model
 
@@ -276,19 +277,10 @@ class Workbench:
             return alloc.uniform(self.targets, settings.ratio, **bounds)
         if settings.allocation == "heuristic":
             return allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio, **bounds)
-        if settings.allocation in ("coupled", "nested"):
+        if settings.allocation == "coupled":
             factors = self.factors(settings.spec, progress)
-            mods = dict(self.lm.model.named_modules())
-            norms = {}
-            for t in self.targets:
-                with weights_of(mods[t.name]):
-                    norms[t.name] = float(mods[t.name].weight.detach().double().pow(2).sum())
-            weights = allocators.coupled_weights(factors, self.fisher(progress), norms, self.targets)
-            if settings.allocation == "nested":  # the heuristic's block budgets, coupled ranks inside each block
-                outer = allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio,
-                                             **bounds)
-                return allocators.nested(factors, weights, self.targets, outer, **bounds)
-            return allocators.coupled(factors, weights, self.targets, settings.ratio, **bounds)
+            return allocators.coupled(factors, self.coupled_weights(settings, progress), self.targets, settings.ratio,
+                                      **bounds)
         if settings.allocation == "bayes":
             from .bayes import Objective, bayes
 
@@ -306,6 +298,39 @@ class Workbench:
             return bayes(self._objectives[key], self.targets, settings.ratio, warm, settings.bo_calls, settings.seed,
                          callback=callback, cancel=cancel, progress=progress, **bounds)
         raise DipSVDError(f"unknown allocation '{settings.allocation}'")
+
+    def coupled_weights(self, settings: Settings, progress=None) -> dict[str, float]:
+        """The coupled allocator's w_m (allocators.py): the second-order weight from the Fisher pass, times each
+        block's calibration from the probe (measured once per factors and held-out windows, cached on disk)."""
+        spec = settings.spec
+        factors = self.factors(spec, progress)
+        raw = allocators.coupled_weights(factors, self.fisher(progress), self.targets)
+        probe = self.block_sensitivity(settings, progress)
+        keep = np.full(len(probe), allocators.PROBE_KEEP)
+        predicted = allocators.weighted_loss(factors, raw, alloc.ranks_for(keep, self.targets), self.targets)
+        return allocators.coupled_weights(factors, self.fisher(), self.targets, allocators.calibrate(probe, predicted))
+
+    def block_sensitivity(self, settings: Settings, progress=None) -> np.ndarray:
+        """d_l: the measured loss increase with block l alone truncated at PROBE_KEEP (importance.py), on the
+        held-out windows BO uses."""
+        from .importance import block_sensitivity
+
+        spec, windows = settings.spec, self.heldout(settings.bo_windows)
+        key = make_key("probe-v1", stats_key(self.lm, self.windows()), spec.key, stats_key(self.lm, windows),
+                       allocators.PROBE_KEEP)
+        if key not in self._probes:
+            hit = load_tensors("probe", key)
+            if hit is not None:
+                self._probes[key] = hit[0]["d"].numpy()
+            else:
+                t0 = time.perf_counter()
+                d = block_sensitivity(self.lm.model, self.targets, self.factors(spec, progress), windows,
+                                      allocators.PROBE_KEEP, progress)
+                save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP,
+                                                                       "seconds": time.perf_counter() - t0})
+                self.timings_s["probe"] = time.perf_counter() - t0
+                self._probes[key] = d
+        return self._probes[key]
 
     def predicted_loss(self, settings: Settings, allocation: alloc.Allocation) -> np.ndarray:
         """Per block: sum of the whitened losses L_m(k_m)^2 of its matrices (from the factors, cheap)."""

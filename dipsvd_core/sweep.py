@@ -34,7 +34,7 @@ DEFAULT_GRID = (("svd-llm", "uniform"), ("dipsvd", "uniform"), ("svd-llm", "heur
                 ("dipsvd", "coupled"))
 LABELS = {("svd-llm", "uniform"): "SVD-LLM", ("dipsvd", "uniform"): "Step 1", ("svd-llm", "heuristic"): "Step 2",
           ("dipsvd", "heuristic"): "Step 1+2", ("dipsvd", "bayes"): "Step 1+2 (BO)",
-          ("dipsvd", "coupled"): "ours: coupled", ("dipsvd", "nested"): "ours: nested", ("dobi", "trained"): "Dobi-SVD",
+          ("dipsvd", "coupled"): "ours: coupled", ("dobi", "trained"): "Dobi-SVD",
           ("dobi-remap", "trained"): "Dobi-SVD + remap"}
 
 
@@ -100,6 +100,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
         t0 = time.perf_counter()
         bench.fisher(progress)  # shared by heuristic, bayes, coupled and fwsvd; timed once here
         timings["fisher"] = time.perf_counter() - t0
+    allocations: dict = {}  # a refined row reuses its unrefined twin's allocation (BO is not run twice)
     for method in methods:
         factored = not handler(_settings(base, method, "uniform", ratios[0]).method).trains_ranks
         if factored:
@@ -112,7 +113,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
                 if m != method:
                     continue
                 settings = _settings(base, method, allocation, ratio)
-                row = _row(bench, settings, eval_sets, progress)
+                row = _row(bench, settings, eval_sets, progress, allocations)
                 label = LABELS.get((method, settings.allocation), row["label"])
                 row["method"], row["allocation"], row["refine"] = method, allocation, settings.refine
                 row["label"] = label + (" + refine" if settings.refine != "none" else "")
@@ -132,7 +133,7 @@ def _settings(base: Settings, method: str, allocation: str, ratio: float) -> Set
     return replace(base, method=method, allocation=allocation, ratio=ratio)
 
 
-def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dict:
+def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress, allocations: dict | None = None) -> dict:
     from .report import compression_report, sweep_row
 
     t0 = time.perf_counter()
@@ -140,7 +141,11 @@ def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress) -> dic
         result = bench.build(settings, progress=progress)
         allocation, t1 = result.allocation, time.perf_counter()
     else:
-        allocation = bench.allocate(settings, progress)
+        key = repr(replace(settings, refine="none"))
+        allocations = {} if allocations is None else allocations
+        if key not in allocations:
+            allocations[key] = bench.allocate(settings, progress)
+        allocation = allocations[key]
         t1 = time.perf_counter()
         result = bench.build(settings, allocation)
     ppl = {n: perplexity(result.model, w) for n, w in eval_sets.items()}

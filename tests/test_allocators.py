@@ -187,9 +187,7 @@ def test_coupled_on_the_tiny_model(bench, tiny_lm):
     assert a.method == "coupled"
     assert 0 <= a.ratio_realized - 0.3 <= 0.005
     factors = bench.factors(s.spec)
-    mods = dict(tiny_lm.model.named_modules())
-    norms = {t.name: float(mods[t.name].weight.detach().double().pow(2).sum()) for t in targets}
-    w = allocators.coupled_weights(factors, bench.fisher(), norms, targets)
+    w = bench.coupled_weights(s)
     sig = {t.name: factors[t.name].sigma.numpy() for t in targets}
     uni = bench.allocate(Settings(method="dipsvd", allocation="uniform", ratio=0.3))
     assert _objective(a.ranks, sig, w) <= _objective(uni.ranks, sig, w)
@@ -205,24 +203,61 @@ def test_coupled_on_the_tiny_model(bench, tiny_lm):
                                     for t in targets if t.block == b) for b in range(tiny_lm.n_blocks)])
 
 
-def test_nested_keeps_the_heuristic_block_budgets_and_is_optimal_inside_each_block(bench, tiny_lm):
-    s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
-    a = bench.allocate(s)
-    h = bench.allocate(Settings(method="dipsvd", allocation="heuristic", ratio=0.3))
-    targets = tiny_lm.targets
-    assert a.method == "nested" and a.ratio_realized >= h.ratio_realized - 1e-12
-    factors = bench.factors(s.spec)
-    mods = dict(tiny_lm.model.named_modules())
-    norms = {t.name: float(mods[t.name].weight.detach().double().pow(2).sum()) for t in targets}
-    w = allocators.coupled_weights(factors, bench.fisher(), norms, targets)
-    sig = {t.name: factors[t.name].sigma.numpy() for t in targets}
+def test_coupled_weights_are_the_output_fisher_estimate_calibrated_by_the_block_probe(bench, tiny_lm):
+    s = Settings(method="dipsvd", allocation="coupled", ratio=0.3)
+    targets, factors, fisher = tiny_lm.targets, bench.factors(s.spec), bench.fisher()
+    raw = allocators.coupled_weights(factors, fisher, targets)
+    for t in targets:  # w_m = G_m / out_m * E_m / L_m(0)^2
+        total = float((factors[t.name].sigma.double() ** 2).sum())
+        assert raw[t.name] == pytest.approx(fisher.out_grad2[t.name] / t.out_features * fisher.out_energy[t.name]
+                                            / total, rel=1e-12)
+    # after calibration the coupled objective at the probe's ranks IS the measured loss increase, block by block
+    d = bench.block_sensitivity(s)
+    assert np.isfinite(d).all() and d.max() > 0  # a random tiny model can even gain from a cut block
+    probe_ranks = {t.name: allocators.alloc.rank_for(allocators.PROBE_KEEP, t.out_features, t.in_features)
+                   for t in targets}
+    floored = np.maximum(d, allocators.PROBE_FLOOR * np.median(d[d > 0]))
+    np.testing.assert_allclose(allocators.weighted_loss(factors, bench.coupled_weights(s), probe_ranks, targets),
+                               floored, rtol=1e-9)
+
+
+def test_block_probe_equals_writing_the_truncated_weights_into_a_copy(bench, tiny_lm):
+    import copy
+    import math
+
+    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.importance import block_sensitivity
+
+    s = Settings(method="dipsvd")
+    factors, windows, model = bench.factors(s.spec), bench.heldout(2), tiny_lm.model
+    before = perplexity(model, windows)
+    d = block_sensitivity(model, tiny_lm.targets, factors, windows, 0.4)
+    assert perplexity(model, windows) == before  # the hooks are gone, nothing was written
     for b in range(tiny_lm.n_blocks):
-        names = [t for t in targets if t.block == b]
-        kept = lambda r: sum(matrix_params(r[t.name], t.out_features, t.in_features) for t in names)  # noqa: E731
-        assert kept(a.ranks) <= kept(h.ranks)  # never more than the heuristic gave the block
-        mine = {t.name: a.ranks[t.name] for t in names}
-        theirs = {t.name: h.ranks[t.name] for t in names}
-        assert _objective(mine, sig, w) <= _objective(theirs, sig, w) + 1e-12  # the heuristic's ranks are feasible
+        other = copy.deepcopy(model)
+        mods = dict(other.named_modules())
+        with torch.no_grad():
+            for t in tiny_lm.targets:
+                k = allocators.alloc.rank_for(0.4, t.out_features, t.in_features)
+                if t.block == b and k is not DENSE:
+                    mods[t.name].weight.copy_(factors[t.name].weight(k).float())
+        assert d[b] == pytest.approx(math.log(perplexity(other, windows)) - math.log(before), rel=1e-4, abs=1e-6)
+
+
+def test_calibrate_floors_noise_and_rejects_nan():
+    c = allocators.calibrate([0.2, -0.01, 0.4], [0.1, 0.5, 0.8])  # median of the positive ones: 0.3
+    np.testing.assert_allclose(c, [2.0, allocators.PROBE_FLOOR * 0.3 / 0.5, 0.5])
+    with pytest.raises(DipSVDError, match="float32"):
+        allocators.calibrate([0.1, float("nan")], [1.0, 1.0])
+
+
+def test_weighted_loss_sums_each_blocks_weighted_tails():
+    targets = [Target("a", 0, 4, 3, False), Target("b", 0, 3, 3, False), Target("c", 1, 5, 2, False)]
+    sig = {"a": torch.tensor([3.0, 2.0, 1.0]), "b": torch.tensor([2.0, 1.0, 0.5]), "c": torch.tensor([4.0, 1.0])}
+    factors = {n: type("F", (), {"sigma": v})() for n, v in sig.items()}
+    w = {"a": 2.0, "b": 10.0, "c": 0.5}
+    out = allocators.weighted_loss(factors, w, {"a": 1, "b": DENSE, "c": 1}, targets)
+    np.testing.assert_allclose(out, [2.0 * (4 + 1), 0.5 * 1])
 
 
 # --- bayes ------------------------------------------------------------------------------------

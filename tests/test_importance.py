@@ -74,11 +74,26 @@ def test_fisher_matches_direct_autograd(tiny_lm, windows):
     mods = dict(model.named_modules())
     weights = [mods[t.name].weight for t in tiny_lm.targets]
     per_window = []
+    outputs = {}
+    hooks = [mods[t.name].register_forward_hook(lambda m, a, y, n=t.name: outputs.__setitem__(n, y))
+             for t in tiny_lm.targets]
+    g2 = {t.name: 0.0 for t in tiny_lm.targets}
+    y2 = {t.name: 0.0 for t in tiny_lm.targets}
     for i in range(len(windows)):
         ids = windows[i: i + 1]
         logits = model(ids).logits
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-        per_window.append(torch.autograd.grad(loss, weights))
+        ys = [outputs[t.name] for t in tiny_lm.targets]
+        grads = torch.autograd.grad(loss, weights + ys)
+        per_window.append(grads[: len(weights)])
+        for t, y, gy in zip(tiny_lm.targets, ys, grads[len(weights):]):
+            g2[t.name] += float(gy.double().pow(2).sum())
+            y2[t.name] += float(y.detach().double().pow(2).sum())
+    for h in hooks:
+        h.remove()
+    for t in tiny_lm.targets:  # output-side energies, per token
+        assert info.out_grad2[t.name] == pytest.approx(g2[t.name] / windows.numel(), rel=1e-4)
+        assert info.out_energy[t.name] == pytest.approx(y2[t.name] / windows.numel(), rel=1e-6)
     for j, t in enumerate(tiny_lm.targets):
         g_mean = sum(g[j].double() for g in per_window) / len(windows)
         expected = (torch.linalg.norm(g_mean) / (torch.linalg.norm(weights[j].double()) + 1e-8)).item()

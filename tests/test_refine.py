@@ -158,3 +158,45 @@ def test_refine_refuses_dobi():
 
     with pytest.raises(DipSVDError, match="refine works on SVD factors"):
         Settings(method="dobi", allocation="trained", refine="sequential").check()
+
+
+def test_damped_solver_is_the_regularised_inverse_and_one_serves_a_group():
+    from dipsvd_core.refine import solver
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 300, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 40, dtype=torch.float64)[:, None]
+    G = X @ X.T
+    M = torch.randn(7, 40, generator=g, dtype=torch.float64)
+    delta = 0.01 * torch.trace(G) / 40
+    expected = M @ torch.linalg.inv(G + delta * torch.eye(40, dtype=torch.float64))
+    for compute in (torch.float64, torch.float32):
+        solve, n = solver(G, compute, 0.01)  # damped: the Cholesky path
+        assert n == 0
+        tol = 1e-10 if compute == torch.float64 else 1e-4
+        torch.testing.assert_close(solve(M).double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    # undamped: the floored eigendecomposition, which counts what it floored
+    Gs = torch.diag(torch.tensor([1.0, 1e-14, 2.0], dtype=torch.float64))
+    solve, n = solver(Gs, torch.float64, 0.0)
+    assert n == 1
+    torch.testing.assert_close(solve(torch.eye(3, dtype=torch.float64)).diagonal(),
+                               torch.tensor([1.0, 1 / (2.0 * 1e-10), 0.5], dtype=torch.float64))
+    # least_squares_target with a shared solver equals the one that factorises on its own
+    W, C = torch.randn(5, 40, generator=g, dtype=torch.float64), G * 0.9
+    a, _ = least_squares_target(W, C, G, damp=0.01)
+    b, _ = least_squares_target(W, C, G, damp=0.01, solve=solver(G, torch.float64, 0.01)[0])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nan_activations_stop_refine_with_a_message(tiny_lm):
+    import copy
+
+    from dipsvd_core.errors import DipSVDError
+
+    model = copy.deepcopy(tiny_lm.model)
+    bench = Workbench(tiny_lm, "wiki", 2, 32)
+    settings = Settings(method="svd-llm", ratio=0.3)
+    ranks = bench.allocate(settings).ranks
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(DipSVDError, match="NaN or infinite activations at model.layers.1"):
+        refine(model, [t.name for t in tiny_lm.targets], bench.windows(), settings.spec, ranks)

@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets (only their number counts)")
     pl.add_argument("--no-eval-original", action="store_true", help="plan without the original's perplexity")
     pl.add_argument("--offload", action="store_true", help="weights on the host, one block at a time on the GPU")
+    _add_refine_arg(pl)
     pl.add_argument("--no-bench", action="store_true", help="memory only: skip the few-second microbenchmark")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -256,7 +257,8 @@ def _run_of(args):
                calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
                eval_original=not args.no_eval_original, dtype=args.dtype, compute_dtype=args.compute_dtype,
-               factor_dtype=args.factor_dtype, offload=getattr(args, "offload", False))
+               factor_dtype=args.factor_dtype, offload=getattr(args, "offload", False),
+               refine=getattr(args, "refine", "none"))
 
 
 def cmd_plan(args):

@@ -135,6 +135,7 @@ class Workbench:
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self._probes: dict[str, np.ndarray] = {}  # block probes of the coupled allocator, per key
+        self._probe_ids: set[tuple] = set()  # (factor key, held-out windows) of the probes in memory
         self.timings_s: dict[str, float] = {}
         self._converted = False  # build(inplace=True) turned the original into the compressed model
 
@@ -299,6 +300,20 @@ class Workbench:
                          callback=callback, cancel=cancel, progress=progress, **bounds)
         raise DipSVDError(f"unknown allocation '{settings.allocation}'")
 
+    def quick_build(self, settings: Settings) -> bool:
+        """Whether building for these settings is only a slice and a surgery: the factors are in memory, no
+        pass (Fisher, the coupled probe, refine, Dobi-SVD training) is left to run. The app then builds in
+        the page's own run instead of a background job (issue 9: a sub-second step paid a second of job
+        round trips)."""
+        if settings.method == "dobi" or settings.refine != "none" or self.lm.offloaded:
+            return False
+        if not self.has_factors(settings.spec):
+            return False
+        if settings.allocation in ("uniform", "bayes"):  # bayes builds from the allocation BO already found
+            return True
+        needs_probe = settings.allocation == "coupled"
+        return self._fisher is not None and (not needs_probe or (settings.spec.key, settings.bo_windows) in self._probe_ids)
+
     def coupled_weights(self, settings: Settings, progress=None) -> dict[str, float]:
         """The coupled allocator's w_m (allocators.py): the second-order weight from the Fisher pass, times each
         block's calibration from the probe (measured once per factors and held-out windows, cached on disk)."""
@@ -330,6 +345,7 @@ class Workbench:
                                                                        "seconds": time.perf_counter() - t0})
                 self.timings_s["probe"] = time.perf_counter() - t0
                 self._probes[key] = d
+            self._probe_ids.add((spec.key, settings.bo_windows))
         return self._probes[key]
 
     def predicted_loss(self, settings: Settings, allocation: alloc.Allocation) -> np.ndarray:

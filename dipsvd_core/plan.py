@@ -51,7 +51,7 @@ from torch import nn
 
 from .errors import DipSVDError
 
-PHASES = ("load", "statistics", "factors", "fisher", "surgery", "evaluation")
+PHASES = ("load", "statistics", "factors", "fisher", "refine", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled")
 GRAM_METHODS = ("svd-llm", "dipsvd")
@@ -284,6 +284,7 @@ class Run:
     factor_dtype: str = "float32"
     offload: bool = False
     inplace: bool = True  # compress converts the model in place; the app keeps the original beside the copy
+    refine: str = "none"  # "sequential": one more streaming pass on the original and the compressed activations
 
     @property
     def needs_fisher(self) -> bool:
@@ -317,6 +318,14 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     # compress converts the original in place (one model, not two); the app keeps both
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B
 
+    # Refine (refine.py) streams two activation sets (original and compressed), keeps every input group's X of
+    # one block for all windows, the last Linear's X^ and the residuals r, r^, one group's G^, C and drift,
+    # one group's factoring; the refined factors of every block gather on the host.
+    g_max = max(sh.groups)
+    refine_acts = 2 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B
+    refine_dev = refine_acts + 2 * g_max * g_max * 8 + H * g_max * 8 + factoring
+    refined_host = kept * B
+
     # (work on the device, host besides the runtime) per phase
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
@@ -325,13 +334,14 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             "statistics": weights + acts + grams,
             "factors": weights + acts + grams + factoring if run.method in GRAM_METHODS else weights + factoring,
             "fisher": weights + fisher,
+            "refine": weights + refine_dev + (refined_host if not cuda else 0),
             "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
             "evaluation": weights + max(compressed, 0) + logits + window}  # in place: the original's turn is larger
     disk = {"load": sh.params * 4 if sh.from_gguf else 0,
             "statistics": sum(g * 16 for g in sh.groups) * L + L * H * 8,
             "factors": factor_bytes(sh.matrices, s),
             "fisher": sum(i * 8 for _, _, i in sh.matrices),
-            "surgery": 0, "evaluation": 0}
+            "refine": 0, "surgery": 0, "evaluation": 0}
     if run.method not in GRAM_METHODS and not gram_in:
         disk["statistics"] = 0
     phases = {}
@@ -340,12 +350,14 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             host, dev = runtime + (load_host if name == "load" else work[name]), 0
         elif run.offload:  # weights on the host, one block (plus the embeddings' window) on the device
             dev = work[name] - weights + largest_block
-            host = runtime + weights + (factor_bytes(per_block, s) if name == "factors" else 0)
+            host = runtime + weights + (factor_bytes(per_block, s) if name == "factors" else 0) \
+                + (refined_host if name == "refine" else 0)
         else:
             dev = work[name]
-            host = runtime + {"load": load_host, "factors": factor_bytes(per_block, s),
+            host = runtime + {"load": load_host, "factors": factor_bytes(per_block, s), "refine": refined_host,
                               "surgery": one_matrix * s}.get(name, 0)
-        needed = {"statistics": gram_in or run.method in GRAM_METHODS, "fisher": run.needs_fisher}.get(name, True)
+        needed = {"statistics": gram_in or run.method in GRAM_METHODS, "fisher": run.needs_fisher,
+                  "refine": run.refine == "sequential"}.get(name, True)
         phases[name] = Phase(int(host), int(dev), int(disk[name]), None, needed)
     return phases
 
@@ -451,6 +463,10 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     phases["statistics"].seconds = forward + L * cost(sh.hidden, sh.hidden) * r.eigh_512_s
     phases["factors"].seconds = L * (whiten + factor)
     phases["fisher"].seconds = 3 * N * fwd_model
+    # refine: the original block, the compressed block up to each input group and in full (about 3.5 block
+    # forwards a window), every group's G^ and C, and a second factoring
+    grams_flops = sum(4 * g * g * run.seqlen * N for g in sh.groups)
+    phases["refine"].seconds = 3.5 * forward + L * (whiten + factor + grams_flops / r.matmul_flops)
     phases["surgery"].seconds = (1 - run.ratio) * sh.targeted * DTYPE_BYTES[run.factor_dtype] / r.copy_bytes_s
     phases["evaluation"].seconds = eval_windows * fwd_model * ((2 - run.ratio) if run.eval_original else 1)
 

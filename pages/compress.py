@@ -47,7 +47,10 @@ if s.result is not None and not s.result_is_current:
     st.warning("The compressed model below was built for other settings; build again to use the current ones.",
                icon=":material/sync_problem:")
 if st.button("Build compressed model", type="primary", disabled=busy):
-    ui.start("Building the compressed model", build)
+    if bench.quick_build(cur):  # only a slice and a surgery: in this run, the result shows below at once
+        ui.run_here("Building the compressed model", build)
+    else:
+        ui.start("Building the compressed model", build)
 
 if s.result is not None and s.params is not None:
     p, a = s.params, s.result.allocation

@@ -75,6 +75,24 @@ def start(title: str, fn, cancellable: bool = False) -> None:
     st.rerun()
 
 
+def run_here(title: str, fn) -> None:
+    """Run fn(job) in this script run, for a step known to take well under a second of work (a build that only
+    slices cached factors): a background job would add a rerun to start it and a poll to see it end, which
+    cost more than the work (issue 9). The job is recorded as the session's last, so the panel reports it."""
+    if busy():
+        st.warning("Another step is still running; wait for it or cancel it first.")
+        return
+    job = Job(title, fn)
+    with st.spinner(f"{title}..."):
+        job._run(fn)
+    studio().job = job
+    if job.error:
+        st.error(job.error, icon=":material/error:")
+    else:
+        job.announced = True
+        st.toast(f"{title}: done in {job.seconds:.1f} s")
+
+
 def header(title: str, caption: str) -> None:
     """Page title, one line on what the page is for, and the state of the current job."""
     st.title(title)

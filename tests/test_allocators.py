@@ -1,5 +1,6 @@
 """Allocations under one budget: the projector, heuristic, coupled (vs brute force) and bayes."""
 import itertools
+from dataclasses import replace
 import threading
 import time
 
@@ -11,7 +12,6 @@ from dipsvd_core import allocators
 from dipsvd_core.allocation import DENSE, block_params, kept_params, matrix_params, project, uniform
 from dipsvd_core.bayes import bayes
 from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import Factor
 from dipsvd_core.models import Target
 from dipsvd_core.pipeline import Settings, Workbench
 
@@ -242,6 +242,21 @@ def test_block_probe_equals_writing_the_truncated_weights_into_a_copy(bench, tin
                 if t.block == b and k is not DENSE:
                     mods[t.name].weight.copy_(factors[t.name].weight(k).float())
         assert d[b] == pytest.approx(math.log(perplexity(other, windows)) - math.log(before), rel=1e-4, abs=1e-6)
+
+
+def test_quick_build_only_when_nothing_but_a_slice_is_left(tiny_lm):
+    fresh = Workbench(tiny_lm, "wiki", 4, 64)
+    s = Settings(method="dipsvd", allocation="uniform", ratio=0.3)
+    assert not fresh.quick_build(s)  # the factors are not in memory yet
+    fresh.factors(s.spec)
+    assert fresh.quick_build(s) and fresh.quick_build(replace(s, allocation="bayes"))
+    assert not fresh.quick_build(replace(s, refine="sequential")) and not fresh.quick_build(replace(s, method="dobi"))
+    assert not fresh.quick_build(replace(s, allocation="heuristic"))  # Fisher is still to run
+    fresh.fisher()
+    assert fresh.quick_build(replace(s, allocation="heuristic"))
+    assert not fresh.quick_build(replace(s, allocation="coupled"))  # the block probe is still to run
+    fresh.allocate(replace(s, allocation="coupled"))
+    assert fresh.quick_build(replace(s, allocation="coupled"))
 
 
 def test_calibrate_floors_noise_and_rejects_nan():

@@ -339,6 +339,7 @@ def test_compress_evaluate_sweep_and_speed():
     page(at, "compress")
     click(at, "Build compressed model")
     assert abs(float(metric(at, "Realized ratio (targeted)")) - 0.2) < 0.005
+    assert studio.job.title == "Building the compressed model" and studio.job.thread.ident is None  # in the page's run
     report = studio.params
     assert report["targeted_after"] < report["targeted_before"] and report["total_after"] < report["total_before"]
     click(at, "Evaluate original and compressed")

@@ -310,9 +310,11 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
     logits = 3 * T * sh.vocab * 4
     block_targeted = sum(o * i for _, o, i in per_block)
-    # Fisher runs block by block: every block's inputs (L x windows x T x H), the gradients at one level,
-    # one block's float32 gradient sums, one block's autograd, the logits of one window
-    fisher = L * N * T * H * B + N * T * H * 4 + block_targeted * 4 * 2 + layer_saved + logits
+    # Fisher runs block by block: every block's inputs (L x windows x T x H; on a GPU they wait in host memory
+    # and one block's come back), the gradients at one level, one block's float32 gradient sums, one block's
+    # autograd, the logits of one window
+    fisher_saved = L * N * T * H * B
+    fisher = (N * T * H * B if cuda else fisher_saved) + N * T * H * 4 + block_targeted * 4 * 2 + layer_saved + logits
     largest_block = sh.block_params * B
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
     # compress converts the original in place (one model, not two); the app keeps both
@@ -351,11 +353,11 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
         elif run.offload:  # weights on the host, one block (plus the embeddings' window) on the device
             dev = work[name] - weights + largest_block
             host = runtime + weights + (factor_bytes(per_block, s) if name == "factors" else 0) \
-                + (refined_host if name == "refine" else 0)
+                + {"refine": refined_host, "fisher": fisher_saved}.get(name, 0)
         else:
             dev = work[name]
             host = runtime + {"load": load_host, "factors": factor_bytes(per_block, s), "refine": refined_host,
-                              "surgery": one_matrix * s}.get(name, 0)
+                              "fisher": fisher_saved, "surgery": one_matrix * s}.get(name, 0)
         needed = {"statistics": gram_in or run.method in GRAM_METHODS, "fisher": run.needs_fisher,
                   "refine": run.refine == "sequential"}.get(name, True)
         phases[name] = Phase(int(host), int(dev), int(disk[name]), None, needed)

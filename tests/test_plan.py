@@ -78,6 +78,12 @@ def test_plan_on_cuda_splits_host_and_device(config_only):
     # offload: the weights on the host, one block's on the device
     assert off["statistics"].host_bytes == weights
     assert off["statistics"].device_bytes == gpu["statistics"].device_bytes - weights + sh.block_params * 2
+    # Fisher on a GPU: every block's saved inputs wait in host memory, one block's come back to the device
+    heur = dataclasses.replace(run, allocation="heuristic")
+    fisher, on_cpu = P.memory(sh, heur, cuda=True, runtime=0)["fisher"], P.memory(sh, heur, cuda=False, runtime=0)["fisher"]
+    one = run.calib_windows * run.seqlen * sh.hidden * 2
+    assert fisher.host_bytes == sh.n_blocks * one
+    assert fisher.device_bytes == on_cpu.host_bytes - sh.n_blocks * one + one
 
 
 def test_predicted_factor_disk_matches_the_store(tiny_lm):

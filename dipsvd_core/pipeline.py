@@ -135,7 +135,8 @@ class Workbench:
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self._probes: dict[str, np.ndarray] = {}  # block probes of the coupled allocator, per key
-        self._probe_ids: set[tuple] = set()  # (factor key, held-out windows) of the probes in memory
+        self._probe_ids: set[tuple] = set()
+        self._heldout: dict[int, torch.Tensor] = {}  # (factor key, held-out windows) of the probes in memory
         self.timings_s: dict[str, float] = {}
         self._converted = False  # build(inplace=True) turned the original into the compressed model
 
@@ -265,8 +266,11 @@ class Workbench:
                           settings.energy)
 
     def heldout(self, n_windows: int) -> torch.Tensor:
-        """Calibration-split windows disjoint from the calibration windows (for BO's objective)."""
-        return heldout_windows(self.lm.tokenizer, self.calib, n_windows, self.seqlen, self.seed, skip=self.n_windows)
+        """Calibration-split windows disjoint from the calibration windows (BO's objective, the coupled probe)."""
+        if n_windows not in self._heldout:
+            self._heldout[n_windows] = heldout_windows(self.lm.tokenizer, self.calib, n_windows, self.seqlen, self.seed,
+                                                       skip=self.n_windows)
+        return self._heldout[n_windows]
 
     def allocate(self, settings: Settings, progress=None, callback=None, cancel=None) -> alloc.Allocation:
         """uniform | heuristic | bayes | coupled. For bayes, `callback(i, value, best)` reports each call
@@ -312,7 +316,7 @@ class Workbench:
         if settings.allocation in ("uniform", "bayes"):  # bayes builds from the allocation BO already found
             return True
         needs_probe = settings.allocation == "coupled"
-        return self._fisher is not None and (not needs_probe or (settings.spec.key, settings.bo_windows) in self._probe_ids)
+        return self._fisher is not None and (not needs_probe or self.has_probe(settings))
 
     def coupled_weights(self, settings: Settings, progress=None) -> dict[str, float]:
         """The coupled allocator's w_m (allocators.py): the second-order weight from the Fisher pass, times each
@@ -325,14 +329,26 @@ class Workbench:
         predicted = allocators.weighted_loss(factors, raw, alloc.ranks_for(keep, self.targets), self.targets)
         return allocators.coupled_weights(factors, self.fisher(), self.targets, allocators.calibrate(probe, predicted))
 
+    def has_probe(self, settings: Settings) -> bool:
+        """Whether the coupled allocation's block probe for these factors is in memory or in the disk cache."""
+        if (settings.spec.key, settings.bo_windows) in self._probe_ids:
+            return True
+        if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings)) is None:
+            return False
+        self.block_sensitivity(settings)  # from the cache: no probe runs
+        return True
+
+    def _probe_key(self, settings: Settings) -> str:
+        return make_key("probe-v1", stats_key(self.lm, self.windows()), settings.spec.key,
+                        stats_key(self.lm, self.heldout(settings.bo_windows)), allocators.PROBE_KEEP)
+
     def block_sensitivity(self, settings: Settings, progress=None) -> np.ndarray:
         """d_l: the measured loss increase with block l alone truncated at PROBE_KEEP (importance.py), on the
         held-out windows BO uses."""
         from .importance import block_sensitivity
 
         spec, windows = settings.spec, self.heldout(settings.bo_windows)
-        key = make_key("probe-v1", stats_key(self.lm, self.windows()), spec.key, stats_key(self.lm, windows),
-                       allocators.PROBE_KEEP)
+        key = self._probe_key(settings)
         if key not in self._probes:
             hit = load_tensors("probe", key)
             if hit is not None:

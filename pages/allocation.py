@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from dipsvd_core import figures
+from dipsvd_core import allocators, figures
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
@@ -16,14 +16,14 @@ ALLOCATION_HELP = {
     "uniform": "every block keeps the same fraction (SVD-LLM)",
     "heuristic": "p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)",
     "bayes": "Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)",
-    "coupled": "one rank per matrix, minimising the Fisher-weighted whitened loss (ours, not in the paper)",
-    "nested": "the heuristic's budget per block, the coupled ranks inside each block (ours, not in the paper)",
+    "coupled": "one rank per matrix, minimising each matrix's estimated loss increase, calibrated by probing every "
+               "block (ours, not in the paper)",
     "trained": "Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)",
 }
 METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; dipsvd: whitened with the top "
                "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels; "
                "dobi: Dobi-SVD, trained truncation of activations and an IPCA weight update")
-NEEDS_FISHER = ("heuristic", "coupled", "nested", "bayes")
+NEEDS_FISHER = ("heuristic", "coupled", "bayes")
 
 s = ui.need_model()
 bench, busy = s.bench, ui.busy()
@@ -162,7 +162,15 @@ with view:
         if st.button("Compute Fisher sensitivity", type="primary" if have_factors else "secondary"):
             ui.start("Computing Fisher sensitivity", fisher)
         st.stop()
-    if new.allocation in ("coupled", "nested", "bayes") and not have_factors:
+    if new.allocation in ("coupled", "bayes") and not have_factors:
+        st.stop()
+    if new.allocation == "coupled" and not bench.has_probe(new):
+        st.warning("The coupled allocation calibrates its estimate by probing every block once: each block alone "
+                   f"truncated to {100 * allocators.PROBE_KEEP:.0f}% of its parameters, one forward pass over "
+                   f"{new.bo_windows} held-out windows each. After that, every ratio is instant.",
+                   icon=":material/calculate:")
+        if st.button("Probe the blocks", type="primary"):
+            ui.start("Probing the blocks", lambda job: bench.block_sensitivity(new, job.progress))
         st.stop()
 
     with ui.guard("The allocation preview"):

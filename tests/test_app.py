@@ -259,6 +259,8 @@ def test_heuristic_and_coupled_allocations_differ_from_uniform():
     assert abs(float(metric(at, "Realized ratio")) - 0.3) < 0.005
     at.radio(key="k_s_allocation").set_value("coupled")
     settle(at)
+    assert "probing every block once" in at.warning[0].value
+    click(at, "Probe the blocks")
     assert figure(at, "fig_keep")["data"][0]["name"] == "coupled"
     assert abs(float(metric(at, "Realized ratio")) - 0.3) < 0.005
 

@@ -49,7 +49,8 @@ class Job:
         self.message = message
 
     def wait(self, timeout: float | None = None) -> "Job":
-        self.thread.join(timeout)
+        if self.thread.ident is not None:  # a job run in the page's own run (ui.run_here) never started its thread
+            self.thread.join(timeout)
         return self
 
     def _run(self, fn) -> None:

@@ -113,7 +113,8 @@ def test_load_shows_architecture_and_statistics():
     at.toggle(key="k_plan_show").set_value(True)
     at.run()
     plan = next(df.value for df in at.dataframe if "phase" in df.value.columns)  # from the config alone
-    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "surgery", "evaluation"]
+    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "refine", "surgery",
+                                  "evaluation"]
     assert list(rows["linear"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert list(rows["out x in"])[-1] == "64 x 128" and list(rows["blocks"]) == [2] * 7

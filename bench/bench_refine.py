@@ -69,8 +69,10 @@ def v1_rows(bench, ratios, sets) -> list[dict]:
 
 
 def find(rows, method, allocation, ratio, refine):
+    """The row of (method, allocation, ratio, refine); the sweep names a refined row's allocation "a+refine"."""
     for r in rows:
-        if (r["method"], r["allocation"], r["ratio"], r.get("refine", "none")) == (method, allocation, ratio, refine):
+        alloc = r["allocation"].removesuffix("+refine")
+        if (r["method"], alloc, r["ratio"], r.get("refine", "none")) == (method, allocation, ratio, refine):
             return r
     return None
 
@@ -130,6 +132,41 @@ def comparison(report: dict) -> list[str]:
     return out
 
 
+def render(report: dict, ratios: str, eval_tokens: int) -> str:
+    """The RESULTS.md section from a finished run's report (bench/sweep_refine.json)."""
+    started = datetime.fromisoformat(report["started"])
+    lines = comparison(report)
+    t = report["timings_s"]
+    refine_s = [r["refine_s"] for r in report["rows"] if r.get("refine_s")]
+    cold = next((v for k, v in t.items() if k.startswith("statistics + factors")), 0.0)
+    text = "\n".join([
+        SECTION, "",
+        f"Machine: {report['machine']}. Date: {started:%Y-%m-%d}. Command: `.venv/bin/python bench/bench_refine.py "
+        f"--ratios {ratios} --eval-tokens {eval_tokens} --write` ({t['total'] / 60:.0f} min, peak RSS "
+        f"{report['peak_memory_mb'] / 1024:.1f} GB, an empty cache of its own). Original model: wiki "
+        f"{report['original_ppl']['wiki']:.2f}, news {report['original_ppl']['news']:.2f}.", "",
+        "The ablation of paper Table 6 with a column for sequential compensation (`--refine sequential`) and the "
+        "coupled allocation before and after this issue:", "",
+        ablation(report), *lines, "",
+        f"Cost: one refine took {min(refine_s):.0f}-{max(refine_s):.0f} s (median "
+        f"{sorted(refine_s)[len(refine_s) // 2]:.0f} s). The cold streaming pass of this run (statistics and the "
+        f"factors of svd-llm and dipsvd together) took {cold:.0f} s; Fisher {t.get('fisher', 0):.0f} s; the coupled "
+        f"allocation's block probe {t.get('probe', 0):.0f} s (once per factors; every coupled row after the first "
+        "reads it from the cache)." if refine_s else "", "",
+        "Refine time by allocation (it grows with the number of factored matrices; the heuristic keeps 19 of 30 "
+        "blocks dense): " + "; ".join(
+            f"{a} {min(v):.0f}-{max(v):.0f} s" for a, v in _by_allocation(report["rows"]).items()) + ".", ""])
+    return text
+
+
+def _by_allocation(rows) -> dict:
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("refine_s"):
+            out.setdefault(f"{r['method']} + {r['allocation'].removesuffix('+refine')}", []).append(r["refine_s"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
@@ -137,7 +174,16 @@ def main() -> None:
     ap.add_argument("--grid", default=GRID)
     ap.add_argument("--no-v1", action="store_true", help="leave out the coupled allocation as it was")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only re-render the section from bench/sweep_refine.json")
     args = ap.parse_args()
+    if args.render:
+        from bench_sweep import replace_section
+
+        text = render(json.loads((HERE / "sweep_refine.json").read_text()), args.ratios, args.eval_tokens)
+        print(text)
+        if args.write:
+            replace_section(HERE / "RESULTS.md", SECTION, text)
+        return
     os.environ["DIPSVD_STUDIO_CACHE"] = tempfile.mkdtemp(prefix="bench-refine-cache-")  # everything cold
 
     from bench_sweep import replace_section
@@ -175,24 +221,7 @@ def main() -> None:
     report["timings_s"]["total"] = time.perf_counter() - t_all
     report["peak_memory_mb"] = peak_memory_mb()
     report = write(report)
-    lines = comparison(report)
-    t = report["timings_s"]
-    refine_s = [r["refine_s"] for r in report["rows"] if r.get("refine_s")]
-    cold = next((v for k, v in t.items() if k.startswith("statistics + factors")), 0.0)
-    text = "\n".join([
-        SECTION, "",
-        f"Machine: {report['machine']}. Date: {started:%Y-%m-%d}. Command: `.venv/bin/python bench/bench_refine.py "
-        f"--ratios {args.ratios} --eval-tokens {args.eval_tokens} --write` ({t['total'] / 60:.0f} min, peak RSS "
-        f"{report['peak_memory_mb'] / 1024:.1f} GB, an empty cache of its own). Original model: wiki "
-        f"{report['original_ppl']['wiki']:.2f}, news {report['original_ppl']['news']:.2f}.", "",
-        "The ablation of paper Table 6 with a column for sequential compensation (`--refine sequential`) and the "
-        "coupled allocation before and after this issue:", "",
-        ablation(report), *lines, "",
-        f"Cost: one refine took {min(refine_s):.0f}-{max(refine_s):.0f} s (median "
-        f"{sorted(refine_s)[len(refine_s) // 2]:.0f} s). The cold streaming pass of this run (statistics and the "
-        f"factors of svd-llm and dipsvd together) took {cold:.0f} s; Fisher {t.get('fisher', 0):.0f} s; the coupled "
-        f"allocation's block probe {t.get('probe', 0):.0f} s (once per factors; every coupled row after the first "
-        "reads it from the cache)." if refine_s else "", ""])
+    text = render(report, args.ratios, args.eval_tokens)
     print(text)
     if args.write:
         replace_section(HERE / "RESULTS.md", SECTION, text)

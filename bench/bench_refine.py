@@ -119,6 +119,17 @@ def comparison(report: dict) -> list[str]:
                          for s in sets]
                 out.append(f"- {ratio:g}{' refined' if refine != 'none' else ''}: " + ", ".join(parts))
     out.append("")
+    out.append("Where refining does not help (the refined row is no lower than its unrefined twin):")
+    worse = []
+    for r in rows:
+        if r.get("refine", "none") != "none":
+            plain = find(rows, r["method"], r["allocation"].removesuffix("+refine"), r["ratio"], "none")
+            bad = [s for s in sets if plain and r["ppl"][s] >= plain["ppl"][s]]
+            if bad:
+                worse.append(f"- {r['method']} + {r['allocation'].removesuffix('+refine')} at {r['ratio']:g}: " + ", ".join(
+                    f"{s} {r['ppl'][s]:.2f} refined against {plain['ppl'][s]:.2f}" for s in bad))
+    out.extend(worse or ["- none"])
+    out.append("")
     out.append("Which idea gives how much (dipsvd, against the heuristic unrefined; wiki / news):")
     for ratio in report["ratios"]:
         h = find(rows, "dipsvd", "heuristic", ratio, "none")

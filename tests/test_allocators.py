@@ -244,7 +244,8 @@ def test_block_probe_equals_writing_the_truncated_weights_into_a_copy(bench, tin
         assert d[b] == pytest.approx(math.log(perplexity(other, windows)) - math.log(before), rel=1e-4, abs=1e-6)
 
 
-def test_quick_build_only_when_nothing_but_a_slice_is_left(tiny_lm):
+def test_quick_build_only_when_nothing_but_a_slice_is_left(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))  # nothing cached by other tests
     fresh = Workbench(tiny_lm, "wiki", 4, 64)
     s = Settings(method="dipsvd", allocation="uniform", ratio=0.3)
     assert not fresh.quick_build(s)  # the factors are not in memory yet

@@ -239,9 +239,4 @@ def coupled(factors, weights: dict[str, float], targets: list[Target], ratio: fl
 
 def predicted_loss(factors, ranks: dict[str, int | None], targets: list[Target]) -> np.ndarray:
     """Per block: sum over its matrices of L_m(k_m)^2, the whitened error of the chosen ranks."""
-    out = np.zeros(1 + max(t.block for t in targets))
-    for t in targets:
-        k = ranks[t.name]
-        if k is not DENSE:
-            out[t.block] += float((factors[t.name].sigma[k:].double() ** 2).sum())
-    return out
+    return weighted_loss(factors, {t.name: 1.0 for t in targets}, ranks, targets)

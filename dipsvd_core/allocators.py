@@ -61,13 +61,12 @@ PROBE_KEEP = 0.25  # the keep fraction of the per-block probe (step 2 of the cou
 PROBE_FLOOR = 1e-3  # a probe below this fraction of the median positive one counts as this (noise, not a gain)
 
 
-def coupled_weights(factors, fisher, targets: list[Target], calibration=None) -> dict[str, float]:
-    """w_m = G_m / out_m * E_m / L_m(0)^2, times c_l of m's block when a calibration is given (module docstring)."""
+def coupled_weights(factors, fisher, targets: list[Target]) -> dict[str, float]:
+    """w_m = G_m / out_m * E_m / L_m(0)^2 (step 1 of the module docstring; Workbench.coupled_weights calibrates)."""
     out = {}
     for t in targets:
         total = float((factors[t.name].sigma.double() ** 2).sum())
-        w = fisher.out_grad2[t.name] / t.out_features * fisher.out_energy[t.name] / max(total, 1e-300)
-        out[t.name] = w * (1.0 if calibration is None else float(calibration[t.block]))
+        out[t.name] = fisher.out_grad2[t.name] / t.out_features * fisher.out_energy[t.name] / max(total, 1e-300)
     return out
 
 

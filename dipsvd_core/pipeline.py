@@ -134,9 +134,8 @@ class Workbench:
         self._fisher: FisherInfo | None = None
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
-        self._probes: dict[str, np.ndarray] = {}  # block probes of the coupled allocator, per key
-        self._probe_ids: set[tuple] = set()
-        self._heldout: dict[int, torch.Tensor] = {}  # (factor key, held-out windows) of the probes in memory
+        self._probes: dict[tuple, np.ndarray] = {}  # the coupled allocator's block probes, per (factor key, held-out windows)
+        self._heldout: dict[int, torch.Tensor] = {}  # held-out windows, per count
         self.timings_s: dict[str, float] = {}
         self._converted = False  # build(inplace=True) turned the original into the compressed model
 
@@ -327,11 +326,12 @@ class Workbench:
         probe = self.block_sensitivity(settings, progress)
         keep = np.full(len(probe), allocators.PROBE_KEEP)
         predicted = allocators.weighted_loss(factors, raw, alloc.ranks_for(keep, self.targets), self.targets)
-        return allocators.coupled_weights(factors, self.fisher(), self.targets, allocators.calibrate(probe, predicted))
+        c = allocators.calibrate(probe, predicted)
+        return {t.name: raw[t.name] * float(c[t.block]) for t in self.targets}
 
     def has_probe(self, settings: Settings) -> bool:
         """Whether the coupled allocation's block probe for these factors is in memory or in the disk cache."""
-        if (settings.spec.key, settings.bo_windows) in self._probe_ids:
+        if (settings.spec.key, settings.bo_windows) in self._probes:
             return True
         if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings)) is None:
             return False
@@ -347,22 +347,21 @@ class Workbench:
         held-out windows BO uses."""
         from .importance import block_sensitivity
 
-        spec, windows = settings.spec, self.heldout(settings.bo_windows)
-        key = self._probe_key(settings)
-        if key not in self._probes:
+        spec, ident = settings.spec, (settings.spec.key, settings.bo_windows)
+        if ident not in self._probes:
+            key = self._probe_key(settings)
             hit = load_tensors("probe", key)
             if hit is not None:
-                self._probes[key] = hit[0]["d"].numpy()
+                self._probes[ident] = hit[0]["d"].numpy()
             else:
                 t0 = time.perf_counter()
-                d = block_sensitivity(self.lm.model, self.targets, self.factors(spec, progress), windows,
-                                      allocators.PROBE_KEEP, progress)
+                d = block_sensitivity(self.lm.model, self.targets, self.factors(spec, progress),
+                                      self.heldout(settings.bo_windows), allocators.PROBE_KEEP, progress)
                 save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP,
                                                                        "seconds": time.perf_counter() - t0})
                 self.timings_s["probe"] = time.perf_counter() - t0
-                self._probes[key] = d
-            self._probe_ids.add((spec.key, settings.bo_windows))
-        return self._probes[key]
+                self._probes[ident] = d
+        return self._probes[ident]
 
     def predicted_loss(self, settings: Settings, allocation: alloc.Allocation) -> np.ndarray:
         """Per block: sum of the whitened losses L_m(k_m)^2 of its matrices (from the factors, cheap)."""

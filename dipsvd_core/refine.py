@@ -41,7 +41,8 @@ the block on the compressed path with the groups before already refined, stoppin
 take X^ (so o_proj and down_proj are fitted to the inputs they will really see), and refines the
 group's factored matrices; finally the refined block's outputs on the compressed path become block
 l+1's inputs (when the last group is the residual-writing Linear, they are r^ plus its refined output,
-from the run that fitted it, so the block is not run a fourth time). Dense-kept matrices stay the original's. Refining is a build step: the allocation
+from the run that fitted it, so the block is not run a fourth time). Dense-kept matrices stay the
+original's. Refining is a build step: the allocation
 (ranks) comes from the fast factor-once path.
 """
 from __future__ import annotations

@@ -31,6 +31,16 @@ from .factors import Factor
 from .models import weights_of
 
 
+def _wrap_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
+    """An nn.Linear over these tensors, built without nn.Linear.__init__ (which initialises a weight at random)."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+    lin.weight = nn.Parameter(weight)
+    lin.register_parameter("bias", bias)
+    return lin
+
+
 class LowRankLinear(nn.Module):
     """y = u(v(x)) with v: in -> rank (no bias) and u: rank -> out (keeps the original bias)."""
 
@@ -43,12 +53,15 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_weights(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
-        """Wrap existing tensors without a random initialisation (which would cost more than the copy)."""
-        lr = cls(v.shape[1], u.shape[0], u.shape[1], bias is not None, device="meta")
-        lr.v.weight = nn.Parameter(v)
-        lr.u.weight = nn.Parameter(u)
-        if bias is not None:  # the original's bias, shared
-            lr.u.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
+        """Wrap existing tensors: no random initialisation, not even on the meta device (for 210 matrices that
+        took 0.06 s, a sixth of a build's surgery)."""
+        lr = cls.__new__(cls)
+        nn.Module.__init__(lr)
+        lr.in_features, lr.out_features, lr.rank = v.shape[1], u.shape[0], u.shape[1]
+        lr.v = _wrap_linear(v, None)
+        if bias is not None and not isinstance(bias, nn.Parameter):  # the original's bias, shared
+            bias = nn.Parameter(bias.detach(), requires_grad=False)
+        lr.u = _wrap_linear(u, bias)
         return lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

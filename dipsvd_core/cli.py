@@ -301,11 +301,13 @@ def cmd_compress(args) -> dict:
     for path in (args.calib, *args.eval.split(",")):
         if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
             raise DipSVDError(f"text file not found: {path}; check the path")
+    t0 = time.perf_counter()
     plan = _check_plan(args)
+    timings = {"plan": time.perf_counter() - t0}  # the config alone; a GGUF's is parsed whole (seconds)
     progress = Progress(args.quiet)
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, offload=args.offload)
-    timings = {"load_model": time.perf_counter() - t0}
+    timings["load_model"] = time.perf_counter() - t0
     bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
     t0 = time.perf_counter()
     bench.windows()

@@ -1,0 +1,77 @@
+"""Issue 11, item 2, a tried idea: choose between the coupled and the heuristic allocation on held-out text.
+
+    .venv/bin/python bench/bench_mix.py [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 4096] [--out bench/mix.json]
+
+For each ratio, the per-matrix parameter counts of the two allocations are mixed, c_m(w) = (1 - w) c_m(coupled)
++ w c_m(heuristic), w in {0, 0.25, 0.5, 0.75, 1} (a mixed count is turned into a rank by rounding down, so a
+mixed point removes up to 0.1% more than the target). Each point is measured on the 4 held-out calibration
+windows BO and the coupled probe use, and on the first --eval-tokens tokens of wiki and news: if the held-out
+loss ranked the points as the evaluation does, picking the best w there would make the coupled allocation
+never worse than the heuristic. Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the factors,
+Fisher and probe come from the user cache when present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dipsvd_core import allocation as alloc  # noqa: E402
+from dipsvd_core.allocation import DENSE  # noqa: E402
+from dipsvd_core.bayes import Objective  # noqa: E402
+from dipsvd_core.evaluate import perplexity  # noqa: E402
+from dipsvd_core.models import load_model  # noqa: E402
+from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
+
+
+def cost(k, t) -> int:
+    return t.params if k is DENSE else k * (t.out_features + t.in_features)
+
+
+def mix(a: dict, b: dict, w: float, targets) -> dict:
+    out = {}
+    for t in targets:
+        c = (1 - w) * cost(a[t.name], t) + w * cost(b[t.name], t)
+        if c >= t.params - 0.5:
+            out[t.name] = DENSE
+        else:
+            cap = max(1, min(math.ceil(t.params / (t.out_features + t.in_features)) - 1, t.out_features, t.in_features))
+            out[t.name] = max(1, min(int(c // (t.out_features + t.in_features)), cap))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "mix.json"))
+    args = ap.parse_args()
+    lm = load_model()
+    wb = Workbench(lm, "wiki", 32, 512)
+    base = Settings(method="dipsvd", allocation="coupled")
+    evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    objective = Objective(lm.model, wb.targets, wb.factors(base.spec), wb.heldout(base.bo_windows))
+    rows = []
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        coupled = wb.allocate(replace(base, ratio=ratio))
+        heuristic = wb.allocate(replace(base, ratio=ratio, allocation="heuristic"))
+        for w in (0.0, 0.25, 0.5, 0.75, 1.0):
+            ranks = mix(coupled.ranks, heuristic.ranks, w, wb.targets)
+            t0 = time.perf_counter()
+            held = objective(ranks)
+            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            rows.append(dict(ratio=ratio, w=w, realized=alloc.realized_ratio(ranks, wb.targets), heldout=held, **ppl,
+                             seconds=time.perf_counter() - t0))
+            print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).write_text(json.dumps({"eval_tokens": args.eval_tokens, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ from .allocation import DENSE, Allocation, project
 from .errors import DipSVDError
 from .evaluate import perplexity
 from .models import Target
+from .stream import window_ids
 
 OBJECTIVES = ("ppl", "cosine")
 LOW, HIGH = 0.25, 1.0  # search range of each block's variable (the paper's)
@@ -64,8 +65,7 @@ class Objective:
         self.reference = None
         if kind == "cosine":  # the original model's logits, once; float16 keeps them small
             with torch.no_grad():
-                dev = next(lm_model.parameters()).device
-                self.reference = [lm_model(windows[i: i + 1].to(dev)).logits.half() for i in range(len(windows))]
+                self.reference = [lm_model(ids).logits.half() for _, ids in window_ids(lm_model, windows)]
 
     @torch.no_grad()
     def __call__(self, ranks: dict[str, int | None]) -> float:
@@ -75,9 +75,8 @@ class Objective:
                 return perplexity(model, self.windows)
             except DipSVDError:  # a broken point is a very bad point, not a failed search
                 return 1e6
-        dev = next(model.parameters()).device
-        sims = [F.cosine_similarity(model(self.windows[i: i + 1].to(dev)).logits.float(), ref.float(), dim=-1).mean()
-                for i, ref in enumerate(self.reference)]
+        sims = [F.cosine_similarity(model(ids).logits.float(), ref.float(), dim=-1).mean()
+                for (_, ids), ref in zip(window_ids(model, self.windows), self.reference)]
         value = 1 - torch.stack(sims).mean().item()
         return value if math.isfinite(value) else 2.0
 

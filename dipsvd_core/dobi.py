@@ -31,6 +31,7 @@ from .dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, 
                         masked_svd, max_remap_rank, quantize_absmax)
 from .errors import DipSVDError
 from .models import Target
+from .stream import window_ids
 from .surgery import LowRankLinear
 
 DENSE_BYTES = 2  # the 16-bit dense model that storage is counted against
@@ -311,11 +312,10 @@ def ipca_weights(model: torch.nn.Module, targets: list[Target], windows: torch.T
         return fn
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in todo]
-    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for i in range(len(windows)):
-                model(windows[i: i + 1].to(device))
+            for i, ids in window_ids(model, windows):
+                model(ids)
                 if progress:
                     progress((i + 1) / len(windows), f"dobi weight update: window {i + 1}/{len(windows)}")
     finally:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import DipSVDError
 from .models import count_params, input_device
+from .stream import window_ids
 
 DEFAULT_PROMPTS = [
     "What is the universe? Explain this concept.",
@@ -25,10 +26,8 @@ DEFAULT_PROMPTS = [
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None) -> float:
-    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i: i + batch_size].to(device)
+    for i, batch in window_ids(model, windows, batch_size):
         logits = model(batch).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                               reduction="sum")

@@ -78,8 +78,8 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
        requires_grad on any weight, so accelerate-offloaded weights work), and the gradient at the
        block's input is passed down.
     The weights' requires_grad flags and .grad are left exactly as they were."""
-    from .models import find_blocks, input_device
-    from .stream import capture_inputs, forward_block
+    from .models import find_blocks
+    from .stream import capture_inputs, forward_block, window_ids
 
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
@@ -108,12 +108,10 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
                 forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
                     0.5 * (b + i / m) / n_blocks, f"fisher: forward, block {b + 1}/{n_blocks}"))
         grads = []  # 2. dL_w/dh at the last block's output
-        device = input_device(model)
-        for i in range(n):
+        for i, ids in window_ids(model, windows):
             top = inputs.hidden[i].detach().requires_grad_(True)
             for b in range(n_blocks):
                 blocks[b] = _Inject(top if b == n_blocks - 1 else None, as_tuple)
-            ids = windows[i: i + 1].to(device)
             with torch.enable_grad():
                 logits = model(ids, use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])  # mean next-token NLL

@@ -62,6 +62,16 @@ class BlockInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
+def window_ids(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
+    """(start, ids) for each batch of `batch_size` windows of token ids (n, seqlen), the ids on the device the
+    model reads its inputs on (models.input_device, which follows a device map). Every pass that runs the
+    whole model over windows goes through here: capturing the first block's inputs, perplexity, Fisher's
+    backward passes, the BO objective and Dobi-SVD's weight update."""
+    device = input_device(model)
+    for i in range(0, len(windows), batch_size):
+        yield i, windows[i: i + batch_size].to(device)
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> BlockInputs:
     """The first block's inputs for every window (n, seqlen) of token ids."""
@@ -74,11 +84,10 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = input_device(model)
     try:
-        for i in range(len(windows)):
+        for _, ids in window_ids(model, windows):
             try:
-                model(windows[i: i + 1].to(device), use_cache=False)
+                model(ids, use_cache=False)
             except _Captured:
                 continue
             raise DipSVDError("the model never called its first decoder block; this architecture is not supported")

@@ -34,6 +34,7 @@ class State:
 class MethodHandler:
     name = ""
     trains_ranks = False  # True: the method learns its own ranks (allocation "trained")
+    refinable = True  # sequential compensation (refine.py) refits its factored matrices
     default_allocation = "uniform"
 
     def check(self, settings) -> None:
@@ -85,6 +86,7 @@ class DobiHandler(MethodHandler):
     name = "dobi"
     trains_ranks = True
     default_allocation = "trained"
+    refinable = False  # its weights come from the IPCA update, not from factors refine can refit
 
     def check(self, settings) -> None:
         if settings.allocation != "trained":

@@ -86,7 +86,7 @@ class Settings:
         handler(self.method).check(self)
         if self.refine not in REFINES:
             raise DipSVDError(f"unknown refine '{self.refine}'; use none or sequential")
-        if self.refine != "none" and handler(self.method).trains_ranks:
+        if self.refine != "none" and not handler(self.method).refinable:
             raise DipSVDError("refine works on SVD factors; dobi rebuilds its weights by IPCA instead: use refine none")
         if self.allocation not in allocation_names():
             raise DipSVDError(f"unknown allocation '{self.allocation}'; use one of {', '.join(allocation_names())}")
@@ -308,7 +308,9 @@ class Workbench:
         pass (Fisher, the coupled probe, refine, Dobi-SVD training) is left to run. The app then builds in
         the page's own run instead of a background job (issue 9: a sub-second step paid a second of job
         round trips)."""
-        if settings.method == "dobi" or settings.refine != "none" or self.lm.offloaded:
+        from .methods import handler
+
+        if handler(settings.method).trains_ranks or settings.refine != "none" or self.lm.offloaded:
             return False
         if not self.has_factors(settings.spec):
             return False

@@ -11,6 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.factors import METHODS
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
+from dipsvd_core.methods import handler
 from dipsvd_core.sweep import run_sweep
 from studio import ui
 from studio.state import defaults
@@ -35,7 +36,7 @@ def build(job):
     s.params = param_report(lm.model, result.model, lm.targets, result.allocation.ranks)
 
 
-refinable = cur.method != "dobi"
+refinable = handler(cur.method).refinable
 refine = st.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
                      value=cur.refine == "sequential",
                      help="One more block-by-block pass: each block's factored matrices are refitted, in closed form, "

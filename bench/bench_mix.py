@@ -1,6 +1,8 @@
-"""Issue 11, item 2, a tried idea: choose between the coupled and the heuristic allocation on held-out text.
+"""Issue 11, item 2, tried ideas: choose between the coupled and the heuristic allocation on held-out text;
+raise the coupled allocation's per-matrix floor.
 
     .venv/bin/python bench/bench_mix.py [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 4096] [--out bench/mix.json]
+    .venv/bin/python bench/bench_mix.py --p-min 0.05,0.15,0.25,0.35 --ratios 0.3,0.4 --out bench/mix_pmin.json
 
 For each ratio, the per-matrix parameter counts of the two allocations are mixed, c_m(w) = (1 - w) c_m(coupled)
 + w c_m(heuristic), w in {0, 0.25, 0.5, 0.75, 1} (a mixed count is turned into a rank by rounding down, so a
@@ -9,6 +11,9 @@ windows BO and the coupled probe use, and on the first --eval-tokens tokens of w
 loss ranked the points as the evaluation does, picking the best w there would make the coupled allocation
 never worse than the heuristic. Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the factors,
 Fisher and probe come from the user cache when present.
+
+With --p-min, the coupled allocation alone at each floor p_min (the smallest fraction of its parameters a
+matrix keeps), with the mean keep fraction per matrix type.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default=str(ROOT / "bench" / "mix.json"))
+    ap.add_argument("--p-min", default=None, help="comma-separated floors: the coupled allocation at each")
     args = ap.parse_args()
     lm = load_model()
     wb = Workbench(lm, "wiki", 32, 512)
@@ -59,7 +65,18 @@ def main() -> None:
     evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
     objective = Objective(lm.model, wb.targets, wb.factors(base.spec), wb.heldout(base.bo_windows))
     rows = []
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    for ratio in [float(r) for r in args.ratios.split(",")] if args.p_min else []:
+        for p_min in [float(p) for p in args.p_min.split(",")]:
+            a = wb.allocate(replace(base, ratio=ratio, p_min=p_min))
+            kinds: dict[str, list[float]] = {}
+            for t in wb.targets:
+                keep = alloc.matrix_params(a.ranks[t.name], t.out_features, t.in_features) / t.params
+                kinds.setdefault(t.name.rsplit(".", 1)[-1], []).append(keep)
+            objective(a.ranks)
+            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            rows.append(dict(ratio=ratio, p_min=p_min, **ppl, keep_by_type={k: sum(v) / len(v) for k, v in kinds.items()}))
+            print(json.dumps(rows[-1]), flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")] if not args.p_min else []:
         coupled = wb.allocate(replace(base, ratio=ratio))
         heuristic = wb.allocate(replace(base, ratio=ratio, allocation="heuristic"))
         for w in (0.0, 0.25, 0.5, 0.75, 1.0):

@@ -1,0 +1,88 @@
+"""Issue 11, item 2, a tried idea: calibrate the coupled weights by matrix type as well as by block.
+
+    .venv/bin/python bench/bench_typeprobe.py > bench/typeprobe.jsonl
+
+The coupled allocation's weights are calibrated per block by a probe (each block alone truncated to keep 0.25,
+allocators.py). Here every matrix TYPE is probed the same way (all q_proj of the model at keep 0.25, then all
+k_proj, ...), on the same 4 held-out wiki windows and, for comparison, on 2048 tokens of news; then the weights
+are fitted to both sets of probes at once by iterative proportional fitting (w_m = raw_m a_block c_type), and
+the allocation from those weights is set beside today's coupled allocation: perplexity on the first 4096
+tokens of wiki and news, and the mean keep fraction per type. Bundled SmolLM2-135M, dipsvd, 32 x 512 windows.
+"""
+import sys, json, math, time
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np, torch
+from dipsvd_core.models import load_model
+from dipsvd_core.pipeline import Workbench, Settings
+from dipsvd_core.bayes import Objective
+from dipsvd_core.evaluate import perplexity
+from dipsvd_core import allocation as alloc, allocators
+from dipsvd_core.allocation import DENSE, rank_for
+lm = load_model(); wb = Workbench(lm, "wiki", 32, 512)
+T = wb.targets; mods = dict(lm.model.named_modules())
+base = Settings(method="dipsvd", allocation="coupled")
+F = wb.factors(base.spec)
+held = wb.heldout(4)
+KEEP = allocators.PROBE_KEEP
+
+@torch.no_grad()
+def probe(names):
+    def swap(u, v, bias):
+        def hook(module, args, y):
+            x = args[0]; z = (x @ v.T) @ u.T
+            return z + bias if bias is not None else z
+        return hook
+    hs = []
+    try:
+        for t in T:
+            if t.name not in names: continue
+            k = rank_for(KEEP, t.out_features, t.in_features)
+            if k is DENSE: continue
+            u, v = F[t.name].low_rank(k)
+            bias = None if mods[t.name].bias is None else mods[t.name].bias.detach()
+            hs.append(mods[t.name].register_forward_hook(swap(u, v, bias)))
+        return math.log(perplexity(lm.model, held))
+    finally:
+        for h in hs: h.remove()
+
+t0 = time.perf_counter()
+base_loss = math.log(perplexity(lm.model, held))
+types = sorted({t.name.rsplit(".", 1)[-1] for t in T})
+d_type = {ty: probe({t.name for t in T if t.name.endswith(ty)}) - base_loss for ty in types}
+print(json.dumps({"type_probes_wiki": d_type, "seconds": time.perf_counter() - t0}), flush=True)
+news = wb.eval_windows("news", 2048, 512)
+news_base = math.log(perplexity(lm.model, news))
+held, kept_held = news, held  # probe() reads the global held-out windows
+print(json.dumps({"type_probes_news": {ty: probe({t.name for t in T if t.name.endswith(ty)}) - news_base
+                                       for ty in types}}), flush=True)
+held = kept_held
+d_block = wb.block_sensitivity(base)
+raw = allocators.coupled_weights(F, wb.fisher(), T)
+keep = np.full(len(d_block), KEEP)
+ranks = alloc.ranks_for(keep, T)
+L2 = {t.name: (0.0 if ranks[t.name] is DENSE else float((F[t.name].sigma[ranks[t.name]:].double() ** 2).sum())) for t in T}
+typ = {t.name: t.name.rsplit(".", 1)[-1] for t in T}
+a = np.ones(len(d_block)); c = {ty: 1.0 for ty in types}
+floor_b = allocators.PROBE_FLOOR * np.median(d_block[d_block > 0])
+db = np.maximum(d_block, floor_b)
+for it in range(50):
+    pb = np.zeros(len(db))
+    for t in T: pb[t.block] += raw[t.name] * c[typ[t.name]] * L2[t.name]
+    a = db / np.maximum(pb, 1e-300)
+    pt = {ty: 0.0 for ty in types}
+    for t in T: pt[typ[t.name]] += raw[t.name] * a[t.block] * L2[t.name]
+    c = {ty: max(d_type[ty], 1e-6) / max(pt[ty], 1e-300) for ty in types}
+print(json.dumps({"type_factors": c}), flush=True)
+w_ipf = {t.name: raw[t.name] * a[t.block] * c[typ[t.name]] for t in T}
+w_cal = wb.coupled_weights(base)
+ev = {s: wb.eval_windows(s, 4096) for s in ("wiki", "news")}
+obj = Objective(lm.model, T, F, held)
+for r in [0.1, 0.2, 0.3, 0.4]:
+    for name, w in [("coupled", w_cal), ("ipf", w_ipf)]:
+        al = allocators.coupled(F, w, T, r)
+        h = obj(al.ranks); m = obj.swapper.copy
+        e = {s: round(perplexity(m, x), 2) for s, x in ev.items()}
+        kinds = {}
+        for t in T: kinds.setdefault(typ[t.name], []).append(alloc.matrix_params(al.ranks[t.name], t.out_features, t.in_features) / t.params)
+        print(json.dumps(dict(ratio=r, w=name, held=round(h, 2), **e, keep={k: round(float(np.mean(v)), 2) for k, v in kinds.items()})), flush=True)

@@ -169,7 +169,7 @@ def load_config(spec: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     from .compressed import is_compressed_folder
-    from .models import DEFAULT_MODEL, _dequantized_cache, _hub_reachable, bundled_gguf
+    from .models import DEFAULT_MODEL, _dequantized_cache, _hub_reachable, bundled_gguf, gguf_parsed_once
 
     spec = (spec or DEFAULT_MODEL).strip()
     path = Path(os.path.expanduser(spec))
@@ -185,7 +185,8 @@ def load_config(spec: str, trust_remote_code: bool = False):
         if (done / "config.json").exists():
             return AutoConfig.from_pretrained(str(done)), False
         try:
-            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), True
+            with gguf_parsed_once():  # the load that usually follows reuses this parse
+                return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), True
         except Exception as e:
             raise DipSVDError(f"could not read the config in GGUF file {gguf}: {e}") from e
     if path.exists():

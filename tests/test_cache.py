@@ -40,3 +40,25 @@ def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == tmp_path / "home" / ".cache" / "dipsvd-studio"
+
+
+def test_a_gguf_is_parsed_once_across_plan_and_dequantization(tmp_path):
+    """transformers makes a GGUFReader for the config, the tokenizer and the weights; within gguf_parsed_once
+    they are one reader, a changed file gets a new one, and gguf's own class is back afterwards."""
+    import gguf
+
+    from dipsvd_core.models import forget_gguf_readers, gguf_parsed_once
+
+    src = tmp_path / "m.gguf"
+    shutil.copyfile(bundled_gguf(), src)
+    original = gguf.GGUFReader
+    try:
+        with gguf_parsed_once():
+            first = gguf.GGUFReader(str(src))
+            assert gguf.GGUFReader(str(src)) is first
+            assert first.fields["general.architecture"].contents() == "llama"
+            os.utime(src, (1, 1))  # rewritten in place: parsed again
+            assert gguf.GGUFReader(str(src)) is not first
+        assert gguf.GGUFReader is original
+    finally:
+        forget_gguf_readers()

@@ -1,6 +1,6 @@
 """Benchmark of issue 9: every long step of the Studio against the same work from the CLI.
 
-    python bench/bench_app_cli.py [--write] [--cold-start]
+    python bench/bench_app_cli.py [--write] [--cold-start] [--runs N]
 
 One run, one machine, one after the other, nothing else running, each side on an empty cache of its
 own (so both dequantize the bundled GGUF and collect statistics cold):
@@ -15,7 +15,9 @@ prompts (48 new tokens, chat template), BO with 10 calls, Dobi-SVD with 1 epoch 
 
 --cold-start also times a first-time user on a fresh clone with an empty HOME (so pip's cache is
 empty too): `make install`, then `make run` until Chromium shows the first page.
---write replaces the "## App against CLI (issue 9)" section of bench/RESULTS.md.
+--runs N repeats both sides N times and reports each side's median per step, with each run's ratio beside it
+(steps differ by 10-20% between runs on this shared machine). --write replaces the "## App against CLI (issue 9)"
+section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -255,11 +258,15 @@ def cold_start() -> dict:
 
 
 def markdown(res: dict) -> str:
-    rows = []
+    rows, runs = [], res.get("runs", [])
     for step, app_s in res["app"].items():
         cli_s = res["cli"][step]
+        spread = ""
+        if len(runs) > 1:
+            ratios = [r["app"][step] / r["cli"][step] for r in runs]
+            spread = f" | {min(ratios):.2f}-{max(ratios):.2f}"
         digits = 2 if cli_s < 1 else 1  # a sub-second step shows its hundredths
-        rows.append(f"| {step} | {cli_s:.{digits}f} | {app_s:.{digits}f} | {app_s / cli_s:.2f} |")
+        rows.append(f"| {step} | {cli_s:.{digits}f} | {app_s:.{digits}f} | {app_s / cli_s:.2f}{spread} |")
     cold = res.get("cold_start")
     cold_text = "" if not cold else f"""
 A first-time user (`--cold-start`): a fresh clone and an empty HOME, so pip downloads everything but torch
@@ -270,7 +277,7 @@ the first page {cold['first_page_s']:.1f} s. The first load of the bundled model
     raw = res["cli"]["_raw"]["main"]
     return f"""{SECTION}
 
-Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{' --cold-start' if cold else ''}`.
+Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{f' --runs {len(runs)}' if len(runs) > 1 else ''}{' --cold-start' if cold else ''}`.
 The bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd + uniform at ratio 0.1, wiki and news
 with 1024 evaluation tokens each, the three default prompts (48 new tokens), BO with {BO_CALLS} calls, Dobi-SVD
 with {DOBI_EPOCHS} epoch over {DOBI_WINDOWS} windows. CLI and app ran one after the other, each on an empty cache
@@ -280,8 +287,8 @@ it loads, as the app's load job does); an app time runs from the click until the
 inside the page by a MutationObserver, not by Playwright's polling), with the page left open on the step (its progress display polling every 0.5 s in its first 3 s and, by its progress, its last 3 s, and every 2 s between),
 except "statistics" and "surgery", which are the job's own times as the page shows them. "Build" in the app also computes the parameter report and redraws the page.
 
-| step | CLI s | app s | app / CLI |
-|---|---|---|---|
+| step | CLI s | app s | app / CLI |{' app / CLI in each run |' if len(runs) > 1 else ''}
+|---|---|---|---|{'---|' if len(runs) > 1 else ''}
 {chr(10).join(rows)}
 {cold_text}"""
 
@@ -290,15 +297,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
     ap.add_argument("--cold-start", action="store_true", help="also time install and first page on a fresh clone")
+    ap.add_argument("--runs", type=int, default=1, help="repeat both sides; the table shows each side's median")
     args = ap.parse_args()
     res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
                       f"load average {os.getloadavg()[0]:.1f} at the start",
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-    with tempfile.TemporaryDirectory() as tmp:
-        res["cli"] = cli_side(Path(tmp) / "cli-cache")
-        print(json.dumps(res["cli"], indent=1), flush=True)
-        res["app"] = app_side(Path(tmp) / "app-cache", Path(tempfile.gettempdir()) / "bench_app_cli_streamlit.log")
-        print(json.dumps(res["app"], indent=1), flush=True)
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "runs": []}
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = {"cli": cli_side(Path(tmp) / "cli-cache")}
+            print(json.dumps(run["cli"], indent=1), flush=True)
+            run["app"] = app_side(Path(tmp) / "app-cache", Path(tempfile.gettempdir()) / "bench_app_cli_streamlit.log")
+            print(json.dumps(run["app"], indent=1), flush=True)
+        res["runs"].append(run)
+    res["cli"] = dict(median_of([r["cli"] for r in res["runs"]]), _raw=res["runs"][-1]["cli"]["_raw"])
+    res["app"] = median_of([r["app"] for r in res["runs"]])
     if args.cold_start:
         res["cold_start"] = cold_start()
     (ROOT / "bench" / "app_cli.json").write_text(json.dumps(res, indent=1))
@@ -306,6 +318,11 @@ def main() -> None:
     print(text)
     if args.write:
         replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text)
+
+
+def median_of(sides: list[dict]) -> dict:
+    """Each step's median over runs (one run: its own figures)."""
+    return {k: statistics.median(side[k] for side in sides) for k in sides[0] if not k.startswith("_")}
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,7 @@ def _dequantized_cache(gguf: Path) -> Path:
 
 
 _GGUF_READERS: dict = {}  # (path, size, mtime) -> gguf.GGUFReader, the last file parsed (see gguf_parsed_once)
+_GGUF_PATCH = {"depth": 0, "original": None, "lock": threading.Lock()}  # nested or concurrent blocks share one patch
 
 
 @contextlib.contextmanager
@@ -157,28 +159,37 @@ def gguf_parsed_once():
     gguf.GGUFReader for the config, again for the tokenizer and again for the weights, and each reader
     parses every field, the bundled model's 49k-token vocabulary included: 2.3 s each here, 7 of a first
     load's 18 s, plus one more for the plan checked before it. The reader is read-only (its tensors are a
-    memory map), so one serves all; the last file's reader is kept until `forget_gguf_readers`."""
+    memory map), so one serves all; the last file's reader is kept until `forget_gguf_readers`. Blocks may
+    nest or overlap across threads (the app plans in a page run and loads in a job): gguf's own class is
+    put back when the last one ends."""
     import gguf as gguf_lib
-
-    original = gguf_lib.GGUFReader
 
     def reader(path, mode="r"):
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, mode)
-        if key not in _GGUF_READERS:
-            _GGUF_READERS.clear()
-            _GGUF_READERS[key] = original(path, mode)
-        return _GGUF_READERS[key]
+        with _GGUF_PATCH["lock"]:
+            if key not in _GGUF_READERS:
+                _GGUF_READERS.clear()
+                _GGUF_READERS[key] = _GGUF_PATCH["original"](path, mode)
+            return _GGUF_READERS[key]
 
-    gguf_lib.GGUFReader = reader
+    with _GGUF_PATCH["lock"]:
+        if _GGUF_PATCH["depth"] == 0:
+            _GGUF_PATCH["original"] = gguf_lib.GGUFReader
+            gguf_lib.GGUFReader = reader
+        _GGUF_PATCH["depth"] += 1
     try:
         yield
     finally:
-        gguf_lib.GGUFReader = original
+        with _GGUF_PATCH["lock"]:
+            _GGUF_PATCH["depth"] -= 1
+            if _GGUF_PATCH["depth"] == 0:
+                gguf_lib.GGUFReader = _GGUF_PATCH["original"]
 
 
 def forget_gguf_readers() -> None:
-    _GGUF_READERS.clear()
+    with _GGUF_PATCH["lock"]:
+        _GGUF_READERS.clear()
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype, progress=None, placement: dict | None = None):

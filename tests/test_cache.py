@@ -55,6 +55,8 @@ def test_a_gguf_is_parsed_once_across_plan_and_dequantization(tmp_path):
     try:
         with gguf_parsed_once():
             first = gguf.GGUFReader(str(src))
+            with gguf_parsed_once():  # nested (a plan inside a load): the same reader, still patched after
+                assert gguf.GGUFReader(str(src)) is first
             assert gguf.GGUFReader(str(src)) is first
             assert first.fields["general.architecture"].contents() == "llama"
             os.utime(src, (1, 1))  # rewritten in place: parsed again

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dipsvd_core import allocation as alloc  # noqa: E402
+from dipsvd_core import allocators  # noqa: E402
 from dipsvd_core.allocation import DENSE  # noqa: E402
 from dipsvd_core.bayes import Objective  # noqa: E402
 from dipsvd_core.evaluate import perplexity  # noqa: E402
@@ -36,18 +36,15 @@ from dipsvd_core.models import load_model  # noqa: E402
 from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
 
 
-def cost(k, t) -> int:
-    return t.params if k is DENSE else k * (t.out_features + t.in_features)
-
-
 def mix(a: dict, b: dict, w: float, targets) -> dict:
+    """Per matrix, the rank whose parameters are closest below (1 - w) cost(a) + w cost(b); dense at full cost."""
     out = {}
     for t in targets:
-        c = (1 - w) * cost(a[t.name], t) + w * cost(b[t.name], t)
+        c = sum(f * alloc.matrix_params(r[t.name], t.out_features, t.in_features) for f, r in ((1 - w, a), (w, b)))
         if c >= t.params - 0.5:
             out[t.name] = DENSE
         else:
-            cap = max(1, min(math.ceil(t.params / (t.out_features + t.in_features)) - 1, t.out_features, t.in_features))
+            cap = allocators._rank_bounds(t, 0.0, 1.0)[1]  # the largest rank cheaper than dense
             out[t.name] = max(1, min(int(c // (t.out_features + t.in_features)), cap))
     return out
 

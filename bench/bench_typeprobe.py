@@ -18,9 +18,10 @@ from dipsvd_core.pipeline import Workbench, Settings
 from dipsvd_core.bayes import Objective
 from dipsvd_core.evaluate import perplexity
 from dipsvd_core import allocation as alloc, allocators
-from dipsvd_core.allocation import DENSE, rank_for
+from dipsvd_core.allocation import DENSE
+from dipsvd_core.importance import truncated
 lm = load_model(); wb = Workbench(lm, "wiki", 32, 512)
-T = wb.targets; mods = dict(lm.model.named_modules())
+T = wb.targets
 base = Settings(method="dipsvd", allocation="coupled")
 F = wb.factors(base.spec)
 held = wb.heldout(4)
@@ -28,23 +29,8 @@ KEEP = allocators.PROBE_KEEP
 
 @torch.no_grad()
 def probe(names):
-    def swap(u, v, bias):
-        def hook(module, args, y):
-            x = args[0]; z = (x @ v.T) @ u.T
-            return z + bias if bias is not None else z
-        return hook
-    hs = []
-    try:
-        for t in T:
-            if t.name not in names: continue
-            k = rank_for(KEEP, t.out_features, t.in_features)
-            if k is DENSE: continue
-            u, v = F[t.name].low_rank(k)
-            bias = None if mods[t.name].bias is None else mods[t.name].bias.detach()
-            hs.append(mods[t.name].register_forward_hook(swap(u, v, bias)))
+    with truncated(lm.model, T, F, names, KEEP):
         return math.log(perplexity(lm.model, held))
-    finally:
-        for h in hs: h.remove()
 
 t0 = time.perf_counter()
 base_loss = math.log(perplexity(lm.model, held))

@@ -20,6 +20,7 @@ Fisher results are cached on disk under the statistics key (same model, same win
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -261,22 +262,14 @@ def importance(fisher: FisherInfo, spectra: list[torch.Tensor], beta: float = 0.
     return {"S": S, "R": R, "S_norm": minmax(S), "R_norm": minmax(R), "Q": combined_score(S, R, beta)}
 
 
-@torch.no_grad()
-def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
-                      progress=None) -> np.ndarray:
-    """d_l: how much the mean next-token loss on `windows` grows when block l ALONE is truncated, every
-    matrix of it at keep fraction `keep` (allocation.rank_for), one value per block. The block's Linears
-    answer through forward hooks with x V_k^T U_k^T (+ bias) from the cached factors: nothing of the model
-    is written or copied, so this works where the model runs (offloaded too) at one block's factors."""
-    import math
-
+@contextlib.contextmanager
+def truncated(model: nn.Module, targets: list[Target], factors, names, keep: float):
+    """Within this block the Linears named in `names` answer at keep fraction `keep` (allocation.rank_for), with
+    x V_k^T U_k^T (+ bias) from the cached factors through forward hooks: nothing of the model is written or
+    copied, so this works where the model runs (offloaded too) at the factors of these matrices."""
     from .allocation import DENSE, rank_for
-    from .evaluate import perplexity
 
     mods = dict(model.named_modules())
-    n_blocks = 1 + max(t.block for t in targets)
-    base = math.log(perplexity(model, windows))
-    out = np.zeros(n_blocks)
 
     def swap(u, v, bias):
         def hook(module, args, y):
@@ -285,21 +278,37 @@ def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows:
             return z + bias.to(z.dtype) if bias is not None else z
         return hook
 
+    handles = []
+    try:
+        for t in targets:
+            k = rank_for(keep, t.out_features, t.in_features)
+            if t.name not in names or k is DENSE:
+                continue
+            u, v = factors[t.name].low_rank(k)
+            with weights_of(mods[t.name]):  # an offloaded bias is only real inside this
+                bias = None if mods[t.name].bias is None else mods[t.name].bias.detach().clone()
+            handles.append(mods[t.name].register_forward_hook(swap(u, v, bias)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
+                      progress=None) -> np.ndarray:
+    """d_l: how much the mean next-token loss on `windows` grows when block l ALONE is truncated, every
+    matrix of it at keep fraction `keep` (`truncated`), one value per block."""
+    import math
+
+    from .evaluate import perplexity
+
+    n_blocks = 1 + max(t.block for t in targets)
+    base = math.log(perplexity(model, windows))
+    out = np.zeros(n_blocks)
     for b in range(n_blocks):
-        handles = []
-        try:
-            for t in targets:
-                k = rank_for(keep, t.out_features, t.in_features)
-                if t.block != b or k is DENSE:
-                    continue
-                u, v = factors[t.name].low_rank(k)
-                with weights_of(mods[t.name]):  # an offloaded bias is only real inside this
-                    bias = None if mods[t.name].bias is None else mods[t.name].bias.detach().clone()
-                handles.append(mods[t.name].register_forward_hook(swap(u, v, bias)))
+        with truncated(model, targets, factors, {t.name for t in targets if t.block == b}, keep):
             out[b] = math.log(perplexity(model, windows)) - base
-        finally:
-            for h in handles:
-                h.remove()
         if progress:
             progress((b + 1) / n_blocks, f"probing block {b + 1}/{n_blocks} (keep {keep:g})")
     return out

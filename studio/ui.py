@@ -78,7 +78,8 @@ def start(title: str, fn, cancellable: bool = False) -> None:
 def run_here(title: str, fn) -> None:
     """Run fn(job) in this script run, for a step known to take well under a second of work (a build that only
     slices cached factors): a background job would add a rerun to start it and a poll to see it end, which
-    cost more than the work (issue 9). The job is recorded as the session's last, so the panel reports it."""
+    cost more than the work (issue 9). The job is recorded as the session's last, so the panel reports an error
+    again on later runs."""
     if busy():
         st.warning("Another step is still running; wait for it or cancel it first.")
         return
@@ -88,9 +89,7 @@ def run_here(title: str, fn) -> None:
     studio().job = job
     if job.error:
         st.error(job.error, icon=":material/error:")
-    else:
-        job.announced = True
-        st.toast(f"{title}: done in {job.seconds:.1f} s")
+    job.announced = True  # no toast: the result shows below in this very run, and a toast's first render delayed it
 
 
 def header(title: str, caption: str) -> None:
@@ -100,7 +99,7 @@ def header(title: str, caption: str) -> None:
     job_panel()
 
 
-FAST_POLL_S, SLOW_POLL_S, FAST_FOR_S = 0.5, 2.0, 3.0
+FAST_POLL_S, SLOW_POLL_S, FAST_FOR_S = 0.5, 3.0, 3.0
 
 
 def job_panel() -> None:
@@ -109,8 +108,9 @@ def job_panel() -> None:
         return
     if job.running:
         # A job's first and last seconds are polled every half second, so that its result shows at once;
-        # the rest every 2 s, since every poll is a script run and a browser redraw that take the GIL and a
-        # core share from the job (issue 9).
+        # the rest every 3 s, since every poll is a script run and a browser redraw that take the GIL and a
+        # core share from the job (issue 9: Fisher took 13.2 s in the app without polls, 15.5 s polled at
+        # 0.5 / 2 s; a trivial Streamlit fragment costs about 0.1 s of server and browser CPU a poll here).
         (_live_job_fast if _near_ends(job) else _live_job_slow)()
     elif job.error:
         st.error(job.error, icon=":material/error:")

@@ -2,6 +2,7 @@
 import streamlit as st
 
 from studio import ui
+from studio.jobs import settle_heap_at_start
 
 st.set_page_config(page_title="DipSVD Studio", page_icon=":material/compress:", layout="wide")
 
@@ -14,6 +15,7 @@ PAGES = {
                  st.Page("pages/export.py", title="Export", icon=":material/save:")],
 }
 
+settle_heap_at_start()  # the imports' objects stay for the process: full collections need not walk them
 ui.keep_widget_state()
 page = st.navigation(PAGES)
 with st.sidebar:

@@ -12,6 +12,7 @@ from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
 from dipsvd_core.plan import Run, check_fits, make_plan
 from studio import ui
+from studio.jobs import settle_heap
 from studio.state import defaults
 
 KINDS = {"Bundled SmolLM2-135M": "bundled", "Hugging Face hub id": "hub", "Local folder": "folder",
@@ -116,6 +117,7 @@ def load(job):
     s.lm, s.bench = lm, bench
     s.settings = Settings(ratio=default_ratio(lm), seed=int(seed))
     s.settings_version += 1
+    settle_heap()  # the model's objects are here to stay: later collections need not walk them
 
 
 if st.button("Load model and collect statistics", type="primary", disabled=busy):

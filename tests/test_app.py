@@ -474,3 +474,28 @@ def test_refine_on_the_compress_page_and_refined_sweep_rows():
     click(at, "Run sweep")
     names = [t["name"] for t in figure(at, "fig_sweep")["data"]]
     assert names == ["svd-llm", "svd-llm + refine"]
+
+
+def test_settle_heap_collects_garbage_and_freezes_the_living():
+    """The app freezes the objects alive after start-up and after a model load (studio.jobs.settle_heap): a
+    full collection must free a garbage cycle first, and the living must leave the generations a collection
+    walks."""
+    import gc
+    import weakref
+
+    from studio.jobs import settle_heap
+
+    class Node:
+        pass
+
+    garbage, alive = Node(), Node()
+    garbage.me = garbage  # a reference cycle: only the collector frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        settle_heap()
+        assert gone() is None
+        assert gc.get_freeze_count() > 1000
+        assert not any(o is alive for o in gc.get_objects())  # frozen: outside every generation
+    finally:
+        gc.unfreeze()

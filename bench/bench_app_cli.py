@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_sweep import replace_section  # noqa: E402
 
 SECTION = "## App against CLI (issue 9)"
+ANALYSIS = "What starved the job, and what was done"  # the hand-written part of the section, kept by --write
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-quic"]
@@ -326,7 +327,19 @@ def main() -> None:
     text = markdown(res)
     print(text)
     if args.write:
-        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text)
+        write_section(ROOT / "bench" / "RESULTS.md", text)
+
+
+def write_section(results: Path, text: str) -> None:
+    """Replace the section's measured part; the written analysis below the table (from ANALYSIS on) stays."""
+    current = results.read_text()
+    start = current.find(SECTION)
+    end = current.find("\n## ", start + len(SECTION)) if start >= 0 else -1
+    end = end if end >= 0 else len(current)
+    notes = current.find(ANALYSIS, start, end) if start >= 0 else -1
+    if notes >= 0:
+        text = text.rstrip("\n") + "\n\n" + current[notes:end].strip("\n") + "\n"
+    replace_section(results, SECTION, text)
 
 
 def median_of(sides: list[dict]) -> dict:

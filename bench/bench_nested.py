@@ -1,0 +1,103 @@
+"""Issue 11, item 2, a tried idea: keep the heuristic's budget per block (it generalizes best at 0.3 and 0.4) and
+spread each block's budget over its matrices by the coupled objective, with today's weights.
+
+    .venv/bin/python bench/bench_nested.py [--ratios 0.1,0.2,0.3,0.4] [--variants heuristic,nested,nested-typed] \
+        >> bench/nested.jsonl
+
+Variants (the same realized ratio; blocks the heuristic keeps dense stay dense):
+- heuristic: DipSVD's per-block keep fractions, every matrix of a block at the same fraction;
+- nested: inside each block, the ranks minimising sum_m w_m L_m(k_m)^2 under the block's budget, w_m the coupled
+  allocator's Fisher-pass weight (allocators.coupled_weights; the block probe's calibration is one factor per block,
+  so it cancels inside a block);
+- nested-typed: the same with w_m times a factor per matrix type, measured: each type's 30 matrices truncated at keep
+  0.25 together on the held-out wiki windows (the first line of bench/typeprobe.jsonl) against what the weights
+  predict for that cut.
+Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the first 4096 tokens of wiki and news (as in
+bench_mix.py); factors and Fisher from the user cache when present. One JSON line per point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dipsvd_core import allocation as alloc  # noqa: E402
+from dipsvd_core import allocators  # noqa: E402
+from dipsvd_core.allocation import DENSE  # noqa: E402
+from dipsvd_core.bayes import Objective  # noqa: E402
+from dipsvd_core.evaluate import perplexity  # noqa: E402
+from dipsvd_core.models import load_model  # noqa: E402
+from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
+
+
+def kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def type_factors(factors, raw: dict, targets) -> dict[str, float]:
+    """c_type = measured loss increase of the type probe / sum over the type of w_m L_m(k)^2 at the probe's keep."""
+    measured = json.loads((ROOT / "bench" / "typeprobe.jsonl").read_text().splitlines()[0])["type_probes_wiki"]
+    ranks = alloc.ranks_for(np.full(1 + max(t.block for t in targets), allocators.PROBE_KEEP), targets)
+    predicted: dict[str, float] = {}
+    for t in targets:
+        k = ranks[t.name]
+        loss = 0.0 if k is DENSE else raw[t.name] * float((factors[t.name].sigma[k:].double() ** 2).sum())
+        predicted[kind(t.name)] = predicted.get(kind(t.name), 0.0) + loss
+    return {ty: measured[ty] / predicted[ty] for ty in predicted}
+
+
+def nested(outer: dict, sigmas: dict, weights: dict, targets, p_min: float = 0.05) -> dict:
+    """Per block: the outer allocation's kept parameters, spread over the block's matrices by the coupled solver."""
+    ranks = {}
+    for b in range(1 + max(t.block for t in targets)):
+        block = [t for t in targets if t.block == b]
+        if all(outer[t.name] is DENSE for t in block):
+            ranks.update({t.name: DENSE for t in block})
+            continue
+        budget = sum(alloc.matrix_params(outer[t.name], t.out_features, t.in_features) for t in block)
+        ranks.update(allocators.coupled_ranks(sigmas, weights, block, budget, p_min, 1.0))
+    return ranks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    ap.add_argument("--variants", default="heuristic,nested,nested-typed")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    lm = load_model()
+    wb = Workbench(lm, "wiki", 32, 512)
+    base = Settings(method="dipsvd", allocation="heuristic")
+    targets, factors = wb.targets, wb.factors(base.spec)
+    evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    objective = Objective(lm.model, targets, factors, wb.heldout(base.bo_windows))
+    raw = allocators.coupled_weights(factors, wb.fisher(), targets)
+    c = type_factors(factors, raw, targets)
+    typed = {t.name: raw[t.name] * c[kind(t.name)] for t in targets}
+    sigmas = {t.name: factors[t.name].sigma.double().numpy() for t in targets}
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        outer = wb.allocate(replace(base, ratio=ratio)).ranks
+        for variant in args.variants.split(","):
+            ranks = {"heuristic": lambda: outer, "nested": lambda: nested(outer, sigmas, raw, targets),
+                     "nested-typed": lambda: nested(outer, sigmas, typed, targets)}[variant]()
+            held = objective(ranks)
+            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            keep: dict[str, list[float]] = {}
+            for t in targets:
+                if outer[t.name] is not DENSE or ranks[t.name] is not DENSE:  # the blocks the heuristic cuts
+                    keep.setdefault(kind(t.name), []).append(
+                        alloc.matrix_params(ranks[t.name], t.out_features, t.in_features) / t.params)
+            print(json.dumps(dict(ratio=ratio, variant=variant, realized=alloc.realized_ratio(ranks, targets),
+                                  heldout=held, **ppl, keep={k: round(sum(v) / len(v), 2) for k, v in keep.items()})),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

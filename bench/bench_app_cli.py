@@ -327,19 +327,7 @@ def main() -> None:
     text = markdown(res)
     print(text)
     if args.write:
-        write_section(ROOT / "bench" / "RESULTS.md", text)
-
-
-def write_section(results: Path, text: str) -> None:
-    """Replace the section's measured part; the written analysis below the table (from ANALYSIS on) stays."""
-    current = results.read_text()
-    start = current.find(SECTION)
-    end = current.find("\n## ", start + len(SECTION)) if start >= 0 else -1
-    end = end if end >= 0 else len(current)
-    notes = current.find(ANALYSIS, start, end) if start >= 0 else -1
-    if notes >= 0:
-        text = text.rstrip("\n") + "\n\n" + current[notes:end].strip("\n") + "\n"
-    replace_section(results, SECTION, text)
+        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text, keep_from=ANALYSIS)
 
 
 def median_of(sides: list[dict]) -> dict:

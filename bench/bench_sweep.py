@@ -71,9 +71,11 @@ def checks(report: dict) -> list[str]:
 SECTION = "## Global importance (issue 3)"
 
 
-def replace_section(path: Path, title: str, body: str) -> None:
+def replace_section(path: Path, title: str, body: str, keep_from: str | None = None) -> None:
     """Add or replace one '## ' section of a shared Markdown file, leaving every other section as is.
-    The file is re-read right before writing, since others write to it too."""
+    The file is re-read right before writing, since others write to it too. With `keep_from`, the section's
+    lines from the first one starting with it (a hand-written analysis below the measured part) stay, after
+    the new body."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.strip() == title), None)
@@ -81,7 +83,10 @@ def replace_section(path: Path, title: str, body: str) -> None:
         lines += ["", *body.rstrip().splitlines()]
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [*body.rstrip().splitlines(), ""]
+        kept = next((lines[i:end] for i in range(start + 1, end) if keep_from and lines[i].startswith(keep_from)), [])
+        while kept and not kept[-1].strip():
+            kept.pop()
+        lines[start:end] = [*body.rstrip().splitlines(), *([""] + kept if kept else []), ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 

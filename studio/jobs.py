@@ -23,7 +23,7 @@ def settle_heap() -> None:
 
     The app holds about half a million tracked objects once a model is loaded (torch, transformers,
     Streamlit, plotly, the model's modules). Python's full collections walk all of them: 14 of them cost 3.3 s
-    of the app's 23 s load job, and one that lands in a 0.3 s build makes it twice as long (issue 9).
+    of the app's 23 s load job, and one that lands in a 0.3 s build would nearly double it (issue 9).
     Frozen objects are never walked again; reference counting still frees them. The app calls this once
     at start-up and after each model load; each call unfreezes first, so that a replaced model's reference
     cycles are still collected."""

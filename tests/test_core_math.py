@@ -88,14 +88,54 @@ def test_code_form_error_identity(setting, k):
     assert lhs.item() == pytest.approx(torch.sqrt((f.sigma[k:] ** 2).sum()).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("k", [2, 10, 20])
+def test_code_form_by_eigh_truncates_as_its_svd(setting, k):
+    """In float64 the code form takes U, Sig from eigh((G D)(G D)^T), not from the SVD of G D. With
+    DipSVD's weighting (cond(G D) 3e8 here) every truncation leaves the same data error as the SVD
+    route's: ||(W - W') D X||_F agrees to 1e-5 (measured: 1e-7 at k = 10, 1e-6 at k = 20)."""
+    W, X, G, d = setting
+    U, sig, _ = torch.linalg.svd(G * d[None, :])
+    root = sig.sqrt()
+    by_svd = factor_matrix(W, U * root, U.T / root[:, None], dtype=F64)
+    by_eigh = factor_matrix(W, *whitening(G, d, "code")[:2], dtype=F64)
+    DX = d[:, None] * X
+    err = [torch.linalg.norm((W - f.weight(k)) @ DX).item() for f in (by_svd, by_eigh)]
+    assert err[1] == pytest.approx(err[0], rel=1e-5)
+    # sigma to 1e-7 of the largest (1.2e-8 measured) (an eigendecomposition's accuracy is relative to the largest eigenvalue)
+    assert torch.allclose(by_eigh.sigma, by_svd.sigma, rtol=0, atol=1e-7 * by_svd.sigma[0].item())
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_factors_by_eigh_equal_the_svd(setting, shape):
+    """float64 factors come from eigh of the smaller of A A^T and A^T A (A = W S): every rank's truncation is the
+    SVD's to 1e-9 of ||W||, the full rank gives back W, and a rank-deficient W gives finite factors whose zero
+    components stay zero."""
+    _, X, _, d = setting
+    n_in = shape[1]
+    S, S_inv, _ = whitening(X[:n_in] @ X[:n_in].T, d[:n_in], "paper")
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    by_eigh = factor_matrix(W, S, S_inv, dtype=F64)
+    U, sig, Vt = torch.linalg.svd(W @ S, full_matrices=False)
+    assert torch.allclose(by_eigh.sigma, sig, rtol=0, atol=1e-10 * sig[0].item())
+    for k in (1, 5, 12, 24):
+        svd_k = U[:, :k] @ torch.diag(sig[:k]) @ Vt[:k] @ S_inv
+        assert torch.allclose(by_eigh.weight(k), svd_k, rtol=0, atol=1e-9 * W.abs().max().item())
+    assert torch.allclose(by_eigh.weight(24), W, atol=1e-9)
+    W[3:] = 0  # rank 3
+    f = factor_matrix(W, S, S_inv, dtype=F64)
+    assert torch.isfinite(f.us).all() and torch.isfinite(f.vs).all()
+    assert torch.allclose(f.weight(3), W, atol=1e-9) and torch.allclose(f.weight(24), W, atol=1e-9)
+
+
 def test_weight_one_or_bar_zero_is_svd_llm(setting):
     W, X, G, _ = setting
     ones = torch.ones(40, dtype=F64)
     base = factor_matrix(W, *whitening(G, ones, "paper")[:2], dtype=F64)
     for d in (channel_scale(channel_importance(G), 1.0, 0.1), channel_scale(channel_importance(G), 30, 0.0)):
-        for form in ("paper", "code"):
+        # the code form squares G (cond 1e7 here) in its eigendecomposition: 3e-9 measured, hence 1e-8
+        for form, rtol in (("paper", 1e-9), ("code", 1e-8)):
             f = factor_matrix(W, *whitening(G, d, form)[:2], dtype=F64)
-            assert torch.allclose(f.sigma, base.sigma, rtol=1e-9)
+            assert torch.allclose(f.sigma, base.sigma, rtol=rtol)
             assert torch.allclose(f.weight(7), base.weight(7), atol=1e-8)
 
 

@@ -30,7 +30,7 @@ in this process (Python, torch and transformers imported).
 Time comes from a microbenchmark of a few seconds on the device: one decoder block of the real
 widths (random weights, vocabulary cut to 1024) run over one window with the statistics hooks, and
 the SVD and eigendecomposition of a 512 x 512 matrix in the compute dtype, scaled by their
-O(m n min(m, n)) cost. Loading is timed as a host memory copy of the weights, so it leaves out
+O(m n min(m, n)) cost (in float64 the factors take eigendecompositions only, as factors.py does). Loading is timed as a host memory copy of the weights, so it leaves out
 reading the disk and a GGUF's first dequantization.
 
 `check_fits` refuses a plan that does not fit, naming the one option that would.
@@ -455,8 +455,14 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     cost = lambda o, i: o * i * min(o, i) / 512**3  # noqa: E731  (SVD cost, in 512^3 units)
     per_block = [(o, i) for b, o, i in sh.matrices if b == 0]
     forward = L * N * r.block_window_s
-    whiten = sum(cost(g, g) for g in sh.groups) * (r.svd_512_s if run.method == "dipsvd" else r.eigh_512_s)
-    factor = sum(cost(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
+    if run.compute_dtype == "float32":  # factors.whitening and factor_matrix: the SVDs themselves
+        whiten = sum(cost(g, g) for g in sh.groups) * (r.svd_512_s if run.method == "dipsvd" else r.eigh_512_s)
+        factor = sum(cost(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
+    else:  # float64: eigendecompositions of (G D)(G D)^T and of the smaller of A A^T and A^T A (A = W S)
+        whiten = sum(cost(g, g) * r.eigh_512_s + (2 * g**3 if run.method == "dipsvd" else 0) / r.matmul_flops
+                     for g in sh.groups)
+        factor = sum(cost(min(o, i), min(o, i)) * r.eigh_512_s + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops
+                     for o, i in per_block)
     if run.method not in GRAM_METHODS:
         whiten = 0.0
     eval_windows = run.eval_sets * math.ceil(run.eval_tokens / run.seqlen)

@@ -55,6 +55,8 @@ class Job:
         self.result = None
         self.started = time.perf_counter()
         self.seconds: float | None = None
+        self.finished = threading.Event()
+        self.on_done = None  # called from the job's thread once it has finished (ui.start: rerun the page)
         self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=f"studio-job-{title}")
 
     def start(self, attach=None) -> "Job":
@@ -65,7 +67,7 @@ class Job:
 
     @property
     def running(self) -> bool:
-        return self.thread.is_alive()
+        return self.thread.is_alive() and not self.finished.is_set()  # on_done runs while the thread is alive
 
     @property
     def cancelled(self) -> bool:
@@ -95,6 +97,12 @@ class Job:
             self.error = _unexpected(self.title, e)
         finally:
             self.seconds = time.perf_counter() - self.started
+            self.finished.set()
+            if self.on_done is not None:
+                try:
+                    self.on_done()
+                except Exception:
+                    log.exception("%s: the callback after the job failed", self.title)
 
 
 def _unexpected(title: str, e: Exception) -> str:

@@ -71,8 +71,35 @@ def start(title: str, fn, cancellable: bool = False) -> None:
         st.warning("Another step is still running; wait for it or cancel it first.")
         return
     ctx = get_script_run_ctx()
-    studio().job = Job(title, fn, cancellable).start(attach=(lambda t: add_script_run_ctx(t, ctx)) if ctx else None)
+    job = Job(title, fn, cancellable)
+    job.on_done = rerun_when_done(ctx.session_id) if ctx else None
+    studio().job = job.start(attach=(lambda t: add_script_run_ctx(t, ctx)) if ctx else None)
     st.rerun()
+
+
+def rerun_when_done(session_id: str):
+    """A callback, for a job's thread, that reruns this browser session's page as soon as the job has finished,
+    as Streamlit's own "run on save" does (AppSession.request_rerun with the session's last client state, on the
+    server's event loop): the result then shows at once, and the page need not poll fast near a job's end to
+    see it (issue 9: every poll is a script run and a browser redraw that take CPU from the job). None where
+    there is no server (AppTest) or this Streamlit lacks what it uses (streamlit is pinned; a test checks);
+    the page then polls as before."""
+    from streamlit import runtime as st_runtime
+
+    if not st_runtime.exists():  # AppTest
+        return None
+    try:
+        server = st_runtime.get_instance()
+        session = server._session_mgr.get_active_session_info(session_id).session
+        loop = server._get_async_objs().eventloop
+        session._client_state  # noqa: B018 (fail here, not in the job's thread)
+    except Exception as e:
+        log.warning("no rerun at a job's end (%s: %s); the page polls for it", type(e).__name__, e)
+        return None
+
+    def rerun() -> None:
+        loop.call_soon_threadsafe(lambda: session.request_rerun(session._client_state))
+    return rerun
 
 
 def run_here(title: str, fn) -> None:
@@ -107,11 +134,13 @@ def job_panel() -> None:
     if job is None:
         return
     if job.running:
-        # A job's first and last seconds are polled every half second, so that its result shows at once;
-        # the rest every 3 s, since every poll is a script run and a browser redraw that take the GIL and a
-        # core share from the job (issue 9: Fisher took 13.2 s in the app without polls, 15.5 s polled at
-        # 0.5 / 2 s; a trivial Streamlit fragment costs about 0.1 s of server and browser CPU a poll here).
-        (_live_job_fast if _near_ends(job) else _live_job_slow)()
+        # The progress is polled every 3 s, since every poll is a script run and a browser redraw that take the
+        # GIL and a core share from the job (issue 9: Fisher took 13.2 s in the app without polls, 15.5 s polled
+        # at 0.5 / 2 s; a trivial Streamlit fragment costs about 0.1 s of server and browser CPU a poll here).
+        # The job's end reruns the page itself (rerun_when_done); where it cannot, the first and last seconds
+        # are polled every half second instead, so that the result still shows at once.
+        pushed = job.on_done is not None
+        (_live_job_fast if not pushed and _near_ends(job) else _live_job_slow)()
     elif job.error:
         st.error(job.error, icon=":material/error:")
     elif job.cancelled:
@@ -140,7 +169,7 @@ def _live_job_fast() -> None:
 @st.fragment(run_every=SLOW_POLL_S)
 def _live_job_slow() -> None:
     job = studio().job
-    if job is not None and job.running and _near_ends(job):
+    if job is not None and job.running and job.on_done is None and _near_ends(job):
         st.rerun()  # the end is near: back to the fast poll
     _live_job()
 

@@ -227,6 +227,9 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
         # The page reports the statistics step's own time (the job thread's, without imports or rendering).
         shown = page.get_by_test_id("stMetricDelta").filter(has_text="statistics").inner_text()
         app_stats = float(re.search(r"statistics ([0-9.]+) s", shown).group(1))
+    # The job's end reruns the page from the server (ui.rerun_when_done, on Streamlit internals): if they
+    # changed, the app says so in its log and falls back to polling.
+    assert "no rerun at a job's end" not in (tmp_path / "streamlit-speed.log").read_text()
     print(f"load and statistics ({windows} x {seqlen}): direct {direct:.1f} s, app {app:.1f} s, "
           f"ratio {app / direct:.2f}; statistics alone: direct {direct_stats:.1f} s, app {app_stats:.1f} s, "
           f"ratio {app_stats / direct_stats:.2f}")

@@ -162,7 +162,7 @@ def test_studio_in_a_real_browser(server):
 
             go("Compress and evaluate")
             page.get_by_role("button", name="Build compressed model").click()
-            expect(page.get_by_text("Built with", exact=False)).to_be_visible(timeout=SLOW)
+            expect(page.get_by_text("Realized ratio (targeted)")).to_be_visible(timeout=SLOW)
             page.get_by_role("button", name="Evaluate original and compressed").click()
             table = page.get_by_test_id("stTable")
             expect(table).to_contain_text("wiki", timeout=SLOW)

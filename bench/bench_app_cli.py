@@ -294,7 +294,7 @@ of its own, so both dequantize the GGUF (CLI: {raw['load_model']:.1f} s of its l
 CLI times come from the `compress` report ("load and statistics" includes the plan that compress checks before
 it loads, as the app's load job does); an app time runs from the click until the result is on the page (both stamped
 inside the page, the click by its pointerdown event and the result by a MutationObserver, not by Playwright's
-checks and polling), with the page left open on the step (its progress display polling every 0.5 s in its first 3 s and, by its progress, its last 3 s, and every 3 s between),
+checks and polling), with the page left open on the step (its progress display polling every 3 s; the end of a job reruns the page from the server),
 except "statistics" and "surgery", which are the job's own times as the page shows them. "Build" in the app also computes the parameter report and redraws the page.
 
 | step | CLI s | app s | app / CLI |{' app / CLI in each run |' if len(runs) > 1 else ''}

@@ -26,71 +26,57 @@ st.markdown(f"Current settings: **{cur.method}**{where} · **{cur.allocation}** 
             f"**{describe_ratio(cur.ratio)}** (change them on the Allocation page)")
 
 
-def build(job, settings):
-    allocation = s.bo_allocation(settings)
-    if settings.allocation == "bayes" and allocation is None:
+def build(job):
+    allocation = s.bo_allocation(cur)
+    if cur.allocation == "bayes" and allocation is None:
         raise DipSVDError("run Bayesian optimization on the Allocation page first, or choose another allocation")
     s.forget_result()
-    result = bench.build(settings, allocation, progress=job.progress)
+    result = bench.build(cur, allocation, progress=job.progress)
     s.result = result
     s.params = param_report(lm.model, result.model, lm.targets, result.allocation.ranks)
 
 
-@st.fragment
-def build_panel() -> None:
-    """The build and its result as a fragment: a click reruns and redraws this part only, so that a quick build's
-    metrics show without a whole page's run and redraw first (issue 9); the page then reruns once, since the steps
-    below need the built model."""
-    cur, busy = s.settings, ui.busy()
-    refinable = handler(cur.method).refinable
-    refine = st.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
-                         value=cur.refine == "sequential",
-                         help="One more block-by-block pass: each block's factored matrices are refitted, in closed "
-                              "form, to give the original outputs on the inputs that the already-compressed blocks "
-                              "before it produce. Same ranks, same size; a build step, not a slider step.")
-    if refinable and (cur.refine == "sequential") != refine:
-        s.settings = cur = replace(cur, refine="sequential" if refine else "none")
-    if s.result is not None and not s.result_is_current:
-        st.warning("The compressed model below was built for other settings; build again to use the current ones.",
-                   icon=":material/sync_problem:")
-    built = False
-    if st.button("Build compressed model", type="primary", disabled=busy):
-        if bench.quick_build(cur):  # only a slice and a surgery: in this run, the result shows below at once
-            ui.run_here("Building the compressed model", lambda job: build(job, cur))
-            built = True  # an error stays in the job panel at the top of the page
-        else:
-            ui.start("Building the compressed model", lambda job: build(job, cur))
+refinable = handler(cur.method).refinable
+refine = st.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
+                     value=cur.refine == "sequential",
+                     help="One more block-by-block pass: each block's factored matrices are refitted, in closed form, "
+                          "to give the original outputs on the inputs that the already-compressed blocks before it "
+                          "produce. Same ranks, same size; a build step, not a slider step.")
+if refinable and (cur.refine == "sequential") != refine:
+    s.settings = cur = replace(cur, refine="sequential" if refine else "none")
+if s.result is not None and not s.result_is_current:
+    st.warning("The compressed model below was built for other settings; build again to use the current ones.",
+               icon=":material/sync_problem:")
+if st.button("Build compressed model", type="primary", disabled=busy):
+    if bench.quick_build(cur):  # only a slice and a surgery: in this run, the result shows below at once
+        ui.run_here("Building the compressed model", build)
+    else:
+        ui.start("Building the compressed model", build)
 
-    if s.result is not None and s.params is not None:
-        p, a = s.params, s.result.allocation
-        m = st.columns(4)
-        m[0].metric("Realized ratio (targeted)", f"{a.ratio_realized:.4f}", describe_ratio(a.ratio_target),
-                    delta_color="off", delta_arrow="off")
-        m[1].metric("Targeted parameters", ui.fmt_params(p["targeted_after"]),
-                    f"from {ui.fmt_params(p['targeted_before'])}", delta_color="off", delta_arrow="off")
-        m[2].metric("Whole model", ui.fmt_params(p["total_after"]), f"from {ui.fmt_params(p['total_before'])}",
-                    delta_color="off", delta_arrow="off")
-        m[3].metric("Whole-model reduction", f"{100 * p['whole_model_reduction']:.1f}%",
-                    "embeddings and lm_head are kept", delta_color="off", delta_arrow="off")
-        if "storage" in s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
-            st_ = s.result.info["storage"]
-            st.caption(f"Storage of the targeted matrices: {ui.fmt_bytes(st_['targeted_bytes_after'])} from "
-                       f"{ui.fmt_bytes(st_['targeted_bytes_before_16bit'])} at 16 bits"
-                       + (" (8-bit factors with per-vector scales)" if st_["remap"] else "")
-                       + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
-            if s.result.info.get("note"):
-                st.warning(s.result.info["note"], icon=":material/info:")
-        refined = s.result.info.get("refine")
-        st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
-                   f"{describe_ratio(s.result.settings.ratio)}"
-                   + (f", refined by sequential compensation ({refined['seconds']:.1f} s)" if refined else "")
-                   + f"; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
-    if built:
-        st.rerun()  # the whole page: evaluation and speed below now have a model
-
-
-build_panel()
-cur = s.settings
+if s.result is not None and s.params is not None:
+    p, a = s.params, s.result.allocation
+    m = st.columns(4)
+    m[0].metric("Realized ratio (targeted)", f"{a.ratio_realized:.4f}", describe_ratio(a.ratio_target),
+                delta_color="off", delta_arrow="off")
+    m[1].metric("Targeted parameters", ui.fmt_params(p["targeted_after"]),
+                f"from {ui.fmt_params(p['targeted_before'])}", delta_color="off", delta_arrow="off")
+    m[2].metric("Whole model", ui.fmt_params(p["total_after"]), f"from {ui.fmt_params(p['total_before'])}",
+                delta_color="off", delta_arrow="off")
+    m[3].metric("Whole-model reduction", f"{100 * p['whole_model_reduction']:.1f}%",
+                "embeddings and lm_head are kept", delta_color="off", delta_arrow="off")
+    if "storage" in s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
+        st_ = s.result.info["storage"]
+        st.caption(f"Storage of the targeted matrices: {ui.fmt_bytes(st_['targeted_bytes_after'])} from "
+                   f"{ui.fmt_bytes(st_['targeted_bytes_before_16bit'])} at 16 bits"
+                   + (" (8-bit factors with per-vector scales)" if st_["remap"] else "")
+                   + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
+        if s.result.info.get("note"):
+            st.warning(s.result.info["note"], icon=":material/info:")
+    refined = s.result.info.get("refine")
+    st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
+               f"{describe_ratio(s.result.settings.ratio)}"
+               + (f", refined by sequential compensation ({refined['seconds']:.1f} s)" if refined else "")
+               + f"; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
 
 st.subheader("Perplexity")
 c1, c2, c3 = st.columns([2, 2, 1])

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 from bench_stream import compress  # noqa: E402
 from bench_sweep import replace_section  # noqa: E402
-from dipsvd_core.factors import EIG_FLOOR, Factor, _factor_by_eigh, _floor, channel_scale  # noqa: E402
+from dipsvd_core.factors import (EIG_FLOOR, Factor, _factor_by_eigh, _floor, channel_scale,  # noqa: E402
+                                  left_singular_by_eigh)
 from dipsvd_core.stats import channel_importance  # noqa: E402
 
 SECTION = "## Factors by eigh (issue 10)"
@@ -64,9 +65,8 @@ def factor_by_eigh(W, S, S_inv, compute):
 
 def by_eigh(G, d, compute):
     G, d = G.to(compute), d.to(compute)
-    GD = G * d[None, :]
-    lam, U = torch.linalg.eigh(GD @ GD.T)
-    sig, n = _floor(lam.clamp_min(0).sqrt(), "weighted Gram", EIG_FLOOR[compute])
+    U, sig = left_singular_by_eigh(G * d[None, :])
+    sig, n = _floor(sig, "weighted Gram", EIG_FLOOR[compute])
     return U * sig.sqrt(), U.T / sig.sqrt()[:, None], n
 
 

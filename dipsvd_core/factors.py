@@ -156,8 +156,7 @@ def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
     if form == "code":
         GD = G * d[None, :]
         if compute == torch.float64:  # (G D)(G D)^T = U Sig^2 U^T: U and Sig by a symmetric eigendecomposition
-            lam, U = torch.linalg.eigh(GD @ GD.T)
-            sig = lam.clamp_min(0).sqrt()
+            U, sig = left_singular_by_eigh(GD)
         else:  # squaring the condition number would leave float32 too few digits: the SVD itself
             U, sig, _ = torch.linalg.svd(GD)
         sig, n = _floor(sig, "weighted Gram", rel)
@@ -186,6 +185,13 @@ def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.T
     return Factor(us.to(dtype), sigma.double().cpu(), vs.to(dtype), floored)
 
 
+def left_singular_by_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, sigma) of A = U Sigma V^T, largest first, from the eigendecomposition A A^T = U Sigma^2 U^T: rounding
+    leaves sigma_i accurate to about eps sigma_1 / sigma_i relative, so float64 only (module docstring)."""
+    lam, U = torch.linalg.eigh(A @ A.T)
+    return U.flip(1), lam.flip(0).clamp_min(0).sqrt()
+
+
 def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S_inv: torch.Tensor | None):
     """(us, sigma, vs) of A = W S = U Sigma V^T from the eigendecomposition of the smaller of A A^T and A^T A.
 
@@ -196,9 +202,7 @@ def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S_inv: torch.Tensor | None
     the bundled model 2-3.4x faster than the SVD; bench/RESULTS.md, "Factors by eigh"). A component with
     sigma = 0 is left at zero; the divisions use sigma floored at 1e-12 sigma_1 so that none overflows."""
     wide = A.shape[0] <= A.shape[1]
-    lam, Q = torch.linalg.eigh(A @ A.T if wide else A.T @ A)
-    lam, Q = lam.flip(0), Q.flip(1)  # largest first, as the SVD
-    sigma = lam.clamp_min(0).sqrt()
+    Q, sigma = left_singular_by_eigh(A if wide else A.T)  # U, or V from A^T = V Sigma U^T
     root = sigma.sqrt()
     div = sigma.clamp_min(max(float(sigma[0]) * 1e-12, 1e-300)).sqrt()
     if wide:

@@ -30,8 +30,9 @@ in this process (Python, torch and transformers imported).
 Time comes from a microbenchmark of a few seconds on the device: one decoder block of the real
 widths (random weights, vocabulary cut to 1024) run over one window with the statistics hooks, and
 the SVD and eigendecomposition of a 512 x 512 matrix in the compute dtype, scaled by their
-O(m n min(m, n)) cost (in float64 the factors take eigendecompositions only, as factors.py does). Loading is timed as a host memory copy of the weights, so it leaves out
-reading the disk and a GGUF's first dequantization.
+O(m n min(m, n)) cost (in float64 the factors take eigendecompositions only, as factors.py does).
+Loading is timed as a host memory copy of the weights, so it leaves out reading the disk and a
+GGUF's first dequantization.
 
 `check_fits` refuses a plan that does not fit, naming the one option that would.
 """

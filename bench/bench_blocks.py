@@ -1,0 +1,118 @@
+"""Issue 11, item 2, tried ideas: where the compression goes between blocks, against the heuristic at 0.1-0.4.
+
+    .venv/bin/python bench/bench_blocks.py [--ratios 0.1,0.2,0.3,0.4] > bench/blocks.jsonl
+
+Variants (the same realized ratio):
+- heuristic, coupled: the two allocations as they are (`Workbench.allocate`);
+- coupled-blocks: the coupled allocation's kept parameters per block, every matrix of a block at the block's keep
+  fraction (is it where the coupled allocation cuts, or how it cuts inside a block, that loses at 0.3?);
+- coupled-tempered: the coupled allocation with each weight w_m replaced by w_m^0.5 (weights shrunk towards equal);
+- coupled-in-heuristic-blocks: the blocks the heuristic keeps dense stay dense; the coupled objective spreads the
+  rest of the budget over the matrices of the other blocks, across blocks;
+- block-curves: each block's own measured loss curve d_l(p), block l ALONE truncated at keep fraction p (every
+  matrix at p) on the 4 held-out windows BO and the coupled probe use, p in CURVE_KEEPS (linear between them, 0 at
+  1); the per-block keep fractions minimising sum_l d_l(p_l) within the budget (an exact DP on a 0.05 grid);
+- block-curves-fixed: the same plus a fixed cost per compressed block, lambda, fitted so that the model predicts
+  the uniform allocation's measured held-out loss at that ratio (the interaction the single-block curves miss).
+Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the first 4096 tokens of wiki and news (as in
+bench_mix.py); factors, Fisher and the block probe from the user cache when present. One JSON line per point, the
+first line the measured curves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dipsvd_core import allocation as alloc  # noqa: E402
+from dipsvd_core import allocators  # noqa: E402
+from dipsvd_core.bayes import Objective  # noqa: E402
+from dipsvd_core.evaluate import perplexity  # noqa: E402
+from dipsvd_core.importance import block_sensitivity  # noqa: E402
+from dipsvd_core.models import load_model  # noqa: E402
+from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
+
+CURVE_KEEPS = (0.1, 0.2, 0.35, 0.5, 0.7)
+GRID = 0.05
+
+
+def curve_allocation(curves: np.ndarray, targets, ratio: float, fixed: float = 0.0) -> alloc.Allocation:
+    """Per-block keep fractions minimising sum_l d_l(p_l) + fixed * [p_l < 1] with sum_l p_l <= n (1 - ratio)
+    (blocks of equal size), exactly, on a GRID of keep fractions; then projected onto the budget."""
+    keeps = np.array([*CURVE_KEEPS, 1.0])
+    grid = np.round(np.arange(CURVE_KEEPS[0], 1 + 1e-9, GRID), 2)
+    cost = np.array([np.interp(grid, keeps, np.append(c, 0.0)) for c in np.maximum(curves, 0.0)])
+    cost += fixed * (grid < 1.0)
+    units = np.round(grid / GRID).astype(int)
+    cap = int(np.floor(len(curves) * (1 - ratio) / GRID + 1e-9))
+    best = {0: (0.0, ())}  # units used -> (least cost, choice per block so far)
+    for row in cost:
+        nxt: dict[int, tuple[float, tuple]] = {}
+        for used, (value, picks) in best.items():
+            for j, u in enumerate(units):
+                if used + u <= cap and (used + u not in nxt or value + row[j] < nxt[used + u][0]):
+                    nxt[used + u] = (value + row[j], picks + (j,))
+        best = nxt
+    picks = min(best.values())[1]
+    return alloc.project(grid[list(picks)], targets, ratio, 0.05, 1.0, method="block-curves")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    lm = load_model()
+    wb = Workbench(lm, "wiki", 32, 512)
+    base = Settings(method="dipsvd", allocation="coupled")
+    targets, factors = wb.targets, wb.factors(base.spec)
+    held = wb.heldout(base.bo_windows)
+    evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    objective = Objective(lm.model, targets, factors, held)
+    weights = wb.coupled_weights(base)
+    curves = np.array([block_sensitivity(lm.model, targets, factors, held, k) for k in CURVE_KEEPS]).T  # (blocks, keeps)
+    print(json.dumps({"curve_keeps": CURVE_KEEPS, "curves": curves.round(4).tolist()}), flush=True)
+    base_loss = math.log(objective({t.name: None for t in targets}))
+
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        heuristic = wb.allocate(replace(base, ratio=ratio, allocation="heuristic"))
+        coupled = wb.allocate(replace(base, ratio=ratio))
+        cut = {t.block for t in targets if heuristic.ranks[t.name] is not None}
+        inside = [t for t in targets if t.block in cut]
+        budget = (1 - ratio) * sum(t.params for t in targets) - sum(t.params for t in targets if t.block not in cut)
+        sigmas = {t.name: factors[t.name].sigma.double().numpy() for t in inside}
+        in_blocks = allocators.coupled_ranks(sigmas, weights, inside, budget, 0.05, 1.0)
+        uniform = alloc.uniform(targets, ratio)
+        measured = math.log(objective(uniform.ranks)) - base_loss
+        predicted = sum(np.interp(1 - ratio, [*CURVE_KEEPS, 1.0], [*c, 0.0]) for c in curves)
+        fixed = max(measured - predicted, 0.0) / len(curves)
+        variants = {
+            "heuristic": heuristic.ranks,
+            "coupled": coupled.ranks,
+            "coupled-blocks": alloc.project(coupled.p_blocks, targets, ratio, 0.05, 1.0).ranks,
+            "coupled-tempered": allocators.coupled(factors, {k: v ** 0.5 for k, v in weights.items()}, targets,
+                                                   ratio).ranks,
+            "coupled-in-heuristic-blocks": {t.name: in_blocks.get(t.name) for t in targets},
+            "block-curves": curve_allocation(curves, targets, ratio).ranks,
+            "block-curves-fixed": curve_allocation(curves, targets, ratio, fixed).ranks,
+        }
+        for name, ranks in variants.items():
+            held_ppl = objective(ranks)
+            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            dense = sum(all(ranks[t.name] is None for t in targets if t.block == b) for b in range(len(curves)))
+            row = dict(variant=name, ratio=ratio, realized=alloc.realized_ratio(ranks, targets), heldout=held_ppl, **ppl,
+                       dense_blocks=dense, **({"fixed_cost": fixed, "uniform_measured": measured,
+                                               "uniform_predicted": predicted} if name == "block-curves-fixed" else {}))
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

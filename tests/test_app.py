@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 
 import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+
+from studio import ui
 
 APP = os.path.join(os.path.dirname(__file__), "..", "app.py")
 
@@ -341,10 +344,15 @@ def test_compress_evaluate_sweep_and_speed():
     before = studio.lm.fingerprint
     page(at, "compress")
     click(at, "Build compressed model")
-    assert abs(float(metric(at, "Realized ratio (targeted)")) - 0.2) < 0.005
+    sizes = [m.value for m in at.markdown if "Realized ratio (targeted)" in m.value]
+    assert len(sizes) == 1, [m.value for m in at.markdown]
+    realized = float(re.search(r"\*\*([0-9.]+)\*\* \(target: ratio 0.2 removed", sizes[0]).group(1))
+    assert abs(realized - 0.2) < 0.005
     assert studio.job.title == "Building the compressed model" and studio.job.thread.ident is None  # in the page's run
     report = studio.params
     assert report["targeted_after"] < report["targeted_before"] and report["total_after"] < report["total_before"]
+    for n in ("targeted_after", "targeted_before", "total_after", "total_before"):
+        assert ui.fmt_params(report[n]) in sizes[0], n
     click(at, "Evaluate original and compressed")
     table = at.table[0].value
     assert list(table["dataset"]) == ["news", os.environ["DIPSVD_STUDIO_CALIB"]]

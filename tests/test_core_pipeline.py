@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dipsvd_core.compressed import load_compressed, save_compressed
 from dipsvd_core.data import _chunks, calibration_windows, evaluation_windows, load_documents

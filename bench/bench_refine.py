@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 SECTION = "## Sequential compensation (issue 11)"
+KEEP = "### "  # the hand-written subsections below the measured part (tried ideas, cost) stay on --write
 TODAY = ("heuristic", "bayes", "coupled-v1")  # the dipsvd allocations that "today's best" is taken over
 GRID = ("svd-llm:uniform,dipsvd:uniform,svd-llm:heuristic,dipsvd:heuristic,dipsvd:bayes,dipsvd:coupled,"
         "svd-llm:uniform+refine,dipsvd:uniform+refine,svd-llm:heuristic+refine,dipsvd:heuristic+refine,"
@@ -193,7 +194,7 @@ def main() -> None:
         text = render(json.loads((HERE / "sweep_refine.json").read_text()), args.ratios, args.eval_tokens)
         print(text)
         if args.write:
-            replace_section(HERE / "RESULTS.md", SECTION, text)
+            replace_section(HERE / "RESULTS.md", SECTION, text, keep_from=KEEP)
         return
     os.environ["DIPSVD_STUDIO_CACHE"] = tempfile.mkdtemp(prefix="bench-refine-cache-")  # everything cold
 
@@ -235,7 +236,7 @@ def main() -> None:
     text = render(report, args.ratios, args.eval_tokens)
     print(text)
     if args.write:
-        replace_section(HERE / "RESULTS.md", SECTION, text)
+        replace_section(HERE / "RESULTS.md", SECTION, text, keep_from=KEEP)
 
 
 if __name__ == "__main__":

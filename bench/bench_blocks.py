@@ -44,13 +44,17 @@ CURVE_KEEPS = (0.1, 0.2, 0.35, 0.5, 0.7)
 GRID = 0.05
 
 
+def block_loss(curves: np.ndarray, keep) -> np.ndarray:
+    """d_l(keep) per block (rows of `curves`, measured at CURVE_KEEPS): linear between the measured points, 0 at
+    keep 1, a measured decrease counted as 0."""
+    return np.array([np.interp(keep, [*CURVE_KEEPS, 1.0], [*c, 0.0]) for c in np.maximum(curves, 0.0)])
+
+
 def curve_allocation(curves: np.ndarray, targets, ratio: float, fixed: float = 0.0) -> alloc.Allocation:
     """Per-block keep fractions minimising sum_l d_l(p_l) + fixed * [p_l < 1] with sum_l p_l <= n (1 - ratio)
     (blocks of equal size), exactly, on a GRID of keep fractions; then projected onto the budget."""
-    keeps = np.array([*CURVE_KEEPS, 1.0])
     grid = np.round(np.arange(CURVE_KEEPS[0], 1 + 1e-9, GRID), 2)
-    cost = np.array([np.interp(grid, keeps, np.append(c, 0.0)) for c in np.maximum(curves, 0.0)])
-    cost += fixed * (grid < 1.0)
+    cost = block_loss(curves, grid) + fixed * (grid < 1.0)
     units = np.round(grid / GRID).astype(int)
     cap = int(np.floor(len(curves) * (1 - ratio) / GRID + 1e-9))
     best = {0: (0.0, ())}  # units used -> (least cost, choice per block so far)
@@ -92,7 +96,7 @@ def main() -> None:
         in_blocks = allocators.coupled_ranks(sigmas, weights, inside, budget, 0.05, 1.0)
         uniform = alloc.uniform(targets, ratio)
         measured = math.log(objective(uniform.ranks)) - base_loss
-        predicted = sum(np.interp(1 - ratio, [*CURVE_KEEPS, 1.0], [*c, 0.0]) for c in curves)
+        predicted = float(block_loss(curves, 1 - ratio).sum())  # the same model the curve allocations minimise
         fixed = max(measured - predicted, 0.0) / len(curves)
         variants = {
             "heuristic": heuristic.ranks,

@@ -323,8 +323,9 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B
 
     # Refine (refine.py) streams two activation sets (original and compressed), keeps every input group's X of
-    # one block for all windows, the last Linear's X^ and the residuals r, r^, one group's G^, C and drift,
-    # one group's factoring; the refined factors of every block gather on the host.
+    # one block for all windows (an upper bound: a factored last Linear's X is not kept), the last Linear's X^
+    # and the residual r^, the attention's output replayed for the later groups, one group's G^, C and the last
+    # Linear's numerator, one group's factoring; the refined factors of every block gather on the host.
     g_max = max(sh.groups)
     refine_acts = 2 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B
     refine_dev = refine_acts + 2 * g_max * g_max * 8 + H * g_max * 8 + factoring
@@ -473,10 +474,12 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     phases["statistics"].seconds = forward + L * cost(sh.hidden, sh.hidden) * r.eigh_512_s
     phases["factors"].seconds = L * (whiten + factor)
     phases["fisher"].seconds = 3 * N * fwd_model
-    # refine: the original block, the compressed block up to each input group and in full (about 3.5 block
-    # forwards a window), every group's G^ and C, and a second factoring
-    grams_flops = sum(4 * g * g * run.seqlen * N for g in sh.groups)
-    phases["refine"].seconds = 3.5 * forward + L * (whiten + factor + grams_flops / r.matmul_flops)
+    # refine: the original block, the compressed block up to each input group with the finished attention
+    # replayed (about 2.5 block forwards a window, measured on the bundled model), every group's G^ and C (the
+    # last group, the residual-writing Linear: G^ and the H x g numerator), and a second factoring
+    *first, last = sh.groups
+    grams_flops = (sum(4 * g * g for g in first) + 2 * last * (last + sh.hidden)) * run.seqlen * N
+    phases["refine"].seconds = 2.5 * forward + L * (whiten + factor + grams_flops / r.matmul_flops)
     phases["surgery"].seconds = (1 - run.ratio) * sh.targeted * DTYPE_BYTES[run.factor_dtype] / r.copy_bytes_s
     phases["evaluation"].seconds = eval_windows * fwd_model * ((2 - run.ratio) if run.eval_original else 1)
 

@@ -32,7 +32,10 @@ earlier blocks are already compressed. With the Gram G^ = X^ X^^T and the cross-
    W* = (W C + (R - R^) X^^T) (G^ + delta I)^{-1}, and the block output, not only the matrix output,
    is brought back to the original's (in the spirit of SAES-SVD's alignment with the original model's
    outputs). The last Linear is found by running one window and checking that nothing with weights
-   runs after it; otherwise (post-norms, as in Gemma) the plain target is used.
+   runs after it; otherwise (post-norms, as in Gemma) the plain target is used. Since the original
+   block's output is B = R + W X, the numerator is one product, W C + (R - R^) X^^T = (B - R^) X^^T:
+   hidden x in per token instead of C's in x in plus the drift's hidden x in (3.7x fewer for
+   SmolLM2's down_proj), and the original X of that Linear is not kept at all.
 
 The pass streams like the statistics pass (stream.py), with two sets of activations: the original
 path and the compressed one. For block l it runs the original block once, keeping every input
@@ -41,9 +44,12 @@ the block on the compressed path with the groups before already refined, stoppin
 take X^ (so o_proj and down_proj are fitted to the inputs they will really see), and refines the
 group's factored matrices; finally the refined block's outputs on the compressed path become block
 l+1's inputs (when the last group is the residual-writing Linear, they are r^ plus its refined output,
-from the run that fitted it, so the block is not run a fourth time). Dense-kept matrices stay the
-original's. Refining is a build step: the allocation
-(ranks) comes from the fast factor-once path.
+from the run that fitted it, so the block is not run a fourth time). On the compressed path a refined
+matrix runs as its two factors in place of the Linear's own forward (the dense product is not
+computed), and a child of the block that has finished with all its matrices refined (the attention,
+once o_proj is) is replayed from its kept outputs instead of being run again for the later groups.
+Dense-kept matrices stay the original's. Refining is a build step: the allocation (ranks) comes from
+the fast factor-once path.
 """
 from __future__ import annotations
 
@@ -94,17 +100,40 @@ def solver(gram_hat: torch.Tensor, compute: torch.dtype = torch.float64, damp: f
 
 
 def least_squares_target(W: torch.Tensor, cross: torch.Tensor, gram_hat: torch.Tensor,
-                         compute: torch.dtype = torch.float64, damp: float = 0.0,
-                         drift: torch.Tensor | None = None, solve=None) -> tuple[torch.Tensor, int]:
-    """(W* = (W C + drift) (G^ + delta I)^{-1}, eigenvalues floored) with delta = damp x the mean eigenvalue of
-    G^; `solve` (from `solver`) reuses one factorisation of G^ for every matrix of an input group."""
+                         compute: torch.dtype = torch.float64, damp: float = 0.0, solve=None) -> tuple[torch.Tensor, int]:
+    """(W* = W C (G^ + delta I)^{-1}, eigenvalues floored) with delta = damp x the mean eigenvalue of G^; `solve`
+    (from `solver`) reuses one factorisation of G^ for every matrix of an input group."""
     n = 0
     if solve is None:
         solve, n = solver(gram_hat, compute, damp)
-    target = W.to(compute) @ cross.to(compute, copy=False).to(W.device)
-    if drift is not None:  # D X^^T: the output should also carry the residual stream's drift D back
-        target = target + drift.to(W.device, compute)
-    return solve(target), n
+    return solve(W.to(compute) @ cross.to(compute, copy=False).to(W.device)), n
+
+
+def _replace_forward(module: nn.Module, forward):
+    """Run `forward` instead of the module's own; returns the function that puts the old one back (an instance
+    forward already there, as accelerate's offload hook installs, is kept and restored)."""
+    old = module.__dict__.get("forward")
+    module.forward = forward
+
+    def restore():
+        if old is None:
+            del module.forward
+        else:
+            module.forward = old
+    return restore
+
+
+def _low_rank(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x, *args, **kwargs):
+        z = nn.functional.linear(nn.functional.linear(x, v), u)
+        return z + bias if bias is not None else z
+    return forward
+
+
+def _replay(outputs: list, current: list):
+    def forward(*args, **kwargs):
+        return outputs[current[0]]
+    return forward
 
 
 class _Stop(Exception):
@@ -148,6 +177,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
         group_of: dict[str, str] = {}
         taken: dict[str, list[torch.Tensor]] = {}
         seen: dict[int, tuple[torch.Tensor, str]] = {}
+        unkept: set[str] = set()  # groups whose original inputs X are not needed
 
         def take(name):
             def hook(module, args):
@@ -158,7 +188,8 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                     return
                 seen[id(x)] = (x, name)
                 group_of[name] = name
-                taken.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
+                if name not in unkept:
+                    taken.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
             return hook
 
         # The block's last Linear, when nothing with weights runs after it, writes straight into the
@@ -169,48 +200,54 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
             finished: list[nn.Module] = []
             leaves = [m for m in block.modules() if next(m.parameters(recurse=False), None) is not None]
             probes = [m.register_forward_hook(lambda mod, a, y: finished.append(mod)) for m in leaves]
+            probes += [m.register_forward_pre_hook(take(n)) for n, m in linears.items()]
+            unkept.update(linears)  # the probe only groups
             try:
                 block(orig.hidden[0], **orig.kwargs[0])
             finally:
                 for h in probes:
                     h.remove()
             last = next((n for n, m in linears.items() if finished and m is finished[-1]), None)
-        last_y: list[torch.Tensor] = []
-        r_orig: list[torch.Tensor] = []
+            alone = [n for n in linears if group_of.get(n) == last]
+            if last is None or alone != [last] or ranks.get(last) is None:
+                last = None  # the last Linear shares its inputs, or stays dense: the plain targets
+            unkept.clear()
+            if last is not None:
+                unkept.add(last)  # its target takes the block's outputs instead (4. in the module docstring)
+            group_of.clear()
+            seen.clear()
         handles = [m.register_forward_pre_hook(take(n)) for n, m in linears.items()]
-        if last is not None:
-            handles.append(linears[last].register_forward_hook(lambda mod, a, y: last_y.append(y.detach())))
         try:
             for i in range(n_win):
                 seen.clear()
-                new = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
-                orig.hidden[i] = new
-                if last is not None:
-                    r_orig.append((new - last_y.pop()).reshape(-1, new.shape[-1]))
+                orig.hidden[i] = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
         finally:
             for h in handles:
                 h.remove()
         seen.clear()
         replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def swap(name):  # the refined matrix in place of the original, on the compressed path only
-            def hook(module, args, y):
-                u, v = replaced[name]
-                z = nn.functional.linear(nn.functional.linear(args[0], v), u)
-                return z + module.bias if module.bias is not None else z
+        current = [0]  # the window the compressed path is running, for the children's kept outputs
+        kept: dict[nn.Module, list] = {}  # a finished child's output per window, while it is being recorded
+        calls: dict[nn.Module, int] = {}
+        replayed: set[nn.Module] = set()
+        children = [m for m in block.children() if any(isinstance(x, nn.Linear) for x in m.modules())]
+
+        def record(child):
+            def hook(module, args, kwargs, y):
+                calls[module] = calls.get(module, 0) + 1
+                kept.setdefault(module, [None] * n_win)[current[0]] = y
             return hook
 
-        swaps = []
+        swaps = []  # restore functions of the replaced forwards, undone when the block is done
         next_hidden: list[torch.Tensor] | None = None  # the refined block's outputs, when the last group gives them
-        leaders = list(taken)  # in the order the block calls them
+        leaders = [n for n in group_of if group_of[n] == n]  # in the order the block calls them
         for j, leader in enumerate(leaders):
             members = [n for n in linears if group_of.get(n) == leader and ranks.get(n) is not None]
             if members:
                 # 2. this group's compressed-path inputs X^, the groups before it already refined
-                gram = cross = None
-
-                drift = None
-                full = last is not None and members == [last] and leader == last
+                gram = cross = numerator = None  # G^, C; full: the whole numerator (B - R^) X^^T
+                full = leader == last  # the residual-writing Linear, alone in its group and factored
                 got: list[torch.Tensor] = []
                 kept_x: list[torch.Tensor] = []  # full: the last Linear's inputs X^ and the residual r^, per window
                 kept_r: list[torch.Tensor] = []
@@ -224,8 +261,13 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                 handle = linears[leader].register_forward_pre_hook(stop)
                 if full:
                     handle_y = linears[leader].register_forward_hook(lambda mod, a, y: got.append(y.detach()))
+                kept.clear()
+                calls.clear()
+                recorders = [] if full else [c.register_forward_hook(record(c), with_kwargs=True)
+                                             for c in children if c not in replayed]
                 try:
                     for i in range(n_win):
+                        current[0] = i
                         try:
                             out_h = _block_out(block(hat.hidden[i], **hat.kwargs[i]))
                             if not full:
@@ -237,40 +279,61 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                             r_h = (out_h - y_h).reshape(-1, out_h.shape[-1])
                             kept_x.append(x_raw)
                             kept_r.append(r_h)
-                            d = (r_orig[i] - r_h).float()
-                            drift = d.T @ xh if drift is None else drift + d.T @ xh
+                            # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
+                            d = (orig.hidden[i].reshape(-1, out_h.shape[-1]) - r_h).float()
+                            part = (d.T @ xh).double()
+                            numerator = part if numerator is None else numerator + part
                         except _Stop as e:
                             xh = e.args[0].float()
-                        x0 = taken[leader][i].float()
                         if gram is None:
                             dim = xh.shape[-1]
                             gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-                            cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+                            if not full:
+                                cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
                         gram += (xh.T @ xh).double()
-                        cross += (x0.T @ xh).double()
+                        if not full:
+                            cross += (taken[leader][i].float().T @ xh).double()
                 finally:
                     handle.remove()
                     if full:
                         handle_y.remove()
+                    for h in recorders:
+                        h.remove()
+                # A child of the block that finished before this group's inputs were reached, once per window,
+                # holds only matrices already refined (or dense) and takes inputs no later group changes: its
+                # outputs are the same in every later run of the compressed path, so they are kept and replayed
+                # instead of running it again (the attention, for the gate/up and down groups of a Llama block).
+                for child, ys in kept.items():
+                    if calls[child] == n_win and all(y is not None for y in ys):
+                        swaps.append(_replace_forward(child, _replay(ys, current)))
+                        replayed.add(child)
+                kept.clear()
                 _check(gram, leader)  # a NaN in any window's X or X^ reaches G^ or C: one check per group
-                _check(cross, leader)
+                _check(numerator if full else cross, leader)
                 # 3. refine the group's factored matrices against (C, G^)
                 targets = {}
                 solve, k = solver(gram, compute, damp)  # one factorisation of G^ for the whole group
                 floored += k
                 for n in members:
+                    if full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
+                        targets[n] = solve(numerator)
+                        continue
                     with weights_of(linears[n]):
                         targets[n], _ = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp,
-                                                             drift.double() if drift is not None else None, solve)
+                                                             solve=solve)
                 factors = factor_model(targets, spec, {n: leader for n in members}, {leader: gram}, abs_means,
                                        fisher_rows)
                 for n in members:
                     u, v = factors[n].low_rank(ranks[n])
                     with weights_of(linears[n]):
                         dev, dt = linears[n].weight.device, linears[n].weight.dtype
+                    with weights_of(linears[n]):
+                        bias = None if linears[n].bias is None else linears[n].bias.detach().clone()
                     replaced[n] = (u.to(dev, dt), v.to(dev, dt))
                     out[n] = (u.to("cpu", dt), v.to("cpu", dt))  # the kept factors, in the model's dtype, on the host
-                    swaps.append(linears[n].register_forward_hook(swap(n)))
+                    # the refined matrix in place of the original on the compressed path: its forward replaced,
+                    # so the dense product is not computed there
+                    swaps.append(_replace_forward(linears[n], _low_rank(*replaced[n], bias)))
                 if full:  # the block output is r^ + the refined last Linear: no need to run the block again
                     u, v = replaced[last]
                     with weights_of(linears[last]):
@@ -281,7 +344,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                         z = z + bias if bias is not None else z
                         next_hidden.append((kept_r[i] + z).reshape(hat.hidden[i].shape))
                 del factors, targets, gram, cross, kept_x, kept_r
-            taken.pop(leader)
+            taken.pop(leader, None)
             if progress:
                 progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
                          f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
@@ -289,11 +352,12 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
         # the last group was the residual-writing Linear: r^ + its refined output)
         try:
             for i in range(n_win):
+                current[0] = i
                 hat.hidden[i] = next_hidden[i] if next_hidden is not None else _block_out(block(hat.hidden[i],
                                                                                                  **hat.kwargs[i]))
         finally:
-            for h in swaps:
-                h.remove()
+            for restore in reversed(swaps):
+                restore()
         release_host_memory()
     if progress:
         progress(1.0, f"block {n_blocks}/{n_blocks}: refined")

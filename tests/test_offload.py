@@ -71,3 +71,24 @@ def test_offload_on_the_cpu_is_refused_with_a_reason(tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", "--model", tiny_model_dir, "--device", "cpu",
                            "--offload", "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nothing to offload to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_refine_matches_the_model_in_memory(pair):
+    """Refine swaps forwards on the compressed path (factors in place of a Linear, kept outputs in place of a
+    finished attention); over accelerate's offload hooks it gives the same factors, and leaves the hooks as
+    they were."""
+    from dipsvd_core.refine import refine
+
+    off, ref = pair
+    settings = Settings(method="svd-llm", ratio=0.3)
+    a, b = Workbench(off, "wiki", 4, 64), Workbench(ref, "wiki", 4, 64)
+    ev = a.eval_windows("wiki", 512)
+    before = perplexity(off.model, ev)
+    ranks, names = b.allocate(settings).ranks, [t.name for t in ref.targets]
+    wa, _ = refine(off.model, names, a.windows(), settings.spec, ranks)
+    wb, _ = refine(ref.model, names, b.windows(), settings.spec, ranks)
+    assert wa.keys() == wb.keys() and wa
+    for n in wb:
+        torch.testing.assert_close(wa[n][0] @ wa[n][1], wb[n][0] @ wb[n][1], rtol=1e-5, atol=1e-6)
+    assert off.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # still offloaded
+    assert perplexity(off.model, ev) == before

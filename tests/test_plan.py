@@ -54,14 +54,16 @@ def test_memory_terms_are_the_documented_sums(config_only):
     # Fisher is only needed by the allocations and the method that use it
     assert not ph["fisher"].needed
     assert P.memory(sh, dataclasses.replace(run, allocation="heuristic"), False, runtime)["fisher"].needed
-    # refine: two activation sets, one block's inputs of every group, the last Linear's X^ and r, r^, one group's
-    # G^, C and drift and its factoring, and every refined factor on the host; only needed when asked for
+    # refine: two activation sets, one block's inputs of every group, the last Linear's X^ and r^, the attention's
+    # output, one group's G^, C and numerator and its factoring, and every refined factor on the host; only
+    # needed when asked for
     assert not ph["refine"].needed
     ref = P.memory(sh, dataclasses.replace(run, refine="sequential"), False, runtime)["refine"]
     factoring = max(2 * 128 ** 2 + 6 * 64 * 128, 5 * 128 ** 2) * 8 + sum(
         min(o, i) * (o + i) * 4 + min(o, i) * 8 for b, o, i in sh.matrices if b == 0)
     kept = int(0.75 * sh.targeted) * 4
-    # the groups q/k/v, o, gate/up (64 wide) and down (128), the last Linear's X^ (128), r and r^ (2 x 64)
+    # the groups q/k/v, o, gate/up (64 wide) and down (128), the last Linear's X^ (128), r^ and the attention's
+    # output (2 x 64)
     taken = 4 * 32 * (3 * 64 + 128 + 128 + 2 * 64) * 4
     assert ref.needed and ref.host_bytes == (runtime + weights + 2 * acts + taken + 2 * 8 * 128 ** 2 + 8 * 64 * 128
                                              + factoring + kept)

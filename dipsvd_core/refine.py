@@ -253,14 +253,16 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                 kept_r: list[torch.Tensor] = []
 
                 def stop(module, args):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1])
-                    if not full:
-                        raise _Stop(x)
-                    got.append(x)
+                    raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
 
-                handle = linears[leader].register_forward_pre_hook(stop)
+                def silent(x, *args, **kwargs):  # full: keeps X^ and adds nothing, so the block returns r^ itself
+                    got.append(x.detach().reshape(-1, x.shape[-1]))
+                    return x.new_zeros(*x.shape[:-1], linears[leader].out_features)
+
                 if full:
-                    handle_y = linears[leader].register_forward_hook(lambda mod, a, y: got.append(y.detach()))
+                    restore = _replace_forward(linears[leader], silent)
+                else:
+                    handle = linears[leader].register_forward_pre_hook(stop)
                 kept.clear()
                 calls.clear()
                 recorders = [] if full else [c.register_forward_hook(record(c), with_kwargs=True)
@@ -273,10 +275,9 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                             if not full:
                                 raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
                                                   "structure is not supported by refine")
-                            x_raw, y_h = got[0], got[1]
-                            got.clear()
+                            x_raw = got.pop()
                             xh = x_raw.float()
-                            r_h = (out_h - y_h).reshape(-1, out_h.shape[-1])
+                            r_h = out_h.reshape(-1, out_h.shape[-1])
                             kept_x.append(x_raw)
                             kept_r.append(r_h)
                             # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
@@ -294,9 +295,10 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                         if not full:
                             cross += (taken[leader][i].float().T @ xh).double()
                 finally:
-                    handle.remove()
                     if full:
-                        handle_y.remove()
+                        restore()
+                    else:
+                        handle.remove()
                     for h in recorders:
                         h.remove()
                 # A child of the block that finished before this group's inputs were reached, once per window,

@@ -11,7 +11,11 @@ Variants (the same realized ratio; blocks the heuristic keeps dense stay dense):
   so it cancels inside a block);
 - nested-typed: the same with w_m times a factor per matrix type, measured: each type's 30 matrices truncated at keep
   0.25 together on the held-out wiki windows (the first line of bench/typeprobe.jsonl) against what the weights
-  predict for that cut.
+  predict for that cut;
+- trust-typed-PHI (e.g. trust-typed-0.75): nested-typed inside a trust region around the heuristic's even split,
+  every matrix of a cut block kept between PHI f_b and min(1, f_b / PHI) of its parameters (f_b the block's keep
+  fraction): the additive error model trusted only near the point the heuristic chose;
+- coupled: the coupled allocation as it is (`Workbench.allocate`), for scans beside the heuristic.
 Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the first 4096 tokens of wiki and news (as in
 bench_mix.py); factors and Fisher from the user cache when present. One JSON line per point.
 """
@@ -53,8 +57,9 @@ def type_factors(factors, raw: dict, targets) -> dict[str, float]:
     return {ty: measured[ty] / predicted[ty] for ty in predicted}
 
 
-def nested(outer: dict, sigmas: dict, weights: dict, targets, p_min: float = 0.05) -> dict:
-    """Per block: the outer allocation's kept parameters, spread over the block's matrices by the coupled solver."""
+def nested(outer: dict, sigmas: dict, weights: dict, targets, p_min: float = 0.05, phi: float | None = None) -> dict:
+    """Per block: the outer allocation's kept parameters, spread over the block's matrices by the coupled solver
+    (with `phi`, each matrix between phi f_b and min(1, f_b / phi), f_b the block's keep fraction)."""
     ranks = {}
     for b in range(1 + max(t.block for t in targets)):
         block = [t for t in targets if t.block == b]
@@ -62,7 +67,9 @@ def nested(outer: dict, sigmas: dict, weights: dict, targets, p_min: float = 0.0
             ranks.update({t.name: DENSE for t in block})
             continue
         budget = sum(alloc.matrix_params(outer[t.name], t.out_features, t.in_features) for t in block)
-        ranks.update(allocators.coupled_ranks(sigmas, weights, block, budget, p_min, 1.0))
+        f = budget / sum(t.params for t in block)
+        lo, hi = (p_min, 1.0) if phi is None else (phi * f, min(1.0, f / phi))
+        ranks.update(allocators.coupled_ranks(sigmas, weights, block, budget, lo, hi))
     return ranks
 
 
@@ -85,8 +92,13 @@ def main() -> None:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         outer = wb.allocate(replace(base, ratio=ratio)).ranks
         for variant in args.variants.split(","):
-            ranks = {"heuristic": lambda: outer, "nested": lambda: nested(outer, sigmas, raw, targets),
-                     "nested-typed": lambda: nested(outer, sigmas, typed, targets)}[variant]()
+            if variant.startswith("trust-typed-"):
+                ranks = nested(outer, sigmas, typed, targets, phi=float(variant.rsplit("-", 1)[1]))
+            else:
+                ranks = {"heuristic": lambda: outer, "nested": lambda: nested(outer, sigmas, raw, targets),
+                         "nested-typed": lambda: nested(outer, sigmas, typed, targets),
+                         "coupled": lambda: wb.allocate(replace(base, ratio=ratio, allocation="coupled")).ranks,
+                         }[variant]()
             held = objective(ranks)
             ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
             keep: dict[str, list[float]] = {}

@@ -131,8 +131,15 @@ def _low_rank(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
 
 
 def _replay(outputs: list, current: list):
+    """A forward that returns the kept output of the current window, as a copy: a block may add to what a child
+    returns in place (a cheap copy next to the child's own cost)."""
+    def fresh(y):
+        if isinstance(y, torch.Tensor):
+            return y.clone()
+        return type(y)(fresh(v) for v in y) if isinstance(y, tuple) and not hasattr(y, "_fields") else y
+
     def forward(*args, **kwargs):
-        return outputs[current[0]]
+        return fresh(outputs[current[0]])
     return forward
 
 

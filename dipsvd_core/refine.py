@@ -100,7 +100,8 @@ def solver(gram_hat: torch.Tensor, compute: torch.dtype = torch.float64, damp: f
 
 
 def least_squares_target(W: torch.Tensor, cross: torch.Tensor, gram_hat: torch.Tensor,
-                         compute: torch.dtype = torch.float64, damp: float = 0.0, solve=None) -> tuple[torch.Tensor, int]:
+                         compute: torch.dtype = torch.float64, damp: float = 0.0,
+                         solve=None) -> tuple[torch.Tensor, int]:
     """(W* = W C (G^ + delta I)^{-1}, eigenvalues floored) with delta = damp x the mean eigenvalue of G^; `solve`
     (from `solver`) reuses one factorisation of G^ for every matrix of an input group."""
     n = 0
@@ -232,7 +233,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
             for h in handles:
                 h.remove()
         seen.clear()
-        replaced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        replaced: dict[str, object] = {}  # the refined matrices' forwards (factors, bias)
 
         current = [0]  # the window the compressed path is running, for the children's kept outputs
         kept: dict[nn.Module, list] = {}  # a finished child's output per window, while it is being recorded
@@ -249,124 +250,117 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
         swaps = []  # restore functions of the replaced forwards, undone when the block is done
         next_hidden: list[torch.Tensor] | None = None  # the refined block's outputs, when the last group gives them
         leaders = [n for n in group_of if group_of[n] == n]  # in the order the block calls them
-        for j, leader in enumerate(leaders):
-            members = [n for n in linears if group_of.get(n) == leader and ranks.get(n) is not None]
-            if members:
-                # 2. this group's compressed-path inputs X^, the groups before it already refined
-                gram = cross = numerator = None  # G^, C; full: the whole numerator (B - R^) X^^T
-                full = leader == last  # the residual-writing Linear, alone in its group and factored
-                got: list[torch.Tensor] = []
-                kept_x: list[torch.Tensor] = []  # full: the last Linear's inputs X^ and the residual r^, per window
-                kept_r: list[torch.Tensor] = []
-
-                def stop(module, args):
-                    raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-                def silent(x, *args, **kwargs):  # full: keeps X^ and adds nothing, so the block returns r^ itself
-                    got.append(x.detach().reshape(-1, x.shape[-1]))
-                    return x.new_zeros(*x.shape[:-1], linears[leader].out_features)
-
-                if full:
-                    restore = _replace_forward(linears[leader], silent)
-                else:
-                    handle = linears[leader].register_forward_pre_hook(stop)
-                kept.clear()
-                calls.clear()
-                recorders = [] if full else [c.register_forward_hook(record(c), with_kwargs=True)
-                                             for c in children if c not in replayed]
-                try:
-                    for i in range(n_win):
-                        current[0] = i
-                        try:
-                            out_h = _block_out(block(hat.hidden[i], **hat.kwargs[i]))
-                            if not full:
-                                raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
-                                                  "structure is not supported by refine")
-                            x_raw = got.pop()
-                            xh = x_raw.float()
-                            r_h = out_h.reshape(-1, out_h.shape[-1])
-                            kept_x.append(x_raw)
-                            kept_r.append(r_h)
-                            # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
-                            d = (orig.hidden[i].reshape(-1, out_h.shape[-1]) - r_h).float()
-                            part = (d.T @ xh).double()
-                            numerator = part if numerator is None else numerator + part
-                        except _Stop as e:
-                            xh = e.args[0].float()
-                        if gram is None:
-                            dim = xh.shape[-1]
-                            gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-                            if not full:
-                                cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-                        gram += (xh.T @ xh).double()
-                        if not full:
-                            cross += (taken[leader][i].float().T @ xh).double()
-                finally:
-                    if full:
-                        restore()
-                    else:
-                        handle.remove()
-                    for h in recorders:
-                        h.remove()
-                # A child of the block that finished before this group's inputs were reached, once per window,
-                # holds only matrices already refined (or dense) and takes inputs no later group changes: its
-                # outputs are the same in every later run of the compressed path, so they are kept and replayed
-                # instead of running it again (the attention, for the gate/up and down groups of a Llama block).
-                for child, ys in kept.items():
-                    if calls[child] == n_win and all(y is not None for y in ys):
-                        swaps.append(_replace_forward(child, _replay(ys, current)))
-                        replayed.add(child)
-                kept.clear()
-                _check(gram, leader)  # a NaN in any window's X or X^ reaches G^ or C: one check per group
-                _check(numerator if full else cross, leader)
-                # 3. refine the group's factored matrices against (C, G^)
-                targets = {}
-                solve, k = solver(gram, compute, damp)  # one factorisation of G^ for the whole group
-                floored += k
-                for n in members:
-                    if full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
-                        targets[n] = solve(numerator)
-                        continue
-                    with weights_of(linears[n]):
-                        targets[n], _ = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp,
-                                                             solve=solve)
-                factors = factor_model(targets, spec, {n: leader for n in members}, {leader: gram}, abs_means,
-                                       fisher_rows)
-                for n in members:
-                    u, v = factors[n].low_rank(ranks[n])
-                    with weights_of(linears[n]):
-                        dev, dt = linears[n].weight.device, linears[n].weight.dtype
-                    with weights_of(linears[n]):
-                        bias = None if linears[n].bias is None else linears[n].bias.detach().clone()
-                    replaced[n] = (u.to(dev, dt), v.to(dev, dt))
-                    out[n] = (u.to("cpu", dt), v.to("cpu", dt))  # the kept factors, in the model's dtype, on the host
-                    # the refined matrix in place of the original on the compressed path: its forward replaced,
-                    # so the dense product is not computed there
-                    swaps.append(_replace_forward(linears[n], _low_rank(*replaced[n], bias)))
-                if full:  # the block output is r^ + the refined last Linear: no need to run the block again
-                    u, v = replaced[last]
-                    with weights_of(linears[last]):
-                        bias = None if linears[last].bias is None else linears[last].bias.detach().clone()
-                    next_hidden = []
-                    for i in range(n_win):
-                        z = nn.functional.linear(nn.functional.linear(kept_x[i], v), u)
-                        z = z + bias if bias is not None else z
-                        next_hidden.append((kept_r[i] + z).reshape(hat.hidden[i].shape))
-                del factors, targets, gram, cross, kept_x, kept_r
-            taken.pop(leader, None)
-            if progress:
-                progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
-                         f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
-        # 4. the refined block on the compressed path gives the next block its inputs (already at hand when
-        # the last group was the residual-writing Linear: r^ + its refined output)
         try:
+            for j, leader in enumerate(leaders):
+                members = [n for n in linears if group_of.get(n) == leader and ranks.get(n) is not None]
+                if members:
+                    # 2. this group's compressed-path inputs X^, the groups before it already refined
+                    gram = cross = numerator = None  # G^, C; full: the whole numerator (B - R^) X^^T
+                    full = leader == last  # the residual-writing Linear, alone in its group and factored
+                    got: list[torch.Tensor] = []
+                    kept_x: list[torch.Tensor] = []  # full: the last Linear's inputs X^ and the residual r^, per window
+                    kept_r: list[torch.Tensor] = []
+
+                    def stop(module, args):
+                        raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+                    def silent(x, *args, **kwargs):  # full: keeps X^ and adds nothing, so the block returns r^ itself
+                        got.append(x.detach().reshape(-1, x.shape[-1]))
+                        return x.new_zeros(*x.shape[:-1], linears[leader].out_features)
+
+                    if full:
+                        restore = _replace_forward(linears[leader], silent)
+                    else:
+                        handle = linears[leader].register_forward_pre_hook(stop)
+                    kept.clear()
+                    calls.clear()
+                    recorders = [] if full else [c.register_forward_hook(record(c), with_kwargs=True)
+                                                 for c in children if c not in replayed]
+                    try:
+                        for i in range(n_win):
+                            current[0] = i
+                            try:
+                                out_h = _block_out(block(hat.hidden[i], **hat.kwargs[i]))
+                                if not full:
+                                    raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
+                                                      "structure is not supported by refine")
+                                x_raw = got.pop()
+                                xh = x_raw.float()
+                                r_h = out_h.reshape(-1, out_h.shape[-1])
+                                kept_x.append(x_raw)
+                                kept_r.append(r_h)
+                                # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
+                                d = (orig.hidden[i].reshape(-1, out_h.shape[-1]) - r_h).float()
+                                part = (d.T @ xh).double()
+                                numerator = part if numerator is None else numerator + part
+                            except _Stop as e:
+                                xh = e.args[0].float()
+                            if gram is None:
+                                dim = xh.shape[-1]
+                                gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+                                if not full:
+                                    cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+                            gram += (xh.T @ xh).double()
+                            if not full:
+                                cross += (taken[leader][i].float().T @ xh).double()
+                    finally:
+                        if full:
+                            restore()
+                        else:
+                            handle.remove()
+                        for h in recorders:
+                            h.remove()
+                    # A child of the block that finished before this group's inputs were reached, once per window,
+                    # holds only matrices already refined (or dense) and takes inputs no later group changes: its
+                    # outputs are the same in every later run of the compressed path, so they are kept and replayed
+                    # instead of running it again (the attention, for the gate/up and down groups of a Llama block).
+                    for child, ys in kept.items():
+                        if calls[child] == n_win and all(y is not None for y in ys):
+                            swaps.append(_replace_forward(child, _replay(ys, current)))
+                            replayed.add(child)
+                    kept.clear()
+                    _check(gram, leader)  # a NaN in any window's X or X^ reaches G^ or C: one check per group
+                    _check(numerator if full else cross, leader)
+                    # 3. refine the group's factored matrices against (C, G^)
+                    targets = {}
+                    solve, k = solver(gram, compute, damp)  # one factorisation of G^ for the whole group
+                    floored += k
+                    for n in members:
+                        if full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
+                            targets[n] = solve(numerator)
+                            continue
+                        with weights_of(linears[n]):
+                            targets[n], _ = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp,
+                                                                 solve=solve)
+                    factors = factor_model(targets, spec, {n: leader for n in members}, {leader: gram}, abs_means,
+                                           fisher_rows)
+                    for n in members:
+                        u, v = factors[n].low_rank(ranks[n])
+                        with weights_of(linears[n]):
+                            dev, dt = linears[n].weight.device, linears[n].weight.dtype
+                            bias = None if linears[n].bias is None else linears[n].bias.detach().clone()
+                        out[n] = (u.to("cpu", dt), v.to("cpu", dt))  # kept, in the model's dtype, on the host
+                        # the refined matrix in place of the original on the compressed path: its forward replaced,
+                        # so the dense product is not computed there
+                        replaced[n] = _low_rank(u.to(dev, dt), v.to(dev, dt), bias)
+                        swaps.append(_replace_forward(linears[n], replaced[n]))
+                    if full:  # the block output is r^ + the refined last Linear: no need to run the block again
+                        next_hidden = [(kept_r[i] + replaced[last](kept_x[i])).reshape(hat.hidden[i].shape)
+                                       for i in range(n_win)]
+                    del factors, targets, gram, cross, kept_x, kept_r
+                taken.pop(leader, None)
+                if progress:
+                    progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
+                             f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
+            # 4. the refined block on the compressed path gives the next block its inputs (already at hand when
+            # the last group was the residual-writing Linear: r^ + its refined output)
             for i in range(n_win):
                 current[0] = i
                 hat.hidden[i] = next_hidden[i] if next_hidden is not None else _block_out(block(hat.hidden[i],
                                                                                                  **hat.kwargs[i]))
         finally:
-            for restore in reversed(swaps):
-                restore()
+            for undo in reversed(swaps):  # also when a group fails: the model is left as it came
+                undo()
         release_host_memory()
     if progress:
         progress(1.0, f"block {n_blocks}/{n_blocks}: refined")

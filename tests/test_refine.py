@@ -200,6 +200,19 @@ def test_nan_activations_stop_refine_with_a_message(tiny_lm):
         model.model.layers[1].input_layernorm.weight[0] = float("nan")
     with pytest.raises(DipSVDError, match="NaN or infinite activations at model.layers.1"):
         refine(model, [t.name for t in tiny_lm.targets], bench.windows(), settings.spec, ranks)
+    # failing in a later group of the block, after q/k/v and o were swapped on the compressed path: every
+    # replaced forward is put back, no hook is left behind (transformers' own hooks, if any, stay as they were)
+    model = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+
+    def state():
+        return {n: ("forward" in m.__dict__, list(m._forward_hooks), list(m._forward_pre_hooks))
+                for n, m in model.named_modules()}
+    before = state()
+    with pytest.raises(DipSVDError, match="NaN or infinite activations at model.layers.1.mlp"):
+        refine(model, [t.name for t in tiny_lm.targets], bench.windows(), settings.spec, ranks)
+    assert state() == before
 
 
 def test_last_linear_fits_the_original_block_output(tiny_lm):

@@ -125,7 +125,7 @@ def _replace_forward(module: nn.Module, forward):
 
 
 def _low_rank(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x, *args, **kwargs):
+    def forward(x):
         z = nn.functional.linear(nn.functional.linear(x, v), u)
         return z + bias if bias is not None else z
     return forward
@@ -233,7 +233,6 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
             for h in handles:
                 h.remove()
         seen.clear()
-        replaced: dict[str, object] = {}  # the refined matrices' forwards (factors, bias)
 
         current = [0]  # the window the compressed path is running, for the children's kept outputs
         kept: dict[nn.Module, list] = {}  # a finished child's output per window, while it is being recorded
@@ -264,7 +263,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                     def stop(module, args):
                         raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
 
-                    def silent(x, *args, **kwargs):  # full: keeps X^ and adds nothing, so the block returns r^ itself
+                    def silent(x):  # full: keeps X^ and adds nothing, so the block returns r^ itself
                         got.append(x.detach().reshape(-1, x.shape[-1]))
                         return x.new_zeros(*x.shape[:-1], linears[leader].out_features)
 
@@ -342,10 +341,11 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                         out[n] = (u.to("cpu", dt), v.to("cpu", dt))  # kept, in the model's dtype, on the host
                         # the refined matrix in place of the original on the compressed path: its forward replaced,
                         # so the dense product is not computed there
-                        replaced[n] = _low_rank(u.to(dev, dt), v.to(dev, dt), bias)
-                        swaps.append(_replace_forward(linears[n], replaced[n]))
-                    if full:  # the block output is r^ + the refined last Linear: no need to run the block again
-                        next_hidden = [(kept_r[i] + replaced[last](kept_x[i])).reshape(hat.hidden[i].shape)
+                        refined = _low_rank(u.to(dev, dt), v.to(dev, dt), bias)
+                        swaps.append(_replace_forward(linears[n], refined))
+                    if full:  # the block output is r^ + the refined last Linear (the group's one member): no need
+                        # to run the block again
+                        next_hidden = [(kept_r[i] + refined(kept_x[i])).reshape(hat.hidden[i].shape)
                                        for i in range(n_win)]
                     del factors, targets, gram, cross, kept_x, kept_r
                 taken.pop(leader, None)

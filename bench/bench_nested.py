@@ -15,6 +15,7 @@ Variants (the same realized ratio; blocks the heuristic keeps dense stay dense):
 - trust-typed-PHI (e.g. trust-typed-0.75): nested-typed inside a trust region around the heuristic's even split,
   every matrix of a cut block kept between PHI f_b and min(1, f_b / PHI) of its parameters (f_b the block's keep
   fraction): the additive error model trusted only near the point the heuristic chose;
+- svdllm-v2: SVD-LLM V2's heterogeneous per-matrix ratios (`svdllm_v2`), on the same dipsvd factors;
 - coupled: the coupled allocation as it is (`Workbench.allocate`), for scans beside the heuristic.
 Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the first 4096 tokens of wiki and news (as in
 bench_mix.py); factors and Fisher from the user cache when present. One JSON line per point.
@@ -73,6 +74,23 @@ def nested(outer: dict, sigmas: dict, weights: dict, targets, p_min: float = 0.0
     return ranks
 
 
+def svdllm_v2(sigmas: dict, targets, ratio: float, p_min: float = 0.05) -> dict:
+    """SVD-LLM V2's heterogeneous ratios: inside each group of one matrix type, the truncation loss L_i of every
+    matrix at the uniform ratio, and R_i = n R (1 / log L_i) / sum_j (1 / log L_j) (a larger loss compresses less);
+    every group keeps the uniform ratio on average."""
+    ranks = {}
+    for ty in sorted({kind(t.name) for t in targets}):
+        group = [t for t in targets if kind(t.name) == ty]
+        inv = []
+        for t in group:
+            k = alloc.rank_for(1 - ratio, t.out_features, t.in_features)
+            inv.append(1 / np.log(np.sqrt((sigmas[t.name][k:] ** 2).sum())))
+        inv = np.asarray(inv)
+        for t, r in zip(group, len(group) * ratio * inv / inv.sum()):
+            ranks[t.name] = alloc.rank_for(float(np.clip(1 - r, p_min, 1.0)), t.out_features, t.in_features)
+    return ranks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
@@ -97,6 +115,7 @@ def main() -> None:
             else:
                 ranks = {"heuristic": lambda: outer, "nested": lambda: nested(outer, sigmas, raw, targets),
                          "nested-typed": lambda: nested(outer, sigmas, typed, targets),
+                         "svdllm-v2": lambda: svdllm_v2(sigmas, targets, ratio),
                          "coupled": lambda: wb.allocate(replace(base, ratio=ratio, allocation="coupled")).ranks,
                          }[variant]()
             held = objective(ranks)

@@ -33,10 +33,11 @@ KEEP = "### "  # the hand-written subsections below the measured part (tried ide
 TODAY = ("heuristic", "bayes", "coupled-v1")  # the dipsvd allocations that "today's best" is taken over
 GRID = ("svd-llm:uniform,dipsvd:uniform,svd-llm:heuristic,dipsvd:heuristic,dipsvd:bayes,dipsvd:coupled,"
         "svd-llm:uniform+refine,dipsvd:uniform+refine,svd-llm:heuristic+refine,dipsvd:heuristic+refine,"
-        "dipsvd:bayes+refine,dipsvd:coupled+refine")
+        "dipsvd:bayes+refine,dipsvd:coupled+refine,dipsvd:nested,dipsvd:nested+refine")
 STEPS = [("svd-llm", "uniform", "SVD-LLM"), ("dipsvd", "uniform", "Step 1"), ("svd-llm", "heuristic", "Step 2"),
          ("dipsvd", "heuristic", "Step 1+2"), ("dipsvd", "bayes", "Step 1+2 (BO)"),
-         ("dipsvd", "coupled-v1", "ours: coupled before this issue"), ("dipsvd", "coupled", "ours: coupled")]
+         ("dipsvd", "coupled-v1", "ours: coupled before this issue"), ("dipsvd", "coupled", "ours: coupled"),
+         ("dipsvd", "nested", "ours: nested")]
 
 
 def v1_rows(bench, ratios, sets) -> list[dict]:
@@ -111,15 +112,17 @@ def comparison(report: dict) -> list[str]:
                        f"{bt['method']} + {bt['allocation']} {bt['ppl'][s]:.2f}: {100 * gain:.1f}% lower ({verdict}; "
                        "target 20% at 0.2 and 0.3, aim 35%)")
     out.append("")
-    out.append("Item 2 (allocation): dipsvd + coupled against dipsvd + heuristic (negative: coupled is worse):")
-    for ratio in report["ratios"]:
-        for refine in ("none", "sequential"):
-            c, h = (find(rows, "dipsvd", a, ratio, refine) for a in ("coupled", "heuristic"))
-            if c and h:
-                parts = [f"{s} {c['ppl'][s]:.2f} vs {h['ppl'][s]:.2f} ({100 * (1 - c['ppl'][s] / h['ppl'][s]):+.1f}%)"
-                         for s in sets]
-                out.append(f"- {ratio:g}{' refined' if refine != 'none' else ''}: " + ", ".join(parts))
-    out.append("")
+    for mine in ("nested", "coupled"):
+        out.append(f"Item 2 (allocation): dipsvd + {mine} against dipsvd + heuristic, each unrefined and refined "
+                   f"(positive: {mine} is better):")
+        for ratio in report["ratios"]:
+            for refine in ("none", "sequential"):
+                c, h = (find(rows, "dipsvd", a, ratio, refine) for a in (mine, "heuristic"))
+                if c and h:
+                    parts = [f"{s} {c['ppl'][s]:.2f} vs {h['ppl'][s]:.2f} ({100 * (1 - c['ppl'][s] / h['ppl'][s]):+.1f}%)"
+                             for s in sets]
+                    out.append(f"- {ratio:g}{' refined' if refine != 'none' else ''}: " + ", ".join(parts))
+        out.append("")
     out.append("Where refining does not help (the refined row is no lower than its unrefined twin):")
     worse = []
     for r in rows:
@@ -135,8 +138,9 @@ def comparison(report: dict) -> list[str]:
     for ratio in report["ratios"]:
         h = find(rows, "dipsvd", "heuristic", ratio, "none")
         cells = []
-        for name, a, r in (("compensation alone", "heuristic", "sequential"), ("allocation alone", "coupled", "none"),
-                           ("both", "coupled", "sequential")):
+        for name, a, r in (("compensation alone", "heuristic", "sequential"),
+                           ("nested allocation alone", "nested", "none"), ("both (nested)", "nested", "sequential"),
+                           ("coupled allocation alone", "coupled", "none"), ("both (coupled)", "coupled", "sequential")):
             x = find(rows, "dipsvd", a, ratio, r)
             if h and x:
                 cells.append(name + " " + " / ".join(f"{100 * (1 - x['ppl'][s] / h['ppl'][s]):+.1f}%" for s in sets))

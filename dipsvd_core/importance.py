@@ -295,20 +295,45 @@ def truncated(model: nn.Module, targets: list[Target], factors, names, keep: flo
 
 
 @torch.no_grad()
-def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
-                      progress=None) -> np.ndarray:
-    """d_l: how much the mean next-token loss on `windows` grows when block l ALONE is truncated, every
-    matrix of it at keep fraction `keep` (`truncated`), one value per block."""
+def group_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
+                      groups: list[set[str]], labels: list[str] | None = None, progress=None) -> np.ndarray:
+    """How much the mean next-token loss on `windows` grows when the matrices of one group ALONE are truncated,
+    every one at keep fraction `keep` (`truncated`), one value per group: log ppl(cut) - log ppl(original)."""
     import math
 
     from .evaluate import perplexity
 
-    n_blocks = 1 + max(t.block for t in targets)
     base = math.log(perplexity(model, windows))
-    out = np.zeros(n_blocks)
-    for b in range(n_blocks):
-        with truncated(model, targets, factors, {t.name for t in targets if t.block == b}, keep):
-            out[b] = math.log(perplexity(model, windows)) - base
+    out = np.zeros(len(groups))
+    for g, names in enumerate(groups):
+        with truncated(model, targets, factors, names, keep):
+            out[g] = math.log(perplexity(model, windows)) - base
         if progress:
-            progress((b + 1) / n_blocks, f"probing block {b + 1}/{n_blocks} (keep {keep:g})")
+            what = labels[g] if labels else f"group {g + 1}"
+            progress((g + 1) / len(groups), f"probing {what} ({g + 1}/{len(groups)}, keep {keep:g})")
     return out
+
+
+def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
+                      progress=None) -> np.ndarray:
+    """d_l: how much the mean next-token loss on `windows` grows when block l ALONE is truncated, every
+    matrix of it at keep fraction `keep` (`truncated`), one value per block."""
+    n_blocks = 1 + max(t.block for t in targets)
+    groups = [{t.name for t in targets if t.block == b} for b in range(n_blocks)]
+    return group_sensitivity(model, targets, factors, windows, keep, groups,
+                             [f"block {b + 1}" for b in range(n_blocks)], progress)
+
+
+def matrix_type(name: str) -> str:
+    """A targeted Linear's type: the last part of its name (q_proj, gate_proj, ...), the same in every block."""
+    return name.rsplit(".", 1)[-1]
+
+
+def type_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
+                     progress=None) -> dict[str, float]:
+    """d_type: how much the mean next-token loss on `windows` grows when every matrix of one type (all q_proj of
+    the model, then all k_proj, ...) is truncated at keep fraction `keep`, the others dense."""
+    types = sorted({matrix_type(t.name) for t in targets})
+    groups = [{t.name for t in targets if matrix_type(t.name) == ty} for ty in types]
+    d = group_sensitivity(model, targets, factors, windows, keep, groups, types, progress)
+    return dict(zip(types, d.tolist()))

@@ -6,7 +6,7 @@ same for every method (`Workbench.build` -> surgery.compress_model). The CLI, th
 and the app ask the handler instead of testing method names.
 
 - `FactorHandler` (svd, svd-llm, dipsvd, fwsvd, asvd): factors computed once per FactorSpec in the
-  block-streaming pass; an allocation (uniform, heuristic, bayes, coupled) picks ranks; the new state
+  block-streaming pass; an allocation (uniform, heuristic, bayes, coupled, nested) picks ranks; the new state
   is k rows of each factor, read from disk when surgery asks for them.
 - `DobiHandler` (dobi): truncation positions trained by gradient descent (its own "trained"
   allocation), then the IPCA weight update, optionally remapped to 8 bits.

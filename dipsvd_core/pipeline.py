@@ -29,7 +29,7 @@ from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
 from .surgery import compress_model
 
-ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "trained")
+ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "nested", "trained")
 ALL_METHODS = tuple(HANDLERS)  # svd, svd-llm, dipsvd, fwsvd, asvd (factored) and dobi (trains its ranks)
 
 
@@ -135,6 +135,7 @@ class Workbench:
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
         self._probes: dict[tuple, np.ndarray] = {}  # the coupled allocator's block probes, per (factor key, held-out windows)
+        self._type_probes: dict[tuple, dict[str, float]] = {}  # the nested allocator's type probes, keyed the same
         self._heldout: dict[int, torch.Tensor] = {}  # held-out windows, per count
         self.timings_s: dict[str, float] = {}
         self._converted = False  # build(inplace=True) turned the original into the compressed model
@@ -272,7 +273,7 @@ class Workbench:
         return self._heldout[n_windows]
 
     def allocate(self, settings: Settings, progress=None, callback=None, cancel=None) -> alloc.Allocation:
-        """uniform | heuristic | bayes | coupled. For bayes, `callback(i, value, best)` reports each call
+        """uniform | heuristic | bayes | coupled | nested. For bayes, `callback(i, value, best)` reports each call
         (return False to stop) and `cancel` (a threading.Event) stops the search; the best point so
         far is returned, with its convergence in Allocation.history."""
         settings.check()
@@ -285,6 +286,11 @@ class Workbench:
             factors = self.factors(settings.spec, progress)
             return allocators.coupled(factors, self.coupled_weights(settings, progress), self.targets, settings.ratio,
                                       **bounds)
+        if settings.allocation == "nested":
+            outer = allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio,
+                                         **bounds)
+            return allocators.nested(outer, self.factors(settings.spec, progress), self.nested_weights(settings, progress),
+                                     self.targets, **bounds)
         if settings.allocation == "bayes":
             from .bayes import Objective, bayes
 
@@ -316,7 +322,7 @@ class Workbench:
             return False
         if settings.allocation in ("uniform", "bayes"):  # bayes builds from the allocation BO already found
             return True
-        needs_probe = settings.allocation == "coupled"
+        needs_probe = settings.allocation in ("coupled", "nested")
         return self._fisher is not None and (not needs_probe or self.has_probe(settings))
 
     def coupled_weights(self, settings: Settings, progress=None) -> dict[str, float]:
@@ -331,18 +337,55 @@ class Workbench:
         c = allocators.calibrate(probe, predicted)
         return {t.name: raw[t.name] * float(c[t.block]) for t in self.targets}
 
+    def nested_weights(self, settings: Settings, progress=None) -> dict[str, float]:
+        """The nested allocator's w_m (allocators.py): the second-order weight from the Fisher pass, times its
+        matrix type's calibration from the type probe (measured once per factors and held-out windows, cached)."""
+        from .importance import matrix_type
+
+        factors = self.factors(settings.spec, progress)
+        raw = allocators.coupled_weights(factors, self.fisher(progress), self.targets)
+        c = allocators.calibrate_types(self.type_sensitivity(settings, progress), factors, raw, self.targets)
+        return {t.name: raw[t.name] * c[matrix_type(t.name)] for t in self.targets}
+
     def has_probe(self, settings: Settings) -> bool:
-        """Whether the coupled allocation's block probe for these factors is in memory or in the disk cache."""
-        if (settings.spec.key, settings.bo_windows) in self._probes:
+        """Whether the probe the allocation needs (coupled: per block; nested: per matrix type) for these factors
+        is in memory or in the disk cache."""
+        ident = (settings.spec.key, settings.bo_windows)
+        nested = settings.allocation == "nested"
+        if ident in (self._type_probes if nested else self._probes):
             return True
-        if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings)) is None:
+        if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings, nested)) is None:
             return False
-        self.block_sensitivity(settings)  # from the cache: no probe runs
+        if nested:  # from the cache: no probe runs
+            self.type_sensitivity(settings)
+        else:
+            self.block_sensitivity(settings)
         return True
 
-    def _probe_key(self, settings: Settings) -> str:
-        return make_key("probe-v1", stats_key(self.lm, self.windows()), settings.spec.key,
-                        stats_key(self.lm, self.heldout(settings.bo_windows)), allocators.PROBE_KEEP)
+    def _probe_key(self, settings: Settings, types: bool = False) -> str:
+        return make_key("probe-types-v1" if types else "probe-v1", stats_key(self.lm, self.windows()),
+                        settings.spec.key, stats_key(self.lm, self.heldout(settings.bo_windows)), allocators.PROBE_KEEP)
+
+    def type_sensitivity(self, settings: Settings, progress=None) -> dict[str, float]:
+        """d_type: the measured loss increase with every matrix of one type truncated at PROBE_KEEP, the rest
+        dense (importance.py), on the held-out windows BO uses."""
+        from .importance import type_sensitivity
+
+        ident = (settings.spec.key, settings.bo_windows)
+        if ident not in self._type_probes:
+            key = self._probe_key(settings, types=True)
+            hit = load_tensors("probe", key)
+            if hit is not None:
+                self._type_probes[ident] = {ty: float(v) for ty, v in zip(hit[1]["types"], hit[0]["d"].tolist())}
+            else:
+                t0 = time.perf_counter()
+                d = type_sensitivity(self.lm.model, self.targets, self.factors(settings.spec, progress),
+                                     self.heldout(settings.bo_windows), allocators.PROBE_KEEP, progress)
+                save_tensors("probe", key, {"d": torch.tensor(list(d.values()), dtype=torch.float64)},
+                             {"keep": allocators.PROBE_KEEP, "types": list(d), "seconds": time.perf_counter() - t0})
+                self.timings_s["type_probe"] = time.perf_counter() - t0
+                self._type_probes[ident] = d
+        return self._type_probes[ident]
 
     def block_sensitivity(self, settings: Settings, progress=None) -> np.ndarray:
         """d_l: the measured loss increase with block l alone truncated at PROBE_KEEP (importance.py), on the

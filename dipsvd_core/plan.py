@@ -54,7 +54,7 @@ from .errors import DipSVDError
 
 PHASES = ("load", "statistics", "factors", "fisher", "refine", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled")
+FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled", "nested")
 GRAM_METHODS = ("svd-llm", "dipsvd")
 GiB = 2**30
 

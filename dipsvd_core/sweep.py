@@ -10,6 +10,7 @@ baselines and our coupled allocator:
   svd-llm + heuristic Step 2 (global only)      dipsvd + heuristic  Step 1+2 (DipSVD, heuristic)
   dipsvd + bayes      Step 1+2 (DipSVD, BO)     svd / fwsvd / asvd + uniform   baselines
   dipsvd + coupled    ours: per-matrix ranks from whitened loss curves and Fisher weights
+  dipsvd + nested     ours: the heuristic's per-block budgets, split per matrix by type-calibrated weights
 Dobi-SVD rows are asked for by name (dobi:trained, dobi-remap:trained); they train per ratio.
 An allocation with "+refine" (e.g. dipsvd:heuristic+refine) builds that row with sequential
 compensation (refine.py) on top of the same factors and allocation.
@@ -31,10 +32,10 @@ GRID_METHODS = ALL_METHODS + ("dobi-remap",)
 
 DEFAULT_GRID = (("svd-llm", "uniform"), ("dipsvd", "uniform"), ("svd-llm", "heuristic"), ("dipsvd", "heuristic"),
                 ("dipsvd", "bayes"), ("svd", "uniform"), ("fwsvd", "uniform"), ("asvd", "uniform"),
-                ("dipsvd", "coupled"))
+                ("dipsvd", "coupled"), ("dipsvd", "nested"))
 LABELS = {("svd-llm", "uniform"): "SVD-LLM", ("dipsvd", "uniform"): "Step 1", ("svd-llm", "heuristic"): "Step 2",
           ("dipsvd", "heuristic"): "Step 1+2", ("dipsvd", "bayes"): "Step 1+2 (BO)",
-          ("dipsvd", "coupled"): "ours: coupled", ("dobi", "trained"): "Dobi-SVD",
+          ("dipsvd", "coupled"): "ours: coupled", ("dipsvd", "nested"): "ours: nested", ("dobi", "trained"): "Dobi-SVD",
           ("dobi-remap", "trained"): "Dobi-SVD + remap"}
 
 
@@ -98,7 +99,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
         timings["statistics"] = time.perf_counter() - t0
     if any(a.removesuffix(REFINED) not in ("uniform", "trained") or m == "fwsvd" for m, a in grid):
         t0 = time.perf_counter()
-        bench.fisher(progress)  # shared by heuristic, bayes, coupled and fwsvd; timed once here
+        bench.fisher(progress)  # shared by heuristic, bayes, coupled, nested and fwsvd; timed once here
         timings["fisher"] = time.perf_counter() - t0
     allocations: dict = {}  # a refined row reuses its unrefined twin's allocation (BO is not run twice)
     for method in methods:

@@ -18,12 +18,14 @@ ALLOCATION_HELP = {
     "bayes": "Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)",
     "coupled": "one rank per matrix, minimising each matrix's estimated loss increase, calibrated by probing every "
                "block (ours, not in the paper)",
+    "nested": "the heuristic's budget per block, split among each block's matrices by their estimated loss, "
+              "calibrated by probing every matrix type; best with Refine on the Compress page (ours, not in the paper)",
     "trained": "Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)",
 }
 METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; dipsvd: whitened with the top "
                "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels; "
                "dobi: Dobi-SVD, trained truncation of activations and an IPCA weight update")
-NEEDS_FISHER = ("heuristic", "coupled", "bayes")
+NEEDS_FISHER = ("heuristic", "coupled", "nested", "bayes")
 
 s = ui.need_model()
 bench, busy = s.bench, ui.busy()
@@ -162,7 +164,7 @@ with view:
         if st.button("Compute Fisher sensitivity", type="primary" if have_factors else "secondary"):
             ui.start("Computing Fisher sensitivity", fisher)
         st.stop()
-    if new.allocation in ("coupled", "bayes") and not have_factors:
+    if new.allocation in ("coupled", "nested", "bayes") and not have_factors:
         st.stop()
     if new.allocation == "coupled" and not bench.has_probe(new):
         st.warning("The coupled allocation calibrates its estimate by probing every block once: each block alone "
@@ -171,6 +173,14 @@ with view:
                    icon=":material/calculate:")
         if st.button("Probe the blocks", type="primary"):
             ui.start("Probing the blocks", lambda job: bench.block_sensitivity(new, job.progress))
+        st.stop()
+    if new.allocation == "nested" and not bench.has_probe(new):
+        st.warning("The nested allocation calibrates its estimate by probing every matrix type once: all matrices "
+                   f"of one type truncated to {100 * allocators.PROBE_KEEP:.0f}% of their parameters, one forward "
+                   f"pass over {new.bo_windows} held-out windows each. After that, every ratio is instant.",
+                   icon=":material/calculate:")
+        if st.button("Probe the matrix types", type="primary"):
+            ui.start("Probing the matrix types", lambda job: bench.type_sensitivity(new, job.progress))
         st.stop()
 
     with ui.guard("The allocation preview"):

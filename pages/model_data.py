@@ -86,7 +86,7 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
         rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
                  "disk": ui.fmt_bytes(p["disk_bytes"]),
                  "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
-                 "needed": "yes" if p["needed"] else "no (Fisher: heuristic, BO, coupled, fwsvd)"}
+                 "needed": "yes" if p["needed"] else "no (Fisher: heuristic, BO, coupled, nested, fwsvd)"}
                 for n, p in plan["phases"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption(f"Peak host {ui.fmt_bytes(plan['peak_host_bytes'])}, device "

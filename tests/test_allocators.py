@@ -324,3 +324,91 @@ def test_settings_reject_bad_global_importance_values():
                        (dict(allocation="random"), "allocation")]:
         with pytest.raises(DipSVDError, match=match):
             Settings(**bad).check()
+
+
+def test_type_probe_equals_writing_every_matrix_of_the_type_into_a_copy(bench, tiny_lm):
+    import copy
+    import math
+
+    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.importance import type_sensitivity
+
+    factors, windows, model = bench.factors(Settings(method="dipsvd").spec), bench.heldout(2), tiny_lm.model
+    before = perplexity(model, windows)
+    d = type_sensitivity(model, tiny_lm.targets, factors, windows, 0.4)
+    assert sorted(d) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert perplexity(model, windows) == before  # the hooks are gone, nothing was written
+    for ty in ("q_proj", "up_proj"):
+        other = copy.deepcopy(model)
+        mods = dict(other.named_modules())
+        with torch.no_grad():
+            for t in tiny_lm.targets:
+                k = allocators.alloc.rank_for(0.4, t.out_features, t.in_features)
+                if t.name.endswith(ty) and k is not DENSE:
+                    mods[t.name].weight.copy_(factors[t.name].weight(k).float())
+        assert d[ty] == pytest.approx(math.log(perplexity(other, windows)) - math.log(before), rel=1e-4, abs=1e-6)
+
+
+def test_nested_weights_are_calibrated_so_that_each_type_probe_is_predicted(bench, tiny_lm):
+    s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
+    targets, factors = tiny_lm.targets, bench.factors(s.spec)
+    raw = allocators.coupled_weights(factors, bench.fisher(), targets)
+    w = bench.nested_weights(s)
+    d = bench.type_sensitivity(s)
+    floored = np.maximum(np.array(list(d.values())), allocators.PROBE_FLOOR * np.median([v for v in d.values() if v > 0]))
+    probe_ranks = {t.name: allocators.alloc.rank_for(allocators.PROBE_KEEP, t.out_features, t.in_features)
+                   for t in targets}
+    for ty, measured in zip(d, floored):  # sum over the type of w_m L_m(k)^2 at the probe's ranks = d_type
+        mine = [t for t in targets if t.name.endswith("." + ty)]
+        predicted = sum(w[t.name] * float((factors[t.name].sigma[probe_ranks[t.name]:].double() ** 2).sum())
+                        for t in mine if probe_ranks[t.name] is not DENSE)
+        assert predicted == pytest.approx(measured, rel=1e-9)
+        ratios = [w[t.name] / raw[t.name] for t in mine]  # one factor per type
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_nested_spends_each_blocks_budget_better_than_the_even_split(ratio):
+    rng = np.random.default_rng(int(ratio * 10))
+    targets = llama_targets()
+    Q = np.array([1.0, 0.2, 0.9, 0.1, 0.5, 0.05])  # a spread that leaves some blocks dense
+    outer = allocators.heuristic(Q, targets, ratio)
+    factors = {t.name: type("F", (), {"sigma": torch.from_numpy(np.sort(rng.gamma(0.7, size=min(t.out_features,
+                                                                                                 t.in_features)))[::-1].copy())})()
+               for t in targets}
+    weights = {t.name: float(rng.uniform(0.1, 10)) for t in targets}
+    a = allocators.nested(outer, factors, weights, targets, exact=True)
+    assert a.method == "nested" and a.ratio_target == ratio
+    assert 0 <= a.ratio_realized - outer.ratio_realized <= 0.01
+    even = allocators.weighted_loss(factors, weights, outer.ranks, targets)
+    mine = allocators.weighted_loss(factors, weights, a.ranks, targets)
+    for b in range(6):
+        block = [t for t in targets if t.block == b]
+        spent = sum(matrix_params(a.ranks[t.name], t.out_features, t.in_features) for t in block)
+        budget = sum(matrix_params(outer.ranks[t.name], t.out_features, t.in_features) for t in block)
+        assert spent <= budget  # every block stays inside what the heuristic gave it
+        if all(outer.ranks[t.name] is DENSE for t in block):
+            assert all(a.ranks[t.name] is DENSE for t in block)
+        else:
+            assert mine[b] <= even[b] * (1 + 1e-12)  # the even split is feasible, so the optimum is no worse
+    assert (mine < even * (1 - 1e-3)).any()  # and unequal weights do move the split
+    assert a.p_blocks == pytest.approx([sum(matrix_params(a.ranks[t.name], t.out_features, t.in_features)
+                                            for t in targets if t.block == b) for b in range(6)]
+                                       / block_params(targets))
+
+
+def test_nested_type_probe_is_cached_on_disk_and_makes_the_build_quick(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
+    s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
+    first = Workbench(tiny_lm, "wiki", 4, 64)
+    first.factors(s.spec)
+    first.fisher()
+    assert not first.has_probe(s) and not first.quick_build(s)
+    a = first.allocate(s)
+    assert "type_probe" in first.timings_s and first.has_probe(s) and first.quick_build(s)
+    assert not first.has_probe(replace(s, allocation="coupled"))  # the block probe is another one
+    again = Workbench(tiny_lm, "wiki", 4, 64)
+    again.factors(s.spec)
+    assert again.has_probe(s)  # read from the disk cache
+    b = again.allocate(s)
+    assert "type_probe" not in again.timings_s and b.ranks == a.ranks

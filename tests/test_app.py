@@ -267,6 +267,16 @@ def test_heuristic_and_coupled_allocations_differ_from_uniform():
     click(at, "Probe the blocks")
     assert figure(at, "fig_keep")["data"][0]["name"] == "coupled"
     assert abs(float(metric(at, "Realized ratio")) - 0.3) < 0.005
+    heuristic_keep = bars["y"]
+    at.radio(key="k_s_allocation").set_value("nested")
+    settle(at)
+    assert "probing every matrix type once" in at.warning[0].value
+    click(at, "Probe the matrix types")
+    bars = figure(at, "fig_keep")["data"][0]
+    assert bars["name"] == "nested" and abs(float(metric(at, "Realized ratio")) - 0.3) < 0.01
+    # each block keeps at most the heuristic's share, and the blocks it keeps dense stay dense
+    assert all(n <= h + 1e-9 for n, h in zip(bars["y"], heuristic_keep))
+    assert [h == pytest.approx(1.0) for h in heuristic_keep] == [n == pytest.approx(1.0) for n in bars["y"]]
 
 
 def test_bayesian_optimization_converges_and_can_be_cancelled():

@@ -168,7 +168,8 @@ def render(report: dict, ratios: str, eval_tokens: int) -> str:
         f"{sorted(refine_s)[len(refine_s) // 2]:.0f} s). The cold streaming pass of this run (statistics and the "
         f"factors of svd-llm and dipsvd together) took {cold:.0f} s; Fisher {t.get('fisher', 0):.0f} s; the coupled "
         f"allocation's block probe {t.get('probe', 0):.0f} s (once per factors; every coupled row after the first "
-        "reads it from the cache)." if refine_s else "", "",
+        f"reads it from the cache); the nested allocation's type probe {t.get('type_probe', 0):.0f} s (the same)."
+        if refine_s else "", "",
         "Refine time by allocation (it grows with the number of factored matrices; the heuristic keeps 19 of 30 "
         "blocks dense): " + "; ".join(
             f"{a} {min(v):.0f}-{max(v):.0f} s" for a, v in _by_allocation(report["rows"]).items()) + ".", ""])
@@ -234,6 +235,7 @@ def main() -> None:
         extra.extend(v1_rows(bench, ratios, sets))
     report["timings_s"]["coupled-v1 rows"] = time.perf_counter() - t0
     report["timings_s"]["probe"] = bench.timings_s.get("probe", 0.0)
+    report["timings_s"]["type_probe"] = bench.timings_s.get("type_probe", 0.0)
     report["timings_s"]["total"] = time.perf_counter() - t_all
     report["peak_memory_mb"] = peak_memory_mb()
     report = write(report)

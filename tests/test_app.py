@@ -494,6 +494,20 @@ def test_refine_on_the_compress_page_and_refined_sweep_rows():
     assert names == ["svd-llm", "svd-llm + refine"]
 
 
+def test_nested_without_refine_says_it_is_meant_to_be_refined():
+    from dataclasses import replace
+
+    at = factored(loaded())
+    studio = at.session_state["studio"]
+    studio.settings = replace(studio.settings, allocation="nested")
+    page(at, "compress")
+    settle(at)
+    assert any("meant to be refined" in i.value for i in at.info)
+    at.checkbox(key="k_c_refine").check()
+    settle(at)
+    assert not any("meant to be refined" in i.value for i in at.info)
+
+
 def test_settle_heap_collects_garbage_and_freezes_the_living():
     """The app freezes the objects alive after start-up and after a model load (studio.jobs.settle_heap): a
     full collection must free a garbage cycle first, and the living must leave the generations a collection

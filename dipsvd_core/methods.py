@@ -55,6 +55,9 @@ class MethodHandler:
         return {"bo_history": allocation.history} if allocation.history else {}
 
 
+NO_FACTORS = ("uniform", "heuristic")  # allocations whose ranks do not read the factors
+
+
 class FactorHandler(MethodHandler):
     def __init__(self, name: str):
         self.name = name
@@ -75,6 +78,13 @@ class FactorHandler(MethodHandler):
     def new_state(self, bench, settings, allocation=None, progress=None) -> State:
         from .surgery import low_rank_weights
 
+        if settings.refine != "none" and (allocation is not None or settings.allocation in NO_FACTORS):
+            # Refine refits every factored matrix from its own pass, so the factors would only be sliced and then
+            # replaced: when the ranks do not need them either, a refined build runs no factor pass at all
+            # (uniform: no statistics pass either; heuristic: the statistics and Fisher passes only).
+            t0 = time.perf_counter()
+            allocation = allocation or bench.allocate(settings, progress)
+            return State(allocation, {}, timings_s={"allocation": time.perf_counter() - t0})
         factors = self.prepare(bench, settings, progress)
         t0 = time.perf_counter()
         allocation = allocation or bench.allocate(settings, progress)

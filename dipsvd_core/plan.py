@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .errors import DipSVDError
+from .methods import NO_FACTORS
 
 PHASES = ("load", "statistics", "factors", "fisher", "refine", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -349,6 +350,10 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             "refine": 0, "surgery": 0, "evaluation": 0}
     if run.method not in GRAM_METHODS and not gram_in:
         disk["statistics"] = 0
+    # A refined build whose ranks need no factors runs no factor pass (methods.NO_FACTORS), and a refined uniform
+    # one no statistics pass either, unless the method's own weighting reads them (asvd's mean |x|).
+    refine_skips_factors = run.refine == "sequential" and run.allocation in NO_FACTORS
+    refine_alone = refine_skips_factors and run.allocation == "uniform" and run.method != "asvd"
     phases = {}
     for name in PHASES:
         if not cuda:
@@ -361,7 +366,8 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             dev = work[name]
             host = runtime + {"load": load_host, "factors": factor_bytes(per_block, s), "refine": refined_host,
                               "fisher": fisher_saved, "surgery": one_matrix * s}.get(name, 0)
-        needed = {"statistics": gram_in or run.method in GRAM_METHODS, "fisher": run.needs_fisher,
+        needed = {"statistics": (gram_in or run.method in GRAM_METHODS) and not refine_alone,
+                  "factors": not refine_skips_factors, "fisher": run.needs_fisher,
                   "refine": run.refine == "sequential"}.get(name, True)
         phases[name] = Phase(int(host), int(dev), int(disk[name]), None, needed)
     return phases

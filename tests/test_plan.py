@@ -67,6 +67,13 @@ def test_memory_terms_are_the_documented_sums(config_only):
     taken = 4 * 32 * (3 * 64 + 128 + 128 + 2 * 64) * 4
     assert ref.needed and ref.host_bytes == (runtime + weights + 2 * acts + taken + 2 * 8 * 128 ** 2 + 8 * 64 * 128
                                              + factoring + kept)
+    # a refined uniform build runs neither the statistics nor the factor pass (refine takes its own Grams); a
+    # refined heuristic one needs the statistics (the block spectra of Q) but no factors; nested reads the factors
+    refined = {a: P.memory(sh, dataclasses.replace(run, refine="sequential", allocation=a), False, runtime)
+               for a in ("uniform", "heuristic", "nested")}
+    assert [(a, ph["statistics"].needed, ph["factors"].needed) for a, ph in refined.items()] == [
+        ("uniform", False, False), ("heuristic", True, False), ("nested", True, True)]
+    assert ph["statistics"].needed and ph["factors"].needed  # unrefined uniform dipsvd: both
 
 
 def test_plan_on_cuda_splits_host_and_device(config_only):

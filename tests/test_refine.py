@@ -263,3 +263,24 @@ def test_last_linear_fits_the_original_block_output(tiny_lm):
     ours = (refined[name][0] @ refined[name][1]).double()
     # 2e-6 measured; the plain target (residual=False) is 1.8 away
     assert float(torch.linalg.norm(u @ v - ours) / torch.linalg.norm(ours)) < 1e-4
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "heuristic"])
+def test_a_refined_build_runs_no_factor_pass_when_the_ranks_do_not_need_one(tiny_lm, tmp_path, monkeypatch, allocation):
+    """Refine refits every factored matrix from its own pass, so a refined uniform or heuristic build skips the
+    factors (and uniform the statistics pass too), and gives the same model as refining with factors at hand."""
+    monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
+    s = Settings(method="dipsvd", allocation=allocation, ratio=0.3, refine="sequential")
+    fresh = Workbench(tiny_lm, "wiki", 4, 64)
+    result = fresh.build(s)
+    assert not fresh.has_factors(s.spec) and "factors" not in fresh.timings_s
+    assert ("statistics" in fresh.timings_s) == (allocation == "heuristic")  # Q needs the block spectra
+    assert not (tmp_path / "factors").exists() or not any((tmp_path / "factors").iterdir())  # nothing written
+    other = Workbench(tiny_lm, "wiki", 4, 64)
+    other.factors(s.spec)
+    a = other.allocate(s)
+    assert a.ranks == result.allocation.ranks
+    weights, _ = other.refine(s, a)
+    mods = dict(result.model.named_modules())
+    for name, (u, v) in weights.items():
+        assert torch.equal(mods[name].u.weight, u) and torch.equal(mods[name].v.weight, v), name

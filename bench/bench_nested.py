@@ -18,7 +18,8 @@ Variants (the same realized ratio; blocks the heuristic keeps dense stay dense):
 - svdllm-v2: SVD-LLM V2's heterogeneous per-matrix ratios (`svdllm_v2`), on the same dipsvd factors;
 - coupled: the coupled allocation as it is (`Workbench.allocate`), for scans beside the heuristic.
 Bundled SmolLM2-135M, dipsvd, 32 x 512 calibration windows of wiki; the first 4096 tokens of wiki and news (as in
-bench_mix.py); factors and Fisher from the user cache when present. One JSON line per point.
+bench_mix.py); factors and Fisher from the user cache when present. One JSON line per point. With --refine, each
+allocation is built refined (`Workbench.refine`, --refine sequential) before it is evaluated (no held-out loss then).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from dipsvd_core.bayes import Objective  # noqa: E402
 from dipsvd_core.evaluate import perplexity  # noqa: E402
 from dipsvd_core.models import load_model  # noqa: E402
 from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
+from dipsvd_core.surgery import compress_model  # noqa: E402
 
 
 def kind(name: str) -> str:
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--variants", default="heuristic,nested,nested-typed")
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--refine", action="store_true", help="evaluate each allocation refined (--refine sequential)")
     args = ap.parse_args()
     lm = load_model()
     wb = Workbench(lm, "wiki", 32, 512)
@@ -118,14 +121,21 @@ def main() -> None:
                          "svdllm-v2": lambda: svdllm_v2(sigmas, targets, ratio),
                          "coupled": lambda: wb.allocate(replace(base, ratio=ratio, allocation="coupled")).ranks,
                          }[variant]()
-            held = objective(ranks)
-            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            if args.refine:  # the build's own refine on these ranks, then the refined model
+                a = alloc.Allocation(np.zeros(0), ranks, ratio, alloc.realized_ratio(ranks, targets), variant)
+                weights, _ = wb.refine(replace(base, ratio=ratio, refine="sequential"), a)
+                model = compress_model(lm.model, weights)
+                held, ppl = None, {s: perplexity(model, x) for s, x in evals.items()}
+                del model, weights
+            else:
+                held = objective(ranks)
+                ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
             keep: dict[str, list[float]] = {}
             for t in targets:
                 if outer[t.name] is not DENSE or ranks[t.name] is not DENSE:  # the blocks the heuristic cuts
                     keep.setdefault(kind(t.name), []).append(
                         alloc.matrix_params(ranks[t.name], t.out_features, t.in_features) / t.params)
-            print(json.dumps(dict(ratio=ratio, variant=variant, realized=alloc.realized_ratio(ranks, targets),
+            print(json.dumps(dict(ratio=ratio, variant=variant, refined=args.refine, realized=alloc.realized_ratio(ranks, targets),
                                   heldout=held, **ppl, keep={k: round(sum(v) / len(v), 2) for k, v in keep.items()})),
                   flush=True)
 

@@ -26,6 +26,9 @@ METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; di
                "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels; "
                "dobi: Dobi-SVD, trained truncation of activations and an IPCA weight update")
 NEEDS_FISHER = ("heuristic", "coupled", "nested", "bayes")
+# allocations calibrated by a probe: (what is probed, what is cut each time, the button, the Workbench method)
+PROBES = {"coupled": ("block", "each block alone", "Probe the blocks", lambda b: b.block_sensitivity),
+          "nested": ("matrix type", "all matrices of one type", "Probe the matrix types", lambda b: b.type_sensitivity)}
 
 s = ui.need_model()
 bench, busy = s.bench, ui.busy()
@@ -166,21 +169,15 @@ with view:
         st.stop()
     if new.allocation in ("coupled", "nested", "bayes") and not have_factors:
         st.stop()
-    if new.allocation == "coupled" and not bench.has_probe(new):
-        st.warning("The coupled allocation calibrates its estimate by probing every block once: each block alone "
+    probe = PROBES.get(new.allocation)
+    if probe and not bench.has_probe(new):
+        what, each, button, run = probe
+        st.warning(f"The {new.allocation} allocation calibrates its estimate by probing every {what} once: {each} "
                    f"truncated to {100 * allocators.PROBE_KEEP:.0f}% of its parameters, one forward pass over "
                    f"{new.bo_windows} held-out windows each. After that, every ratio is instant.",
                    icon=":material/calculate:")
-        if st.button("Probe the blocks", type="primary"):
-            ui.start("Probing the blocks", lambda job: bench.block_sensitivity(new, job.progress))
-        st.stop()
-    if new.allocation == "nested" and not bench.has_probe(new):
-        st.warning("The nested allocation calibrates its estimate by probing every matrix type once: all matrices "
-                   f"of one type truncated to {100 * allocators.PROBE_KEEP:.0f}% of their parameters, one forward "
-                   f"pass over {new.bo_windows} held-out windows each. After that, every ratio is instant.",
-                   icon=":material/calculate:")
-        if st.button("Probe the matrix types", type="primary"):
-            ui.start("Probing the matrix types", lambda job: bench.type_sensitivity(new, job.progress))
+        if st.button(button, type="primary"):
+            ui.start(button.replace("Probe", "Probing"), lambda job: run(bench)(new, job.progress))
         st.stop()
 
     with ui.guard("The allocation preview"):

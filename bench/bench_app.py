@@ -7,7 +7,7 @@
 2. Model load (bundled SmolLM2, dequantized copy cached) and statistics collected without the
    disk cache, at the app's default calibration size (16 windows x 256 tokens).
 3. The work behind a slider: Workbench.allocate + predicted_loss for a change of ratio or beta,
-   on factors already in memory, for each allocation; then the same through AppTest (a full page
+   on factors already in memory, for each allocation (the coupled and nested probes run in the warm-up call); then the same through AppTest (a full page
    rerun of the Allocation page) after a ratio change.
 --write replaces the "## Studio app (issue 4)" section of bench/RESULTS.md (re-read just before).
 """
@@ -109,7 +109,7 @@ def core() -> dict:
     bench.fisher()
     out["fisher_s"] = time.perf_counter() - t0
     latency = {}
-    for allocation in ("uniform", "heuristic", "coupled"):
+    for allocation in ("uniform", "heuristic", "coupled", "nested"):
         base = replace(settings, allocation=allocation)
         changes = {"ratio": [replace(base, ratio=r) for r in (0.08, 0.1, 0.12, 0.15)],
                    "beta": [replace(base, beta=b) for b in (0.1, 0.25, 0.5, 0.75)]}

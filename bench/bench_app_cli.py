@@ -11,7 +11,8 @@ own (so both dequantize the bundled GGUF and collect statistics cold):
   until its result is on the page.
 The work: the bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd with the uniform
 allocation at ratio 0.1, wiki and news with 1024 evaluation tokens each, the three default
-prompts (48 new tokens, chat template), BO with 10 calls, Dobi-SVD with 1 epoch over 2 windows.
+prompts (48 new tokens, chat template), BO with 10 calls, Dobi-SVD with 1 epoch over 2 windows, and the same
+build refined (`--refine sequential`; the app's Refine box on the Compress page).
 
 --cold-start also times a first-time user on a fresh clone with an empty HOME (so pip's cache is
 empty too): `make install`, then `make run` until Chromium shows the first page.
@@ -84,6 +85,7 @@ def cli_side(cache: Path) -> dict:
     main = cli(cache, *WORK, "--eval", "wiki,news", "--eval-tokens", "1024", "--generate")["timings_s"]
     small_eval = ["--eval", "wiki", "--eval-tokens", "256", "--no-eval-original"]
     bo = cli(cache, *WORK, "--allocation", "bayes", "--bo-calls", str(BO_CALLS), *small_eval)["timings_s"]
+    refined = cli(cache, *WORK, "--refine", "sequential", *small_eval)["timings_s"]
     dobi = cli(cache, *CALIB, "--method", "dobi", "--ratio", "0.1", "--dobi-epochs", str(DOBI_EPOCHS),
                "--dobi-windows", str(DOBI_WINDOWS), *small_eval)["timings_s"]
     return {
@@ -98,10 +100,12 @@ def cli_side(cache: Path) -> dict:
         "surgery": main["surgery"],
         "evaluate original and compressed": main["evaluation"],
         "generate, original and compressed": main["generation"],
+        # a refined uniform build runs no factor pass (refine refits from its own pass): allocation, refine, surgery
+        "refined build (refine and surgery)": refined["allocation"] + refined["refine"] + refined["surgery"],
         "Fisher sensitivity": bo["fisher"],
         "Bayesian optimization": bo["allocation"] - bo["fisher"],  # allocate() computed Fisher inside
         "Dobi-SVD training": dobi["dobi_training"],
-        "_raw": {"main": main, "bo": bo, "dobi": dobi},
+        "_raw": {"main": main, "bo": bo, "dobi": dobi, "refined": refined},
     }
 
 
@@ -210,6 +214,12 @@ def app_side(cache: Path, log: Path) -> dict:
             "[...document.querySelectorAll('[data-testid=stTable] tbody tr')].some("
             "r => r.innerText.includes('news'))")
 
+        page.get_by_role("checkbox", name="Refine (sequential compensation)").check(force=True)
+        app.settle()
+        refined = "refined by sequential compensation"
+        out["refined build (refine and surgery)"] = app.step("Build compressed model", lambda: page.get_by_text(refined),
+                                                             has_text(refined))
+
         app.go("Side by side")
         own = page.get_by_label("Your own prompts, one a line")  # with the preselected one: the CLI's three
         own.fill("The history of the Roman Empire begins\nWrite a short poem about the sea.")
@@ -289,7 +299,8 @@ the first page {cold['first_page_s']:.1f} s. The first load of the bundled model
 Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{f' --runs {len(runs)}' if len(runs) > 1 else ''}{' --cold-start' if cold else ''}`.
 The bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd + uniform at ratio 0.1, wiki and news
 with 1024 evaluation tokens each, the three default prompts (48 new tokens), BO with {BO_CALLS} calls, Dobi-SVD
-with {DOBI_EPOCHS} epoch over {DOBI_WINDOWS} windows. CLI and app ran one after the other, each on an empty cache
+with {DOBI_EPOCHS} epoch over {DOBI_WINDOWS} windows, and the same build refined (`--refine sequential`, the Compress
+page's Refine box; a refined uniform build runs no factor pass). CLI and app ran one after the other, each on an empty cache
 of its own, so both dequantize the GGUF (CLI: {raw['load_model']:.1f} s of its load) and compute every step cold.
 CLI times come from the `compress` report ("load and statistics" includes the plan that compress checks before
 it loads, as the app's load job does); an app time runs from the click until the result is on the page (both stamped

@@ -9,6 +9,7 @@ from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
 from dipsvd_core.inspection import budget, dobi_preview
+from dipsvd_core.methods import handler
 from dipsvd_core.pipeline import ALL_METHODS, allocation_names, settings_dict
 from studio import ui
 
@@ -100,7 +101,9 @@ new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), wei
               whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
               energy=energy, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows),
               dobi_epochs=int(dobi_epochs), dobi_windows=int(dobi_windows), dobi_lr=float(dobi_lr),
-              dobi_lambda=float(dobi_lambda), dobi_beta=float(dobi_beta), remap=bool(remap))
+              dobi_lambda=float(dobi_lambda), dobi_beta=float(dobi_beta), remap=bool(remap),
+              # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back
+              refine=cur.refine if handler(method).refinable else "none")
 s.settings = new
 
 with view:

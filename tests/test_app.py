@@ -508,6 +508,26 @@ def test_nested_without_refine_says_it_is_meant_to_be_refined():
     assert not any("meant to be refined" in i.value for i in at.info)
 
 
+def test_refine_on_then_dobi_chosen_is_not_an_error():
+    """Refine checked on the Compress page, then Dobi-SVD chosen on the Allocation page: Dobi-SVD cannot be refined,
+    so refine is off for it (not a red error that blocks its training), and the Compress page's box says so."""
+    at = factored(loaded())
+    page(at, "compress")
+    at.checkbox(key="k_c_refine").check()
+    settle(at)
+    studio = at.session_state["studio"]
+    page(at, "allocation")
+    at.selectbox(key="k_s_method").set_value("dobi")
+    settle(at)
+    assert not errors(at) and studio.settings.refine == "none"
+    assert any(b.label == "Train truncation positions" for b in at.button)
+    at.selectbox(key="k_s_method").set_value("dipsvd")
+    settle(at)
+    page(at, "compress")
+    settle(at)
+    assert studio.settings.refine == "none" and not at.checkbox(key="k_c_refine").value
+
+
 def test_settle_heap_collects_garbage_and_freezes_the_living():
     """The app freezes the objects alive after start-up and after a model load (studio.jobs.settle_heap): a
     full collection must free a garbage cycle first, and the living must leave the generations a collection

@@ -49,15 +49,9 @@ def kind(name: str) -> str:
 
 
 def type_factors(factors, raw: dict, targets) -> dict[str, float]:
-    """c_type = measured loss increase of the type probe / sum over the type of w_m L_m(k)^2 at the probe's keep."""
+    """c_type (allocators.calibrate_types) from the type probe measured on wiki (bench/typeprobe.jsonl)."""
     measured = json.loads((ROOT / "bench" / "typeprobe.jsonl").read_text().splitlines()[0])["type_probes_wiki"]
-    ranks = alloc.ranks_for(np.full(1 + max(t.block for t in targets), allocators.PROBE_KEEP), targets)
-    predicted: dict[str, float] = {}
-    for t in targets:
-        k = ranks[t.name]
-        loss = 0.0 if k is DENSE else raw[t.name] * float((factors[t.name].sigma[k:].double() ** 2).sum())
-        predicted[kind(t.name)] = predicted.get(kind(t.name), 0.0) + loss
-    return {ty: measured[ty] / predicted[ty] for ty in predicted}
+    return allocators.calibrate_types(measured, factors, raw, targets)
 
 
 def nested(outer: dict, sigmas: dict, weights: dict, targets, p_min: float = 0.05, phi: float | None = None) -> dict:
@@ -122,7 +116,7 @@ def main() -> None:
                          "coupled": lambda: wb.allocate(replace(base, ratio=ratio, allocation="coupled")).ranks,
                          }[variant]()
             if args.refine:  # the build's own refine on these ranks, then the refined model
-                a = alloc.Allocation(np.zeros(0), ranks, ratio, alloc.realized_ratio(ranks, targets), variant)
+                a = alloc.from_ranks(ranks, targets, ratio, variant)
                 weights, _ = wb.refine(replace(base, ratio=ratio, refine="sequential"), a)
                 model = compress_model(lm.model, weights)
                 held, ppl = None, {s: perplexity(model, x) for s, x in evals.items()}

@@ -150,6 +150,14 @@ def block_params(targets: list[Target]) -> np.ndarray:
     return out
 
 
+def from_ranks(ranks: dict[str, int | None], targets: list[Target], ratio: float, method: str) -> Allocation:
+    """The Allocation of per-matrix ranks: p_l is the fraction of block l's parameters they keep."""
+    kept = np.zeros(1 + max(t.block for t in targets))
+    for t in targets:
+        kept[t.block] += matrix_params(ranks[t.name], t.out_features, t.in_features)
+    return Allocation(kept / block_params(targets), ranks, ratio, realized_ratio(ranks, targets), method)
+
+
 def uniform(targets: list[Target], ratio: float, **bounds) -> Allocation:
     """SVD-LLM's allocation: every block keeps 1 - r, then projected onto the exact budget."""
     n = 1 + max(t.block for t in targets)

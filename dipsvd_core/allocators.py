@@ -242,12 +242,8 @@ def coupled(factors, weights: dict[str, float], targets: list[Target], ratio: fl
     ratio = alloc.check_ratio(ratio)
     budget = (1 - ratio) * sum(t.params for t in targets)
     sigmas = {t.name: factors[t.name].sigma.double().numpy() for t in targets}
-    ranks = coupled_ranks(sigmas, weights, targets, budget, p_min, p_max, exact)
-    kept = np.zeros(1 + max(t.block for t in targets))
-    for t in targets:
-        kept[t.block] += alloc.matrix_params(ranks[t.name], t.out_features, t.in_features)
-    p_blocks = kept / alloc.block_params(targets)
-    return Allocation(p_blocks, ranks, ratio, alloc.realized_ratio(ranks, targets), method="coupled")
+    return alloc.from_ranks(coupled_ranks(sigmas, weights, targets, budget, p_min, p_max, exact), targets, ratio,
+                            "coupled")
 
 
 def calibrate_types(measured: dict[str, float], factors, weights: dict[str, float], targets: list[Target],
@@ -283,11 +279,7 @@ def nested(outer: Allocation, factors, weights: dict[str, float], targets: list[
             continue
         budget = sum(alloc.matrix_params(outer.ranks[t.name], t.out_features, t.in_features) for t in block)
         ranks.update(coupled_ranks(sigmas, weights, block, budget, p_min, p_max, exact))
-    kept = np.zeros(n_blocks)
-    for t in targets:
-        kept[t.block] += alloc.matrix_params(ranks[t.name], t.out_features, t.in_features)
-    return Allocation(kept / alloc.block_params(targets), ranks, outer.ratio_target,
-                      alloc.realized_ratio(ranks, targets), method="nested")
+    return alloc.from_ranks(ranks, targets, outer.ratio_target, "nested")
 
 
 def predicted_loss(factors, ranks: dict[str, int | None], targets: list[Target]) -> np.ndarray:

@@ -31,6 +31,7 @@ from .surgery import compress_model
 
 ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "nested", "trained")
 ALL_METHODS = tuple(HANDLERS)  # svd, svd-llm, dipsvd, fwsvd, asvd (factored) and dobi (trains its ranks)
+PROBE_CACHE = {"block": ("probe-v1", "probe"), "type": ("probe-types-v1", "type_probe")}  # cache key, timings name
 
 
 @dataclass
@@ -134,8 +135,9 @@ class Workbench:
         self._fisher: FisherInfo | None = None
         self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
         self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
-        self._probes: dict[tuple, np.ndarray] = {}  # the coupled allocator's block probes, per (factor key, held-out windows)
-        self._type_probes: dict[tuple, dict[str, float]] = {}  # the nested allocator's type probes, keyed the same
+        # the probes that calibrate the coupled (per block) and nested (per matrix type) allocations, per
+        # (kind, factor key, held-out windows)
+        self._probes: dict[tuple, np.ndarray] = {}
         self._heldout: dict[int, torch.Tensor] = {}  # held-out windows, per count
         self.timings_s: dict[str, float] = {}
         self._converted = False  # build(inplace=True) turned the original into the compressed model
@@ -348,65 +350,52 @@ class Workbench:
         return {t.name: raw[t.name] * c[matrix_type(t.name)] for t in self.targets}
 
     def has_probe(self, settings: Settings) -> bool:
-        """Whether the probe the allocation needs (coupled: per block; nested: per matrix type) for these factors
-        is in memory or in the disk cache."""
-        ident = (settings.spec.key, settings.bo_windows)
-        nested = settings.allocation == "nested"
-        if ident in (self._type_probes if nested else self._probes):
+        """Whether the probe the allocation needs (nested: per matrix type; otherwise coupled's, per block) for
+        these factors is in memory or in the disk cache."""
+        kind = "type" if settings.allocation == "nested" else "block"
+        if (kind, settings.spec.key, settings.bo_windows) in self._probes:
             return True
-        if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings, nested)) is None:
+        if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings, kind)) is None:
             return False
-        if nested:  # from the cache: no probe runs
-            self.type_sensitivity(settings)
-        else:
-            self.block_sensitivity(settings)
+        self._probe(settings, kind)  # from the cache: no probe runs
         return True
 
-    def _probe_key(self, settings: Settings, types: bool = False) -> str:
-        return make_key("probe-types-v1" if types else "probe-v1", stats_key(self.lm, self.windows()),
-                        settings.spec.key, stats_key(self.lm, self.heldout(settings.bo_windows)), allocators.PROBE_KEEP)
+    def _probe_key(self, settings: Settings, kind: str) -> str:
+        return make_key(PROBE_CACHE[kind][0], stats_key(self.lm, self.windows()), settings.spec.key,
+                        stats_key(self.lm, self.heldout(settings.bo_windows)), allocators.PROBE_KEEP)
 
-    def type_sensitivity(self, settings: Settings, progress=None) -> dict[str, float]:
-        """d_type: the measured loss increase with every matrix of one type truncated at PROBE_KEEP, the rest
-        dense (importance.py), on the held-out windows BO uses."""
-        from .importance import type_sensitivity
+    def _probe(self, settings: Settings, kind: str, progress=None) -> np.ndarray:
+        """The measured loss increase of each group of a probe (importance.probe_groups) truncated at PROBE_KEEP,
+        on the held-out windows BO uses: from memory, else the disk cache, else measured and cached."""
+        from .importance import group_sensitivity, probe_groups
 
-        ident = (settings.spec.key, settings.bo_windows)
-        if ident not in self._type_probes:
-            key = self._probe_key(settings, types=True)
-            hit = load_tensors("probe", key)
-            if hit is not None:
-                self._type_probes[ident] = {ty: float(v) for ty, v in zip(hit[1]["types"], hit[0]["d"].tolist())}
-            else:
-                t0 = time.perf_counter()
-                d = type_sensitivity(self.lm.model, self.targets, self.factors(settings.spec, progress),
-                                     self.heldout(settings.bo_windows), allocators.PROBE_KEEP, progress)
-                save_tensors("probe", key, {"d": torch.tensor(list(d.values()), dtype=torch.float64)},
-                             {"keep": allocators.PROBE_KEEP, "types": list(d), "seconds": time.perf_counter() - t0})
-                self.timings_s["type_probe"] = time.perf_counter() - t0
-                self._type_probes[ident] = d
-        return self._type_probes[ident]
-
-    def block_sensitivity(self, settings: Settings, progress=None) -> np.ndarray:
-        """d_l: the measured loss increase with block l alone truncated at PROBE_KEEP (importance.py), on the
-        held-out windows BO uses."""
-        from .importance import block_sensitivity
-
-        spec, ident = settings.spec, (settings.spec.key, settings.bo_windows)
+        ident = (kind, settings.spec.key, settings.bo_windows)
         if ident not in self._probes:
-            key = self._probe_key(settings)
+            key = self._probe_key(settings, kind)
             hit = load_tensors("probe", key)
             if hit is not None:
                 self._probes[ident] = hit[0]["d"].numpy()
             else:
                 t0 = time.perf_counter()
-                d = block_sensitivity(self.lm.model, self.targets, self.factors(spec, progress),
-                                      self.heldout(settings.bo_windows), allocators.PROBE_KEEP, progress)
-                save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP,
+                groups, labels = probe_groups(self.targets, kind)
+                d = group_sensitivity(self.lm.model, self.targets, self.factors(settings.spec, progress),
+                                      self.heldout(settings.bo_windows), allocators.PROBE_KEEP, groups, labels, progress)
+                save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP, "groups": labels,
                                                                        "seconds": time.perf_counter() - t0})
-                self.timings_s["probe"] = time.perf_counter() - t0
+                self.timings_s[PROBE_CACHE[kind][1]] = time.perf_counter() - t0
                 self._probes[ident] = d
         return self._probes[ident]
+
+    def block_sensitivity(self, settings: Settings, progress=None) -> np.ndarray:
+        """d_l: the measured loss increase with block l alone truncated at PROBE_KEEP (coupled's calibration)."""
+        return self._probe(settings, "block", progress)
+
+    def type_sensitivity(self, settings: Settings, progress=None) -> dict[str, float]:
+        """d_type: the measured loss increase with every matrix of one type truncated at PROBE_KEEP, the rest dense
+        (nested's calibration)."""
+        from .importance import probe_groups
+
+        return dict(zip(probe_groups(self.targets, "type")[1], self._probe(settings, "type", progress).tolist()))
 
     def predicted_loss(self, settings: Settings, allocation: alloc.Allocation) -> np.ndarray:
         """Per block: sum of the whitened losses L_m(k_m)^2 of its matrices (from the factors, cheap)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from torch import nn
 from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
 from .models import Target, weights_of
+
+if TYPE_CHECKING:
+    from .stream import BlockInputs
 
 ENERGIES = ("sigma2", "sigma")
 FISHER_VERSION = "fisher-v3"  # v2: block-by-block backward; v3: output-gradient and output energies
@@ -67,52 +71,75 @@ class _Inject(nn.Module):
         return (h,) if self.as_tuple else h
 
 
-def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, progress=None) -> FisherInfo:
-    """Backward passes over `windows` (n, seqlen), one decoder block at a time (stream.py), so that memory
-    holds one block's gradients, not the whole model's:
+@dataclass
+class _SavedInputs:
+    """Part (a) of `fisher_info`, the result of its no-grad pass: what every block received, kept for the backward.
 
-    1. a no-grad streaming pass keeps every block's input for every window;
-    2. per window, the top of the model (final norm, lm_head, loss) runs on the last block's output
-       with the blocks stood in for, giving dL_w/dh at that output;
-    3. from the last block down, each block is run again on its saved inputs and back-propagated from
-       dL_w/dh; for every targeted Linear y = x W^T its weight gradient is grad_y^T x (hooks, no
-       requires_grad on any weight, so accelerate-offloaded weights work), and the gradient at the
-       block's input is passed down.
-    The weights' requires_grad flags and .grad are left exactly as they were."""
-    from .models import find_blocks
-    from .stream import capture_inputs, forward_block, window_ids
+    In memory, with n windows of seqlen tokens and width hidden, all in the model's dtype:
+    - saved[b][i]: block b's input for window i, (1, seqlen, hidden); on the host when the model runs on a GPU
+      (Llama-3-8B: 4.3 GB for all blocks), else on the model's device. `release(b)` drops block b's once done.
+    - inputs: the stream.BlockInputs after the last block: inputs.hidden[i] is the LAST block's output for
+      window i, (1, seqlen, hidden) on the model's device, and inputs.kwargs[i] the keyword arguments (position
+      embeddings, masks) the model passes every block for window i.
+    - as_tuple: whether a block returns a tuple (the stand-ins of part (b) answer the same way)."""
 
-    t0 = time.perf_counter()
-    prefix, blocks = find_blocks(model)
-    n, n_blocks = len(windows), len(blocks)
-    mods = dict(model.named_modules())
-    names_of: dict[int, list[str]] = {}
-    for t in targets:
-        names_of.setdefault(t.block, []).append(t.name)
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved: list[list[torch.Tensor] | None]
+    inputs: BlockInputs
+    as_tuple: bool
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks run the backward: the device of the last block's output."""
+        return self.inputs.hidden[0].device
+
+    def block_input(self, b: int, i: int) -> torch.Tensor:
+        """Block b's input for window i on `device`, a leaf that requires grad: (1, seqlen, hidden)."""
+        return self.saved[b][i].to(self.device).detach().requires_grad_(True)
+
+    def release(self, b: int) -> None:
+        self.saved[b] = None
+
+
+def _forward_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, progress=None) -> _SavedInputs:
+    """Part (a): one no-grad streaming pass over `windows` (n, seqlen) that keeps every block's input for every
+    window (see _SavedInputs for what it holds). Progress runs from 0 to 0.5 over the blocks."""
+    from .stream import capture_inputs, forward_block
+
+    n_blocks = len(blocks)
+    with torch.no_grad():
+        inputs = capture_inputs(model, blocks, windows)
+        out = blocks[0](inputs.hidden[0], **inputs.kwargs[0])
+        as_tuple = isinstance(out, tuple)
+        del out
+        # on a GPU every block's inputs wait in host memory (Llama-3-8B: 4.3 GB) and come back a block at a time
+        saved = []
+        to_host = inputs.hidden[0].device.type == "cuda"
+        for b, block in enumerate(blocks):
+            saved.append([h.to("cpu") for h in inputs.hidden] if to_host else list(inputs.hidden))
+            forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
+                0.5 * (b + i / m) / n_blocks, f"fisher: forward, block {b + 1}/{n_blocks}"))
+    return _SavedInputs(saved, inputs, as_tuple)
+
+
+def _top_gradients(model: nn.Module, blocks: nn.ModuleList, fwd: _SavedInputs,
+                   windows: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    """Part (b): per window, the top of the model (final norm, lm_head, next-token loss) run on the last block's
+    output with every block stood in for (_Inject), and back-propagated to that output.
+
+    Returns (grads, loss_sum): grads[i] = dL_i/dh at the last block's output for window i, (1, seqlen, hidden)
+    in the model's dtype on its device (n of them are held), and loss_sum the sum over windows, in order, of each
+    window's mean token NLL. Beyond those, one window's float32 logits (1, seqlen, vocab) and their graph live at a
+    time. `blocks` is restored before returning, also on an error."""
+    from .stream import window_ids
+
+    n_blocks = len(blocks)
     originals = list(blocks)
-    grad_sum, rows, total_loss = {}, {}, 0.0
-    out_grad2, out_energy = {t.name: 0.0 for t in targets}, {t.name: 0.0 for t in targets}
+    grads, loss_sum = [], 0.0
     try:
-        for p, _ in saved_flags:
-            p.requires_grad_(False)
-        with torch.no_grad():  # 1. every block's inputs
-            inputs = capture_inputs(model, blocks, windows)
-            out = blocks[0](inputs.hidden[0], **inputs.kwargs[0])
-            as_tuple = isinstance(out, tuple)
-            del out
-            # on a GPU every block's inputs wait in host memory (Llama-3-8B: 4.3 GB) and come back a block at a time
-            saved = []
-            to_host = inputs.hidden[0].device.type == "cuda"
-            for b, block in enumerate(blocks):
-                saved.append([h.to("cpu") for h in inputs.hidden] if to_host else list(inputs.hidden))
-                forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
-                    0.5 * (b + i / m) / n_blocks, f"fisher: forward, block {b + 1}/{n_blocks}"))
-        grads = []  # 2. dL_w/dh at the last block's output
         for i, ids in window_ids(model, windows):
-            top = inputs.hidden[i].detach().requires_grad_(True)
+            top = fwd.inputs.hidden[i].detach().requires_grad_(True)
             for b in range(n_blocks):
-                blocks[b] = _Inject(top if b == n_blocks - 1 else None, as_tuple)
+                blocks[b] = _Inject(top if b == n_blocks - 1 else None, fwd.as_tuple)
             with torch.enable_grad():
                 logits = model(ids, use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])  # mean next-token NLL
@@ -120,66 +147,140 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
                     raise DipSVDError(f"the loss is not finite on calibration window {i}; load the model in "
                                       "float32 (--dtype float32)")
                 loss.backward()
-            total_loss += loss.item()
+            loss_sum += loss.item()
             grads.append(top.grad)
             del logits, loss, top
-        for b, block in enumerate(originals):
-            blocks[b] = block
-        for b in reversed(range(n_blocks)):  # 3. block by block, from the top
-            names = names_of.get(b, [])
-            for name in names:
-                W = mods[name].weight
-                grad_sum[name] = torch.zeros(W.shape, dtype=torch.float32, device=grads[0].device)
-                rows[name] = torch.zeros(W.shape[1], dtype=torch.float64, device=grads[0].device)
-
-            def hook(name):
-                def forward_hook(module, args, y):
-                    x = args[0].detach()
-                    out_energy[name] += float(y.detach().double().pow(2).sum())
-
-                    def on_grad(g):
-                        out_grad2[name] += float(g.double().pow(2).sum())
-                        gw = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
-                        grad_sum[name] += gw.to(grad_sum[name].device)
-                        rows[name] += (gw.double() ** 2).sum(0).to(rows[name].device)  # one value per input channel
-                    y.register_hook(on_grad)
-                return forward_hook
-
-            handles = [mods[nm].register_forward_hook(hook(nm)) for nm in names]
-            try:
-                for i in range(n):
-                    x = saved[b][i].to(inputs.hidden[0].device).detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        out = originals[b](x, **inputs.kwargs[i])
-                        h = out[0] if isinstance(out, tuple) else out
-                        h.backward(grads[i].to(h.device))
-                    grads[i] = x.grad
-                    if progress:
-                        progress(0.5 + 0.5 * (n_blocks - b - 1 + (i + 1) / n) / n_blocks,
-                                 f"fisher: backward, block {b + 1}/{n_blocks}, window {i + 1}/{n}")
-            finally:
-                for h_ in handles:
-                    h_.remove()
-            saved[b] = None
     finally:
         for b, block in enumerate(originals):
             blocks[b] = block
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
+    return grads, loss_sum
+
+
+class _Reductions:
+    """Part (c)'s accumulators: the few figures the backward passes keep per targeted Linear y = x W^T, W (out, in).
+
+    - grad_sum[name]: (out, in) float32, the sum over windows of grad_w, the weight gradient of window w's loss;
+    - rows[name]: (in,) float64, the row-wise Fisher f_j = sum over windows of sum_i grad_w[i, j]^2;
+    - out_grad2[name], out_energy[name]: floats, the sums over tokens of ||dL_w/dy_t||^2 and of ||y_t||^2.
+    grad_sum and rows are made by `start` (on the device of the gradients) as the backward reaches a block; out_*
+    exist for every target from the start. A hook holds its window's input x (1, seqlen, in) and then one (out, in)
+    gw until that window's gradient at y has arrived."""
+
+    def __init__(self, names: list[str]):
+        self.grad_sum: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+        self.out_grad2 = {name: 0.0 for name in names}
+        self.out_energy = {name: 0.0 for name in names}
+
+    def start(self, name: str, shape: torch.Size, device: torch.device) -> None:
+        self.grad_sum[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.rows[name] = torch.zeros(shape[1], dtype=torch.float64, device=device)
+
+    def hook(self, name: str):
+        """A forward hook for the Linear `name`: it adds ||y||^2 and registers, on y, the reduction of y's gradient
+        g to ||g||^2, gw = g^T x (no requires_grad on any weight) and gw's column sums of squares."""
+        def forward_hook(module, args, y):
+            x = args[0].detach()
+            self.out_energy[name] += float(y.detach().double().pow(2).sum())
+
+            def on_grad(g):
+                self.out_grad2[name] += float(g.double().pow(2).sum())
+                gw = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
+                self.grad_sum[name] += gw.to(self.grad_sum[name].device)
+                self.rows[name] += (gw.double() ** 2).sum(0).to(self.rows[name].device)  # one value per input channel
+            y.register_hook(on_grad)
+        return forward_hook
+
+
+def _backward_block(b: int, block: nn.Module, names: list[str], mods: dict[str, nn.Module], fwd: _SavedInputs,
+                    grads: list[torch.Tensor], red: _Reductions, progress=None) -> None:
+    """Part (c): block b run again on its saved inputs (fwd) and back-propagated, window by window, from grads[i]
+    (dL_i/dh at its output, (1, seqlen, hidden)); `red` reduces the weight gradients of its targeted Linears `names`.
+    grads[i] becomes dL_i/dh at the block's input, for block b - 1, and fwd.release(b) frees the saved inputs.
+    Held meanwhile: one window's activations and graph of this block, and `red`'s figures of these Linears."""
+    n, n_blocks = len(grads), len(fwd.saved)
+    for name in names:
+        red.start(name, mods[name].weight.shape, grads[0].device)
+    handles = [mods[nm].register_forward_hook(red.hook(nm)) for nm in names]
+    try:
+        for i in range(n):
+            x = fwd.block_input(b, i)
+            with torch.enable_grad():
+                out = block(x, **fwd.inputs.kwargs[i])
+                h = out[0] if isinstance(out, tuple) else out
+                h.backward(grads[i].to(h.device))
+            grads[i] = x.grad
+            if progress:
+                progress(0.5 + 0.5 * (n_blocks - b - 1 + (i + 1) / n) / n_blocks,
+                         f"fisher: backward, block {b + 1}/{n_blocks}, window {i + 1}/{n}")
+    finally:
+        for h_ in handles:
+            h_.remove()
+    fwd.release(b)
+
+
+def _assemble(mods: dict[str, nn.Module], targets: list[Target], red: _Reductions, n: int, tokens: int,
+              loss_sum: float, t0: float) -> FisherInfo:
+    """Part (d): FisherInfo from the reductions of n windows (tokens in all): per matrix s = ||mean grad||_F /
+    (||W||_F + eps) in float64, S_l = the sum of s over block l's targets, the trace sum_j f_j / n, the output
+    figures per token, and the rows moved to the host. Nothing but those figures and one weight's norm is held."""
     per_matrix, trace = {}, {}
-    tokens = windows.numel()
     per_block = np.zeros(1 + max(t.block for t in targets))
     for t in targets:
-        g = grad_sum[t.name].double() / n  # gradient of the mean loss over windows
+        g = red.grad_sum[t.name].double() / n  # gradient of the mean loss over windows
         with weights_of(mods[t.name]):
             norm_w = torch.linalg.norm(mods[t.name].weight.detach().double()).to(g.device)
         s = (torch.linalg.norm(g) / (norm_w + GRAD_EPS)).item()
         per_matrix[t.name] = s
-        trace[t.name] = rows[t.name].sum().item() / n
+        trace[t.name] = red.rows[t.name].sum().item() / n
         per_block[t.block] += s
-    return FisherInfo(per_block, per_matrix, {k: v.cpu() for k, v in rows.items()}, trace,
-                      {k: v / tokens for k, v in out_grad2.items()}, {k: v / tokens for k, v in out_energy.items()},
-                      n, total_loss / n, seconds=time.perf_counter() - t0)
+    return FisherInfo(per_block, per_matrix, {k: v.cpu() for k, v in red.rows.items()}, trace,
+                      {k: v / tokens for k, v in red.out_grad2.items()},
+                      {k: v / tokens for k, v in red.out_energy.items()},
+                      n, loss_sum / n, seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Every parameter's requires_grad off within, restored exactly after (also on an error)."""
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved_flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+
+
+def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, progress=None) -> FisherInfo:
+    """Backward passes over `windows` (n, seqlen), one decoder block at a time (stream.py), so that memory
+    holds one block's gradients, not the whole model's:
+
+    1. a no-grad streaming pass keeps every block's input for every window (`_forward_inputs`);
+    2. per window, the top of the model (final norm, lm_head, loss) runs on the last block's output
+       with the blocks stood in for, giving dL_w/dh at that output (`_top_gradients`);
+    3. from the last block down, each block is run again on its saved inputs and back-propagated from
+       dL_w/dh; for every targeted Linear y = x W^T its weight gradient is grad_y^T x (hooks, no
+       requires_grad on any weight, so accelerate-offloaded weights work), reduced at once to the figures
+       FisherInfo keeps (`_backward_block`, `_Reductions`), and the gradient at the block's input is passed down;
+    4. FisherInfo is assembled from those figures (`_assemble`).
+    The weights' requires_grad flags and .grad are left exactly as they were."""
+    from .models import find_blocks
+
+    t0 = time.perf_counter()
+    _, blocks = find_blocks(model)
+    mods = dict(model.named_modules())
+    names_of: dict[int, list[str]] = {}
+    for t in targets:
+        names_of.setdefault(t.block, []).append(t.name)
+    red = _Reductions([t.name for t in targets])
+    with _frozen(model):
+        fwd = _forward_inputs(model, blocks, windows, progress)  # 1.
+        grads, loss_sum = _top_gradients(model, blocks, fwd, windows)  # 2.
+        for b in reversed(range(len(blocks))):  # 3. block by block, from the top
+            _backward_block(b, blocks[b], names_of.get(b, []), mods, fwd, grads, red, progress)
+    return _assemble(mods, targets, red, len(windows), windows.numel(), loss_sum, t0)  # 4.
 
 
 def cached_fisher(lm, windows: torch.Tensor, stats_key: str, progress=None) -> FisherInfo:

@@ -130,3 +130,27 @@ def test_fisher_is_cached_and_workbench_importance_has_every_signal(tiny_lm, win
                                       effective_ranks(bench.stats().block_spectra, tau, energy))
     np.testing.assert_allclose(imp["Q"], imp["S_norm"] ** 0.25 * imp["R_norm"] ** 0.75)
     assert 1 <= imp["R"].min() and imp["R"].max() <= tiny_lm.model.config.hidden_size
+
+
+@pytest.mark.parametrize("stage", ["fisher: forward", "fisher: backward"])
+def test_fisher_leaves_the_model_as_it_was_when_interrupted(tiny_lm, windows, stage):
+    """An error in any part (here the progress callback raising) restores the blocks, the requires_grad flags
+    and the hooks: the stand-ins of the top pass and the weight-gradient hooks are gone."""
+    from dipsvd_core.models import find_blocks
+
+    model = tiny_lm.model
+    _, blocks = find_blocks(model)
+    originals = list(blocks)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    mods = dict(model.named_modules())
+
+    def progress(fraction, message):
+        if message.startswith(stage):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fisher_info(model, tiny_lm.targets, windows, progress)
+    assert all(a is b for a, b in zip(blocks, originals)) and len(blocks) == len(originals)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == flags[n] and p.grad is None
+    assert not any(mods[t.name]._forward_hooks for t in tiny_lm.targets)

@@ -50,6 +50,13 @@ computed), and a child of the block that has finished with all its matrices refi
 once o_proj is) is replayed from its kept outputs instead of being run again for the later groups.
 Dense-kept matrices stay the original's. Refining is a build step: the allocation (ranks) comes from
 the fast factor-once path.
+
+The code keeps the pass's three jobs apart, as GPTQ keeps `add_batch` apart from `fasterquant`:
+`_GroupStats` gathers, window by window, what one input group's closed form needs (G^, and C or the
+last Linear's whole numerator); `_BlockWalk` walks one block on both paths (the original run that takes
+every X, the compressed runs that stop at a group, the replayed children, the refined forwards put in
+place); `_closed_form` solves a group (steps 1 to 3: the least-squares target, then the whitened
+truncation through factors.factor_model). `refine` strings them together block by block.
 """
 from __future__ import annotations
 
@@ -158,6 +165,241 @@ def _check(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+class _GroupStats:
+    """The accumulator of one input group: what its closed form needs, added window by window on the
+    compressed path, in float64. Always the Gram G^ = X^ X^^T, (in, in). A plain group adds the cross-Gram
+    C = X X^^T, (in, in), with X the original inputs; the residual-writing Linear (`full`) adds instead the
+    whole numerator (B - R^) X^^T, (hidden, in), and keeps each window's X^ and r^, (tokens, in) and
+    (tokens, hidden), to give the next block its inputs once the Linear is refined."""
+
+    def __init__(self, full: bool):
+        self.full = full
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.numerator: torch.Tensor | None = None
+        self.kept_x: list[torch.Tensor] = []
+        self.kept_r: list[torch.Tensor] = []
+
+    def _add_gram(self, xh: torch.Tensor) -> None:
+        if self.gram is None:
+            dim = xh.shape[-1]
+            self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+            if not self.full:
+                self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
+        self.gram += (xh.T @ xh).double()
+
+    def add(self, xh: torch.Tensor, x: torch.Tensor) -> None:
+        """A plain group's window: X^ (tokens, in) in float32 and the original X (tokens, in)."""
+        self._add_gram(xh)
+        self.cross += (x.float().T @ xh).double()
+
+    def add_residual(self, x_raw: torch.Tensor, r_h: torch.Tensor, block_out: torch.Tensor) -> None:
+        """The residual-writing Linear's window: its input X^ (tokens, in), the compressed path's residual r^
+        (tokens, hidden) and the original block's output B, whatever its shape."""
+        xh = x_raw.float()
+        self.kept_x.append(x_raw)
+        self.kept_r.append(r_h)
+        # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
+        d = (block_out.reshape(-1, r_h.shape[-1]) - r_h).float()
+        part = (d.T @ xh).double()
+        self.numerator = part if self.numerator is None else self.numerator + part
+        self._add_gram(xh)
+
+    def check(self, name: str) -> None:
+        _check(self.gram, name)  # a NaN in any window's X or X^ reaches G^ or C: one check per group
+        _check(self.numerator if self.full else self.cross, name)
+
+    def outputs(self, refined, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """full: the block's outputs r^ + the refined last Linear, per window, shaped as `like`: the block
+        need not run again."""
+        return [(self.kept_r[i] + refined(self.kept_x[i])).reshape(like[i].shape) for i in range(len(like))]
+
+
+class _BlockWalk:
+    """One block on both paths. `run_original` runs the original block once and keeps every input group's X;
+    `compressed_inputs` runs the compressed path up to one group; `install` puts a refined matrix in place on
+    the compressed path; `advance` gives the next block its compressed-path inputs; `restore` puts every
+    replaced forward back, leaving the model as it came."""
+
+    def __init__(self, block: nn.Module, base: str, wanted: set[str], orig: BlockInputs, hat: BlockInputs):
+        self.block, self.orig, self.hat = block, orig, hat
+        self.n_win = len(orig.hidden)
+        self.linears = {f"{base}.{n}": m for n, m in block.named_modules()
+                        if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
+        self.group_of: dict[str, str] = {}  # Linear -> the first Linear called on the same input tensor
+        self.taken: dict[str, list[torch.Tensor]] = {}  # group -> its original inputs X per window, (tokens, in)
+        self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # this window's inputs so far (shared inputs once)
+        self.unkept: set[str] = set()  # groups whose original inputs X are not needed
+        self.current = [0]  # the window the compressed path is running, for the children's kept outputs
+        self.kept: dict[nn.Module, list] = {}  # a finished child's output per window, while it is being recorded
+        self.calls: dict[nn.Module, int] = {}
+        self.replayed: set[nn.Module] = set()
+        self.children = [m for m in block.children() if any(isinstance(x, nn.Linear) for x in m.modules())]
+        self.swaps: list = []  # restore functions of the replaced forwards, undone when the block is done
+        self.next_hidden: list[torch.Tensor] | None = None  # the refined block's outputs, if the last group gives them
+
+    def _take(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            hit = self.seen.get(id(x))
+            if hit is not None and hit[0] is x:
+                self.group_of[name] = hit[1]
+                return
+            self.seen[id(x)] = (x, name)
+            self.group_of[name] = name
+            if name not in self.unkept:
+                self.taken.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
+        return hook
+
+    def residual_writer(self, ranks: dict[str, int | None]) -> str | None:
+        """The block's last Linear when nothing with weights runs after it: it writes straight into the residual
+        stream (Llama, Mistral, Qwen2: block output = r + down_proj(x)), and its target also takes back the drift
+        r - r^ (4. in the module docstring). None when it shares its inputs or stays dense (the plain targets).
+        One window finds it; the probe only groups the inputs, it keeps none."""
+        finished: list[nn.Module] = []
+        leaves = [m for m in self.block.modules() if next(m.parameters(recurse=False), None) is not None]
+        probes = [m.register_forward_hook(lambda mod, a, y: finished.append(mod)) for m in leaves]
+        probes += [m.register_forward_pre_hook(self._take(n)) for n, m in self.linears.items()]
+        self.unkept.update(self.linears)
+        try:
+            self.block(self.orig.hidden[0], **self.orig.kwargs[0])
+        finally:
+            for h in probes:
+                h.remove()
+        last = next((n for n, m in self.linears.items() if finished and m is finished[-1]), None)
+        alone = [n for n in self.linears if self.group_of.get(n) == last]
+        if last is None or alone != [last] or ranks.get(last) is None:
+            last = None
+        self.unkept.clear()
+        self.group_of.clear()
+        self.seen.clear()
+        return last
+
+    def run_original(self, last: str | None) -> list[str]:
+        """1. The original block, window by window: every group's original inputs X (but `last`'s, whose target
+        takes the block's outputs instead), and the original path's next inputs. Returns the groups' leaders in
+        the order the block calls them."""
+        if last is not None:
+            self.unkept.add(last)
+        handles = [m.register_forward_pre_hook(self._take(n)) for n, m in self.linears.items()]
+        try:
+            for i in range(self.n_win):
+                self.seen.clear()
+                self.orig.hidden[i] = _block_out(self.block(self.orig.hidden[i], **self.orig.kwargs[i]))
+        finally:
+            for h in handles:
+                h.remove()
+        self.seen.clear()
+        return [n for n in self.group_of if self.group_of[n] == n]
+
+    def _record(self, child: nn.Module):
+        def hook(module, args, kwargs, y):
+            self.calls[module] = self.calls.get(module, 0) + 1
+            self.kept.setdefault(module, [None] * self.n_win)[self.current[0]] = y
+        return hook
+
+    def compressed_inputs(self, leader: str, full: bool) -> _GroupStats:
+        """2. This group's compressed-path inputs X^, the groups before it already refined, gathered window by
+        window. A plain group's forward stops at its leader (a pre-hook raises _Stop); the residual-writing
+        Linear (`full`) keeps X^ and adds nothing, so the block returns r^ itself."""
+        stats, got = _GroupStats(full), []
+        linear = self.linears[leader]
+
+        def stop(module, args):
+            raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+        def silent(x):
+            got.append(x.detach().reshape(-1, x.shape[-1]))
+            return x.new_zeros(*x.shape[:-1], linear.out_features)
+
+        if full:
+            restore = _replace_forward(linear, silent)
+        else:
+            handle = linear.register_forward_pre_hook(stop)
+        self.kept.clear()
+        self.calls.clear()
+        recorders = [] if full else [c.register_forward_hook(self._record(c), with_kwargs=True)
+                                     for c in self.children if c not in self.replayed]
+        try:
+            for i in range(self.n_win):
+                self.current[0] = i
+                try:
+                    out_h, xh = _block_out(self.block(self.hat.hidden[i], **self.hat.kwargs[i])), None
+                except _Stop as e:
+                    xh = e.args[0].float()
+                if xh is not None:  # outside the except: the stopped block's frames are let go first
+                    stats.add(xh, self.taken[leader][i])
+                elif full:
+                    stats.add_residual(got.pop(), out_h.reshape(-1, out_h.shape[-1]), self.orig.hidden[i])
+                else:
+                    raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
+                                      "structure is not supported by refine")
+        finally:
+            if full:
+                restore()
+            else:
+                handle.remove()
+            for h in recorders:
+                h.remove()
+        self._replay_finished()
+        stats.check(leader)
+        return stats
+
+    def _replay_finished(self) -> None:
+        """A child of the block that finished before this group's inputs were reached, once per window, holds only
+        matrices already refined (or dense) and takes inputs no later group changes: its outputs are the same in
+        every later run of the compressed path, so they are kept and replayed instead of running it again (the
+        attention, for the gate/up and down groups of a Llama block)."""
+        for child, ys in self.kept.items():
+            if self.calls[child] == self.n_win and all(y is not None for y in ys):
+                self.swaps.append(_replace_forward(child, _replay(ys, self.current)))
+                self.replayed.add(child)
+        self.kept.clear()
+
+    def install(self, name: str, u: torch.Tensor, v: torch.Tensor):
+        """(u, v) in the model's dtype on the host, and the refined forward now in place of the Linear's on the
+        compressed path: its two factors, so the dense product is not computed there."""
+        linear = self.linears[name]
+        with weights_of(linear):
+            dev, dt = linear.weight.device, linear.weight.dtype
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+        host = (u.to("cpu", dt), v.to("cpu", dt))
+        refined = _low_rank(u.to(dev, dt), v.to(dev, dt), bias)
+        self.swaps.append(_replace_forward(linear, refined))
+        return host, refined
+
+    def advance(self) -> None:
+        """The refined block on the compressed path gives the next block its inputs (already at hand when the last
+        group was the residual-writing Linear: r^ + its refined output)."""
+        for i in range(self.n_win):
+            self.current[0] = i
+            self.hat.hidden[i] = self.next_hidden[i] if self.next_hidden is not None else _block_out(
+                self.block(self.hat.hidden[i], **self.hat.kwargs[i]))
+
+    def restore(self) -> None:
+        for undo in reversed(self.swaps):
+            undo()
+
+
+def _closed_form(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec: FactorSpec,
+                 compute: torch.dtype, damp: float, abs_means: dict | None, fisher_rows: dict | None):
+    """3. The group's factors from its statistics: the least-squares targets W* (step 1 of the module docstring;
+    for the residual-writing Linear the whole numerator (B - R^) X^^T), then the method's whitened truncation
+    against G^ (steps 2 and 3, through factor_model). Returns (factors, eigenvalues of G^ floored)."""
+    targets = {}
+    solve, floored = solver(stats.gram, compute, damp)  # one factorisation of G^ for the whole group
+    for n, linear in members.items():
+        if stats.full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
+            targets[n] = solve(stats.numerator)
+            continue
+        with weights_of(linear):
+            targets[n], _ = least_squares_target(linear.weight.detach(), stats.cross, stats.gram, compute, damp,
+                                                 solve=solve)
+    factors = factor_model(targets, spec, {n: leader for n in members}, {leader: stats.gram}, abs_means,
+                           fisher_rows)
+    return factors, floored
+
+
 @torch.no_grad()
 def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: FactorSpec, ranks: dict[str, int | None],
            abs_means: dict | None = None, fisher_rows: dict | None = None, progress=None,
@@ -176,191 +418,31 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     orig = capture_inputs(model, blocks, windows)
     hat = BlockInputs(list(orig.hidden), orig.kwargs)  # identical until block 0 is compressed
     out, floored = {}, 0
-    n_blocks, n_win = len(blocks), len(orig.hidden)
+    n_blocks = len(blocks)
     for b, block in enumerate(blocks):
-        base = f"{prefix}.{b}" if prefix else str(b)
-        linears = {f"{base}.{n}": m for n, m in block.named_modules()
-                   if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
-        # 1. the original block: every group's original inputs X, per window (shared inputs once)
-        group_of: dict[str, str] = {}
-        taken: dict[str, list[torch.Tensor]] = {}
-        seen: dict[int, tuple[torch.Tensor, str]] = {}
-        unkept: set[str] = set()  # groups whose original inputs X are not needed
-
-        def take(name):
-            def hook(module, args):
-                x = args[0]
-                hit = seen.get(id(x))
-                if hit is not None and hit[0] is x:
-                    group_of[name] = hit[1]
-                    return
-                seen[id(x)] = (x, name)
-                group_of[name] = name
-                if name not in unkept:
-                    taken.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
-            return hook
-
-        # The block's last Linear, when nothing with weights runs after it, writes straight into the
-        # residual stream (Llama, Mistral, Qwen2: block output = r + down_proj(x)); with `residual` its
-        # target also takes back the drift r - r^ of the residual stream. One window finds it.
-        last = None
-        if residual:
-            finished: list[nn.Module] = []
-            leaves = [m for m in block.modules() if next(m.parameters(recurse=False), None) is not None]
-            probes = [m.register_forward_hook(lambda mod, a, y: finished.append(mod)) for m in leaves]
-            probes += [m.register_forward_pre_hook(take(n)) for n, m in linears.items()]
-            unkept.update(linears)  # the probe only groups
-            try:
-                block(orig.hidden[0], **orig.kwargs[0])
-            finally:
-                for h in probes:
-                    h.remove()
-            last = next((n for n, m in linears.items() if finished and m is finished[-1]), None)
-            alone = [n for n in linears if group_of.get(n) == last]
-            if last is None or alone != [last] or ranks.get(last) is None:
-                last = None  # the last Linear shares its inputs, or stays dense: the plain targets
-            unkept.clear()
-            if last is not None:
-                unkept.add(last)  # its target takes the block's outputs instead (4. in the module docstring)
-            group_of.clear()
-            seen.clear()
-        handles = [m.register_forward_pre_hook(take(n)) for n, m in linears.items()]
-        try:
-            for i in range(n_win):
-                seen.clear()
-                orig.hidden[i] = _block_out(block(orig.hidden[i], **orig.kwargs[i]))
-        finally:
-            for h in handles:
-                h.remove()
-        seen.clear()
-
-        current = [0]  # the window the compressed path is running, for the children's kept outputs
-        kept: dict[nn.Module, list] = {}  # a finished child's output per window, while it is being recorded
-        calls: dict[nn.Module, int] = {}
-        replayed: set[nn.Module] = set()
-        children = [m for m in block.children() if any(isinstance(x, nn.Linear) for x in m.modules())]
-
-        def record(child):
-            def hook(module, args, kwargs, y):
-                calls[module] = calls.get(module, 0) + 1
-                kept.setdefault(module, [None] * n_win)[current[0]] = y
-            return hook
-
-        swaps = []  # restore functions of the replaced forwards, undone when the block is done
-        next_hidden: list[torch.Tensor] | None = None  # the refined block's outputs, when the last group gives them
-        leaders = [n for n in group_of if group_of[n] == n]  # in the order the block calls them
+        walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat)
+        last = walk.residual_writer(ranks) if residual else None
+        leaders = walk.run_original(last)
         try:
             for j, leader in enumerate(leaders):
-                members = [n for n in linears if group_of.get(n) == leader and ranks.get(n) is not None]
+                members = [n for n in walk.linears if walk.group_of.get(n) == leader and ranks.get(n) is not None]
                 if members:
-                    # 2. this group's compressed-path inputs X^, the groups before it already refined
-                    gram = cross = numerator = None  # G^, C; full: the whole numerator (B - R^) X^^T
-                    full = leader == last  # the residual-writing Linear, alone in its group and factored
-                    got: list[torch.Tensor] = []
-                    kept_x: list[torch.Tensor] = []  # full: the last Linear's inputs X^ and the residual r^, per window
-                    kept_r: list[torch.Tensor] = []
-
-                    def stop(module, args):
-                        raise _Stop(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-                    def silent(x):  # full: keeps X^ and adds nothing, so the block returns r^ itself
-                        got.append(x.detach().reshape(-1, x.shape[-1]))
-                        return x.new_zeros(*x.shape[:-1], linears[leader].out_features)
-
-                    if full:
-                        restore = _replace_forward(linears[leader], silent)
-                    else:
-                        handle = linears[leader].register_forward_pre_hook(stop)
-                    kept.clear()
-                    calls.clear()
-                    recorders = [] if full else [c.register_forward_hook(record(c), with_kwargs=True)
-                                                 for c in children if c not in replayed]
-                    try:
-                        for i in range(n_win):
-                            current[0] = i
-                            try:
-                                out_h = _block_out(block(hat.hidden[i], **hat.kwargs[i]))
-                                if not full:
-                                    raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
-                                                      "structure is not supported by refine")
-                                x_raw = got.pop()
-                                xh = x_raw.float()
-                                r_h = out_h.reshape(-1, out_h.shape[-1])
-                                kept_x.append(x_raw)
-                                kept_r.append(r_h)
-                                # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
-                                d = (orig.hidden[i].reshape(-1, out_h.shape[-1]) - r_h).float()
-                                part = (d.T @ xh).double()
-                                numerator = part if numerator is None else numerator + part
-                            except _Stop as e:
-                                xh = e.args[0].float()
-                            if gram is None:
-                                dim = xh.shape[-1]
-                                gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-                                if not full:
-                                    cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-                            gram += (xh.T @ xh).double()
-                            if not full:
-                                cross += (taken[leader][i].float().T @ xh).double()
-                    finally:
-                        if full:
-                            restore()
-                        else:
-                            handle.remove()
-                        for h in recorders:
-                            h.remove()
-                    # A child of the block that finished before this group's inputs were reached, once per window,
-                    # holds only matrices already refined (or dense) and takes inputs no later group changes: its
-                    # outputs are the same in every later run of the compressed path, so they are kept and replayed
-                    # instead of running it again (the attention, for the gate/up and down groups of a Llama block).
-                    for child, ys in kept.items():
-                        if calls[child] == n_win and all(y is not None for y in ys):
-                            swaps.append(_replace_forward(child, _replay(ys, current)))
-                            replayed.add(child)
-                    kept.clear()
-                    _check(gram, leader)  # a NaN in any window's X or X^ reaches G^ or C: one check per group
-                    _check(numerator if full else cross, leader)
-                    # 3. refine the group's factored matrices against (C, G^)
-                    targets = {}
-                    solve, k = solver(gram, compute, damp)  # one factorisation of G^ for the whole group
+                    stats = walk.compressed_inputs(leader, leader == last)
+                    factors, k = _closed_form(stats, leader, {n: walk.linears[n] for n in members}, spec, compute,
+                                              damp, abs_means, fisher_rows)
                     floored += k
                     for n in members:
-                        if full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
-                            targets[n] = solve(numerator)
-                            continue
-                        with weights_of(linears[n]):
-                            targets[n], _ = least_squares_target(linears[n].weight.detach(), cross, gram, compute, damp,
-                                                                 solve=solve)
-                    factors = factor_model(targets, spec, {n: leader for n in members}, {leader: gram}, abs_means,
-                                           fisher_rows)
-                    for n in members:
-                        u, v = factors[n].low_rank(ranks[n])
-                        with weights_of(linears[n]):
-                            dev, dt = linears[n].weight.device, linears[n].weight.dtype
-                            bias = None if linears[n].bias is None else linears[n].bias.detach().clone()
-                        out[n] = (u.to("cpu", dt), v.to("cpu", dt))  # kept, in the model's dtype, on the host
-                        # the refined matrix in place of the original on the compressed path: its forward replaced,
-                        # so the dense product is not computed there
-                        refined = _low_rank(u.to(dev, dt), v.to(dev, dt), bias)
-                        swaps.append(_replace_forward(linears[n], refined))
-                    if full:  # the block output is r^ + the refined last Linear (the group's one member): no need
-                        # to run the block again
-                        next_hidden = [(kept_r[i] + refined(kept_x[i])).reshape(hat.hidden[i].shape)
-                                       for i in range(n_win)]
-                    del factors, targets, gram, cross, kept_x, kept_r
-                taken.pop(leader, None)
+                        out[n], refined = walk.install(n, *factors[n].low_rank(ranks[n]))
+                    if stats.full:  # the group's one member: the block's outputs without running it again
+                        walk.next_hidden = stats.outputs(refined, hat.hidden)
+                    del factors, stats
+                walk.taken.pop(leader, None)
                 if progress:
                     progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
                              f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
-            # 4. the refined block on the compressed path gives the next block its inputs (already at hand when
-            # the last group was the residual-writing Linear: r^ + its refined output)
-            for i in range(n_win):
-                current[0] = i
-                hat.hidden[i] = next_hidden[i] if next_hidden is not None else _block_out(block(hat.hidden[i],
-                                                                                                 **hat.kwargs[i]))
+            walk.advance()
         finally:
-            for undo in reversed(swaps):  # also when a group fails: the model is left as it came
-                undo()
+            walk.restore()  # also when a group fails: the model is left as it came
         release_host_memory()
     if progress:
         progress(1.0, f"block {n_blocks}/{n_blocks}: refined")

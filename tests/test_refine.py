@@ -284,3 +284,35 @@ def test_a_refined_build_runs_no_factor_pass_when_the_ranks_do_not_need_one(tiny
     mods = dict(result.model.named_modules())
     for name, (u, v) in weights.items():
         assert torch.equal(mods[name].u.weight, u) and torch.equal(mods[name].v.weight, v), name
+
+
+def test_group_stats_accumulate_the_grams_window_by_window():
+    """_GroupStats, added window by window, holds G^ = X^ X^^T and C = X X^^T (plain group), or G^ and the
+    whole numerator (B - R^) X^^T with the kept X^ and r^ (the residual-writing Linear), over all windows."""
+    from dipsvd_core.refine import _GroupStats
+
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(1, 10, 6, generator=g) for _ in range(3)]  # (1, tokens, in) per window
+    xhs = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    # the products run in float32, as in refine, and are summed in float64
+    X, Xh = (torch.cat([t.reshape(-1, 6) for t in ts]).double() for ts in (xs, xhs))
+    plain = _GroupStats(full=False)
+    for x, xh in zip(xs, xhs):
+        plain.add(xh.reshape(-1, 6), x.reshape(-1, 6))
+    torch.testing.assert_close(plain.gram, Xh.T @ Xh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.cross, X.T @ Xh, rtol=1e-5, atol=1e-5)
+    assert plain.numerator is None and not plain.kept_x
+    bs = [torch.randn(1, 10, 5, generator=g) for _ in xs]  # the original block's outputs B, hidden 5
+    rs = [torch.randn(10, 5, generator=g) for _ in xs]  # the compressed path's residual r^, (tokens, hidden)
+    full = _GroupStats(full=True)
+    for xh, r, b in zip(xhs, rs, bs):
+        full.add_residual(xh.reshape(-1, 6), r, b)
+    B, Rh = torch.cat([b.reshape(-1, 5) for b in bs]).double(), torch.cat(rs).double()
+    torch.testing.assert_close(full.gram, Xh.T @ Xh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.numerator, (B - Rh).T @ Xh, rtol=1e-5, atol=1e-5)
+    assert full.cross is None and len(full.kept_x) == len(full.kept_r) == 3
+    refined = torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        outs = full.outputs(refined, bs)
+        expected = [(r + refined(xh.reshape(-1, 6))).reshape(b.shape) for r, xh, b in zip(rs, xhs, bs)]
+    assert all(torch.equal(o, e) for o, e in zip(outs, expected))  # r^ + the refined Linear, shaped as B

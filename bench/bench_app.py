@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import socket
 import statistics
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, workbench
+
 SECTION = "## Studio app (issue 4)"
 CALIB = {"calib": "wiki", "calib_windows": 4, "seqlen": 128, "seed": 0}  # as in tests/test_browser.py
 
@@ -74,25 +71,18 @@ def startup(root: Path = ROOT, env: dict | None = None, timeout: float = 120) ->
 
 def timed(fn, repeats: int = 5) -> float:
     """Median seconds of fn() over `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(repeat_times(fn, repeats))
 
 
 def core() -> dict:
-    from dipsvd_core.models import load_model
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.pipeline import Settings
     from dipsvd_core.stats import stream_stats
 
     out = {}
     t0 = time.perf_counter()
-    lm = load_model("smollm2-135m", "cpu", "float32")
+    lm = load_bundled("cpu", "float32")
     out["load_model_s"] = time.perf_counter() - t0
-    app = Workbench(lm, "wiki", 16, 256, 0)  # the app's default calibration size
+    app = workbench(lm, 16, 256)  # the app's default calibration size
     t0 = time.perf_counter()
     windows = app.windows()
     out["calibration_text_s"] = time.perf_counter() - t0
@@ -100,7 +90,7 @@ def core() -> dict:
     stream_stats(lm.model, [t.name for t in lm.targets], windows)  # no disk cache: the real cost
     out["statistics_16x256_s"] = time.perf_counter() - t0
 
-    bench = Workbench(lm, **CALIB)
+    bench = workbench(lm, **CALIB)
     settings = Settings(ratio=0.1, whitening="paper")  # as in tests/test_browser.py
     t0 = time.perf_counter()
     bench.factors(settings.spec)
@@ -179,27 +169,18 @@ Work behind one slider move on cached factors (Workbench.allocate + predicted_lo
 """
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
     args = ap.parse_args()
-    res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
-                      f"load average {os.getloadavg()[0]:.1f} at the start",
+    res = {"machine": f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start",
            "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}
     res["startup"] = startup()
     res["core"] = core()
     res["apptest"] = apptest_rerun()
     print(json.dumps(res, indent=1))
     if args.write:
-        write_section(markdown(res))
+        replace_section(RESULTS, SECTION, markdown(res))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -33,14 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_sweep import replace_section  # noqa: E402
+from common import BENCH, RESULTS, ROOT, machine, replace_section, utc_date, write_json
 
 SECTION = "## App against CLI (issue 9)"
 ANALYSIS = "What starved the job, and what was done"  # the hand-written part of the section, kept by --write
@@ -320,9 +314,8 @@ def main() -> None:
     ap.add_argument("--cold-start", action="store_true", help="also time install and first page on a fresh clone")
     ap.add_argument("--runs", type=int, default=1, help="repeat both sides; the table shows each side's median")
     args = ap.parse_args()
-    res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
-                      f"load average {os.getloadavg()[0]:.1f} at the start",
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "runs": []}
+    res = {"machine": f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start", "date": utc_date(),
+           "runs": []}
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             run = {"cli": cli_side(Path(tmp) / "cli-cache")}
@@ -334,11 +327,11 @@ def main() -> None:
     res["app"] = median_of([r["app"] for r in res["runs"]])
     if args.cold_start:
         res["cold_start"] = cold_start()
-    (ROOT / "bench" / "app_cli.json").write_text(json.dumps(res, indent=1))
+    write_json(BENCH / "app_cli.json", res)
     text = markdown(res)
     print(text)
     if args.write:
-        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text, keep_from=ANALYSIS)
+        replace_section(RESULTS, SECTION, text, keep_from=ANALYSIS)
 
 
 def median_of(sides: list[dict]) -> dict:

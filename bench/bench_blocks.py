@@ -21,24 +21,18 @@ first line the measured curves.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dipsvd_core import allocation as alloc  # noqa: E402
-from dipsvd_core import allocators  # noqa: E402
-from dipsvd_core.bayes import Objective  # noqa: E402
-from dipsvd_core.evaluate import perplexity  # noqa: E402
-from dipsvd_core.importance import block_sensitivity  # noqa: E402
-from dipsvd_core.models import load_model  # noqa: E402
-from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
+from common import eval_sets, load_bundled, print_row, workbench
+from dipsvd_core import allocation as alloc
+from dipsvd_core import allocators
+from dipsvd_core.bayes import Objective
+from dipsvd_core.evaluate import perplexity
+from dipsvd_core.importance import block_sensitivity
+from dipsvd_core.pipeline import Settings
 
 CURVE_KEEPS = (0.1, 0.2, 0.35, 0.5, 0.7)
 GRID = 0.05
@@ -74,16 +68,16 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     args = ap.parse_args()
-    lm = load_model()
-    wb = Workbench(lm, "wiki", 32, 512)
+    lm = load_bundled()
+    wb = workbench(lm)
     base = Settings(method="dipsvd", allocation="coupled")
     targets, factors = wb.targets, wb.factors(base.spec)
     held = wb.heldout(base.bo_windows)
-    evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    evals = eval_sets(wb, args.eval_tokens)
     objective = Objective(lm.model, targets, factors, held)
     weights = wb.coupled_weights(base)
     curves = np.array([block_sensitivity(lm.model, targets, factors, held, k) for k in CURVE_KEEPS]).T  # (blocks, keeps)
-    print(json.dumps({"curve_keeps": CURVE_KEEPS, "curves": curves.round(4).tolist()}), flush=True)
+    print_row({"curve_keeps": CURVE_KEEPS, "curves": curves.round(4).tolist()})
     base_loss = math.log(objective({t.name: None for t in targets}))
 
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -115,7 +109,7 @@ def main() -> None:
             row = dict(variant=name, ratio=ratio, realized=alloc.realized_ratio(ranks, targets), heldout=held_ppl, **ppl,
                        dense_blocks=dense, **({"fixed_cost": fixed, "uniform_measured": measured,
                                                "uniform_predicted": predicted} if name == "block-curves-fixed" else {}))
-            print(json.dumps(row), flush=True)
+            print_row(row)
 
 
 if __name__ == "__main__":

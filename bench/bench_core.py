@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import BENCH, eval_sets, load_bundled, workbench, write_json
 
 
 def rss_mb() -> float:
@@ -35,7 +34,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--cold", action="store_true", help="fresh cache for statistics and factors")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results_core.json"))
+    ap.add_argument("--out", default=str(BENCH / "results_core.json"))
     args = ap.parse_args()
 
     if args.cold:  # a cold cache for statistics and factors, sharing only the dequantized model
@@ -49,8 +48,7 @@ def main() -> None:
 
     from dipsvd_core.evaluate import perplexity, speed
     from dipsvd_core.factors import FactorSpec
-    from dipsvd_core.models import load_model
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.pipeline import Settings
 
     steps, ppl = {}, {}
 
@@ -62,11 +60,11 @@ def main() -> None:
         return out
 
     load_avg = os.getloadavg()
-    lm = timed("load_model", lambda: load_model("smollm2-135m", device="cpu"))
-    wb = Workbench(lm, "wiki", args.windows, args.seqlen, seed=0)
+    lm = timed("load_model", lambda: load_bundled(device="cpu"))
+    wb = workbench(lm, args.windows, args.seqlen)
     timed("calibration_text", wb.windows)
     timed("statistics", wb.stats)
-    sets = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    sets = eval_sets(wb, args.eval_tokens)
     ppl["original"] = timed("eval_original", lambda: {s: perplexity(lm.model, w) for s, w in sets.items()})
     variants = {"svd": Settings(method="svd"), "svd-llm": Settings(method="svd-llm"),
                 "dipsvd-paper": Settings(method="dipsvd", whitening="paper"),
@@ -92,7 +90,7 @@ def main() -> None:
               "command": "python bench/bench_core.py " + " ".join(sys.argv[1:]), "cold": args.cold, "windows": args.windows,
               "seqlen": args.seqlen, "eval_tokens": args.eval_tokens, "steps": steps, "ppl": ppl,
               "build_seconds": slices, "speed": spd, "dipsvd_compress_seconds_excl_eval": round(compress_total, 1)}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(json.dumps(result, indent=1))
 
 

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import BENCH, eval_sets, load_bundled, write_json
+from bench_sweep import run  # (bench/ is on sys.path when this script runs)
+from dipsvd_core.pipeline import Settings
+from dipsvd_core.sweep import markdown
 
-from bench_sweep import run  # noqa: E402  (bench/ is on sys.path when this script runs)
-from dipsvd_core.pipeline import Settings  # noqa: E402
-from dipsvd_core.sweep import markdown  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 GRID = "svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled,dobi:trained,dobi-remap:trained"
 
 
@@ -73,14 +70,12 @@ def references(out: str, ratio: float, eval_tokens: int) -> dict:
     import copy
 
     from bench_sweep import run as run_sweep_bench
-    from dipsvd_core.data import evaluation_windows
     from dipsvd_core.dobi_math import dequantize_absmax, quantize_absmax
     from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.models import load_model
 
     matched = run_sweep_bench("svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled", f"{ratio}", eval_tokens,
                               out + "_matched", Settings())
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    lm = load_bundled(device="cpu", dtype="float32")
     model = copy.deepcopy(lm.model)
     mods = dict(model.named_modules())
     before = after = 0
@@ -89,7 +84,7 @@ def references(out: str, ratio: float, eval_tokens: int) -> dict:
         q, scale = quantize_absmax(w.data, 1)  # one scale per output row
         w.data = dequantize_absmax(q, scale, 1).to(w.dtype)
         before, after = before + 2 * t.params, after + t.params + 4 * t.out_features
-    sets = {s: evaluation_windows(lm.tokenizer, s, 512, eval_tokens) for s in ("wiki", "news")}
+    sets = eval_sets(lm, eval_tokens)
     int8 = {"storage_ratio": 1 - after / before, "ppl": {s: perplexity(model, w) for s, w in sets.items()}}
     return {"matched": [{k: r[k] for k in ("method", "allocation", "ratio", "ratio_realized", "ppl")}
                         for r in matched["rows"]], "int8_dense": int8}
@@ -102,7 +97,7 @@ def main() -> None:
     ap.add_argument("--grid", default=GRID)
     ap.add_argument("--dobi-epochs", type=int, default=2)
     ap.add_argument("--dobi-windows", type=int, default=4)
-    ap.add_argument("--out", default=str(HERE / "sweep_dobi"))
+    ap.add_argument("--out", default=str(BENCH / "sweep_dobi"))
     ap.add_argument("--table-only", action="store_true", help="print the tables of an existing <out>.json")
     ap.add_argument("--references", type=float, default=None, metavar="RATIO",
                     help="only add the references to <out>.json: the factor methods at RATIO (the storage ratio "
@@ -111,7 +106,7 @@ def main() -> None:
     if args.references is not None:
         report = json.loads(Path(args.out + ".json").read_text())
         report["references"] = references(args.out, args.references, args.eval_tokens)
-        Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
+        write_json(args.out + ".json", report, default=str)
         print(json.dumps(report["references"], indent=1))
         return
     if args.table_only:

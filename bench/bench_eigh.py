@@ -16,28 +16,18 @@ G D, and each matrix's factors from eig(A A^T) or eig(A^T A), A = W S, instead o
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
-import sys
 import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import torch
 
-import torch  # noqa: E402
-
-from bench_stream import compress  # noqa: E402
-from bench_sweep import replace_section  # noqa: E402
-from dipsvd_core.factors import (EIG_FLOOR, Factor, _factor_by_eigh, _floor, channel_scale,  # noqa: E402
+from common import BENCH, RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, utc_date, write_json
+from bench_stream import compress
+from dipsvd_core.factors import (EIG_FLOOR, Factor, _factor_by_eigh, _floor, channel_scale,
                                   left_singular_by_eigh)
-from dipsvd_core.stats import channel_importance  # noqa: E402
+from dipsvd_core.stats import channel_importance
 
 SECTION = "## Factors by eigh (issue 10)"
 BASE = "3872557"  # the SVD route
@@ -71,13 +61,7 @@ def by_eigh(G, d, compute):
 
 
 def best(f, runs=3):
-    f()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        f()
-        out.append(time.perf_counter() - t)
-    return min(out)
+    return min(repeat_times(f, runs))
 
 
 def timings() -> list[dict]:
@@ -108,10 +92,10 @@ def timings() -> list[dict]:
 
 def accuracy() -> dict:
     from dipsvd_core.data import calibration_windows
-    from dipsvd_core.models import find_targets, load_model
+    from dipsvd_core.models import find_targets
     from dipsvd_core.stats import stream_stats
 
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    lm = load_bundled(device="cpu", dtype="float32")
     windows = calibration_windows(lm.tokenizer, "wiki", 32, 512)
     names = [t.name for t in find_targets(lm.model)]
     weights = {n: m.weight.detach().double() for n, m in lm.model.named_modules() if n in set(names)}
@@ -212,16 +196,15 @@ def main() -> None:
     ap.add_argument("--base", default=BASE)
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
-    res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "base": args.base, "runs": args.runs}
+    res = {"machine": machine(), "date": utc_date(), "base": args.base, "runs": args.runs}
     res["timings"] = timings()
     res["accuracy"] = accuracy()
     res["cold"] = cold(args.base, args.runs)
-    (ROOT / "bench" / "eigh.json").write_text(json.dumps(res, indent=1))
+    write_json(BENCH / "eigh.json", res)
     text = markdown(res)
     print(text)
     if args.write:
-        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text, keep_from="What the figures say")
+        replace_section(RESULTS, SECTION, text, keep_from="What the figures say")
 
 
 if __name__ == "__main__":

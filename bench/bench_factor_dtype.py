@@ -16,18 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_sweep import replace_section  # noqa: E402
+from common import BENCH, RESULTS, ROOT, machine, replace_section, utc_date, write_json
 
 SECTION = "## Factor dtype (issue 10)"
 CONFIGS = ["float32|float32|float64", "float32|bfloat16|float64", "bfloat16|bfloat16|float64",
@@ -55,23 +50,22 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
-    store = ROOT / "bench" / "factor_dtype.json"
+    store = BENCH / "factor_dtype.json"
     old = json.loads(store.read_text()) if store.exists() else {}
     old = {k if k.count("|") == 2 else f"{k}|float64": v for k, v in old.items()}  # earlier runs: float64 compute
     res = {c: old[c] for c in CONFIGS if c in old}
     for c in args.configs.split(","):
-        res[c] = dict(sweep(*c.split("|")), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
-        store.write_text(json.dumps(res, indent=1, default=str))
+        res[c] = dict(sweep(*c.split("|")), date=utc_date())
+        write_json(store, res, default=str)
     text = markdown(res)
     print(text)
     if args.write:
-        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text)
+        replace_section(RESULTS, SECTION, text)
 
 
 def markdown(res: dict) -> str:
     dates = ", ".join(sorted({f"{r.get('date', '?')} ({k})" for k, r in res.items()}))
-    machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
-    lines = [SECTION, "", f"Machine: {machine}. Dates (weights|factors|compute): {dates}. "
+    lines = [SECTION, "", f"Machine: {machine()}. Dates (weights|factors|compute): {dates}. "
              "Command: `.venv/bin/python bench/bench_factor_dtype.py --write [--configs ...]`. Bundled SmolLM2-135M, 32 x 512 calibration tokens, 8192 evaluation tokens per set.", "",
              "| weights | factors | compute | method | ratio | ppl wiki | ppl news | change wiki | change news | statistics + factors s |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -18,22 +18,16 @@ matrix keeps), with the mean keep fraction per matrix type.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dipsvd_core import allocation as alloc  # noqa: E402
-from dipsvd_core import allocators  # noqa: E402
-from dipsvd_core.allocation import DENSE  # noqa: E402
-from dipsvd_core.bayes import Objective  # noqa: E402
-from dipsvd_core.evaluate import perplexity  # noqa: E402
-from dipsvd_core.models import load_model  # noqa: E402
-from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
+from common import BENCH, eval_sets, load_bundled, print_row, workbench, write_json
+from dipsvd_core import allocation as alloc
+from dipsvd_core import allocators
+from dipsvd_core.allocation import DENSE
+from dipsvd_core.bayes import Objective
+from dipsvd_core.evaluate import perplexity
+from dipsvd_core.pipeline import Settings
 
 
 def mix(a: dict, b: dict, w: float, targets) -> dict:
@@ -53,13 +47,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "mix.json"))
+    ap.add_argument("--out", default=str(BENCH / "mix.json"))
     ap.add_argument("--p-min", default=None, help="comma-separated floors: the coupled allocation at each")
     args = ap.parse_args()
-    lm = load_model()
-    wb = Workbench(lm, "wiki", 32, 512)
+    lm = load_bundled()
+    wb = workbench(lm)
     base = Settings(method="dipsvd", allocation="coupled")
-    evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    evals = eval_sets(wb, args.eval_tokens)
     objective = Objective(lm.model, wb.targets, wb.factors(base.spec), wb.heldout(base.bo_windows))
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")] if args.p_min else []:
@@ -72,7 +66,7 @@ def main() -> None:
             objective(a.ranks)
             ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
             rows.append(dict(ratio=ratio, p_min=p_min, **ppl, keep_by_type={k: sum(v) / len(v) for k, v in kinds.items()}))
-            print(json.dumps(rows[-1]), flush=True)
+            print_row(rows[-1])
     for ratio in [float(r) for r in args.ratios.split(",")] if not args.p_min else []:
         coupled = wb.allocate(replace(base, ratio=ratio))
         heuristic = wb.allocate(replace(base, ratio=ratio, allocation="heuristic"))
@@ -83,8 +77,8 @@ def main() -> None:
             ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
             rows.append(dict(ratio=ratio, w=w, realized=alloc.realized_ratio(ranks, wb.targets), heldout=held, **ppl,
                              seconds=time.perf_counter() - t0))
-            print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).write_text(json.dumps({"eval_tokens": args.eval_tokens, "rows": rows}, indent=1))
+            print_row(rows[-1])
+    write_json(args.out, {"eval_tokens": args.eval_tokens, "rows": rows})
 
 
 if __name__ == "__main__":

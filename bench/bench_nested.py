@@ -25,23 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from dipsvd_core import allocation as alloc  # noqa: E402
-from dipsvd_core import allocators  # noqa: E402
-from dipsvd_core.allocation import DENSE  # noqa: E402
-from dipsvd_core.bayes import Objective  # noqa: E402
-from dipsvd_core.evaluate import perplexity  # noqa: E402
-from dipsvd_core.models import load_model  # noqa: E402
-from dipsvd_core.pipeline import Settings, Workbench  # noqa: E402
-from dipsvd_core.surgery import compress_model  # noqa: E402
+from common import BENCH, eval_sets, load_bundled, print_row, workbench
+from dipsvd_core import allocation as alloc
+from dipsvd_core import allocators
+from dipsvd_core.allocation import DENSE
+from dipsvd_core.bayes import Objective
+from dipsvd_core.evaluate import perplexity
+from dipsvd_core.pipeline import Settings
+from dipsvd_core.surgery import compress_model
 
 
 def kind(name: str) -> str:
@@ -50,7 +45,7 @@ def kind(name: str) -> str:
 
 def type_factors(factors, raw: dict, targets) -> dict[str, float]:
     """c_type (allocators.calibrate_types) from the type probe measured on wiki (bench/typeprobe.jsonl)."""
-    measured = json.loads((ROOT / "bench" / "typeprobe.jsonl").read_text().splitlines()[0])["type_probes_wiki"]
+    measured = json.loads((BENCH / "typeprobe.jsonl").read_text().splitlines()[0])["type_probes_wiki"]
     return allocators.calibrate_types(measured, factors, raw, targets)
 
 
@@ -94,11 +89,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--refine", action="store_true", help="evaluate each allocation refined (--refine sequential)")
     args = ap.parse_args()
-    lm = load_model()
-    wb = Workbench(lm, "wiki", 32, 512)
+    lm = load_bundled()
+    wb = workbench(lm)
     base = Settings(method="dipsvd", allocation="heuristic")
     targets, factors = wb.targets, wb.factors(base.spec)
-    evals = {s: wb.eval_windows(s, args.eval_tokens) for s in ("wiki", "news")}
+    evals = eval_sets(wb, args.eval_tokens)
     objective = Objective(lm.model, targets, factors, wb.heldout(base.bo_windows))
     raw = allocators.coupled_weights(factors, wb.fisher(), targets)
     c = type_factors(factors, raw, targets)
@@ -129,9 +124,8 @@ def main() -> None:
                 if outer[t.name] is not DENSE or ranks[t.name] is not DENSE:  # the blocks the heuristic cuts
                     keep.setdefault(kind(t.name), []).append(
                         alloc.matrix_params(ranks[t.name], t.out_features, t.in_features) / t.params)
-            print(json.dumps(dict(ratio=ratio, variant=variant, refined=args.refine, realized=alloc.realized_ratio(ranks, targets),
-                                  heldout=held, **ppl, keep={k: round(sum(v) / len(v), 2) for k, v in keep.items()})),
-                  flush=True)
+            print_row(dict(ratio=ratio, variant=variant, refined=args.refine, realized=alloc.realized_ratio(ranks, targets),
+                           heldout=held, **ppl, keep={k: round(sum(v) / len(v), 2) for k, v in keep.items()}))
 
 
 if __name__ == "__main__":

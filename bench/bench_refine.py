@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from common import (BENCH, CALIBRATION, RESULTS, eval_sets, load_bundled, machine, replace_section, workbench,
+                    write_json)
 
 SECTION = "## Sequential compensation (issue 11)"
 KEEP = "### "  # the hand-written subsections below the measured part (tried ideas, cost) stay on --write
@@ -194,36 +191,30 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only re-render the section from bench/sweep_refine.json")
     args = ap.parse_args()
     if args.render:
-        from bench_sweep import replace_section
-
-        text = render(json.loads((HERE / "sweep_refine.json").read_text()), args.ratios, args.eval_tokens)
+        text = render(json.loads((BENCH / "sweep_refine.json").read_text()), args.ratios, args.eval_tokens)
         print(text)
         if args.write:
-            replace_section(HERE / "RESULTS.md", SECTION, text, keep_from=KEEP)
+            replace_section(RESULTS, SECTION, text, keep_from=KEEP)
         return
     os.environ["DIPSVD_STUDIO_CACHE"] = tempfile.mkdtemp(prefix="bench-refine-cache-")  # everything cold
 
-    from bench_sweep import replace_section
-    from dipsvd_core.data import evaluation_windows
-    from dipsvd_core.models import load_model
-    from dipsvd_core.pipeline import Settings, Workbench, peak_memory_mb
+    from dipsvd_core.pipeline import Settings, peak_memory_mb
     from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep
 
     started, t_all = datetime.now(timezone.utc), time.perf_counter()
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    lm = load_bundled(device="cpu", dtype="float32")
     load_s = time.perf_counter() - t_all
-    bench = Workbench(lm, "wiki", 32, 512, seed=0)
-    sets = {s: evaluation_windows(lm.tokenizer, s, 512, args.eval_tokens) for s in ("wiki", "news")}
+    bench = workbench(lm)
+    sets = eval_sets(lm, args.eval_tokens)
     ratios = parse_ratios(args.ratios)
-    out = HERE / "sweep_refine"
+    out = BENCH / "sweep_refine"
     extra: list[dict] = []
 
     def write(report):
         full = dict(report, rows=report["rows"] + extra, model=lm.spec, started=started.isoformat(timespec="minutes"),
-                    machine=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
-                    command=" ".join([".venv/bin/python", *sys.argv]), load_s=load_s,
-                    calibration={"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0})
-        out.with_suffix(".json").write_text(json.dumps(full, indent=1, default=str))
+                    machine=machine(), command=" ".join([".venv/bin/python", *sys.argv]), load_s=load_s,
+                    calibration=dict(CALIBRATION))
+        write_json(out.with_suffix(".json"), full, default=str)
         out.with_suffix(".md").write_text(markdown(full))
         print(f"[{time.perf_counter() - t_all:7.0f} s] rows done: {len(full['rows'])}", flush=True)
         return full
@@ -242,7 +233,7 @@ def main() -> None:
     text = render(report, args.ratios, args.eval_tokens)
     print(text)
     if args.write:
-        replace_section(HERE / "RESULTS.md", SECTION, text, keep_from=KEEP)
+        replace_section(RESULTS, SECTION, text, keep_from=KEEP)
 
 
 if __name__ == "__main__":

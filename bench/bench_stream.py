@@ -21,19 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from bench_sweep import replace_section  # noqa: E402
+from common import BENCH, RESULTS, ROOT, machine, replace_section, utc_date, write_json
 
 SECTION = "## Block streaming (issue 10)"
 BASE = "4e5cc3d"  # the engine before streaming
@@ -143,9 +137,8 @@ def main() -> None:
     ap.add_argument("--no-before", action="store_true", help="this tree only (no worktree of --base)")
     args = ap.parse_args()
     cases = args.only.split(",")
-    res = {"machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "base": args.base}
-    previous = ROOT / "bench" / "stream.json"
+    res = {"machine": machine(), "date": utc_date(), "base": args.base}
+    previous = BENCH / "stream.json"
     if args.only != "depth,width,bundled" and previous.exists():  # a partial rerun keeps the other cases
         res = dict(json.loads(previous.read_text()), **res)
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,11 +165,11 @@ def main() -> None:
         finally:
             if base is not None:
                 subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT)
-    (ROOT / "bench" / "stream.json").write_text(json.dumps(res, indent=1))
+    write_json(BENCH / "stream.json", res)
     text = markdown(res)
     print(text)
     if args.write:
-        replace_section(ROOT / "bench" / "RESULTS.md", SECTION, text)
+        replace_section(RESULTS, SECTION, text)
 
 
 def markdown(res: dict) -> str:

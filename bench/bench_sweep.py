@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dipsvd_core.data import evaluation_windows  # noqa: E402
-from dipsvd_core.models import load_model  # noqa: E402
-from dipsvd_core.pipeline import Settings, Workbench, peak_memory_mb  # noqa: E402
-from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from common import BENCH, CALIBRATION, eval_sets, load_bundled, machine, workbench, write_json
+from dipsvd_core.pipeline import Settings, peak_memory_mb
+from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep
 
 
 def checks(report: dict) -> list[str]:
@@ -71,40 +64,20 @@ def checks(report: dict) -> list[str]:
 SECTION = "## Global importance (issue 3)"
 
 
-def replace_section(path: Path, title: str, body: str, keep_from: str | None = None) -> None:
-    """Add or replace one '## ' section of a shared Markdown file, leaving every other section as is.
-    The file is re-read right before writing, since others write to it too. With `keep_from`, the section's
-    lines from the first one starting with it (a hand-written analysis below the measured part) stay, after
-    the new body."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == title), None)
-    if start is None:
-        lines += ["", *body.rstrip().splitlines()]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        kept = next((lines[i:end] for i in range(start + 1, end) if keep_from and lines[i].startswith(keep_from)), [])
-        while kept and not kept[-1].strip():
-            kept.pop()
-        lines[start:end] = [*body.rstrip().splitlines(), *([""] + kept if kept else []), ""]
-    path.write_text("\n".join(lines).rstrip() + "\n")
-
-
 def run(grid: str | None, ratios: str, eval_tokens: int, out: str, base: Settings) -> dict:
     """The sweep on the bundled model with the benchmark's calibration; <out>.json and <out>.md are
     rewritten after every row, so a partial run still leaves its rows."""
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_all = time.perf_counter()
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
-    bench = Workbench(lm, "wiki", 32, 512, seed=0)
-    sets = {s: evaluation_windows(lm.tokenizer, s, 512, eval_tokens) for s in ("wiki", "news")}
+    lm = load_bundled(device="cpu", dtype="float32")
+    bench = workbench(lm)
+    sets = eval_sets(lm, eval_tokens)
 
     def write(report):
         report.update(model=lm.spec, dequantized_from_gguf=lm.from_gguf, started=started,
-                      machine=f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
-                      command=" ".join([".venv/bin/python", *sys.argv]),
-                      calibration={"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0})
-        Path(out + ".json").write_text(json.dumps(report, indent=1, default=str))
+                      machine=machine(), command=" ".join([".venv/bin/python", *sys.argv]),
+                      calibration=dict(CALIBRATION))
+        write_json(out + ".json", report, default=str)
         Path(out + ".md").write_text(markdown(report))
         print(f"[{time.perf_counter() - t_all:7.0f} s] rows done: {len(report['rows'])}", flush=True)
 
@@ -121,11 +94,11 @@ def main() -> None:
     ap.add_argument("--bo-calls", type=int, default=30)
     ap.add_argument("--ratios", default="0.1,0.2,0.3")
     ap.add_argument("--grid", default=None)
-    ap.add_argument("--out", default=str(HERE / "sweep_smollm"))
+    ap.add_argument("--out", default=str(BENCH / "sweep_smollm"))
     args = ap.parse_args()
     report = run(args.grid, args.ratios, args.eval_tokens, args.out, Settings(bo_calls=args.bo_calls))
     report["checks"] = checks(report)
-    Path(args.out + ".json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(args.out + ".json", report, default=str)
     print(markdown(report))
     print("\n".join(report["checks"]))
     print("timings:", json.dumps({k: round(v, 1) for k, v in report["timings_s"].items()}))

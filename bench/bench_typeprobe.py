@@ -9,66 +9,76 @@ are fitted to both sets of probes at once by iterative proportional fitting (w_m
 the allocation from those weights is set beside today's coupled allocation: perplexity on the first 4096
 tokens of wiki and news, and the mean keep fraction per type. Bundled SmolLM2-135M, dipsvd, 32 x 512 windows.
 """
-import sys, json, math, time
-from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import numpy as np, torch
-from dipsvd_core.models import load_model
-from dipsvd_core.pipeline import Workbench, Settings
+import math
+import time
+
+import numpy as np
+import torch
+
+from common import eval_sets, load_bundled, print_row, workbench
+from dipsvd_core.pipeline import Settings
 from dipsvd_core.bayes import Objective
 from dipsvd_core.evaluate import perplexity
 from dipsvd_core import allocation as alloc, allocators
 from dipsvd_core.allocation import DENSE
 from dipsvd_core.importance import truncated
-lm = load_model(); wb = Workbench(lm, "wiki", 32, 512)
-T = wb.targets
-base = Settings(method="dipsvd", allocation="coupled")
-F = wb.factors(base.spec)
-held = wb.heldout(4)
+
 KEEP = allocators.PROBE_KEEP
 
+
 @torch.no_grad()
-def probe(names):
+def probe(lm, T, F, names, held):
+    """Log perplexity on `held` with the matrices `names` truncated to keep KEEP."""
     with truncated(lm.model, T, F, names, KEEP):
         return math.log(perplexity(lm.model, held))
 
-t0 = time.perf_counter()
-base_loss = math.log(perplexity(lm.model, held))
-types = sorted({t.name.rsplit(".", 1)[-1] for t in T})
-d_type = {ty: probe({t.name for t in T if t.name.endswith(ty)}) - base_loss for ty in types}
-print(json.dumps({"type_probes_wiki": d_type, "seconds": time.perf_counter() - t0}), flush=True)
-news = wb.eval_windows("news", 2048, 512)
-news_base = math.log(perplexity(lm.model, news))
-held, kept_held = news, held  # probe() reads the global held-out windows
-print(json.dumps({"type_probes_news": {ty: probe({t.name for t in T if t.name.endswith(ty)}) - news_base
-                                       for ty in types}}), flush=True)
-held = kept_held
-d_block = wb.block_sensitivity(base)
-raw = allocators.coupled_weights(F, wb.fisher(), T)
-keep = np.full(len(d_block), KEEP)
-ranks = alloc.ranks_for(keep, T)
-L2 = {t.name: (0.0 if ranks[t.name] is DENSE else float((F[t.name].sigma[ranks[t.name]:].double() ** 2).sum())) for t in T}
-typ = {t.name: t.name.rsplit(".", 1)[-1] for t in T}
-a = np.ones(len(d_block)); c = {ty: 1.0 for ty in types}
-floor_b = allocators.PROBE_FLOOR * np.median(d_block[d_block > 0])
-db = np.maximum(d_block, floor_b)
-for it in range(50):
-    pb = np.zeros(len(db))
-    for t in T: pb[t.block] += raw[t.name] * c[typ[t.name]] * L2[t.name]
-    a = db / np.maximum(pb, 1e-300)
-    pt = {ty: 0.0 for ty in types}
-    for t in T: pt[typ[t.name]] += raw[t.name] * a[t.block] * L2[t.name]
-    c = {ty: max(d_type[ty], 1e-6) / max(pt[ty], 1e-300) for ty in types}
-print(json.dumps({"type_factors": c}), flush=True)
-w_ipf = {t.name: raw[t.name] * a[t.block] * c[typ[t.name]] for t in T}
-w_cal = wb.coupled_weights(base)
-ev = {s: wb.eval_windows(s, 4096) for s in ("wiki", "news")}
-obj = Objective(lm.model, T, F, held)
-for r in [0.1, 0.2, 0.3, 0.4]:
-    for name, w in [("coupled", w_cal), ("ipf", w_ipf)]:
-        al = allocators.coupled(F, w, T, r)
-        h = obj(al.ranks); m = obj.swapper.copy
-        e = {s: round(perplexity(m, x), 2) for s, x in ev.items()}
-        kinds = {}
-        for t in T: kinds.setdefault(typ[t.name], []).append(alloc.matrix_params(al.ranks[t.name], t.out_features, t.in_features) / t.params)
-        print(json.dumps(dict(ratio=r, w=name, held=round(h, 2), **e, keep={k: round(float(np.mean(v)), 2) for k, v in kinds.items()})), flush=True)
+
+def main() -> None:
+    lm = load_bundled(); wb = workbench(lm)
+    T = wb.targets
+    base = Settings(method="dipsvd", allocation="coupled")
+    F = wb.factors(base.spec)
+    held = wb.heldout(4)
+
+    t0 = time.perf_counter()
+    base_loss = math.log(perplexity(lm.model, held))
+    types = sorted({t.name.rsplit(".", 1)[-1] for t in T})
+    d_type = {ty: probe(lm, T, F, {t.name for t in T if t.name.endswith(ty)}, held) - base_loss for ty in types}
+    print_row({"type_probes_wiki": d_type, "seconds": time.perf_counter() - t0})
+    news = wb.eval_windows("news", 2048, 512)
+    news_base = math.log(perplexity(lm.model, news))
+    print_row({"type_probes_news": {ty: probe(lm, T, F, {t.name for t in T if t.name.endswith(ty)}, news) - news_base
+                                    for ty in types}})
+    d_block = wb.block_sensitivity(base)
+    raw = allocators.coupled_weights(F, wb.fisher(), T)
+    keep = np.full(len(d_block), KEEP)
+    ranks = alloc.ranks_for(keep, T)
+    L2 = {t.name: (0.0 if ranks[t.name] is DENSE else float((F[t.name].sigma[ranks[t.name]:].double() ** 2).sum())) for t in T}
+    typ = {t.name: t.name.rsplit(".", 1)[-1] for t in T}
+    a = np.ones(len(d_block)); c = {ty: 1.0 for ty in types}
+    floor_b = allocators.PROBE_FLOOR * np.median(d_block[d_block > 0])
+    db = np.maximum(d_block, floor_b)
+    for it in range(50):
+        pb = np.zeros(len(db))
+        for t in T: pb[t.block] += raw[t.name] * c[typ[t.name]] * L2[t.name]
+        a = db / np.maximum(pb, 1e-300)
+        pt = {ty: 0.0 for ty in types}
+        for t in T: pt[typ[t.name]] += raw[t.name] * a[t.block] * L2[t.name]
+        c = {ty: max(d_type[ty], 1e-6) / max(pt[ty], 1e-300) for ty in types}
+    print_row({"type_factors": c})
+    w_ipf = {t.name: raw[t.name] * a[t.block] * c[typ[t.name]] for t in T}
+    w_cal = wb.coupled_weights(base)
+    ev = eval_sets(wb, 4096)
+    obj = Objective(lm.model, T, F, held)
+    for r in [0.1, 0.2, 0.3, 0.4]:
+        for name, w in [("coupled", w_cal), ("ipf", w_ipf)]:
+            al = allocators.coupled(F, w, T, r)
+            h = obj(al.ranks); m = obj.swapper.copy
+            e = {s: round(perplexity(m, x), 2) for s, x in ev.items()}
+            kinds = {}
+            for t in T: kinds.setdefault(typ[t.name], []).append(alloc.matrix_params(al.ranks[t.name], t.out_features, t.in_features) / t.params)
+            print_row(dict(ratio=r, w=name, held=round(h, 2), **e, keep={k: round(float(np.mean(v)), 2) for k, v in kinds.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -98,7 +98,7 @@ def cli_side(cache: Path) -> dict:
         "refined build (refine and surgery)": refined["allocation"] + refined["refine"] + refined["surgery"],
         "Fisher sensitivity": bo["fisher"],
         "Bayesian optimization": bo["allocation"] - bo["fisher"],  # allocate() computed Fisher inside
-        "Dobi-SVD training": dobi["dobi_training"],
+        "Dobi-SVD training": dobi["training"],
         "_raw": {"main": main, "bo": bo, "dobi": dobi, "refined": refined},
     }
 

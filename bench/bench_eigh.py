@@ -25,8 +25,8 @@ import torch
 
 from common import BENCH, RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, utc_date, write_json
 from bench_stream import compress
-from dipsvd_core.factors import (EIG_FLOOR, Factor, _factor_by_eigh, _floor, channel_scale,
-                                  left_singular_by_eigh)
+from dipsvd_core.factors import Factor, _factor_by_eigh
+from dipsvd_core.scalings import EIG_FLOOR, _floor, channel_scale, left_singular_by_eigh
 from dipsvd_core.stats import channel_importance
 
 SECTION = "## Factors by eigh (issue 10)"

@@ -33,7 +33,7 @@ EVAL_SEQLEN = 512  # the evaluation windows' length where no Workbench gives one
 def load_bundled(device: str | None = None, dtype: str | None = None):
     """The bundled model by dipsvd_core.models.load_model; device and dtype None are load_model's own defaults
     (`load_model()`), the scripts that time on the CPU pass "cpu" and "float32"."""
-    from dipsvd_core.models import load_model
+    from dipsvd_core.loading import load_model
 
     return load_model(MODEL, device=device, dtype=dtype)
 

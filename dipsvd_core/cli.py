@@ -106,22 +106,20 @@ def _add_importance_args(p: argparse.ArgumentParser) -> None:
 
 
 def _settings_from(args, **over):
-    from .pipeline import Settings
+    """The Settings of these flags: every Settings field a flag of the same name sets (the plan has fewer)."""
+    import dataclasses
 
-    fields = dict(weight=args.weight, bar=args.bar, whitening=args.whitening, compute_dtype=args.compute_dtype,
-                  refine=args.refine,
-                  factor_dtype=args.factor_dtype, p_min=args.p_min, p_max=args.p_max,
-                  beta=args.beta, tau=args.tau, energy=args.energy, bo_calls=args.bo_calls,
-                  bo_objective=args.bo_objective, bo_windows=args.bo_windows, seed=args.seed)
-    for name in ("dobi_epochs", "dobi_lr", "dobi_lambda", "dobi_windows", "dobi_ipca_windows", "dobi_beta", "remap"):
-        if hasattr(args, name):
-            fields[name] = getattr(args, name)
+    from .settings import Settings
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
     fields.update(over)
     return Settings(**fields).check()
 
 
 def _add_refine_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refine", choices=("none", "sequential"), default="none",
+    from .refine import REFINES
+
+    p.add_argument("--refine", choices=REFINES, default="none",
                    help="sequential: refit each block to the inputs the compressed blocks before it produce "
                         "(one more streaming pass at build time)")
 
@@ -148,19 +146,16 @@ def _add_dobi_args(p: argparse.ArgumentParser) -> None:
                    help="store the factors in 8 bits (ratio then counted in bytes against 16-bit weights)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_compress(sub) -> None:
     from .factors import DEFAULT_WHITENING, WHITENING_FORMS
-    from .pipeline import ALL_METHODS, allocation_names
-
-    parser = Parser(prog="python -m dipsvd_core",
-                                     description="DipSVD Studio: SVD compression of causal LMs")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from .methods import method_names
+    from .strategies import ALLOCATIONS
 
     c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
     _add_model_args(c)
-    c.add_argument("--method", choices=ALL_METHODS, default="dipsvd")
-    c.add_argument("--allocation", choices=allocation_names(), default=None,
-                   help="default: uniform, or trained for dobi (which learns its own ranks)")
+    c.add_argument("--method", choices=method_names(), default="dipsvd")
+    c.add_argument("--allocation", choices=list(ALLOCATIONS), default=None,
+                   help="default: uniform, or the method's own (dobi: trained, which learns its own ranks)")
     c.add_argument("--ratio", type=_ratio, default=0.2,
                    help="fraction of targeted parameters REMOVED (0.2 removes 20%%, keeps 80%%)")
     c.add_argument("--weight", type=float, default=30.0, help="scale of the important channels (DipSVD a)")
@@ -184,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
     c.add_argument("--generate", action="store_true", help="also generate for the default prompts")
     _add_eval_args(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .factors import DEFAULT_WHITENING, WHITENING_FORMS
+    from .methods import method_names
+    from .strategies import ALLOCATIONS
+
+    parser = Parser(prog="python -m dipsvd_core", description="DipSVD Studio: SVD compression of causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_compress(sub)
 
     w = sub.add_parser("sweep", help="a grid of methods x allocations x ratios on one set of statistics")
     _add_model_args(w)
@@ -209,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
     _add_model_args(pl)
-    pl.add_argument("--method", choices=ALL_METHODS, default="dipsvd")
-    pl.add_argument("--allocation", choices=allocation_names(), default="uniform")
+    pl.add_argument("--method", choices=method_names(), default="dipsvd")
+    pl.add_argument("--allocation", choices=list(ALLOCATIONS), default=None)
     pl.add_argument("--ratio", type=_ratio, default=0.2)
     _add_dtype_args(pl)
     pl.add_argument("--calib-windows", type=_positive_int, default=32)
@@ -248,17 +253,15 @@ def _perplexities(model, sets, progress) -> dict:
 
 
 def _run_of(args):
+    """The plan's Run: the settings these flags give, and how the run is carried out."""
+    from .methods import handler
     from .plan import Run
 
-    from .methods import handler
-
     allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
-    return Run(method=args.method, allocation=allocation, ratio=args.ratio,
-               calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
+    settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
+    return Run(settings, calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
-               eval_original=not args.no_eval_original, dtype=args.dtype, compute_dtype=args.compute_dtype,
-               factor_dtype=args.factor_dtype, offload=getattr(args, "offload", False),
-               refine=getattr(args, "refine", "none"))
+               eval_original=not args.no_eval_original, dtype=args.dtype, offload=getattr(args, "offload", False))
 
 
 def cmd_plan(args):
@@ -289,7 +292,8 @@ def _check_plan(args) -> dict | None:
 def cmd_compress(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
     from .compressed import save_compressed
-    from .models import count_params, load_model
+    from .loading import load_model
+    from .models import count_params
     from .methods import handler
     from .pipeline import Workbench, peak_memory_mb
     from .report import compression_report
@@ -362,7 +366,8 @@ def cmd_compress(args) -> dict:
 
 def cmd_evaluate(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, speed
-    from .models import count_params, load_model
+    from .loading import load_model
+    from .models import count_params
     from .pipeline import peak_memory_mb
 
     progress = Progress(args.quiet)
@@ -388,7 +393,7 @@ def cmd_evaluate(args) -> dict:
 
 
 def cmd_sweep(args) -> dict:
-    from .models import load_model
+    from .loading import load_model
     from .pipeline import Workbench, peak_memory_mb
     from .sweep import markdown, parse_grid, parse_ratios, run_sweep
 

@@ -4,8 +4,9 @@ A saved folder is an ordinary Hugging Face folder (config.json, model.safetensor
 whose config.json carries a `dipsvd_compression` entry: the method, the settings and every
 module's rank. `load_compressed` rebuilds the architecture from the config, swaps in
 LowRankLinear modules of those ranks and loads the tensors; `trust_remote_code` is never used.
-A remapped Dobi-SVD model (entry "remap": true) stores each low-rank u and v as int8 with a
-float32 `<name>_scale` per rank vector, and is dequantized on load.
+What a method stores beyond floating-point tensors comes from its handler (methods.py): a remapped Dobi-SVD
+model (entry "remap": true) stores each low-rank u and v as int8 with a float32 `<name>_scale` per rank
+vector, and is dequantized on load.
 Saving writes to a temporary sibling folder and renames it into place, and refuses to replace a
 non-empty folder unless `force` is given.
 """
@@ -22,6 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import DipSVDError
+from .methods import handler
+from .models import LoadedModel, find_targets, fingerprint, resolve_device
 from .surgery import LowRankLinear, module_ranks, set_module
 
 ENTRY = "dipsvd_compression"
@@ -48,12 +51,7 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     cfg = model.config
     had = getattr(cfg, ENTRY, None)
     setattr(cfg, ENTRY, entry)
-    state = None
-    if entry.get("remap"):  # Dobi-SVD remapping: u and v go to disk as int8 with per-vector scales
-        from .dobi import quantized_state
-
-        state = model.state_dict()
-        state.update(quantized_state(model))
+    state = handler(entry["method"]).saved_state(model, entry) if "method" in entry else None  # e.g. int8 factors
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         if tokenizer is not None:
@@ -77,8 +75,6 @@ def load_compressed(path, device: str | None = None, dtype: torch.dtype | None =
     """Rebuild a saved compressed model; returns a LoadedModel."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import LoadedModel, find_targets, fingerprint, resolve_device
-
     t0 = time.perf_counter()
     path = Path(os.path.expanduser(str(path)))
     if not is_compressed_folder(path):
@@ -101,12 +97,8 @@ def load_compressed(path, device: str | None = None, dtype: torch.dtype | None =
         state.update(load_file(f))
     if not state:
         raise DipSVDError(f"{path} holds no .safetensors weights")
-    if entry.get("remap"):  # dequantize on load: the model runs in floating point
-        from .dobi_math import dequantize_absmax
-
-        for key in [k for k in state if k.endswith("_scale")]:
-            weight, scale = key[: -len("_scale")], state.pop(key)
-            state[weight] = dequantize_absmax(state[weight], scale, 0 if weight.endswith(".u.weight") else 1).to(dt)
+    if "method" in entry:  # what the method stored beyond floating-point tensors (Dobi-SVD's int8 factors)
+        state = handler(entry["method"]).loaded_state(state, entry, dt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)
     bad = [k for k in missing if k not in tied]

@@ -1,22 +1,7 @@
-"""Step 3 of the flow: channel-weighted whitening and the SVD of every matrix, computed once.
+"""Step 3b of the flow: the SVD of every scaled matrix W S, computed once, and the factors on disk.
 
-For a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
-- "paper" form (DipSVD Eq. 3): G~ = D G D = Q L Q^T, S = Q L^{1/2}, S^{-1} = L^{-1/2} Q^T.
-- "code" form (the authors' public code): SVD of G D = U Sig V^T, S = U Sig^{1/2}, so that
-  S S^T = (G D^2 G)^{1/2}; with D = I this is SVD-LLM's whitening too. In float64, U and Sig^2 come
-  from the eigendecomposition of G D^2 G = (G D)(G D)^T instead: 2.7x faster than the SVD of G D
-  (0.30 against 0.80 s at width 1536 on the 2-core CPU; cuSOLVER's eigh is faster than its SVD too).
-  Squaring costs digits only where sigma_i < ~1e-8 sigma_1, directions the data all but never visit:
-  on the bundled model's Grams (condition numbers up to 6e10) every truncation's data error
-  ||(W - W') D X||_F came out within 0.13% of the SVD route's up to half the rank, median 1e-11
-  (bench/RESULTS.md, "Factors by eigh"). In float32 the squared condition number leaves too few
-  digits (the data error rose by up to 64% at 30% of the rank), so float32 compute keeps the SVD.
-- `svd` (no data): S = I.
-- Baselines with a diagonal S (S^{-1} its inverse, so every rank is still a slice):
-  `fwsvd` (Fisher-weighted SVD, Hsu et al. 2022): S = diag(sqrt(f_j)) with f_j the row-wise Fisher
-  of input channel j (importance.fisher_info, the same backward passes as the sensitivity);
-  `asvd` (activation-aware SVD, Yuan et al. 2023): S = diag(mean|x_j|^0.5) from the statistics,
-  with a uniform ratio. ASVD's per-layer sensitivity search for the ratios is left out.
+The scaling S is a registered strategy per factor method (scalings.py: identity, Gram whitening, channel-weighted
+Gram whitening, Fisher rows, activation means); this module is the same for all of them.
 Then W S = U Sigma V^T and the rank-k matrix is W' = U_k Sigma_k (V_k^T S^{-1}). A Factor keeps
 U Sigma^{1/2}, sigma and Sigma^{1/2} V^T S^{-1} for all min(out, in) components, so any rank is a
 slice. In the paper form
@@ -24,7 +9,8 @@ slice. In the paper form
 The whitening and the SVD run on the device of the weight and the Gram (the model's device), in
 the spec's compute dtype (float64 by default); the factors are stored in float32 (or the model's
 bfloat16) with sigma in float64. In float64 the SVD of W S is taken from the eigendecomposition of
-the smaller of (W S)(W S)^T and (W S)^T (W S) (`_factor_by_eigh`), for the same reason as above.
+the smaller of (W S)(W S)^T and (W S)^T (W S) (`_factor_by_eigh`), since squaring the condition number costs digits only where the data
+all but never goes (scalings.py).
 
 Factors live on disk (`FactorStore`), one safetensors file per decoder block, laid out so that a
 rank-k slice is k contiguous rows of each tensor: u is stored transposed, as ut = (U Sigma^{1/2})^T
@@ -34,7 +20,6 @@ each through a memory map (safetensors `get_slice`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -45,17 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import DipSVDError
-from .stats import channel_importance
+from .scalings import (DEFAULT_WHITENING, EIG_FLOOR, WHITENING_FORMS, ScaleData, Scaling,  # noqa: F401 (re-exported)
+                       channel_scale, diagonal_scale, left_singular_by_eigh, scaling, whitening)
 
-log = logging.getLogger(__name__)
-
-WHITENING_FORMS = ("paper", "code")
-DEFAULT_WHITENING = "code"  # measured best on held-out text: bench/RESULTS.md
-METHODS = ("svd", "svd-llm", "dipsvd", "fwsvd", "asvd")
-GRAM_METHODS = ("svd-llm", "dipsvd")  # the methods whose whitening needs the input Grams
-EIG_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-6}  # eigenvalues below this fraction of the largest are raised to it
-DIAG_FLOOR = 1e-6  # diagonal scales below this fraction of the largest are raised to it (dead channels)
-ASVD_ALPHA = 0.5  # ASVD's exponent on mean |x_j|
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -118,53 +95,6 @@ def loss_curve(sigma: torch.Tensor) -> torch.Tensor:
     return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
 
 
-def channel_scale(alpha: torch.Tensor, weight: float, bar: float) -> torch.Tensor:
-    """d_j = weight for the top `bar` fraction of channels by alpha (round(bar * n) of them), else 1."""
-    if weight <= 0:
-        raise DipSVDError(f"weight must be positive (got {weight}); 1 disables channel protection")
-    if not 0 <= bar <= 1:
-        raise DipSVDError(f"bar must be a fraction in [0, 1] (got {bar})")
-    d = torch.ones_like(alpha, dtype=torch.float64)
-    n_top = int(round(bar * alpha.numel()))
-    if n_top > 0 and weight != 1:
-        d[torch.topk(alpha, n_top).indices] = float(weight)
-    return d
-
-
-def _floor(values: torch.Tensor, what: str, rel: float) -> tuple[torch.Tensor, int]:
-    top = values.max().clamp_min(0)
-    if top <= 0 or not torch.isfinite(top):
-        raise DipSVDError(f"the {what} is zero or not finite: this layer saw no usable activations; "
-                          "check the calibration text and the model's dtype")
-    floor = top * rel
-    n = int((values < floor).sum())
-    if n:
-        log.info("%s: %d of %d eigenvalues floored at %.3g", what, n, values.numel(), floor.item())
-    return values.clamp_min(floor), n
-
-
-def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
-              compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(S, S^{-1}, n_floored) for Gram G and channel scale d, in `compute` dtype on the Gram's device."""
-    G, d = gram.to(compute), d.to(gram.device, compute)
-    rel = EIG_FLOOR[compute]
-    if form == "paper":
-        L, Q = torch.linalg.eigh(d[:, None] * G * d[None, :])
-        L, n = _floor(L, "weighted Gram", rel)
-        root = L.sqrt()
-        return Q * root, Q.T / root[:, None], n
-    if form == "code":
-        GD = G * d[None, :]
-        if compute == torch.float64:  # (G D)(G D)^T = U Sig^2 U^T: U and Sig by a symmetric eigendecomposition
-            U, sig = left_singular_by_eigh(GD)
-        else:  # squaring the condition number would leave float32 too few digits: the SVD itself
-            U, sig, _ = torch.linalg.svd(GD)
-        sig, n = _floor(sig, "weighted Gram", rel)
-        root = sig.sqrt()
-        return U * root, U.T / root[:, None], n
-    raise DipSVDError(f"unknown whitening form '{form}'; use one of {', '.join(WHITENING_FORMS)}")
-
-
 def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.Tensor | None = None,
                   floored: int = 0, dtype: torch.dtype = torch.float32,
                   compute: torch.dtype = torch.float64) -> Factor:
@@ -183,13 +113,6 @@ def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.T
         root = sigma.sqrt()
         us, vs = U * root, root[:, None] * (Vt @ S_inv if S_inv is not None else Vt)
     return Factor(us.to(dtype), sigma.double().cpu(), vs.to(dtype), floored)
-
-
-def left_singular_by_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, sigma) of A = U Sigma V^T, largest first, from the eigendecomposition A A^T = U Sigma^2 U^T: rounding
-    leaves sigma_i accurate to about eps sigma_1 / sigma_i relative, so float64 only (module docstring)."""
-    lam, U = torch.linalg.eigh(A @ A.T)
-    return U.flip(1), lam.flip(0).clamp_min(0).sqrt()
 
 
 def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S_inv: torch.Tensor | None):
@@ -212,7 +135,8 @@ def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S_inv: torch.Tensor | None
 
 @dataclass(frozen=True)
 class FactorSpec:
-    """What the factors depend on, besides the model and the calibration windows."""
+    """What the factors depend on, besides the model and the calibration windows. `method` names the scaling
+    (scalings.SCALINGS); weight, bar and whitening are read by the channel-weighted one."""
 
     method: str = "dipsvd"
     weight: float = 30.0
@@ -222,8 +146,7 @@ class FactorSpec:
     storage: str = "float32"  # dtype of the stored factors (bfloat16 halves the disk and the reads)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise DipSVDError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        scaling(self.method)  # an unknown name says which exist
         if self.whitening not in WHITENING_FORMS:
             raise DipSVDError(f"unknown whitening form '{self.whitening}'; use paper or code")
         if self.compute not in ("float64", "float32"):
@@ -232,59 +155,34 @@ class FactorSpec:
             raise DipSVDError(f"unknown factor dtype '{self.storage}'; use float32 or bfloat16")
 
     @property
+    def scaling(self) -> Scaling:
+        return scaling(self.method)
+
+    @property
     def key(self) -> tuple:
         dtypes = () if (self.compute, self.storage) == ("float64", "float32") else (self.compute, self.storage)
-        if self.method == "svd":
-            return ("svd", *dtypes)
-        if self.method == "svd-llm":  # D = I: both forms give S S^T = G; eigh ("paper") is cheaper
-            return ("svd-llm", *dtypes)
-        if self.method == "fwsvd":  # the Fisher key is added by the Workbench
-            return ("fwsvd", DIAG_FLOOR, *dtypes)
-        if self.method == "asvd":
-            return ("asvd", ASVD_ALPHA, DIAG_FLOOR, *dtypes)
-        return ("dipsvd", float(self.weight), float(self.bar), self.whitening, *dtypes)
-
-
-def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(S, S^{-1}, n_floored) for S = diag(scale); zero (dead) entries are floored so S^{-1} exists."""
-    s, n = _floor(scale.double(), what, DIAG_FLOOR)
-    return torch.diag(s), torch.diag(1 / s), n
+        return (*self.scaling.key(self), *dtypes)
 
 
 def factor_model(weights: dict[str, torch.Tensor], spec: FactorSpec, group_of: dict[str, str] | None = None,
                  grams: dict[str, torch.Tensor] | None = None, abs_means: dict[str, torch.Tensor] | None = None,
                  fisher_rows: dict[str, torch.Tensor] | None = None, progress=None) -> dict[str, Factor]:
-    """Factor these matrices (one block's, or any set). The whitening of a shared input group is computed once.
+    """Factor these matrices (one block's, or any set) with the spec's scaling. A scaling shared by an input
+    group (every one but a per-matrix scaling) is computed once per group.
 
-    svd-llm and dipsvd need `group_of` and the `grams` of the groups; asvd needs `abs_means` per group;
-    fwsvd needs `fisher_rows` (name -> (in,) row-wise Fisher, from importance.fisher_info).
+    Each scaling reads what it needs (scalings.py): `group_of` and the groups' `grams`, `abs_means` per group,
+    or `fisher_rows` (name -> (in,) row-wise Fisher, from importance.fisher_info).
     """
-    if spec.method == "fwsvd" and fisher_rows is None:
-        raise DipSVDError("fwsvd needs the Fisher weights of the calibration loss; pass fisher_rows "
-                          "(Workbench.factors does this)")
     compute, storage = DTYPES[spec.compute], DTYPES[spec.storage]
-    whiten_cache: dict[str, tuple] = {}
+    scale, data = spec.scaling, ScaleData(group_of, grams, abs_means, fisher_rows)
+    cache: dict[str, tuple | None] = {}
     out = {}
     for i, (name, W) in enumerate(weights.items()):
-        S = S_inv = None
-        n = 0
-        if spec.method == "fwsvd":  # per matrix: the Fisher of each weight differs even in a shared group
-            S, S_inv, n = diagonal_scale(fisher_rows[name].sqrt(), f"Fisher scale of {name}")
-        elif spec.method != "svd":
-            group = group_of[name]
-            if group not in whiten_cache:
-                if spec.method == "asvd":
-                    whiten_cache[group] = diagonal_scale(abs_means[group].double() ** ASVD_ALPHA,
-                                                         f"activation scale of {group}")
-                else:
-                    gram = grams[group]
-                    if spec.method == "dipsvd":
-                        d = channel_scale(channel_importance(gram.double()), spec.weight, spec.bar)
-                        whiten_cache[group] = whitening(gram, d, spec.whitening, compute)
-                    else:
-                        whiten_cache[group] = whitening(gram, torch.ones(gram.shape[0], dtype=torch.float64),
-                                                        "paper", compute)
-            S, S_inv, n = whiten_cache[group]
+        group = (group_of or {}).get(name, name)
+        ident = name if scale.per_matrix else group
+        if ident not in cache:
+            cache[ident] = scale.scale(spec, name, group, data, compute)
+        S, S_inv, n = cache[ident] or (None, None, 0)
         out[name] = factor_matrix(W, S, S_inv, n, storage, compute)
         if progress:
             progress((i + 1) / len(weights), f"factoring {name}")

@@ -97,8 +97,9 @@ def dobi_preview(bench: Workbench, settings: Settings) -> dict:
     """What trained Dobi-SVD gammas give at this ratio: the budget-fixed allocation, the uniform keep
     ratios in the same currency, the ratio the gammas reached themselves, and the training curve."""
     from . import dobi
+    from .methods import handler
 
-    trained = bench.train_dobi(settings)  # cached: the page asks only after training
+    trained = handler(settings.method).prepare(bench, settings)  # cached: the page asks only after training
     targets, remap = bench.targets, settings.remap
     ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, remap)
     uniform = dobi.ranks_from_gammas(dobi.uniform_gammas(targets, settings.ratio, remap), targets, remap)

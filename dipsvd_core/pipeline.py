@@ -11,102 +11,28 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import allocation as alloc
 from . import allocators
+from . import passes as P
 from .data import calibration_windows, evaluation_windows, heldout_windows
 from .errors import DipSVDError
 from .cache import cache_dir, load_tensors, make_key, save_tensors
-from .factors import DEFAULT_WHITENING, GRAM_METHODS, Factor, FactorSpec, FactorStore, factor_model
-from .methods import HANDLERS
-from .importance import FisherInfo, cached_fisher, check_importance, effective_ranks, importance
+from .factors import Factor, FactorSpec, FactorStore, ScaleData, factor_model
+from .importance import FisherInfo, cached_fisher, effective_ranks, importance
+from .methods import handler, needs, refines
 from .models import LoadedModel, weights_of
+from .settings import Settings, settings_dict  # noqa: F401 (the flow's entry names, re-exported)
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
+from .strategies import strategy
 from .surgery import compress_model
 
-ALLOCATIONS = ("uniform", "heuristic", "bayes", "coupled", "nested", "trained")
-ALL_METHODS = tuple(HANDLERS)  # svd, svd-llm, dipsvd, fwsvd, asvd (factored) and dobi (trains its ranks)
-PROBE_CACHE = {"block": ("probe-v1", "probe"), "type": ("probe-types-v1", "type_probe")}  # cache key, timings name
-
-
-@dataclass
-class Settings:
-    method: str = "dipsvd"
-    allocation: str = "uniform"
-    ratio: float = 0.2
-    weight: float = 30.0
-    bar: float = 0.03
-    whitening: str = DEFAULT_WHITENING
-    compute_dtype: str = "float64"  # the whitening and the SVD; float32 where float64 is slow (workstation GPUs)
-    factor_dtype: str = "float32"  # the factors on disk; bfloat16 halves them for large models
-    refine: str = "none"  # "sequential": each block refit to the inputs the compressed blocks before it give (refine.py)
-    p_min: float = 0.05
-    p_max: float = 1.0
-    # global importance (DESIGN.md section 4)
-    beta: float = 0.25  # Q_l = S~^beta * R~^(1 - beta)
-    tau: float = 0.95  # effective-rank energy threshold
-    energy: str = "sigma2"  # "sigma2" (Alg. 5) or "sigma" (Eq. 11)
-    bo_calls: int = 30
-    bo_objective: str = "ppl"  # "ppl" on held-out calibration text, or "cosine" of final logits
-    bo_windows: int = 4  # held-out calibration-split windows (of the Workbench's seqlen) per BO evaluation
-    seed: int = 0
-    # Dobi-SVD (method "dobi", allocation "trained"); see dobi.DobiConfig
-    dobi_epochs: int = 2
-    dobi_lr: float = 0.02
-    dobi_lambda: float = 100.0
-    dobi_windows: int = 4
-    dobi_beta: float = 10.0
-    dobi_ipca_windows: int | None = None  # None: all calibration windows
-    remap: bool = False
-
-    @property
-    def spec(self) -> FactorSpec:
-        if self.method == "dobi":
-            raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
-                              "the weights (Workbench.build does this)")
-        return FactorSpec(self.method, self.weight, self.bar, self.whitening, self.compute_dtype, self.factor_dtype)
-
-    @property
-    def dobi(self):
-        from .dobi import DobiConfig
-
-        return DobiConfig(self.dobi_epochs, self.dobi_lr, self.dobi_lambda, self.dobi_windows, self.dobi_ipca_windows,
-                          self.dobi_beta, self.remap)
-
-    def check(self) -> "Settings":
-        from .methods import handler
-
-        from .refine import REFINES
-
-        alloc.check_ratio(self.ratio)
-        handler(self.method).check(self)
-        if self.refine not in REFINES:
-            raise DipSVDError(f"unknown refine '{self.refine}'; use none or sequential")
-        if self.refine != "none" and not handler(self.method).refinable:
-            raise DipSVDError("refine works on SVD factors; dobi rebuilds its weights by IPCA instead: use refine none")
-        if self.allocation not in allocation_names():
-            raise DipSVDError(f"unknown allocation '{self.allocation}'; use one of {', '.join(allocation_names())}")
-        if not 0 < self.p_min <= self.p_max:
-            raise DipSVDError(f"need 0 < p_min <= p_max (got {self.p_min}, {self.p_max})")
-        check_importance(self.beta, self.tau, self.energy)
-        from .bayes import OBJECTIVES
-
-        if self.bo_objective not in OBJECTIVES:
-            raise DipSVDError(f"unknown BO objective '{self.bo_objective}'; use ppl or cosine")
-        if self.bo_calls < 2:
-            raise DipSVDError(f"bo_calls must be at least 2 (the uniform and heuristic warm starts); got {self.bo_calls}")
-        if self.bo_windows < 1:
-            raise DipSVDError(f"bo_windows must be at least 1; got {self.bo_windows}")
-        return self
-
-
-def allocation_names() -> tuple[str, ...]:
-    return ALLOCATIONS
+PROBE_CACHE = {"block": ("probe-v1", P.BLOCK_PROBE), "type": ("probe-types-v1", P.TYPE_PROBE)}  # cache key, pass
 
 
 @dataclass
@@ -133,8 +59,7 @@ class Workbench:
         self._stats: Stats | None = None
         self._factors: dict[tuple, dict[str, Factor]] = {}
         self._fisher: FisherInfo | None = None
-        self._objectives: dict[tuple, object] = {}  # BO objective per (factor key, kind, windows): one model copy each
-        self._dobi: dict[tuple, object] = {}  # dobi.Trained per (ratio, config)
+        self._cached: dict[tuple, object] = {}  # (kind, key) -> what a pass made (cached): BO objectives, Dobi-SVD's training
         # the probes that calibrate the coupled (per block) and nested (per matrix type) allocations, per
         # (kind, factor key, held-out windows)
         self._probes: dict[tuple, np.ndarray] = {}
@@ -155,7 +80,7 @@ class Workbench:
         if self._stats is None:
             t0 = time.perf_counter()
             self._stats = cached_stats(self.lm, self.windows(), progress)
-            self.timings_s["statistics"] = time.perf_counter() - t0
+            self.timings_s[P.STATISTICS] = time.perf_counter() - t0
         return self._stats
 
     def has_factors(self, spec: FactorSpec) -> bool:
@@ -170,8 +95,10 @@ class Workbench:
         return self._factors[spec.key]
 
     def _store(self, spec: FactorSpec) -> FactorStore:
-        fisher = self.fisher() if spec.method == "fwsvd" else None
-        data = f"svd-{self.lm.fingerprint}" if spec.method == "svd" else stats_key(self.lm, self.windows())
+        reads = spec.scaling.needs
+        fisher = self.fisher() if P.FISHER in reads else None
+        # a scaling that reads no data is keyed by the weights alone ("svd-": the name predates the registry)
+        data = stats_key(self.lm, self.windows()) if reads else f"svd-{self.lm.fingerprint}"
         return FactorStore(cache_dir() / "factors" / make_key("factors-v3", data, spec.key,
                                                               *([fisher.key] if fisher is not None else [])))
 
@@ -184,7 +111,7 @@ class Workbench:
         for spec in dict.fromkeys(specs):
             if spec.key in self._factors:
                 continue
-            if spec.method == "fwsvd":
+            if P.FISHER in spec.scaling.needs:
                 self.fisher(progress)
             store = self._store(spec)
             hit = store.load() if store.complete else None
@@ -198,7 +125,7 @@ class Workbench:
         n_blocks = self.lm.n_blocks
         outs = {spec.key: ({}, {}) for spec, _ in pending}
 
-        def factor_block(b: int, todo, group_of=None, grams=None, abs_means=None) -> None:
+        def factor_block(b: int, todo, data: ScaleData) -> None:
             if progress:
                 progress(b / n_blocks, f"block {b + 1}/{n_blocks}: factoring")
             names = [t.name for t in self.targets if t.block == b]
@@ -206,8 +133,9 @@ class Workbench:
                 for n in names:
                     stack.enter_context(weights_of(mods[n]))
                 for spec, store in todo:
-                    rows = self.fisher().rows if spec.method == "fwsvd" else None
-                    factors = factor_model({n: mods[n].weight for n in names}, spec, group_of, grams, abs_means, rows)
+                    rows = self.fisher().rows if P.FISHER in spec.scaling.needs else None
+                    factors = factor_model({n: mods[n].weight for n in names}, spec, data.group_of, data.grams,
+                                           data.abs_means, rows)
                     out, block_of = outs[spec.key]
                     out.update(store.write_block(b, factors))
                     block_of.update({n: b for n in names})
@@ -216,34 +144,47 @@ class Workbench:
 
         for _, store in pending:
             store.start()
-        gram = [(spec, store) for spec, store in pending if spec.method in GRAM_METHODS]
-        other = [(spec, store) for spec, store in pending if spec.method not in GRAM_METHODS]
+        gram = [(spec, store) for spec, store in pending if P.GRAMS in spec.scaling.needs]
+        other = [(spec, store) for spec, store in pending if P.GRAMS not in spec.scaling.needs]
         stats_s = 0.0
         if gram:
             stats = stream_stats(self.lm.model, [t.name for t in self.targets], self.windows(),
-                                 lambda b, st: factor_block(b, gram, st.group_of, st.grams), progress)
+                                 lambda b, st: factor_block(b, gram, ScaleData(st.group_of, st.grams)), progress)
             stats_s = stats.seconds
             if self._stats is None:  # the same pass gave the statistics: keep them
                 save_stats(stats_key(self.lm, self.windows()), stats)
                 self._stats = stats
-                self.timings_s["statistics"] = stats_s
+                self.timings_s[P.STATISTICS] = stats_s
         for spec, store in other:
-            stats = self.stats(progress) if spec.method == "asvd" else None
+            stats = self.stats(progress) if P.STATISTICS in spec.scaling.needs else None
             for b in range(n_blocks):
-                factor_block(b, [(spec, store)], stats and stats.group_of, None, stats and stats.abs_means)
+                factor_block(b, [(spec, store)], ScaleData(stats and stats.group_of, None, stats and stats.abs_means))
         for spec, store in pending:
             out, block_of = outs[spec.key]
             store.finish(block_of, out, {"spec": list(spec.key)})
             self._factors[spec.key] = out
         if progress:
             progress(1.0, f"block {n_blocks}/{n_blocks}: factors written")
-        self.timings_s["factors"] = time.perf_counter() - t0 - stats_s
+        self.timings_s[P.FACTORS] = time.perf_counter() - t0 - stats_s
 
     def drop_factors(self, spec: FactorSpec) -> None:
         """Free one method's factors (and its BO model copies); they reload from the disk cache."""
         self._factors.pop(spec.key, None)
-        for k in [k for k in self._objectives if k[0] == spec.key]:
-            del self._objectives[k]
+        for k in [k for k in self._cached if k[0] == "objective" and k[1][0] == spec.key]:
+            del self._cached[k]
+
+    def cached(self, kind: str, key, make, keep=lambda value: True):
+        """What `make()` returns, made once per (kind, key) and kept in memory while `keep(value)` says so
+        (a pass's own disk cache, if any, lives inside `make`)."""
+        if (kind, key) not in self._cached:
+            value = make()
+            if not keep(value):
+                return value
+            self._cached[(kind, key)] = value
+        return self._cached[(kind, key)]
+
+    def has_cached(self, kind: str, key) -> bool:
+        return (kind, key) in self._cached
 
     # --- global importance (DESIGN.md section 4) ---
     def fisher(self, progress=None) -> FisherInfo:
@@ -251,7 +192,7 @@ class Workbench:
         if self._fisher is None:
             t0 = time.perf_counter()
             self._fisher = cached_fisher(self.lm, self.windows(), stats_key(self.lm, self.windows()), progress)
-            self.timings_s["fisher"] = time.perf_counter() - t0
+            self.timings_s[P.FISHER] = time.perf_counter() - t0
         return self._fisher
 
     def block_spectra(self, progress=None) -> list[torch.Tensor]:
@@ -275,57 +216,47 @@ class Workbench:
         return self._heldout[n_windows]
 
     def allocate(self, settings: Settings, progress=None, callback=None, cancel=None) -> alloc.Allocation:
-        """uniform | heuristic | bayes | coupled | nested. For bayes, `callback(i, value, best)` reports each call
-        (return False to stop) and `cancel` (a threading.Event) stops the search; the best point so
+        """The registered allocation's ranks (strategies.py). For a search (bayes), `callback(i, value, best)`
+        reports each call (return False to stop) and `cancel` (a threading.Event) stops it; the best point so
         far is returned, with its convergence in Allocation.history."""
         settings.check()
+        chosen = strategy(settings.allocation)
+        if self.lm.offloaded and not chosen.offload_ok:
+            raise DipSVDError(chosen.refusal)
         bounds = {"p_min": settings.p_min, "p_max": settings.p_max}
-        if settings.allocation == "uniform":
-            return alloc.uniform(self.targets, settings.ratio, **bounds)
-        if settings.allocation == "heuristic":
-            return allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio, **bounds)
-        if settings.allocation == "coupled":
-            factors = self.factors(settings.spec, progress)
-            return allocators.coupled(factors, self.coupled_weights(settings, progress), self.targets, settings.ratio,
-                                      **bounds)
-        if settings.allocation == "nested":
-            outer = allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio,
-                                         **bounds)
-            return allocators.nested(outer, self.factors(settings.spec, progress), self.nested_weights(settings, progress),
-                                     self.targets, **bounds)
-        if settings.allocation == "bayes":
-            from .bayes import Objective, bayes
+        return chosen.allocate(self, settings, bounds, progress=progress, callback=callback, cancel=cancel)
 
-            if self.lm.offloaded:
-                raise DipSVDError("Bayesian optimisation builds a second model to evaluate ranks; with an offloaded "
-                                  "model use the heuristic or coupled allocation")
-            factors = self.factors(settings.spec, progress)
-            key = (settings.spec.key, settings.bo_objective, settings.bo_windows)
-            if key not in self._objectives:
-                self._objectives[key] = Objective(self.lm.model, self.targets, factors,
-                                                  self.heldout(settings.bo_windows), settings.bo_objective)
-            warm = [alloc.uniform(self.targets, settings.ratio, **bounds).p_blocks,
-                    allocators.heuristic(self.importance(settings, progress)["Q"], self.targets, settings.ratio,
-                                         **bounds).p_blocks]
-            return bayes(self._objectives[key], self.targets, settings.ratio, warm, settings.bo_calls, settings.seed,
-                         callback=callback, cancel=cancel, progress=progress, **bounds)
-        raise DipSVDError(f"unknown allocation '{settings.allocation}'")
+    def has_pass(self, name: str, settings: Settings) -> bool:
+        """Whether what pass `name` gives for these settings is in memory (or, for a probe, in the disk cache)."""
+        return {P.STATISTICS: lambda: self._stats is not None, P.GRAMS: lambda: self.has_factors(settings.spec),
+                P.FISHER: lambda: self._fisher is not None, P.FACTORS: lambda: self.has_factors(settings.spec),
+                P.BLOCK_PROBE: lambda: self.has_probe(settings, "block"),
+                P.TYPE_PROBE: lambda: self.has_probe(settings, "type"),
+                P.TRAINING: lambda: handler(settings.method).prepared(self, settings),
+                P.SEARCH: lambda: False, P.UPDATE: lambda: False, P.REFINE: lambda: False}[name]()
 
-    def quick_build(self, settings: Settings) -> bool:
-        """Whether building for these settings is only a slice and a surgery: the factors are in memory, no
-        pass (Fisher, the coupled probe, refine, Dobi-SVD training) is left to run. The app then builds in
-        the page's own run instead of a background job (issue 9: a sub-second step paid a second of job
-        round trips)."""
-        from .methods import handler
+    def run_pass(self, name: str, settings: Settings, progress=None, callback=None, cancel=None):
+        """Run pass `name` for these settings (the app's buttons call this); a search returns its allocation."""
+        return {P.STATISTICS: lambda: self.stats(progress), P.FISHER: lambda: self.fisher(progress),
+                P.GRAMS: lambda: self.factors(settings.spec, progress),
+                P.FACTORS: lambda: self.factors(settings.spec, progress),
+                P.BLOCK_PROBE: lambda: self._probe(settings, "block", progress),
+                P.TYPE_PROBE: lambda: self._probe(settings, "type", progress),
+                P.TRAINING: lambda: handler(settings.method).prepare(self, settings, progress, callback, cancel),
+                P.SEARCH: lambda: self.allocate(settings, progress, callback, cancel)}[name]()
 
-        if handler(settings.method).trains_ranks or settings.refine != "none" or self.lm.offloaded:
+    def missing(self, settings: Settings, allocation_given: bool = False) -> list[str]:
+        """The passes these settings need that have not run yet, in the order of passes.PASSES."""
+        want = needs(settings, allocation_given)
+        return [p for p in P.PASSES if p in want and not self.has_pass(p, settings)]
+
+    def quick_build(self, settings: Settings, allocation_given: bool = False) -> bool:
+        """Whether building for these settings is only a slice and a surgery: every pass it needs is in memory.
+        The app then builds in the page's own run instead of a background job (issue 9: a sub-second step paid
+        a second of job round trips). A search (bayes) is quick once its allocation is given."""
+        if self.lm.offloaded:
             return False
-        if not self.has_factors(settings.spec):
-            return False
-        if settings.allocation in ("uniform", "bayes"):  # bayes builds from the allocation BO already found
-            return True
-        needs_probe = settings.allocation in ("coupled", "nested")
-        return self._fisher is not None and (not needs_probe or self.has_probe(settings))
+        return not self.missing(settings, allocation_given or not strategy(settings.allocation).reproducible)
 
     def coupled_weights(self, settings: Settings, progress=None) -> dict[str, float]:
         """The coupled allocator's w_m (allocators.py): the second-order weight from the Fisher pass, times each
@@ -349,10 +280,11 @@ class Workbench:
         c = allocators.calibrate_types(self.type_sensitivity(settings, progress), factors, raw, self.targets)
         return {t.name: raw[t.name] * c[matrix_type(t.name)] for t in self.targets}
 
-    def has_probe(self, settings: Settings) -> bool:
-        """Whether the probe the allocation needs (nested: per matrix type; otherwise coupled's, per block) for
-        these factors is in memory or in the disk cache."""
-        kind = "type" if settings.allocation == "nested" else "block"
+    def has_probe(self, settings: Settings, kind: str | None = None) -> bool:
+        """Whether the probe (`kind` block or type; by default the one the allocation needs) for these factors is
+        in memory or in the disk cache."""
+        if kind is None:
+            kind = "type" if P.TYPE_PROBE in strategy(settings.allocation).needs else "block"
         if (kind, settings.spec.key, settings.bo_windows) in self._probes:
             return True
         if not self.has_factors(settings.spec) or load_tensors("probe", self._probe_key(settings, kind)) is None:
@@ -401,55 +333,17 @@ class Workbench:
         """Per block: sum of the whitened losses L_m(k_m)^2 of its matrices (from the factors, cheap)."""
         return allocators.predicted_loss(self.factors(settings.spec), allocation.ranks, self.targets)
 
-    # --- Dobi-SVD (dobi.py) ---
-    def has_dobi(self, settings: Settings) -> bool:
-        return (settings.ratio, settings.dobi) in self._dobi
-
-    def train_dobi(self, settings: Settings, progress=None, callback=None, cancel=None):
-        """Trained truncation positions for this ratio and config (memory, then disk cache, then training).
-        A cancelled run is returned but not cached."""
-        from . import dobi
-
-        settings.check()
-        key = (settings.ratio, settings.dobi)
-        if key in self._dobi:
-            return self._dobi[key]
-        windows = self.windows()[: settings.dobi_windows]
-        if len(windows) < settings.dobi_windows:
-            raise DipSVDError(f"dobi_windows={settings.dobi_windows} but only {len(windows)} calibration windows "
-                              "exist; raise the calibration windows or lower dobi_windows")
-        cfg = settings.dobi
-        training = {k: v for k, v in dobi.config_dict(cfg).items() if not k.startswith("ipca")}  # not the update's
-        disk = make_key("dobi-v7", stats_key(self.lm, windows), settings.ratio, training)
-        hit = load_tensors("dobi", disk)
-        if hit is not None:
-            t, meta = hit
-            trained = dobi.Trained(dict(zip(meta["names"], t["gammas"].tolist())), meta["history"], 0.0)
-        else:
-            trained = dobi.train_gammas(self.lm.model, self.targets, windows, settings.ratio, cfg, progress,
-                                        callback, cancel)
-            if trained.cancelled:
-                return trained
-            save_tensors("dobi", disk, {"gammas": torch.tensor([trained.gammas[t.name] for t in self.targets])},
-                         {"names": [t.name for t in self.targets], "history": trained.history,
-                          "seconds": trained.seconds, "config": dobi.config_dict(cfg), "ratio": settings.ratio})
-        self.timings_s["dobi_training"] = trained.seconds
-        self._dobi[key] = trained
-        return trained
-
     def build(self, settings: Settings, allocation: alloc.Allocation | None = None, progress=None,
               inplace: bool = False) -> Result:
         """The compressed copy for these settings; the original model is left untouched. With `inplace`
         the original itself is converted (a batch run that never uses it again peaks lower); this
         Workbench then builds nothing more. The method's handler (methods.py) builds the new state;
         surgery is the same for every method."""
-        from .methods import handler
-
         settings.check()
         state = handler(settings.method).new_state(self, settings, allocation, progress)
-        if settings.refine == "sequential":
+        if refines(settings.refine):
             state.weights, info = self.refine(settings, state.allocation, progress)
-            state.timings_s["refine"] = info["seconds"]
+            state.timings_s[P.REFINE] = info["seconds"]
             state.info = dict(state.info, refine=info)
         t0 = time.perf_counter()
         model = self._surgery(state.weights, inplace)
@@ -461,8 +355,8 @@ class Workbench:
         from .refine import refine
 
         spec = settings.spec
-        abs_means = self.stats(progress).abs_means if spec.method == "asvd" else None
-        rows = self.fisher(progress).rows if spec.method == "fwsvd" else None
+        abs_means = self.stats(progress).abs_means if P.STATISTICS in spec.scaling.needs else None
+        rows = self.fisher(progress).rows if P.FISHER in spec.scaling.needs else None
         return refine(self.lm.model, [t.name for t in self.targets], self.windows(), spec, allocation.ranks,
                       abs_means, rows, progress)
 
@@ -478,6 +372,3 @@ class Workbench:
     def eval_windows(self, source: str, max_tokens: int | None = 16384, seqlen: int | None = None) -> torch.Tensor:
         return evaluation_windows(self.lm.tokenizer, source, seqlen or self.seqlen, max_tokens)
 
-
-def settings_dict(s: Settings) -> dict:
-    return asdict(s)

@@ -50,13 +50,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import passes as P
 from .errors import DipSVDError
-from .methods import NO_FACTORS
+from .methods import handler, needs
+from .settings import Settings
 
-PHASES = ("load", "statistics", "factors", "fisher", "refine", "surgery", "evaluation")
+# every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
+# and the build's surgery and evaluation, which every run has
+PHASES = ("load", P.STATISTICS, P.FACTORS, P.FISHER, P.BLOCK_PROBE, P.TYPE_PROBE, P.SEARCH, P.TRAINING, P.UPDATE,
+          P.REFINE, "surgery", "evaluation")
+ALWAYS = ("load", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-FISHER_ALLOCATIONS = ("heuristic", "bayes", "coupled", "nested")
-GRAM_METHODS = ("svd-llm", "dipsvd")
 GiB = 2**30
 
 
@@ -103,6 +107,7 @@ class Plan:
     free_device_bytes: int | None = None
     free_disk_bytes: int | None = None
     shape: Shapes | None = field(default=None, repr=False)
+    run: Run | None = field(default=None, repr=False)
 
     def _peak(self, attr: str) -> int:
         return max(getattr(p, attr) for p in self.phases.values() if p.needed)
@@ -134,13 +139,13 @@ class Plan:
 
     def table(self) -> str:
         rows = [f"plan for {self.model} on {self.device} ({_settings_words(self.settings)})",
-                f"{'phase':<11} {'host':>10} {'device':>10} {'disk':>10} {'time':>9}"]
+                f"{'phase':<13} {'host':>10} {'device':>10} {'disk':>10} {'time':>9}"]
         for n, p in self.phases.items():
             t = "?" if p.seconds is None else _seconds(p.seconds)
-            rows.append(f"{n:<11} {_gb(p.host_bytes):>10} {_gb(p.device_bytes):>10} {_gb(p.disk_bytes):>10} "
+            rows.append(f"{n:<13} {_gb(p.host_bytes):>10} {_gb(p.device_bytes):>10} {_gb(p.disk_bytes):>10} "
                         f"{t:>9}" + ("" if p.needed else "  (not needed by these settings)"))
         total = "?" if self.seconds is None else _seconds(self.seconds)
-        rows.append(f"{'peak':<11} {_gb(self.peak_host_bytes):>10} {_gb(self.peak_device_bytes):>10} "
+        rows.append(f"{'peak':<13} {_gb(self.peak_host_bytes):>10} {_gb(self.peak_device_bytes):>10} "
                     f"{_gb(self.disk_bytes):>10} {total:>9}")
         free = [f"{w} {_gb(b)}" for w, b in (("host", self.free_host_bytes), ("device", self.free_device_bytes),
                                              ("disk", self.free_disk_bytes)) if b is not None]
@@ -272,104 +277,126 @@ def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False) 
 
 @dataclass(frozen=True)
 class Run:
-    """The settings a plan depends on."""
+    """What a plan depends on: the compression's own settings (settings.py, whose needs give the phases) and how
+    the run is carried out."""
 
-    method: str = "dipsvd"
-    allocation: str = "uniform"
-    ratio: float = 0.2
+    settings: Settings = field(default_factory=Settings)
     calib_windows: int = 32
     seqlen: int = 512
     eval_tokens: int = 16384
     eval_sets: int = 2
     eval_original: bool = True
     dtype: str = "float32"
-    compute_dtype: str = "float64"
-    factor_dtype: str = "float32"
     offload: bool = False
     inplace: bool = True  # compress converts the model in place; the app keeps the original beside the copy
-    refine: str = "none"  # "sequential": one more streaming pass on the original and the compressed activations
+
+    def __getattr__(self, name):  # the settings' fields read as the run's own (run.method, run.ratio, ...)
+        if name == "settings":
+            raise AttributeError(name)
+        return getattr(self.settings, name)
 
     @property
-    def needs_fisher(self) -> bool:
-        return self.method == "fwsvd" or self.allocation in FISHER_ALLOCATIONS
+    def phases(self) -> frozenset:
+        """The phases these settings run (from the declared needs of the method, the scaling and the allocation)."""
+        return P.phases(needs(self.settings)) | frozenset(ALWAYS)
+
+    @property
+    def whitens(self) -> bool:
+        """Whether the method whitens by the input Grams (factored inside the statistics pass)."""
+        scaling = getattr(handler(self.method), "scaling", None)
+        return scaling is not None and P.GRAMS in scaling.needs
+
+    def flat(self) -> dict:
+        return {**dataclasses.asdict(self.settings), **{f.name: getattr(self, f.name) for f in
+                                                        dataclasses.fields(self) if f.name != "settings"}}
+
+    def replace(self, **changes) -> "Run":
+        """A copy with some fields changed, the settings' fields included."""
+        own = {f.name for f in dataclasses.fields(self)}
+        mine = {k: v for k, v in changes.items() if k in own}
+        theirs = {k: v for k, v in changes.items() if k not in own}
+        return dataclasses.replace(self, **mine, settings=dataclasses.replace(self.settings, **theirs))
 
 
-def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
-    """Bytes of every phase at its peak (host, device, disk); seconds are filled in by `timing`."""
+def run_of(**fields) -> Run:
+    """A Run from flat fields: the settings' fields go into its settings, the others are the run's own."""
+    return Run().replace(**fields)
+
+
+def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
+    """(work, disk, host) per phase: what its peak holds on the device that runs it (besides the runtime), what it
+    writes to the cache folder, and what it keeps in host memory on a GPU run besides the weights."""
     B, c, s = DTYPE_BYTES[run.dtype], DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[run.factor_dtype]
     T, N, H, L = run.seqlen, run.calib_windows, sh.hidden, sh.n_blocks
     weights = sh.params * B
     per_block = [m for m in sh.matrices if m[0] == 0]
     factor_bytes = lambda ms, b: sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)  # noqa: E731
     kept = int((1 - run.ratio) * sh.targeted)  # parameters of the kept factors (the allocation's budget)
-
     window = T * (4 * H + 3 * sh.window_width) * B + sh.heads * T * T * 4  # one window inside a block
     acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window  # between blocks, rotary, one window
-    gram_in = run.method in GRAM_METHODS or run.method == "asvd" or run.allocation in FISHER_ALLOCATIONS
     grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12  # + a window's product
     o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
-    whiten = 5 * i * i if run.method in GRAM_METHODS else 2 * i * i
-    factoring = max(whiten, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
+    factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
     layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
     logits = 3 * T * sh.vocab * 4
-    block_targeted = sum(o * i for _, o, i in per_block)
     # Fisher runs block by block: every block's inputs (L x windows x T x H; on a GPU they wait in host memory
     # and one block's come back), the gradients at one level, one block's float32 gradient sums, one block's
     # autograd, the logits of one window
     fisher_saved = L * N * T * H * B
-    fisher = (N * T * H * B if cuda else fisher_saved) + N * T * H * 4 + block_targeted * 4 * 2 + layer_saved + logits
-    largest_block = sh.block_params * B
+    fisher = (N * T * H * B if cuda else fisher_saved) + N * T * H * 4 + sum(o * i for _, o, i in per_block) * 8 \
+        + layer_saved + logits
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
-    # compress converts the original in place (one model, not two); the app keeps both
-    compressed = kept * B - sh.targeted * B if run.inplace else kept * B
-
+    compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
     # Refine (refine.py) streams two activation sets (original and compressed), keeps every input group's X of
     # one block for all windows (an upper bound: a factored last Linear's X is not kept), the last Linear's X^
     # and the residual r^, the attention's output replayed for the later groups, one group's G^, C and the last
     # Linear's numerator, one group's factoring; the refined factors of every block gather on the host.
     g_max = max(sh.groups)
-    refine_acts = 2 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B
-    refine_dev = refine_acts + 2 * g_max * g_max * 8 + H * g_max * 8 + factoring
-    refined_host = kept * B
-
-    # (work on the device, host besides the runtime) per phase
-    # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
-    # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
-    load_host = weights + (3 * sh.params * 4 if sh.from_gguf else 0)
-    work = {"load": weights,
-            "statistics": weights + acts + grams,
-            "factors": weights + acts + grams + factoring if run.method in GRAM_METHODS else weights + factoring,
-            "fisher": weights + fisher,
-            "refine": weights + refine_dev + (refined_host if not cuda else 0),
+    refine_dev = 2 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B + 2 * g_max * g_max * 8 \
+        + H * g_max * 8 + factoring
+    # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
+    # every block; a search (BO) a second model beside the first; Dobi-SVD's training every block's autograd
+    # for one window, its weight update a float64 incremental PCA state per matrix.
+    probe = lambda ms: factor_bytes([(b, o, i) for b, o, i in ms], 4) // 4 + logits + window  # noqa: E731
+    widest_type = max(sum(o * i for _, o, i in per_block if (o, i) == (o2, i2)) for _, o2, i2 in per_block)
+    work = {"load": weights, P.STATISTICS: weights + acts + grams,
+            P.FACTORS: weights + (acts + grams if run.whitens else 0) + factoring,
+            P.FISHER: weights + fisher,
+            P.BLOCK_PROBE: weights + probe(per_block),
+            P.TYPE_PROBE: weights + L * widest_type * 4 + logits + window,
+            P.SEARCH: 2 * weights + logits + window,
+            P.TRAINING: weights + L * layer_saved + logits,
+            P.UPDATE: weights + sum(o * o for _, o, _ in sh.matrices) * 8 + window,
+            P.REFINE: weights + refine_dev + (kept * B if not cuda else 0),
             "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
             "evaluation": weights + max(compressed, 0) + logits + window}  # in place: the original's turn is larger
-    disk = {"load": sh.params * 4 if sh.from_gguf else 0,
-            "statistics": sum(g * 16 for g in sh.groups) * L + L * H * 8,
-            "factors": factor_bytes(sh.matrices, s),
-            "fisher": sum(i * 8 for _, _, i in sh.matrices),
-            "refine": 0, "surgery": 0, "evaluation": 0}
-    if run.method not in GRAM_METHODS and not gram_in:
-        disk["statistics"] = 0
-    # A refined build whose ranks need no factors runs no factor pass (methods.NO_FACTORS), and a refined uniform
-    # one no statistics pass either, unless the method's own weighting reads them (asvd's mean |x|).
-    refine_skips_factors = run.refine == "sequential" and run.allocation in NO_FACTORS
-    refine_alone = refine_skips_factors and run.allocation == "uniform" and run.method != "asvd"
+    disk = dict.fromkeys(PHASES, 0) | {
+        "load": sh.params * 4 if sh.from_gguf else 0,
+        P.STATISTICS: sum(g * 16 for g in sh.groups) * L + L * H * 8,
+        P.FACTORS: factor_bytes(sh.matrices, s), P.FISHER: sum(i * 8 for _, _, i in sh.matrices)}
+    # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
+    # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
+    host = {"load": weights + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
+            P.REFINE: kept * B, P.FISHER: fisher_saved, "surgery": one_matrix * s}
+    return work, disk, host
+
+
+def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
+    """Bytes of every phase at its peak (host, device, disk); seconds are filled in by `timing`. Which phases
+    are needed comes from the settings' declared needs (Run.phases)."""
+    work, disk, host = _work(sh, run, cuda)
+    weights, largest_block = sh.params * DTYPE_BYTES[run.dtype], sh.block_params * DTYPE_BYTES[run.dtype]
+    needed = run.phases
     phases = {}
     for name in PHASES:
         if not cuda:
-            host, dev = runtime + (load_host if name == "load" else work[name]), 0
+            h, dev = runtime + (host["load"] if name == "load" else work[name]), 0
         elif run.offload:  # weights on the host, one block (plus the embeddings' window) on the device
             dev = work[name] - weights + largest_block
-            host = runtime + weights + (factor_bytes(per_block, s) if name == "factors" else 0) \
-                + {"refine": refined_host, "fisher": fisher_saved}.get(name, 0)
+            h = runtime + weights + {n: host[n] for n in (P.FACTORS, P.REFINE, P.FISHER)}.get(name, 0)
         else:
-            dev = work[name]
-            host = runtime + {"load": load_host, "factors": factor_bytes(per_block, s), "refine": refined_host,
-                              "fisher": fisher_saved, "surgery": one_matrix * s}.get(name, 0)
-        needed = {"statistics": (gram_in or run.method in GRAM_METHODS) and not refine_alone,
-                  "factors": not refine_skips_factors, "fisher": run.needs_fisher,
-                  "refine": run.refine == "sequential"}.get(name, True)
-        phases[name] = Phase(int(host), int(dev), int(disk[name]), None, needed)
+            dev, h = work[name], runtime + host.get(name, 0)
+        phases[name] = Phase(int(h), int(dev), int(disk[name]), None, name in needed)
     return phases
 
 
@@ -457,27 +484,36 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
     return Rates(block_s, plain_s, svd_s, eigh_s, 2 * 1024**3 / mm_s, (64 << 20) / copy_s)
 
 
+def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
+    """One input group's whitening (g x g), as the method's scaling computes it (scalings.py)."""
+    cost = getattr(handler(run.method), "scaling", None)
+    cost = cost.plan_cost(run.spec) if cost is not None else None
+    if cost is None:
+        return 0.0
+    svd_in_float32, products = cost
+    unit = (g / 512) ** 3
+    if run.compute_dtype == "float32":
+        return unit * (r.svd_512_s if svd_in_float32 else r.eigh_512_s)
+    return unit * r.eigh_512_s + products * g**3 / r.matmul_flops
+
+
 def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     """Seconds of every phase from the microbenchmark's rates."""
     L, N = sh.n_blocks, run.calib_windows
     cost = lambda o, i: o * i * min(o, i) / 512**3  # noqa: E731  (SVD cost, in 512^3 units)
     per_block = [(o, i) for b, o, i in sh.matrices if b == 0]
     forward = L * N * r.block_window_s
-    if run.compute_dtype == "float32":  # factors.whitening and factor_matrix: the SVDs themselves
-        whiten = sum(cost(g, g) for g in sh.groups) * (r.svd_512_s if run.method == "dipsvd" else r.eigh_512_s)
+    whiten = sum(_whitening_seconds(run, g, r) for g in sh.groups)
+    if run.compute_dtype == "float32":  # factors.factor_matrix: the SVDs themselves
         factor = sum(cost(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
-    else:  # float64: eigendecompositions of (G D)(G D)^T and of the smaller of A A^T and A^T A (A = W S)
-        whiten = sum(cost(g, g) * r.eigh_512_s + (2 * g**3 if run.method == "dipsvd" else 0) / r.matmul_flops
-                     for g in sh.groups)
+    else:  # float64: eigendecompositions of the smaller of A A^T and A^T A (A = W S)
         factor = sum(cost(min(o, i), min(o, i)) * r.eigh_512_s + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops
                      for o, i in per_block)
-    if run.method not in GRAM_METHODS:
-        whiten = 0.0
     eval_windows = run.eval_sets * math.ceil(run.eval_tokens / run.seqlen)
     lm_head = 2 * run.seqlen * sh.hidden * sh.vocab / r.matmul_flops
     fwd_model = L * r.block_forward_s + lm_head  # one window through the model
     phases["load"].seconds = sh.params * DTYPE_BYTES[run.dtype] / r.copy_bytes_s
-    phases["statistics"].seconds = forward + L * cost(sh.hidden, sh.hidden) * r.eigh_512_s
+    phases[P.STATISTICS].seconds = forward + L * cost(sh.hidden, sh.hidden) * r.eigh_512_s
     phases["factors"].seconds = L * (whiten + factor)
     phases["fisher"].seconds = 3 * N * fwd_model
     # refine: the original block, the compressed block up to each input group with the finished attention
@@ -486,6 +522,13 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     *first, last = sh.groups
     grams_flops = (sum(4 * g * g for g in first) + 2 * last * (last + sh.hidden)) * run.seqlen * N
     phases["refine"].seconds = 2.5 * forward + L * (whiten + factor + grams_flops / r.matmul_flops)
+    probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows
+    phases[P.BLOCK_PROBE].seconds = L * probe_window
+    phases[P.TYPE_PROBE].seconds = len(per_block) * probe_window
+    phases[P.SEARCH].seconds = run.bo_calls * probe_window
+    # Dobi-SVD: a forward and a backward per training window and step, with an SVD of every layer's activations
+    phases[P.TRAINING].seconds = run.dobi.epochs * run.dobi.windows * (3 * fwd_model + L * factor)
+    phases[P.UPDATE].seconds = N * fwd_model
     phases["surgery"].seconds = (1 - run.ratio) * sh.targeted * DTYPE_BYTES[run.factor_dtype] / r.copy_bytes_s
     phases["evaluation"].seconds = eval_windows * fwd_model * ((2 - run.ratio) if run.eval_original else 1)
 
@@ -546,7 +589,7 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
                      "dequantization) comes on top")
     elif bench:
         notes.append("no CUDA device here: memory is predicted, time is not")
-    plan = Plan(model, str(dev), dataclasses.asdict(run), phases, dataclasses.asdict(sh), runtime, notes, shape=sh)
+    plan = Plan(model, str(dev), run.flat(), phases, dataclasses.asdict(sh), runtime, notes, shape=sh, run=run)
     plan.free_host_bytes = free_host_bytes()
     if cuda and has_cuda:
         plan.free_device_bytes = torch.cuda.mem_get_info(dev)[0]
@@ -569,7 +612,7 @@ def check_fits(plan: Plan) -> None:
     problem = _misfit(plan)
     if problem is None:
         return
-    run = Run(**plan.settings)
+    run = plan.run
     cuda = plan.device.startswith("cuda")
     shapes = plan.shape
     tries = []
@@ -580,11 +623,11 @@ def check_fits(plan: Plan) -> None:
         if t >= 64:
             tries.append((f"--seqlen {t}", dataclasses.replace(run, seqlen=t)))
     if run.compute_dtype == "float64":
-        tries.append(("--compute-dtype float32", dataclasses.replace(run, compute_dtype="float32")))
+        tries.append(("--compute-dtype float32", run.replace(compute_dtype="float32")))
     if cuda and not run.offload:
         tries.append(("--offload", dataclasses.replace(run, offload=True)))
     if run.factor_dtype == "float32":
-        tries.append(("--factor-dtype bfloat16", dataclasses.replace(run, factor_dtype="bfloat16")))
+        tries.append(("--factor-dtype bfloat16", run.replace(factor_dtype="bfloat16")))
     for option, other in tries:
         alt = dataclasses.replace(plan, phases=memory(shapes, other, cuda, plan.runtime_bytes))
         if _misfit(alt) is None:

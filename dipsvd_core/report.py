@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from .allocation import describe_ratio
 from .methods import handler
+from .settings import settings_dict
 
 
 def compression_report(lm, bench, result, params: dict | None, ppl: dict | None = None, speed: dict | None = None,
                        generations: dict | None = None) -> dict:
     """lm: models.LoadedModel; bench: pipeline.Workbench; result: pipeline.Result."""
-    from .pipeline import settings_dict
-
     settings, allocation = result.settings, result.allocation
     out = {"model": lm.spec, "model_source": lm.source, "dequantized_from_gguf": lm.from_gguf,
            "method": settings.method, "allocation": settings.allocation, "ratio_target": settings.ratio,
@@ -33,16 +32,12 @@ def compression_report(lm, bench, result, params: dict | None, ppl: dict | None 
 
 
 def sweep_row(report: dict) -> dict:
-    """A sweep's row: the report's headline figures (the per-matrix ranks left out)."""
+    """A sweep's row: the report's headline figures and the per-matrix ranks (so that two sweeps can be compared,
+    bench/compare_sweeps.py)."""
     row = {"method": report["method"], "allocation": report["allocation"], "ratio": report["ratio_target"],
            "ratio_realized": report["ratio_realized"], "ppl": report["ppl"],
-           "p_blocks": [round(p, 5) for p in report["p_blocks"]]}
-    if "dobi" in report:
-        d = report["dobi"]
-        row.update(storage=report["storage"], ratio_trained=d["ratio_trained"],
-                   dobi_task_loss=[h["task"] for h in d["history"]], gamma_shift=d["gamma_shift"])
-        if d["note"]:
-            row["note"] = d["note"]
+           "p_blocks": [round(p, 5) for p in report["p_blocks"]], "ranks": report["ranks"]}
+    row.update(handler(report["method"]).row_fields(report))
     if "refine" in report:
         row["refine_s"] = report["refine"]["seconds"]
     if report.get("bo_history"):

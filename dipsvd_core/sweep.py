@@ -20,15 +20,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from . import passes as P
 from .errors import DipSVDError
 from .evaluate import perplexity
-from .methods import handler
-from .factors import GRAM_METHODS
-from .pipeline import ALL_METHODS, Settings, Workbench, allocation_names
+from .methods import grid_names, handler, needs, refines, resolve
+from .pipeline import Settings, Workbench
+from .strategies import ALLOCATIONS
 
 REFINED = "+refine"  # an allocation with this suffix is built with sequential compensation
-# Grid-only name: Dobi-SVD with 8-bit remapping, so one sweep can hold both Dobi variants.
-GRID_METHODS = ALL_METHODS + ("dobi-remap",)
 
 DEFAULT_GRID = (("svd-llm", "uniform"), ("dipsvd", "uniform"), ("svd-llm", "heuristic"), ("dipsvd", "heuristic"),
                 ("dipsvd", "bayes"), ("svd", "uniform"), ("fwsvd", "uniform"), ("asvd", "uniform"),
@@ -50,9 +49,9 @@ def parse_grid(text: str | None) -> list[tuple[str, str]]:
             continue
         method, sep, allocation = item.partition(":")
         plain = allocation.removesuffix(REFINED)
-        if not sep or method not in GRID_METHODS or plain not in allocation_names():
-            raise DipSVDError(f"bad grid entry '{item}'; write method:allocation with method in {', '.join(GRID_METHODS)} "
-                              f"and allocation in {', '.join(allocation_names())} (optionally +refine), e.g. "
+        if not sep or method not in grid_names() or plain not in ALLOCATIONS:
+            raise DipSVDError(f"bad grid entry '{item}'; write method:allocation with method in {', '.join(grid_names())} "
+                              f"and allocation in {', '.join(ALLOCATIONS)} (optionally +refine), e.g. "
                               "svd-llm:uniform,dipsvd:heuristic,dipsvd:heuristic+refine")
         if (method, allocation) not in rows:
             rows.append((method, allocation))
@@ -88,24 +87,26 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
     report["original_ppl"] = {n: perplexity(bench.lm.model, w) for n, w in eval_sets.items()}
     timings["evaluate_original"] = time.perf_counter() - t0
     methods = list(dict.fromkeys(m for m, _ in grid))
-    gram = [replace(base, method=m).spec for m in methods if m in GRAM_METHODS]
+    rows = {(m, a): _settings(base, m, a, ratios[0]) for m, a in grid}
+    wanted = frozenset().union(*(needs(s) for s in rows.values()))
+    gram = list(dict.fromkeys(s.spec for s in rows.values() if P.GRAMS in needs(s)))
     if gram:  # one streaming pass gives the statistics and every Gram method's factors
         t0 = time.perf_counter()
         bench.prefactor(gram, progress)
         timings["statistics + factors (" + ", ".join(s.method for s in gram) + ")"] = time.perf_counter() - t0
-    if any(m not in ("svd", "dobi", "dobi-remap") for m, _ in grid):
+    if P.STATISTICS in wanted or gram:
         t0 = time.perf_counter()
         bench.stats(progress)
         timings["statistics"] = time.perf_counter() - t0
-    if any(a.removesuffix(REFINED) not in ("uniform", "trained") or m == "fwsvd" for m, a in grid):
+    if P.FISHER in wanted:
         t0 = time.perf_counter()
-        bench.fisher(progress)  # shared by heuristic, bayes, coupled, nested and fwsvd; timed once here
+        bench.fisher(progress)  # shared by every row that needs it (heuristic, bayes, coupled, nested, fwsvd)
         timings["fisher"] = time.perf_counter() - t0
     allocations: dict = {}  # a refined row reuses its unrefined twin's allocation (BO is not run twice)
     for method in methods:
-        factored = not handler(_settings(base, method, "uniform", ratios[0]).method).trains_ranks
+        factored = any(P.FACTORS in needs(s) for (m, _), s in rows.items() if m == method)
         if factored:
-            spec = replace(base, method=method).spec
+            spec = next(s.spec for (m, _), s in rows.items() if m == method)
             t0 = time.perf_counter()
             bench.factors(spec, progress)
             timings[f"factors/{method}"] = time.perf_counter() - t0
@@ -117,7 +118,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
                 row = _row(bench, settings, eval_sets, progress, allocations)
                 label = LABELS.get((method, settings.allocation), row["label"])
                 row["method"], row["allocation"], row["refine"] = method, allocation, settings.refine
-                row["label"] = label + (" + refine" if settings.refine != "none" else "")
+                row["label"] = label + (" + refine" if refines(settings.refine) else "")
                 report["rows"].append(row)
                 if on_row:
                     on_row(report)
@@ -129,9 +130,8 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
 def _settings(base: Settings, method: str, allocation: str, ratio: float) -> Settings:
     if allocation.endswith(REFINED):
         base, allocation = replace(base, refine="sequential"), allocation.removesuffix(REFINED)
-    if method == "dobi-remap":
-        return replace(base, method="dobi", remap=True, allocation=allocation, ratio=ratio)
-    return replace(base, method=method, allocation=allocation, ratio=ratio)
+    method, overrides = resolve(method)  # a variant (dobi-remap) is its method with settings overrides
+    return replace(base, method=method, allocation=allocation, ratio=ratio, **overrides)
 
 
 def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress, allocations: dict | None = None) -> dict:

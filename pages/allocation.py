@@ -5,31 +5,17 @@ from dataclasses import replace
 import streamlit as st
 
 from dipsvd_core import allocators, figures
+from dipsvd_core import passes as P
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
 from dipsvd_core.inspection import budget, dobi_preview
-from dipsvd_core.methods import handler
-from dipsvd_core.pipeline import ALL_METHODS, allocation_names, settings_dict
+from dipsvd_core.methods import handler, method_names
+from dipsvd_core.pipeline import settings_dict
+from dipsvd_core.strategies import names_for, strategy
 from studio import ui
 
-ALLOCATION_HELP = {
-    "uniform": "every block keeps the same fraction (SVD-LLM)",
-    "heuristic": "p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)",
-    "bayes": "Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)",
-    "coupled": "one rank per matrix, minimising each matrix's estimated loss increase, calibrated by probing every "
-               "block (ours, not in the paper)",
-    "nested": "the heuristic's budget per block, split among each block's matrices by their estimated loss, "
-              "calibrated by probing every matrix type; best with Refine on the Compress page (ours, not in the paper)",
-    "trained": "Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)",
-}
-METHOD_HELP = ("svd: plain SVD, no data; svd-llm: whitened by the input Gram; dipsvd: whitened with the top "
-               "channels weighted by a; fwsvd: Fisher-weighted rows; asvd: activation-scaled channels; "
-               "dobi: Dobi-SVD, trained truncation of activations and an IPCA weight update")
-NEEDS_FISHER = ("heuristic", "coupled", "nested", "bayes")
-# allocations calibrated by a probe: (what is probed, what is cut each time, the button, the Workbench method)
-PROBES = {"coupled": ("block", "each block alone", "Probe the blocks", lambda b: b.block_sensitivity),
-          "nested": ("matrix type", "all matrices of one type", "Probe the matrix types", lambda b: b.type_sensitivity)}
+METHOD_HELP = "; ".join(f"{m}: {handler(m).help}" for m in method_names())
 
 s = ui.need_model()
 bench, busy = s.bench, ui.busy()
@@ -46,24 +32,25 @@ with controls:
                       help="Fraction of the targeted parameters removed. Models under ~1B parameters start at "
                            "0.1: their spectra are flat, so 0.05 to 0.2 is the useful range.")
     st.markdown(f"**{describe_ratio(ratio)}**")
-    # Dobi-SVD has exactly one allocation, its own; the factor-based methods have all the others.
-    is_dobi = st.session_state.get("k_s_method") == "dobi"
-    names = ["trained"] if is_dobi else [a for a in allocation_names() if a != "trained"]
+    # A method with its own allocation (Dobi-SVD) has exactly that one; the factor-based methods all the others.
+    names = names_for(st.session_state.get("k_s_method", cur.method))
     if st.session_state.get("k_s_allocation") not in names:
         st.session_state["k_s_allocation"] = names[0]
     allocation = st.radio("Allocation", names, key="k_s_allocation", horizontal=True, disabled=busy)
-    st.caption(ALLOCATION_HELP.get(allocation, ""))
+    st.caption(strategy(allocation).help)
     with st.container(border=True):
         st.markdown("**Local importance** · changes refactor")
-        method = st.selectbox("Method", list(ALL_METHODS), key="k_s_method", disabled=busy,
+        method = st.selectbox("Method", list(method_names()), key="k_s_method", disabled=busy,
                               help=METHOD_HELP)
-        weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight", disabled=busy or method != "dipsvd")
+        options = handler(method).options  # the widgets below that this method reads
+        weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight",
+                           disabled=busy or "weight" not in options)
         bar = st.slider("Protected fraction bar", 0.0, 0.2, step=0.005, key="k_s_bar", format="%.3f",
-                        disabled=busy or method != "dipsvd")
+                        disabled=busy or "bar" not in options)
         whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening", horizontal=True,
-                             disabled=busy or method != "dipsvd",
+                             disabled=busy or "whitening" not in options,
                              help="paper: D G D (Eq. 3); code: the authors' code, SVD of G D")
-    if method == "dobi":
+    if "dobi_epochs" in options:
         with st.container(border=True):
             st.markdown("**Dobi-SVD** · changes retrain")
             dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs", disabled=busy)
@@ -116,8 +103,8 @@ with view:
         st.info("The preview resumes when the running step finishes.")
         st.stop()
 
-    if new.method == "dobi":
-        if not bench.has_dobi(new):
+    if P.TRAINING in handler(new.method).needs(new):
+        if not bench.has_pass(P.TRAINING, new):
             st.info(f"Dobi-SVD trains one truncation position per matrix: {new.dobi_epochs} epoch(s) over "
                     f"{new.dobi_windows} calibration window(s), each step an SVD of every layer's activations "
                     "(about 12 s a step for the bundled model on 2 CPU cores). It can be cancelled.")
@@ -126,7 +113,7 @@ with view:
                 def callback(step, record):
                     job.records.append(record)
 
-                trained = bench.train_dobi(new, job.progress, callback, job.cancel)
+                trained = bench.run_pass(P.TRAINING, new, job.progress, callback, job.cancel)
                 if trained.cancelled:
                     raise DipSVDError("Dobi-SVD training was cancelled; nothing was kept. Train again to use dobi")
 
@@ -152,41 +139,36 @@ with view:
         st.stop()
 
     have_factors = bench.has_factors(new.spec)
-    if not have_factors:
-        st.warning(f"No factors yet for method {new.method}" + (
-            f" with a={new.weight:g}, bar={new.bar:g}, {new.whitening} whitening" if new.method == "dipsvd" else "")
-            + ". Factoring every matrix takes one SVD each (about a minute for the bundled model); "
-              "after that, every ratio and allocation is instant.", icon=":material/calculate:")
-        if st.button("Factor matrices", type="primary"):
-            ui.start(f"Factoring ({new.method})", lambda job: bench.factors(new.spec, job.progress))
-    needs_fisher = new.allocation in NEEDS_FISHER and s.fisher is None
-    if needs_fisher:
-        st.warning(f"The {new.allocation} allocation needs Fisher sensitivity: one backward pass per "
-                   "calibration window.", icon=":material/calculate:")
+    chosen_strategy = strategy(new.allocation)
+    # every pass these settings still need (the declared needs), each with its button; the ones the allocation
+    # itself reads stop the preview until they have run
+    todo = [p for p in bench.missing(new) if p in P.ASK]
+    for i, step in enumerate(todo):
+        what, button, title = P.ASK[step]
+        if step == P.FACTORS:
+            st.warning(f"No factors yet for method {new.method}{handler(new.method).describe(new)}: {P.COST[step]}.",
+                       icon=":material/calculate:")
+        else:
+            st.warning(f"The {new.allocation} allocation needs {what}: {P.COST[step]}"
+                       + (f" (truncated to {100 * allocators.PROBE_KEEP:.0f}% of its parameters, {new.bo_windows} "
+                          "held-out windows); after that, every ratio is instant." if step in (P.BLOCK_PROBE, P.TYPE_PROBE) else "."),
+                       icon=":material/calculate:")
 
-        def fisher(job):
-            s.fisher = bench.fisher(job.progress)
+        def run(job, step=step):
+            bench.run_pass(step, new, job.progress)
+            if step == P.FISHER:
+                s.fisher = bench.fisher()
 
-        if st.button("Compute Fisher sensitivity", type="primary" if have_factors else "secondary"):
-            ui.start("Computing Fisher sensitivity", fisher)
-        st.stop()
-    if new.allocation in ("coupled", "nested", "bayes") and not have_factors:
-        st.stop()
-    probe = PROBES.get(new.allocation)
-    if probe and not bench.has_probe(new):
-        what, each, button, run = probe
-        st.warning(f"The {new.allocation} allocation calibrates its estimate by probing every {what} once: {each} "
-                   f"truncated to {100 * allocators.PROBE_KEEP:.0f}% of its parameters, one forward pass over "
-                   f"{new.bo_windows} held-out windows each. After that, every ratio is instant.",
-                   icon=":material/calculate:")
-        if st.button(button, type="primary"):
-            ui.start(button.replace("Probe", "Probing"), lambda job: run(bench)(new, job.progress))
+        if st.button(button, type="primary" if i == 0 else "secondary"):
+            ui.start(title, run)
+    if any(p in chosen_strategy.needs for p in todo):
         st.stop()
 
     with ui.guard("The allocation preview"):
         t0 = time.perf_counter()
         uniform = bench.allocate(replace(new, allocation="uniform"))
-        if new.allocation == "bayes":
+        searched = not chosen_strategy.reproducible  # a search (bayes): run on request, its result kept
+        if searched:
             chosen = s.bo_allocation(new)
             if chosen is None:
                 st.info(f"Bayesian optimization runs {new.bo_calls} evaluations of the {new.bo_objective} "
@@ -221,7 +203,7 @@ with view:
         m[2].metric("Targeted parameters", ui.fmt_params(b["targeted_after"]),
                     f"from {ui.fmt_params(b['targeted_before'])}", delta_color="off", delta_arrow="off")
         m[3].metric("Dense matrices", b["dense_matrices"], f"of {len(bench.targets)}", delta_color="off", delta_arrow="off")
-        label = chosen.method if new.allocation != "bayes" or s.bo_allocation(new) is not None else "uniform"
+        label = chosen.method if not searched or s.bo_allocation(new) is not None else "uniform"
         st.plotly_chart(figures.keep_ratios(chosen.p_blocks, uniform.p_blocks, label), key="fig_keep")
         st.caption("Bars: the fraction of each block's targeted parameters kept; dashed: the uniform allocation "
                    "at the same budget. Higher Q (or lower predicted loss gain) keeps more.")
@@ -229,7 +211,7 @@ with view:
             st.plotly_chart(figures.predicted_loss(loss, loss_u, label), key="fig_loss")
             st.caption("Predicted whitened loss per block: Σ over its matrices of L_m(k_m)², the energy of the "
                        "dropped singular values. Lower is better; it is exact in the whitened space.")
-        if new.allocation == "bayes" and s.bo is not None and s.bo_allocation(new) is not None:
+        if searched and s.bo is not None and s.bo_allocation(new) is not None:
             st.plotly_chart(figures.convergence(chosen.values, chosen.history, new.bo_objective), key="fig_bo")
             st.caption("Objective of each BO call and the best so far" +
                        (" (cancelled early)." if s.bo["cancelled"] else "."))

@@ -9,10 +9,10 @@ from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.data import SOURCES
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
-from dipsvd_core.factors import METHODS
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
-from dipsvd_core.methods import handler
-from dipsvd_core.sweep import run_sweep
+from dipsvd_core.methods import grid_names, handler, refines, resolve
+from dipsvd_core.strategies import strategy
+from dipsvd_core.sweep import REFINED, run_sweep
 from studio import ui
 from studio.state import defaults
 
@@ -21,15 +21,14 @@ lm, bench, busy, cur, d = s.lm, s.bench, ui.busy(), s.settings, defaults()
 ui.header("Compress and evaluate", "Build the compressed copy for the current settings (the original is never "
           "modified), then compare perplexity, size and speed.")
 
-where = f", a={cur.weight:g}, bar={cur.bar:g}, {cur.whitening} whitening" if cur.method == "dipsvd" else ""
-st.markdown(f"Current settings: **{cur.method}**{where} · **{cur.allocation}** allocation · "
+st.markdown(f"Current settings: **{cur.method}**{handler(cur.method).describe(cur)} · **{cur.allocation}** allocation · "
             f"**{describe_ratio(cur.ratio)}** (change them on the Allocation page)")
 
 
 def build(job):
     allocation = s.bo_allocation(cur)
-    if cur.allocation == "bayes" and allocation is None:
-        raise DipSVDError("run Bayesian optimization on the Allocation page first, or choose another allocation")
+    if not strategy(cur.allocation).reproducible and allocation is None:
+        raise DipSVDError(f"run the {cur.allocation} search on the Allocation page first, or choose another allocation")
     s.forget_result()
     result = bench.build(cur, allocation, progress=job.progress)
     s.result = result
@@ -38,16 +37,14 @@ def build(job):
 
 refinable = handler(cur.method).refinable
 refine = st.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
-                     value=cur.refine == "sequential",
+                     value=refines(cur.refine),
                      help="One more block-by-block pass: each block's factored matrices are refitted, in closed form, "
                           "to give the original outputs on the inputs that the already-compressed blocks before it "
                           "produce. Same ranks, same size; a build step, not a slider step.")
-if refinable and (cur.refine == "sequential") != refine:
+if refinable and refines(cur.refine) != refine:
     s.settings = cur = replace(cur, refine="sequential" if refine else "none")
-if cur.allocation == "nested" and cur.refine == "none":
-    st.info("The nested allocation is meant to be refined: unrefined, its uneven split inside a block can cost more "
-            "than the heuristic's even one (on the bundled model it loses at ratio 0.3), and refining takes that back.",
-            icon=":material/info:")
+if strategy(cur.allocation).unrefined_note and not refines(cur.refine):
+    st.info(strategy(cur.allocation).unrefined_note, icon=":material/info:")
 if s.result is not None and not s.result_is_current:
     st.warning("The compressed model below was built for other settings; build again to use the current ones.",
                icon=":material/sync_problem:")
@@ -125,21 +122,22 @@ st.subheader("Perplexity against ratio")
 large = sum(t.params for t in lm.targets) >= LARGE_MODEL_PARAMS
 grid = [0.1, 0.2, 0.3, 0.4, 0.5] if large else [0.05, 0.1, 0.15, 0.2, 0.3]
 c1, c2, c3 = st.columns([2, 2, 1])
-ui.seed("k_sw_methods", [m for m in ("svd-llm", "dipsvd") if m in METHODS])
+ui.seed("k_sw_methods", [m for m in ("svd-llm", "dipsvd") if m in grid_names()])
 ui.seed("k_sw_ratios", grid[:3])
-methods = c1.multiselect("Methods", [*METHODS, "dobi", "dobi-remap"], key="k_sw_methods", disabled=busy,
+methods = c1.multiselect("Methods", list(grid_names()), key="k_sw_methods", disabled=busy,
                          help="dobi and dobi-remap (8-bit factors) train once per ratio: minutes each on a CPU")
 ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio])), key="k_sw_ratios", disabled=busy)
 sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
 with_refined = st.checkbox("Also refined rows (sequential compensation, one more pass per point)", key="k_sw_refine",
                            disabled=busy)
-# BO per point is too slow; Dobi-SVD's "trained" is its own, so factor methods then use uniform.
-base = replace(cur, allocation="uniform") if cur.allocation in ("bayes", "trained") else cur
-base = replace(base, remap=False, refine="none")  # remap belongs to the dobi-remap rows only; refine to "+refine" rows
+# A search (BO) per point is too slow and a method's own allocation (Dobi-SVD's) is not shared: the rows then use
+# the fallback (uniform). remap belongs to the dobi-remap rows only; refine to the "+refine" rows.
+base = replace(cur, allocation=strategy(cur.allocation).shared(), remap=False, refine="none")
 
 
 def row_allocation(method: str) -> str:
-    return "trained" if method.startswith("dobi") else base.allocation
+    own = handler(resolve(method)[0])
+    return own.default_allocation if own.trains_ranks else base.allocation
 
 
 def sweep(job):
@@ -152,12 +150,12 @@ def sweep(job):
         s.sweep = {"dataset": sweep_set, "report": report, "allocation": base.allocation}
 
     sets = {sweep_set: bench.eval_windows(sweep_set, int(tokens))}
-    in_memory = [spec for spec in (replace(base, method=m).spec for m in methods if not m.startswith("dobi"))
-                 if bench.has_factors(spec)]
+    factored = [m for m in methods if not handler(resolve(m)[0]).trains_ranks]
+    in_memory = [spec for spec in (replace(base, method=m).spec for m in factored) if bench.has_factors(spec)]
     try:
         grid = [(m, row_allocation(m)) for m in methods]
         if with_refined:
-            grid += [(m, row_allocation(m) + "+refine") for m in methods if not m.startswith("dobi")]
+            grid += [(m, row_allocation(m) + REFINED) for m in methods if handler(resolve(m)[0]).refinable]
         run_sweep(bench, base, grid, sorted(ratios), sets, job.progress, on_row)
     except Cancelled:
         pass

@@ -10,7 +10,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.plan import Run, check_fits, make_plan
+from dipsvd_core.plan import check_fits, make_plan, run_of
 from studio import ui
 from studio.jobs import settle_heap
 from studio.state import defaults
@@ -86,7 +86,7 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
         rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
                  "disk": ui.fmt_bytes(p["disk_bytes"]),
                  "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
-                 "needed": "yes" if p["needed"] else "no (Fisher: heuristic, BO, coupled, nested, fwsvd)"}
+                 "needed": "yes" if p["needed"] else "no (not for these settings)"}
                 for n, p in plan["phases"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption(f"Peak host {ui.fmt_bytes(plan['peak_host_bytes'])}, device "
@@ -100,7 +100,7 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
 def load(job):
     job.progress(0.0, "planning: will it fit?")
     try:
-        plan = make_plan(spec or "", device, Run(**run), bench=False, trust_remote_code=trust)
+        plan = make_plan(spec or "", device, run_of(**run), bench=False, trust_remote_code=trust)
     except DipSVDError:  # a config that cannot be read is left to the loader, which says why
         plan = None
     if plan is not None:

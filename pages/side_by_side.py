@@ -5,6 +5,8 @@ import streamlit as st
 
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
+from dipsvd_core.methods import handler
+from dipsvd_core.strategies import strategy
 from dipsvd_core.pipeline import settings_dict
 from studio import ui
 from studio.state import defaults
@@ -34,7 +36,7 @@ with c2:
     extra = st.multiselect("Also at these ratios", [r for r in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
                                                      if r != cur.ratio], key="k_sbs_ratios", disabled=busy,
                            help="Dobi-SVD trains its truncation positions once per ratio: minutes each on a CPU"
-                           if cur.method == "dobi" else
+                           if handler(cur.method).trains_ranks else
                            "Extra compressed models from the same cached factors (uniform allocation "
                            "when the current one is Bayesian optimization)")
 prompts = chosen + [line.strip() for line in own.splitlines() if line.strip()]
@@ -42,7 +44,7 @@ prompts = chosen + [line.strip() for line in own.splitlines() if line.strip()]
 
 def run(job):
     current = s.result.settings
-    alloc = "uniform" if current.allocation == "bayes" else current.allocation
+    alloc = strategy(current.allocation).rebuildable()  # a search (BO) is not rerun per ratio: its fallback
     more = {f"Compressed · {describe_ratio(r)}": replace(current, ratio=r, allocation=alloc) for r in extra}
     runs = [("Original", lm.model), (f"Compressed · {describe_ratio(current.ratio)}", s.result.model)]
     runs += [(label, None) for label in more]

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 from dipsvd_core.models import DEFAULT_MODEL
-from dipsvd_core.pipeline import Result, Settings, Workbench, settings_dict
+from dipsvd_core.pipeline import Result, Workbench
+from dipsvd_core.settings import Settings, settings_dict
 
 from .jobs import Job
 

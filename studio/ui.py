@@ -12,7 +12,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 
 from dipsvd_core import figures
 from dipsvd_core.errors import DipSVDError
-from dipsvd_core.models import load_model
+from dipsvd_core.loading import load_model
 
 from .jobs import Job
 from .state import Studio
@@ -40,10 +40,10 @@ def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, offload
 @st.cache_data(show_spinner=False, max_entries=32, ttl=600)
 def plan_of(spec: str, device: str, run: dict, trust_remote_code: bool, bench: bool = False) -> dict:
     """The plan (plan.make_plan) as a dict, or {"error": message}; memory only unless `bench`."""
-    from dipsvd_core.plan import Run, make_plan
+    from dipsvd_core.plan import make_plan, run_of
 
     try:
-        return make_plan(spec, device, Run(**run), bench=bench, trust_remote_code=trust_remote_code).to_dict()
+        return make_plan(spec, device, run_of(**run), bench=bench, trust_remote_code=trust_remote_code).to_dict()
     except DipSVDError as e:
         return {"error": str(e)}
 

@@ -67,13 +67,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from dipsvd_core.models import load_model
+    from dipsvd_core.loading import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def smollm():
-    from dipsvd_core.models import load_model
+    from dipsvd_core.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dipsvd_core import allocators
+from dipsvd_core import passes as P
 from dipsvd_core.allocation import DENSE, block_params, kept_params, matrix_params, project, uniform
 from dipsvd_core.bayes import bayes
 from dipsvd_core.errors import DipSVDError
@@ -289,7 +290,7 @@ def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):
     assert first.history[-1] == min(v for _, v, _ in seen)
     assert_on_budget(first, tiny_lm.targets, 0.3, 0.05, 1.0)
     # the warm starts are the first two calls: uniform, then heuristic
-    assert seen[0][1] == pytest.approx(bench._objectives[(s.spec.key, "ppl", 2)](
+    assert seen[0][1] == pytest.approx(bench._cached[("objective", (s.spec.key, "ppl", 2))](
         bench.allocate(Settings(method="dipsvd", ratio=0.3)).ranks), rel=1e-9)
 
 
@@ -405,10 +406,10 @@ def test_nested_type_probe_is_cached_on_disk_and_makes_the_build_quick(tiny_lm, 
     first.fisher()
     assert not first.has_probe(s) and not first.quick_build(s)
     a = first.allocate(s)
-    assert "type_probe" in first.timings_s and first.has_probe(s) and first.quick_build(s)
+    assert P.TYPE_PROBE in first.timings_s and first.has_probe(s) and first.quick_build(s)
     assert not first.has_probe(replace(s, allocation="coupled"))  # the block probe is another one
     again = Workbench(tiny_lm, "wiki", 4, 64)
     again.factors(s.spec)
     assert again.has_probe(s)  # read from the disk cache
     b = again.allocate(s)
-    assert "type_probe" not in again.timings_s and b.ranks == a.ranks
+    assert P.TYPE_PROBE not in again.timings_s and b.ranks == a.ranks

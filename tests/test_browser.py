@@ -202,7 +202,7 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
     need_chromium()
     from playwright.sync_api import expect
 
-    from dipsvd_core.models import load_model
+    from dipsvd_core.loading import load_model
     from dipsvd_core.pipeline import Workbench
 
     windows, seqlen = 8, 128

@@ -10,7 +10,8 @@ from dipsvd_core.compressed import load_compressed, save_compressed
 from dipsvd_core.data import _chunks, calibration_windows, evaluation_windows, load_documents
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import generate, param_report, perplexity, speed
-from dipsvd_core.models import count_params, find_targets, load_model
+from dipsvd_core.loading import load_model
+from dipsvd_core.models import count_params, find_targets
 from dipsvd_core.pipeline import Settings, Workbench
 from dipsvd_core.factors import FactorStore, factor_matrix
 from dipsvd_core.stats import stream_stats

@@ -10,7 +10,7 @@ import torch
 
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import perplexity
-from dipsvd_core.models import load_model
+from dipsvd_core.loading import load_model
 from dipsvd_core.pipeline import Settings, Workbench
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",

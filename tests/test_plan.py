@@ -36,7 +36,7 @@ def test_shapes_from_the_config_alone(config_only, tiny_lm):
 def test_memory_terms_are_the_documented_sums(config_only):
     config, _ = P.load_config(str(config_only))
     sh = P.shapes_of(config)
-    run = P.Run(method="dipsvd", calib_windows=4, seqlen=32, ratio=0.25)
+    run = P.run_of(method="dipsvd", calib_windows=4, seqlen=32, ratio=0.25)
     runtime = 1000
     ph = P.memory(sh, run, cuda=False, runtime=runtime)
     weights = sh.params * 4
@@ -49,16 +49,16 @@ def test_memory_terms_are_the_documented_sums(config_only):
     acts = 4 * 32 * 64 * 4 + 4 * 2 * 32 * 16 * 4 * 2 + window
     assert ph["statistics"].host_bytes == runtime + weights + acts + grams
     # bfloat16 factors halve the stored matrices (sigma stays float64)
-    half = P.memory(sh, dataclasses.replace(run, factor_dtype="bfloat16"), False, runtime)["factors"].disk_bytes
+    half = P.memory(sh, run.replace(factor_dtype="bfloat16"), False, runtime)["factors"].disk_bytes
     assert half == sum(min(o, i) * (o + i) * 2 + min(o, i) * 8 for _, o, i in sh.matrices)
     # Fisher is only needed by the allocations and the method that use it
     assert not ph["fisher"].needed
-    assert P.memory(sh, dataclasses.replace(run, allocation="heuristic"), False, runtime)["fisher"].needed
+    assert P.memory(sh, run.replace(allocation="heuristic"), False, runtime)["fisher"].needed
     # refine: two activation sets, one block's inputs of every group, the last Linear's X^ and r^, the attention's
     # output, one group's G^, C and numerator and its factoring, and every refined factor on the host; only
     # needed when asked for
     assert not ph["refine"].needed
-    ref = P.memory(sh, dataclasses.replace(run, refine="sequential"), False, runtime)["refine"]
+    ref = P.memory(sh, run.replace(refine="sequential"), False, runtime)["refine"]
     factoring = max(2 * 128 ** 2 + 6 * 64 * 128, 5 * 128 ** 2) * 8 + sum(
         min(o, i) * (o + i) * 4 + min(o, i) * 8 for b, o, i in sh.matrices if b == 0)
     kept = int(0.75 * sh.targeted) * 4
@@ -69,7 +69,7 @@ def test_memory_terms_are_the_documented_sums(config_only):
                                              + factoring + kept)
     # a refined uniform build runs neither the statistics nor the factor pass (refine takes its own Grams); a
     # refined heuristic one needs the statistics (the block spectra of Q) but no factors; nested reads the factors
-    refined = {a: P.memory(sh, dataclasses.replace(run, refine="sequential", allocation=a), False, runtime)
+    refined = {a: P.memory(sh, run.replace(refine="sequential", allocation=a), False, runtime)
                for a in ("uniform", "heuristic", "nested")}
     assert [(a, ph["statistics"].needed, ph["factors"].needed) for a, ph in refined.items()] == [
         ("uniform", False, False), ("heuristic", True, False), ("nested", True, True)]
@@ -79,16 +79,16 @@ def test_memory_terms_are_the_documented_sums(config_only):
 def test_plan_on_cuda_splits_host_and_device(config_only):
     config, _ = P.load_config(str(config_only))
     sh = P.shapes_of(config)
-    run = P.Run(dtype="bfloat16")
+    run = P.run_of(dtype="bfloat16")
     gpu = P.memory(sh, run, cuda=True, runtime=0)
-    off = P.memory(sh, dataclasses.replace(run, offload=True), cuda=True, runtime=0)
+    off = P.memory(sh, run.replace(offload=True), cuda=True, runtime=0)
     weights = sh.params * 2
     assert gpu["statistics"].device_bytes > weights and gpu["statistics"].host_bytes == 0
     # offload: the weights on the host, one block's on the device
     assert off["statistics"].host_bytes == weights
     assert off["statistics"].device_bytes == gpu["statistics"].device_bytes - weights + sh.block_params * 2
     # Fisher on a GPU: every block's saved inputs wait in host memory, one block's come back to the device
-    heur = dataclasses.replace(run, allocation="heuristic")
+    heur = run.replace(allocation="heuristic")
     fisher, on_cpu = P.memory(sh, heur, cuda=True, runtime=0)["fisher"], P.memory(sh, heur, cuda=False, runtime=0)["fisher"]
     one = run.calib_windows * run.seqlen * sh.hidden * 2
     assert fisher.host_bytes == sh.n_blocks * one
@@ -105,14 +105,14 @@ def test_predicted_factor_disk_matches_the_store(tiny_lm):
     factors = bench.factors(Settings(method="svd-llm").spec)
     files = {f.file for f in factors.values()}
     written = sum(__import__("os").path.getsize(f) for f in files)
-    predicted = P.memory(sh, P.Run(method="svd-llm"), False, 0)["factors"].disk_bytes
+    predicted = P.memory(sh, P.run_of(method="svd-llm"), False, 0)["factors"].disk_bytes
     assert predicted <= written <= predicted * 1.05
 
 
 def test_refusal_names_the_option_that_fits(config_only, monkeypatch):
-    run = P.Run(calib_windows=8192, seqlen=256)  # the activations dominate
+    run = P.run_of(calib_windows=8192, seqlen=256)  # the activations dominate
     plan = P.make_plan(str(config_only), "cpu", run, bench=False)
-    half = P.memory(plan.shape, dataclasses.replace(run, calib_windows=4096), False, plan.runtime_bytes)
+    half = P.memory(plan.shape, run.replace(calib_windows=4096), False, plan.runtime_bytes)
     plan.free_host_bytes = max(p.host_bytes for p in half.values() if p.needed) + 1
     assert plan.peak_host_bytes > plan.free_host_bytes
     with pytest.raises(DipSVDError, match=r"does not fit: predicted peak host memory .* --calib-windows 4096 would fit"):
@@ -125,7 +125,7 @@ def test_refusal_names_the_option_that_fits(config_only, monkeypatch):
 
 
 def test_microbenchmark_times_every_phase(config_only):
-    plan = P.make_plan(str(config_only), "cpu", P.Run(calib_windows=2, seqlen=64), bench=True)
+    plan = P.make_plan(str(config_only), "cpu", P.run_of(calib_windows=2, seqlen=64), bench=True)
     for name, phase in plan.phases.items():
         assert phase.seconds is not None and phase.seconds >= 0, name
     assert plan.phases["statistics"].seconds > 0 and plan.phases["evaluation"].seconds > 0
@@ -179,7 +179,7 @@ def test_inplace_surgery_equals_the_copy_and_releases_the_dense_pages(tiny_model
     matrices' file-mapped pages are released."""
     from dipsvd_core import surgery
     from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.models import load_model
+    from dipsvd_core.loading import load_model
     from dipsvd_core.pipeline import Settings, Workbench
 
     settings = Settings(method="svd-llm", ratio=0.3)

@@ -1,0 +1,222 @@
+"""Step 3a of the flow: the scaling S in the SVD of W S, one registered strategy per factor method.
+
+What differs between svd, svd-llm, dipsvd, fwsvd and asvd is only S and the calibration data it reads; the SVD,
+the factor store and every allocation are shared (factors.py). Each scaling declares
+- `needs`: the passes whose data it reads (passes.py): the Grams, the statistics (mean |x|), the Fisher rows;
+- `per_matrix`: one S per matrix, or one per input group shared by the group's matrices (q/k/v; gate/up);
+- `key(spec)`: what its factors depend on besides the model and the windows (the factor cache key);
+- `scale(spec, name, group, data, compute)`: (S, S^-1, n_floored), or None for S = I.
+`register_scaling` makes a new one a method everywhere (the CLI, the plan, the sweep, the app): see
+tests/test_conformance.py for one registered at test time.
+
+The math (DESIGN.md section 3), for a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
+- "paper" form (DipSVD Eq. 3): G~ = D G D = Q L Q^T, S = Q L^{1/2}, S^{-1} = L^{-1/2} Q^T.
+- "code" form (the authors' public code): SVD of G D = U Sig V^T, S = U Sig^{1/2}, so S S^T = (G D^2 G)^{1/2};
+  with D = I this is SVD-LLM's whitening too. In float64, U and Sig^2 come from the eigendecomposition of
+  G D^2 G = (G D)(G D)^T: 2.7x faster than the SVD of G D, and squaring costs digits only where
+  sigma_i < ~1e-8 sigma_1 (bench/RESULTS.md, "Factors by eigh"); float32 keeps the SVD.
+- Diagonal baselines (S^{-1} their inverse, so every rank is still a slice): fwsvd (Hsu et al. 2022),
+  S = diag(sqrt(f_j)) with f_j the row-wise Fisher of input channel j; asvd (Yuan et al. 2023),
+  S = diag(mean|x_j|^0.5). ASVD's per-layer sensitivity search for the ratios is left out.
+Tiny or negative eigenvalues are floored (relative floor, logged) so the math never fails on a singular Gram.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import passes
+from .errors import DipSVDError
+from .stats import channel_importance
+
+log = logging.getLogger(__name__)
+
+WHITENING_FORMS = ("paper", "code")
+DEFAULT_WHITENING = "code"  # measured best on held-out text: bench/RESULTS.md
+EIG_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-6}  # eigenvalues below this fraction of the largest are raised to it
+DIAG_FLOOR = 1e-6  # diagonal scales below this fraction of the largest are raised to it (dead channels)
+ASVD_ALPHA = 0.5  # ASVD's exponent on mean |x_j|
+
+
+# --- the math ---
+
+def channel_scale(alpha: torch.Tensor, weight: float, bar: float) -> torch.Tensor:
+    """d_j = weight for the top `bar` fraction of channels by alpha (round(bar * n) of them), else 1."""
+    if weight <= 0:
+        raise DipSVDError(f"weight must be positive (got {weight}); 1 disables channel protection")
+    if not 0 <= bar <= 1:
+        raise DipSVDError(f"bar must be a fraction in [0, 1] (got {bar})")
+    d = torch.ones_like(alpha, dtype=torch.float64)
+    n_top = int(round(bar * alpha.numel()))
+    if n_top > 0 and weight != 1:
+        d[torch.topk(alpha, n_top).indices] = float(weight)
+    return d
+
+
+def _floor(values: torch.Tensor, what: str, rel: float) -> tuple[torch.Tensor, int]:
+    top = values.max().clamp_min(0)
+    if top <= 0 or not torch.isfinite(top):
+        raise DipSVDError(f"the {what} is zero or not finite: this layer saw no usable activations; "
+                          "check the calibration text and the model's dtype")
+    floor = top * rel
+    n = int((values < floor).sum())
+    if n:
+        log.info("%s: %d of %d eigenvalues floored at %.3g", what, n, values.numel(), floor.item())
+    return values.clamp_min(floor), n
+
+
+def left_singular_by_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, sigma) of A = U Sigma V^T, largest first, from the eigendecomposition A A^T = U Sigma^2 U^T: rounding
+    leaves sigma_i accurate to about eps sigma_1 / sigma_i relative, so float64 only (module docstring)."""
+    lam, U = torch.linalg.eigh(A @ A.T)
+    return U.flip(1), lam.flip(0).clamp_min(0).sqrt()
+
+
+def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
+              compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(S, S^{-1}, n_floored) for Gram G and channel scale d, in `compute` dtype on the Gram's device."""
+    G, d = gram.to(compute), d.to(gram.device, compute)
+    rel = EIG_FLOOR[compute]
+    if form == "paper":
+        L, Q = torch.linalg.eigh(d[:, None] * G * d[None, :])
+        L, n = _floor(L, "weighted Gram", rel)
+        root = L.sqrt()
+        return Q * root, Q.T / root[:, None], n
+    if form == "code":
+        GD = G * d[None, :]
+        if compute == torch.float64:  # (G D)(G D)^T = U Sig^2 U^T: U and Sig by a symmetric eigendecomposition
+            U, sig = left_singular_by_eigh(GD)
+        else:  # squaring the condition number would leave float32 too few digits: the SVD itself
+            U, sig, _ = torch.linalg.svd(GD)
+        sig, n = _floor(sig, "weighted Gram", rel)
+        root = sig.sqrt()
+        return U * root, U.T / root[:, None], n
+    raise DipSVDError(f"unknown whitening form '{form}'; use one of {', '.join(WHITENING_FORMS)}")
+
+
+def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(S, S^{-1}, n_floored) for S = diag(scale); zero (dead) entries are floored so S^{-1} exists."""
+    s, n = _floor(scale.double(), what, DIAG_FLOOR)
+    return torch.diag(s), torch.diag(1 / s), n
+
+
+# --- the strategies ---
+
+@dataclass
+class ScaleData:
+    """The calibration data a block's scalings may read (each scaling reads what its `needs` says)."""
+
+    group_of: dict[str, str] | None = None  # matrix name -> the input group it reads (its Gram's name)
+    grams: dict[str, torch.Tensor] | None = None  # group -> (in, in) Gram, float64
+    abs_means: dict[str, torch.Tensor] | None = None  # group -> (in,) mean |x_j|
+    fisher_rows: dict[str, torch.Tensor] | None = None  # matrix name -> (in,) row-wise Fisher
+
+
+class Scaling:
+    name = ""
+    help = ""
+    needs: frozenset = frozenset()
+    per_matrix = False
+    options: tuple[str, ...] = ()  # the Settings fields it reads (the app enables their widgets)
+
+    def describe(self, spec) -> str:
+        """Its options in words, for the app ("" where it has none)."""
+        return ""
+
+    def key(self, spec) -> tuple:
+        return (self.name,)
+
+    def scale(self, spec, name: str, group: str, data: ScaleData, compute: torch.dtype):
+        return None
+
+    def plan_cost(self, spec) -> tuple[bool, int] | None:
+        """For the plan's time: None where no g x g whitening runs per input group, else (whether float32 takes
+        an SVD rather than an eigendecomposition, how many g^3 products float64 adds)."""
+        return None
+
+
+class Identity(Scaling):
+    name, help = "svd", "plain SVD, no data"
+
+
+class GramWhitening(Scaling):
+    name, help = "svd-llm", "whitened by the input Gram (SVD-LLM)"
+    needs = frozenset({passes.GRAMS})
+
+    def scale(self, spec, name, group, data, compute):
+        gram = data.grams[group]  # D = I: both forms give S S^T = G; eigh ("paper") is the cheaper one
+        return whitening(gram, torch.ones(gram.shape[0], dtype=torch.float64), "paper", compute)
+
+    def plan_cost(self, spec):
+        return (False, 0)
+
+
+class ChannelWeighted(Scaling):
+    name, help = "dipsvd", "whitened with the top `bar` channels by alpha weighted by a (DipSVD)"
+    needs = frozenset({passes.GRAMS})
+    options = ("weight", "bar", "whitening")
+
+    def describe(self, spec) -> str:
+        return f" with a={spec.weight:g}, bar={spec.bar:g}, {spec.whitening} whitening"
+
+    def key(self, spec) -> tuple:
+        return (self.name, float(spec.weight), float(spec.bar), spec.whitening)
+
+    def scale(self, spec, name, group, data, compute):
+        gram = data.grams[group]
+        d = channel_scale(channel_importance(gram.double()), spec.weight, spec.bar)
+        return whitening(gram, d, spec.whitening, compute)
+
+    def plan_cost(self, spec):
+        return (True, 2) if spec.whitening == "code" else (False, 0)  # code: (G D)(G D)^T, or the SVD of G D
+
+
+class FisherRows(Scaling):
+    name, help = "fwsvd", "Fisher-weighted rows (FWSVD)"
+    needs = frozenset({passes.FISHER})
+    per_matrix = True  # the Fisher of each weight differs even inside a shared input group
+
+    def key(self, spec) -> tuple:
+        return (self.name, DIAG_FLOOR)  # the Fisher pass's own key is added by the Workbench
+
+    def scale(self, spec, name, group, data, compute):
+        if data.fisher_rows is None:
+            raise DipSVDError("fwsvd needs the Fisher weights of the calibration loss; pass fisher_rows "
+                              "(Workbench.factors does this)")
+        return diagonal_scale(data.fisher_rows[name].sqrt(), f"Fisher scale of {name}")
+
+
+class ActivationMeans(Scaling):
+    name, help = "asvd", "activation-scaled channels (ASVD)"
+    needs = frozenset({passes.STATISTICS})
+
+    def key(self, spec) -> tuple:
+        return (self.name, ASVD_ALPHA, DIAG_FLOOR)
+
+    def scale(self, spec, name, group, data, compute):
+        return diagonal_scale(data.abs_means[group].double() ** ASVD_ALPHA, f"activation scale of {group}")
+
+
+SCALINGS: dict[str, Scaling] = {}
+
+
+def register_scaling(s: Scaling) -> Scaling:
+    """Make `s` a factor method by its name: the CLI, the plan, the sweep and the app list it from here."""
+    SCALINGS[s.name] = s
+    return s
+
+
+def unregister_scaling(name: str) -> None:
+    SCALINGS.pop(name, None)
+
+
+def scaling(name: str) -> Scaling:
+    if name not in SCALINGS:
+        raise DipSVDError(f"unknown method '{name}'; use one of {', '.join(SCALINGS)}")
+    return SCALINGS[name]
+
+
+for _s in (Identity(), GramWhitening(), ChannelWeighted(), FisherRows(), ActivationMeans()):
+    register_scaling(_s)

@@ -1,0 +1,51 @@
+"""A test-only allocation and a test-only scaling, each one small definition plus one registration line: the
+conformance test (test_conformance.py) registers them while it runs and shows that the CLI, the plan, the sweep
+and the conformance checks themselves pick them up with no other edit."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from dipsvd_core import allocation as alloc
+from dipsvd_core import passes
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.scalings import DIAG_FLOOR, Scaling, diagonal_scale, register_scaling, unregister_scaling
+from dipsvd_core.strategies import register_allocation, unregister_allocation
+
+
+def first_dense(bench, settings, bounds, **_):
+    """Block 0 kept dense, the other blocks uniform at whatever keeps the whole budget."""
+    targets = bench.targets
+    rest = [t for t in targets if t.block > 0]
+    ratio = settings.ratio * sum(t.params for t in targets) / sum(t.params for t in rest)
+    if ratio >= 1:
+        raise DipSVDError(f"first-dense cannot remove {settings.ratio:g} with block 0 dense")
+    ranks = {t.name: alloc.DENSE for t in targets if t.block == 0}
+    ranks.update(alloc.uniform(rest, ratio, **bounds).ranks)
+    return alloc.from_ranks(ranks, targets, settings.ratio, "first-dense")
+
+
+class GramDiagonal(Scaling):
+    """S = diag(sqrt(G_jj)): each input channel scaled by its RMS over the calibration tokens (a Jacobi scaling)."""
+
+    name, help = "gram-diag", "channels scaled by their RMS activation (a test-only scaling)"
+    needs = frozenset({passes.GRAMS})
+
+    def key(self, spec) -> tuple:
+        return (self.name, DIAG_FLOOR)
+
+    def scale(self, spec, name, group, data, compute):
+        return diagonal_scale(torch.diagonal(data.grams[group]).clamp_min(0).sqrt(), f"RMS scale of {group}")
+
+
+@contextlib.contextmanager
+def registered():
+    """Both registered for the duration (one line each), then gone again."""
+    register_allocation("first-dense", help="block 0 dense, the rest uniform (test only)")(first_dense)
+    register_scaling(GramDiagonal())
+    try:
+        yield
+    finally:
+        unregister_allocation("first-dense")
+        unregister_scaling("gram-diag")

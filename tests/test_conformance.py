@@ -1,0 +1,114 @@
+"""Every registered method x allocation (x refine, where the method can be refined), on the tiny random Llama,
+with the test-only allocation and scaling of tests/extensions.py registered too: full rank gives W back, the
+realized ratio is on budget, the phases the plan says are needed are exactly the passes the run records in its
+timings, and save and load round-trip. A new registration is tested here without editing this file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dipsvd_core import plan as P
+from dipsvd_core.cli import main
+from dipsvd_core.compressed import load_compressed, save_compressed
+from dipsvd_core.methods import handler, method_names, refines
+from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.refine import REFINES
+from dipsvd_core.strategies import names_for
+from dipsvd_core.sweep import parse_grid, run_sweep
+
+from extensions import registered
+
+FAST = dict(bo_calls=3, bo_windows=1, dobi_epochs=1, dobi_windows=2)
+PASS_PHASES = set(P.PHASES) - set(P.ALWAYS)
+
+
+def combinations() -> list[tuple[str, str, str]]:
+    with registered():
+        return [(m, a, r) for m in method_names() for a in names_for(m) for r in REFINES
+                if not refines(r) or handler(m).refinable]
+
+
+@pytest.fixture(autouse=True)
+def extensions():
+    with registered():
+        yield
+
+
+@pytest.fixture
+def fresh(tiny_lm, tmp_path, monkeypatch):
+    """A Workbench over an empty cache, so that every pass a build needs really runs (and is timed)."""
+    monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path / "cache"))
+    return Workbench(tiny_lm, "wiki", 4, 64)
+
+
+def test_the_test_only_registrations_are_among_the_combinations():
+    combos = combinations()
+    assert ("gram-diag", "uniform", "none") in combos and ("dipsvd", "first-dense", "sequential") in combos
+    assert ("dobi", "trained", "none") in combos and ("dobi", "uniform", "none") not in combos
+    assert not any(m == "dobi" and refines(r) for m, _, r in combos)
+
+
+@pytest.mark.parametrize("method,allocation,refine", combinations())
+def test_conformance(fresh, tiny_lm, tmp_path, method, allocation, refine):
+    ratio = 0.3
+    settings = Settings(method=method, allocation=allocation, ratio=ratio, refine=refine, **FAST).check()
+    result = fresh.build(settings)
+    # the realized ratio is on budget (in bytes against 16-bit weights for Dobi-SVD's remap, else parameters)
+    assert 0 <= result.allocation.ratio_realized - ratio <= 0.005
+    # the plan's needed phases are exactly the passes this run timed
+    planned = {n for n, ph in P.memory(P.shapes_of(tiny_lm.model.config), P.Run(settings), False, 0).items()
+               if ph.needed} & PASS_PHASES
+    assert {k for k in result.timings_s if k in PASS_PHASES} == planned
+    # save and load give the same model back
+    out = save_compressed(result.model, tmp_path / "saved", tiny_lm.tokenizer,
+                          {"method": method, "allocation": allocation, **result.info.get("storage", {})})
+    back = load_compressed(out, device="cpu")
+    ids = fresh.windows()[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted({m for m, a, _ in combinations() if a == "uniform"}))
+def test_full_rank_gives_every_weight_back(fresh, tiny_lm, method):
+    """Every factored method: the factors at full rank multiply back to W (a method whose ranks are not a slice
+    of factors, Dobi-SVD, has no uniform allocation and is checked in test_dobi)."""
+    factors = fresh.factors(Settings(method=method).spec)
+    mods = dict(tiny_lm.model.named_modules())
+    for t in tiny_lm.targets:
+        f = factors[t.name]
+        W = mods[t.name].weight.double()
+        assert (f.weight(f.max_rank) - W).abs().max() <= 1e-4 * W.abs().max()
+
+
+def test_cli_plan_and_sweep_take_the_new_names(tiny_model_dir, tmp_path, capsys):
+    code = main(["plan", "--model", tiny_model_dir, "--method", "gram-diag", "--allocation", "first-dense",
+                 "--no-bench", "--json"])
+    assert code == 0
+    phases = json.loads(capsys.readouterr().out)["phases"]
+    assert {n for n in PASS_PHASES if phases[n]["needed"]} == {"statistics", "factors"}
+    out_json, out_md = tmp_path / "s.json", tmp_path / "s.md"
+    grid = "gram-diag:first-dense,gram-diag:uniform+refine,dipsvd:first-dense"
+    code = main(["sweep", "--model", tiny_model_dir, "--grid", grid, "--ratios", "0.3", "--eval", "wiki",
+                 "--calib-windows", "4", "--seqlen", "64", "--eval-tokens", "128", "--quiet",
+                 "--out-json", str(out_json), "--out-md", str(out_md)])
+    assert code == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {(r["method"], r["allocation"]) for r in rows} == set(parse_grid(grid))
+    first = next(r for r in rows if r["allocation"] == "first-dense" and r["method"] == "gram-diag")
+    assert first["p_blocks"][0] == 1.0 and first["p_blocks"][1] < 0.5
+    report = tmp_path / "r.json"
+    code = main(["compress", "--model", tiny_model_dir, "--method", "gram-diag", "--allocation", "first-dense",
+                 "--ratio", "0.2", "--calib-windows", "4", "--seqlen", "64", "--eval", "wiki", "--eval-tokens", "128",
+                 "--quiet", "--report", str(report)])
+    assert code == 0
+    r = json.loads(report.read_text())
+    assert r["method"] == "gram-diag" and all(k == "dense" for n, k in r["ranks"].items() if ".layers.0." in n)
+
+
+def test_the_sweep_prefetches_what_its_rows_declare(fresh):
+    """A grid of the test-only names only: the sweep runs the statistics (with gram-diag's factors in the same
+    pass) and no Fisher pass, since no row declares one."""
+    report = run_sweep(fresh, Settings(), [("gram-diag", "first-dense")], [0.2], {"wiki": fresh.windows()[:1]})
+    assert "fisher" not in report["timings_s"] and "statistics + factors (gram-diag)" in report["timings_s"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common import BENCH, eval_sets, load_bundled, write_json
 from bench_sweep import run  # (bench/ is on sys.path when this script runs)
+from dipsvd_core.dobi import DobiConfig
 from dipsvd_core.pipeline import Settings
 from dipsvd_core.sweep import markdown
 
@@ -112,7 +113,7 @@ def main() -> None:
     if args.table_only:
         print(table(json.loads(Path(args.out + ".json").read_text())))
         return
-    base = Settings(dobi_epochs=args.dobi_epochs, dobi_windows=args.dobi_windows)
+    base = Settings(dobi=DobiConfig(epochs=args.dobi_epochs, windows=args.dobi_windows))
     report = run(args.grid, args.ratios, args.eval_tokens, args.out, base)
     print(markdown(report))
     print(table(report))

@@ -6,6 +6,7 @@ naming the problem and the fix; progress bars go to stderr; the JSON report goes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -92,82 +93,72 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_importance_args(p: argparse.ArgumentParser) -> None:
-    from .bayes import OBJECTIVES
-    from .importance import ENERGIES
+KINDS = {"positive": _positive_int, "ratio": _ratio, "float": float, "int": int, "str": str}
+# the Settings fields every compressing subcommand takes (compress and plan add method, allocation and ratio)
+SHARED = ("weight", "bar", "whitening", "p_min", "p_max", "refine", "compute_dtype", "factor_dtype", "beta", "tau",
+          "energy", "bo_calls", "bo_objective", "bo_windows", "dobi")
 
-    p.add_argument("--beta", type=float, default=0.25, help="Q = S~^beta * R~^(1-beta): weight of Fisher sensitivity")
-    p.add_argument("--tau", type=float, default=0.95, help="energy threshold of the effective rank")
-    p.add_argument("--energy", choices=ENERGIES, default="sigma2", help="effective-rank energy: sigma2 (Alg. 5) or sigma")
-    p.add_argument("--bo-calls", type=_positive_int, default=30, help="Bayesian optimisation: evaluations")
-    p.add_argument("--bo-objective", choices=OBJECTIVES, default="ppl",
-                   help="BO objective on held-out calibration text: ppl, or 1 - cosine of the logits")
-    p.add_argument("--bo-windows", type=_positive_int, default=4, help="held-out windows per BO evaluation")
+
+def _add_flag(p, f, dest: str, default=dataclasses.MISSING) -> None:
+    """One flag from a knob (knobs.py): its flag, default, help, type and choices come from the field."""
+    meta = f.metadata
+    if default is dataclasses.MISSING:
+        default = f.default
+    flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+    text = meta.get("help", "").replace("%", "%%")
+    if isinstance(default, bool):
+        p.add_argument(flag, dest=dest, action="store_true", help=text)
+        return
+    kw = {"dest": dest, "default": default, "help": text, "metavar": flag.lstrip("-").upper().replace("-", "_")}
+    if meta.get("choices"):
+        kw["choices"] = list(meta["choices"]())
+        kw["metavar"] = "{" + ",".join(kw["choices"]) + "}"
+    kind = meta.get("kind") or (type(default).__name__ if default is not None else None)
+    if kind in KINDS:
+        kw["type"] = KINDS[kind]
+    p.add_argument(flag, **kw)
+
+
+def _add_settings(p, names, **defaults) -> None:
+    """Flags for these Settings fields (a nested settings dataclass gets a group of its own), with other defaults
+    where given (the CLI's --allocation defaults to the method's own)."""
+    from .settings import Settings
+
+    for f in dataclasses.fields(Settings):
+        if f.name not in names or not f.metadata.get("cli", True):
+            continue
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(value):
+            group = p.add_argument_group(f.metadata.get("help") or f.name)
+            for sub in dataclasses.fields(value):
+                if sub.metadata.get("cli", True):
+                    _add_flag(group, sub, f"{f.name}.{sub.name}")
+        else:
+            _add_flag(p, f, f.name, defaults.get(f.name, dataclasses.MISSING))
 
 
 def _settings_from(args, **over):
-    """The Settings of these flags: every Settings field a flag of the same name sets (the plan has fewer)."""
-    import dataclasses
-
+    """The Settings of these flags: every Settings field a flag sets (a nested field's as <field>.<name>)."""
     from .settings import Settings
 
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    fields = {}
+    for f in dataclasses.fields(Settings):
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if hasattr(args, f.name):
+            fields[f.name] = getattr(args, f.name)
+        elif dataclasses.is_dataclass(value):
+            sub = {s.name: getattr(args, f"{f.name}.{s.name}") for s in dataclasses.fields(value)
+                   if hasattr(args, f"{f.name}.{s.name}")}
+            fields[f.name] = dataclasses.replace(value, **sub)
     fields.update(over)
     return Settings(**fields).check()
 
 
-def _add_refine_arg(p: argparse.ArgumentParser) -> None:
-    from .refine import REFINES
-
-    p.add_argument("--refine", choices=REFINES, default="none",
-                   help="sequential: refit each block to the inputs the compressed blocks before it produce "
-                        "(one more streaming pass at build time)")
-
-
-def _add_dtype_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compute-dtype", choices=("float64", "float32"), default="float64",
-                   help="dtype of the whitening and the SVD (float32 for GPUs without fast float64)")
-    p.add_argument("--factor-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the factors stored on disk (bfloat16 halves them)")
-
-
-def _add_dobi_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Dobi-SVD (--method dobi)")
-    g.add_argument("--dobi-epochs", type=_positive_int, default=2, help="passes over the training windows")
-    g.add_argument("--dobi-lr", type=float, default=0.02,
-                   help="Adam step on each truncation position, as a share of its largest rank")
-    g.add_argument("--dobi-lambda", type=float, default=100.0, help="weight of |ratio - target| in the loss")
-    g.add_argument("--dobi-windows", type=_positive_int, default=4,
-                   help="calibration windows for training (the first of --calib-windows)")
-    g.add_argument("--dobi-ipca-windows", type=_positive_int, default=None,
-                   help="calibration windows for the IPCA weight update (default: all --calib-windows)")
-    g.add_argument("--dobi-beta", type=float, default=10.0, help="sharpness of the tanh truncation mask")
-    g.add_argument("--remap", action="store_true",
-                   help="store the factors in 8 bits (ratio then counted in bytes against 16-bit weights)")
-
-
 def _add_compress(sub) -> None:
-    from .factors import DEFAULT_WHITENING, WHITENING_FORMS
-    from .methods import method_names
-    from .strategies import ALLOCATIONS
-
     c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
     _add_model_args(c)
-    c.add_argument("--method", choices=method_names(), default="dipsvd")
-    c.add_argument("--allocation", choices=list(ALLOCATIONS), default=None,
-                   help="default: uniform, or the method's own (dobi: trained, which learns its own ranks)")
-    c.add_argument("--ratio", type=_ratio, default=0.2,
-                   help="fraction of targeted parameters REMOVED (0.2 removes 20%%, keeps 80%%)")
-    c.add_argument("--weight", type=float, default=30.0, help="scale of the important channels (DipSVD a)")
-    c.add_argument("--bar", type=float, default=0.03, help="fraction of channels protected (DipSVD p)")
-    c.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
-    c.add_argument("--p-min", type=float, default=0.05, help="lowest keep ratio of a block")
-    c.add_argument("--p-max", type=float, default=1.0, help="highest keep ratio of a block (1 = may stay dense)")
-    _add_refine_arg(c)
-    _add_dtype_args(c)
+    _add_settings(c, ("method", "allocation", "ratio", *SHARED), allocation=None)
     _add_calib_args(c)
-    _add_importance_args(c)
-    _add_dobi_args(c)
     c.add_argument("--offload", action="store_true",
                    help="a model bigger than the GPU: accelerate keeps blocks in CPU memory or on disk and the engine "
                         "brings one at a time to the GPU (device_map=auto)")
@@ -182,10 +173,6 @@ def _add_compress(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .factors import DEFAULT_WHITENING, WHITENING_FORMS
-    from .methods import method_names
-    from .strategies import ALLOCATIONS
-
     parser = Parser(prog="python -m dipsvd_core", description="DipSVD Studio: SVD compression of causal LMs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_compress(sub)
@@ -196,16 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows as method:allocation, comma-separated (default: the ablation plus baselines), "
                         "e.g. svd-llm:uniform,dipsvd:heuristic")
     w.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated fractions REMOVED")
-    w.add_argument("--weight", type=float, default=30.0)
-    w.add_argument("--bar", type=float, default=0.03)
-    w.add_argument("--whitening", choices=WHITENING_FORMS, default=DEFAULT_WHITENING)
-    w.add_argument("--p-min", type=float, default=0.05)
-    w.add_argument("--p-max", type=float, default=1.0)
-    _add_refine_arg(w)
-    _add_dtype_args(w)
+    _add_settings(w, SHARED)
     _add_calib_args(w)
-    _add_importance_args(w)
-    _add_dobi_args(w)
     w.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets")
     w.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
     w.add_argument("--out-json", default="sweep.json", help="the JSON report (rewritten after every row)")
@@ -214,17 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
     _add_model_args(pl)
-    pl.add_argument("--method", choices=method_names(), default="dipsvd")
-    pl.add_argument("--allocation", choices=list(ALLOCATIONS), default=None)
-    pl.add_argument("--ratio", type=_ratio, default=0.2)
-    _add_dtype_args(pl)
+    _add_settings(pl, ("method", "allocation", "ratio", "compute_dtype", "factor_dtype", "refine"), allocation=None)
     pl.add_argument("--calib-windows", type=_positive_int, default=32)
     pl.add_argument("--seqlen", type=_positive_int, default=512)
     pl.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
     pl.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets (only their number counts)")
     pl.add_argument("--no-eval-original", action="store_true", help="plan without the original's perplexity")
     pl.add_argument("--offload", action="store_true", help="weights on the host, one block at a time on the GPU")
-    _add_refine_arg(pl)
     pl.add_argument("--no-bench", action="store_true", help="memory only: skip the few-second microbenchmark")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -30,6 +30,7 @@ from .allocation import DENSE, Allocation, check_ratio
 from .dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, lowrank_storage_bytes,
                         masked_svd, max_remap_rank, quantize_absmax)
 from .errors import DipSVDError
+from .knobs import knob
 from .models import Target
 from .stream import window_ids
 from .surgery import LowRankLinear
@@ -39,15 +40,23 @@ DENSE_BYTES = 2  # the 16-bit dense model that storage is counted against
 
 @dataclass(frozen=True)
 class DobiConfig:
-    epochs: int = 2
-    lr: float = 0.02  # Adam step on gamma / (its largest factored rank + 1), decayed linearly to lr / 10
-    lam: float = 100.0  # weight of |ratio(gamma) - target| in the loss
-    windows: int = 4  # calibration windows used for training (the first ones)
-    ipca_windows: int | None = None  # windows for the IPCA weight update; None: all calibration windows
-    beta: float = 10.0  # sharpness of the tanh mask
-    remap: bool = False  # 8-bit factors
-    ipca_extra: int = 64  # components IPCA keeps beyond the rank (more = closer to exact PCA, slower)
-    project: bool = True  # hold the budget by projection, not by lam alone (ours; see train_gammas)
+    """Dobi-SVD's own settings (Settings.dobi); each field's knob gives its flag and help."""
+
+    epochs: int = knob(2, "passes over the training windows", "--dobi-epochs", "positive")
+    # Adam step on gamma / (its largest factored rank + 1), decayed linearly to lr / 10
+    lr: float = knob(0.02, "Adam step on each truncation position, as a share of its largest rank", "--dobi-lr")
+    lam: float = knob(100.0, "weight of |ratio - target| in the loss", "--dobi-lambda")
+    windows: int = knob(4, "calibration windows for training (the first of --calib-windows)", "--dobi-windows",
+                        "positive")
+    ipca_windows: int | None = knob(None, "calibration windows for the IPCA weight update (default: all "
+                                          "--calib-windows)", "--dobi-ipca-windows", "positive")
+    beta: float = knob(10.0, "sharpness of the tanh truncation mask", "--dobi-beta")
+    remap: bool = knob(False, "store the factors in 8 bits (ratio then counted in bytes against 16-bit weights)",
+                       "--remap")
+    # components IPCA keeps beyond the rank (more = closer to exact PCA, slower)
+    ipca_extra: int = knob(64, "components the IPCA keeps beyond the rank", cli=False)
+    # hold the budget by projection, not by lam alone (ours; see train_gammas)
+    project: bool = knob(True, "hold the budget by projection, not by lambda alone", cli=False)
 
     def check(self) -> "DobiConfig":
         if self.ipca_windows is not None and self.ipca_windows < 1:

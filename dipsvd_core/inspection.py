@@ -100,7 +100,7 @@ def dobi_preview(bench: Workbench, settings: Settings) -> dict:
     from .methods import handler
 
     trained = handler(settings.method).prepare(bench, settings)  # cached: the page asks only after training
-    targets, remap = bench.targets, settings.remap
+    targets, remap = bench.targets, settings.dobi.remap
     ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, remap)
     uniform = dobi.ranks_from_gammas(dobi.uniform_gammas(targets, settings.ratio, remap), targets, remap)
     return {"allocation": dobi.allocation_of(ranks, targets, settings.ratio, remap, []),

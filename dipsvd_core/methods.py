@@ -16,6 +16,7 @@ instead of testing method names.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -50,8 +51,9 @@ class MethodHandler:
     trains_ranks = False  # True: the method learns its own ranks (allocation "trained")
     refinable = True  # sequential compensation (refine.py) refits its factored matrices
     default_allocation = "uniform"
-    variants: dict = {}  # other names for this method with settings overrides (a sweep's grid may use them)
+    variants: dict = {}  # other names for this method: name -> (settings -> settings) (a sweep's grid may use them)
     options: tuple[str, ...] = ()  # the Settings fields it reads beyond the shared ones (the app enables them)
+    own_settings: str | None = None  # the Settings field that nests this method's own options, if any
 
     def describe(self, settings) -> str:
         """Its options in words, for the app ("" where it has none)."""
@@ -126,7 +128,7 @@ class FactorHandler(MethodHandler):
         if owner not in (None, self.name):
             raise DipSVDError(f"allocation '{settings.allocation}' is {handler(owner).help.split(',')[0]}'s own; "
                               f"use it with method {owner}, not {self.name}")
-        if settings.remap:
+        if settings.dobi.remap:
             raise DipSVDError("remap (8-bit factors) is part of Dobi-SVD; use it with method dobi")
 
     def prepared(self, bench, settings) -> bool:
@@ -152,8 +154,9 @@ class DobiHandler(MethodHandler):
     trains_ranks = True
     default_allocation = "trained"
     refinable = False  # its weights come from the IPCA update, not from factors refine can refit
-    variants = {"dobi-remap": {"remap": True}}  # grid names: Dobi-SVD with 8-bit remapping
-    options = ("dobi_epochs", "dobi_lr", "dobi_lambda", "dobi_windows", "dobi_ipca_windows", "dobi_beta", "remap")
+    # grid names: Dobi-SVD with 8-bit remapping (settings -> the variant's settings)
+    variants = {"dobi-remap": lambda s: dataclasses.replace(s, dobi=dataclasses.replace(s.dobi, remap=True))}
+    own_settings = "dobi"  # the Settings field holding its own options (dobi.DobiConfig)
 
     def spec(self, settings):
         raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
@@ -290,12 +293,12 @@ def grid_names() -> tuple[str, ...]:
     return (*method_names(), *[v for m in method_names() for v in handler(m).variants])
 
 
-def resolve(name: str) -> tuple[str, dict]:
-    """(method, settings overrides) for a method or a variant name."""
+def resolve(name: str):
+    """(method, settings -> settings) for a method or a variant name."""
     for m in method_names():
         if name in handler(m).variants:
-            return m, dict(handler(m).variants[name])
-    return handler(name).name, {}
+            return m, handler(m).variants[name]
+    return handler(name).name, lambda s: s
 
 
 def needs(settings, allocation_given: bool = False) -> frozenset:

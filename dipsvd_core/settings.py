@@ -9,55 +9,64 @@ from dataclasses import asdict, dataclass
 
 from . import allocation as alloc
 from .bayes import OBJECTIVES
+from .dobi import DobiConfig
 from .errors import DipSVDError
-from .factors import DEFAULT_WHITENING, FactorSpec
-from .importance import check_importance
+from .factors import DEFAULT_WHITENING, WHITENING_FORMS, FactorSpec
+from .importance import ENERGIES, check_importance
+from .knobs import knob
 from .methods import handler, refines
 from .refine import REFINES
 from .strategies import strategy
 
 
+def _methods():
+    from .methods import method_names
+
+    return method_names()
+
+
+def _allocations():
+    from .strategies import ALLOCATIONS
+
+    return list(ALLOCATIONS)
+
+
 @dataclass
 class Settings:
-    method: str = "dipsvd"
-    allocation: str = "uniform"
-    ratio: float = 0.2
-    weight: float = 30.0
-    bar: float = 0.03
-    whitening: str = DEFAULT_WHITENING
-    compute_dtype: str = "float64"  # the whitening and the SVD; float32 where float64 is slow (workstation GPUs)
-    factor_dtype: str = "float32"  # the factors on disk; bfloat16 halves them for large models
-    refine: str = "none"  # "sequential": each block refit to the inputs the compressed blocks before it give (refine.py)
-    p_min: float = 0.05
-    p_max: float = 1.0
+    """Every setting of one compression. A method's own options nest inside (Dobi-SVD's `dobi`); each field's knob
+    (knobs.py) holds its default, help and flag, which the CLI and the app read."""
+
+    method: str = knob("dipsvd", "the compression method", choices=_methods)
+    allocation: str = knob("uniform", "per-block keep ratios (default: uniform, or the method's own)",
+                           choices=_allocations)
+    ratio: float = knob(0.2, "fraction of targeted parameters REMOVED (0.2 removes 20%, keeps 80%)", kind="ratio")
+    weight: float = knob(30.0, "scale of the important channels (DipSVD a)")
+    bar: float = knob(0.03, "fraction of channels protected (DipSVD p)")
+    whitening: str = knob(DEFAULT_WHITENING, "paper: D G D (Eq. 3); code: the authors' code, SVD of G D",
+                          choices=lambda: WHITENING_FORMS)
+    compute_dtype: str = knob("float64", "dtype of the whitening and the SVD (float32 for GPUs without fast float64)",
+                              choices=lambda: ("float64", "float32"))
+    factor_dtype: str = knob("float32", "dtype of the factors stored on disk (bfloat16 halves them)",
+                             choices=lambda: ("float32", "bfloat16"))
+    refine: str = knob("none", "sequential: refit each block to the inputs the compressed blocks before it produce "
+                               "(one more streaming pass at build time)", choices=lambda: REFINES)
+    p_min: float = knob(0.05, "lowest keep ratio of a block")
+    p_max: float = knob(1.0, "highest keep ratio of a block (1 = may stay dense)")
     # global importance (DESIGN.md section 4)
-    beta: float = 0.25  # Q_l = S~^beta * R~^(1 - beta)
-    tau: float = 0.95  # effective-rank energy threshold
-    energy: str = "sigma2"  # "sigma2" (Alg. 5) or "sigma" (Eq. 11)
-    bo_calls: int = 30
-    bo_objective: str = "ppl"  # "ppl" on held-out calibration text, or "cosine" of final logits
-    bo_windows: int = 4  # held-out calibration-split windows (of the Workbench's seqlen) per BO evaluation
-    seed: int = 0
-    # Dobi-SVD (method "dobi", allocation "trained"); see dobi.DobiConfig
-    dobi_epochs: int = 2
-    dobi_lr: float = 0.02
-    dobi_lambda: float = 100.0
-    dobi_windows: int = 4
-    dobi_beta: float = 10.0
-    dobi_ipca_windows: int | None = None  # None: all calibration windows
-    remap: bool = False
+    beta: float = knob(0.25, "Q = S~^beta * R~^(1-beta): weight of Fisher sensitivity")
+    tau: float = knob(0.95, "energy threshold of the effective rank")
+    energy: str = knob("sigma2", "effective-rank energy: sigma2 (Alg. 5) or sigma (Eq. 11)", choices=lambda: ENERGIES)
+    bo_calls: int = knob(30, "Bayesian optimisation: evaluations", kind="positive")
+    bo_objective: str = knob("ppl", "BO objective on held-out calibration text: ppl, or 1 - cosine of the logits",
+                             choices=lambda: OBJECTIVES)
+    bo_windows: int = knob(4, "held-out windows per BO evaluation", kind="positive")
+    seed: int = knob(0, "the seed of the calibration windows and of the search", cli=False)  # --seed: the calibration's
+    dobi: DobiConfig = knob(help="Dobi-SVD (--method dobi)", default_factory=DobiConfig)
 
     @property
     def spec(self) -> FactorSpec:
         """The factor spec of a factored method (its handler says why another has none)."""
         return handler(self.method).spec(self)
-
-    @property
-    def dobi(self):
-        from .dobi import DobiConfig
-
-        return DobiConfig(self.dobi_epochs, self.dobi_lr, self.dobi_lambda, self.dobi_windows, self.dobi_ipca_windows,
-                          self.dobi_beta, self.remap)
 
     def check(self) -> "Settings":
         alloc.check_ratio(self.ratio)
@@ -83,3 +92,12 @@ class Settings:
 
 def settings_dict(s: Settings) -> dict:
     return asdict(s)
+
+
+def flat_settings(s: Settings) -> dict:
+    """Every setting by one name: the nested ones as <field>_<name> (dobi_epochs, dobi_remap, ...), as the app's
+    widget keys read them."""
+    out = {}
+    for name, value in asdict(s).items():
+        out.update({f"{name}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
+    return out

@@ -130,8 +130,8 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
 def _settings(base: Settings, method: str, allocation: str, ratio: float) -> Settings:
     if allocation.endswith(REFINED):
         base, allocation = replace(base, refine="sequential"), allocation.removesuffix(REFINED)
-    method, overrides = resolve(method)  # a variant (dobi-remap) is its method with settings overrides
-    return replace(base, method=method, allocation=allocation, ratio=ratio, **overrides)
+    method, variant = resolve(method)  # a variant (dobi-remap) is its method with some settings changed
+    return variant(replace(base, method=method, allocation=allocation, ratio=ratio))
 
 
 def _row(bench: Workbench, settings: Settings, eval_sets: dict, progress, allocations: dict | None = None) -> dict:

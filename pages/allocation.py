@@ -11,7 +11,8 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
 from dipsvd_core.inspection import budget, dobi_preview
 from dipsvd_core.methods import handler, method_names
-from dipsvd_core.pipeline import settings_dict
+from dipsvd_core.knobs import help_of
+from dipsvd_core.settings import Settings, flat_settings, settings_dict
 from dipsvd_core.strategies import names_for, strategy
 from studio import ui
 
@@ -23,7 +24,7 @@ ui.header("Allocation", "How much each block keeps. Ratio, β, τ and the alloca
           "already in memory; the channel weight a, bar, whitening form and method need a new factorization.")
 
 cur = s.settings
-for name, value in settings_dict(cur).items():
+for name, value in flat_settings(cur).items():
     ui.seed(f"k_s_{name}", value)
 
 controls, view = st.columns([1, 2], gap="large")
@@ -49,8 +50,8 @@ with controls:
                         disabled=busy or "bar" not in options)
         whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening", horizontal=True,
                              disabled=busy or "whitening" not in options,
-                             help="paper: D G D (Eq. 3); code: the authors' code, SVD of G D")
-    if "dobi_epochs" in options:
+                             help=help_of(Settings, "whitening"))
+    if handler(method).own_settings:  # Dobi-SVD's own options (Settings.dobi)
         with st.container(border=True):
             st.markdown("**Dobi-SVD** · changes retrain")
             dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs", disabled=busy)
@@ -59,20 +60,20 @@ with controls:
             dobi_lr = st.number_input("Learning rate (share of a matrix's rank range)", 0.001, 0.5, step=0.005,
                                       format="%.3f", key="k_s_dobi_lr", disabled=busy)
             dobi_lambda = st.number_input("λ (weight of |ratio − target|)", 0.0, 100000.0, step=10.0,
-                                          key="k_s_dobi_lambda", disabled=busy)
+                                          key="k_s_dobi_lam", disabled=busy)
             dobi_beta = st.number_input("β of the tanh mask", 0.5, 100.0, step=0.5, key="k_s_dobi_beta", disabled=busy)
             remap = st.checkbox("Remap: 8-bit factors (ratio counted in bytes against 16-bit weights)",
-                                key="k_s_remap", disabled=busy)
+                                key="k_s_dobi_remap", disabled=busy)
     else:
         dobi_epochs, dobi_windows, dobi_lr, dobi_lambda, dobi_beta, remap = (
-            cur.dobi_epochs, cur.dobi_windows, cur.dobi_lr, cur.dobi_lambda, cur.dobi_beta, False)
+            cur.dobi.epochs, cur.dobi.windows, cur.dobi.lr, cur.dobi.lam, cur.dobi.beta, False)
     with st.container(border=True):
         st.markdown("**Global importance** · instant")
         beta = st.slider("β (Fisher vs effective rank)", 0.0, 1.0, step=0.05, key="k_s_beta", disabled=busy)
         tau = st.slider("τ (effective-rank energy)", 0.5, 0.999, step=0.005, key="k_s_tau", format="%.3f",
                         disabled=busy)
         energy = st.radio("Energy", ["sigma2", "sigma"], key="k_s_energy", horizontal=True, disabled=busy,
-                          help="sigma2: Alg. 5 (σ²); sigma: Eq. 11 (σ)")
+                          help=help_of(Settings, "energy"))
     with st.expander("Bounds and Bayesian optimization"):
         p_min = st.number_input("p_min (lowest keep ratio of a block)", 0.01, 1.0, step=0.01, key="k_s_p_min",
                                 disabled=busy)
@@ -80,15 +81,14 @@ with controls:
                                 key="k_s_p_max", disabled=busy)
         bo_calls = st.number_input("BO calls", 5, 500, step=5, key="k_s_bo_calls", disabled=busy)
         bo_objective = st.radio("BO objective", ["ppl", "cosine"], key="k_s_bo_objective", horizontal=True,
-                                disabled=busy, help="ppl: perplexity on held-out calibration text; cosine: "
-                                                    "1 - cosine similarity of the final logits to the original's")
+                                disabled=busy, help=help_of(Settings, "bo_objective"))
         bo_windows = st.number_input("BO held-out windows", 1, 64, step=1, key="k_s_bo_windows", disabled=busy)
 
 new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), weight=float(weight), bar=float(bar),
               whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
               energy=energy, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows),
-              dobi_epochs=int(dobi_epochs), dobi_windows=int(dobi_windows), dobi_lr=float(dobi_lr),
-              dobi_lambda=float(dobi_lambda), dobi_beta=float(dobi_beta), remap=bool(remap),
+              dobi=replace(cur.dobi, epochs=int(dobi_epochs), windows=int(dobi_windows), lr=float(dobi_lr),
+                           lam=float(dobi_lambda), beta=float(dobi_beta), remap=bool(remap)),
               # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back
               refine=cur.refine if handler(method).refinable else "none")
 s.settings = new
@@ -105,8 +105,8 @@ with view:
 
     if P.TRAINING in handler(new.method).needs(new):
         if not bench.has_pass(P.TRAINING, new):
-            st.info(f"Dobi-SVD trains one truncation position per matrix: {new.dobi_epochs} epoch(s) over "
-                    f"{new.dobi_windows} calibration window(s), each step an SVD of every layer's activations "
+            st.info(f"Dobi-SVD trains one truncation position per matrix: {new.dobi.epochs} epoch(s) over "
+                    f"{new.dobi.windows} calibration window(s), each step an SVD of every layer's activations "
                     "(about 12 s a step for the bundled model on 2 CPU cores). It can be cancelled.")
 
             def train(job):
@@ -128,11 +128,11 @@ with view:
             m[1].metric("Ratio the gammas reached", f"{pre['ratio_trained']:.4f}",
                         f"{pre['ratio_trained'] - new.ratio:+.4f} vs target", delta_color="off", delta_arrow="off")
             m[2].metric("Realized after the budget fix", f"{pre['allocation'].ratio_realized:.4f}",
-                        "bytes vs 16-bit" if new.remap else "parameters", delta_color="off", delta_arrow="off")
+                        "bytes vs 16-bit" if new.dobi.remap else "parameters", delta_color="off", delta_arrow="off")
             st.plotly_chart(figures.keep_ratios(pre["allocation"].p_blocks, pre["uniform"], "trained"), key="fig_keep")
             st.caption("Bars: the share of each block's 16-bit bytes kept by the trained ranks; dashed: uniform at "
                        "the same budget." + (" With remap a rank costs half, so ranks are about twice as high."
-                                             if new.remap else ""))
+                                             if new.dobi.remap else ""))
             st.plotly_chart(figures.dobi_training(pre["history"]), key="fig_dobi")
             st.caption("Training: next-token loss with every layer's activations truncated at its gamma, and the "
                        "total loss with λ·|ratio − target|.")

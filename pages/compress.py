@@ -132,7 +132,7 @@ with_refined = st.checkbox("Also refined rows (sequential compensation, one more
                            disabled=busy)
 # A search (BO) per point is too slow and a method's own allocation (Dobi-SVD's) is not shared: the rows then use
 # the fallback (uniform). remap belongs to the dobi-remap rows only; refine to the "+refine" rows.
-base = replace(cur, allocation=strategy(cur.allocation).shared(), remap=False, refine="none")
+base = replace(cur, allocation=strategy(cur.allocation).shared(), dobi=replace(cur.dobi, remap=False), refine="none")
 
 
 def row_allocation(method: str) -> str:

@@ -116,8 +116,11 @@ def test_load_shows_architecture_and_statistics():
     at.toggle(key="k_plan_show").set_value(True)
     at.run()
     plan = next(df.value for df in at.dataframe if "phase" in df.value.columns)  # from the config alone
-    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "refine", "surgery",
-                                  "evaluation"]
+    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "block probe", "type probe", "search",
+                                  "training", "weight update", "refine", "surgery", "evaluation"]
+    # dipsvd + uniform: the statistics pass factors each block; no other pass is needed
+    assert [n for n, needed in zip(plan["phase"], plan["needed"]) if needed == "yes"] == [
+        "load", "statistics", "factors", "surgery", "evaluation"]
     assert list(rows["linear"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert list(rows["out x in"])[-1] == "64 x 128" and list(rows["blocks"]) == [2] * 7
@@ -313,7 +316,7 @@ def test_dobi_trains_previews_builds_and_exports(tmp_path):
     settle(at)
     assert at.radio(key="k_s_allocation").options == ["trained"]  # Dobi-SVD's own allocation only
     at.number_input(key="k_s_dobi_windows").set_value(2)
-    at.checkbox(key="k_s_remap").check()
+    at.checkbox(key="k_s_dobi_remap").check()
     at.slider(key="k_s_ratio").set_value(0.3)
     settle(at)
     click(at, "Train truncation positions")

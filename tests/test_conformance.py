@@ -12,6 +12,7 @@ import torch
 from dipsvd_core import plan as P
 from dipsvd_core.cli import main
 from dipsvd_core.compressed import load_compressed, save_compressed
+from dipsvd_core.dobi import DobiConfig
 from dipsvd_core.methods import handler, method_names, refines
 from dipsvd_core.pipeline import Settings, Workbench
 from dipsvd_core.refine import REFINES
@@ -20,7 +21,7 @@ from dipsvd_core.sweep import parse_grid, run_sweep
 
 from extensions import registered
 
-FAST = dict(bo_calls=3, bo_windows=1, dobi_epochs=1, dobi_windows=2)
+FAST = dict(bo_calls=3, bo_windows=1, dobi=DobiConfig(epochs=1, windows=2))
 PASS_PHASES = set(P.PHASES) - set(P.ALWAYS)
 
 

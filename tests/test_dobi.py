@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dipsvd_core import dobi
+from dipsvd_core.dobi import DobiConfig
 from dipsvd_core import passes as P
 from dipsvd_core.allocation import DENSE
 from dipsvd_core.compressed import load_compressed, save_compressed
@@ -24,8 +25,8 @@ def bench(tiny_lm):
 
 
 def dobi_settings(ratio, remap, **kw):
-    return Settings(method="dobi", allocation="trained", ratio=ratio, remap=remap, dobi_windows=4, dobi_epochs=3,
-                    **kw).check()
+    return Settings(method="dobi", allocation="trained", ratio=ratio,
+                    dobi=DobiConfig(remap=remap, windows=4, epochs=3, **kw)).check()
 
 
 @pytest.mark.parametrize("remap", [False, True])
@@ -146,9 +147,9 @@ def test_bad_dobi_settings_name_the_fix():
     with pytest.raises(DipSVDError, match="use it with method dobi"):
         Settings(method="dipsvd", allocation="trained").check()
     with pytest.raises(DipSVDError, match="remap"):
-        Settings(method="svd-llm", remap=True).check()
+        Settings(method="svd-llm", dobi=DobiConfig(remap=True)).check()
     with pytest.raises(DipSVDError, match="epochs"):
-        Settings(method="dobi", allocation="trained", dobi_epochs=0).check()
+        Settings(method="dobi", allocation="trained", dobi=DobiConfig(epochs=0)).check()
 
 
 def test_training_can_be_cancelled(bench):
@@ -162,7 +163,7 @@ def test_training_can_be_cancelled(bench):
         if step == 2:
             stop.set()
 
-    s = dobi_settings(0.25, remap=False, dobi_lambda=50.0)  # a config not trained by another test
+    s = dobi_settings(0.25, remap=False, lam=50.0)  # a config not trained by another test
     trained = dobi.train_gammas(bench.lm.model, bench.targets, bench.windows()[:4], 0.25, s.dobi,
                                 callback=cb, cancel=stop)
     assert trained.cancelled and len(trained.history) == 2 and all(x > 0 for x in seen)

@@ -1,6 +1,5 @@
 """The plan: shapes from the config alone, the memory model's terms, the refusal, the CLI; and the
 in-place surgery that batch runs use."""
-import dataclasses
 import json
 import shutil
 import subprocess

@@ -29,7 +29,7 @@ from .models import LoadedModel, weights_of
 from .settings import Settings, settings_dict  # noqa: F401 (the flow's entry names, re-exported)
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
 from .stream import release_host_memory
-from .strategies import strategy
+from .strategies import OBJECTIVE, strategy
 from .surgery import compress_model
 
 PROBE_CACHE = {"block": ("probe-v1", P.BLOCK_PROBE), "type": ("probe-types-v1", P.TYPE_PROBE)}  # cache key, pass
@@ -170,7 +170,7 @@ class Workbench:
     def drop_factors(self, spec: FactorSpec) -> None:
         """Free one method's factors (and its BO model copies); they reload from the disk cache."""
         self._factors.pop(spec.key, None)
-        for k in [k for k in self._cached if k[0] == "objective" and k[1][0] == spec.key]:
+        for k in [k for k in self._cached if k[0] == OBJECTIVE and k[1][0] == spec.key]:
             del self._cached[k]
 
     def cached(self, kind: str, key, make, keep=lambda value: True):

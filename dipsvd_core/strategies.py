@@ -51,6 +51,7 @@ class AllocationStrategy:
 
 
 ALLOCATIONS: dict[str, AllocationStrategy] = {}
+OBJECTIVE = "objective"  # Workbench.cached kind of BO's objective, keyed (factor key, objective, windows)
 
 
 def register_allocation(name: str, **declared):
@@ -99,7 +100,7 @@ def _bayes(bench, settings, bounds, progress=None, callback=None, cancel=None):
 
     factors = bench.factors(settings.spec, progress)
     t0 = time.perf_counter()
-    objective = bench.cached("objective", (settings.spec.key, settings.bo_objective, settings.bo_windows),
+    objective = bench.cached(OBJECTIVE, (settings.spec.key, settings.bo_objective, settings.bo_windows),
                              lambda: Objective(bench.lm.model, bench.targets, factors,
                                                bench.heldout(settings.bo_windows), settings.bo_objective))
     warm = [alloc.uniform(bench.targets, settings.ratio, **bounds).p_blocks, _heuristic(bench, settings, bounds,

@@ -7,6 +7,7 @@ is an error, never skipped.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import torch
@@ -62,9 +63,32 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
                              do_sample=not greedy, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         secs = time.perf_counter() - t0
         new = gen[0, ids.shape[1]:]
-        out.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
-                    "new_tokens": int(new.numel()), "tokens_per_s": new.numel() / max(secs, 1e-9)})
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        out.append({"prompt": prompt, "text": text, "new_tokens": int(new.numel()),
+                    "tokens_per_s": new.numel() / max(secs, 1e-9), **repetition(text)})
     return out
+
+
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def repetition(text: str, n: int = 3) -> dict:
+    """How much a generation repeats itself, over its words (a word: a run of letters and digits, or one
+    punctuation mark; case ignored): `distinct_3`, the share of its n-grams (n = 3) that are distinct (1.0 where
+    nothing repeats, or where it has fewer than n words), and `longest_repeat`, the length in words of the longest
+    span that occurs at least twice (the two may overlap: "a a a" repeats "a a")."""
+    words = [w.lower() for w in WORD.findall(text)]
+    grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+    distinct = len(set(grams)) / len(grams) if grams else 1.0
+    longest, prev = 0, [0] * (len(words) + 1)
+    for i in range(1, len(words)):  # longest common substring of the words with themselves, shifted
+        cur = [0] * (len(words) + 1)
+        for j in range(i + 1, len(words) + 1):
+            if words[i - 1] == words[j - 1]:
+                cur[j] = prev[j - 1] + 1
+                longest = max(longest, cur[j])
+        prev = cur
+    return {"distinct_3": distinct, "longest_repeat": longest}
 
 
 @torch.no_grad()

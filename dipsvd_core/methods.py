@@ -31,7 +31,7 @@ from .strategies import strategy
 
 
 def refines(refine: str) -> bool:
-    """Whether a build refits its matrices after the allocation (refine.REFINES: none, sequential)."""
+    """Whether a build refits its matrices after the allocation (refine.REFINES: none, sequential, block)."""
     return refine != "none"
 
 
@@ -114,13 +114,9 @@ class FactorHandler(MethodHandler):
 
     def needs(self, settings, allocation_given: bool = False) -> frozenset:
         chosen = frozenset() if allocation_given else strategy(settings.allocation).needs
-        scale = self.scaling.needs
-        if not refines(settings.refine):
-            return chosen | scale | {P.FACTORS}
-        # Refine refits every factored matrix from its own pass with its own Grams, so the factors are only
-        # read when the ranks need them; the scaling's other data (mean |x|, Fisher rows) refine reads too.
-        read = (scale | {P.FACTORS}) if P.FACTORS in chosen else frozenset()
-        return chosen | (scale - {P.GRAMS}) | read | {P.REFINE}
+        # Refine starts from the factors too: each block keeps its unrefined factors where refining does not
+        # lower the held-out error (refine.py), so a refined build reads them as an unrefined one does.
+        return chosen | self.scaling.needs | {P.FACTORS} | ({P.REFINE} if refines(settings.refine) else frozenset())
 
     def check(self, settings) -> None:
         self.spec(settings)  # validates whitening and dtypes
@@ -140,11 +136,10 @@ class FactorHandler(MethodHandler):
     def new_state(self, bench, settings, allocation=None, progress=None) -> State:
         from .surgery import low_rank_weights
 
-        needed = self.needs(settings, allocation is not None)
-        factors = self.prepare(bench, settings, progress) if P.FACTORS in needed else None
+        factors = self.prepare(bench, settings, progress)
         t0 = time.perf_counter()
         allocation = allocation or bench.allocate(settings, progress)
-        weights = low_rank_weights(factors, allocation.ranks) if factors is not None else {}  # refine fills them
+        weights = low_rank_weights(factors, allocation.ranks)  # refine starts from them
         return State(allocation, weights, timings_s={"allocation": time.perf_counter() - t0})
 
 

@@ -342,7 +342,7 @@ class Workbench:
         settings.check()
         state = handler(settings.method).new_state(self, settings, allocation, progress)
         if refines(settings.refine):
-            state.weights, info = self.refine(settings, state.allocation, progress)
+            state.weights, info = self.refine(settings, state.allocation, progress, fallback=state.weights)
             state.timings_s[P.REFINE] = info["seconds"]
             state.info = dict(state.info, refine=info)
         t0 = time.perf_counter()
@@ -350,15 +350,22 @@ class Workbench:
         timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
         return Result(model, state.allocation, settings, timings, state.info)
 
-    def refine(self, settings: Settings, allocation: alloc.Allocation, progress=None) -> tuple[dict, dict]:
-        """Sequential compensation (refine.py) of this allocation's factored matrices: one more streaming pass."""
+    def refine(self, settings: Settings, allocation: alloc.Allocation, progress=None,
+               fallback: dict | None = None) -> tuple[dict, dict]:
+        """Sequential compensation (refine.py) of this allocation's factored matrices: one more streaming pass.
+        `fallback`, the unrefined factors, makes it validated: a block is refined only where that lowers its
+        held-out error (the unrefined factors of these settings, sliced from the cache, when not given)."""
         from .refine import refine
 
         spec = settings.spec
         abs_means = self.stats(progress).abs_means if P.STATISTICS in spec.scaling.needs else None
         rows = self.fisher(progress).rows if P.FISHER in spec.scaling.needs else None
+        if fallback is None:
+            from .surgery import low_rank_weights
+
+            fallback = low_rank_weights(self.factors(spec, progress), allocation.ranks)
         return refine(self.lm.model, [t.name for t in self.targets], self.windows(), spec, allocation.ranks,
-                      abs_means, rows, progress)
+                      abs_means, rows, progress, fallback=fallback, tune=settings.refine == "block")
 
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:

@@ -53,6 +53,7 @@ from torch import nn
 from . import passes as P
 from .errors import DipSVDError
 from .methods import handler, needs
+from .refine import TAUS, TUNE_EPOCHS
 from .settings import Settings
 
 # every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
@@ -347,12 +348,15 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
         + layer_saved + logits
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
-    # Refine (refine.py) streams two activation sets (original and compressed), keeps every input group's X of
+    # Refine (refine.py) streams two activation sets (original and compressed) and the block's compressed-path
+    # inputs again for its held-out check, keeps every input group's X of
     # one block for all windows (an upper bound: a factored last Linear's X is not kept), the last Linear's X^
     # and the residual r^, the attention's output replayed for the later groups, one group's G^, C and the last
-    # Linear's numerator, one group's factoring; the refined factors of every block gather on the host.
+    # Linear's numerator (fit and held-out parts, both parts summed, and the original X X^T of each part), one
+    # group's factoring; the refined
+    # factors of every block gather on the host.
     g_max = max(sh.groups)
-    refine_dev = 2 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B + 2 * g_max * g_max * 8 \
+    refine_dev = 3 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B + 7 * g_max * g_max * 8 \
         + H * g_max * 8 + factoring
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
     # every block; a search (BO) a second model beside the first; Dobi-SVD's training every block's autograd
@@ -518,10 +522,14 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     phases["fisher"].seconds = 3 * N * fwd_model
     # refine: the original block, the compressed block up to each input group with the finished attention
     # replayed (about 2.5 block forwards a window, measured on the bundled model), every group's G^ and C (the
-    # last group, the residual-writing Linear: G^ and the H x g numerator), and a second factoring
+    # last group, the residual-writing Linear: G^ and the H x g numerator), a factoring per candidate damping
+    # (refine.TAUS), and the unrefined block once more on the held-out quarter of the windows
     *first, last = sh.groups
     grams_flops = (sum(4 * g * g for g in first) + 2 * last * (last + sh.hidden)) * run.seqlen * N
-    phases["refine"].seconds = 2.5 * forward + L * (whiten + factor + grams_flops / r.matmul_flops)
+    phases["refine"].seconds = 2.75 * forward + L * (whiten + len(TAUS) * factor + grams_flops / r.matmul_flops)
+    if run.refine == "block":  # the tuning: a forward and a backward (about 3 forwards) per epoch and window, on the
+        # fit windows (three quarters) and, where it wins, once more on every window: at most 1.75 passes
+        phases["refine"].seconds += 3 * TUNE_EPOCHS * 1.75 * forward
     probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows
     phases[P.BLOCK_PROBE].seconds = L * probe_window
     phases[P.TYPE_PROBE].seconds = len(per_block) * probe_window

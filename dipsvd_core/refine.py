@@ -66,12 +66,17 @@ import torch
 from torch import nn
 
 from .errors import DipSVDError
-from .factors import EIG_FLOOR, FactorSpec, factor_model
+from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .models import find_blocks, weights_of
+from .scalings import ScaleData
 from .stream import BlockInputs, capture_inputs, release_host_memory
 
-REFINES = ("none", "sequential")
-DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the least-squares target (GPTQ's percdamp)
+REFINES = ("none", "sequential", "block")  # block: sequential, then the block-level tuning where it pays
+DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the plain least-squares target (GPTQ's percdamp)
+TAUS = (0.01, 0.1, 1.0, 10.0)  # the candidate dampings (ridge towards the unrefined factors) held-out windows choose
+HOLDOUT = 4  # every HOLDOUT-th calibration window is held out: fitted never, scored always
+TUNE_EPOCHS = 2  # refine "block": epochs of Adam over the fit windows on each block's low-rank factors
+TUNE_LR = 1e-4
 RESIDUAL = True  # the block's last Linear also takes back the residual stream's drift
 
 
@@ -165,49 +170,100 @@ def _check(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+class _Sums:
+    """One part's sums (the fit windows' or the held-out windows'), in float64: the Gram G^ = X^ X^^T and the
+    cross-Gram C = X X^^T (a plain group) or the numerator (B - R^) X^^T (the residual-writing Linear). A held
+    part also has what the error's constant term needs: X X^T (plain, from the original path;
+    ||W X||^2 = tr(W X X^T W^T)) or ||B - R^||^2 (the residual-writing Linear)."""
+
+    def __init__(self, held: bool):
+        self.held = held
+        self.gram = self.cross = self.numerator = self.gram_x = None
+        self.target_sq = 0.0
+        self.windows = 0
+
+    def add_gram(self, xh: torch.Tensor) -> None:
+        part = (xh.T @ xh).double()
+        self.gram = part if self.gram is None else self.gram + part
+        self.windows += 1
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else old + value)
+
+
 class _GroupStats:
     """The accumulator of one input group: what its closed form needs, added window by window on the
-    compressed path, in float64. Always the Gram G^ = X^ X^^T, (in, in). A plain group adds the cross-Gram
-    C = X X^^T, (in, in), with X the original inputs; the residual-writing Linear (`full`) adds instead the
-    whole numerator (B - R^) X^^T, (hidden, in), and keeps each window's X^ and r^, (tokens, in) and
-    (tokens, hidden), to give the next block its inputs once the Linear is refined."""
+    compressed path, each window into its part (`held`: the indices of the held-out windows, scored and not
+    fitted; empty: every window is fitted). Always the Gram G^ = X^ X^^T, (in, in). A plain group adds the
+    cross-Gram C = X X^^T, (in, in), with X the original inputs; the residual-writing Linear (`full`) adds
+    instead the whole numerator (B - R^) X^^T, (hidden, in), and keeps each window's X^ and r^, (tokens, in)
+    and (tokens, hidden), to give the next block its inputs once the Linear is refined. `gram`, `cross` and
+    `numerator` are the fit part's."""
 
-    def __init__(self, full: bool):
-        self.full = full
-        self.gram: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
-        self.numerator: torch.Tensor | None = None
+    def __init__(self, full: bool, held: frozenset = frozenset()):
+        self.full, self.held_windows = full, held
+        self.fit, self.held = _Sums(False), _Sums(True)
+        self.orig_fit: torch.Tensor | None = None  # the original inputs' X X^T on the fit windows (set by the walk)
         self.kept_x: list[torch.Tensor] = []
         self.kept_r: list[torch.Tensor] = []
 
-    def _add_gram(self, xh: torch.Tensor) -> None:
-        if self.gram is None:
-            dim = xh.shape[-1]
-            self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-            if not self.full:
-                self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=xh.device)
-        self.gram += (xh.T @ xh).double()
+    gram = property(lambda self: self.fit.gram)
+    cross = property(lambda self: self.fit.cross)
+    numerator = property(lambda self: self.fit.numerator)
 
-    def add(self, xh: torch.Tensor, x: torch.Tensor) -> None:
-        """A plain group's window: X^ (tokens, in) in float32 and the original X (tokens, in)."""
-        self._add_gram(xh)
-        self.cross += (x.float().T @ xh).double()
+    def _part(self, i: int) -> _Sums:
+        return self.held if i in self.held_windows else self.fit
 
-    def add_residual(self, x_raw: torch.Tensor, r_h: torch.Tensor, block_out: torch.Tensor) -> None:
-        """The residual-writing Linear's window: its input X^ (tokens, in), the compressed path's residual r^
+    def add(self, i: int, xh: torch.Tensor, x: torch.Tensor) -> None:
+        """A plain group's window i: X^ (tokens, in) in float32 and the original X (tokens, in)."""
+        part = self._part(i)
+        part.add_gram(xh)
+        part.add("cross", (x.float().T @ xh).double())
+
+    def add_residual(self, i: int, x_raw: torch.Tensor, r_h: torch.Tensor, block_out: torch.Tensor) -> None:
+        """The residual-writing Linear's window i: its input X^ (tokens, in), the compressed path's residual r^
         (tokens, hidden) and the original block's output B, whatever its shape."""
-        xh = x_raw.float()
+        part, xh = self._part(i), x_raw.float()
         self.kept_x.append(x_raw)
         self.kept_r.append(r_h)
         # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
         d = (block_out.reshape(-1, r_h.shape[-1]) - r_h).float()
-        part = (d.T @ xh).double()
-        self.numerator = part if self.numerator is None else self.numerator + part
-        self._add_gram(xh)
+        part.add("numerator", (d.T @ xh).double())
+        part.add_gram(xh)
+        if part.held:
+            part.target_sq += float(d.double().pow(2).sum())
+
+    def total(self) -> _Sums:
+        """Both parts summed: what the chosen damping is refitted on."""
+        both = _Sums(False)
+        for name in ("gram", "cross", "numerator"):
+            for part in (self.fit, self.held):
+                if getattr(part, name) is not None:
+                    both.add(name, getattr(part, name))
+        both.windows = self.fit.windows + self.held.windows
+        return both
 
     def check(self, name: str) -> None:
-        _check(self.gram, name)  # a NaN in any window's X or X^ reaches G^ or C: one check per group
-        _check(self.numerator if self.full else self.cross, name)
+        for part in (self.fit, self.held):
+            if part.windows:  # a NaN in any window's X or X^ reaches G^ or C: one check per group and part
+                _check(part.gram, name)
+                _check(part.numerator if self.full else part.cross, name)
+
+    def held_error(self, W: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor) -> float:
+        """||Y - u v X^||^2 on the held-out windows, from their sums alone (Y = W X, or B - R^ for the
+        residual-writing Linear): ||Y||^2 - 2 tr(u v T^T) + tr(u^T u v G^ v^T) with T = W C or the numerator."""
+        h = self.held
+        u, v = u.double(), v.double()
+        dev = h.gram.device
+        u, v = u.to(dev), v.to(dev)
+        if self.full:
+            const, T = h.target_sq, h.numerator
+        else:
+            Wd = W.double().to(dev)
+            const, T = float(((Wd @ h.gram_x) * Wd).sum()), Wd @ h.cross
+        quad = float(((u.T @ u) * (v @ h.gram @ v.T)).sum())
+        return const - 2 * float(((u.T @ T) * v).sum()) + quad
 
     def outputs(self, refined, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """full: the block's outputs r^ + the refined last Linear, per window, shaped as `like`: the block
@@ -221,8 +277,11 @@ class _BlockWalk:
     the compressed path; `advance` gives the next block its compressed-path inputs; `restore` puts every
     replaced forward back, leaving the model as it came."""
 
-    def __init__(self, block: nn.Module, base: str, wanted: set[str], orig: BlockInputs, hat: BlockInputs):
+    def __init__(self, block: nn.Module, base: str, wanted: set[str], orig: BlockInputs, hat: BlockInputs,
+                 held: frozenset | None = None):
         self.block, self.orig, self.hat = block, orig, hat
+        self.held = held  # the held-out windows when refine validates (then the original Grams are summed)
+        self.orig_grams: dict[str, list] = {}  # group -> [X X^T on the fit windows, on the held-out ones]
         self.n_win = len(orig.hidden)
         self.linears = {f"{base}.{n}": m for n, m in block.named_modules()
                         if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
@@ -247,6 +306,12 @@ class _BlockWalk:
                 return
             self.seen[id(x)] = (x, name)
             self.group_of[name] = name
+            if self.held is not None:  # the original inputs' Gram X X^T, fit and held-out parts apart
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                parts = self.orig_grams.setdefault(name, [None, None])
+                part = int(self.current[0] in self.held)
+                g = (flat.T @ flat).double()
+                parts[part] = g if parts[part] is None else parts[part] + g
             if name not in self.unkept:
                 self.taken.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
         return hook
@@ -261,9 +326,11 @@ class _BlockWalk:
         probes = [m.register_forward_hook(lambda mod, a, y: finished.append(mod)) for m in leaves]
         probes += [m.register_forward_pre_hook(self._take(n)) for n, m in self.linears.items()]
         self.unkept.update(self.linears)
+        held, self.held = self.held, None  # the probe sums nothing
         try:
             self.block(self.orig.hidden[0], **self.orig.kwargs[0])
         finally:
+            self.held = held
             for h in probes:
                 h.remove()
         last = next((n for n, m in self.linears.items() if finished and m is finished[-1]), None)
@@ -285,6 +352,7 @@ class _BlockWalk:
         try:
             for i in range(self.n_win):
                 self.seen.clear()
+                self.current[0] = i
                 self.orig.hidden[i] = _block_out(self.block(self.orig.hidden[i], **self.orig.kwargs[i]))
         finally:
             for h in handles:
@@ -298,11 +366,13 @@ class _BlockWalk:
             self.kept.setdefault(module, [None] * self.n_win)[self.current[0]] = y
         return hook
 
-    def compressed_inputs(self, leader: str, full: bool) -> _GroupStats:
+    def compressed_inputs(self, leader: str, full: bool, held: frozenset = frozenset()) -> _GroupStats:
         """2. This group's compressed-path inputs X^, the groups before it already refined, gathered window by
         window. A plain group's forward stops at its leader (a pre-hook raises _Stop); the residual-writing
         Linear (`full`) keeps X^ and adds nothing, so the block returns r^ itself."""
-        stats, got = _GroupStats(full), []
+        stats, got = _GroupStats(full, held), []
+        if held:
+            stats.orig_fit, stats.held.gram_x = self.orig_grams[leader]
         linear = self.linears[leader]
 
         def stop(module, args):
@@ -328,9 +398,9 @@ class _BlockWalk:
                 except _Stop as e:
                     xh = e.args[0].float()
                 if xh is not None:  # outside the except: the stopped block's frames are let go first
-                    stats.add(xh, self.taken[leader][i])
+                    stats.add(i, xh, self.taken[leader][i])
                 elif full:
-                    stats.add_residual(got.pop(), out_h.reshape(-1, out_h.shape[-1]), self.orig.hidden[i])
+                    stats.add_residual(i, got.pop(), out_h.reshape(-1, out_h.shape[-1]), self.orig.hidden[i])
                 else:
                     raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
                                       "structure is not supported by refine")
@@ -381,69 +451,304 @@ class _BlockWalk:
             undo()
 
 
-def _closed_form(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec: FactorSpec,
-                 compute: torch.dtype, damp: float, abs_means: dict | None, fisher_rows: dict | None):
-    """3. The group's factors from its statistics: the least-squares targets W* (step 1 of the module docstring;
-    for the residual-writing Linear the whole numerator (B - R^) X^^T), then the method's whitened truncation
-    against G^ (steps 2 and 3, through factor_model). Returns (factors, eigenvalues of G^ floored)."""
-    targets = {}
-    solve, floored = solver(stats.gram, compute, damp)  # one factorisation of G^ for the whole group
+class _Truncation:
+    """Steps 2 and 3 for one input group: the method's whitened rank-k truncation of a target against a Gram (the
+    fit part's G^, both parts', or the original inputs' for the unrefined baseline). The scaling (the whitening's eigendecomposition) is computed once per group (per matrix for a
+    per-matrix scaling) and serves every candidate damping."""
+
+    def __init__(self, gram: torch.Tensor, leader: str, members: list[str], spec: FactorSpec,
+                 compute: torch.dtype, abs_means: dict | None, fisher_rows: dict | None):
+        self.spec, self.leader, self.compute = spec, leader, compute
+        self.data = ScaleData({n: leader for n in members}, {leader: gram}, abs_means, fisher_rows)
+        self.cache: dict[str, tuple] = {}
+
+    def __call__(self, name: str, target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.spec.scaling
+        ident = name if scale.per_matrix else self.leader
+        if ident not in self.cache:
+            self.cache[ident] = scale.scale(self.spec, name, self.leader, self.data, self.compute) or (None, None, 0)
+        S, S_inv, n = self.cache[ident]
+        return factor_matrix(target, S, S_inv, n, DTYPES[self.spec.storage], self.compute).low_rank(rank)
+
+
+def _targets(stats: _Sums, full: bool, members: dict[str, nn.Linear], compute: torch.dtype, tau: float,
+             priors: dict | None):
+    """Step 1 at damping tau, per member: W*_tau = (T + delta W0) (G^ + delta I)^{-1}, T = W C (or the residual-
+    writing Linear's whole numerator (B - R^) X^^T), delta = tau x the mean eigenvalue of the fit part's G^,
+    and W0 the prior: the unrefined rank-k matrix (ridge towards it: tau -> infinity gives back the unrefined
+    factors) or, without priors, zero (the damped least squares). Yields (name, W*_tau); one factorisation of
+    G^ serves the whole group. Returns the eigenvalues floored through `floored`."""
+    solve, floored = solver(stats.gram, compute, tau)
+    delta = tau * float(stats.gram.diagonal().sum()) / stats.gram.shape[0]
     for n, linear in members.items():
-        if stats.full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
-            targets[n] = solve(stats.numerator)
-            continue
+        if full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
+            T = stats.numerator.to(compute)
+        else:
+            with weights_of(linear):
+                W = linear.weight.detach()
+                T = W.to(compute) @ stats.cross.to(compute, copy=False).to(W.device)
+        if priors is not None and delta > 0:
+            u0, v0 = priors[n]
+            T = T + delta * (u0.to(T.device, compute) @ v0.to(T.device, compute))
+        yield n, solve(T), floored
+
+
+def _choose(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec: FactorSpec, ranks: dict,
+            compute: torch.dtype, taus: tuple, priors: dict | None, abs_means: dict | None,
+            fisher_rows: dict | None) -> tuple[dict, int]:
+    """3. The group's factors. Without held-out windows: the least-squares targets at the one damping taus[0]
+    (step 1) and their whitened truncation (steps 2 and 3). With them, each member is chosen on the held-out
+    windows, with every contender fitted on the fit windows alone: the refined factors at each damping in `taus`
+    against the unrefined ones (W truncated against the original inputs' Gram of the fit windows). The winner
+    is refitted on every window (the refined ones at their damping; the unrefined ones are `priors`, as the
+    factor pass made them). Returns ({name: pick}, eigenvalues floored), a pick being {"final": (u, v),
+    "fit": (u, v) of the winner fitted on the fit windows, "base": the fit windows' unrefined (u, v),
+    "tau": the damping or None (unrefined), "gain": 1 - its held-out error / the unrefined one's}."""
+    names = list(members)
+    if not (stats.held.windows and priors is not None):
+        floored, out = 0, {}
+        truncate = _Truncation(stats.gram, leader, names, spec, compute, abs_means, fisher_rows)
+        for n, target, floored in _targets(stats.fit, stats.full, members, compute, taus[0], priors):
+            out[n] = {"final": truncate(n, target, ranks[n]), "tau": taus[0], "gain": None}
+        return out, floored
+    weights = {}
+    for n, linear in members.items():
         with weights_of(linear):
-            targets[n], _ = least_squares_target(linear.weight.detach(), stats.cross, stats.gram, compute, damp,
-                                                 solve=solve)
-    factors = factor_model(targets, spec, {n: leader for n in members}, {leader: stats.gram}, abs_means,
-                           fisher_rows)
-    return factors, floored
+            weights[n] = linear.weight.detach().clone()
+    original = _Truncation(stats.orig_fit, leader, names, spec, compute, abs_means, fisher_rows)
+    best = {}
+    for n in names:
+        base = original(n, weights[n], ranks[n])
+        err = stats.held_error(None if stats.full else weights[n], *base)
+        best[n] = {"fit": base, "base": base, "tau": None, "err": err, "base_err": err}
+    truncate = _Truncation(stats.gram, leader, names, spec, compute, abs_means, fisher_rows)
+    fit_priors = {n: b["base"] for n, b in best.items()}  # the prior fitted on the same windows (no leak)
+    for tau in taus:
+        for n, target, _ in _targets(stats.fit, stats.full, members, compute, tau, fit_priors):
+            uv = truncate(n, target, ranks[n])
+            err = stats.held_error(None if stats.full else weights[n], *uv)
+            if err < best[n]["err"]:
+                best[n].update(fit=uv, tau=tau, err=err)
+    return _refit(stats, leader, members, spec, ranks, compute, priors, abs_means, fisher_rows, best)
+
+
+def _refit(stats: _GroupStats, leader: str, members: dict, spec: FactorSpec, ranks: dict, compute: torch.dtype,
+           priors: dict, abs_means: dict | None, fisher_rows: dict | None, best: dict) -> tuple[dict, int]:
+    """The chosen contenders refitted on every window: a refined member at its damping against both parts' G^,
+    an unrefined one as its factors (`priors`)."""
+    total, floored = stats.total(), 0
+    truncate = _Truncation(total.gram, leader, list(members), spec, compute, abs_means, fisher_rows)
+    for tau in {b["tau"] for b in best.values() if b["tau"] is not None}:
+        chosen = {n: members[n] for n, b in best.items() if b["tau"] == tau}
+        for n, target, floored in _targets(total, stats.full, chosen, compute, tau, priors):
+            best[n]["final"] = truncate(n, target, ranks[n])
+    out = {}
+    for n, b in best.items():
+        gain = 1 - b["err"] / b["base_err"] if b["base_err"] > 0 else 0.0
+        out[n] = {"final": b.get("final", priors[n]), "fit": b["fit"], "base": b["base"], "tau": b["tau"],
+                  "gain": gain}
+    return out, floored
+
+
+def _held_error(reference: list, outputs: list, held) -> float:
+    return sum(float((reference[i].double() - outputs[i].double()).pow(2).sum()) for i in held)
+
+
+def held_windows(n: int, every: int = None) -> frozenset:
+    """The held-out windows of n: every HOLDOUT-th (the last of each run of HOLDOUT), at least one and never
+    all; refine validates on them and fits on the rest."""
+    every = every or HOLDOUT
+    if n < 2:
+        raise DipSVDError(f"refine fits on part of the calibration windows and checks the result on the rest, so "
+                          f"it needs at least 2 windows (given {n}); raise --calib-windows")
+    return frozenset(i for i in range(n) if i % every == every - 1) or frozenset({n - 1})
 
 
 @torch.no_grad()
 def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: FactorSpec, ranks: dict[str, int | None],
            abs_means: dict | None = None, fisher_rows: dict | None = None, progress=None,
-           damp: float = DAMP, residual: bool = RESIDUAL) -> tuple[dict, dict]:
+           damp: float = DAMP, residual: bool = RESIDUAL, fallback: dict | None = None,
+           taus: tuple = TAUS, tune: bool = False) -> tuple[dict, dict]:
     """Refined (u, v) of every matrix that `ranks` factors, from one streaming pass over `windows`.
-    Returns (weights, info) with info: seconds and the number of eigenvalues of G^ floored.
+    Returns (weights, info) with info: seconds, the number of eigenvalues of G^ floored, and with `fallback`
+    the held-out windows and, per block, what was refined and its held-out gain (`blocks`).
 
     Within a block the input groups are refined in the order the block calls them (q/k/v, o, gate/up,
     down for Llama): the compressed-path inputs of a group are taken with the groups before it already
     refined, since those are the inputs it will see in the compressed model. Each group's inputs are
-    taken by a forward that stops at that group."""
+    taken by a forward that stops at that group.
+
+    `fallback`: the unrefined (u, v) of every factored matrix. With it, refine never makes a block worse on
+    text it did not fit: it fits on the calibration windows but the held-out ones (held_windows), chooses each
+    matrix's damping among `taus` (ridge towards its unrefined factors) or the unrefined factors themselves by
+    the held-out output error, and keeps a block unrefined where its refined output is not closer to the
+    original block's on the held-out windows. With `tune` as well, each block also tries the block-level
+    refinement (_Contest.tune) and keeps it where it wins there. Without `fallback`, every window is fitted at the
+    one damping `damp` towards zero (the plain closed form)."""
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
     wanted = set(names)
     compute = torch.float64 if spec.compute == "float64" else torch.float32
+    held = held_windows(len(windows)) if fallback is not None else frozenset()
+    taus = tuple(taus) if fallback is not None else (damp,)
     orig = capture_inputs(model, blocks, windows)
     hat = BlockInputs(list(orig.hidden), orig.kwargs)  # identical until block 0 is compressed
-    out, floored = {}, 0
+    out, floored, report = {}, 0, []
     n_blocks = len(blocks)
     for b, block in enumerate(blocks):
-        walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat)
+        walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, held or None)
         last = walk.residual_writer(ranks) if residual else None
         leaders = walk.run_original(last)
+        chosen: dict[str, tuple] = {}
         try:
             for j, leader in enumerate(leaders):
                 members = [n for n in walk.linears if walk.group_of.get(n) == leader and ranks.get(n) is not None]
                 if members:
-                    stats = walk.compressed_inputs(leader, leader == last)
-                    factors, k = _closed_form(stats, leader, {n: walk.linears[n] for n in members}, spec, compute,
-                                              damp, abs_means, fisher_rows)
+                    stats = walk.compressed_inputs(leader, leader == last, held)
+                    picks, k = _choose(stats, leader, {n: walk.linears[n] for n in members}, spec, ranks, compute,
+                                       taus, fallback, abs_means, fisher_rows)
                     floored += k
                     for n in members:
-                        out[n], refined = walk.install(n, *factors[n].low_rank(ranks[n]))
+                        out[n], refined = walk.install(n, *picks[n]["final"])
+                        chosen[n] = picks[n]
                     if stats.full:  # the group's one member: the block's outputs without running it again
                         walk.next_hidden = stats.outputs(refined, hat.hidden)
-                    del factors, stats
+                    del picks, stats
                 walk.taken.pop(leader, None)
                 if progress:
                     progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
                              f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
+            inputs = list(hat.hidden)
             walk.advance()
+            if held and chosen:
+                report.append(_keep_or_revert(walk, b, chosen, inputs, held, fallback, out, tune))
         finally:
             walk.restore()  # also when a group fails: the model is left as it came
         release_host_memory()
     if progress:
         progress(1.0, f"block {n_blocks}/{n_blocks}: refined")
-    return out, {"seconds": time.perf_counter() - t0, "floored": floored}
+    info = {"seconds": time.perf_counter() - t0, "floored": floored}
+    if held:
+        info.update(held_windows=sorted(held), fit_windows=len(windows) - len(held), taus=list(taus), blocks=report)
+    return out, info
+
+
+class _Contest:
+    """The block-level check, on the held-out windows and from the same compressed-path inputs (`inputs`): each
+    contender is the block with every factored matrix as one of the picks (`chosen`, from _choose), against the
+    original block's output. The contenders are fitted on the fit windows alone; the winner is what the block
+    ships, fitted on every window."""
+
+    def __init__(self, walk: _BlockWalk, chosen: dict, inputs: list, held):
+        self.walk, self.chosen, self.inputs, self.held = walk, chosen, inputs, held
+        self.fit = [i for i in range(walk.n_win) if i not in held]
+
+    def _put(self, weights: dict) -> None:
+        self.walk.restore()
+        self.walk.swaps, self.walk.replayed = [], set()
+        for n, (u, v) in weights.items():
+            self.walk.install(n, u, v)
+
+    def run(self, weights: dict, windows) -> dict:
+        self._put(weights)
+        return {i: _block_out(self.walk.block(self.inputs[i], **self.walk.hat.kwargs[i])) for i in windows}
+
+    def error(self, weights: dict) -> float:
+        return _held_error(self.walk.orig.hidden, self.run(weights, self.held), self.held)
+
+    def picks(self, which: str) -> dict:
+        return {n: p[which] for n, p in self.chosen.items()}
+
+    def tune(self, start: dict, windows: list, steps: int = TUNE_EPOCHS, lr: float = TUNE_LR) -> dict:
+        """Block-level refinement (the second stage of AA-SVD, arXiv 2604.02119): Adam on the block's low-rank
+        factors (u, v) only, from `start`, for `steps` epochs over `windows`; the loss is the mean squared distance
+        between the original block's output and the block's output on the compressed-path inputs. Returns the
+        tuned (u, v), in float32."""
+        walk, block = self.walk, self.walk.block
+        walk.restore()
+        walk.swaps, walk.replayed = [], set()
+        params = {}
+        for n, (u, v) in start.items():
+            with weights_of(walk.linears[n]):
+                dev = walk.linears[n].weight.device
+                bias = None if walk.linears[n].bias is None else walk.linears[n].bias.detach().float()
+            params[n] = (nn.Parameter(u.detach().to(dev, torch.float32).clone()),
+                         nn.Parameter(v.detach().to(dev, torch.float32).clone()))
+            walk.swaps.append(_replace_forward(walk.linears[n], _low_rank(*params[n], bias)))
+        frozen = [p for p in block.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        opt = torch.optim.Adam([t for uv in params.values() for t in uv], lr=lr)
+        try:
+            with torch.enable_grad():
+                for _ in range(steps):
+                    for i in windows:
+                        out = _block_out(block(self.inputs[i], **walk.hat.kwargs[i])).float()
+                        loss = (out - walk.orig.hidden[i].float()).pow(2).mean()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return {n: (u.detach(), v.detach()) for n, (u, v) in params.items()}
+
+
+def _keep_or_revert(walk: _BlockWalk, b: int, chosen: dict, inputs: list, held, fallback: dict, out: dict,
+                    tune: bool = False) -> dict:
+    """The block-level check (_Contest): the refined block against the unrefined one (and, with `tune`, the
+    refined one tuned by _Contest.tune), all fitted on the fit windows and scored on the held-out ones. Where the
+    refined block (or the tuned one) is not closer to the original than the unrefined one, every matrix of the
+    block goes back to its unrefined factors (`fallback`); the winner, fitted on every window, gives the next
+    block its inputs (walk.hat, which holds the refined block's outputs). Returns the block's line of the report."""
+    contest = _Contest(walk, chosen, inputs, held)
+    errors = {"refined": contest.error(contest.picks("fit")), "unrefined": contest.error(contest.picks("base"))}
+    if tune:
+        errors["tuned"] = contest.error(contest.tune(contest.picks("fit"), contest.fit))
+    winner = min(errors, key=lambda k: (errors[k], k != "unrefined"))  # a tie keeps the block unrefined
+    if winner != "refined":
+        final = fallback if winner == "unrefined" else contest.tune(contest.picks("final"), list(range(walk.n_win)))
+        final = {n: final[n] for n in chosen}
+        outputs = contest.run(final, range(walk.n_win))
+        for n, (u, v) in final.items():
+            with weights_of(walk.linears[n]):
+                dt = walk.linears[n].weight.dtype
+            out[n] = (u.to("cpu", dt), v.to("cpu", dt))
+        for i in range(walk.n_win):
+            walk.hat.hidden[i] = outputs[i]
+    matrices = {n: {"tau": p["tau"], "gain": p["gain"]} for n, p in chosen.items()}
+    best = min(errors["refined"], errors.get("tuned", float("inf")))
+    return {"block": b, "refined": winner != "unrefined", "choice": winner,
+            "gain": 1 - best / errors["unrefined"] if errors["unrefined"] > 0 else 0.0,
+            "errors": errors, "matrices": matrices}
+
+
+def summary(info: dict) -> str:
+    """The refine report in one line: how many blocks were refined, their held-out gain, which kept unrefined."""
+    blocks = info.get("blocks")
+    if not blocks:
+        return f"refined every factored matrix ({info['seconds']:.1f} s)"
+    kept = [r for r in blocks if r["refined"]]
+    gains = sorted(r["gain"] for r in kept)
+    median = gains[len(gains) // 2] if gains else 0.0
+    back = [str(r["block"]) for r in blocks if not r["refined"]]
+    tuned = sum(r.get("choice") == "tuned" for r in blocks)
+    return (f"refined {len(kept)} of {len(blocks)} blocks" + (f", {tuned} of them tuned" if tuned else "")
+            + f" (held-out block-output error {-100 * median:+.0f}% "
+            f"median, {len(info['held_windows'])} of {len(info['held_windows']) + info['fit_windows']} windows "
+            f"held out)" + (f"; kept unrefined: blocks {', '.join(back)}" if back else "")
+            + f" ({info['seconds']:.1f} s)")
+
+
+def refine_table(info: dict) -> list[dict]:
+    """The per-block report as rows for a table: block, refined or kept unrefined, its held-out gain, and per
+    matrix type its damping (or "unrefined") and gain."""
+    rows = []
+    for b in info.get("blocks", []):
+        row = {"block": b["block"], "refined": "yes" if b["refined"] else "kept unrefined",
+               "block gain": f"{100 * b['gain']:+.1f}%"}
+        for name, m in b["matrices"].items():
+            short = name.rsplit(".", 1)[-1]
+            row[short] = "unrefined" if m["tau"] is None else f"{100 * m['gain']:+.0f}% (damping {m['tau']:g})"
+        rows.append(row)
+    return rows

@@ -40,6 +40,8 @@ def sweep_row(report: dict) -> dict:
     row.update(handler(report["method"]).row_fields(report))
     if "refine" in report:
         row["refine_s"] = report["refine"]["seconds"]
+        if "blocks" in report["refine"]:  # how many blocks the held-out check kept refined
+            row["refined_blocks"] = sum(b["refined"] for b in report["refine"]["blocks"])
     if report.get("bo_history"):
         row.update(bo_history=report["bo_history"], bo_calls=len(report["bo_history"]))
     return row

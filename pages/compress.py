@@ -11,6 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
+from dipsvd_core.refine import refine_table, summary
 from dipsvd_core.strategies import strategy
 from dipsvd_core.sweep import REFINED, run_sweep
 from studio import ui
@@ -36,13 +37,22 @@ def build(job):
 
 
 refinable = handler(cur.method).refinable
-refine = st.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
-                     value=refines(cur.refine),
-                     help="One more block-by-block pass: each block's factored matrices are refitted, in closed form, "
-                          "to give the original outputs on the inputs that the already-compressed blocks before it "
-                          "produce. Same ranks, same size; a build step, not a slider step.")
-if refinable and refines(cur.refine) != refine:
-    s.settings = cur = replace(cur, refine="sequential" if refine else "none")
+c_refine, c_tune = st.columns(2)
+refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
+                           value=refines(cur.refine),
+                           help="One more block-by-block pass: each block's factored matrices are refitted, in closed "
+                                "form, to give the original outputs on the inputs that the already-compressed blocks "
+                                "before it produce. The refit is checked on held-out calibration windows, and a block "
+                                "keeps its unrefined factors where it does not help there. Same ranks, same size; a "
+                                "build step, not a slider step.")
+tune = c_tune.checkbox("Also tune each block (a few Adam steps)", key="k_c_tune", value=cur.refine == "block",
+                       disabled=busy or not refinable or not refine,
+                       help="Block-level refinement (AA-SVD's second stage): after the refit, two epochs of Adam on "
+                            "each block's low-rank factors towards the original block's outputs, kept only where it "
+                            "lowers the held-out error. About 5x the time of the refine pass on a CPU.")
+wanted = ("block" if tune else "sequential") if refine else "none"
+if refinable and cur.refine != wanted:
+    s.settings = cur = replace(cur, refine=wanted)
 if strategy(cur.allocation).unrefined_note and not refines(cur.refine):
     st.info(strategy(cur.allocation).unrefined_note, icon=":material/info:")
 if s.result is not None and not s.result_is_current:
@@ -75,8 +85,17 @@ if s.result is not None and s.params is not None:
     refined = s.result.info.get("refine")
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
                f"{describe_ratio(s.result.settings.ratio)}"
-               + (f", refined by sequential compensation ({refined['seconds']:.1f} s)" if refined else "")
+               + (f", {summary(refined)}" if refined else "")
                + f"; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
+    if refined and refined.get("blocks"):
+        with st.expander("Refine, block by block"):
+            n_held = len(refined["held_windows"])
+            st.caption(f"Each block's factored matrices were refitted on the calibration windows but {n_held} of "
+                       f"{n_held + refined['fit_windows']} held out (every fourth), and kept only where that brought "
+                       "the block's output closer to the original's on the held-out windows; elsewhere the block keeps its "
+                       "unrefined factors. Gain: how much lower the held-out error of the block (or the matrix) "
+                       "is than unrefined. Damping: the ridge towards the unrefined factors chosen for the matrix.")
+            st.dataframe(refine_table(refined), hide_index=True)
 
 st.subheader("Perplexity")
 c1, c2, c3 = st.columns([2, 2, 1])

@@ -73,5 +73,8 @@ if g:
             with col.container(border=True):
                 st.markdown(f"**{label}**")
                 st.write(row["text"].strip() or "*(no text: the model produced only whitespace or special tokens)*")
-                st.caption(f"{row['new_tokens']} tokens · {row['tokens_per_s']:.1f} tok/s")
+                st.caption(f"{row['new_tokens']} tokens · {row['tokens_per_s']:.1f} tok/s · "
+                           f"distinct 3-grams {row['distinct_3']:.2f} · longest repeat {row['longest_repeat']} words",
+                           help="How much the text repeats itself, over its words: the share of its 3-word sequences "
+                                "that are distinct (1.00: none repeats), and the longest span that occurs twice.")
     st.caption("Greedy decoding" + (", chat template on." if g["chat"] else ", plain prompts."))

@@ -402,6 +402,11 @@ def test_side_by_side_generations():
     gens = at.session_state["studio"].generations["columns"]
     assert all(len(rows) == 2 and rows[0]["new_tokens"] <= 8 for rows in gens.values())
     assert sum("tok/s" in c.value for c in at.caption) == 6
+    from dipsvd_core.evaluate import repetition
+
+    row = gens["Original"][0]
+    shown = f"distinct 3-grams {repetition(row['text'])['distinct_3']:.2f} · longest repeat"
+    assert sum(shown in c.value for c in at.caption) >= 1
 
 
 # --- Export -------------------------------------------------------------------------------------
@@ -488,6 +493,17 @@ def test_refine_on_the_compress_page_and_refined_sweep_rows():
     assert not errors(at)
     assert studio.result.settings.refine == "sequential" and studio.result.info["refine"]["seconds"] > 0
     assert studio.result_is_current
+    # the held-out check's report, a line per block, under the build's caption
+    assert any(e.label == "Refine, block by block" for e in at.expander)
+    shown = next(d for d in at.dataframe if "block gain" in d.value.columns)
+    assert list(shown.value["block"]) == list(range(len(studio.result.info["refine"]["blocks"])))
+    assert any("of 2 blocks" in c.value and "windows held out" in c.value for c in at.caption)
+    at.checkbox(key="k_c_tune").check()
+    settle(at)
+    assert studio.settings.refine == "block"
+    at.checkbox(key="k_c_tune").uncheck()
+    settle(at)
+    assert studio.settings.refine == "sequential"
     at.multiselect(key="k_sw_methods").set_value(["svd-llm"])
     at.multiselect(key="k_sw_ratios").set_value([0.1, 0.3])
     at.checkbox(key="k_sw_refine").check()

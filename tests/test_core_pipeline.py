@@ -220,8 +220,22 @@ def test_perplexity_matches_the_models_own_loss(tiny_lm, bench):
 def test_generation_and_speed(tiny_lm):
     out = generate(tiny_lm.model, tiny_lm.tokenizer, ["Hello there"], max_new_tokens=5)
     assert out[0]["new_tokens"] == 5 and out[0]["tokens_per_s"] > 0
+    assert 0 < out[0]["distinct_3"] <= 1 and out[0]["longest_repeat"] >= 0
     sp = speed(tiny_lm.model, seqlen=32, new_tokens=4, repeats=1)
     assert sp["prefill_tok_s"] > 0 and sp["decode_tok_s"] > 0
+
+
+def test_repetition_counts_distinct_trigrams_and_the_longest_repeated_span():
+    from dipsvd_core.evaluate import repetition
+
+    looped = repetition("The universe is the universe's universe. The universe is the universe's universe's universe.")
+    # 21 words (a quote mark and a full stop are words each), 19 trigrams of which 10 are distinct; "the universe
+    # is the universe ' s universe", 8 words, occurs twice
+    assert looped == {"distinct_3": pytest.approx(10 / 19), "longest_repeat": 8}
+    assert repetition("One two three four.") == {"distinct_3": 1.0, "longest_repeat": 0}
+    assert repetition("a a a a") == {"distinct_3": 0.5, "longest_repeat": 3}  # overlapping repeats count
+    assert repetition("Yes") == {"distinct_3": 1.0, "longest_repeat": 0}
+    assert repetition("X y z, x Y Z!") == {"distinct_3": 5 / 6, "longest_repeat": 3}  # case is ignored
 
 
 def test_text_sources(tiny_lm, tmp_path, monkeypatch):

@@ -139,6 +139,9 @@ def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads(rep.read_text())
     assert r["settings"]["refine"] == "sequential" and r["refine"]["seconds"] > 0 and "refine" in r["timings_s"]
+    assert [b["block"] for b in r["refine"]["blocks"]] == [0, 1] and r["refine"]["held_windows"] == [3]
+    kept = sum(b["refined"] for b in r["refine"]["blocks"])
+    assert f"refine: refined {kept} of 2 blocks" in proc.stdout and "1 of 4 windows held out" in proc.stdout
     out = tmp_path / "s.json"
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "sweep", "--model", tiny_model_dir, "--grid",
                            "svd-llm:uniform,svd-llm:uniform+refine", "--ratios", "0.3", "--calib-windows", "4",
@@ -149,7 +152,9 @@ def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
     assert [(r["allocation"], r["refine"], r["label"]) for r in rows] == [
         ("uniform", "none", "SVD-LLM"), ("uniform+refine", "sequential", "SVD-LLM + refine")]
     assert rows[0]["ratio_realized"] == rows[1]["ratio_realized"]  # same allocation, refitted matrices
-    assert rows[0]["ppl"]["wiki"] != rows[1]["ppl"]["wiki"]
+    # the refined row is its twin exactly where the held-out check kept every block unrefined
+    assert 0 <= rows[1]["refined_blocks"] <= 2
+    assert (rows[0]["ppl"]["wiki"] == rows[1]["ppl"]["wiki"]) == (rows[1]["refined_blocks"] == 0)
     assert "svd-llm | uniform+refine" in (tmp_path / "s.md").read_text()
 
 
@@ -265,25 +270,105 @@ def test_last_linear_fits_the_original_block_output(tiny_lm):
     assert float(torch.linalg.norm(u @ v - ours) / torch.linalg.norm(ours)) < 1e-4
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "heuristic"])
-def test_a_refined_build_runs_no_factor_pass_when_the_ranks_do_not_need_one(tiny_lm, tmp_path, monkeypatch, allocation):
-    """Refine refits every factored matrix from its own pass, so a refined uniform or heuristic build skips the
-    factors (and uniform the statistics pass too), and gives the same model as refining with factors at hand."""
+def test_a_refined_build_reads_the_factors_and_a_block_kept_unrefined_is_exactly_them(tiny_lm, tmp_path, monkeypatch):
+    """Refine starts from the unrefined factors: a refined build runs the factor pass, and every block the held-out
+    check keeps unrefined carries the factor pass's rank-k slices bit for bit; the report has a line per block."""
+    from dipsvd_core import passes as P
+    from dipsvd_core.methods import needs
+    from dipsvd_core.surgery import low_rank_weights
+
     monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
-    s = Settings(method="dipsvd", allocation=allocation, ratio=0.3, refine="sequential")
-    fresh = Workbench(tiny_lm, "wiki", 4, 64)
-    result = fresh.build(s)
-    assert not fresh.has_factors(s.spec) and "factors" not in fresh.timings_s
-    assert ("statistics" in fresh.timings_s) == (allocation == "heuristic")  # Q needs the block spectra
-    assert not (tmp_path / "factors").exists() or not any((tmp_path / "factors").iterdir())  # nothing written
-    other = Workbench(tiny_lm, "wiki", 4, 64)
-    other.factors(s.spec)
-    a = other.allocate(s)
-    assert a.ranks == result.allocation.ranks
-    weights, _ = other.refine(s, a)
+    s = Settings(method="dipsvd", allocation="uniform", ratio=0.3, refine="sequential")
+    assert {P.FACTORS, P.GRAMS, P.REFINE} <= needs(s)
+    bench = Workbench(tiny_lm, "wiki", 8, 64)
+    result = bench.build(s)
+    assert bench.has_factors(s.spec) and "factors" in bench.timings_s
+    info = result.info["refine"]
+    assert info["held_windows"] == [3, 7] and info["fit_windows"] == 6
+    assert [r["block"] for r in info["blocks"]] == list(range(tiny_lm.n_blocks))
+    plain = low_rank_weights(bench.factors(s.spec), result.allocation.ranks)
     mods = dict(result.model.named_modules())
-    for name, (u, v) in weights.items():
-        assert torch.equal(mods[name].u.weight, u) and torch.equal(mods[name].v.weight, v), name
+    for line in info["blocks"]:
+        assert set(line["matrices"]) == {t.name for t in tiny_lm.targets if t.block == line["block"]}
+        if not line["refined"]:
+            for name in line["matrices"]:
+                u, v = plain[name]
+                assert torch.equal(mods[name].u.weight, u) and torch.equal(mods[name].v.weight, v), name
+
+
+def test_held_windows_are_every_fourth_and_refine_needs_two():
+    from dipsvd_core.errors import DipSVDError
+    from dipsvd_core.refine import held_windows
+
+    assert held_windows(16) == {3, 7, 11, 15} and held_windows(4) == {3} and held_windows(2) == {1}
+    assert held_windows(3) == {2} and held_windows(9) == {3, 7}
+    with pytest.raises(DipSVDError, match="at least 2 windows"):
+        held_windows(1)
+
+
+def _stats(W, xs, xhs, held, full=False, bs=None, rs=None):
+    from dipsvd_core.refine import _GroupStats
+
+    stats = _GroupStats(full, frozenset(held))
+    for i, (x, xh) in enumerate(zip(xs, xhs)):
+        if full:
+            stats.add_residual(i, xh, rs[i], bs[i])
+        else:
+            stats.add(i, xh, x)
+    gx = [sum((xs[i].double().T @ xs[i].double()) for i in range(len(xs)) if (i in held) == part) for part in (0, 1)]
+    stats.orig_fit, stats.held.gram_x = gx
+    return stats
+
+
+def test_held_out_error_from_the_sums_is_the_direct_one():
+    """||Y - u v X^||^2 over the held-out windows from their Grams alone equals the direct sum, for a plain group
+    (Y = W X) and for the residual-writing Linear (Y = B - R^)."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(20, 6, generator=g) for _ in range(4)]
+    xhs = [x + 0.2 * torch.randn(x.shape, generator=g) for x in xs]
+    W = torch.randn(5, 6, generator=g)
+    u, v = torch.randn(5, 2, generator=g), torch.randn(2, 6, generator=g)
+    held = {1, 3}
+    direct = sum(float(((xs[i] @ W.T).double() - (xhs[i] @ v.T @ u.T).double()).pow(2).sum()) for i in held)
+    stats = _stats(W, xs, xhs, held)
+    assert stats.fit.windows == 2 and stats.held.windows == 2
+    assert stats.held_error(W, u, v) == pytest.approx(direct, rel=1e-5)
+    bs = [torch.randn(20, 5, generator=g) for _ in xs]
+    rs = [torch.randn(20, 5, generator=g) for _ in xs]
+    full = _stats(W, xs, xhs, held, full=True, bs=bs, rs=rs)
+    direct = sum(float((bs[i].double() - rs[i].double() - (xhs[i] @ v.T @ u.T).double()).pow(2).sum()) for i in held)
+    assert full.held_error(None, u, v) == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["systematic", "unseen"])
+def test_each_matrix_keeps_the_refit_only_where_it_wins_on_held_out_windows(case):
+    """_choose on one input group: with a systematic drift of the inputs (X^ = A X on every window) the refined
+    factors win on the held-out windows by a wide margin and are kept (refitted on every window); where only the
+    fit windows drift and the held-out ones do not, what the refit learns is wrong there, and the unrefined factors
+    are kept bit for bit."""
+    from dipsvd_core.factors import factor_model
+    from dipsvd_core.refine import TAUS, _choose
+
+    g = torch.Generator().manual_seed(6)
+    inn, out, k = 12, 10, 4
+    scales = torch.linspace(0.3, 3, inn)
+    xs = [torch.randn(200, inn, generator=g) * scales for _ in range(8)]
+    A = torch.eye(inn) + 0.3 * torch.randn(inn, inn, generator=g)
+    held = {3, 7}
+    xhs = [x if case == "unseen" and i in held else x @ A.T for i, x in enumerate(xs)]
+    linear = torch.nn.Linear(inn, out, bias=False)
+    stats = _stats(linear.weight.detach(), xs, xhs, held)
+    spec = Settings(method="svd-llm").spec
+    every = sum(x.double().T @ x.double() for x in xs)
+    prior = factor_model({"a": linear.weight.detach()}, spec, {"a": "a"}, {"a": every})["a"].low_rank(k)
+    picks, _ = _choose(stats, "a", {"a": linear}, spec, {"a": k}, torch.float64, TAUS, {"a": prior}, None, None)
+    pick = picks["a"]
+    if case == "systematic":
+        assert pick["tau"] in TAUS and pick["gain"] > 0.5
+        assert not torch.equal(pick["final"][0], prior[0])
+    else:
+        assert pick["tau"] is None and pick["gain"] == 0.0
+        assert pick["final"] is prior
 
 
 def test_group_stats_accumulate_the_grams_window_by_window():
@@ -297,16 +382,16 @@ def test_group_stats_accumulate_the_grams_window_by_window():
     # the products run in float32, as in refine, and are summed in float64
     X, Xh = (torch.cat([t.reshape(-1, 6) for t in ts]).double() for ts in (xs, xhs))
     plain = _GroupStats(full=False)
-    for x, xh in zip(xs, xhs):
-        plain.add(xh.reshape(-1, 6), x.reshape(-1, 6))
+    for i, (x, xh) in enumerate(zip(xs, xhs)):
+        plain.add(i, xh.reshape(-1, 6), x.reshape(-1, 6))
     torch.testing.assert_close(plain.gram, Xh.T @ Xh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.cross, X.T @ Xh, rtol=1e-5, atol=1e-5)
     assert plain.numerator is None and not plain.kept_x
     bs = [torch.randn(1, 10, 5, generator=g) for _ in xs]  # the original block's outputs B, hidden 5
     rs = [torch.randn(10, 5, generator=g) for _ in xs]  # the compressed path's residual r^, (tokens, hidden)
     full = _GroupStats(full=True)
-    for xh, r, b in zip(xhs, rs, bs):
-        full.add_residual(xh.reshape(-1, 6), r, b)
+    for i, (xh, r, b) in enumerate(zip(xhs, rs, bs)):
+        full.add_residual(i, xh.reshape(-1, 6), r, b)
     B, Rh = torch.cat([b.reshape(-1, 5) for b in bs]).double(), torch.cat(rs).double()
     torch.testing.assert_close(full.gram, Xh.T @ Xh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full.numerator, (B - Rh).T @ Xh, rtol=1e-5, atol=1e-5)

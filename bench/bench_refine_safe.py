@@ -1,0 +1,109 @@
+"""Benchmark of issue 25: refining never makes the bundled model worse (the held-out check of refine.py).
+
+    .venv/bin/python bench/bench_refine_safe.py [--calibs 16x256,32x512] [--allocations uniform,heuristic,nested]
+        [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 8192] [--out bench/refine_safe.jsonl] [--write]
+
+For each calibration (windows x tokens of wiki) one Workbench: every allocation at every ratio built unrefined and
+refined (`--refine sequential`, the same allocation), both evaluated on the first --eval-tokens of wiki and news.
+One JSON line per pair goes to --out as it is measured; a run given the same --out skips the pairs already there,
+so an interrupted run resumes. --write replaces the "## Refine that never hurts (issue 25)" section of
+bench/RESULTS.md with the table of every pair in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+from common import BENCH, RESULTS, eval_sets, load_bundled, machine, print_row, replace_section, utc_date, workbench
+
+SECTION = "## Refine that never hurts (issue 25)"
+KEEP = "### "
+
+
+def measured(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if path.exists() else []
+
+
+def pair(bench, allocation: str, ratio: float, sets: dict) -> dict:
+    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.pipeline import Settings
+    from dipsvd_core.refine import summary
+
+    s = Settings(method="dipsvd", allocation=allocation, ratio=ratio)
+    t0 = time.perf_counter()
+    plain = bench.build(s)
+    row = {"allocation": allocation, "ratio": ratio, "ratio_realized": plain.allocation.ratio_realized,
+           "unrefined": {n: perplexity(plain.model, w) for n, w in sets.items()}}
+    a = plain.allocation
+    del plain
+    row["unrefined_s"] = time.perf_counter() - t0
+    refined = bench.build(replace(s, refine="sequential"), a)
+    row["refined"] = {n: perplexity(refined.model, w) for n, w in sets.items()}
+    info = refined.info["refine"]
+    row.update(refine_s=info["seconds"], summary=summary(info),
+               refined_blocks=sum(b["refined"] for b in info["blocks"]), blocks=len(info["blocks"]),
+               taus={n: m["tau"] for b in info["blocks"] for n, m in b["matrices"].items() if b["refined"]})
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| calibration | allocation | ratio | unrefined wiki | refined wiki | unrefined news | refined news "
+             "| blocks refined | refine s | never hurts |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = all(r["refined"][k] <= r["unrefined"][k] for k in r["unrefined"])
+        lines.append(f"| {r['calib']} | {r['allocation']} | {r['ratio']:g} | {r['unrefined']['wiki']:.2f} | "
+                     f"{r['refined']['wiki']:.2f} | {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} | "
+                     f"{r['refined_blocks']}/{r['blocks']} | {r['refine_s']:.0f} | {'yes' if ok else '**no**'} |")
+    held = sum(all(r["refined"][k] <= r["unrefined"][k] for k in r["unrefined"]) for r in rows)
+    sets = sum(len(r["unrefined"]) for r in rows)
+    worse = sum(r["refined"][k] > r["unrefined"][k] for r in rows for k in r["unrefined"])
+    lines.append("")
+    lines.append(f"{held} of {len(rows)} pairs: refined at most unrefined on every set ({worse} of {sets} "
+                 "perplexities higher refined).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--calibs", default="16x256,32x512")
+    p.add_argument("--allocations", default="uniform,heuristic,nested")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--out", default=str(BENCH / "refine_safe.jsonl"))
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args()
+    from pathlib import Path
+
+    out = Path(args.out)
+    done = {(r["calib"], r["allocation"], r["ratio"]) for r in measured(out)}
+    lm = None
+    for calib in args.calibs.split(","):
+        todo = [(a, float(x)) for a in args.allocations.split(",") for x in args.ratios.split(",")
+                if (calib, a, float(x)) not in done]
+        if not todo:
+            continue
+        lm = lm or load_bundled("cpu", "float32")
+        windows, seqlen = (int(v) for v in calib.split("x"))
+        bench = workbench(lm, windows, seqlen)
+        sets = eval_sets(bench, args.eval_tokens)
+        for allocation, ratio in todo:
+            row = {"calib": calib, **pair(bench, allocation, ratio, sets), "date": utc_date()}
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print_row(row)
+        del bench
+    if args.write:
+        rows = measured(out)
+        body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
+                f"bench/bench_refine_safe.py --calibs {args.calibs} --eval-tokens {args.eval_tokens} --write` "
+                f"(rows in bench/{out.name}). dipsvd on the bundled SmolLM2-135M, calibration on wiki, "
+                f"perplexity on the first {args.eval_tokens} tokens of wiki and news (in windows of the "
+                "calibration's length), each refined build against the unrefined one of the same allocation.\n\n"
+                + table(rows))
+        replace_section(RESULTS, SECTION, body, keep_from=KEEP)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,23 @@ earlier blocks are already compressed. With the Gram G^ = X^ X^^T and the cross-
    hidden x in per token instead of C's in x in plus the drift's hidden x in (3.7x fewer for
    SmolLM2's down_proj), and the original X of that Linear is not kept at all.
 
+5. Never worse on text it did not fit. The closed form fits the calibration windows it sees; with few of them
+   it fits their noise and the refined model can be worse than the unrefined one (bench/RESULTS.md, issue 25).
+   So every HOLDOUT-th window (held_windows) is held out: it still flows through both paths, but only the
+   other windows' sums G^, C (or the numerator) fit. Each matrix's contenders, all fitted on the fit windows,
+   are scored by their output error on the held-out windows, computed from the held-out sums alone
+   (||Y - W' X^||^2 = ||Y||^2 - 2 tr(W' T^T) + tr(W' G^ W'^T), T = W C or the numerator, _GroupStats.held_error):
+   - the unrefined factors (W truncated against the original inputs' Gram of the fit windows);
+   - the refined ones at each damping tau in TAUS, as ridge regression towards those unrefined factors W0,
+         W*_tau = (W C + delta W0) (G^ + delta I)^{-1},  delta = tau x the mean eigenvalue of G^,
+     which runs from the plain least squares (tau -> 0) back to W0 itself (tau -> infinity).
+   The winner is refitted on every window (the unrefined one is the factor pass's own). Then the block as a
+   whole: the block with every matrix at its fit-window winner against the block with the fit-window unrefined
+   factors, on the held-out windows, each against the original block's output (_Contest); where the refined
+   block is not closer, the block ships its unrefined factors, and the next block sees their outputs. With
+   refine "block", a third contender is the refined block tuned by a few Adam epochs on its low-rank factors
+   (the second stage of AA-SVD, arXiv 2604.02119), kept only where it wins there too.
+
 The pass streams like the statistics pass (stream.py), with two sets of activations: the original
 path and the compressed one. For block l it runs the original block once, keeping every input
 group's X; then, group by group in the order the block calls them (q/k/v, o, gate/up, down), it runs
@@ -752,3 +769,25 @@ def refine_table(info: dict) -> list[dict]:
             row[short] = "unrefined" if m["tau"] is None else f"{100 * m['gain']:+.0f}% (damping {m['tau']:g})"
         rows.append(row)
     return rows
+
+
+ADVISED_CALIBRATION = (32, 512)  # windows x tokens from which refine is measured to pay (bench/RESULTS.md, issue 25)
+SCALED_PASSES = ("statistics", "fisher", "refine")  # the passes whose time grows with the calibration tokens
+
+
+def calibration_advice(windows: int, seqlen: int, timings: dict | None = None) -> str | None:
+    """What the app says when the calibration is small for a refined build (None when it is not): what refine
+    fits on, and what the advised calibration would cost, from the passes' seconds measured at this size."""
+    tokens, (w, t) = windows * seqlen, ADVISED_CALIBRATION
+    if tokens >= w * t:
+        return None
+    factor = w * t / tokens
+    held = len(held_windows(windows)) if windows >= 2 else 0
+    measured = sum(v for k, v in (timings or {}).items() if k in SCALED_PASSES)
+    cost = (f": about {measured * factor:.0f} s for the passes measured at {measured:.0f} s here "
+            f"({', '.join(k for k in SCALED_PASSES if k in (timings or {}))})") if measured else ""
+    return (f"The calibration ({windows} x {seqlen} = {tokens:,} tokens) is small for a refined build: refine fits on "
+            f"{windows - held} windows and checks each block on {held} held out, and at this size it keeps fewer "
+            f"blocks refined and gains less than at {w} x {t} (bench/RESULTS.md, \"Calibration size\"). Loading "
+            f"{w} windows of {t} tokens (Model & data page) multiplies the time of the statistics, Fisher and "
+            f"refine passes by about {factor:.0f}{cost}.")

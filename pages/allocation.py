@@ -10,8 +10,9 @@ from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
 from dipsvd_core.inspection import budget, dobi_preview
-from dipsvd_core.methods import handler, method_names
 from dipsvd_core.knobs import help_of
+from dipsvd_core.methods import handler, method_names, refines
+from dipsvd_core.refine import calibration_advice
 from dipsvd_core.settings import Settings, flat_settings, settings_dict
 from dipsvd_core.strategies import names_for, strategy
 from studio import ui
@@ -140,6 +141,10 @@ with view:
 
     have_factors = bench.has_factors(new.spec)
     chosen_strategy = strategy(new.allocation)
+    # a path meant to be refined (refine on, or an allocation that is meant to be): say when the calibration is small
+    if (refines(new.refine) or chosen_strategy.unrefined_note) and \
+            (advice := calibration_advice(bench.n_windows, bench.seqlen, bench.timings_s)):
+        st.warning(advice, icon=":material/data_thresholding:")
     # every pass these settings still need (the declared needs), each with its button; the ones the allocation
     # itself reads stop the preview until they have run
     todo = [p for p in bench.missing(new) if p in P.ASK]

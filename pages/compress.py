@@ -11,7 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
-from dipsvd_core.refine import refine_table, summary
+from dipsvd_core.refine import calibration_advice, refine_table, summary
 from dipsvd_core.strategies import strategy
 from dipsvd_core.sweep import REFINED, run_sweep
 from studio import ui
@@ -55,6 +55,8 @@ if refinable and cur.refine != wanted:
     s.settings = cur = replace(cur, refine=wanted)
 if strategy(cur.allocation).unrefined_note and not refines(cur.refine):
     st.info(strategy(cur.allocation).unrefined_note, icon=":material/info:")
+if refines(cur.refine) and (advice := calibration_advice(bench.n_windows, bench.seqlen, bench.timings_s)):
+    st.warning(advice, icon=":material/data_thresholding:")
 if s.result is not None and not s.result_is_current:
     st.warning("The compressed model below was built for other settings; build again to use the current ones.",
                icon=":material/sync_problem:")

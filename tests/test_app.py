@@ -522,9 +522,17 @@ def test_nested_without_refine_says_it_is_meant_to_be_refined():
     page(at, "compress")
     settle(at)
     assert any("meant to be refined" in i.value for i in at.info)
+    # unrefined: nothing about the calibration; refined at 4 x 64 tokens, the page says it is small and what the
+    # advised 32 x 512 would cost (64x the tokens, from the passes measured in this run)
+    assert not any("small for a refined build" in w.value for w in at.warning)
     at.checkbox(key="k_c_refine").check()
     settle(at)
     assert not any("meant to be refined" in i.value for i in at.info)
+    small = [w.value for w in at.warning if "small for a refined build" in w.value]
+    assert len(small) == 1 and "(4 x 64 = 256 tokens)" in small[0] and "fits on 3 windows" in small[0]
+    assert "by about 64: about" in small[0]
+    page(at, "allocation")  # the nested allocation is meant to be refined: the Allocation page says it too
+    assert any("small for a refined build" in w.value for w in at.warning)
 
 
 def test_refine_on_then_dobi_chosen_is_not_an_error():

@@ -53,9 +53,10 @@ def test_memory_terms_are_the_documented_sums(config_only):
     # Fisher is only needed by the allocations and the method that use it
     assert not ph["fisher"].needed
     assert P.memory(sh, run.replace(allocation="heuristic"), False, runtime)["fisher"].needed
-    # refine: two activation sets, one block's inputs of every group, the last Linear's X^ and r^, the attention's
-    # output, one group's G^, C and numerator and its factoring, and every refined factor on the host; only
-    # needed when asked for
+    # refine: two activation sets and the compressed path's block inputs again (the held-out check), one block's
+    # inputs of every group, the last Linear's X^ and r^, the attention's output, one group's G^, C and numerator
+    # (fit and held-out parts and their sum) and the original X X^T of both parts, its factoring, and every
+    # refined factor on the host; only needed when asked for
     assert not ph["refine"].needed
     ref = P.memory(sh, run.replace(refine="sequential"), False, runtime)["refine"]
     factoring = max(2 * 128 ** 2 + 6 * 64 * 128, 5 * 128 ** 2) * 8 + sum(
@@ -64,14 +65,17 @@ def test_memory_terms_are_the_documented_sums(config_only):
     # the groups q/k/v, o, gate/up (64 wide) and down (128), the last Linear's X^ (128), r^ and the attention's
     # output (2 x 64)
     taken = 4 * 32 * (3 * 64 + 128 + 128 + 2 * 64) * 4
-    assert ref.needed and ref.host_bytes == (runtime + weights + 2 * acts + taken + 2 * 8 * 128 ** 2 + 8 * 64 * 128
+    assert ref.needed and ref.host_bytes == (runtime + weights + 3 * acts + taken + 7 * 8 * 128 ** 2 + 8 * 64 * 128
                                              + factoring + kept)
-    # a refined uniform build runs neither the statistics nor the factor pass (refine takes its own Grams); a
-    # refined heuristic one needs the statistics (the block spectra of Q) but no factors; nested reads the factors
+    # a refined build starts from the unrefined factors (a block keeps them where refining does not pay), so it
+    # runs the statistics and the factor pass whatever the allocation
     refined = {a: P.memory(sh, run.replace(refine="sequential", allocation=a), False, runtime)
                for a in ("uniform", "heuristic", "nested")}
     assert [(a, ph["statistics"].needed, ph["factors"].needed) for a, ph in refined.items()] == [
-        ("uniform", False, False), ("heuristic", True, False), ("nested", True, True)]
+        ("uniform", True, True), ("heuristic", True, True), ("nested", True, True)]
+    # refine "block" adds its tuning's time (forward and backward passes), not its memory
+    block = P.memory(sh, run.replace(refine="block"), False, runtime)["refine"]
+    assert block.host_bytes == ref.host_bytes
     assert ph["statistics"].needed and ph["factors"].needed  # unrefined uniform dipsvd: both
 
 

@@ -401,3 +401,36 @@ def test_group_stats_accumulate_the_grams_window_by_window():
         outs = full.outputs(refined, bs)
         expected = [(r + refined(xh.reshape(-1, 6))).reshape(b.shape) for r, xh, b in zip(rs, xhs, bs)]
     assert all(torch.equal(o, e) for o, e in zip(outs, expected))  # r^ + the refined Linear, shaped as B
+
+
+def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_winner(tiny_lm, monkeypatch):
+    """refine "block": every tuning (_Contest.tune, Adam on the block's factors) lowers the block's error on the
+    windows it trains on; each block's report names the contender with the lowest held-out error, and a block
+    whose winner is "unrefined" ships the factor pass's factors bit for bit."""
+    from dipsvd_core import refine as R
+    from dipsvd_core.surgery import low_rank_weights
+
+    bench = Workbench(tiny_lm, "wiki", 8, 64)
+    s = Settings(method="svd-llm", ratio=0.4, refine="block")
+    fallback = low_rank_weights(bench.factors(s.spec), bench.allocate(s).ranks)
+    drops = []
+    tune = R._Contest.tune
+
+    def recorded(self, start, windows, **kw):
+        def error(weights):
+            outs = self.run(weights, windows)
+            return sum(float((self.walk.orig.hidden[i] - outs[i]).double().pow(2).sum()) for i in windows)
+        before = error(start)
+        tuned = tune(self, start, windows, **kw)
+        drops.append((before, error(tuned)))
+        return tuned
+    monkeypatch.setattr(R._Contest, "tune", recorded)
+    weights, info = bench.refine(s, bench.allocate(s), fallback=fallback)
+    assert len(drops) >= tiny_lm.n_blocks and all(after < before for before, after in drops)
+    for line in info["blocks"]:
+        errors = line["errors"]
+        assert set(errors) == {"refined", "unrefined", "tuned"}
+        assert line["choice"] == min(errors, key=lambda k: (errors[k], k != "unrefined"))
+        if line["choice"] == "unrefined":
+            assert all(torch.equal(weights[n][0], fallback[n][0]) for n in line["matrices"])
+    assert ("tuned" in R.summary(info)) == any(b["choice"] == "tuned" for b in info["blocks"])

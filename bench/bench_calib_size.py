@@ -1,0 +1,92 @@
+"""Benchmark of issue 25, item 2: how the refined and unrefined quality move with the calibration size.
+
+    .venv/bin/python bench/bench_calib_size.py [--sizes 4x256,8x256,...] [--allocations nested,heuristic]
+        [--ratios 0.2,0.3] [--eval-tokens 4096] [--threads 1] [--out bench/calib_size.jsonl] [--write]
+
+For each calibration size (windows x tokens of wiki) one Workbench and, per allocation and ratio, the pair of
+bench_refine_safe.py (dipsvd unrefined, then refined with the same allocation), with the seconds of the passes the
+size drives (statistics, Fisher, factors, type probe, refine). One JSON line per pair to --out, resumable. --write
+replaces the "## Calibration size (issue 25)" section of bench/RESULTS.md with the table of --out and, where the
+pair is there, bench/refine_safe.jsonl's rows of the same size (evaluated on 8192 tokens instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bench_refine_safe import measured, pair
+from common import BENCH, RESULTS, eval_sets, load_bundled, machine, replace_section, utc_date, workbench
+
+SECTION = "## Calibration size (issue 25)"
+KEEP = "### "
+PASSES = ("statistics", "fisher", "factors", "type probe")
+
+
+def table(rows: list[dict]) -> str:
+    def key(r):
+        w, t = (int(v) for v in r["calib"].split("x"))
+        return r["allocation"], r["ratio"], t, w
+
+    lines = ["| allocation | ratio | calibration | tokens | unrefined wiki | refined wiki | unrefined news "
+             "| refined news | blocks refined | passes s | refine s | eval tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=key):
+        w, t = (int(v) for v in r["calib"].split("x"))
+        passes = sum(r.get("passes_s", {}).values())
+        lines.append(f"| {r['allocation']} | {r['ratio']:g} | {r['calib']} | {w * t} | {r['unrefined']['wiki']:.2f} "
+                     f"| {r['refined']['wiki']:.2f} | {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} "
+                     f"| {r['refined_blocks']}/{r['blocks']} | {passes:.0f} | {r['refine_s']:.0f} "
+                     f"| {r.get('eval_tokens', 8192)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="4x256,8x256,32x256,64x256,8x512,16x512")
+    p.add_argument("--allocations", default="nested")
+    p.add_argument("--ratios", default="0.2,0.3")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(BENCH / "calib_size.jsonl"))
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args()
+    from pathlib import Path
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    done = {(r["calib"], r["allocation"], r["ratio"]) for r in measured(out)}
+    lm = None
+    for calib in args.sizes.split(","):
+        todo = [(a, float(x)) for a in args.allocations.split(",") for x in args.ratios.split(",")
+                if (calib, a, float(x)) not in done]
+        if not todo:
+            continue
+        lm = lm or load_bundled("cpu", "float32")
+        windows, seqlen = (int(v) for v in calib.split("x"))
+        bench = workbench(lm, windows, seqlen)
+        sets = eval_sets(bench, args.eval_tokens)
+        for allocation, ratio in todo:
+            row = {"calib": calib, **pair(bench, allocation, ratio, sets), "eval_tokens": args.eval_tokens,
+                   "passes_s": {k: v for k, v in bench.timings_s.items() if k in PASSES}, "date": utc_date()}
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+        del bench
+    if args.write:
+        rows = measured(out) + [r for r in measured(BENCH / "refine_safe.jsonl")
+                                if r["allocation"] in args.allocations.split(",")
+                                and f"{r['ratio']:g}" in args.ratios.split(",")]
+        body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
+                f"bench/bench_calib_size.py --sizes {args.sizes} --allocations {args.allocations} --ratios "
+                f"{args.ratios} --eval-tokens {args.eval_tokens} --write` (rows in bench/{out.name}; the 16 x 256 "
+                "and 32 x 512 rows are bench_refine_safe.py's, on 8192 tokens). dipsvd on the bundled SmolLM2-135M, "
+                "calibration on wiki; passes s: the cold statistics, Fisher, factor and type-probe passes of that "
+                "size (run once per size, shared by its pairs; 0 for rows that do not record them).\n\n" + table(rows))
+        replace_section(RESULTS, SECTION, body, keep_from=KEEP)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,8 +31,10 @@ from .strategies import strategy
 
 
 def refines(refine: str) -> bool:
-    """Whether a build refits its matrices after the allocation (refine.REFINES: none, sequential, block)."""
-    return refine != "none"
+    """Whether a build refits its matrices after the allocation (refine.REFINE_CHOICES: none, sequential, block)."""
+    from .refine import refine_choice
+
+    return refine_choice(refine).refits
 
 
 @dataclass

@@ -355,7 +355,7 @@ class Workbench:
         """Sequential compensation (refine.py) of this allocation's factored matrices: one more streaming pass.
         `fallback`, the unrefined factors, makes it validated: a block is refined only where that lowers its
         held-out error (the unrefined factors of these settings, sliced from the cache, when not given)."""
-        from .refine import refine
+        from .refine import refine, refine_choice
 
         spec = settings.spec
         abs_means = self.stats(progress).abs_means if P.STATISTICS in spec.scaling.needs else None
@@ -365,7 +365,8 @@ class Workbench:
 
             fallback = low_rank_weights(self.factors(spec, progress), allocation.ranks)
         return refine(self.lm.model, [t.name for t in self.targets], self.windows(), spec, allocation.ranks,
-                      abs_means, rows, progress, fallback=fallback, tune=settings.refine == "block")
+                      abs_means, rows, progress, fallback=fallback,
+                      tune=refine_choice(settings.refine).tunes)
 
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:

@@ -53,7 +53,7 @@ from torch import nn
 from . import passes as P
 from .errors import DipSVDError
 from .methods import handler, needs
-from .refine import TAUS, TUNE_EPOCHS
+from .refine import TAUS, TUNE_EPOCHS, refine_choice
 from .settings import Settings
 
 # every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
@@ -527,7 +527,7 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     *first, last = sh.groups
     grams_flops = (sum(4 * g * g for g in first) + 2 * last * (last + sh.hidden)) * run.seqlen * N
     phases["refine"].seconds = 2.75 * forward + L * (whiten + len(TAUS) * factor + grams_flops / r.matmul_flops)
-    if run.refine == "block":  # the tuning: a forward and a backward (about 3 forwards) per epoch and window, on the
+    if refine_choice(run.refine).tunes:  # the tuning: a forward and a backward (about 3 forwards) per epoch and window, on the
         # fit windows (three quarters) and, where it wins, once more on every window: at most 1.75 passes
         phases["refine"].seconds += 3 * TUNE_EPOCHS * 1.75 * forward
     probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows

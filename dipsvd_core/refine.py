@@ -78,6 +78,7 @@ truncation through factors.factor_model). `refine` strings them together block b
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,7 +89,28 @@ from .models import find_blocks, weights_of
 from .scalings import ScaleData
 from .stream import BlockInputs, capture_inputs, release_host_memory
 
-REFINES = ("none", "sequential", "block")  # block: sequential, then the block-level tuning where it pays
+@dataclass(frozen=True)
+class RefineChoice:
+    """A `--refine` choice: whether a build runs the refine pass, and whether that pass also tunes each block."""
+
+    name: str
+    refits: bool
+    tunes: bool
+    help: str
+
+
+REFINE_CHOICES = {c.name: c for c in (
+    RefineChoice("none", False, False, "the factors as the allocation slices them"),
+    RefineChoice("sequential", True, False, "each block refitted in closed form to the compressed inputs, where "
+                                            "that lowers the held-out error"),
+    RefineChoice("block", True, True, "sequential, then a few Adam epochs on each block's factors where they pay"))}
+REFINES = tuple(REFINE_CHOICES)
+
+
+def refine_choice(name: str) -> RefineChoice:
+    if name not in REFINE_CHOICES:
+        raise DipSVDError(f"unknown refine '{name}'; use one of {', '.join(REFINES)}")
+    return REFINE_CHOICES[name]
 DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the plain least-squares target (GPTQ's percdamp)
 TAUS = (0.01, 0.1, 1.0, 10.0)  # the candidate dampings (ridge towards the unrefined factors) held-out windows choose
 HOLDOUT = 4  # every HOLDOUT-th calibration window is held out: fitted never, scored always

@@ -15,7 +15,7 @@ from .factors import DEFAULT_WHITENING, WHITENING_FORMS, FactorSpec
 from .importance import ENERGIES, check_importance
 from .knobs import knob
 from .methods import handler, refines
-from .refine import REFINES
+from .refine import REFINE_CHOICES, REFINES, refine_choice
 from .strategies import strategy
 
 
@@ -48,10 +48,8 @@ class Settings:
                               choices=lambda: ("float64", "float32"))
     factor_dtype: str = knob("float32", "dtype of the factors stored on disk (bfloat16 halves them)",
                              choices=lambda: ("float32", "bfloat16"))
-    refine: str = knob("none", "sequential: refit each block to the inputs the compressed blocks before it produce "
-                               "(one more streaming pass at build time), block by block where that lowers the error "
-                               "on held-out calibration windows; block: also a few Adam steps on each block's "
-                               "factors where they pay on those windows", choices=lambda: REFINES)
+    refine: str = knob("none", "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
+                       + " (refine is one more streaming pass at build time)", choices=lambda: REFINES)
     p_min: float = knob(0.05, "lowest keep ratio of a block")
     p_max: float = knob(1.0, "highest keep ratio of a block (1 = may stay dense)")
     # global importance (DESIGN.md section 4)
@@ -75,8 +73,7 @@ class Settings:
         method = handler(self.method)
         strategy(self.allocation)  # an unknown name says which exist
         method.check(self)
-        if self.refine not in REFINES:
-            raise DipSVDError(f"unknown refine '{self.refine}'; use one of {', '.join(REFINES)}")
+        refine_choice(self.refine)  # a clear message for an unknown name
         if refines(self.refine) and not method.refinable:
             raise DipSVDError(f"refine works on SVD factors; {self.method} rebuilds its weights otherwise: "
                               "use refine none")

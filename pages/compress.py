@@ -11,7 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
-from dipsvd_core.refine import calibration_advice, refine_table, summary
+from dipsvd_core.refine import REFINE_CHOICES, calibration_advice, refine_choice, refine_table, summary
 from dipsvd_core.strategies import strategy
 from dipsvd_core.sweep import REFINED, run_sweep
 from studio import ui
@@ -45,12 +45,12 @@ refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine",
                                 "before it produce. The refit is checked on held-out calibration windows, and a block "
                                 "keeps its unrefined factors where it does not help there. Same ranks, same size; a "
                                 "build step, not a slider step.")
-tune = c_tune.checkbox("Also tune each block (a few Adam steps)", key="k_c_tune", value=cur.refine == "block",
+tune = c_tune.checkbox("Also tune each block (a few Adam steps)", key="k_c_tune", value=refine_choice(cur.refine).tunes,
                        disabled=busy or not refinable or not refine,
                        help="Block-level refinement (AA-SVD's second stage): after the refit, two epochs of Adam on "
                             "each block's low-rank factors towards the original block's outputs, kept only where it "
                             "lowers the held-out error. About 5x the time of the refine pass on a CPU.")
-wanted = ("block" if tune else "sequential") if refine else "none"
+wanted = next(c.name for c in REFINE_CHOICES.values() if c.refits == refine and c.tunes == (refine and tune))
 if refinable and cur.refine != wanted:
     s.settings = cur = replace(cur, refine=wanted)
 if strategy(cur.allocation).unrefined_note and not refines(cur.refine):

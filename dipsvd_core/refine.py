@@ -244,6 +244,7 @@ class _GroupStats:
         self.full, self.held_windows = full, held
         self.fit, self.held = _Sums(False), _Sums(True)
         self.orig_fit: torch.Tensor | None = None  # the original inputs' X X^T on the fit windows (set by the walk)
+        self._terms: dict[str, tuple] = {}  # matrix -> (||W X||^2, W C) on the held-out windows (held_error)
         self.kept_x: list[torch.Tensor] = []
         self.kept_r: list[torch.Tensor] = []
 
@@ -289,18 +290,23 @@ class _GroupStats:
                 _check(part.gram, name)
                 _check(part.numerator if self.full else part.cross, name)
 
-    def held_error(self, W: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor) -> float:
+    def held_error(self, W: torch.Tensor | None, u: torch.Tensor, v: torch.Tensor, key: str | None = None) -> float:
         """||Y - u v X^||^2 on the held-out windows, from their sums alone (Y = W X, or B - R^ for the
-        residual-writing Linear): ||Y||^2 - 2 tr(u v T^T) + tr(u^T u v G^ v^T) with T = W C or the numerator."""
+        residual-writing Linear): ||Y||^2 - 2 tr(u v T^T) + tr(u^T u v G^ v^T) with T = W C or the numerator.
+        With `key` (the matrix's name) ||Y||^2 and T are computed once for every contender of that matrix."""
         h = self.held
         u, v = u.double(), v.double()
         dev = h.gram.device
         u, v = u.to(dev), v.to(dev)
         if self.full:
             const, T = h.target_sq, h.numerator
+        elif key is not None and key in self._terms:
+            const, T = self._terms[key]
         else:
             Wd = W.double().to(dev)
             const, T = float(((Wd @ h.gram_x) * Wd).sum()), Wd @ h.cross
+            if key is not None:
+                self._terms[key] = const, T
         quad = float(((u.T @ u) * (v @ h.gram @ v.T)).sum())
         return const - 2 * float(((u.T @ T) * v).sum()) + quad
 
@@ -510,22 +516,27 @@ class _Truncation:
         return factor_matrix(target, S, S_inv, n, DTYPES[self.spec.storage], self.compute).low_rank(rank)
 
 
-def _targets(stats: _Sums, full: bool, members: dict[str, nn.Linear], compute: torch.dtype, tau: float,
-             priors: dict | None):
-    """Step 1 at damping tau, per member: W*_tau = (T + delta W0) (G^ + delta I)^{-1}, T = W C (or the residual-
-    writing Linear's whole numerator (B - R^) X^^T), delta = tau x the mean eigenvalue of the fit part's G^,
-    and W0 the prior: the unrefined rank-k matrix (ridge towards it: tau -> infinity gives back the unrefined
-    factors) or, without priors, zero (the damped least squares). Yields (name, W*_tau); one factorisation of
-    G^ serves the whole group. Returns the eigenvalues floored through `floored`."""
-    solve, floored = solver(stats.gram, compute, tau)
-    delta = tau * float(stats.gram.diagonal().sum()) / stats.gram.shape[0]
+def _numerators(stats: _Sums, full: bool, members: dict[str, nn.Linear], compute: torch.dtype) -> dict:
+    """T per member: W C, or the residual-writing Linear's whole numerator (B - R^) X^^T; shared by every damping."""
+    out = {}
     for n, linear in members.items():
         if full:  # the whole numerator, W C + (R - R^) X^^T, is at hand
-            T = stats.numerator.to(compute)
-        else:
-            with weights_of(linear):
-                W = linear.weight.detach()
-                T = W.to(compute) @ stats.cross.to(compute, copy=False).to(W.device)
+            out[n] = stats.numerator.to(compute)
+            continue
+        with weights_of(linear):
+            W = linear.weight.detach()
+            out[n] = W.to(compute) @ stats.cross.to(compute, copy=False).to(W.device)
+    return out
+
+
+def _targets(stats: _Sums, numerators: dict, compute: torch.dtype, tau: float, priors: dict | None):
+    """Step 1 at damping tau, per member: W*_tau = (T + delta W0) (G^ + delta I)^{-1}, T from _numerators,
+    delta = tau x the mean eigenvalue of the part's G^, and W0 the prior: the unrefined rank-k matrix (ridge
+    towards it: tau -> infinity gives back the unrefined factors) or, without priors, zero (the damped least
+    squares). Yields (name, W*_tau, eigenvalues floored); one factorisation of G^ serves the whole group."""
+    solve, floored = solver(stats.gram, compute, tau)
+    delta = tau * float(stats.gram.diagonal().sum()) / stats.gram.shape[0]
+    for n, T in numerators.items():
         if priors is not None and delta > 0:
             u0, v0 = priors[n]
             T = T + delta * (u0.to(T.device, compute) @ v0.to(T.device, compute))
@@ -547,7 +558,8 @@ def _choose(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec
     if not (stats.held.windows and priors is not None):
         floored, out = 0, {}
         truncate = _Truncation(stats.gram, leader, names, spec, compute, abs_means, fisher_rows)
-        for n, target, floored in _targets(stats.fit, stats.full, members, compute, taus[0], priors):
+        for n, target, floored in _targets(stats.fit, _numerators(stats.fit, stats.full, members, compute), compute,
+                                           taus[0], priors):
             out[n] = {"final": truncate(n, target, ranks[n]), "tau": taus[0], "gain": None}
         return out, floored
     weights = {}
@@ -558,14 +570,15 @@ def _choose(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec
     best = {}
     for n in names:
         base = original(n, weights[n], ranks[n])
-        err = stats.held_error(None if stats.full else weights[n], *base)
+        err = stats.held_error(None if stats.full else weights[n], *base, key=n)
         best[n] = {"fit": base, "base": base, "tau": None, "err": err, "base_err": err}
     truncate = _Truncation(stats.gram, leader, names, spec, compute, abs_means, fisher_rows)
     fit_priors = {n: b["base"] for n, b in best.items()}  # the prior fitted on the same windows (no leak)
+    numerators = _numerators(stats.fit, stats.full, members, compute)
     for tau in taus:
-        for n, target, _ in _targets(stats.fit, stats.full, members, compute, tau, fit_priors):
+        for n, target, _ in _targets(stats.fit, numerators, compute, tau, fit_priors):
             uv = truncate(n, target, ranks[n])
-            err = stats.held_error(None if stats.full else weights[n], *uv)
+            err = stats.held_error(None if stats.full else weights[n], *uv, key=n)
             if err < best[n]["err"]:
                 best[n].update(fit=uv, tau=tau, err=err)
     return _refit(stats, leader, members, spec, ranks, compute, priors, abs_means, fisher_rows, best)
@@ -577,9 +590,11 @@ def _refit(stats: _GroupStats, leader: str, members: dict, spec: FactorSpec, ran
     an unrefined one as its factors (`priors`)."""
     total, floored = stats.total(), 0
     truncate = _Truncation(total.gram, leader, list(members), spec, compute, abs_means, fisher_rows)
+    refitted = {n: members[n] for n, b in best.items() if b["tau"] is not None}
+    numerators = _numerators(total, stats.full, refitted, compute)
     for tau in {b["tau"] for b in best.values() if b["tau"] is not None}:
-        chosen = {n: members[n] for n, b in best.items() if b["tau"] == tau}
-        for n, target, floored in _targets(total, stats.full, chosen, compute, tau, priors):
+        chosen = {n: T for n, T in numerators.items() if best[n]["tau"] == tau}
+        for n, target, floored in _targets(total, chosen, compute, tau, priors):
             best[n]["final"] = truncate(n, target, ranks[n])
     out = {}
     for n, b in best.items():

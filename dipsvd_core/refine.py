@@ -566,9 +566,6 @@ def _choose(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec
     for n, linear in members.items():
         with weights_of(linear):
             weights[n] = linear.weight.detach().clone()
-    # The contenders only score (the shipped factors are refitted in `compute`, or are the factor pass's own), so
-    # they are solved and truncated in float32: about 2.5x faster eigendecompositions on a CPU.
-    compute, final_compute = torch.float32, compute
     original = _Truncation(stats.orig_fit, leader, names, spec, compute, abs_means, fisher_rows)
     best = {}
     for n in names:
@@ -584,7 +581,7 @@ def _choose(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec
             err = stats.held_error(None if stats.full else weights[n], *uv, key=n)
             if err < best[n]["err"]:
                 best[n].update(fit=uv, tau=tau, err=err)
-    return _refit(stats, leader, members, spec, ranks, final_compute, priors, abs_means, fisher_rows, best)
+    return _refit(stats, leader, members, spec, ranks, compute, priors, abs_means, fisher_rows, best)
 
 
 def _refit(stats: _GroupStats, leader: str, members: dict, spec: FactorSpec, ranks: dict, compute: torch.dtype,

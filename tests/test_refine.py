@@ -134,7 +134,7 @@ def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
     rep = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", "--model", tiny_model_dir, "--method",
                            "dipsvd", "--ratio", "0.3", "--refine", "sequential", "--calib-windows", "4", "--seqlen",
-                           "64", "--eval", "wiki", "--eval-tokens", "256", "--report", str(rep), "--quiet"],
+                           "64", "--eval", "wiki", "--eval-tokens", "256", "--report", str(rep), "--quiet", "--generate"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(rep.read_text())
@@ -142,6 +142,17 @@ def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
     assert [b["block"] for b in r["refine"]["blocks"]] == [0, 1] and r["refine"]["held_windows"] == [3]
     kept = sum(b["refined"] for b in r["refine"]["blocks"])
     assert f"refine: refined {kept} of 2 blocks" in proc.stdout and "1 of 4 windows held out" in proc.stdout
+    # --generate: each generation with its repetition measures, in the report and on the summary
+    from dipsvd_core.evaluate import DEFAULT_PROMPTS, repetition
+
+    for kind in ("original", "compressed"):
+        rows = r["generations"][kind]
+        assert [g["prompt"] for g in rows] == DEFAULT_PROMPTS
+        for g in rows:
+            measures = repetition(g["text"])
+            assert (g["distinct_3"], g["longest_repeat"]) == (measures["distinct_3"], measures["longest_repeat"])
+            assert (f"  {kind} | {g['prompt']} | distinct 3-grams {g['distinct_3']:.2f}, longest repeat "
+                    f"{g['longest_repeat']} words") in proc.stdout
     out = tmp_path / "s.json"
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "sweep", "--model", tiny_model_dir, "--grid",
                            "svd-llm:uniform,svd-llm:uniform+refine", "--ratios", "0.3", "--calib-windows", "4",

@@ -522,11 +522,14 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     phases["fisher"].seconds = 3 * N * fwd_model
     # refine: the original block, the compressed block up to each input group with the finished attention
     # replayed (about 2.5 block forwards a window, measured on the bundled model), every group's G^ and C (the
-    # last group, the residual-writing Linear: G^ and the H x g numerator), a factoring per candidate damping
-    # (refine.TAUS), and the unrefined block once more on the held-out quarter of the windows
+    # last group, the residual-writing Linear: G^ and the H x g numerator) and the original inputs' X X^T, three
+    # whitenings per group (the original inputs' on the fit windows, G^ on the fit windows, G^ on every window),
+    # a factoring per candidate damping (refine.TAUS), one for the unrefined baseline and one for the refit, and
+    # the block twice more on the held-out quarter of the windows (the block-level check)
     *first, last = sh.groups
-    grams_flops = (sum(4 * g * g for g in first) + 2 * last * (last + sh.hidden)) * run.seqlen * N
-    phases["refine"].seconds = 2.75 * forward + L * (whiten + len(TAUS) * factor + grams_flops / r.matmul_flops)
+    grams_flops = (sum(6 * g * g for g in first) + 2 * last * (2 * last + sh.hidden)) * run.seqlen * N
+    phases["refine"].seconds = 3 * forward + L * (3 * whiten + (len(TAUS) + 2) * factor
+                                                  + grams_flops / r.matmul_flops)
     if refine_choice(run.refine).tunes:  # the tuning: a forward and a backward (about 3 forwards) per epoch and window, on the
         # fit windows (three quarters) and, where it wins, once more on every window: at most 1.75 passes
         phases["refine"].seconds += 3 * TUNE_EPOCHS * 1.75 * forward

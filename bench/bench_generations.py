@@ -47,6 +47,17 @@ def run(args) -> dict:
     return report
 
 
+def from_safe(args) -> dict:
+    """The report from bench/refine_safe.jsonl's rows of this calibration and allocation that hold generations."""
+    rows = [json.loads(line) for line in open(BENCH / "refine_safe.jsonl")]
+    rows = [r for r in rows if r["calib"] == args.calib and r["allocation"] == args.allocation and "generations" in r
+            and f"{r['ratio']:g}" in args.ratios.split(",")]
+    return {"calib": args.calib, "allocation": args.allocation, "refine": "sequential", "new_tokens": 48,
+            "original": rows[0]["generations"]["original"],
+            "rows": [{"ratio": r["ratio"], "unrefined": r["generations"]["unrefined"],
+                      "refined": r["generations"]["refined"], "refine": r["summary"]} for r in rows]}
+
+
 def markdown(report: dict) -> str:
     orig = report["original"]
     lines = []
@@ -78,8 +89,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--out", default=str(BENCH / "generations.json"))
     p.add_argument("--write", action="store_true")
+    p.add_argument("--from-safe", action="store_true", help="take the generations bench_refine_safe.py recorded "
+                                                           "(its 16x256 rows of --allocation) instead of building")
     args = p.parse_args()
-    report = run(args)
+    report = from_safe(args) if args.from_safe else run(args)
     (BENCH / args.out.rsplit("/", 1)[-1]).write_text(json.dumps(report, indent=1))
     if args.write:
         body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "

@@ -26,7 +26,14 @@ def measured(path) -> list[dict]:
     return [json.loads(line) for line in open(path)] if path.exists() else []
 
 
-def pair(bench, allocation: str, ratio: float, sets: dict) -> dict:
+def generations(lm, model) -> list[dict]:
+    """The Side-by-side page's defaults: the default prompts, greedy, chat template on, 48 new tokens."""
+    from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
+
+    return generate(model, lm.tokenizer, DEFAULT_PROMPTS, 48, chat=True)
+
+
+def pair(bench, allocation: str, ratio: float, sets: dict, generate: bool = False) -> dict:
     from dipsvd_core.evaluate import perplexity
     from dipsvd_core.pipeline import Settings
     from dipsvd_core.refine import summary
@@ -36,11 +43,16 @@ def pair(bench, allocation: str, ratio: float, sets: dict) -> dict:
     plain = bench.build(s)
     row = {"allocation": allocation, "ratio": ratio, "ratio_realized": plain.allocation.ratio_realized,
            "unrefined": {n: perplexity(plain.model, w) for n, w in sets.items()}}
+    if generate:
+        row["generations"] = {"original": generations(bench.lm, bench.lm.model),
+                              "unrefined": generations(bench.lm, plain.model)}
     a = plain.allocation
     del plain
     row["unrefined_s"] = time.perf_counter() - t0
     refined = bench.build(replace(s, refine="sequential"), a)
     row["refined"] = {n: perplexity(refined.model, w) for n, w in sets.items()}
+    if generate:
+        row["generations"]["refined"] = generations(bench.lm, refined.model)
     info = refined.info["refine"]
     row.update(refine_s=info["seconds"], summary=summary(info),
                refined_blocks=sum(b["refined"] for b in info["blocks"]), blocks=len(info["blocks"]),
@@ -73,6 +85,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--out", default=str(BENCH / "refine_safe.jsonl"))
     p.add_argument("--write", action="store_true")
+    p.add_argument("--generate", default="nested", help="the allocations whose pairs also record the default prompts' "
+                                                         "generations at the app's calibration (16x256)")
     args = p.parse_args()
     from pathlib import Path
 
@@ -89,7 +103,8 @@ def main() -> None:
         bench = workbench(lm, windows, seqlen)
         sets = eval_sets(bench, args.eval_tokens)
         for allocation, ratio in todo:
-            row = {"calib": calib, **pair(bench, allocation, ratio, sets), "date": utc_date()}
+            gen = calib == "16x256" and allocation in args.generate.split(",")
+            row = {"calib": calib, **pair(bench, allocation, ratio, sets, gen), "date": utc_date()}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print_row(row)

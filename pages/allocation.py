@@ -141,10 +141,6 @@ with view:
 
     have_factors = bench.has_factors(new.spec)
     chosen_strategy = strategy(new.allocation)
-    # a path meant to be refined (refine on, or an allocation that is meant to be): say when the calibration is small
-    if (refines(new.refine) or chosen_strategy.unrefined_note) and \
-            (advice := calibration_advice(bench.n_windows, bench.seqlen, bench.timings_s)):
-        st.warning(advice, icon=":material/data_thresholding:")
     # every pass these settings still need (the declared needs), each with its button; the ones the allocation
     # itself reads stop the preview until they have run
     todo = [p for p in bench.missing(new) if p in P.ASK]
@@ -166,6 +162,10 @@ with view:
 
         if st.button(button, type="primary" if i == 0 else "secondary"):
             ui.start(title, run)
+    # a path meant to be refined (refine on, or an allocation that is meant to be): say when the calibration is small
+    if (refines(new.refine) or chosen_strategy.unrefined_note) and \
+            (advice := calibration_advice(bench.n_windows, bench.seqlen, bench.timings_s)):
+        st.warning(advice, icon=":material/data_thresholding:")
     if any(p in chosen_strategy.needs for p in todo):
         st.stop()
 

@@ -82,7 +82,9 @@ def core() -> dict:
     t0 = time.perf_counter()
     lm = load_bundled("cpu", "float32")
     out["load_model_s"] = time.perf_counter() - t0
-    app = workbench(lm, 16, 256)  # the app's default calibration size
+    from dipsvd_core.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+
+    app = workbench(lm, DEFAULT_WINDOWS, DEFAULT_SEQLEN)  # the app's default calibration size (16 x 256 before issue 25)
     t0 = time.perf_counter()
     windows = app.windows()
     out["calibration_text_s"] = time.perf_counter() - t0

@@ -22,19 +22,42 @@ KEEP = "### "
 PASSES = ("statistics", "fisher", "factors", "type probe")
 
 
-def table(rows: list[dict]) -> str:
+def originals(rows: list[dict], path) -> dict:
+    """The original model's perplexity on wiki and news for every (window length, eval tokens) of `rows`: the
+    windows differ by calibration length, so each pair is set against the original on the same windows. Kept in
+    `path` (JSON lines) so --write measures each once."""
+    known = {(r["seqlen"], r["eval_tokens"]): r for r in measured(path)}
+    need = {(int(r["calib"].split("x")[1]), r.get("eval_tokens", 8192)) for r in rows} - set(known)
+    if need:
+        from dipsvd_core.data import evaluation_windows
+        from dipsvd_core.evaluate import perplexity
+
+        lm = load_bundled("cpu", "float32")
+        for seqlen, tokens in sorted(need):
+            row = {"seqlen": seqlen, "eval_tokens": tokens, "date": utc_date(),
+                   **{n: perplexity(lm.model, evaluation_windows(lm.tokenizer, n, seqlen, tokens))
+                      for n in ("wiki", "news")}}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            known[seqlen, tokens] = row
+    return known
+
+
+def table(rows: list[dict], orig: dict) -> str:
     def key(r):
         w, t = (int(v) for v in r["calib"].split("x"))
-        return r["allocation"], r["ratio"], t, w
+        return r["allocation"], r["ratio"], t, w, r.get("refine", "sequential")
 
-    lines = ["| allocation | ratio | calibration | tokens | unrefined wiki | refined wiki | unrefined news "
-             "| refined news | blocks refined | passes s | refine s | eval tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| allocation | ratio | calibration | tokens | refine | original wiki | unrefined wiki | refined wiki "
+             "| original news | unrefined news | refined news | blocks refined | passes s | refine s | eval tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=key):
         w, t = (int(v) for v in r["calib"].split("x"))
         passes = sum(r.get("passes_s", {}).values())
-        lines.append(f"| {r['allocation']} | {r['ratio']:g} | {r['calib']} | {w * t} | {r['unrefined']['wiki']:.2f} "
-                     f"| {r['refined']['wiki']:.2f} | {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} "
+        o = orig[t, r.get("eval_tokens", 8192)]
+        lines.append(f"| {r['allocation']} | {r['ratio']:g} | {r['calib']} | {w * t} | {r.get('refine', 'sequential')} | {o['wiki']:.2f} "
+                     f"| {r['unrefined']['wiki']:.2f} | {r['refined']['wiki']:.2f} | {o['news']:.2f} "
+                     f"| {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} "
                      f"| {r['refined_blocks']}/{r['blocks']} | {passes:.0f} | {r['refine_s']:.0f} "
                      f"| {r.get('eval_tokens', 8192)} |")
     return "\n".join(lines)
@@ -46,6 +69,7 @@ def main() -> None:
     p.add_argument("--allocations", default="nested")
     p.add_argument("--ratios", default="0.2,0.3")
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--refine", default="sequential", help="the refined build's --refine choice")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(BENCH / "calib_size.jsonl"))
     p.add_argument("--write", action="store_true")
@@ -57,11 +81,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    done = {(r["calib"], r["allocation"], r["ratio"]) for r in measured(out)}
+    done = {(r["calib"], r["allocation"], r["ratio"], r.get("refine", "sequential")) for r in measured(out)}
     lm = None
     for calib in args.sizes.split(","):
         todo = [(a, float(x)) for a in args.allocations.split(",") for x in args.ratios.split(",")
-                if (calib, a, float(x)) not in done]
+                if (calib, a, float(x), args.refine) not in done]
         if not todo:
             continue
         lm = lm or load_bundled("cpu", "float32")
@@ -69,7 +93,8 @@ def main() -> None:
         bench = workbench(lm, windows, seqlen)
         sets = eval_sets(bench, args.eval_tokens)
         for allocation, ratio in todo:
-            row = {"calib": calib, **pair(bench, allocation, ratio, sets), "eval_tokens": args.eval_tokens,
+            row = {"calib": calib, **pair(bench, allocation, ratio, sets, how=args.refine), "refine": args.refine,
+                   "eval_tokens": args.eval_tokens,
                    "passes_s": {k: v for k, v in bench.timings_s.items() if k in PASSES}, "date": utc_date()}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -84,7 +109,9 @@ def main() -> None:
                 f"{args.ratios} --eval-tokens {args.eval_tokens} --write` (rows in bench/{out.name}; the 16 x 256 "
                 "and 32 x 512 rows are bench_refine_safe.py's, on 8192 tokens). dipsvd on the bundled SmolLM2-135M, "
                 "calibration on wiki; passes s: the cold statistics, Fisher, factor and type-probe passes of that "
-                "size (run once per size, shared by its pairs; 0 for rows that do not record them).\n\n" + table(rows))
+                "size (run once per size, shared by its pairs; 0 for rows that do not record them, or where they were "
+                "cached); original: the uncompressed model on the same evaluation windows (the calibration's "
+                "length), since perplexity in 256-token windows is higher than in 512-token ones.\n\n" + table(rows, originals(rows, BENCH / "calib_size_original.jsonl")))
         replace_section(RESULTS, SECTION, body, keep_from=KEEP)
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .errors import DipSVDError
 
 
@@ -88,8 +89,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wiki", help="calibration text: wiki, news, wikitext2, ptb, c4 or a path")
-    p.add_argument("--calib-windows", type=_positive_int, default=32)
-    p.add_argument("--seqlen", type=_positive_int, default=512)
+    p.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)
+    p.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -194,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
     _add_model_args(pl)
     _add_settings(pl, ("method", "allocation", "ratio", "compute_dtype", "factor_dtype", "refine"), allocation=None)
-    pl.add_argument("--calib-windows", type=_positive_int, default=32)
-    pl.add_argument("--seqlen", type=_positive_int, default=512)
+    pl.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)
+    pl.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN)
     pl.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
     pl.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets (only their number counts)")
     pl.add_argument("--no-eval-original", action="store_true", help="plan without the original's perplexity")
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="perplexity of any model, including a saved compressed one")
     _add_model_args(e)
-    e.add_argument("--seqlen", type=_positive_int, default=512)
+    e.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN)
     e.add_argument("--speed", action="store_true")
     e.add_argument("--generate", action="store_true")
     _add_eval_args(e)

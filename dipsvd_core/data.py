@@ -32,6 +32,9 @@ HUB_SETS = {
     "c4": ("allenai/c4", "en", {"calib": "train", "eval": "validation"}, "text"),
 }
 SOURCES = ("wiki", "news", *HUB_SETS)
+# the calibration the CLI and the app start from, windows x tokens: at fewer tokens, or in shorter windows, the
+# refined builds keep fewer blocks refined and gain less (bench/RESULTS.md, "Calibration size", issue 25)
+DEFAULT_WINDOWS, DEFAULT_SEQLEN = 32, 512
 
 
 def _gensim_data() -> Path:

@@ -83,6 +83,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .errors import DipSVDError
 from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .models import find_blocks, weights_of
@@ -808,7 +809,7 @@ def refine_table(info: dict) -> list[dict]:
     return rows
 
 
-ADVISED_CALIBRATION = (32, 512)  # windows x tokens from which refine is measured to pay (bench/RESULTS.md, issue 25)
+ADVISED_CALIBRATION = (DEFAULT_WINDOWS, DEFAULT_SEQLEN)  # windows x tokens from which refine is measured to pay
 SCALED_PASSES = ("statistics", "fisher", "refine")  # the passes whose time grows with the calibration tokens
 
 

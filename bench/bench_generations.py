@@ -9,7 +9,7 @@ best path (dipsvd + --allocation, refined by --refine, one calibration of --cali
 ratio, and unrefined too. Each generation's repetition measures (evaluate.repetition: the share of distinct
 3-grams and the longest repeated span) are set against the original's: the target is a distinct-3-gram share of
 at least 0.8x the original's at 0.1. --write replaces the "## Compressed text that reads (issue 25)" section of
-bench/RESULTS.md.
+bench/RESULTS.md (one per calibration and refine choice); --from-out writes it from --out, measured before.
 """
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_d
 SECTION = "## Compressed text that reads (issue 25)"
 
 
+def continuation_prompts(tokenizer, n: int, tokens: int = 24) -> list[str]:
+    """The openings (`tokens` tokens) of the first n 512-token evaluation windows of news: text that neither the
+    fit (wiki) nor the default prompts saw, continued without the chat template."""
+    from dipsvd_core.data import evaluation_windows
+
+    windows = evaluation_windows(tokenizer, "news", 512, n * 512)
+    return [tokenizer.decode(w[: tokens], skip_special_tokens=True).strip() for w in windows[:n]]  # a BOS is skipped
+
+
 def run(args) -> dict:
     from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
     from dipsvd_core.pipeline import Settings
@@ -30,21 +39,54 @@ def run(args) -> dict:
     lm = load_bundled("cpu", "float32")
     windows, seqlen = (int(v) for v in args.calib.split("x"))
     bench = workbench(lm, windows, seqlen)
-    gen = lambda model: generate(model, lm.tokenizer, DEFAULT_PROMPTS, args.new_tokens, chat=True)  # noqa: E731
+    openings = continuation_prompts(lm.tokenizer, args.continuations) if args.continuations else []
+
+    def gen(model) -> dict:
+        out = {"chat": generate(model, lm.tokenizer, DEFAULT_PROMPTS, args.new_tokens, chat=True)}
+        if openings:
+            out["continued"] = generate(model, lm.tokenizer, openings, args.new_tokens)
+        return out
+
+    first = gen(lm.model)
     report = {"calib": args.calib, "allocation": args.allocation, "refine": args.refine,
-              "new_tokens": args.new_tokens, "original": gen(lm.model), "rows": []}
+              "new_tokens": args.new_tokens, "original": first["chat"], "rows": []}
+    if openings:
+        report["continued"] = {"original": first["continued"]}
     for ratio in (float(r) for r in args.ratios.split(",")):
         s = Settings(method="dipsvd", allocation=args.allocation, ratio=ratio)
         plain = bench.build(s)
-        row = {"ratio": ratio, "unrefined": gen(plain.model)}
+        unrefined = gen(plain.model)
         a = plain.allocation
         del plain
         refined = bench.build(replace(s, refine=args.refine), a)
-        row["refined"], row["refine"] = gen(refined.model), summary(refined.info["refine"])
+        done = gen(refined.model)
+        row = {"ratio": ratio, "unrefined": unrefined["chat"], "refined": done["chat"],
+               "refine": summary(refined.info["refine"])}
+        if openings:
+            row["continued"] = {"unrefined": unrefined["continued"], "refined": done["continued"]}
         del refined
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
     return report
+
+
+def continued(report: dict) -> list[str]:
+    """The continuation summary: the mean share of distinct 3-grams over the openings, per model and ratio, and
+    how many keep at least 0.8x the original's on the same opening."""
+    if "continued" not in report:
+        return []
+    orig = report["continued"]["original"]
+    mean = lambda gens: sum(g["distinct_3"] for g in gens) / len(gens)  # noqa: E731
+    lines = [f"Continuations of {len(orig)} openings of held-out news (24 tokens each, no chat template, "
+             f"{report['new_tokens']} new tokens, greedy): the original's mean share of distinct 3-grams is "
+             f"{mean(orig):.2f}.", "", "| ratio | model | mean distinct 3-grams | at least 0.8x the original's |",
+             "|---|---|---|---|"]
+    for row in report["rows"]:
+        for label in ("unrefined", "refined"):
+            gens = row["continued"][label]
+            kept = sum(g["distinct_3"] >= 0.8 * o["distinct_3"] for g, o in zip(gens, orig))
+            lines.append(f"| {row['ratio']:g} | {label} | {mean(gens):.2f} | {kept} of {len(gens)} |")
+    return [*lines, ""]
 
 
 def from_safe(args) -> dict:
@@ -75,6 +117,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     first = report["rows"][0]
     ok = all(g["distinct_3"] >= 0.8 * o["distinct_3"] for g, o in zip(first["refined"], orig))
+    lines += continued(report)
     lines.append(f"At {first['ratio']:g}, refined: every default prompt keeps at least 0.8x the original's share of "
                  f"distinct 3-grams: {'yes' if ok else '**no**'}.")
     return "\n".join(lines)
@@ -87,21 +130,29 @@ def main() -> None:
     p.add_argument("--refine", default="sequential")
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--continuations", type=int, default=0, help="also continue this many openings of held-out "
+                                                                  "news (no chat template)")
     p.add_argument("--out", default=str(BENCH / "generations.json"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--from-safe", action="store_true", help="take the generations bench_refine_safe.py recorded "
                                                            "(its 16x256 rows of --allocation) instead of building")
+    p.add_argument("--from-out", action="store_true", help="write the section from --out, measured before")
     args = p.parse_args()
-    report = from_safe(args) if args.from_safe else run(args)
+    if args.from_out:
+        report = json.loads((BENCH / args.out.rsplit("/", 1)[-1]).read_text())
+    else:
+        report = from_safe(args) if args.from_safe else run(args)
     (BENCH / args.out.rsplit("/", 1)[-1]).write_text(json.dumps(report, indent=1))
     if args.write:
-        body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
+        title = f"{SECTION[:-1]}, {report['allocation']}, {report['calib']}, refine {report['refine']})"
+        body = (f"{title}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
                 f"bench/bench_generations.py --calib {args.calib} --allocation {args.allocation} --refine "
-                f"{args.refine} --ratios {args.ratios} --new-tokens {args.new_tokens} --write` (bench/"
+                f"{args.refine} --ratios {args.ratios} --new-tokens {args.new_tokens}"
+                f"{' --from-safe' if args.from_safe else ''} --write` (bench/"
                 f"{args.out.rsplit('/', 1)[-1]}). The Side-by-side page's defaults: greedy, chat template on, "
                 f"{args.new_tokens} new tokens, the three default prompts; dipsvd + {args.allocation} on the "
                 f"bundled SmolLM2-135M, calibration {args.calib} of wiki.\n\n" + markdown(report))
-        replace_section(RESULTS, SECTION, body)
+        replace_section(RESULTS, title, body)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 A saved folder is an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer)
 whose config.json carries a `dipsvd_compression` entry: the method, the settings and every
-module's rank. `load_compressed` rebuilds the architecture from the config, swaps in
-LowRankLinear modules of those ranks and loads the tensors; `trust_remote_code` is never used.
+module's rank. `load_compressed` rebuilds the architecture from the config on the meta device, swaps in
+LowRankLinear modules of those ranks and assigns the tensors shard by shard; `trust_remote_code` is never used.
 What a method stores beyond floating-point tensors comes from its handler (methods.py): a remapped Dobi-SVD
 model (entry "remap": true) stores each low-rank u and v as int8 with a float32 `<name>_scale` per rank
 vector, and is dequantized on load.
@@ -72,10 +72,29 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
 
 
 def load_compressed(path, device: str | None = None, dtype: torch.dtype | None = None):
-    """Rebuild a saved compressed model; returns a LoadedModel."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Rebuild a saved compressed model with its tokenizer; returns a LoadedModel."""
+    from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
+    path = Path(os.path.expanduser(str(path)))
+    model = compressed_model(path, device, dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = LoadedModel(model=model, tokenizer=tok, spec=str(path), source=str(path.resolve()))
+    lm.targets = find_targets(model)
+    lm.fingerprint = fingerprint(model)
+    lm.load_seconds = time.perf_counter() - t0
+    return lm
+
+
+def compressed_model(path, device: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The saved compressed model of `path`, in eval mode on `device`.
+
+    The architecture is built with its parameters on the meta device (no dense weights, no random
+    initialisation), its compressed Linears swapped for LowRankLinear modules of the saved ranks, and the
+    tensors are read one shard at a time straight onto `device` and assigned in place: the peak is the saved
+    size plus one tensor's dtype conversion, not the two or three copies of building a dense model first."""
+    from transformers import AutoConfig
+
     path = Path(os.path.expanduser(str(path)))
     if not is_compressed_folder(path):
         raise DipSVDError(f"{path} is not a compressed model folder (no '{ENTRY}' in config.json)")
@@ -84,35 +103,57 @@ def load_compressed(path, device: str | None = None, dtype: torch.dtype | None =
     dt = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt)
-    model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    mods = dict(model.named_modules())
-    for name, rank in entry["ranks"].items():
-        old = mods.get(name)
-        if not isinstance(old, nn.Linear):
-            raise DipSVDError(f"{path}: module {name} in the rank list is not a Linear of this architecture")
-        set_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
-                                              old.bias is not None, dtype=dt))
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    if not state:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise DipSVDError(f"{path} holds no .safetensors weights")
-    if "method" in entry:  # what the method stored beyond floating-point tensors (Dobi-SVD's int8 factors)
-        state = handler(entry["method"]).loaded_state(state, entry, dt)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = _tied_keys(model)
-    bad = [k for k in missing if k not in tied]
-    if bad or unexpected:
-        raise DipSVDError(f"{path}: weights do not match the architecture (missing {bad[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+    dev = resolve_device(device)
+    model = _empty_model(config, entry["ranks"], dt, path)
+    _assign_shards(model, files, entry, dt, dev, path)
+    return model.to(dev).eval()  # the buffers (rotary frequencies) were built on the host
+
+
+def _empty_model(config, ranks: dict, dtype: torch.dtype, path: Path) -> nn.Module:
+    """The architecture of `config` with parameters on the meta device (buffers real) and LowRankLinear modules
+    of `ranks` in place of the compressed Linears."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        mods = dict(model.named_modules())
+        for name, rank in ranks.items():
+            old = mods.get(name)
+            if not isinstance(old, nn.Linear):
+                raise DipSVDError(f"{path}: module {name} in the rank list is not a Linear of this architecture")
+            set_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
+                                                  old.bias is not None, dtype=dtype))
+    return model
+
+
+def _assign_shards(model: nn.Module, files: list[Path], entry: dict, dtype: torch.dtype, device, path: Path) -> None:
+    """Read each shard onto `device` and assign its tensors to `model`'s meta parameters; what the method stored
+    beyond floating-point tensors is turned back by its handler, shard by shard (a tensor whose companion lies in
+    a later shard waits in `held`). Every parameter must end up loaded, except those tied to another."""
+    method = handler(entry["method"]) if "method" in entry else None
+    expected, loaded, held = set(model.state_dict()), set(), {}
+    for f in files:
+        shard = load_file(f, device=str(device))
+        if method is not None:
+            shard = method.loaded_state(shard, entry, dtype, held)
+        for k in shard:
+            if shard[k].is_floating_point() and shard[k].dtype != dtype:
+                shard[k] = shard[k].to(dtype)
+        unexpected = [k for k in shard if k not in expected]
+        if unexpected:
+            raise DipSVDError(f"{path}: weights do not match the architecture (unexpected {unexpected[:3]})")
+        model.load_state_dict(shard, strict=False, assign=True)
+        loaded.update(shard)
+        del shard
     model.tie_weights()
-    model.to(resolve_device(device)).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    lm = LoadedModel(model=model, tokenizer=tok, spec=str(path), source=str(path.resolve()))
-    lm.targets = find_targets(model)
-    lm.fingerprint = fingerprint(model)
-    lm.load_seconds = time.perf_counter() - t0
-    return lm
+    tied = _tied_keys(model)
+    missing = sorted(k for k in expected - loaded - tied)
+    if held or missing:
+        raise DipSVDError(f"{path}: weights do not match the architecture (missing {(missing or sorted(held))[:3]})")
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -94,8 +94,9 @@ class MethodHandler:
         """The state dict to save where this method stores more than the model's own tensors, else None."""
         return None
 
-    def loaded_state(self, state: dict, entry: dict, dtype) -> dict:
-        """A saved state dict turned back into the model's tensors."""
+    def loaded_state(self, state: dict, entry: dict, dtype, held: dict) -> dict:
+        """One saved shard turned back into the model's tensors; a tensor that needs a companion from a later
+        shard waits in `held` (which load_compressed passes from shard to shard and requires empty at the end)."""
         return state
 
 
@@ -254,15 +255,23 @@ class DobiHandler(MethodHandler):
         state.update(quantized_state(model))
         return state
 
-    def loaded_state(self, state: dict, entry: dict, dtype) -> dict:
-        """Dequantize a remapped model's int8 tensors on load: the model runs in floating point."""
-        if entry.get("remap"):
-            from .dobi_math import dequantize_absmax
+    def loaded_state(self, state: dict, entry: dict, dtype, held: dict) -> dict:
+        """Dequantize a remapped model's int8 tensors on load (the model runs in floating point), each as soon as
+        both it and its `_scale` have been read."""
+        if not entry.get("remap"):
+            return state
+        from .dobi_math import dequantize_absmax
 
-            for key in [k for k in state if k.endswith("_scale")]:
-                weight, scale = key[: -len("_scale")], state.pop(key)
-                state[weight] = dequantize_absmax(state[weight], scale,
-                                                  0 if weight.endswith(".u.weight") else 1).to(dtype)
+        state = {**state, **{k: held.pop(k) for k in list(held)}}
+        for key in [k for k in state if k.endswith("_scale")]:
+            weight = key[: -len("_scale")]
+            if weight not in state:
+                continue
+            scale = state.pop(key)
+            state[weight] = dequantize_absmax(state[weight], scale,
+                                              0 if weight.endswith(".u.weight") else 1).to(dtype)
+        for key in [k for k in state if k.endswith("_scale") or state[k].dtype == torch.int8]:
+            held[key] = state.pop(key)  # its companion comes in a later shard
         return state
 
 

@@ -144,11 +144,13 @@ def main() -> None:
         report = from_safe(args) if args.from_safe else run(args)
     (BENCH / args.out.rsplit("/", 1)[-1]).write_text(json.dumps(report, indent=1))
     if args.write:
-        title = f"{SECTION[:-1]}, {report['allocation']}, {report['calib']}, refine {report['refine']})"
+        title = (f"{SECTION[:-1]}, {report['allocation']}, {report['calib']}, refine {report['refine']}"
+                 f"{', held-out continuations' if 'continued' in report else ''})")
         body = (f"{title}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
                 f"bench/bench_generations.py --calib {args.calib} --allocation {args.allocation} --refine "
                 f"{args.refine} --ratios {args.ratios} --new-tokens {args.new_tokens}"
-                f"{' --from-safe' if args.from_safe else ''} --write` (bench/"
+                f"{' --from-safe' if args.from_safe else ''}"
+                f"{f' --continuations {args.continuations}' if args.continuations else ''} --write` (bench/"
                 f"{args.out.rsplit('/', 1)[-1]}). The Side-by-side page's defaults: greedy, chat template on, "
                 f"{args.new_tokens} new tokens, the three default prompts; dipsvd + {args.allocation} on the "
                 f"bundled SmolLM2-135M, calibration {args.calib} of wiki.\n\n" + markdown(report))

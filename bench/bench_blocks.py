@@ -103,8 +103,7 @@ def main() -> None:
             "block-curves-fixed": curve_allocation(curves, targets, ratio, fixed).ranks,
         }
         for name, ranks in variants.items():
-            held_ppl = objective(ranks)
-            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            held_ppl, ppl = objective.measure(ranks, lambda m: {s: perplexity(m, x) for s, x in evals.items()})
             dense = sum(all(ranks[t.name] is None for t in targets if t.block == b) for b in range(len(curves)))
             row = dict(variant=name, ratio=ratio, realized=alloc.realized_ratio(ranks, targets), heldout=held_ppl, **ppl,
                        dense_blocks=dense, **({"fixed_cost": fixed, "uniform_measured": measured,

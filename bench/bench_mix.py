@@ -63,8 +63,7 @@ def main() -> None:
             for t in wb.targets:
                 keep = alloc.matrix_params(a.ranks[t.name], t.out_features, t.in_features) / t.params
                 kinds.setdefault(t.name.rsplit(".", 1)[-1], []).append(keep)
-            objective(a.ranks)
-            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            _, ppl = objective.measure(a.ranks, lambda m: {s: perplexity(m, x) for s, x in evals.items()})
             rows.append(dict(ratio=ratio, p_min=p_min, **ppl, keep_by_type={k: sum(v) / len(v) for k, v in kinds.items()}))
             print_row(rows[-1])
     for ratio in [float(r) for r in args.ratios.split(",")] if not args.p_min else []:
@@ -73,8 +72,7 @@ def main() -> None:
         for w in (0.0, 0.25, 0.5, 0.75, 1.0):
             ranks = mix(coupled.ranks, heuristic.ranks, w, wb.targets)
             t0 = time.perf_counter()
-            held = objective(ranks)
-            ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+            held, ppl = objective.measure(ranks, lambda m: {s: perplexity(m, x) for s, x in evals.items()})
             rows.append(dict(ratio=ratio, w=w, realized=alloc.realized_ratio(ranks, wb.targets), heldout=held, **ppl,
                              seconds=time.perf_counter() - t0))
             print_row(rows[-1])

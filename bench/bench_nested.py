@@ -117,8 +117,7 @@ def main() -> None:
                 held, ppl = None, {s: perplexity(model, x) for s, x in evals.items()}
                 del model, weights
             else:
-                held = objective(ranks)
-                ppl = {s: perplexity(objective.swapper.copy, x) for s, x in evals.items()}
+                held, ppl = objective.measure(ranks, lambda m: {s: perplexity(m, x) for s, x in evals.items()})
             keep: dict[str, list[float]] = {}
             for t in targets:
                 if outer[t.name] is not DENSE or ranks[t.name] is not DENSE:  # the blocks the heuristic cuts

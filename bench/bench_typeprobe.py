@@ -73,8 +73,7 @@ def main() -> None:
     for r in [0.1, 0.2, 0.3, 0.4]:
         for name, w in [("coupled", w_cal), ("ipf", w_ipf)]:
             al = allocators.coupled(F, w, T, r)
-            h = obj(al.ranks); m = obj.swapper.copy
-            e = {s: round(perplexity(m, x), 2) for s, x in ev.items()}
+            h, e = obj.measure(al.ranks, lambda m: {s: round(perplexity(m, x), 2) for s, x in ev.items()})
             kinds = {}
             for t in T: kinds.setdefault(typ[t.name], []).append(alloc.matrix_params(al.ranks[t.name], t.out_features, t.in_features) / t.params)
             print_row(dict(ratio=r, w=name, held=round(h, 2), **e, keep={k: round(float(np.mean(v)), 2) for k, v in kinds.items()}))

@@ -4,17 +4,17 @@ scikit-optimize's `gp_minimize` proposes one variable per block in [0.25, 1]; ev
 projected onto the budget by `allocation.project`, so no evaluated point ever breaks it. The
 search is seeded and warm-started (x0) with the uniform and heuristic allocations.
 
-Evaluating a point never recomputes an SVD: `RankSwapper` holds ONE reusable copy of the model and
-writes W' = us[:, :k] @ vs[:k] (k rows of the cached factors, read from disk) into each targeted Linear in place,
-or the original W for a dense one. The original model is never touched. The objective is
-perplexity on held-out calibration-split windows (disjoint from the calibration windows), or
-1 - mean cosine similarity between the copy's and the original model's logits on those windows.
+Evaluating a point never recomputes an SVD and never copies the model: `RankSwapper` swaps each targeted Linear
+of the one model for a LowRankLinear of k rows of its cached factors (read from disk), or leaves it dense, for
+that evaluation only, and puts the original modules back after it. The objective is perplexity on held-out
+calibration-split windows (disjoint from the calibration windows), or 1 - mean cosine similarity between the
+swapped model's logits and the original model's (computed once, before any swap) on those windows.
 """
 from __future__ import annotations
 
-import copy
 import math
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -26,31 +26,46 @@ from .errors import DipSVDError
 from .evaluate import perplexity
 from .models import Target
 from .stream import window_ids
+from .surgery import LowRankLinear, set_module
 
 OBJECTIVES = ("ppl", "cosine")
 LOW, HIGH = 0.25, 1.0  # search range of each block's variable (the paper's)
 
 
 class RankSwapper:
-    """One copy of the model whose targeted weights are overwritten per allocation."""
+    """The one model, its targeted Linears swapped for one evaluation and put back after it.
+
+    `with swapper.ranks(factors, ranks) as model:` puts a LowRankLinear of k rows of each cached factor in place of
+    each targeted Linear (a dense one stays), and the original modules back when the block ends, whatever happens
+    in it. Nothing is copied: the model's own weights stay referenced, and an evaluation adds only the current
+    allocation's factors. On a GPU the swapped-out weights wait on the host meanwhile, so the device holds the
+    low-rank model, not both."""
 
     def __init__(self, model: nn.Module, targets: list[Target]):
-        self.original = model
-        self.copy = copy.deepcopy(model).eval()
-        src, dst = dict(model.named_modules()), dict(self.copy.named_modules())
-        self.pairs = {t.name: (src[t.name], dst[t.name]) for t in targets}
+        self.model = model
+        mods = dict(model.named_modules())
+        self.originals = {t.name: mods[t.name] for t in targets}
 
-    @torch.no_grad()
-    def set_ranks(self, factors, ranks: dict[str, int | None]) -> nn.Module:
-        for name, (orig, mod) in self.pairs.items():
-            k = ranks[name]
-            if k is DENSE:
-                mod.weight.copy_(orig.weight)
-            else:
-                u, v = factors[name].low_rank(k)  # k rows of each factor, read from disk
-                mod.weight.copy_((u.to(mod.weight.device).float() @ v.to(mod.weight.device).float())
-                                 .to(mod.weight.dtype))
-        return self.copy
+    @contextmanager
+    def ranks(self, factors, ranks: dict[str, int | None]):
+        swapped = {}
+        try:
+            with torch.no_grad():
+                for name, orig in self.originals.items():
+                    if ranks[name] is DENSE:
+                        continue
+                    w = orig.weight
+                    u, v = factors[name].low_rank(ranks[name])  # k rows of each factor, read from disk
+                    bias = None if orig.bias is None else orig.bias.detach().clone()
+                    set_module(self.model, name, LowRankLinear.from_weights(u.to(w.device, w.dtype),
+                                                                            v.to(w.device, w.dtype), bias))
+                    swapped[name] = w.device
+                    if w.device.type != "cpu":
+                        orig.to("cpu")
+            yield self.model
+        finally:
+            for name, device in swapped.items():
+                set_module(self.model, name, self.originals[name].to(device))
 
 
 class Objective:
@@ -67,9 +82,16 @@ class Objective:
             with torch.no_grad():
                 self.reference = [lm_model(ids).logits.half() for _, ids in window_ids(lm_model, windows)]
 
-    @torch.no_grad()
     def __call__(self, ranks: dict[str, int | None]) -> float:
-        model = self.swapper.set_ranks(self.factors, ranks)
+        return self.measure(ranks)[0]
+
+    def measure(self, ranks: dict[str, int | None], also=None) -> tuple[float, object]:
+        """The objective at `ranks`, and `also(model)` on the model at those ranks (None without it)."""
+        with self.swapper.ranks(self.factors, ranks) as model:
+            return self._value(model), (also(model) if also else None)
+
+    @torch.no_grad()
+    def _value(self, model: nn.Module) -> float:
         if self.kind == "ppl":
             try:
                 return perplexity(model, self.windows)

@@ -359,7 +359,8 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     refine_dev = 3 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B + 7 * g_max * g_max * 8 \
         + H * g_max * 8 + factoring
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
-    # every block; a search (BO) a second model beside the first; Dobi-SVD's training every block's autograd
+    # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
+    # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
     # for one window, its weight update a float64 incremental PCA state per matrix.
     probe = lambda ms: factor_bytes([(b, o, i) for b, o, i in ms], 4) // 4 + logits + window  # noqa: E731
     widest_type = max(sum(o * i for _, o, i in per_block if (o, i) == (o2, i2)) for _, o2, i2 in per_block)
@@ -368,7 +369,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
             P.FISHER: weights + fisher,
             P.BLOCK_PROBE: weights + probe(per_block),
             P.TYPE_PROBE: weights + L * widest_type * 4 + logits + window,
-            P.SEARCH: 2 * weights + logits + window,
+            P.SEARCH: weights + kept * B - (sh.targeted * B if cuda else 0) + logits + window,
             P.TRAINING: weights + L * layer_saved + logits,
             P.UPDATE: weights + sum(o * o for _, o, _ in sh.matrices) * 8 + window,
             P.REFINE: weights + refine_dev + (kept * B if not cuda else 0),
@@ -381,7 +382,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
     host = {"load": weights + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
-            P.REFINE: kept * B, P.FISHER: fisher_saved, "surgery": one_matrix * s}
+            P.REFINE: kept * B, P.FISHER: fisher_saved, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B}
     return work, disk, host
 
 

@@ -294,6 +294,31 @@ def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):
         bench.allocate(Settings(method="dipsvd", ratio=0.3)).ranks), rel=1e-9)
 
 
+def test_bo_objective_swaps_into_the_one_model_and_puts_it_back(bench, tiny_lm):
+    from dipsvd_core.bayes import Objective
+    from dipsvd_core.evaluate import perplexity
+
+    model = tiny_lm.model
+    before = {n: (id(m), m.weight.clone()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    params_before = sum(p.numel() for p in model.parameters())
+    s = Settings(method="dipsvd", ratio=0.3)
+    held = bench.heldout(2)
+    objective = Objective(model, tiny_lm.targets, bench.factors(s.spec), held)
+    built = bench.build(s)
+    ranks = built.allocation.ranks
+    # at these ranks the swapped model is the built one: the same low-rank modules, so the same perplexity
+    value, inside = objective.measure(ranks, lambda m: (m is model, sum(p.numel() for p in m.parameters())))
+    assert value == pytest.approx(perplexity(built.model, held), rel=1e-6)
+    assert inside == (True, sum(p.numel() for p in built.model.parameters()))  # no second model
+    # afterwards, and after a failure inside, every original Linear is back, untouched
+    with pytest.raises(RuntimeError):
+        objective.measure(ranks, lambda m: (_ for _ in ()).throw(RuntimeError("inside")))
+    after = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n: id(m) for n, m in after.items()} == {n: i for n, (i, _) in before.items()}
+    assert all(torch.equal(after[n].weight, w) for n, (_, w) in before.items())
+    assert sum(p.numel() for p in model.parameters()) == params_before
+
+
 def test_bayes_every_evaluated_point_is_on_budget_and_cancel_stops(tiny_lm):
     targets = tiny_lm.targets
     budget = 0.7 * sum(t.params for t in targets)

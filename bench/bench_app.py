@@ -84,7 +84,7 @@ def core() -> dict:
     out["load_model_s"] = time.perf_counter() - t0
     from dipsvd_core.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 
-    app = workbench(lm, DEFAULT_WINDOWS, DEFAULT_SEQLEN)  # the app's default calibration size (16 x 256 before issue 25)
+    app = workbench(lm, DEFAULT_WINDOWS, DEFAULT_SEQLEN)  # the app's default calibration (16 x 256 before issue 25)
     t0 = time.perf_counter()
     windows = app.windows()
     out["calibration_text_s"] = time.perf_counter() - t0

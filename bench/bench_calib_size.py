@@ -22,12 +22,22 @@ KEEP = "### "
 PASSES = ("statistics", "fisher", "factors", "type probe")
 
 
+def refine_of(row: dict) -> str:
+    """The refined build's --refine choice (rows before --refine existed were all sequential)."""
+    return row.get("refine", "sequential")
+
+
+def eval_tokens_of(row: dict) -> int:
+    """The tokens each evaluation set had (bench_refine_safe.py's rows do not say: 8192)."""
+    return row.get("eval_tokens", 8192)
+
+
 def originals(rows: list[dict], path) -> dict:
     """The original model's perplexity on wiki and news for every (window length, eval tokens) of `rows`: the
     windows differ by calibration length, so each pair is set against the original on the same windows. Kept in
     `path` (JSON lines) so --write measures each once."""
     known = {(r["seqlen"], r["eval_tokens"]): r for r in measured(path)}
-    need = {(int(r["calib"].split("x")[1]), r.get("eval_tokens", 8192)) for r in rows} - set(known)
+    need = {(int(r["calib"].split("x")[1]), eval_tokens_of(r)) for r in rows} - set(known)
     if need:
         from dipsvd_core.data import evaluation_windows
         from dipsvd_core.evaluate import perplexity
@@ -46,7 +56,7 @@ def originals(rows: list[dict], path) -> dict:
 def table(rows: list[dict], orig: dict) -> str:
     def key(r):
         w, t = (int(v) for v in r["calib"].split("x"))
-        return r["allocation"], r["ratio"], t, w, r.get("refine", "sequential")
+        return r["allocation"], r["ratio"], t, w, refine_of(r)
 
     lines = ["| allocation | ratio | calibration | tokens | refine | original wiki | unrefined wiki | refined wiki "
              "| original news | unrefined news | refined news | blocks refined | passes s | refine s | eval tokens |",
@@ -54,12 +64,12 @@ def table(rows: list[dict], orig: dict) -> str:
     for r in sorted(rows, key=key):
         w, t = (int(v) for v in r["calib"].split("x"))
         passes = sum(r.get("passes_s", {}).values())
-        o = orig[t, r.get("eval_tokens", 8192)]
-        lines.append(f"| {r['allocation']} | {r['ratio']:g} | {r['calib']} | {w * t} | {r.get('refine', 'sequential')} | {o['wiki']:.2f} "
-                     f"| {r['unrefined']['wiki']:.2f} | {r['refined']['wiki']:.2f} | {o['news']:.2f} "
-                     f"| {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} "
-                     f"| {r['refined_blocks']}/{r['blocks']} | {passes:.0f} | {r['refine_s']:.0f} "
-                     f"| {r.get('eval_tokens', 8192)} |")
+        tokens = eval_tokens_of(r)
+        o = orig[t, tokens]
+        lines.append(f"| {r['allocation']} | {r['ratio']:g} | {r['calib']} | {w * t} | {refine_of(r)} "
+                     f"| {o['wiki']:.2f} | {r['unrefined']['wiki']:.2f} | {r['refined']['wiki']:.2f} "
+                     f"| {o['news']:.2f} | {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} "
+                     f"| {r['refined_blocks']}/{r['blocks']} | {passes:.0f} | {r['refine_s']:.0f} | {tokens} |")
     return "\n".join(lines)
 
 
@@ -81,7 +91,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    done = {(r["calib"], r["allocation"], r["ratio"], r.get("refine", "sequential")) for r in measured(out)}
+    done = {(r["calib"], r["allocation"], r["ratio"], refine_of(r)) for r in measured(out)}
     lm = None
     for calib in args.sizes.split(","):
         todo = [(a, float(x)) for a in args.allocations.split(",") for x in args.ratios.split(",")
@@ -111,7 +121,8 @@ def main() -> None:
                 "calibration on wiki; passes s: the cold statistics, Fisher, factor and type-probe passes of that "
                 "size (run once per size, shared by its pairs; 0 for rows that do not record them, or where they were "
                 "cached); original: the uncompressed model on the same evaluation windows (the calibration's "
-                "length), since perplexity in 256-token windows is higher than in 512-token ones.\n\n" + table(rows, originals(rows, BENCH / "calib_size_original.jsonl")))
+                "length), since perplexity in 256-token windows is higher than in 512-token ones.\n\n"
+                + table(rows, originals(rows, BENCH / "calib_size_original.jsonl")))
         replace_section(RESULTS, SECTION, body, keep_from=KEEP)
 
 

@@ -138,24 +138,30 @@ def main() -> None:
                                                            "(its 16x256 rows of --allocation) instead of building")
     p.add_argument("--from-out", action="store_true", help="write the section from --out, measured before")
     args = p.parse_args()
+    out = BENCH / args.out.rsplit("/", 1)[-1]
     if args.from_out:
-        report = json.loads((BENCH / args.out.rsplit("/", 1)[-1]).read_text())
+        report = json.loads(out.read_text())
     else:
         report = from_safe(args) if args.from_safe else run(args)
-    (BENCH / args.out.rsplit("/", 1)[-1]).write_text(json.dumps(report, indent=1))
+        out.write_text(json.dumps(report, indent=1))
     if args.write:
         title = (f"{SECTION[:-1]}, {report['allocation']}, {report['calib']}, refine {report['refine']}"
                  f"{', held-out continuations' if 'continued' in report else ''})")
-        body = (f"{title}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
-                f"bench/bench_generations.py --calib {args.calib} --allocation {args.allocation} --refine "
-                f"{args.refine} --ratios {args.ratios} --new-tokens {args.new_tokens}"
-                f"{' --from-safe' if args.from_safe else ''}"
-                f"{f' --continuations {args.continuations}' if args.continuations else ''} --write` (bench/"
-                f"{args.out.rsplit('/', 1)[-1]}). The Side-by-side page's defaults: greedy, chat template on, "
-                f"{args.new_tokens} new tokens, the three default prompts; dipsvd + {args.allocation} on the "
-                f"bundled SmolLM2-135M, calibration {args.calib} of wiki.\n\n" + markdown(report))
+        body = (f"{title}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `{command(report, args.from_safe)}` "
+                f"(bench/{out.name}). The Side-by-side page's defaults: greedy, chat template on, "
+                f"{report['new_tokens']} new tokens, the three default prompts; dipsvd + {report['allocation']} on the "
+                f"bundled SmolLM2-135M, calibration {report['calib']} of wiki.\n\n" + markdown(report))
         replace_section(RESULTS, title, body)
 
+
+def command(report: dict, from_safe: bool) -> str:
+    """The command that measured `report` (read from the report itself, so that --from-out names it right)."""
+    ratios = ",".join(f"{r['ratio']:g}" for r in report["rows"])
+    continuations = len(report["continued"]["original"]) if "continued" in report else 0
+    return (f".venv/bin/python bench/bench_generations.py --calib {report['calib']} --allocation "
+            f"{report['allocation']} --refine {report['refine']} --ratios {ratios} --new-tokens "
+            f"{report['new_tokens']}{' --from-safe' if from_safe else ''}"
+            f"{f' --continuations {continuations}' if continuations else ''} --write")
 
 if __name__ == "__main__":
     main()

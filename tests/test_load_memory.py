@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dipsvd_core.compressed import load_compressed, save_compressed
+from dipsvd_core.errors import DipSVDError
 from dipsvd_core.surgery import LowRankLinear, set_module
 
 # The child process: build the model of the folder and run it once while a thread samples the resident memory
@@ -105,5 +106,5 @@ def test_sharded_save_loads_back_with_identical_logits(tmp_path, tiny_lm):
     assert not any(p.is_meta for p in back.model.parameters())
     # a shard gone: the missing tensors are named, nothing half-loaded is returned
     (out / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(DipSVDError, match="missing"):
         load_compressed(out, device="cpu")

@@ -202,7 +202,12 @@ def load_config(spec: str, trust_remote_code: bool = False):
             raise DipSVDError(f"{spec} holds no config.json; give a model folder, a .gguf file or a hub id")
         if is_compressed_folder(path):
             raise DipSVDError(f"{spec} is a compressed model already; plan the original model instead")
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), False
+        try:
+            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), False
+        except (ValueError, OSError, TypeError) as e:  # e.g. a config.json without model_type, or not JSON
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DipSVDError(f"{spec}/config.json is not a transformers model config ({first}); give the folder "
+                              "a model was saved to, with its config.json") from e
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise DipSVDError(f"model path not found: {spec}; check the path, or give a hub id like HuggingFaceTB/SmolLM2-135M")
     offline = not _hub_reachable()

@@ -35,6 +35,17 @@ def test_bad_input_exits_with_one_line(args, needle):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["compress", "plan"])
+@pytest.mark.parametrize("config", ["{}", "not json"])
+def test_a_config_that_is_not_a_models_gets_one_line(tmp_path, command, config):
+    """A folder whose config.json has no model_type (or is not JSON) is named, not a ValueError traceback."""
+    (tmp_path / "config.json").write_text(config)
+    proc = run(command, "--model", str(tmp_path), *(["--quiet"] if command == "compress" else []))
+    assert proc.returncode == 2
+    assert "config.json is not a transformers model config" in error_line(proc)
+    assert "Traceback" not in proc.stderr
+
+
 def test_calibration_text_too_short(tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words of calibration text.")

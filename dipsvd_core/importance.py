@@ -21,6 +21,7 @@ Fisher results are cached on disk under the statistics key (same model, same win
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ ENERGIES = ("sigma2", "sigma")
 FISHER_VERSION = "fisher-v3"  # v2: block-by-block backward; v3: output-gradient and output energies
 GRAD_EPS = 1e-8  # in ||grad|| / (||theta|| + eps)
 NORM_EPS = 1e-6  # added after min-max normalisation so that no Q_l is exactly zero
+FISHER_KEEP_BYTES = 2 << 30  # Fisher keeps every block's inputs up to this, else checkpoints (checkpoint_every)
 
 
 @dataclass
@@ -71,26 +73,57 @@ class _Inject(nn.Module):
         return (h,) if self.as_tuple else h
 
 
+def checkpoint_every(n_blocks: int, saved_bytes: int) -> int:
+    """Every how many blocks Fisher's forward keeps the inputs for the backward: every block when all of them
+    (`saved_bytes`) fit in FISHER_KEEP_BYTES, else every ceil(sqrt(n_blocks))-th, and the backward recomputes
+    the others one segment at a time (at most sqrt(L) + sqrt(L) sets held instead of L, for one more forward).
+    Llama-3-8B at 256 x 2048 in bf16: 137 GB of inputs for every block, 47 GB at every 6th."""
+    if saved_bytes <= FISHER_KEEP_BYTES:
+        return 1
+    return max(1, math.ceil(math.sqrt(n_blocks)))
+
+
 @dataclass
 class _SavedInputs:
-    """Part (a) of `fisher_info`, the result of its no-grad pass: what every block received, kept for the backward.
+    """Part (a) of `fisher_info`, the result of its no-grad pass: what the blocks received, kept for the backward.
 
     In memory, with n windows of seqlen tokens and width hidden, all in the model's dtype:
-    - saved[b][i]: block b's input for window i, (1, seqlen, hidden); on the host when the model runs on a GPU
-      (Llama-3-8B: 4.3 GB for all blocks), else on the model's device. `release(b)` drops block b's once done.
+    - saved[b][i]: block b's input for window i, (1, seqlen, hidden), kept for every `every`-th block (the
+      checkpoints; every block where they fit, `checkpoint_every`) and recomputed from the checkpoint below for
+      the others (`ensure`); on the host when the model runs on a GPU, else on the model's device. `release(b)`
+      drops block b's once done.
     - inputs: the stream.BlockInputs after the last block: inputs.hidden[i] is the LAST block's output for
       window i, (1, seqlen, hidden) on the model's device, and inputs.kwargs[i] the keyword arguments (position
-      embeddings, masks) the model passes every block for window i.
-    - as_tuple: whether a block returns a tuple (the stand-ins of part (b) answer the same way)."""
+      embeddings, masks) the model passes every block for window i. Its hidden states are dropped once part
+      (b) has read them.
+    - as_tuple: whether a block returns a tuple (the stand-ins of part (b) answer the same way).
+    - most: the most input sets held at once so far (a set: one block's inputs for every window)."""
 
     saved: list[list[torch.Tensor] | None]
     inputs: BlockInputs
     as_tuple: bool
+    device: torch.device  # where the blocks run the backward: the device of the last block's output
+    every: int = 1
+    most: int = 0
 
-    @property
-    def device(self) -> torch.device:
-        """Where the blocks run the backward: the device of the last block's output."""
-        return self.inputs.hidden[0].device
+    def held(self) -> int:
+        return sum(s is not None for s in self.saved)
+
+    def ensure(self, b: int, blocks: nn.ModuleList) -> None:
+        """Block b's inputs present: where they were not kept, the blocks from the checkpoint c below b up to
+        b - 1 run again over every window (no grad), keeping each one's input, as the first forward did."""
+        if self.saved[b] is not None:
+            return
+        c = b - b % self.every
+        to_host = self.device.type == "cuda"
+        with torch.no_grad():
+            hidden = [h.to(self.device) for h in self.saved[c]]
+            for j in range(c, b):
+                for i, (x, kw) in enumerate(zip(hidden, self.inputs.kwargs)):
+                    out = blocks[j](x, **kw)
+                    hidden[i] = out[0] if isinstance(out, tuple) else out
+                self.saved[j + 1] = [h.to("cpu") for h in hidden] if to_host else list(hidden)
+                self.most = max(self.most, self.held())
 
     def block_input(self, b: int, i: int) -> torch.Tensor:
         """Block b's input for window i on `device`, a leaf that requires grad: (1, seqlen, hidden)."""
@@ -101,8 +134,8 @@ class _SavedInputs:
 
 
 def _forward_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, progress=None) -> _SavedInputs:
-    """Part (a): one no-grad streaming pass over `windows` (n, seqlen) that keeps every block's input for every
-    window (see _SavedInputs for what it holds). Progress runs from 0 to 0.5 over the blocks."""
+    """Part (a): one no-grad streaming pass over `windows` (n, seqlen) that keeps the checkpoint blocks' inputs
+    (every block's where they fit) for every window (see _SavedInputs for what it holds). Progress runs from 0 to 0.5 over the blocks."""
     from .stream import capture_inputs, forward_block
 
     n_blocks = len(blocks)
@@ -111,14 +144,19 @@ def _forward_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tens
         out = blocks[0](inputs.hidden[0], **inputs.kwargs[0])
         as_tuple = isinstance(out, tuple)
         del out
-        # on a GPU every block's inputs wait in host memory (Llama-3-8B: 4.3 GB) and come back a block at a time
+        # on a GPU the kept inputs wait in host memory and come back a block at a time
+        h0 = inputs.hidden[0]
+        every = checkpoint_every(n_blocks, n_blocks * len(windows) * h0.numel() * h0.element_size())
         saved = []
-        to_host = inputs.hidden[0].device.type == "cuda"
+        to_host = h0.device.type == "cuda"
         for b, block in enumerate(blocks):
-            saved.append([h.to("cpu") for h in inputs.hidden] if to_host else list(inputs.hidden))
+            keep = b % every == 0
+            saved.append(([h.to("cpu") for h in inputs.hidden] if to_host else list(inputs.hidden)) if keep else None)
             forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
                 0.5 * (b + i / m) / n_blocks, f"fisher: forward, block {b + 1}/{n_blocks}"))
-    return _SavedInputs(saved, inputs, as_tuple)
+    fwd = _SavedInputs(saved, inputs, as_tuple, h0.device, every)
+    fwd.most = fwd.held()
+    return fwd
 
 
 def _top_gradients(model: nn.Module, blocks: nn.ModuleList, fwd: _SavedInputs,
@@ -148,7 +186,7 @@ def _top_gradients(model: nn.Module, blocks: nn.ModuleList, fwd: _SavedInputs,
                                       "float32 (--dtype float32)")
                 loss.backward()
             loss_sum += loss.item()
-            grads.append(top.grad)
+            grads.append(top.grad.to("cpu") if top.grad.device.type == "cuda" else top.grad)  # on a GPU: host
             del logits, loss, top
     finally:
         for b, block in enumerate(originals):
@@ -162,19 +200,30 @@ class _Reductions:
     - grad_sum[name]: (out, in) float32, the sum over windows of grad_w, the weight gradient of window w's loss;
     - rows[name]: (in,) float64, the row-wise Fisher f_j = sum over windows of sum_i grad_w[i, j]^2;
     - out_grad2[name], out_energy[name]: floats, the sums over tokens of ||dL_w/dy_t||^2 and of ||y_t||^2.
-    grad_sum and rows are made by `start` (on the device of the gradients) as the backward reaches a block; out_*
-    exist for every target from the start. A hook holds its window's input x (1, seqlen, in) and then one (out, in)
-    gw until that window's gradient at y has arrived."""
+    grad_sum and rows are made by `start` (on the device of the gradients) as the backward reaches a block, and
+    `finish` reduces grad_sum to per_matrix[name] = ||mean grad||_F / (||W||_F + eps) and drops it when the block's
+    backward ends, so that one block's sums are held, not the model's (Llama-3-8B: 28 GB of them); rows move to
+    the host there. out_* exist for every target from the start. A hook holds its window's input x (1, seqlen, in)
+    and then one (out, in) gw until that window's gradient at y has arrived."""
 
     def __init__(self, names: list[str]):
         self.grad_sum: dict[str, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] = {}
+        self.per_matrix: dict[str, float] = {}
         self.out_grad2 = {name: 0.0 for name in names}
         self.out_energy = {name: 0.0 for name in names}
 
     def start(self, name: str, shape: torch.Size, device: torch.device) -> None:
         self.grad_sum[name] = torch.zeros(shape, dtype=torch.float32, device=device)
         self.rows[name] = torch.zeros(shape[1], dtype=torch.float64, device=device)
+
+    def finish(self, name: str, module: nn.Module, n: int) -> None:
+        """The mean gradient's figure of `name` over n windows (float64), its sum dropped; rows to the host."""
+        g = self.grad_sum.pop(name).double() / n  # gradient of the mean loss over windows
+        with weights_of(module):
+            norm_w = torch.linalg.norm(module.weight.detach().double()).to(g.device)
+        self.per_matrix[name] = (torch.linalg.norm(g) / (norm_w + GRAD_EPS)).item()
+        self.rows[name] = self.rows[name].cpu()
 
     def hook(self, name: str):
         """A forward hook for the Linear `name`: it adds ||y||^2 and registers, on y, the reduction of y's gradient
@@ -192,15 +241,18 @@ class _Reductions:
         return forward_hook
 
 
-def _backward_block(b: int, block: nn.Module, names: list[str], mods: dict[str, nn.Module], fwd: _SavedInputs,
+def _backward_block(b: int, blocks: nn.ModuleList, names: list[str], mods: dict[str, nn.Module], fwd: _SavedInputs,
                     grads: list[torch.Tensor], red: _Reductions, progress=None) -> None:
-    """Part (c): block b run again on its saved inputs (fwd) and back-propagated, window by window, from grads[i]
-    (dL_i/dh at its output, (1, seqlen, hidden)); `red` reduces the weight gradients of its targeted Linears `names`.
-    grads[i] becomes dL_i/dh at the block's input, for block b - 1, and fwd.release(b) frees the saved inputs.
-    Held meanwhile: one window's activations and graph of this block, and `red`'s figures of these Linears."""
-    n, n_blocks = len(grads), len(fwd.saved)
+    """Part (c): block b run again on its saved inputs (fwd; recomputed from the checkpoint below where they were
+    not kept) and back-propagated, window by window, from grads[i] (dL_i/dh at its output, (1, seqlen, hidden));
+    `red` reduces the weight gradients of its targeted Linears `names`, and finishes them at the end. grads[i]
+    becomes dL_i/dh at the block's input, for block b - 1 (where grads[i] was, on the host when the model runs on
+    a GPU), and fwd.release(b) frees the saved inputs. Held meanwhile: one window's activations and graph of this
+    block, and `red`'s figures of these Linears."""
+    n, n_blocks, block = len(grads), len(fwd.saved), blocks[b]
+    fwd.ensure(b, blocks)
     for name in names:
-        red.start(name, mods[name].weight.shape, grads[0].device)
+        red.start(name, mods[name].weight.shape, fwd.device)
     handles = [mods[nm].register_forward_hook(red.hook(nm)) for nm in names]
     try:
         for i in range(n):
@@ -209,32 +261,30 @@ def _backward_block(b: int, block: nn.Module, names: list[str], mods: dict[str, 
                 out = block(x, **fwd.inputs.kwargs[i])
                 h = out[0] if isinstance(out, tuple) else out
                 h.backward(grads[i].to(h.device))
-            grads[i] = x.grad
+            grads[i] = x.grad.to(grads[i].device)
             if progress:
                 progress(0.5 + 0.5 * (n_blocks - b - 1 + (i + 1) / n) / n_blocks,
                          f"fisher: backward, block {b + 1}/{n_blocks}, window {i + 1}/{n}")
     finally:
         for h_ in handles:
             h_.remove()
+    for name in names:
+        red.finish(name, mods[name], n)
     fwd.release(b)
 
 
-def _assemble(mods: dict[str, nn.Module], targets: list[Target], red: _Reductions, n: int, tokens: int,
+def _assemble(targets: list[Target], red: _Reductions, n: int, tokens: int,
               loss_sum: float, t0: float) -> FisherInfo:
     """Part (d): FisherInfo from the reductions of n windows (tokens in all): per matrix s = ||mean grad||_F /
     (||W||_F + eps) in float64, S_l = the sum of s over block l's targets, the trace sum_j f_j / n, the output
-    figures per token, and the rows moved to the host. Nothing but those figures and one weight's norm is held."""
+    figures per token. Nothing but those figures is held."""
     per_matrix, trace = {}, {}
     per_block = np.zeros(1 + max(t.block for t in targets))
     for t in targets:
-        g = red.grad_sum[t.name].double() / n  # gradient of the mean loss over windows
-        with weights_of(mods[t.name]):
-            norm_w = torch.linalg.norm(mods[t.name].weight.detach().double()).to(g.device)
-        s = (torch.linalg.norm(g) / (norm_w + GRAD_EPS)).item()
-        per_matrix[t.name] = s
+        per_matrix[t.name] = s = red.per_matrix[t.name]
         trace[t.name] = red.rows[t.name].sum().item() / n
         per_block[t.block] += s
-    return FisherInfo(per_block, per_matrix, {k: v.cpu() for k, v in red.rows.items()}, trace,
+    return FisherInfo(per_block, per_matrix, dict(red.rows), trace,
                       {k: v / tokens for k, v in red.out_grad2.items()},
                       {k: v / tokens for k, v in red.out_energy.items()},
                       n, loss_sum / n, seconds=time.perf_counter() - t0)
@@ -257,13 +307,16 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
     """Backward passes over `windows` (n, seqlen), one decoder block at a time (stream.py), so that memory
     holds one block's gradients, not the whole model's:
 
-    1. a no-grad streaming pass keeps every block's input for every window (`_forward_inputs`);
+    1. a no-grad streaming pass keeps every block's input for every window (`_forward_inputs`), or, where those
+       would exceed FISHER_KEEP_BYTES, every sqrt(L)-th block's, the others recomputed in step 3 a segment at a
+       time (`checkpoint_every`; same figures, one more forward);
     2. per window, the top of the model (final norm, lm_head, loss) runs on the last block's output
        with the blocks stood in for, giving dL_w/dh at that output (`_top_gradients`);
     3. from the last block down, each block is run again on its saved inputs and back-propagated from
        dL_w/dh; for every targeted Linear y = x W^T its weight gradient is grad_y^T x (hooks, no
        requires_grad on any weight, so accelerate-offloaded weights work), reduced at once to the figures
-       FisherInfo keeps (`_backward_block`, `_Reductions`), and the gradient at the block's input is passed down;
+       FisherInfo keeps (`_backward_block`, `_Reductions`; a block's gradient sums live only until its backward
+       ends), and the gradient at the block's input is passed down (on a GPU it waits on the host);
     4. FisherInfo is assembled from those figures (`_assemble`).
     The weights' requires_grad flags and .grad are left exactly as they were."""
     from .models import find_blocks
@@ -278,9 +331,10 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
     with _frozen(model):
         fwd = _forward_inputs(model, blocks, windows, progress)  # 1.
         grads, loss_sum = _top_gradients(model, blocks, fwd, windows)  # 2.
+        fwd.inputs.hidden = []  # the last block's outputs, not needed from here
         for b in reversed(range(len(blocks))):  # 3. block by block, from the top
-            _backward_block(b, blocks[b], names_of.get(b, []), mods, fwd, grads, red, progress)
-    return _assemble(mods, targets, red, len(windows), windows.numel(), loss_sum, t0)  # 4.
+            _backward_block(b, blocks, names_of.get(b, []), mods, fwd, grads, red, progress)
+    return _assemble(targets, red, len(windows), windows.numel(), loss_sum, t0)  # 4.
 
 
 def cached_fisher(lm, windows: torch.Tensor, stats_key: str, progress=None) -> FisherInfo:

@@ -15,7 +15,8 @@ these shapes it adds up what each phase holds at its peak:
 - factors (the same pass for svd-llm and dipsvd): the above plus the factoring of the largest matrix
   in the compute dtype (the whitening's SVD of the in x in Gram, the SVD of W S) and the block's
   factors before they are written.
-- Fisher (importance.fisher_info, block by block): the weights, every block's inputs for every window,
+- Fisher (importance.fisher_info, block by block): the weights, the kept blocks' inputs for every window
+  (every block's up to importance.FISHER_KEEP_BYTES, else every sqrt(L)-th block's and one recomputed segment),
   the gradients at one block boundary, one block's float32 gradient sums and autograd, one window's logits.
 - surgery: the weights plus the kept factors at this ratio (read from disk one matrix at a time). compress
   converts the model in place, dropping each dense matrix as its factors replace it; the app keeps the
@@ -52,6 +53,7 @@ from torch import nn
 
 from . import passes as P
 from .errors import DipSVDError
+from .importance import checkpoint_every
 from .methods import handler, needs
 from .refine import TAUS, TUNE_EPOCHS, refine_choice
 from .settings import Settings
@@ -345,12 +347,17 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
     layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
     logits = 3 * T * sh.vocab * 4
-    # Fisher runs block by block: every block's inputs (L x windows x T x H; on a GPU they wait in host memory
-    # and one block's come back), the gradients at one level, one block's float32 gradient sums, one block's
-    # autograd, the logits of one window
-    fisher_saved = L * N * T * H * B
-    fisher = (N * T * H * B if cuda else fisher_saved) + N * T * H * 4 + sum(o * i for _, o, i in per_block) * 8 \
-        + layer_saved + logits
+    # Fisher runs block by block: the kept blocks' inputs (every block's where they fit, else every sqrt(L)-th and
+    # one segment recomputed: importance.checkpoint_every), on a GPU waiting in host memory with one block's back
+    # on the device; the gradients at one level (on a GPU on the host), the last block's outputs (on the device
+    # while the forward streams), one block's float32 gradient sums and float64 rows, one block's autograd, the
+    # logits of one window
+    one_set = N * T * H * B
+    every = checkpoint_every(L, L * one_set)
+    fisher_saved = (L if every == 1 else math.ceil(L / every) + every - 1) * one_set
+    sums = sum(o * i * 4 + i * 8 for _, o, i in per_block)
+    fisher = (2 * one_set if cuda else fisher_saved + 2 * one_set) + sums + layer_saved + logits
+    host_fisher = fisher_saved + one_set  # on a GPU: the kept inputs and the gradients
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
     # Refine (refine.py) streams two activation sets (original and compressed) and the block's compressed-path
@@ -387,7 +394,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
     host = {"load": weights + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
-            P.REFINE: kept * B, P.FISHER: fisher_saved, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B}
+            P.REFINE: kept * B, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B}
     return work, disk, host
 
 

@@ -154,3 +154,54 @@ def test_fisher_leaves_the_model_as_it_was_when_interrupted(tiny_lm, windows, st
     for n, p in model.named_parameters():
         assert p.requires_grad == flags[n] and p.grad is None
     assert not any(mods[t.name]._forward_hooks for t in tiny_lm.targets)
+
+
+def test_checkpoint_every_keeps_all_that_fit_else_every_sqrt_l_th():
+    from dipsvd_core.importance import FISHER_KEEP_BYTES, checkpoint_every
+
+    assert checkpoint_every(32, FISHER_KEEP_BYTES) == 1
+    assert checkpoint_every(32, FISHER_KEEP_BYTES + 1) == 6  # ceil(sqrt(32)): Llama-3-8B holds 6 + 5 sets, not 32
+    assert checkpoint_every(5, FISHER_KEEP_BYTES + 1) == 3
+    assert checkpoint_every(1, FISHER_KEEP_BYTES + 1) == 1
+
+
+def test_fisher_with_checkpoints_gives_the_same_figures_and_holds_fewer_inputs(tmp_path, monkeypatch):
+    """Over the keep limit, the backward recomputes the inputs it did not keep: with 5 blocks the forward keeps
+    blocks 0 and 3, the backward recomputes 4 from 3 and then 1, 2 from 0, and never holds more than 3 sets (not
+    5); every figure equals the run that kept all. And each block's float32 gradient sums are dropped when its
+    backward ends: no more than one block's at a time."""
+    from conftest import make_tiny_llama
+    from dipsvd_core import importance
+    from dipsvd_core.loading import load_model
+
+    lm = load_model(make_tiny_llama(tmp_path / "five", layers=5), device="cpu", dtype="float32")
+    windows = Workbench(lm, "wiki", 3, 48).windows()
+    kept = fisher_info(lm.model, lm.targets, windows)
+
+    seen, live = [], []
+    real_forward, real_start = importance._forward_inputs, importance._Reductions.start
+
+    def spy_forward(*args):
+        fwd = real_forward(*args)
+        seen.append(fwd)
+        return fwd
+
+    def spy_start(self, name, shape, device):
+        live.append(len(self.grad_sum))
+        real_start(self, name, shape, device)
+
+    monkeypatch.setattr(importance, "FISHER_KEEP_BYTES", 0)
+    monkeypatch.setattr(importance, "_forward_inputs", spy_forward)
+    monkeypatch.setattr(importance._Reductions, "start", spy_start)
+    again = fisher_info(lm.model, lm.targets, windows)
+
+    fwd = seen[0]
+    assert fwd.every == 3 and fwd.most == 3 and fwd.held() == 0
+    per_block = len(lm.targets) // 5
+    assert max(live) == per_block - 1  # the block's own sums only, the block above's already reduced
+    np.testing.assert_allclose(again.per_block, kept.per_block, rtol=1e-6)
+    assert again.loss == kept.loss
+    for t in lm.targets:
+        assert again.per_matrix[t.name] == pytest.approx(kept.per_matrix[t.name], rel=1e-6)
+        torch.testing.assert_close(again.rows[t.name], kept.rows[t.name], rtol=1e-6, atol=0)
+        assert again.out_grad2[t.name] == pytest.approx(kept.out_grad2[t.name], rel=1e-6)

@@ -269,6 +269,7 @@ def cmd_compress(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
     from .compressed import save_compressed
     from .loading import load_model
+    from .memwatch import PhaseMemory
     from .models import count_params
     from .methods import handler
     from .pipeline import Workbench, peak_memory_mb
@@ -284,11 +285,13 @@ def cmd_compress(args) -> dict:
     t0 = time.perf_counter()
     plan = _check_plan(args)
     timings = {"plan": time.perf_counter() - t0}  # the config alone; a GGUF's is parsed whole (seconds)
-    progress = Progress(args.quiet)
+    progress, memory = Progress(args.quiet), PhaseMemory()
     t0 = time.perf_counter()
-    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, offload=args.offload)
+    with memory.phase("load"):
+        lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, offload=args.offload)
     timings["load_model"] = time.perf_counter() - t0
     bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
+    bench.memory = memory
     t0 = time.perf_counter()
     bench.windows()
     timings["calibration_text"] = time.perf_counter() - t0
@@ -296,7 +299,8 @@ def cmd_compress(args) -> dict:
     # run holds one model, never the original and the compressed one side by side.
     t0 = time.perf_counter()  # evaluation includes cutting its windows, as the app's does
     sets = _eval_sets(lm, args.eval, args.eval_seqlen or args.seqlen, args.eval_tokens)
-    ppl = {} if args.no_eval_original else {"original": _perplexities(lm.model, sets, progress)}
+    with memory.phase("evaluation"):
+        ppl = {} if args.no_eval_original else {"original": _perplexities(lm.model, sets, progress)}
     t_eval = time.perf_counter() - t0
     progress.close()
     extra, t_gen = {}, 0.0
@@ -311,7 +315,8 @@ def cmd_compress(args) -> dict:
     timings.update(result.timings_s)
     progress.close()
     t0 = time.perf_counter()
-    ppl = {"compressed": _perplexities(result.model, sets, progress), **ppl}
+    with memory.phase("evaluation"):
+        ppl = {"compressed": _perplexities(result.model, sets, progress), **ppl}
     timings["evaluation"] = t_eval + time.perf_counter() - t0
     progress.close()
     report = compression_report(lm, bench, result,
@@ -331,10 +336,12 @@ def cmd_compress(args) -> dict:
         info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
         if "storage" in report:
             info.update(remap=report["storage"]["remap"], storage=report["storage"])
-        report["saved_to"] = str(save_compressed(result.model, args.out, lm.tokenizer, info, force=args.force))
+        with memory.phase("save"):
+            report["saved_to"] = str(save_compressed(result.model, args.out, lm.tokenizer, info, force=args.force))
         timings["save"] = time.perf_counter() - t0
     report["timings_s"] = timings
     report["peak_memory_mb"] = peak_memory_mb()
+    report["memory"] = {"phases": memory.report()}
     if plan is not None:
         report["plan"] = plan
     return report

@@ -200,8 +200,9 @@ class DobiHandler(MethodHandler):
             t, meta = hit
             trained = dobi.Trained(dict(zip(meta["names"], t["gammas"].tolist())), meta["history"], 0.0)
         else:
-            trained = dobi.train_gammas(bench.lm.model, targets, windows, settings.ratio, cfg, progress,
-                                        callback, cancel)
+            with bench.memory.phase(P.TRAINING):
+                trained = dobi.train_gammas(bench.lm.model, targets, windows, settings.ratio, cfg, progress,
+                                            callback, cancel)
             if trained.cancelled:
                 return trained
             save_tensors("dobi", disk, {"gammas": torch.tensor([trained.gammas[t.name] for t in targets])},
@@ -220,7 +221,8 @@ class DobiHandler(MethodHandler):
         t0 = time.perf_counter()
         ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, cfg.remap)
         ipca = bench.windows()[: cfg.ipca_windows] if cfg.ipca_windows else bench.windows()
-        weights = dobi.ipca_weights(bench.lm.model, targets, ipca, ranks, cfg.ipca_extra, progress)
+        with bench.memory.phase(P.UPDATE):
+            weights = dobi.ipca_weights(bench.lm.model, targets, ipca, ranks, cfg.ipca_extra, progress)
         if cfg.remap:
             weights = dobi.remap_weights(weights)
         allocation = dobi.allocation_of(ranks, targets, settings.ratio, cfg.remap, [h["task"] for h in trained.history])

@@ -9,7 +9,6 @@ and factors come from block-streaming passes (stream.py): what it holds for ever
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from .cache import cache_dir, load_tensors, make_key, save_tensors
 from .factors import Factor, FactorSpec, FactorStore, ScaleData, factor_model
 from .importance import FisherInfo, cached_fisher, effective_ranks, importance
 from .methods import handler, needs, refines
+from .memwatch import PhaseMemory, lifetime_host_peak
 from .models import LoadedModel, weights_of
 from .settings import Settings, settings_dict  # noqa: F401 (the flow's entry names, re-exported)
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
@@ -45,7 +45,7 @@ class Result:
 
 
 def peak_memory_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    rss = lifetime_host_peak() / 2**20  # the phases reset the kernel's high-water mark (memwatch)
     if torch.cuda.is_available():
         rss = max(rss, torch.cuda.max_memory_allocated() / 2**20)
     return rss
@@ -65,6 +65,7 @@ class Workbench:
         self._probes: dict[tuple, np.ndarray] = {}
         self._heldout: dict[int, torch.Tensor] = {}  # held-out windows, per count
         self.timings_s: dict[str, float] = {}
+        self.memory = PhaseMemory()  # each pass's measured peaks (the report's memory.phases)
         self._converted = False  # build(inplace=True) turned the original into the compressed model
 
     @property
@@ -79,7 +80,8 @@ class Workbench:
     def stats(self, progress=None) -> Stats:
         if self._stats is None:
             t0 = time.perf_counter()
-            self._stats = cached_stats(self.lm, self.windows(), progress)
+            with self.memory.phase(P.STATISTICS):
+                self._stats = cached_stats(self.lm, self.windows(), progress)
             self.timings_s[P.STATISTICS] = time.perf_counter() - t0
         return self._stats
 
@@ -105,7 +107,14 @@ class Workbench:
     def prefactor(self, specs: list[FactorSpec], progress=None) -> None:
         """Factors for several specs: from the disk cache where they are, else computed, the Gram methods
         (svd-llm, dipsvd, any weights) all in ONE block-streaming pass that factors each block for every
-        spec while its Grams exist; the others block by block from the weights."""
+        spec while its Grams exist; the others block by block from the weights. Measured as the factors phase
+        (with the statistics the Gram pass collects on the way)."""
+        if all(spec.key in self._factors for spec in specs):
+            return
+        with self.memory.phase(P.FACTORS):
+            self._prefactor(specs, progress)
+
+    def _prefactor(self, specs: list[FactorSpec], progress=None) -> None:
         t0 = time.perf_counter()
         pending = []
         for spec in dict.fromkeys(specs):
@@ -191,7 +200,8 @@ class Workbench:
         """Fisher sensitivity from backward passes over the calibration windows (cached on disk)."""
         if self._fisher is None:
             t0 = time.perf_counter()
-            self._fisher = cached_fisher(self.lm, self.windows(), stats_key(self.lm, self.windows()), progress)
+            with self.memory.phase(P.FISHER):
+                self._fisher = cached_fisher(self.lm, self.windows(), stats_key(self.lm, self.windows()), progress)
             self.timings_s[P.FISHER] = time.perf_counter() - t0
         return self._fisher
 
@@ -308,10 +318,12 @@ class Workbench:
             if hit is not None:
                 self._probes[ident] = hit[0]["d"].numpy()
             else:
+                factors = self.factors(settings.spec, progress)
                 t0 = time.perf_counter()
                 groups, labels = probe_groups(self.targets, kind)
-                d = group_sensitivity(self.lm.model, self.targets, self.factors(settings.spec, progress),
-                                      self.heldout(settings.bo_windows), allocators.PROBE_KEEP, groups, labels, progress)
+                with self.memory.phase(PROBE_CACHE[kind][1]):
+                    d = group_sensitivity(self.lm.model, self.targets, factors, self.heldout(settings.bo_windows),
+                                          allocators.PROBE_KEEP, groups, labels, progress)
                 save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP, "groups": labels,
                                                                        "seconds": time.perf_counter() - t0})
                 self.timings_s[PROBE_CACHE[kind][1]] = time.perf_counter() - t0
@@ -342,11 +354,13 @@ class Workbench:
         settings.check()
         state = handler(settings.method).new_state(self, settings, allocation, progress)
         if refines(settings.refine):
-            state.weights, info = self.refine(settings, state.allocation, progress, fallback=state.weights)
+            with self.memory.phase(P.REFINE):
+                state.weights, info = self.refine(settings, state.allocation, progress, fallback=state.weights)
             state.timings_s[P.REFINE] = info["seconds"]
             state.info = dict(state.info, refine=info)
         t0 = time.perf_counter()
-        model = self._surgery(state.weights, inplace)
+        with self.memory.phase("surgery"):
+            model = self._surgery(state.weights, inplace)
         timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
         return Result(model, state.allocation, settings, timings, state.info)
 

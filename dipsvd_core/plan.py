@@ -361,14 +361,12 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
     # Refine (refine.py) streams two activation sets (original and compressed) and the block's compressed-path
-    # inputs again for its held-out check, keeps every input group's X of
-    # one block for all windows (an upper bound: a factored last Linear's X is not kept), the last Linear's X^
-    # and the residual r^, the attention's output replayed for the later groups, one group's G^, C and the last
-    # Linear's numerator (fit and held-out parts, both parts summed, and the original X X^T of each part), one
-    # group's factoring; the refined
-    # factors of every block gather on the host.
+    # inputs again for its held-out check, keeps every input group's X of one block for all windows (an upper
+    # bound: a factored last Linear's X is not kept), the attention's output replayed for the later groups, one
+    # group's G^, C and the last Linear's numerator (fit and held-out parts, both parts summed, and the original
+    # X X^T of each part), one group's factoring; the refined factors of every block gather on the host.
     g_max = max(sh.groups)
-    refine_dev = 3 * acts + N * T * (sum(sh.groups) + g_max + 2 * H) * B + 7 * g_max * g_max * 8 \
+    refine_dev = 3 * acts + N * T * (sum(sh.groups) + H) * B + 7 * g_max * g_max * 8 \
         + H * g_max * 8 + factoring
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
     # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the

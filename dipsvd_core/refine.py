@@ -60,8 +60,8 @@ group's X; then, group by group in the order the block calls them (q/k/v, o, gat
 the block on the compressed path with the groups before already refined, stopping at the group, to
 take X^ (so o_proj and down_proj are fitted to the inputs they will really see), and refines the
 group's factored matrices; finally the refined block's outputs on the compressed path become block
-l+1's inputs (when the last group is the residual-writing Linear, they are r^ plus its refined output,
-from the run that fitted it, so the block is not run a fourth time). On the compressed path a refined
+l+1's inputs (one more run, with the attention replayed; keeping the last Linear's X^ to skip it would hold
+windows x seqlen x intermediate). On the compressed path a refined
 matrix runs as its two factors in place of the Linear's own forward (the dense product is not
 computed), and a child of the block that has finished with all its matrices refined (the attention,
 once o_proj is) is replayed from its kept outputs instead of being run again for the later groups.
@@ -237,8 +237,7 @@ class _GroupStats:
     compressed path, each window into its part (`held`: the indices of the held-out windows, scored and not
     fitted; empty: every window is fitted). Always the Gram G^ = X^ X^^T, (in, in). A plain group adds the
     cross-Gram C = X X^^T, (in, in), with X the original inputs; the residual-writing Linear (`full`) adds
-    instead the whole numerator (B - R^) X^^T, (hidden, in), and keeps each window's X^ and r^, (tokens, in)
-    and (tokens, hidden), to give the next block its inputs once the Linear is refined. `gram`, `cross` and
+    instead the whole numerator (B - R^) X^^T, (hidden, in). Nothing is kept per window. `gram`, `cross` and
     `numerator` are the fit part's."""
 
     def __init__(self, full: bool, held: frozenset = frozenset()):
@@ -246,8 +245,6 @@ class _GroupStats:
         self.fit, self.held = _Sums(False), _Sums(True)
         self.orig_fit: torch.Tensor | None = None  # the original inputs' X X^T on the fit windows (set by the walk)
         self._terms: dict[str, tuple] = {}  # matrix -> (||W X||^2, W C) on the held-out windows (held_error)
-        self.kept_x: list[torch.Tensor] = []
-        self.kept_r: list[torch.Tensor] = []
 
     gram = property(lambda self: self.fit.gram)
     cross = property(lambda self: self.fit.cross)
@@ -266,8 +263,6 @@ class _GroupStats:
         """The residual-writing Linear's window i: its input X^ (tokens, in), the compressed path's residual r^
         (tokens, hidden) and the original block's output B, whatever its shape."""
         part, xh = self._part(i), x_raw.float()
-        self.kept_x.append(x_raw)
-        self.kept_r.append(r_h)
         # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
         d = (block_out.reshape(-1, r_h.shape[-1]) - r_h).float()
         part.add("numerator", (d.T @ xh).double())
@@ -311,11 +306,6 @@ class _GroupStats:
         quad = float(((u.T @ u) * (v @ h.gram @ v.T)).sum())
         return const - 2 * float(((u.T @ T) * v).sum()) + quad
 
-    def outputs(self, refined, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """full: the block's outputs r^ + the refined last Linear, per window, shaped as `like`: the block
-        need not run again."""
-        return [(self.kept_r[i] + refined(self.kept_x[i])).reshape(like[i].shape) for i in range(len(like))]
-
 
 class _BlockWalk:
     """One block on both paths. `run_original` runs the original block once and keeps every input group's X;
@@ -341,7 +331,6 @@ class _BlockWalk:
         self.replayed: set[nn.Module] = set()
         self.children = [m for m in block.children() if any(isinstance(x, nn.Linear) for x in m.modules())]
         self.swaps: list = []  # restore functions of the replaced forwards, undone when the block is done
-        self.next_hidden: list[torch.Tensor] | None = None  # the refined block's outputs, if the last group gives them
 
     def _take(self, name: str):
         def hook(module, args):
@@ -485,12 +474,11 @@ class _BlockWalk:
         return host, refined
 
     def advance(self) -> None:
-        """The refined block on the compressed path gives the next block its inputs (already at hand when the last
-        group was the residual-writing Linear: r^ + its refined output)."""
+        """The refined block on the compressed path gives the next block its inputs (its finished children, the
+        attention, replayed: what runs again is the rest, the MLP of a Llama block)."""
         for i in range(self.n_win):
             self.current[0] = i
-            self.hat.hidden[i] = self.next_hidden[i] if self.next_hidden is not None else _block_out(
-                self.block(self.hat.hidden[i], **self.hat.kwargs[i]))
+            self.hat.hidden[i] = _block_out(self.block(self.hat.hidden[i], **self.hat.kwargs[i]))
 
     def restore(self) -> None:
         for undo in reversed(self.swaps):
@@ -664,10 +652,8 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                                        taus, fallback, abs_means, fisher_rows)
                     floored += k
                     for n in members:
-                        out[n], refined = walk.install(n, *picks[n]["final"])
+                        out[n], _ = walk.install(n, *picks[n]["final"])
                         chosen[n] = picks[n]
-                    if stats.full:  # the group's one member: the block's outputs without running it again
-                        walk.next_hidden = stats.outputs(refined, hat.hidden)
                     del picks, stats
                 walk.taken.pop(leader, None)
                 if progress:

@@ -106,8 +106,9 @@ def _bayes(bench, settings, bounds, progress=None, callback=None, cancel=None):
                                                bench.heldout(settings.bo_windows), settings.bo_objective))
     warm = [alloc.uniform(bench.targets, settings.ratio, **bounds).p_blocks, _heuristic(bench, settings, bounds,
                                                                                          progress).p_blocks]
-    found = bayes(objective, bench.targets, settings.ratio, warm, settings.bo_calls, settings.seed,
-                  callback=callback, cancel=cancel, progress=progress, **bounds)
+    with bench.memory.phase(P.SEARCH):
+        found = bayes(objective, bench.targets, settings.ratio, warm, settings.bo_calls, settings.seed,
+                      callback=callback, cancel=cancel, progress=progress, **bounds)
     bench.timings_s[P.SEARCH] = time.perf_counter() - t0
     return found
 

@@ -84,6 +84,13 @@ def test_compress_then_evaluate_the_saved_model(tiny_model_dir, tmp_path):
     assert set(r["ppl"]["original"]) == set(r["ppl"]["compressed"]) == {"wiki", "news"}
     assert all(v > 1 for v in r["ppl"]["compressed"].values())
     assert {"load_model", "statistics", "factors", "surgery", "evaluation", "save"} <= set(r["timings_s"])
+    # each phase's measured peaks: the host's at least the runtime and at most the run's own peak, none on a CPU
+    phases = r["memory"]["phases"]
+    assert {"load", "factors", "surgery", "evaluation", "save"} <= set(phases)
+    for name, ph in phases.items():
+        assert 100 * 2**20 < ph["host_peak_bytes"] <= r["peak_memory_mb"] * 2**20 + 2**20, name
+        assert ph["device_peak_bytes"] == 0 and ph["seconds"] >= 0
+    assert max(ph["host_peak_bytes"] for ph in phases.values()) >= 0.8 * r["peak_memory_mb"] * 2**20
     assert "100%" in proc.stderr  # progress bars were drawn
     # The saved model evaluates to the same perplexity through `evaluate`.
     report2 = tmp_path / "r2.json"

@@ -54,7 +54,7 @@ def test_memory_terms_are_the_documented_sums(config_only):
     assert not ph["fisher"].needed
     assert P.memory(sh, run.replace(allocation="heuristic"), False, runtime)["fisher"].needed
     # refine: two activation sets and the compressed path's block inputs again (the held-out check), one block's
-    # inputs of every group, the last Linear's X^ and r^, the attention's output, one group's G^, C and numerator
+    # inputs of every group, the attention's output, one group's G^, C and numerator
     # (fit and held-out parts and their sum) and the original X X^T of both parts, its factoring, and every
     # refined factor on the host; only needed when asked for
     assert not ph["refine"].needed
@@ -62,9 +62,8 @@ def test_memory_terms_are_the_documented_sums(config_only):
     factoring = max(2 * 128 ** 2 + 6 * 64 * 128, 5 * 128 ** 2) * 8 + sum(
         min(o, i) * (o + i) * 4 + min(o, i) * 8 for b, o, i in sh.matrices if b == 0)
     kept = int(0.75 * sh.targeted) * 4
-    # the groups q/k/v, o, gate/up (64 wide) and down (128), the last Linear's X^ (128), r^ and the attention's
-    # output (2 x 64)
-    taken = 4 * 32 * (3 * 64 + 128 + 128 + 2 * 64) * 4
+    # the groups q/k/v, o, gate/up (64 wide) and down (128), and the attention's output (64)
+    taken = 4 * 32 * (3 * 64 + 128 + 64) * 4
     assert ref.needed and ref.host_bytes == (runtime + weights + 3 * acts + taken + 7 * 8 * 128 ** 2 + 8 * 64 * 128
                                              + factoring + kept)
     # a refined build starts from the unrefined factors (a block keeps them where refining does not pay), so it

@@ -1,9 +1,10 @@
 """Benchmark of issue 25: refining never makes the bundled model worse (the held-out check of refine.py).
 
-    .venv/bin/python bench/bench_refine_safe.py [--calibs 16x256,32x512] [--allocations uniform,heuristic,nested]
-        [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 8192] [--out bench/refine_safe.jsonl] [--write]
+    .venv/bin/python bench/bench_refine_safe.py [--source wiki] [--calibs 16x256,32x512]
+        [--allocations uniform,heuristic,nested] [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 8192]
+        [--out bench/refine_safe.jsonl] [--write]
 
-For each calibration (windows x tokens of wiki) one Workbench: every allocation at every ratio built unrefined and
+For each calibration (windows x tokens of --source: wiki, or the default wiki-chat) one Workbench: every allocation at every ratio built unrefined and
 refined (`--refine sequential`, the same allocation), both evaluated on the first --eval-tokens of wiki and news.
 One JSON line per pair goes to --out as it is measured; a run given the same --out skips the pairs already there,
 so an interrupted run resumes. --write replaces the "## Refine that never hurts (issue 25)" section of
@@ -60,12 +61,16 @@ def pair(bench, allocation: str, ratio: float, sets: dict, generate: bool = Fals
     return row
 
 
+def source_of(row: dict) -> str:
+    return row.get("source", "wiki")  # the rows measured before wiki-chat existed are wiki's
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| calibration | allocation | ratio | unrefined wiki | refined wiki | unrefined news | refined news "
-             "| blocks refined | refine s | never hurts |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| text | calibration | allocation | ratio | unrefined wiki | refined wiki | unrefined news | refined news "
+             "| blocks refined | refine s | never hurts |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = all(r["refined"][k] <= r["unrefined"][k] for k in r["unrefined"])
-        lines.append(f"| {r['calib']} | {r['allocation']} | {r['ratio']:g} | {r['unrefined']['wiki']:.2f} | "
+        lines.append(f"| {source_of(r)} | {r['calib']} | {r['allocation']} | {r['ratio']:g} | {r['unrefined']['wiki']:.2f} | "
                      f"{r['refined']['wiki']:.2f} | {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} | "
                      f"{r['refined_blocks']}/{r['blocks']} | {r['refine_s']:.0f} | {'yes' if ok else '**no**'} |")
     pairs = sum(len(r["unrefined"]) for r in rows)  # a pair: one build's perplexity on one set, refined and not
@@ -80,6 +85,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--source", default="wiki", help="the calibration text (the rows before wiki-chat are wiki's)")
     p.add_argument("--calibs", default="16x256,32x512")
     p.add_argument("--allocations", default="uniform,heuristic,nested")
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
@@ -87,25 +93,26 @@ def main() -> None:
     p.add_argument("--out", default=str(BENCH / "refine_safe.jsonl"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--generate", default="nested", help="the allocations whose pairs also record the default prompts' "
-                                                         "generations at the app's calibration (16x256)")
+                                                         "generations at the app's calibration (32x512)")
     args = p.parse_args()
     from pathlib import Path
 
     out = Path(args.out)
-    done = {(r["calib"], r["allocation"], r["ratio"]) for r in measured(out)}
+    done = {(source_of(r), r["calib"], r["allocation"], r["ratio"]) for r in measured(out)}
     lm = None
     for calib in args.calibs.split(","):
         todo = [(a, float(x)) for a in args.allocations.split(",") for x in args.ratios.split(",")
-                if (calib, a, float(x)) not in done]
+                if (args.source, calib, a, float(x)) not in done]
         if not todo:
             continue
         lm = lm or load_bundled("cpu", "float32")
         windows, seqlen = (int(v) for v in calib.split("x"))
-        bench = workbench(lm, windows, seqlen)
+        bench = workbench(lm, windows, seqlen, calib=args.source)
         sets = eval_sets(bench, args.eval_tokens)
         for allocation, ratio in todo:
-            gen = calib == "16x256" and allocation in args.generate.split(",")
-            row = {"calib": calib, **pair(bench, allocation, ratio, sets, gen), "date": utc_date()}
+            gen = calib == "32x512" and allocation in args.generate.split(",")
+            row = {"source": args.source, "calib": calib, **pair(bench, allocation, ratio, sets, gen),
+                   "date": utc_date()}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print_row(row)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+from .data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS, SOURCES
 from .errors import DipSVDError
 
 
@@ -88,7 +88,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="wiki", help="calibration text: wiki, news, wikitext2, ptb, c4 or a path")
+    p.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text: {', '.join(SOURCES)} or a .txt/.jsonl "
+                   f"path (default {DEFAULT_CALIB}: wiki with every other passage a chat turn)")
     p.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)
     p.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN)
     p.add_argument("--seed", type=int, default=0)

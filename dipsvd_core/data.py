@@ -3,6 +3,12 @@
 Sources (DESIGN.md section 6):
 - `wiki`: the English Wikipedia extract shipped in gensim's wheel, split by article: the first
   half of the articles is `calib`, the second half `eval`. Disjoint by construction.
+- `wiki-chat`: the same articles' prose paragraphs in passages (about CHAT_PASSAGE characters), every other
+  passage framed as one chat exchange in the model's own chat template: the user asks about the article's subject
+  (CHAT_ASK), the assistant answers with the passage. An instruct model is then calibrated on the format it is
+  used in (the Side-by-side page's prompts go through the chat template); refine fitted on plain wiki alone made
+  chat answers repeat (bench/RESULTS.md, issue 25). A tokenizer without a chat template gets the plain passages.
+  The default calibration (DEFAULT_CALIB).
 - `news`: gensim's `lee_background.cor` (one news story a line), for evaluation.
 - `wikitext2`, `ptb`, `c4`: through `datasets`, when the hub or its local cache has them.
 - a local `.txt` (blank-line separated documents) or `.jsonl` (a "text" field a line) path.
@@ -31,7 +37,12 @@ HUB_SETS = {
     "ptb": ("ptb_text_only", "penn_treebank", {"calib": "train", "eval": "test"}, "sentence"),
     "c4": ("allenai/c4", "en", {"calib": "train", "eval": "validation"}, "text"),
 }
-SOURCES = ("wiki", "news", *HUB_SETS)
+CHAT = "wiki-chat"
+SOURCES = ("wiki", CHAT, "news", *HUB_SETS)
+DEFAULT_CALIB = CHAT  # the calibration text the CLI and the app start from
+CHAT_ASK = "Tell me about {subject}."
+CHAT_PASSAGE = 1500  # characters of whole paragraphs a passage gathers before it is closed
+CHAT_PARAGRAPH = 200  # wiki-chat keeps the paragraphs longer than this (characters): prose
 # the calibration the CLI and the app start from, windows x tokens: at fewer tokens, or in shorter windows, the
 # refined builds keep fewer blocks refined and gain less (bench/RESULTS.md, "Calibration size", issue 25)
 DEFAULT_WINDOWS, DEFAULT_SEQLEN = 32, 512
@@ -117,7 +128,7 @@ def load_documents(source: str, split: str = "eval") -> list[str]:
     """The documents of a text source; `split` is 'calib' or 'eval'."""
     if split not in ("calib", "eval"):
         raise ValueError(split)
-    if source == "wiki":
+    if source in ("wiki", CHAT):  # wiki-chat's framing needs the tokenizer (chat_documents)
         docs = wiki_articles()
         half = len(docs) // 2
         return docs[:half] if split == "calib" else docs[half:]
@@ -144,9 +155,39 @@ def bos_id(tokenizer) -> int | None:
     return bos if bos is not None and len(ids) > 0 and ids[0] == bos else None
 
 
+def _subject(article: str) -> str:
+    """An article's subject: its opening run of capitalised words ("Abraham Lincoln (; February ..." -> "Abraham
+    Lincoln"), or "this topic"."""
+    m = re.match(r"[A-Z][\w'\-]*(?: [A-Z][\w'\-]*)*", article)
+    return m.group(0) if m else "this topic"
+
+
+def chat_documents(tokenizer, split: str) -> list[str]:
+    """wiki-chat's documents (see the module docstring): wiki's articles of `split` in passages, every other one
+    (the first of each article included) framed by the tokenizer's chat template as a question about the
+    article's subject and the passage as the answer."""
+    template = getattr(tokenizer, "chat_template", None)
+    docs = []
+    for article in load_documents("wiki", split):
+        subject, passage, k = _subject(article), "", 0
+        for para in (p for p in article.split("\n") if len(p) > CHAT_PARAGRAPH):  # prose, not headings or lists
+            passage += para + "\n"
+            if len(passage) < CHAT_PASSAGE:
+                continue
+            text = passage.strip()
+            if template and k % 2 == 0:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": CHAT_ASK.format(subject=subject)},
+                     {"role": "assistant", "content": text}], tokenize=False)
+            docs.append(text)
+            passage, k = "", k + 1  # an article's last, shorter passage is left out
+    return docs
+
+
 def token_stream(tokenizer, source: str, split: str) -> torch.Tensor:
-    """Join the documents with blank lines and tokenize once, without special tokens."""
-    docs = load_documents(source, split)
+    """Join the documents with blank lines and tokenize once, without added special tokens (a chat template's
+    own tokens in wiki-chat's text are read as the special tokens they are)."""
+    docs = chat_documents(tokenizer, split) if source == CHAT else load_documents(source, split)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 

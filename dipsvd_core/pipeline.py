@@ -18,7 +18,7 @@ import torch
 from . import allocation as alloc
 from . import allocators
 from . import passes as P
-from .data import calibration_windows, evaluation_windows, heldout_windows
+from .data import DEFAULT_CALIB, calibration_windows, evaluation_windows, heldout_windows
 from .errors import DipSVDError
 from .cache import cache_dir, load_tensors, make_key, save_tensors
 from .factors import Factor, FactorSpec, FactorStore, ScaleData, factor_model
@@ -52,7 +52,7 @@ def peak_memory_mb() -> float:
 
 
 class Workbench:
-    def __init__(self, lm: LoadedModel, calib: str = "wiki", calib_windows: int = 32, seqlen: int = 512,
+    def __init__(self, lm: LoadedModel, calib: str = DEFAULT_CALIB, calib_windows: int = 32, seqlen: int = 512,
                  seed: int = 0):
         self.lm, self.calib, self.n_windows, self.seqlen, self.seed = lm, calib, calib_windows, seqlen, seed
         self._windows: torch.Tensor | None = None

@@ -58,8 +58,10 @@ with left:
 with right:
     st.subheader("Calibration text")
     calib = st.selectbox("Source", [*SOURCES, PATH], key="k_load_calib", disabled=busy,
-                         help="wiki: the first half of gensim's Wikipedia extract (offline). news: gensim's "
-                              "news corpus. wikitext2, ptb, c4 need the hub or a local datasets cache.")
+                         help="wiki-chat (the default): the first half of gensim's Wikipedia extract, every other "
+                              "passage framed as a chat turn in the model's chat template, so that chat answers "
+                              "keep reading well. wiki: the same text, plain (offline). news: gensim's news corpus. "
+                              "wikitext2, ptb, c4 need the hub or a local datasets cache.")
     if calib == PATH:
         calib = st.text_input("Path", key="k_load_calib_path", placeholder="/path/to/text.txt", disabled=busy).strip()
     c1, c2, c3 = st.columns(3)

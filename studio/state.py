@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from dipsvd_core.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+from dipsvd_core.data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from dipsvd_core.models import DEFAULT_MODEL
 from dipsvd_core.pipeline import Result, Workbench
 from dipsvd_core.settings import Settings, settings_dict
@@ -23,7 +23,7 @@ def _env(name: str, default, kind=str):
 
 def defaults() -> dict:
     """Start-up values of the Model and data page (and a few evaluation sizes)."""
-    return {"model": _env("DEFAULT_MODEL", DEFAULT_MODEL), "calib": _env("CALIB", "wiki"),
+    return {"model": _env("DEFAULT_MODEL", DEFAULT_MODEL), "calib": _env("CALIB", DEFAULT_CALIB),
             "calib_windows": _env("CALIB_WINDOWS", DEFAULT_WINDOWS, int), "seqlen": _env("SEQLEN", DEFAULT_SEQLEN, int),
             "eval": [x.strip() for x in _env("EVAL", "wiki,news").split(",") if x.strip()],
             "eval_tokens": _env("EVAL_TOKENS", 4096, int), "new_tokens": _env("NEW_TOKENS", 48, int)}

@@ -347,3 +347,31 @@ def test_prefactor_gives_several_gram_methods_from_one_pass(tiny_lm, monkeypatch
     for name, (sigma, u) in mine.items():
         torch.testing.assert_close(alone[name].sigma, sigma)
         torch.testing.assert_close(alone[name].low_rank(4)[0], u)
+
+
+def test_wiki_chat_frames_every_other_passage_as_a_chat_turn(tiny_lm, monkeypatch):
+    """The default calibration: wiki's calibration articles in prose passages, the 1st, 3rd, ... of each article
+    framed by the chat template as the answer to a question about the article's subject, the others plain; the
+    template's markers become its special tokens; without a chat template every passage is plain."""
+    from dipsvd_core import data
+
+    tok = tiny_lm.tokenizer
+    docs = data.chat_documents(tok, "calib")
+    ask = tok.apply_chat_template([{"role": "user", "content": "Tell me about Anarchism."}], tokenize=False)
+    assert docs[0].startswith(ask) and "Anarchism is a political philosophy" in docs[0]
+    assert "Tell me about" not in docs[1] and "<|im_start|>" not in docs[1]
+    assert all(len(p) > data.CHAT_PARAGRAPH for p in docs[1].split("\n"))  # prose paragraphs only
+    assert len(docs[1]) >= data.CHAT_PASSAGE
+    framed = sum(d.startswith("<|im_start|>") for d in docs)
+    assert 0.45 < framed / len(docs) < 0.6  # every other passage, the first of each article among them
+    assert data._subject("Abraham Lincoln (; February 12, 1809 ...") == "Abraham Lincoln"
+    assert data._subject("(no subject here)") == "this topic"
+    windows = calibration_windows(tok, data.CHAT, 8, 64)
+    assert data.DEFAULT_CALIB == data.CHAT and data.CHAT in data.SOURCES
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    chat_stream = data.token_stream(tok, data.CHAT, "calib")
+    assert (chat_stream == start).sum() == 3 * framed  # system, user, assistant: one special token each
+    assert windows.shape == (8, 64)
+    monkeypatch.setattr(tok, "chat_template", None)
+    plain = data.chat_documents(tok, "calib")
+    assert len(plain) == len(docs) and not any("<|im_start|>" in d for d in plain)

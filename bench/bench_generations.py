@@ -1,11 +1,11 @@
 """Benchmark of issue 25, item 4: does the compressed model's text still read? The bundled model's default prompts.
 
-    .venv/bin/python bench/bench_generations.py [--calib 16x256] [--allocation nested] [--refine sequential]
-        [--ratios 0.1,0.2,0.3] [--new-tokens 48] [--out bench/generations.json] [--write]
+    .venv/bin/python bench/bench_generations.py [--calib 16x256] [--source wiki] [--allocation nested]
+        [--refine sequential] [--ratios 0.1,0.2,0.3] [--new-tokens 48] [--out bench/generations.json] [--write]
 
 What the Side-by-side page gives at its defaults: greedy decoding, the chat template on, --new-tokens new tokens
 (the app's 48), the three default prompts (evaluate.DEFAULT_PROMPTS), through the original model and through the
-best path (dipsvd + --allocation, refined by --refine, one calibration of --calib windows x tokens of wiki) at each
+best path (dipsvd + --allocation, refined by --refine, one calibration of --calib windows x tokens of --source) at each
 ratio, and unrefined too. Each generation's repetition measures (evaluate.repetition: the share of distinct
 3-grams and the longest repeated span) are set against the original's: the target is a distinct-3-gram share of
 at least 0.8x the original's at 0.1. --write replaces the "## Compressed text that reads (issue 25)" section of
@@ -38,7 +38,7 @@ def run(args) -> dict:
 
     lm = load_bundled("cpu", "float32")
     windows, seqlen = (int(v) for v in args.calib.split("x"))
-    bench = workbench(lm, windows, seqlen)
+    bench = workbench(lm, windows, seqlen, calib=args.source)
     openings = continuation_prompts(lm.tokenizer, args.continuations) if args.continuations else []
 
     def gen(model) -> dict:
@@ -48,7 +48,7 @@ def run(args) -> dict:
         return out
 
     first = gen(lm.model)
-    report = {"calib": args.calib, "allocation": args.allocation, "refine": args.refine,
+    report = {"calib": args.calib, "source": args.source, "allocation": args.allocation, "refine": args.refine,
               "new_tokens": args.new_tokens, "original": first["chat"], "rows": []}
     if openings:
         report["continued"] = {"original": first["continued"]}
@@ -93,8 +93,9 @@ def from_safe(args) -> dict:
     """The report from bench/refine_safe.jsonl's rows of this calibration and allocation that hold generations."""
     rows = [json.loads(line) for line in open(BENCH / "refine_safe.jsonl")]
     rows = [r for r in rows if r["calib"] == args.calib and r["allocation"] == args.allocation and "generations" in r
-            and f"{r['ratio']:g}" in args.ratios.split(",")]
-    return {"calib": args.calib, "allocation": args.allocation, "refine": "sequential", "new_tokens": 48,
+            and f"{r['ratio']:g}" in args.ratios.split(",") and r.get("source", "wiki") == args.source]
+    return {"calib": args.calib, "source": args.source, "allocation": args.allocation, "refine": "sequential",
+            "new_tokens": 48,
             "original": rows[0]["generations"]["original"],
             "rows": [{"ratio": r["ratio"], "unrefined": r["generations"]["unrefined"],
                       "refined": r["generations"]["refined"], "refine": r["summary"]} for r in rows]}
@@ -126,6 +127,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calib", default="16x256")
+    p.add_argument("--source", default="wiki", help="the calibration text")
     p.add_argument("--allocation", default="nested")
     p.add_argument("--refine", default="sequential")
     p.add_argument("--ratios", default="0.1,0.2,0.3")
@@ -135,7 +137,8 @@ def main() -> None:
     p.add_argument("--out", default=str(BENCH / "generations.json"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--from-safe", action="store_true", help="take the generations bench_refine_safe.py recorded "
-                                                           "(its 16x256 rows of --allocation) instead of building")
+                                                           "(its rows of --source, --calib and --allocation) "
+                                                           "instead of building")
     p.add_argument("--from-out", action="store_true", help="write the section from --out, measured before")
     args = p.parse_args()
     out = BENCH / args.out.rsplit("/", 1)[-1]
@@ -145,12 +148,14 @@ def main() -> None:
         report = from_safe(args) if args.from_safe else run(args)
         out.write_text(json.dumps(report, indent=1))
     if args.write:
-        title = (f"{SECTION[:-1]}, {report['allocation']}, {report['calib']}, refine {report['refine']}"
+        source = report.get("source", "wiki")
+        title = (f"{SECTION[:-1]}, {report['allocation']}, {report['calib']}"
+                 f"{'' if source == 'wiki' else ' of ' + source}, refine {report['refine']}"
                  f"{', held-out continuations' if 'continued' in report else ''})")
         body = (f"{title}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `{command(report, args.from_safe)}` "
                 f"(bench/{out.name}). The Side-by-side page's defaults: greedy, chat template on, "
                 f"{report['new_tokens']} new tokens, the three default prompts; dipsvd + {report['allocation']} on the "
-                f"bundled SmolLM2-135M, calibration {report['calib']} of wiki.\n\n" + markdown(report))
+                f"bundled SmolLM2-135M, calibration {report['calib']} of {source}.\n\n" + markdown(report))
         replace_section(RESULTS, title, body)
 
 
@@ -158,7 +163,9 @@ def command(report: dict, from_safe: bool) -> str:
     """The command that measured `report` (read from the report itself, so that --from-out names it right)."""
     ratios = ",".join(f"{r['ratio']:g}" for r in report["rows"])
     continuations = len(report["continued"]["original"]) if "continued" in report else 0
-    return (f".venv/bin/python bench/bench_generations.py --calib {report['calib']} --allocation "
+    source = report.get("source", "wiki")
+    return (f".venv/bin/python bench/bench_generations.py --calib {report['calib']}"
+            f"{'' if source == 'wiki' else ' --source ' + source} --allocation "
             f"{report['allocation']} --refine {report['refine']} --ratios {ratios} --new-tokens "
             f"{report['new_tokens']}{' --from-safe' if from_safe else ''}"
             f"{f' --continuations {continuations}' if continuations else ''} --write")

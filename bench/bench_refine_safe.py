@@ -73,13 +73,16 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {source_of(r)} | {r['calib']} | {r['allocation']} | {r['ratio']:g} | {r['unrefined']['wiki']:.2f} | "
                      f"{r['refined']['wiki']:.2f} | {r['unrefined']['news']:.2f} | {r['refined']['news']:.2f} | "
                      f"{r['refined_blocks']}/{r['blocks']} | {r['refine_s']:.0f} | {'yes' if ok else '**no**'} |")
-    pairs = sum(len(r["unrefined"]) for r in rows)  # a pair: one build's perplexity on one set, refined and not
-    held = sum(r["refined"][k] <= r["unrefined"][k] for r in rows for k in r["unrefined"])
-    gain = sorted(r["refined"][k] / r["unrefined"][k] for r in rows for k in r["unrefined"])
     lines.append("")
-    lines.append(f"{held} of {pairs} pairs ({len(rows)} builds x {pairs // max(1, len(rows))} sets): the refined "
-                 f"perplexity is at most the unrefined one. Refined / unrefined: {gain[0]:.3f} at best, median "
-                 f"{gain[len(gain) // 2]:.3f}, {gain[-1]:.3f} at worst.")
+    for source in dict.fromkeys(source_of(r) for r in rows):
+        mine = [r for r in rows if source_of(r) == source]
+        pairs = sum(len(r["unrefined"]) for r in mine)  # a pair: one build's perplexity on one set, refined and not
+        held = sum(r["refined"][k] <= r["unrefined"][k] for r in mine for k in r["unrefined"])
+        gain = sorted(r["refined"][k] / r["unrefined"][k] for r in mine for k in r["unrefined"])
+        lines.append(f"- Calibrated on {source}: {held} of {pairs} pairs ({len(mine)} builds x "
+                     f"{pairs // max(1, len(mine))} sets) have the refined perplexity at most the unrefined one. "
+                     f"Refined / unrefined: {gain[0]:.3f} at best, median {gain[len(gain) // 2]:.3f}, {gain[-1]:.3f} "
+                     "at worst.")
     return "\n".join(lines)
 
 
@@ -120,8 +123,10 @@ def main() -> None:
     if args.write:
         rows = measured(out)
         body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
-                f"bench/bench_refine_safe.py --calibs {args.calibs} --eval-tokens {args.eval_tokens} --write` "
-                f"(rows in bench/{out.name}). dipsvd on the bundled SmolLM2-135M, calibration on wiki, "
+                f"bench/bench_refine_safe.py --source {args.source} --calibs {args.calibs} --eval-tokens "
+                f"{args.eval_tokens} --write` (rows in bench/{out.name}; the wiki rows by the same command with "
+                "--source wiki --calibs 16x256,32x512). dipsvd on the bundled SmolLM2-135M, calibration on the "
+                "text of the first column, "
                 f"perplexity on the first {args.eval_tokens} tokens of wiki and news (in windows of the "
                 "calibration's length), each refined build against the unrefined one of the same allocation.\n\n"
                 + table(rows))

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,29 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
     return value
+
+
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+              "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def _memory_size(text: str) -> int:
+    """A memory size such as 24GiB, 22GB, 512MiB or 1.5TiB, in bytes (a bare number is bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected a memory size like 24GiB, 22GB or 512MiB, got '{text}'")
+    value = float(m.group(1)) * SIZE_UNITS[m.group(2) or ""]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive memory size, got '{text}'")
+    return int(value)
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-memory", type=_memory_size, default=None,
+                   help="the GPU memory this run may use, e.g. 22GiB (default: what is free now); the plan checks "
+                        "the run against it")
+    p.add_argument("--host-memory", type=_memory_size, default=None,
+                   help="the host memory this run may use, e.g. 64GiB (default: what is free now)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +188,7 @@ def _add_compress(sub) -> None:
     c.add_argument("--offload", action="store_true",
                    help="a model bigger than the GPU: accelerate keeps blocks in CPU memory or on disk and the engine "
                         "brings one at a time to the GPU (device_map=auto)")
+    _add_budget_args(c)
     c.add_argument("--ignore-plan", action="store_true",
                    help="run even when the plan predicts that memory or disk will not suffice")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
@@ -202,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets (only their number counts)")
     pl.add_argument("--no-eval-original", action="store_true", help="plan without the original's perplexity")
     pl.add_argument("--offload", action="store_true", help="weights on the host, one block at a time on the GPU")
+    _add_budget_args(pl)
     pl.add_argument("--no-bench", action="store_true", help="memory only: skip the few-second microbenchmark")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -245,8 +271,12 @@ def cmd_plan(args):
     from .plan import make_plan, plan_json
 
     plan = make_plan(args.model, args.device, _run_of(args), bench=not args.no_bench,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, budgets=_budgets(args))
     return plan_json(plan) if args.json else plan.table()
+
+
+def _budgets(args) -> dict:
+    return {"device": args.device_memory, "host": args.host_memory}
 
 
 def _check_plan(args) -> dict | None:
@@ -256,7 +286,8 @@ def _check_plan(args) -> dict | None:
 
     if Path(os.path.expanduser(args.model)).is_dir() and is_compressed_folder(Path(os.path.expanduser(args.model))):
         return None
-    plan = make_plan(args.model, args.device, _run_of(args), bench=False, trust_remote_code=args.trust_remote_code)
+    plan = make_plan(args.model, args.device, _run_of(args), bench=False, trust_remote_code=args.trust_remote_code,
+                     budgets=_budgets(args))
     if not args.ignore_plan:
         check_fits(plan)
     if not args.quiet:

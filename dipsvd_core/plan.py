@@ -162,6 +162,10 @@ def _gb(b: int) -> str:
     return f"{b / GiB:.2f} GB" if b else "-"
 
 
+def _size(b: int) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
+
+
 def _seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min"
 
@@ -578,9 +582,11 @@ def free_host_bytes() -> int | None:
 
 
 def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bool = True,
-              trust_remote_code: bool = False) -> Plan:
+              trust_remote_code: bool = False, budgets: dict | None = None) -> Plan:
     """The plan for compressing `model` with these settings on `device` (auto: CUDA when present).
-    `device="cuda"` on a machine without CUDA plans the memory only (no time, no free memory)."""
+    `device="cuda"` on a machine without CUDA plans the memory only (no time, no free memory). `budgets`
+    ({"device": bytes, "host": bytes}, None for what is free now) replace the free memory the plan is checked
+    against (check_fits); one smaller than a decoder block's weights is refused at once (`check_budgets`)."""
     from .cache import cache_dir
 
     import transformers  # noqa: F401  (the runtime the plan measures includes it)
@@ -616,7 +622,23 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     if cuda and has_cuda:
         plan.free_device_bytes = torch.cuda.mem_get_info(dev)[0]
     plan.free_disk_bytes = shutil.disk_usage(cache_dir()).free
+    check_budgets(plan, budgets or {})
     return plan
+
+
+def check_budgets(plan: Plan, budgets: dict) -> None:
+    """Put the given budgets in place of the free memory, after checking that each holds one decoder block's
+    weights (the least any placement needs: one block on the device, and on the host beside the runtime)."""
+    block = plan.shape.block_params * DTYPE_BYTES[plan.run.dtype]
+    for what, option, least in (("device", "--device-memory", block), ("host", "--host-memory", block + plan.runtime_bytes)):
+        budget = budgets.get(what)
+        if budget is None:
+            continue
+        if budget < least:
+            raise DipSVDError(f"{option} {_size(budget)} cannot hold one decoder block of this model ({_size(least)} in "
+                              f"{plan.run.dtype}{' beside the runtime' if what == 'host' else ''}); give at least that")
+        setattr(plan, f"free_{what}_bytes", budget)
+        plan.notes.append(f"{what} memory: the budget {option} {_gb(budget)}, not what is free now")
 
 
 def _misfit(plan: Plan, margin: float = 1.0) -> str | None:

@@ -27,6 +27,11 @@ def error_line(proc) -> str:
     (["compress", "--model", "./missing/model"], "model path not found: ./missing/model"),
     (["evaluate", "--model", "/nope/model.gguf"], "GGUF file not found"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["compress", "--device-memory", "abc"], "expected a memory size like 24GiB"),
+    (["compress", "--host-memory=-2GiB"], "expected a memory size like 24GiB"),
+    (["compress", "--device-memory", "0"], "expected a positive memory size"),
+    (["compress", "--host-memory", "64KiB"], "--host-memory 0.1 MiB cannot hold one decoder block"),
+    (["compress", "--device-memory", "1MiB"], "--device-memory 1.0 MiB cannot hold one decoder block"),
 ])
 def test_bad_input_exits_with_one_line(args, needle):
     proc = run(*args, "--quiet")

@@ -206,3 +206,17 @@ def test_inplace_surgery_equals_the_copy_and_releases_the_dense_pages(tiny_model
     with pytest.raises(DipSVDError, match="converted in place"):
         bench2.build(settings)
 
+
+
+def test_a_memory_budget_replaces_the_free_memory_the_plan_is_checked_against(config_only):
+    """--device-memory / --host-memory: the plan is checked against the budget, not what is free now; a budget
+    that fits passes, one below the peak is refused naming an option that would fit."""
+    run = P.run_of(dtype="bfloat16", calib_windows=8, seqlen=64)
+    plan = P.make_plan(str(config_only), "cuda", run, bench=False, budgets={"device": 2**40, "host": 2**40})
+    assert plan.free_device_bytes == plan.free_host_bytes == 2**40
+    assert any("the budget --device-memory" in n for n in plan.notes)
+    P.check_fits(plan)
+    tight = P.make_plan(str(config_only), "cuda", run, bench=False,
+                        budgets={"device": plan.peak_device_bytes - 1, "host": 2**40})
+    with pytest.raises(DipSVDError, match="predicted peak device memory .* would fit"):
+        P.check_fits(tight)

@@ -32,7 +32,6 @@ from .dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, 
 from .errors import DipSVDError
 from .knobs import knob
 from .models import Target
-from .stream import window_ids
 from .surgery import LowRankLinear
 
 DENSE_BYTES = 2  # the 16-bit dense model that storage is counted against
@@ -309,37 +308,59 @@ def _project(frac: dict[str, torch.Tensor], cap: dict[str, float], targets: list
 def ipca_weights(model: torch.nn.Module, targets: list[Target], windows: torch.Tensor,
                  ranks: dict[str, int | None], extra: int = 64, progress=None) -> dict[str, tuple]:
     """name -> (u, v) with u = V_k (out, k), v = V_k^T W (k, in), V_k from incremental PCA of the
-    layer's activations x W^T (bias left out), one window per chunk. Dense matrices are left out."""
+    layer's activations x W^T (bias left out), one window per chunk. Dense matrices are left out.
+
+    The windows stream one decoder block at a time (stream.py): a block runs over every window before the next,
+    so only that block's PCA states exist at once (float64, (k + extra) x out each), and each of its matrices
+    gets its (u, v) when the block is done; besides them, the activations between blocks (windows x seqlen x
+    hidden) are held. Each matrix sees the same chunks in the same order as in whole-model passes."""
+    from .models import find_blocks
+    from .stream import capture_inputs, forward_block
+
+    _, blocks = find_blocks(model)
     mods = dict(model.named_modules())
-    todo = {t.name: t for t in targets if ranks[t.name] is not DENSE}
-    pcas = {n: IncrementalPCA(t.out_features, min(t.out_features, ranks[n] + extra)) for n, t in todo.items()}
-
-    def hook(name):
-        def fn(mod, args, out):
-            a = out if mod.bias is None else out - mod.bias
-            pcas[name].partial_fit(a.reshape(-1, a.shape[-1]).detach())
-        return fn
-
-    handles = [mods[n].register_forward_hook(hook(n)) for n in todo]
-    try:
-        with torch.no_grad():
-            for i, ids in window_ids(model, windows):
-                model(ids)
-                if progress:
-                    progress((i + 1) / len(windows), f"dobi weight update: window {i + 1}/{len(windows)}")
-    finally:
-        for h in handles:
-            h.remove()
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        if ranks[t.name] is not DENSE:
+            by_block.setdefault(t.block, []).append(t)
     weights = {}
-    for n, pca in pcas.items():
-        k = ranks[n]
-        if pca.components.shape[0] < k:
-            raise DipSVDError(f"{n}: rank {k} needs at least {k} activation rows, the IPCA saw {pca.n_seen}; "
-                              "use more --dobi-windows or a longer --seqlen")
-        V = pca.components[:k].T  # (out, k), float64
-        W = mods[n].weight.detach().double()
-        weights[n] = (V.float().contiguous(), (V.T.to(W.device) @ W).float().contiguous())
+    with torch.no_grad():
+        inputs = capture_inputs(model, blocks, windows)
+        for b, block in enumerate(blocks):
+            if b > max(by_block, default=-1):
+                break  # no block above holds a factored matrix
+            pcas = {t.name: IncrementalPCA(t.out_features, min(t.out_features, ranks[t.name] + extra))
+                    for t in by_block.get(b, [])}
+            handles = [mods[n].register_forward_hook(_ipca_hook(pca)) for n, pca in pcas.items()]
+            try:
+                forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
+                    (b + i / m) / len(blocks), f"dobi weight update: block {b + 1}/{len(blocks)}, window {i}/{m}"))
+            finally:
+                for h in handles:
+                    h.remove()
+            for n, pca in pcas.items():
+                weights[n] = _pca_factors(n, pca, ranks[n], mods[n])
     return weights
+
+
+def _ipca_hook(pca: IncrementalPCA):
+    def fn(mod, args, out):
+        a = out if mod.bias is None else out - mod.bias
+        pca.partial_fit(a.reshape(-1, a.shape[-1]).detach())
+    return fn
+
+
+def _pca_factors(name: str, pca: IncrementalPCA, k: int, linear: torch.nn.Module) -> tuple:
+    """(V_k, V_k^T W) in float32 from a finished PCA of the Linear's outputs."""
+    from .models import weights_of
+
+    if pca.components.shape[0] < k:
+        raise DipSVDError(f"{name}: rank {k} needs at least {k} activation rows, the IPCA saw {pca.n_seen}; "
+                          "use more --dobi-windows or a longer --seqlen")
+    V = pca.components[:k].T  # (out, k), float64
+    with weights_of(linear):
+        W = linear.weight.detach().double()
+        return V.float().contiguous(), (V.T.to(W.device) @ W).float().contiguous()
 
 
 # --- D. remapping ---

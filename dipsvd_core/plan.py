@@ -375,7 +375,8 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
     # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
     # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
-    # for one window, its weight update a float64 incremental PCA state per matrix.
+    # for one window, its weight update the activations between blocks and one block's float64 incremental PCA
+    # states (dobi.ipca_weights streams block by block).
     probe = lambda ms: factor_bytes([(b, o, i) for b, o, i in ms], 4) // 4 + logits + window  # noqa: E731
     widest_type = max(sum(o * i for _, o, i in per_block if (o, i) == (o2, i2)) for _, o2, i2 in per_block)
     work = {"load": weights, P.STATISTICS: weights + acts + grams,
@@ -385,7 +386,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
             P.TYPE_PROBE: weights + L * widest_type * 4 + logits + window,
             P.SEARCH: weights + kept * B - (sh.targeted * B if cuda else 0) + logits + window,
             P.TRAINING: weights + L * layer_saved + logits,
-            P.UPDATE: weights + sum(o * o for _, o, _ in sh.matrices) * 8 + window,
+            P.UPDATE: weights + acts + sum(o * o for _, o, _ in per_block) * 8 + window,
             P.REFINE: weights + refine_dev + (kept * B if not cuda else 0),
             "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
             "evaluation": weights + max(compressed, 0) + logits + window}  # in place: the original's turn is larger

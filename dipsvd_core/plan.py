@@ -365,13 +365,17 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
     # Refine (refine.py) streams two activation sets (original and compressed) and the block's compressed-path
-    # inputs again for its held-out check, keeps every input group's X of one block for all windows (an upper
-    # bound: a factored last Linear's X is not kept), the attention's output replayed for the later groups, one
+    # inputs again for its held-out check, keeps every input group's X of one block for all windows but the
+    # residual-writing last Linear's, the attention's output replayed for the later groups, one
     # group's G^, C and the last Linear's numerator (fit and held-out parts, both parts summed, and the original
-    # X X^T of each part), one group's factoring; the refined factors of every block gather on the host.
+    # X X^T of each part), one group's factoring; the refined factors of every block gather on the host. On a GPU
+    # the per-window activations (the three sets and the groups' X) wait in host memory, one window's on the
+    # device at a time (refine._Park).
     g_max = max(sh.groups)
-    refine_dev = 3 * acts + N * T * (sum(sh.groups) + H) * B + 7 * g_max * g_max * 8 \
-        + H * g_max * 8 + factoring
+    # (the last group is the residual-writing Linear's, whose X is not kept; the paths share the kwargs)
+    refine_sets = 3 * N * T * H * B + N * T * (sum(sh.groups) - sh.groups[-1] + H) * B
+    refine_dev = (acts - N * T * H * B) + (refine_sets // N if cuda else refine_sets) \
+        + 7 * g_max * g_max * 8 + H * g_max * 8 + factoring
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
     # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
     # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
@@ -397,7 +401,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
     host = {"load": weights + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
-            P.REFINE: kept * B, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B}
+            P.REFINE: kept * B + refine_sets, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B}
     return work, disk, host
 
 

@@ -183,7 +183,7 @@ def _low_rank(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
     return forward
 
 
-def _replay(outputs: list, current: list):
+def _replay(outputs: list, current: list, park: "_Park"):
     """A forward that returns the kept output of the current window, as a copy: a block may add to what a child
     returns in place (a cheap copy next to the child's own cost)."""
     def fresh(y):
@@ -192,8 +192,11 @@ def _replay(outputs: list, current: list):
         return type(y)(fresh(v) for v in y) if isinstance(y, tuple) and not hasattr(y, "_fields") else y
 
     def forward(*args, **kwargs):
-        return fresh(outputs[current[0]])
+        return fresh(park.get(outputs[current[0]]))
     return forward
+
+
+PARK_CHECK = False  # tests only: see _Park
 
 
 class _Stop(Exception):
@@ -208,6 +211,40 @@ def _check(x: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise DipSVDError(f"NaN or infinite activations at {name} while refining; load the model in float32")
     return x
+
+
+class _Park:
+    """Where refine keeps its per-window activations between uses (the two paths' block inputs and outputs, each
+    group's original inputs X, a replayed child's outputs): in host memory when the blocks run on a GPU, one
+    window's brought back to the device at a time (Llama-3-8B at 256 x 2048: 4.3 GB per set of activations,
+    several sets), else where they are. `get` gives a kept tensor (or tuple) back on the device.
+    With PARK_CHECK (tests only) a kept tensor is wrapped in _Parked, which no torch operation takes: a use that
+    forgets `get` then fails on the CPU as it would on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.host = device, device.type == "cuda"
+
+    def put(self, x):
+        if isinstance(x, tuple) and not hasattr(x, "_fields"):
+            return tuple(self.put(v) for v in x)
+        if not isinstance(x, torch.Tensor):
+            return x
+        x = x.to("cpu") if self.host else x
+        return _Parked(x) if PARK_CHECK else x
+
+    def get(self, x):
+        if isinstance(x, tuple) and not hasattr(x, "_fields"):
+            return tuple(self.get(v) for v in x)
+        if isinstance(x, _Parked):
+            x = x.tensor
+        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
+
+class _Parked:
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
 
 class _Sums:
@@ -314,8 +351,8 @@ class _BlockWalk:
     replaced forward back, leaving the model as it came."""
 
     def __init__(self, block: nn.Module, base: str, wanted: set[str], orig: BlockInputs, hat: BlockInputs,
-                 held: frozenset | None = None):
-        self.block, self.orig, self.hat = block, orig, hat
+                 park: _Park, held: frozenset | None = None):
+        self.block, self.orig, self.hat, self.park = block, orig, hat, park
         self.held = held  # the held-out windows when refine validates (then the original Grams are summed)
         self.orig_grams: dict[str, list] = {}  # group -> [X X^T on the fit windows, on the held-out ones]
         self.n_win = len(orig.hidden)
@@ -348,7 +385,7 @@ class _BlockWalk:
                 g = (flat.T @ flat).double()
                 parts[part] = g if parts[part] is None else parts[part] + g
             if name not in self.unkept:
-                self.taken.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
+                self.taken.setdefault(name, []).append(self.park.put(x.detach().reshape(-1, x.shape[-1])))
         return hook
 
     def residual_writer(self, ranks: dict[str, int | None]) -> str | None:
@@ -363,7 +400,7 @@ class _BlockWalk:
         self.unkept.update(self.linears)
         held, self.held = self.held, None  # the probe sums nothing
         try:
-            self.block(self.orig.hidden[0], **self.orig.kwargs[0])
+            self.block(self.park.get(self.orig.hidden[0]), **self.orig.kwargs[0])
         finally:
             self.held = held
             for h in probes:
@@ -388,7 +425,8 @@ class _BlockWalk:
             for i in range(self.n_win):
                 self.seen.clear()
                 self.current[0] = i
-                self.orig.hidden[i] = _block_out(self.block(self.orig.hidden[i], **self.orig.kwargs[i]))
+                out = _block_out(self.block(self.park.get(self.orig.hidden[i]), **self.orig.kwargs[i]))
+                self.orig.hidden[i] = self.park.put(out)
         finally:
             for h in handles:
                 h.remove()
@@ -398,7 +436,7 @@ class _BlockWalk:
     def _record(self, child: nn.Module):
         def hook(module, args, kwargs, y):
             self.calls[module] = self.calls.get(module, 0) + 1
-            self.kept.setdefault(module, [None] * self.n_win)[self.current[0]] = y
+            self.kept.setdefault(module, [None] * self.n_win)[self.current[0]] = self.park.put(y)
         return hook
 
     def compressed_inputs(self, leader: str, full: bool, held: frozenset = frozenset()) -> _GroupStats:
@@ -429,13 +467,14 @@ class _BlockWalk:
             for i in range(self.n_win):
                 self.current[0] = i
                 try:
-                    out_h, xh = _block_out(self.block(self.hat.hidden[i], **self.hat.kwargs[i])), None
+                    out_h, xh = _block_out(self.block(self.park.get(self.hat.hidden[i]), **self.hat.kwargs[i])), None
                 except _Stop as e:
                     xh = e.args[0].float()
                 if xh is not None:  # outside the except: the stopped block's frames are let go first
-                    stats.add(i, xh, self.taken[leader][i])
+                    stats.add(i, xh, self.park.get(self.taken[leader][i]))
                 elif full:
-                    stats.add_residual(i, got.pop(), out_h.reshape(-1, out_h.shape[-1]), self.orig.hidden[i])
+                    stats.add_residual(i, got.pop(), out_h.reshape(-1, out_h.shape[-1]),
+                                       self.park.get(self.orig.hidden[i]))
                 else:
                     raise DipSVDError(f"{leader} was not called on the compressed path; this block's "
                                       "structure is not supported by refine")
@@ -457,7 +496,7 @@ class _BlockWalk:
         attention, for the gate/up and down groups of a Llama block)."""
         for child, ys in self.kept.items():
             if self.calls[child] == self.n_win and all(y is not None for y in ys):
-                self.swaps.append(_replace_forward(child, _replay(ys, self.current)))
+                self.swaps.append(_replace_forward(child, _replay(ys, self.current, self.park)))
                 self.replayed.add(child)
         self.kept.clear()
 
@@ -478,7 +517,8 @@ class _BlockWalk:
         attention, replayed: what runs again is the rest, the MLP of a Llama block)."""
         for i in range(self.n_win):
             self.current[0] = i
-            self.hat.hidden[i] = _block_out(self.block(self.hat.hidden[i], **self.hat.kwargs[i]))
+            out = _block_out(self.block(self.park.get(self.hat.hidden[i]), **self.hat.kwargs[i]))
+            self.hat.hidden[i] = self.park.put(out)
 
     def restore(self) -> None:
         for undo in reversed(self.swaps):
@@ -593,8 +633,8 @@ def _refit(stats: _GroupStats, leader: str, members: dict, spec: FactorSpec, ran
     return out, floored
 
 
-def _held_error(reference: list, outputs: list, held) -> float:
-    return sum(float((reference[i].double() - outputs[i].double()).pow(2).sum()) for i in held)
+def _held_error(reference: list, outputs: dict, held, park: _Park) -> float:
+    return sum(float((park.get(reference[i]).double() - park.get(outputs[i]).double()).pow(2).sum()) for i in held)
 
 
 def held_windows(n: int, every: int = None) -> frozenset:
@@ -635,11 +675,13 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     held = held_windows(len(windows)) if fallback is not None else frozenset()
     taus = tuple(taus) if fallback is not None else (damp,)
     orig = capture_inputs(model, blocks, windows)
+    park = _Park(orig.hidden[0].device)
+    orig.hidden = [park.put(h) for h in orig.hidden]
     hat = BlockInputs(list(orig.hidden), orig.kwargs)  # identical until block 0 is compressed
     out, floored, report = {}, 0, []
     n_blocks = len(blocks)
     for b, block in enumerate(blocks):
-        walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, held or None)
+        walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, park, held or None)
         last = walk.residual_writer(ranks) if residual else None
         leaders = walk.run_original(last)
         chosen: dict[str, tuple] = {}
@@ -692,10 +734,12 @@ class _Contest:
 
     def run(self, weights: dict, windows) -> dict:
         self._put(weights)
-        return {i: _block_out(self.walk.block(self.inputs[i], **self.walk.hat.kwargs[i])) for i in windows}
+        park = self.walk.park
+        return {i: park.put(_block_out(self.walk.block(park.get(self.inputs[i]), **self.walk.hat.kwargs[i])))
+                for i in windows}
 
     def error(self, weights: dict) -> float:
-        return _held_error(self.walk.orig.hidden, self.run(weights, self.held), self.held)
+        return _held_error(self.walk.orig.hidden, self.run(weights, self.held), self.held, self.walk.park)
 
     def picks(self, which: str) -> dict:
         return {n: p[which] for n, p in self.chosen.items()}
@@ -724,8 +768,8 @@ class _Contest:
             with torch.enable_grad():
                 for _ in range(steps):
                     for i in windows:
-                        out = _block_out(block(self.inputs[i], **walk.hat.kwargs[i])).float()
-                        loss = (out - walk.orig.hidden[i].float()).pow(2).mean()
+                        out = _block_out(block(walk.park.get(self.inputs[i]), **walk.hat.kwargs[i])).float()
+                        loss = (out - walk.park.get(walk.orig.hidden[i]).float()).pow(2).mean()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()

@@ -62,10 +62,16 @@ def test_memory_terms_are_the_documented_sums(config_only):
     factoring = max(2 * 128 ** 2 + 6 * 64 * 128, 5 * 128 ** 2) * 8 + sum(
         min(o, i) * (o + i) * 4 + min(o, i) * 8 for b, o, i in sh.matrices if b == 0)
     kept = int(0.75 * sh.targeted) * 4
-    # the groups q/k/v, o, gate/up (64 wide) and down (128), and the attention's output (64)
-    taken = 4 * 32 * (3 * 64 + 128 + 64) * 4
-    assert ref.needed and ref.host_bytes == (runtime + weights + 3 * acts + taken + 7 * 8 * 128 ** 2 + 8 * 64 * 128
-                                             + factoring + kept)
+    # the groups q/k/v, o, gate/up (64 wide; down's X is not kept: it writes the residual), and the attention's
+    # output (64); the three sets share one set of kwargs (rotary) and run one window at a time
+    taken = 4 * 32 * (3 * 64 + 64) * 4
+    one_set = 4 * 32 * 64 * 4
+    assert ref.needed and ref.host_bytes == (runtime + weights + (acts - one_set) + 3 * one_set + taken
+                                             + 7 * 8 * 128 ** 2 + 8 * 64 * 128 + factoring + kept)
+    # on a GPU the three sets and the groups' X wait on the host: one window's of them on the device
+    gpu = P.memory(sh, run.replace(refine="sequential"), True, runtime)["refine"]
+    assert gpu.host_bytes == runtime + kept + 3 * one_set + taken
+    assert gpu.device_bytes == ref.host_bytes - runtime - kept - (3 * one_set + taken) * 3 // 4
     # a refined build starts from the unrefined factors (a block keeps them where refining does not pay), so it
     # runs the statistics and the factor pass whatever the allocation
     refined = {a: P.memory(sh, run.replace(refine="sequential", allocation=a), False, runtime)

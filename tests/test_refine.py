@@ -440,3 +440,25 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
         if line["choice"] == "unrefined":
             assert all(torch.equal(weights[n][0], fallback[n][0]) for n in line["matrices"])
     assert ("tuned" in R.summary(info)) == any(b["choice"] == "tuned" for b in info["blocks"])
+
+
+@pytest.mark.parametrize("how", ["sequential", "block"])
+def test_parked_activations_give_the_same_factors(tiny_lm, monkeypatch, how):
+    """On a GPU refine keeps its per-window activations in host memory and brings one window's back at a time
+    (_Park). Here every kept tensor is wrapped (PARK_CHECK) so that any use that does not go through _Park.get
+    fails, and the factors are bit for bit those of the run that keeps them as they are."""
+    from dipsvd_core import refine as R
+    from dipsvd_core.surgery import low_rank_weights
+
+    bench = Workbench(tiny_lm, "wiki", 8, 64)
+    s = Settings(method="svd-llm", ratio=0.4, refine=how)
+    allocation = bench.allocate(s)
+    fallback = low_rank_weights(bench.factors(s.spec), allocation.ranks)
+    torch.manual_seed(0)
+    kept, info = bench.refine(s, allocation, fallback=fallback)
+    monkeypatch.setattr(R, "PARK_CHECK", True)
+    torch.manual_seed(0)
+    parked, info2 = bench.refine(s, allocation, fallback=fallback)
+    assert [b["choice"] for b in info["blocks"]] == [b["choice"] for b in info2["blocks"]]
+    for n in kept:
+        assert torch.equal(kept[n][0], parked[n][0]) and torch.equal(kept[n][1], parked[n][1]), n

@@ -297,9 +297,26 @@ def _check_plan(args) -> dict | None:
     return plan.to_dict()
 
 
+def _check_paths(args) -> None:
+    """Before anything loads: an --out that would be overwritten, and text files that are not there."""
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
+        raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
+    for path in (args.calib, *args.eval.split(",")):
+        if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
+            raise DipSVDError(f"text file not found: {path}; check the path")
+
+
+def _save(args, model, tokenizer, report: dict) -> str:
+    from .compressed import save_compressed
+
+    info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
+    if "storage" in report:
+        info.update(remap=report["storage"]["remap"], storage=report["storage"])
+    return str(save_compressed(model, args.out, tokenizer, info, force=args.force))
+
+
 def cmd_compress(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
-    from .compressed import save_compressed
     from .loading import load_model
     from .memwatch import PhaseMemory
     from .models import count_params
@@ -309,11 +326,7 @@ def cmd_compress(args) -> dict:
 
     allocation = args.allocation or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
-        raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
-    for path in (args.calib, *args.eval.split(",")):
-        if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
-            raise DipSVDError(f"text file not found: {path}; check the path")
+    _check_paths(args)
     t0 = time.perf_counter()
     plan = _check_plan(args)
     timings = {"plan": time.perf_counter() - t0}  # the config alone; a GGUF's is parsed whole (seconds)
@@ -365,11 +378,8 @@ def cmd_compress(args) -> dict:
         timings["generation"] = t_gen + time.perf_counter() - t0
     if args.out:
         t0 = time.perf_counter()
-        info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
-        if "storage" in report:
-            info.update(remap=report["storage"]["remap"], storage=report["storage"])
         with memory.phase("save"):
-            report["saved_to"] = str(save_compressed(result.model, args.out, lm.tokenizer, info, force=args.force))
+            report["saved_to"] = _save(args, result.model, lm.tokenizer, report)
         timings["save"] = time.perf_counter() - t0
     report["timings_s"] = timings
     report["peak_memory_mb"] = peak_memory_mb()

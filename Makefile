@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: run test install browser bench bench-app bench-app-cli clean-cache
+.PHONY: run test install browser bench bench-app bench-app-cli gpu-check clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-app: install
 
 bench-app-cli: install browser
 	$(PY) bench/bench_app_cli.py --write --cold-start
+
+# The full path on CUDA (random Llamas of Llama-3.2-1B's and Llama-3-8B's widths), each phase measured beside the
+# plan, into bench/RESULTS.md. Without a GPU it says so; tests/test_gpu_check.py runs it on the CPU (--tiny).
+gpu-check: install
+	$(PY) bench/gpu_check.py --write
 
 # Statistics, factors, Fisher, Dobi-SVD gammas and the dequantized bundled model (README "Caches").
 clean-cache:

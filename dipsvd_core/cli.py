@@ -495,7 +495,8 @@ def _summary(report: dict) -> str:
                      f"(realized {report['ratio_realized']:.4f})")
     for kind, sets in (report["ppl"].items() if "compressed" in report["ppl"] else [("ppl", report["ppl"])]):
         lines.append(f"  {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in sets.items()))
-    for kind, rows in report.get("generations", {}).items():
+    gens = report.get("generations", {})  # compress: per model; evaluate: the one model's list
+    for kind, rows in (gens.items() if isinstance(gens, dict) else [("generated", gens)]):
         for row in rows:
             lines.append(f"  {kind} | {row['prompt']} | distinct 3-grams {row['distinct_3']:.2f}, longest repeat "
                          f"{row['longest_repeat']} words | {' '.join(row['text'].split())}")

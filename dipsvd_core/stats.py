@@ -47,6 +47,9 @@ def channel_importance(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(gram, dim=0)
 
 
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # activations whose float32 copies TF32 holds exactly
+
+
 class GramAccumulator:
     """Accumulates X^T X and sum |x| over windows on X's device."""
 
@@ -59,8 +62,12 @@ class GramAccumulator:
         x = x.reshape(-1, x.shape[-1])
         if not torch.isfinite(x).all():
             raise NonFiniteActivations()
+        # 16-bit activations are exact in TF32 (its 10 mantissa bits hold bfloat16's 7 and float16's 10): on CUDA
+        # their product runs on the TF32 tensor cores, float32 accumulation; float32 activations stay IEEE
+        precision = "tf32" if x.dtype in SIXTEEN_BIT and x.is_cuda else torch.backends.cuda.matmul.fp32_precision
         x = x.float()
-        self.gram += (x.T @ x).to(self.gram.dtype)
+        with matmul_precision(precision):
+            self.gram += (x.T @ x).to(self.gram.dtype)
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
@@ -108,14 +115,16 @@ class BlockStats:
 
 
 @contextlib.contextmanager
-def _no_tf32():
-    """float32 matmuls in IEEE precision on CUDA (TF32 would cost ~1e-3 relative in every Gram)."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+def matmul_precision(precision: str):
+    """float32 matmuls on CUDA in `precision` within ("ieee", or "tf32"), restored after. The statistics pass runs
+    in "ieee": TF32 rounds float32 inputs to 10 mantissa bits, ~1e-3 relative in every Gram."""
+    m = torch.backends.cuda.matmul
+    prev = m.fp32_precision
+    m.fp32_precision = precision
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        m.fp32_precision = prev
 
 
 def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_block=None, progress=None,
@@ -127,7 +136,7 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
     prefix, blocks = find_blocks(model)
     wanted = set(names)
     group_of, alphas, abs_means, spectra, n_tokens, t_other = {}, {}, {}, [], 0, 0.0
-    with _no_tf32():
+    with matmul_precision("ieee"):
         try:
             inputs = capture_inputs(model, blocks, windows)
         except torch.OutOfMemoryError:

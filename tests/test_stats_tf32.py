@@ -1,0 +1,37 @@
+"""The statistics pass's matmul precision: IEEE float32 for float32 activations, TF32 for 16-bit ones on CUDA,
+which is exact for them."""
+import pytest
+import torch
+
+from dipsvd_core.stats import SIXTEEN_BIT, GramAccumulator, matmul_precision, stream_stats
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_sixteen_bit_values_are_exact_in_tf32(dtype):
+    """TF32 keeps 10 of float32's 23 mantissa bits: a bfloat16 or float16 value cast to float32 has its low 13
+    bits zero, subnormals included, so TF32's rounding leaves every input of the Gram product unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, generator=g) * torch.logspace(-6, 4, 4096)).to(dtype)
+    x = torch.cat([x, torch.tensor([torch.finfo(dtype).tiny / 4, torch.finfo(dtype).max], dtype=dtype)])
+    bits = x.float().view(torch.int32)
+    assert int((bits & 0x1FFF).abs().max()) == 0
+    assert int((torch.randn(4096, generator=g).view(torch.int32) & 0x1FFF).abs().max()) > 0  # float32 values are not
+
+
+def test_the_precision_is_restored_and_a_gram_is_its_sum(tiny_lm):
+    m = torch.backends.cuda.matmul
+    before = m.fp32_precision
+    with matmul_precision("tf32"):
+        assert m.fp32_precision == "tf32"
+    assert m.fp32_precision == before
+    from dipsvd_core.pipeline import Workbench
+
+    windows = Workbench(tiny_lm, "wiki", 2, 32).windows()
+    stream_stats(tiny_lm.model, [t.name for t in tiny_lm.targets], windows)
+    assert m.fp32_precision == before
+    acc = GramAccumulator(8, torch.device("cpu"))
+    xs = [torch.randn(1, 5, 8).to(torch.bfloat16) for _ in range(3)]
+    for x in xs:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, 8) for x in xs]).double()
+    torch.testing.assert_close(acc.gram, X.T @ X, rtol=1e-6, atol=1e-6)

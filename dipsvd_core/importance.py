@@ -114,15 +114,15 @@ class _SavedInputs:
         b - 1 run again over every window (no grad), keeping each one's input, as the first forward did."""
         if self.saved[b] is not None:
             return
+        from .stream import BlockInputs, forward_block
+
         c = b - b % self.every
         to_host = self.device.type == "cuda"
         with torch.no_grad():
-            hidden = [h.to(self.device) for h in self.saved[c]]
+            segment = BlockInputs([h.to(self.device) for h in self.saved[c]], self.inputs.kwargs)
             for j in range(c, b):
-                for i, (x, kw) in enumerate(zip(hidden, self.inputs.kwargs)):
-                    out = blocks[j](x, **kw)
-                    hidden[i] = out[0] if isinstance(out, tuple) else out
-                self.saved[j + 1] = [h.to("cpu") for h in hidden] if to_host else list(hidden)
+                forward_block(blocks[j], segment)
+                self.saved[j + 1] = [h.to("cpu") for h in segment.hidden] if to_host else list(segment.hidden)
                 self.most = max(self.most, self.held())
 
     def block_input(self, b: int, i: int) -> torch.Tensor:

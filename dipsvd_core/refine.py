@@ -500,17 +500,16 @@ class _BlockWalk:
                 self.replayed.add(child)
         self.kept.clear()
 
-    def install(self, name: str, u: torch.Tensor, v: torch.Tensor):
-        """(u, v) in the model's dtype on the host, and the refined forward now in place of the Linear's on the
+    def install(self, name: str, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, v) in the model's dtype on the host, with the refined forward now in place of the Linear's on the
         compressed path: its two factors, so the dense product is not computed there."""
         linear = self.linears[name]
         with weights_of(linear):
             dev, dt = linear.weight.device, linear.weight.dtype
             bias = None if linear.bias is None else linear.bias.detach().clone()
         host = (u.to("cpu", dt), v.to("cpu", dt))
-        refined = _low_rank(u.to(dev, dt), v.to(dev, dt), bias)
-        self.swaps.append(_replace_forward(linear, refined))
-        return host, refined
+        self.swaps.append(_replace_forward(linear, _low_rank(u.to(dev, dt), v.to(dev, dt), bias)))
+        return host
 
     def advance(self) -> None:
         """The refined block on the compressed path gives the next block its inputs (its finished children, the
@@ -694,7 +693,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
                                        taus, fallback, abs_means, fisher_rows)
                     floored += k
                     for n in members:
-                        out[n], _ = walk.install(n, *picks[n]["final"])
+                        out[n] = walk.install(n, *picks[n]["final"])
                         chosen[n] = picks[n]
                     del picks, stats
                 walk.taken.pop(leader, None)

@@ -1,8 +1,9 @@
 """Step 7 of the flow: save and load compressed models as safetensors, with no pickle.
 
-A saved folder is an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer)
+A saved folder is an ordinary Hugging Face folder (config.json, safetensors shards, tokenizer)
 whose config.json carries a `dipsvd_compression` entry: the method, the settings and every
-module's rank. `load_compressed` rebuilds the architecture from the config on the meta device, swaps in
+module's rank. It also carries modeling_dipsvd.py and an `auto_map` (portable.py), so that plain transformers
+loads it with trust_remote_code=True, without this project. `load_compressed` rebuilds the architecture from the config on the meta device, swaps in
 LowRankLinear modules of those ranks and assigns the tensors shard by shard; `trust_remote_code` is never used.
 What a method stores beyond floating-point tensors comes from its handler (methods.py): a remapped Dobi-SVD
 model (entry "remap": true) stores each low-rank u and v as int8 with a float32 `<name>_scale` per rank
@@ -25,6 +26,7 @@ from torch import nn
 from .errors import DipSVDError
 from .methods import handler
 from .models import LoadedModel, find_targets, fingerprint, resolve_device
+from .portable import auto_map, portable_reason, write_modeling_file
 from .surgery import LowRankLinear, module_ranks, set_module
 
 ENTRY = "dipsvd_compression"
@@ -38,8 +40,9 @@ def is_compressed_folder(path: Path) -> bool:
 
 
 def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None = None,
-                    force: bool = False) -> Path:
-    """Write `model` (with its LowRankLinear ranks) to out_dir atomically."""
+                    force: bool = False, max_shard_size: str | int = "5GB") -> Path:
+    """Write `model` (with its LowRankLinear ranks) to out_dir atomically, in safetensors shards of at most
+    `max_shard_size`, with the modeling file that lets plain transformers load it (portable.py) where it can."""
     out = Path(os.path.expanduser(str(out_dir)))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise DipSVDError(f"{out} already exists and is not empty; choose another folder or pass --force "
@@ -48,19 +51,26 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
     entry = dict(info or {})
     entry["ranks"] = module_ranks(model)
+    reason = portable_reason(model, entry)
+    entry["portable"] = reason or True  # True: plain transformers loads it (trust_remote_code); else why not
     cfg = model.config
-    had = getattr(cfg, ENTRY, None)
+    had = {k: getattr(cfg, k, None) for k in (ENTRY, "auto_map")}
     setattr(cfg, ENTRY, entry)
+    if reason is None:
+        cfg.auto_map = auto_map()
     state = handler(entry["method"]).saved_state(model, entry) if "method" in entry else None  # e.g. int8 factors
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state, max_shard_size=max_shard_size)
+        if reason is None:
+            write_modeling_file(tmp, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        setattr(cfg, ENTRY, had) if had is not None else delattr(cfg, ENTRY)
+        for k, v in had.items():
+            setattr(cfg, k, v) if v is not None else (delattr(cfg, k) if hasattr(cfg, k) else None)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -99,6 +109,8 @@ def compressed_model(path, device: str | None = None, dtype: torch.dtype | None 
     if not is_compressed_folder(path):
         raise DipSVDError(f"{path} is not a compressed model folder (no '{ENTRY}' in config.json)")
     config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "auto_map"):  # the folder's modeling file is for plain transformers; this builds its own
+        del config.auto_map
     entry = getattr(config, ENTRY)
     dt = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dt, str):

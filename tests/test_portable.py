@@ -1,0 +1,89 @@
+"""A saved compressed folder loads in plain transformers with trust_remote_code=True, in a Python that cannot import
+this project: the compressed parameter count, the project loader's logits, greedy generation, device_map="auto"
+and sharded safetensors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dipsvd_core.compressed import load_compressed, save_compressed
+from dipsvd_core.models import count_params
+from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.portable import MODELING_FILE
+
+# Run with `python -I` from an empty folder: no PYTHONPATH, no current directory on sys.path, no user site.
+CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    try:
+        import dipsvd_core  # noqa: F401
+        sys.exit("dipsvd_core is importable here; the check needs a Python without it")
+    except ImportError:
+        pass
+    folder, ids_file, out = sys.argv[1:4]
+    ids = torch.tensor(json.load(open(ids_file)))
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    mapped = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                  device_map="auto")
+    with torch.no_grad():
+        tensors = {"logits": model(ids).logits, "mapped": mapped(ids).logits,
+                   "generated": model.generate(ids[:, :8], max_new_tokens=6, do_sample=False)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "class": type(model).__name__,
+                      "low_rank": sum(type(m).__name__ == "LowRankLinear" for m in model.modules())}))
+""")
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_lm):
+    return Workbench(tiny_lm, "wiki", calib_windows=4, seqlen=64, seed=0)
+
+
+def test_plain_transformers_loads_the_saved_folder(tiny_lm, bench, tmp_path):
+    res = bench.build(Settings(method="dipsvd", ratio=0.25))
+    out = save_compressed(res.model, tmp_path / "saved", tiny_lm.tokenizer, {"method": "dipsvd"},
+                          max_shard_size="300KB")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_dipsvd.DipSVDForCausalLM"}
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dipsvd_compression"]["portable"] is True
+    assert (out / MODELING_FILE).is_file() and (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("*.safetensors"))) > 1  # sharded
+    ours = load_compressed(out)
+    ids = bench.windows()[:2, :24]
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-I", "-c", CHILD, str(out), str(tmp_path / "ids.json"),
+                           str(tmp_path / "child.safetensors")], cwd=empty, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    child = load_file(tmp_path / "child.safetensors")
+    assert info["class"] == "DipSVDForCausalLM"
+    assert info["low_rank"] == len(config["dipsvd_compression"]["ranks"]) > 0
+    assert info["params"] == count_params(ours.model) == count_params(res.model) < count_params(tiny_lm.model)
+    with torch.no_grad():
+        logits = ours.model(ids).logits
+        generated = ours.model.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+    assert torch.allclose(child["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(child["mapped"], logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(child["generated"], generated)
+
+
+def test_a_remapped_folder_says_why_it_is_not_portable(tiny_lm, bench, tmp_path):
+    res = bench.build(Settings(method="svd", ratio=0.5))
+    out = save_compressed(res.model, tmp_path / "r", tiny_lm.tokenizer, {"method": "svd", "remap": True})
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and not (out / MODELING_FILE).exists()
+    assert "int8" in config["dipsvd_compression"]["portable"]

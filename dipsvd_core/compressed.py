@@ -27,7 +27,7 @@ from .errors import DipSVDError
 from .methods import handler
 from .models import LoadedModel, find_targets, fingerprint, resolve_device
 from .portable import auto_map, portable_reason, write_modeling_file
-from .surgery import LowRankLinear, module_ranks, set_module
+from .surgery import LowRankLinear, densify, module_ranks, set_module
 
 ENTRY = "dipsvd_compression"
 
@@ -43,12 +43,6 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
                     force: bool = False, max_shard_size: str | int = "5GB") -> Path:
     """Write `model` (with its LowRankLinear ranks) to out_dir atomically, in safetensors shards of at most
     `max_shard_size`, with the modeling file that lets plain transformers load it (portable.py) where it can."""
-    out = Path(os.path.expanduser(str(out_dir)))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DipSVDError(f"{out} already exists and is not empty; choose another folder or pass --force "
-                          "to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
     entry = dict(info or {})
     entry["ranks"] = module_ranks(model)
     reason = portable_reason(model, entry)
@@ -59,18 +53,48 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     if reason is None:
         cfg.auto_map = auto_map()
     state = handler(entry["method"]).saved_state(model, entry) if "method" in entry else None  # e.g. int8 factors
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state, max_shard_size=max_shard_size)
         if reason is None:
             write_modeling_file(tmp, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        return _write_folder(out_dir, force, write)
     finally:
         for k, v in had.items():
             setattr(cfg, k, v) if v is not None else (delattr(cfg, k) if hasattr(cfg, k) else None)
+
+
+def save_dense(model: nn.Module, out_dir, tokenizer=None, force: bool = False, max_shard_size: str | int = "5GB"):
+    """Write `model` with every low-rank pair multiplied back into an ordinary Linear (surgery.densify, in place):
+    a plain folder of the base architecture that any tool loads without custom code, as large as the original."""
+    densify(model)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _write_folder(out_dir, force, write)
+
+
+def _write_folder(out_dir, force: bool, write) -> Path:
+    """Run `write(tmp)` into a temporary sibling of out_dir and rename it into place; a non-empty out_dir is
+    replaced only with `force`, and a failed write leaves it as it was."""
+    out = Path(os.path.expanduser(str(out_dir)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DipSVDError(f"{out} already exists and is not empty; choose another folder or pass --force "
+                          "to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
+    try:
+        write(tmp)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -171,3 +171,17 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
 
 def module_ranks(model: nn.Module) -> dict[str, int]:
     return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> int:
+    """Write each LowRankLinear's product u v back into an ordinary Linear, in place and one matrix at a time (each
+    pair freed as its product replaces it), for tools that run no custom code; returns how many were turned back.
+    The model is then as large as a dense one: this saves no memory, only the compression's error is kept."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    for name in names:
+        lr = model.get_submodule(name)
+        weight = (lr.u.weight.double() @ lr.v.weight.double()).to(lr.u.weight.dtype)
+        set_module(model, name, _wrap_linear(weight, lr.u.bias))
+        del lr
+    return len(names)

@@ -32,6 +32,7 @@ def error_line(proc) -> str:
     (["compress", "--device-memory", "0"], "expected a positive memory size"),
     (["compress", "--host-memory", "64KiB"], "--host-memory 0.1 MiB cannot hold one decoder block"),
     (["compress", "--device-memory", "1MiB"], "--device-memory 1.0 MiB cannot hold one decoder block"),
+    (["compress", "--export", "dense"], "--export dense writes next to the saved model; give --out DIR too"),
 ])
 def test_bad_input_exits_with_one_line(args, needle):
     proc = run(*args, "--quiet")
@@ -74,7 +75,7 @@ def test_compress_then_evaluate_the_saved_model(tiny_model_dir, tmp_path):
     proc = run("compress", "--model", tiny_model_dir, "--method", "dipsvd", "--allocation", "uniform",
                "--ratio", "0.3", "--weight", "30", "--bar", "0.05", "--calib", "wiki", "--calib-windows", "4",
                "--seqlen", "64", "--eval", "wiki,news", "--eval-tokens", "256", "--out", str(out),
-               "--report", str(report))
+               "--export", "dense", "--report", str(report))
     assert proc.returncode == 0, proc.stderr
     r = json.loads(report.read_text())
     for key in ("model", "method", "allocation", "ratio_target", "ratio_realized", "params", "ranks", "ppl",
@@ -105,6 +106,18 @@ def test_compress_then_evaluate_the_saved_model(tiny_model_dir, tmp_path):
     r2 = json.loads(report2.read_text())
     assert r2["ppl"]["wiki"] == pytest.approx(r["ppl"]["compressed"]["wiki"], rel=1e-5)
     assert r2["compression"]["ranks"] == r["ranks"]
+    # --export dense: OUT-dense is a plain folder of ordinary Linears (the products u v), the original's size
+    dense = tmp_path / "model-dense"
+    assert r["saved_dense_to"] == str(dense)
+    config = json.loads((dense / "config.json").read_text())
+    assert "dipsvd_compression" not in config and "auto_map" not in config
+    assert not (dense / "modeling_dipsvd.py").exists()
+    proc = run("evaluate", "--model", str(dense), "--eval", "wiki,news", "--eval-tokens", "256", "--seqlen", "64",
+               "--report", str(report2))
+    assert proc.returncode == 0, proc.stderr
+    r3 = json.loads(report2.read_text())
+    assert r3["params"]["total"] == p["total_before"] and "compression" not in r3
+    assert r3["ppl"]["wiki"] == pytest.approx(r["ppl"]["compressed"]["wiki"], rel=1e-4)
 
 
 def test_dobi_remap_compress_then_evaluate(tiny_model_dir, tmp_path):

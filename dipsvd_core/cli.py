@@ -193,6 +193,9 @@ def _add_compress(sub) -> None:
                    help="run even when the plan predicts that memory or disk will not suffice")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    c.add_argument("--export", choices=("low-rank", "dense"), default="low-rank",
+                   help="dense: also write OUT-dense, the low-rank products back in ordinary Linears, for tools that "
+                        "run no custom code (it saves no memory)")
     c.add_argument("--no-eval-original", action="store_true", help="skip the original model's perplexity")
     c.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
     c.add_argument("--generate", action="store_true", help="also generate for the default prompts")
@@ -264,7 +267,8 @@ def _run_of(args):
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     return Run(settings, calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
-               eval_original=not args.no_eval_original, dtype=args.dtype, offload=getattr(args, "offload", False))
+               eval_original=not args.no_eval_original, dtype=args.dtype, offload=getattr(args, "offload", False),
+               save=bool(getattr(args, "out", None)))
 
 
 def cmd_plan(args):
@@ -291,28 +295,39 @@ def _check_plan(args) -> dict | None:
     if not args.ignore_plan:
         check_fits(plan)
     if not args.quiet:
-        print(f"plan: peak host {plan.peak_host_bytes / 2**30:.2f} GB, device {plan.peak_device_bytes / 2**30:.2f} GB, "
-              f"disk {plan.disk_bytes / 2**30:.2f} GB (python -m dipsvd_core plan for the phases and times)",
+        print(f"plan: peak host {plan.peak_host_bytes / 2**30:.2f} GiB, "
+              f"device {plan.peak_device_bytes / 2**30:.2f} GiB, disk {plan.disk_bytes / 2**30:.2f} GiB "
+              "(python -m dipsvd_core plan for the phases and times)",
               file=sys.stderr)
     return plan.to_dict()
 
 
 def _check_paths(args) -> None:
     """Before anything loads: an --out that would be overwritten, and text files that are not there."""
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
-        raise DipSVDError(f"{args.out} already exists and is not empty; choose another --out or pass --force")
+    if args.export == "dense" and not args.out:
+        raise DipSVDError("--export dense writes next to the saved model; give --out DIR too")
+    for out in (args.out, dense_folder(args.out) if args.export == "dense" else None):
+        if out and Path(out).exists() and any(Path(out).iterdir()) and not args.force:
+            raise DipSVDError(f"{out} already exists and is not empty; choose another --out or pass --force")
     for path in (args.calib, *args.eval.split(",")):
         if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
             raise DipSVDError(f"text file not found: {path}; check the path")
 
 
-def _save(args, model, tokenizer, report: dict) -> str:
-    from .compressed import save_compressed
+def dense_folder(out: str) -> str:
+    """Where --export dense writes: OUT-dense, beside OUT."""
+    return str(Path(out).with_name(Path(out).name + "-dense"))
+
+
+def _save(args, model, tokenizer, report: dict) -> None:
+    from .compressed import save_compressed, save_dense
 
     info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
     if "storage" in report:
         info.update(remap=report["storage"]["remap"], storage=report["storage"])
-    return str(save_compressed(model, args.out, tokenizer, info, force=args.force))
+    report["saved_to"] = str(save_compressed(model, args.out, tokenizer, info, force=args.force))
+    if args.export == "dense":  # last: it turns the model back into dense Linears
+        report["saved_dense_to"] = str(save_dense(model, dense_folder(args.out), tokenizer, force=args.force))
 
 
 def cmd_compress(args) -> dict:
@@ -379,7 +394,7 @@ def cmd_compress(args) -> dict:
     if args.out:
         t0 = time.perf_counter()
         with memory.phase("save"):
-            report["saved_to"] = _save(args, result.model, lm.tokenizer, report)
+            _save(args, result.model, lm.tokenizer, report)
         timings["save"] = time.perf_counter() - t0
     report["timings_s"] = timings
     report["peak_memory_mb"] = peak_memory_mb()

@@ -1,7 +1,7 @@
 """Measured memory per phase: the peak host RSS and peak device memory while a phase ran, for the JSON report's
 `memory.phases.<phase>` (host_peak_bytes, device_peak_bytes), set against the plan's prediction of each phase.
 
-The host peak is the process's high-water mark (VmHWM), reset as a phase starts by writing 5 to
+The host peak is the process's high-water mark (VmHWM), reset as a phase starts (after freed memory is returned to the system) by writing 5 to
 /proc/self/clear_refs (Linux 4.0 and later); where that is not possible the lifetime peak (ru_maxrss) stands in
 and the figure is marked `since_start`. The device peak is torch.cuda.max_memory_allocated, reset likewise. Phases
 may nest (Fisher inside a factor pass that reads it): a phase's peak includes those of the phases inside it, so
@@ -15,11 +15,14 @@ pipeline.peak_memory_mb) and only that figure is the run's peak.
 from __future__ import annotations
 
 import contextlib
+import gc
 import resource
 import time
 from pathlib import Path
 
 import torch
+
+from .stream import release_host_memory
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -77,8 +80,12 @@ class PhaseMemory:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Measure the block inside as phase `name`."""
+        """Measure the block inside as phase `name`. What earlier phases freed is first given back to the system
+        (a garbage collection and malloc_trim), so the reset starts from what is alive, not from freed heap the
+        allocator kept."""
         self._fold()
+        gc.collect()
+        release_host_memory()
         exact = _reset_host()
         _reset_device()
         rec = {"host_peak_bytes": 0, "device_peak_bytes": 0, "seconds": 0.0, "since_start": not exact}

@@ -22,11 +22,14 @@ these shapes it adds up what each phase holds at its peak:
   converts the model in place, dropping each dense matrix as its factors replace it; the app keeps the
   original beside the compressed copy (`Run.inplace=False`).
 - evaluation: the model (or both), one window's activations and float32 logits.
+- save (compress --out): the compressed model and its largest tensor's serialized bytes.
 
 On a CUDA device these go to the device and the host holds the runtime and the factors being
 written; with `offload` the weights stay on the host and the device holds one block at a time. On
 the CPU everything is host memory, and `device_bytes` is 0. Every phase adds the runtime measured
-in this process (Python, torch and transformers imported).
+in this process (Python, torch and transformers imported) and what a run holds besides (`run_overhead`: the
+tokenizer, the modeling code, the calibration text). On the CPU, weights saved as safetensors in the run's dtype are
+mapped, not copied, so loading holds none of them; they become resident in the first pass (`Shapes.mapped`).
 
 Time comes from a microbenchmark of a few seconds on the device: one decoder block of the real
 widths (random weights, vocabulary cut to 1024) run over one window with the statistics hooks, and
@@ -61,7 +64,7 @@ from .settings import Settings
 # every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
 # and the build's surgery and evaluation, which every run has
 PHASES = ("load", P.STATISTICS, P.FACTORS, P.FISHER, P.BLOCK_PROBE, P.TYPE_PROBE, P.SEARCH, P.TRAINING, P.UPDATE,
-          P.REFINE, "surgery", "evaluation")
+          P.REFINE, "surgery", "evaluation", "save")
 ALWAYS = ("load", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -82,6 +85,13 @@ class Shapes:
     window_width: int  # widest activation inside a block (the MLP's intermediate)
     from_gguf: bool = False
     grouped_by: str = "meta forward"  # or "one Gram per Linear (an upper bound)"
+    stored_dtype: str | None = None  # the dtype config.json says the weights are saved in
+
+    def mapped(self, run) -> bool:
+        """Whether loading for `run` on the CPU maps the saved weights instead of copying them: safetensors read at
+        the dtype they are stored in stay pages of the file, resident as they are first read (by the first pass),
+        not at load (measured: 438 MB after loading a 2-block model of 267 MB of weights, 773 MB after one forward)."""
+        return not self.from_gguf and self.stored_dtype == run.dtype
 
     @property
     def targeted(self) -> int:
@@ -159,7 +169,7 @@ class Plan:
 
 
 def _gb(b: int) -> str:
-    return f"{b / GiB:.2f} GB" if b else "-"
+    return f"{b / GiB:.2f} GiB" if b else "-"
 
 
 def _size(b: int) -> str:
@@ -281,8 +291,11 @@ def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False) 
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     vocab = int(getattr(config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = str(stored).removeprefix("torch.") if stored is not None else None
     return Shapes(len(blocks), hidden, vocab, heads, count_params(model), block_params,
-                  [(t.block, t.out_features, t.in_features) for t in targets], groups, widest, from_gguf, grouped_by)
+                  [(t.block, t.out_features, t.in_features) for t in targets], groups, widest, from_gguf, grouped_by,
+                  stored)
 
 
 # --- the memory model ---
@@ -301,6 +314,7 @@ class Run:
     dtype: str = "float32"
     offload: bool = False
     inplace: bool = True  # compress converts the model in place; the app keeps the original beside the copy
+    save: bool = False  # the compressed model is saved (compress --out)
 
     def __getattr__(self, name):  # the settings' fields read as the run's own (run.method, run.ratio, ...)
         if name == "settings":
@@ -310,7 +324,7 @@ class Run:
     @property
     def phases(self) -> frozenset:
         """The phases these settings run (from the declared needs of the method, the scaling and the allocation)."""
-        return P.phases(needs(self.settings)) | frozenset(ALWAYS)
+        return P.phases(needs(self.settings)) | frozenset(ALWAYS) | frozenset(("save",) if self.save else ())
 
     @property
     def whitens(self) -> bool:
@@ -363,6 +377,9 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     fisher = (2 * one_set if cuda else fisher_saved + 2 * one_set) + sums + layer_saved + logits
     host_fisher = fisher_saved + one_set  # on a GPU: the kept inputs and the gradients
     one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
+    # save: the compressed model and the serialized bytes of its largest tensor (the embeddings, or a matrix kept
+    # dense); measured at 32 blocks of SmolLM2-360M's widths, 1,840 MB against 1,140 MB saved and the runtime
+    largest = max(sh.vocab * sh.hidden, one_matrix) * B
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
     # Refine (refine.py) streams two activation sets (original and compressed) and the block's compressed-path
     # inputs again for its held-out check, keeps every input group's X of one block for all windows but the
@@ -393,15 +410,18 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
             P.UPDATE: weights + acts + sum(o * o for _, o, _ in per_block) * 8 + window,
             P.REFINE: weights + refine_dev + (kept * B if not cuda else 0),
             "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
-            "evaluation": weights + max(compressed, 0) + logits + window}  # in place: the original's turn is larger
+            "evaluation": weights + max(compressed, 0) + logits + window,  # in place: the original's turn is larger
+            "save": weights + compressed + largest}
     disk = dict.fromkeys(PHASES, 0) | {
         "load": sh.params * 4 if sh.from_gguf else 0,
         P.STATISTICS: sum(g * 16 for g in sh.groups) * L + L * H * 8,
         P.FACTORS: factor_bytes(sh.matrices, s), P.FISHER: sum(i * 8 for _, _, i in sh.matrices)}
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
-    host = {"load": weights + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
-            P.REFINE: kept * B + refine_sets, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B}
+    loaded = 0 if sh.mapped(run) and not cuda else weights  # mapped pages become resident in the first pass
+    host = {"load": loaded + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
+            P.REFINE: kept * B + refine_sets, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B,
+            "save": largest}  # on a GPU each tensor is copied to the host as it is written
     return work, disk, host
 
 
@@ -560,11 +580,24 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     # Dobi-SVD: a forward and a backward per training window and step, with an SVD of every layer's activations
     phases[P.TRAINING].seconds = run.dobi.epochs * run.dobi.windows * (3 * fwd_model + L * factor)
     phases[P.UPDATE].seconds = N * fwd_model
+    phases["save"].seconds = (sh.params - run.ratio * sh.targeted) * DTYPE_BYTES[run.dtype] / r.copy_bytes_s
     phases["surgery"].seconds = (1 - run.ratio) * sh.targeted * DTYPE_BYTES[run.factor_dtype] / r.copy_bytes_s
     phases["evaluation"].seconds = eval_windows * fwd_model * ((2 - run.ratio) if run.eval_original else 1)
 
 
 # --- the plan ---
+
+# What a run holds beyond the imports, measured on the CPU at SmolLM2-360M's widths (/proc/self/status VmRSS): the
+# loaded tokenizer, about 2.7 KB per vocabulary entry (133 MB for 49,152), and the modeling code with the
+# calibration text cut into windows (121 MB).
+TOKENIZER_BYTES_PER_TOKEN = 2_700
+RUN_FIXED_BYTES = 121 * 2**20
+
+
+def run_overhead(sh: Shapes) -> int:
+    """The tokenizer, modeling code and calibration text a run holds besides the imports and the model."""
+    return TOKENIZER_BYTES_PER_TOKEN * sh.vocab + RUN_FIXED_BYTES
+
 
 def runtime_bytes() -> int:
     """This process's resident memory now: Python, torch and transformers loaded, no model yet."""
@@ -610,6 +643,7 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     runtime = runtime_bytes()
     config, from_gguf = load_config(model, trust_remote_code)
     sh = shapes_of(config, trust_remote_code, from_gguf)
+    runtime += run_overhead(sh)
     phases = memory(sh, run, cuda, runtime)
     notes = []
     if run.offload and not cuda:

@@ -41,7 +41,18 @@ def test_memory_terms_are_the_documented_sums(config_only):
     weights = sh.params * 4
     # disk: every factor at full rank r = min(out, in): ut (r, out) and vs (r, in) in float32, sigma in float64
     assert ph["factors"].disk_bytes == sum(min(o, i) * (o + i) * 4 + min(o, i) * 8 for _, o, i in sh.matrices)
-    assert ph["load"].host_bytes == runtime + weights and ph["load"].device_bytes == 0
+    # safetensors saved in the run's dtype are mapped on the CPU: loading copies none of them; at another dtype it
+    # converts every weight
+    assert sh.stored_dtype == run.dtype == "float32"
+    assert ph["load"].host_bytes == runtime and ph["load"].device_bytes == 0
+    converted = P.memory(sh, run.replace(dtype="bfloat16"), cuda=False, runtime=runtime)["load"]
+    assert converted.host_bytes == runtime + sh.params * 2
+    # save (compress --out): the compressed model (converted in place) and its largest tensor's bytes, the
+    # embeddings here
+    assert not ph["save"].needed
+    saved = P.memory(sh, run.replace(save=True), cuda=False, runtime=runtime)["save"]
+    kept = int(0.75 * sh.targeted)
+    assert saved.needed and saved.host_bytes == runtime + (sh.params - sh.targeted + kept) * 4 + 49152 * 64 * 4
     # statistics: weights + activations + one block's float64 Grams (+ the output Gram and a window's product)
     grams = 8 * (3 * 64 ** 2 + 128 ** 2) + 8 * 64 ** 2 + 12 * 128 ** 2
     window = 32 * (4 * 64 + 3 * 128) * 4 + 4 * 32 * 32 * 4
@@ -120,6 +131,10 @@ def test_predicted_factor_disk_matches_the_store(tiny_lm):
 def test_refusal_names_the_option_that_fits(config_only, monkeypatch):
     run = P.run_of(calib_windows=8192, seqlen=256)  # the activations dominate
     plan = P.make_plan(str(config_only), "cpu", run, bench=False)
+    # the runtime: this process's imports (over 100 MB with torch and transformers) and the tokenizer of this
+    # vocabulary (2.7 KB an entry), the modeling code and the calibration text (121 MB)
+    overhead = 2_700 * plan.shape.vocab + 121 * 2**20
+    assert P.run_overhead(plan.shape) == overhead and plan.runtime_bytes > overhead + 100 * 2**20
     half = P.memory(plan.shape, run.replace(calib_windows=4096), False, plan.runtime_bytes)
     plan.free_host_bytes = max(p.host_bytes for p in half.values() if p.needed) + 1
     assert plan.peak_host_bytes > plan.free_host_bytes

@@ -193,6 +193,9 @@ def _add_compress(sub) -> None:
                    help="run even when the plan predicts that memory or disk will not suffice")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    c.add_argument("--html", default=None, metavar="FILE",
+                   help="write a self-contained HTML report (opens offline: settings, plots, perplexity, speed, "
+                        "generations)")
     c.add_argument("--export", choices=("low-rank", "dense"), default="low-rank",
                    help="dense: also write OUT-dense, the low-rank products back in ordinary Linears, for tools that "
                         "run no custom code (it saves no memory)")
@@ -309,6 +312,8 @@ def _check_paths(args) -> None:
     for out in (args.out, dense_folder(args.out) if args.export == "dense" else None):
         if out and Path(out).exists() and any(Path(out).iterdir()) and not args.force:
             raise DipSVDError(f"{out} already exists and is not empty; choose another --out or pass --force")
+    if args.html and Path(args.html).exists() and not args.force:
+        raise DipSVDError(f"{args.html} already exists; choose another --html file or pass --force to replace it")
     for path in (args.calib, *args.eval.split(",")):
         if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
             raise DipSVDError(f"text file not found: {path}; check the path")
@@ -401,6 +406,10 @@ def cmd_compress(args) -> dict:
     report["memory"] = {"phases": memory.report()}
     if plan is not None:
         report["plan"] = plan
+    if args.html:
+        from .html_report import report_figures, write_html
+
+        report["html"] = str(write_html(args.html, report, report_figures(bench, result)))
     return report
 
 

@@ -5,6 +5,7 @@ import streamlit as st
 
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.compressed import save_compressed
+from dipsvd_core.html_report import report_figures, report_html
 from dipsvd_core.inspection import allocation_rows, to_csv
 from dipsvd_core.report import compression_report
 from studio import ui
@@ -12,7 +13,8 @@ from studio import ui
 s = ui.need_model()
 lm, bench, busy = s.lm, s.bench, ui.busy()
 ui.header("Export", "Save the compressed model as safetensors (it reloads with `python -m dipsvd_core evaluate "
-          "--model FOLDER`), and download the report and the per-matrix allocation.")
+          "--model FOLDER`, and in plain transformers with trust_remote_code=True), and download the report (JSON, "
+          "or one HTML file to send) and the per-matrix allocation.")
 
 if s.result is None:
     st.info("Build a compressed model on Compress and evaluate first.")
@@ -27,11 +29,14 @@ if not s.result_is_current:
 
 rep = compression_report(lm, bench, res, s.params, {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
              s.generations["columns"] if s.generations else None)
-c1, c2 = st.columns(2)
+c1, c2, c3 = st.columns(3)
 c1.download_button("Download report (JSON)", json.dumps(rep, indent=2, default=str), "dipsvd-report.json",
                    "application/json", width="stretch", key="dl_report")
 c2.download_button("Download allocation (CSV)", to_csv(allocation_rows(lm, res.allocation)), "dipsvd-allocation.csv",
                    "text/csv", width="stretch", key="dl_alloc")
+c3.download_button("Download report (HTML)", report_html(rep, report_figures(bench, res)), "dipsvd-report.html",
+                   "text/html", width="stretch", key="dl_html",
+                   help="One file that opens offline: the settings, the plots, perplexity, speed and the generations")
 
 st.subheader("Save the compressed model")
 folder = st.text_input("Folder", key="k_ex_folder", placeholder="e.g. out/smollm2-dipsvd-0.1",

@@ -419,7 +419,9 @@ def test_export_saves_and_asks_before_replacing(tmp_path):
     page(at, "compress")
     click(at, "Build compressed model")
     page(at, "export")
-    assert [d.label for d in at.get("download_button")] == ["Download report (JSON)", "Download allocation (CSV)"]
+    assert [d.label for d in at.get("download_button")] == ["Download report (JSON)", "Download allocation (CSV)",
+                                                            "Download report (HTML)"]
+    assert not at.exception
     out = tmp_path / "saved"
     at.text_input(key="k_ex_folder").input(str(out))
     settle(at)

@@ -92,22 +92,24 @@ def repetition(text: str, n: int = 3) -> dict:
 
 
 @torch.no_grad()
-def speed(model: nn.Module, seqlen: int = 256, new_tokens: int = 32, vocab: int = 1000, repeats: int = 2) -> dict:
-    """Prefill tokens/s of a (1, seqlen) batch and decode tokens/s of single-token steps with a KV cache."""
+def speed(model: nn.Module, seqlen: int = 256, new_tokens: int = 32, vocab: int = 1000, repeats: int = 2,
+          batch: int = 1) -> dict:
+    """Prefill tokens/s of a (batch, seqlen) prompt and decode tokens/s of single-token steps with a KV cache (every
+    sequence of the batch counted), the best of `repeats`."""
     device = input_device(model)
-    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
     model(ids[:, :8])  # warm-up
     best_prefill, best_decode = 0.0, 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
-        best_prefill = max(best_prefill, seqlen / (time.perf_counter() - t0))
+        best_prefill = max(best_prefill, batch * seqlen / (time.perf_counter() - t0))
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        best_decode = max(best_decode, new_tokens / (time.perf_counter() - t0))
+        best_decode = max(best_decode, batch * new_tokens / (time.perf_counter() - t0))
     return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
 
 

@@ -111,6 +111,20 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (zero-shot accuracy "
+                   "with its standard error): hub tasks such as arc_easy,hellaswag online, or dipsvd_wiki_cloze "
+                   "(local, from the bundled wiki text)")
+    p.add_argument("--task-limit", type=_positive_int, default=None, help="documents per task (default: all)")
+
+
+def _tasks(args, model, tokenizer) -> dict:
+    from .lm_tasks import lm_eval_accuracy
+
+    return lm_eval_accuracy(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                            args.task_limit)
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text: {', '.join(SOURCES)} or a .txt/.jsonl "
                    f"path (default {DEFAULT_CALIB}: wiki with every other passage a chat turn)")
@@ -203,6 +217,7 @@ def _add_compress(sub) -> None:
     c.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
     c.add_argument("--generate", action="store_true", help="also generate for the default prompts")
     _add_eval_args(c)
+    _add_task_args(c)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed", action="store_true")
     e.add_argument("--generate", action="store_true")
     _add_eval_args(e)
+    _add_task_args(e)
     return parser
 
 
@@ -371,6 +387,8 @@ def cmd_compress(args) -> dict:
     extra, t_gen = {}, 0.0
     if args.speed:
         extra["speed"] = {"original": speed(lm.model)}
+    if args.tasks:  # before the build: it converts the original in place
+        extra["lm_eval"] = {"original": _tasks(args, lm.model, lm.tokenizer)}
     if args.generate:
         t0 = time.perf_counter()
         extra["generations"] = {"original": generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)}
@@ -391,6 +409,8 @@ def cmd_compress(args) -> dict:
         print(f"note: {report['dobi']['note']}", file=sys.stderr)
     if args.speed:
         report["speed"] = dict(extra["speed"], compressed=speed(result.model))
+    if args.tasks:
+        report["lm_eval"] = dict(extra["lm_eval"], compressed=_tasks(args, result.model, lm.tokenizer))
     if args.generate:
         t0 = time.perf_counter()
         report["generations"] = dict(extra["generations"],
@@ -436,9 +456,25 @@ def cmd_evaluate(args) -> dict:
         report["speed"] = speed(lm.model)
     if args.generate:
         report["generations"] = generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)
+    if args.tasks:
+        report["lm_eval"] = _evaluate_tasks(args, lm, entry)
     report["timings_s"] = timings
     report["peak_memory_mb"] = peak_memory_mb()
     return report
+
+
+def _evaluate_tasks(args, lm, entry: dict | None) -> dict:
+    """lm-eval accuracy of the model, and for a saved compressed folder of the original it names, side by side
+    (loaded after the compressed one is freed: one model at a time)."""
+    from .loading import load_model
+
+    side = "compressed" if entry else "model"
+    out = {side: _tasks(args, lm.model, lm.tokenizer)}
+    if entry and entry.get("model"):
+        del lm.model
+        original = load_model(entry["model"], args.device, args.dtype, args.trust_remote_code)
+        out = {"original": _tasks(args, original.model, original.tokenizer), **out}
+    return out
 
 
 def cmd_sweep(args) -> dict:
@@ -524,6 +560,9 @@ def _summary(report: dict) -> str:
         for row in rows:
             lines.append(f"  {kind} | {row['prompt']} | distinct 3-grams {row['distinct_3']:.2f}, longest repeat "
                          f"{row['longest_repeat']} words | {' '.join(row['text'].split())}")
+    for side, tasks in report.get("lm_eval", {}).items():
+        lines.append(f"  lm-eval {side}: " + ", ".join(f"{t} {r['acc']:.3f} ± {r['acc_stderr']:.3f}"
+                                                       for t, r in tasks.items()))
     if report.get("refine", {}).get("blocks"):
         from .refine import summary
 

@@ -87,3 +87,64 @@ def test_a_remapped_folder_says_why_it_is_not_portable(tiny_lm, bench, tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and not (out / MODELING_FILE).exists()
     assert "int8" in config["dipsvd_compression"]["portable"]
+
+
+# The bundled model through the CLI, perplexity in the child: exp of the mean next-token loss over the windows.
+PPL_CHILD = textwrap.dedent("""
+    import json, math, sys
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    try:
+        import dipsvd_core  # noqa: F401
+        sys.exit("dipsvd_core is importable here; the check needs a Python without it")
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for window in json.load(open(sys.argv[2])):
+            ids = torch.tensor([window])
+            logits = model(ids).logits.float()
+            nll += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+            n += ids.shape[1] - 1
+    print(json.dumps({"ppl": math.exp(nll / n), "params": sum(p.numel() for p in model.parameters())}))
+""")
+
+
+def test_modeling_file_imports_only_torch_and_transformers(tiny_lm, bench, tmp_path):
+    import ast
+
+    out = save_compressed(bench.build(Settings(method="svd", ratio=0.5)).model, tmp_path / "m", tiny_lm.tokenizer)
+    tree = ast.parse((out / MODELING_FILE).read_text())
+    roots = {n.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+             for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])}
+    assert roots == {"torch", "transformers"}
+
+
+@pytest.mark.slow
+def test_the_bundled_model_saved_by_compress_loads_in_plain_transformers(smollm, tmp_path):
+    from dipsvd_core.data import evaluation_windows
+    from dipsvd_core.evaluate import perplexity
+
+    out, report = tmp_path / "smol", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", "--model", "smollm2-135m", "--method",
+                           "svd-llm", "--ratio", "0.2", "--calib-windows", "4", "--seqlen", "128", "--eval", "wiki",
+                           "--eval-tokens", "512", "--no-eval-original", "--out", str(out), "--report", str(report),
+                           "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(report.read_text())
+    windows = evaluation_windows(smollm.tokenizer, "news", 128, 1024)
+    (tmp_path / "w.json").write_text(json.dumps(windows.tolist()))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    child = subprocess.run([sys.executable, "-I", "-c", PPL_CHILD, str(out), str(tmp_path / "w.json")], cwd=empty,
+                           env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    assert got["params"] == r["params"]["total_after"] < r["params"]["total_before"]
+    ours = perplexity(load_compressed(out).model, windows)
+    assert got["ppl"] == pytest.approx(ours, rel=1e-3)

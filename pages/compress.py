@@ -9,6 +9,7 @@ from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.data import SOURCES
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
+from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
 from dipsvd_core.refine import REFINE_CHOICES, calibration_advice, refine_choice, refine_table, summary
@@ -215,3 +216,22 @@ if s.speed:
     m[2].metric("Decode, original", f"{o['decode_tok_s']:.1f} tok/s")
     m[3].metric("Decode, compressed", f"{c['decode_tok_s']:.1f} tok/s")
     st.caption("Prefill: one 256-token forward pass; decode: 32 single-token steps with a KV cache; best of two.")
+
+st.subheader("Zero-shot accuracy (lm-evaluation-harness)")
+task_limit = st.number_input("Documents", 20, 200, 100, step=20, key="k_lm_limit", disabled=busy,
+                             help=f"of the local task {LOCAL_TASK}: after 24 words of a held-out wiki sentence, "
+                                  "pick its true next six words among four; scored by log-likelihood")
+if st.button("Score with lm-eval", disabled=busy or s.result is None):
+    def score(job):
+        job.progress(0.0, "original")
+        original = lm_eval_accuracy(lm.model, lm.tokenizer, [LOCAL_TASK], int(task_limit))
+        job.progress(0.5, "compressed")
+        s.lm_eval = {"original": original, "compressed": lm_eval_accuracy(s.result.model, lm.tokenizer,
+                                                                         [LOCAL_TASK], int(task_limit))}
+
+    ui.start("Scoring with lm-eval", score)
+if s.lm_eval:
+    st.dataframe([{"model": side, "task": task, "accuracy": round(r["acc"], 4), "± standard error":
+                   round(r["acc_stderr"], 4), "documents": r["n"]}
+                  for side, tasks in s.lm_eval.items() for task, r in tasks.items()], hide_index=True)
+    st.caption("Chance is 0.25. Online, `python -m dipsvd_core evaluate --tasks arc_easy,hellaswag` scores hub tasks.")

@@ -29,6 +29,8 @@ if not s.result_is_current:
 
 rep = compression_report(lm, bench, res, s.params, {k: v for k, v in s.ppl.items() if k in ("original", "compressed")}, s.speed,
              s.generations["columns"] if s.generations else None)
+if s.lm_eval:
+    rep["lm_eval"] = s.lm_eval
 c1, c2, c3 = st.columns(3)
 c1.download_button("Download report (JSON)", json.dumps(rep, indent=2, default=str), "dipsvd-report.json",
                    "application/json", width="stretch", key="dl_report")

@@ -78,3 +78,8 @@ if g:
                            help="How much the text repeats itself, over its words: the share of its 3-word sequences "
                                 "that are distinct (1.00: none repeats), and the longest span that occurs twice.")
     st.caption("Greedy decoding" + (", chat template on." if g["chat"] else ", plain prompts."))
+if s.speed:
+    o, c = s.speed["original"], s.speed["compressed"]
+    st.caption(f"Speed (measured on Compress and evaluate): prefill {o['prefill_tok_s']:.0f} → "
+               f"{c['prefill_tok_s']:.0f} tok/s, decode {o['decode_tok_s']:.1f} → {c['decode_tok_s']:.1f} tok/s "
+               "(original → compressed).")

@@ -41,6 +41,7 @@ class Studio:
     params: dict | None = None  # evaluate.param_report of `result`
     sweep: dict | None = None  # {"dataset", "original", "curves"}
     speed: dict | None = None  # {"original": {...}, "compressed": {...}}
+    lm_eval: dict | None = None  # {"original": {task: {"acc", "acc_stderr", "n"}}, "compressed": {...}}
     generations: dict | None = None  # {"prompts": [...], "columns": {label: [generate() rows]}}
     saved_to: str | None = None
     job: Job | None = None
@@ -53,7 +54,7 @@ class Studio:
         self.sweep = None
 
     def forget_result(self) -> None:
-        self.result = self.params = self.speed = self.generations = self.saved_to = None
+        self.result = self.params = self.speed = self.lm_eval = self.generations = self.saved_to = None
         self.ppl = {k: v for k, v in self.ppl.items() if k in ("original", "config")}
 
     def bo_allocation(self, settings: Settings):

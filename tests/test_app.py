@@ -375,6 +375,16 @@ def test_compress_evaluate_sweep_and_speed():
     assert [t["name"] for t in sweep] == ["svd-llm", "dipsvd"] and all(t["x"] == [0.05, 0.1, 0.15] for t in sweep)
     click(at, "Measure prefill and decode speed")
     assert metric(at, "Prefill, original").endswith("tok/s")
+    at.number_input(key="k_lm_limit").set_value(20)
+    settle(at)
+    click(at, "Score with lm-eval")
+    scored = next(df.value for df in at.dataframe if "accuracy" in df.value.columns)
+    assert list(scored["model"]) == ["original", "compressed"] and list(scored["documents"]) == [20, 20]
+    assert all(0 <= a <= 1 for a in scored["accuracy"]) and not errors(at)
+    page(at, "side_by_side")  # the speeds measured on Compress, beside the generations
+    o = studio.speed["original"]
+    assert any(f"prefill {o['prefill_tok_s']:.0f} → " in c.value for c in at.caption)
+    page(at, "compress")
     # The original model is never touched: same weights, still plain Linears.
     from dipsvd_core.models import fingerprint
 

@@ -91,7 +91,14 @@ def test_a_remapped_folder_says_why_it_is_not_portable(tiny_lm, bench, tmp_path)
 
 # The bundled model through the CLI, perplexity in the child: exp of the mean next-token loss over the windows.
 PPL_CHILD = textwrap.dedent("""
-    import json, math, sys
+    import sys
+    sys.path.insert(0, sys.argv[3])  # run with -S: the minimal site is the only one
+    import json, math
+    try:
+        import accelerate  # noqa: F401
+        sys.exit("accelerate is importable here; the check needs only torch and transformers")
+    except ImportError:
+        pass
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -101,6 +108,7 @@ PPL_CHILD = textwrap.dedent("""
         sys.exit("dipsvd_core is importable here; the check needs a Python without it")
     except ImportError:
         pass
+    assert not any(m in sys.modules for m in ("accelerate", "datasets", "streamlit"))
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -111,6 +119,36 @@ PPL_CHILD = textwrap.dedent("""
             n += ids.shape[1] - 1
     print(json.dumps({"ppl": math.exp(nll / n), "params": sum(p.numel() for p in model.parameters())}))
 """)
+
+
+def minimal_site(folder) -> str:
+    """A folder of links to torch, transformers and what they require (markers evaluated, no extras), and nothing
+    else of this environment: the packages of a fresh environment where only those two were installed."""
+    from importlib import metadata
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo, seen = ["torch", "transformers"], set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        for spec in metadata.requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    site = Path(folder)
+    site.mkdir()
+    for name in seen:
+        dist = metadata.distribution(name)
+        root = Path(dist.locate_file(""))
+        for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+            if (root / top).exists() and not (site / top).exists():
+                (site / top).symlink_to(root / top)
+    return str(site)
 
 
 def test_modeling_file_imports_only_torch_and_transformers(tiny_lm, bench, tmp_path):
@@ -141,8 +179,9 @@ def test_the_bundled_model_saved_by_compress_loads_in_plain_transformers(smollm,
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    child = subprocess.run([sys.executable, "-I", "-c", PPL_CHILD, str(out), str(tmp_path / "w.json")], cwd=empty,
-                           env=env, capture_output=True, text=True)
+    site = minimal_site(tmp_path / "site")
+    child = subprocess.run([sys.executable, "-I", "-S", "-c", PPL_CHILD, str(out), str(tmp_path / "w.json"), site],
+                           cwd=empty, env=env, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-3000:]
     got = json.loads(child.stdout.strip().splitlines()[-1])
     assert got["params"] == r["params"]["total_after"] < r["params"]["total_before"]

@@ -4,11 +4,12 @@
 
 The bundled SmolLM2-135M (float32 on this CPU, or bfloat16 on CUDA), dipsvd + uniform at each ratio built from the
 cached factors (32 x 512 of wiki, the benches' calibration; uniform ranks do not depend on it); `evaluate.speed` at
-batch 1 and 8 with prompts of 128 and 1024 tokens (prefill: the whole prompt in one forward; decode: 32 single-token steps on its KV cache, every sequence of
-the batch counted), the best of 2 each, models in turn. Then a microbenchmark of the reason: one Linear of each
-targeted shape, dense against the low-rank pair at the uniform rank of each ratio, for 1, 8, 1024 and 8192 rows of
-input, and of Llama-3-8B's shapes for 1 and 8 rows (decode). --write replaces the "## Speed of the compressed model (issue 24)" section of bench/RESULTS.md; the rows go
-to bench/speed.json.
+batch 1 and 8 with prompts of 128 and 1024 tokens (prefill: the whole prompt in one forward; decode: 32 single-token
+steps on its KV cache, every sequence of the batch counted), the best of 2 each, models in turn. Then a
+microbenchmark of the reason: one Linear of each targeted shape, dense against the low-rank pair at the uniform rank
+of each ratio, for 1, 8, 1024 and 8192 rows of input, and of Llama-3-8B's shapes for 1 and 8 rows (decode). --write
+replaces the "## Speed of the compressed model (issue 24)" section of bench/RESULTS.md; the rows go to
+bench/speed.json.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 A saved folder is an ordinary Hugging Face folder (config.json, safetensors shards, tokenizer)
 whose config.json carries a `dipsvd_compression` entry: the method, the settings and every
 module's rank. It also carries modeling_dipsvd.py and an `auto_map` (portable.py), so that plain transformers
-loads it with trust_remote_code=True, without this project. `load_compressed` rebuilds the architecture from the config on the meta device, swaps in
-LowRankLinear modules of those ranks and assigns the tensors shard by shard; `trust_remote_code` is never used.
+loads it with trust_remote_code=True, without this project. `load_compressed` rebuilds the architecture from the
+config on the meta device, swaps in LowRankLinear modules of those ranks and assigns the tensors shard by shard;
+`trust_remote_code` is never used.
 What a method stores beyond floating-point tensors comes from its handler (methods.py): a remapped Dobi-SVD
 model (entry "remap": true) stores each low-rank u and v as int8 with a float32 `<name>_scale` per rank
 vector, and is dequantized on load.
@@ -64,8 +65,11 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     try:
         return _write_folder(out_dir, force, write)
     finally:
-        for k, v in had.items():
-            setattr(cfg, k, v) if v is not None else (delattr(cfg, k) if hasattr(cfg, k) else None)
+        for k, v in had.items():  # the model's config as it was
+            if v is not None:
+                setattr(cfg, k, v)
+            elif hasattr(cfg, k):
+                delattr(cfg, k)
 
 
 def save_dense(model: nn.Module, out_dir, tokenizer=None, force: bool = False, max_shard_size: str | int = "5GB"):

@@ -121,9 +121,10 @@ def report_figures(bench, result) -> dict[str, go.Figure]:
     and the allocation against the uniform one, for `result` (pipeline.Result)."""
     from . import allocation as alloc
     from . import figures as F
+    from . import passes as P
 
     out = {}
-    if getattr(bench, "_fisher", None) is not None:
+    if bench.has_pass(P.FISHER, result.settings):
         imp = bench.importance(result.settings)
         out["Fisher sensitivity"] = F.per_block(imp["S"], "Fisher sensitivity S_l", "S_l")
         out["Effective rank"] = F.per_block(imp["R"], "Effective rank R_l", "R_l", color=F.GREEN)

@@ -1,12 +1,12 @@
 """Measured memory per phase: the peak host RSS and peak device memory while a phase ran, for the JSON report's
 `memory.phases.<phase>` (host_peak_bytes, device_peak_bytes), set against the plan's prediction of each phase.
 
-The host peak is the process's high-water mark (VmHWM), reset as a phase starts (after freed memory is returned to the system) by writing 5 to
-/proc/self/clear_refs (Linux 4.0 and later); where that is not possible the lifetime peak (ru_maxrss) stands in
-and the figure is marked `since_start`. The device peak is torch.cuda.max_memory_allocated, reset likewise. Phases
-may nest (Fisher inside a factor pass that reads it): a phase's peak includes those of the phases inside it, so
-before an inner phase resets the counters, what they held so far is folded into every phase still open.
-A phase that runs more than once keeps its highest peak.
+The host peak is the process's high-water mark (VmHWM), reset as a phase starts (after freed memory is returned to
+the system) by writing 5 to /proc/self/clear_refs (Linux 4.0 and later); where that is not possible the lifetime
+peak (ru_maxrss) stands in and the figure is marked `since_start`. The device peak is
+torch.cuda.max_memory_allocated, reset likewise. Phases may nest (Fisher inside a factor pass that reads it): a
+phase's peak includes those of the phases inside it, so before an inner phase resets the counters, what they held so
+far is folded into every phase still open. A phase that runs more than once keeps its highest peak.
 
 The reset lowers the kernel's own high-water mark, which ru_maxrss (this process's, or a parent's wait4 figure)
 reads too; so the process's lifetime host peak is kept here (`lifetime_host_peak`, read by

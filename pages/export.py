@@ -36,7 +36,7 @@ c1.download_button("Download report (JSON)", json.dumps(rep, indent=2, default=s
                    "application/json", width="stretch", key="dl_report")
 c2.download_button("Download allocation (CSV)", to_csv(allocation_rows(lm, res.allocation)), "dipsvd-allocation.csv",
                    "text/csv", width="stretch", key="dl_alloc")
-c3.download_button("Download report (HTML)", report_html(rep, report_figures(bench, res)), "dipsvd-report.html",
+c3.download_button("Download report (HTML)", lambda: report_html(rep, report_figures(bench, res)), "dipsvd-report.html",
                    "text/html", width="stretch", key="dl_html",
                    help="One file that opens offline: the settings, the plots, perplexity, speed and the generations")
 

@@ -111,18 +111,26 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _task_list(text: str) -> list[str]:
+    """--tasks: comma-separated names, at least one (checked before anything loads)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--tasks names no task; give one or more, e.g. dipsvd_wiki_cloze")
+    return names
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (zero-shot accuracy "
-                   "with its standard error): hub tasks such as arc_easy,hellaswag online, or dipsvd_wiki_cloze "
-                   "(local, from the bundled wiki text)")
+    p.add_argument("--tasks", type=_task_list, default=None,
+                   help="comma-separated lm-evaluation-harness tasks (zero-shot accuracy with its standard error): "
+                        "hub tasks such as arc_easy,hellaswag online, or dipsvd_wiki_cloze (local, from the bundled "
+                        "wiki text)")
     p.add_argument("--task-limit", type=_positive_int, default=None, help="documents per task (default: all)")
 
 
 def _tasks(args, model, tokenizer) -> dict:
     from .lm_tasks import lm_eval_accuracy
 
-    return lm_eval_accuracy(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()],
-                            args.task_limit)
+    return lm_eval_accuracy(model, tokenizer, args.tasks, args.task_limit)
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:

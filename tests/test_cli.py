@@ -33,6 +33,7 @@ def error_line(proc) -> str:
     (["compress", "--host-memory", "64KiB"], "--host-memory 0.1 MiB cannot hold one decoder block"),
     (["compress", "--device-memory", "1MiB"], "--device-memory 1.0 MiB cannot hold one decoder block"),
     (["compress", "--export", "dense"], "--export dense writes next to the saved model; give --out DIR too"),
+    (["evaluate", "--tasks", ",", "--eval-tokens", "64", "--seqlen", "32"], "--tasks names no task"),
 ])
 def test_bad_input_exits_with_one_line(args, needle):
     proc = run(*args, "--quiet")

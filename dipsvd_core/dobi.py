@@ -315,7 +315,7 @@ def ipca_weights(model: torch.nn.Module, targets: list[Target], windows: torch.T
     gets its (u, v) when the block is done; besides them, the activations between blocks (windows x seqlen x
     hidden) are held. Each matrix sees the same chunks in the same order as in whole-model passes."""
     from .models import find_blocks
-    from .stream import capture_inputs, forward_block
+    from .stream import block_on_device, capture_inputs, forward_block
 
     _, blocks = find_blocks(model)
     mods = dict(model.named_modules())
@@ -329,17 +329,18 @@ def ipca_weights(model: torch.nn.Module, targets: list[Target], windows: torch.T
         for b, block in enumerate(blocks):
             if b > max(by_block, default=-1):
                 break  # no block above holds a factored matrix
-            pcas = {t.name: IncrementalPCA(t.out_features, min(t.out_features, ranks[t.name] + extra))
-                    for t in by_block.get(b, [])}
-            handles = [mods[n].register_forward_hook(_ipca_hook(pca)) for n, pca in pcas.items()]
-            try:
-                forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
-                    (b + i / m) / len(blocks), f"dobi weight update: block {b + 1}/{len(blocks)}, window {i}/{m}"))
-            finally:
-                for h in handles:
-                    h.remove()
-            for n, pca in pcas.items():
-                weights[n] = _pca_factors(n, pca, ranks[n], mods[n])
+            with block_on_device(block):  # sent once for the windows and the factors
+                pcas = {t.name: IncrementalPCA(t.out_features, min(t.out_features, ranks[t.name] + extra))
+                        for t in by_block.get(b, [])}
+                handles = [mods[n].register_forward_hook(_ipca_hook(pca)) for n, pca in pcas.items()]
+                try:
+                    forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
+                        (b + i / m) / len(blocks), f"dobi weight update: block {b + 1}/{len(blocks)}, window {i}/{m}"))
+                finally:
+                    for h in handles:
+                        h.remove()
+                for n, pca in pcas.items():
+                    weights[n] = _pca_factors(n, pca, ranks[n], mods[n])
     return weights
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DipSVDError
-from .models import count_params, input_device
-from .stream import window_ids
+from .models import count_params, find_blocks, input_device, is_offloaded
+from .stream import streamed_logits, window_ids
 
 DEFAULT_PROMPTS = [
     "What is the universe? Explain this concept.",
@@ -25,11 +25,22 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def _logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
+    for i, batch in window_ids(model, windows, batch_size):
+        yield i, batch, model(batch).logits
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None) -> float:
+    """An offloaded model runs one block at a time over every window (stream.streamed_logits), so that each
+    block is sent to the device once, not once per window."""
     total_nll, total_tokens = 0.0, 0
-    for i, batch in window_ids(model, windows, batch_size):
-        logits = model(batch).logits.float()
+    if is_offloaded(model):  # progress over the blocks
+        batches, batch_size, progress = streamed_logits(model, find_blocks(model)[1], windows, progress), 1, None
+    else:
+        batches = _logits(model, windows, batch_size)
+    for i, batch, logits in batches:
+        logits = logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                               reduction="sum")
         if not torch.isfinite(nll):

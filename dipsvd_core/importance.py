@@ -33,6 +33,7 @@ from torch import nn
 from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
 from .models import Target, weights_of
+from .stream import block_on_device, stood_in
 
 if TYPE_CHECKING:
     from .stream import BlockInputs
@@ -58,19 +59,6 @@ class FisherInfo:
     loss: float  # mean calibration loss
     key: str = ""  # cache key, part of the fwsvd factor key
     seconds: float = 0.0
-
-
-class _Inject(nn.Module):
-    """Stands in for a decoder block while the top of the model runs: the last one returns a given
-    hidden state (the leaf whose gradient is wanted), the others pass their input through."""
-
-    def __init__(self, value: torch.Tensor | None, as_tuple: bool):
-        super().__init__()
-        self.value, self.as_tuple = value, as_tuple
-
-    def forward(self, *args, **kwargs):
-        h = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
-        return (h,) if self.as_tuple else h
 
 
 def checkpoint_every(n_blocks: int, saved_bytes: int) -> int:
@@ -141,9 +129,6 @@ def _forward_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tens
     n_blocks = len(blocks)
     with torch.no_grad():
         inputs = capture_inputs(model, blocks, windows)
-        out = blocks[0](inputs.hidden[0], **inputs.kwargs[0])
-        as_tuple = isinstance(out, tuple)
-        del out
         # on a GPU the kept inputs wait in host memory and come back a block at a time
         h0 = inputs.hidden[0]
         every = checkpoint_every(n_blocks, n_blocks * len(windows) * h0.numel() * h0.element_size())
@@ -154,7 +139,7 @@ def _forward_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tens
             saved.append(([h.to("cpu") for h in inputs.hidden] if to_host else list(inputs.hidden)) if keep else None)
             forward_block(block, inputs, progress=lambda i, m, b=b: progress and progress(
                 0.5 * (b + i / m) / n_blocks, f"fisher: forward, block {b + 1}/{n_blocks}"))
-    fwd = _SavedInputs(saved, inputs, as_tuple, h0.device, every)
+    fwd = _SavedInputs(saved, inputs, inputs.as_tuple, h0.device, every)
     fwd.most = fwd.held()
     return fwd
 
@@ -162,7 +147,7 @@ def _forward_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tens
 def _top_gradients(model: nn.Module, blocks: nn.ModuleList, fwd: _SavedInputs,
                    windows: torch.Tensor) -> tuple[list[torch.Tensor], float]:
     """Part (b): per window, the top of the model (final norm, lm_head, next-token loss) run on the last block's
-    output with every block stood in for (_Inject), and back-propagated to that output.
+    output with every block stood in for (stream.stood_in), and back-propagated to that output.
 
     Returns (grads, loss_sum): grads[i] = dL_i/dh at the last block's output for window i, (1, seqlen, hidden)
     in the model's dtype on its device (n of them are held), and loss_sum the sum over windows, in order, of each
@@ -170,14 +155,10 @@ def _top_gradients(model: nn.Module, blocks: nn.ModuleList, fwd: _SavedInputs,
     time. `blocks` is restored before returning, also on an error."""
     from .stream import window_ids
 
-    n_blocks = len(blocks)
-    originals = list(blocks)
     grads, loss_sum = [], 0.0
-    try:
+    with stood_in(blocks, fwd.as_tuple) as stand_in:
         for i, ids in window_ids(model, windows):
-            top = fwd.inputs.hidden[i].detach().requires_grad_(True)
-            for b in range(n_blocks):
-                blocks[b] = _Inject(top if b == n_blocks - 1 else None, fwd.as_tuple)
+            stand_in.value = top = fwd.inputs.hidden[i].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(ids, use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])  # mean next-token NLL
@@ -188,9 +169,7 @@ def _top_gradients(model: nn.Module, blocks: nn.ModuleList, fwd: _SavedInputs,
             loss_sum += loss.item()
             grads.append(top.grad.to("cpu") if top.grad.device.type == "cuda" else top.grad)  # on a GPU: host
             del logits, loss, top
-    finally:
-        for b, block in enumerate(originals):
-            blocks[b] = block
+        stand_in.value = None
     return grads, loss_sum
 
 
@@ -250,26 +229,27 @@ def _backward_block(b: int, blocks: nn.ModuleList, names: list[str], mods: dict[
     a GPU), and fwd.release(b) frees the saved inputs. Held meanwhile: one window's activations and graph of this
     block, and `red`'s figures of these Linears."""
     n, n_blocks, block = len(grads), len(fwd.saved), blocks[b]
-    fwd.ensure(b, blocks)
-    for name in names:
-        red.start(name, mods[name].weight.shape, fwd.device)
-    handles = [mods[nm].register_forward_hook(red.hook(nm)) for nm in names]
-    try:
-        for i in range(n):
-            x = fwd.block_input(b, i)
-            with torch.enable_grad():
-                out = block(x, **fwd.inputs.kwargs[i])
-                h = out[0] if isinstance(out, tuple) else out
-                h.backward(grads[i].to(h.device))
-            grads[i] = x.grad.to(grads[i].device)
-            if progress:
-                progress(0.5 + 0.5 * (n_blocks - b - 1 + (i + 1) / n) / n_blocks,
-                         f"fisher: backward, block {b + 1}/{n_blocks}, window {i + 1}/{n}")
-    finally:
-        for h_ in handles:
-            h_.remove()
-    for name in names:
-        red.finish(name, mods[name], n)
+    with block_on_device(block):  # sent once for every window's backward and the figures
+        fwd.ensure(b, blocks)
+        for name in names:
+            red.start(name, mods[name].weight.shape, fwd.device)
+        handles = [mods[nm].register_forward_hook(red.hook(nm)) for nm in names]
+        try:
+            for i in range(n):
+                x = fwd.block_input(b, i)
+                with torch.enable_grad():
+                    out = block(x, **fwd.inputs.kwargs[i])
+                    h = out[0] if isinstance(out, tuple) else out
+                    h.backward(grads[i].to(h.device))
+                grads[i] = x.grad.to(grads[i].device)
+                if progress:
+                    progress(0.5 + 0.5 * (n_blocks - b - 1 + (i + 1) / n) / n_blocks,
+                             f"fisher: backward, block {b + 1}/{n_blocks}, window {i + 1}/{n}")
+        finally:
+            for h_ in handles:
+                h_.remove()
+        for name in names:
+            red.finish(name, mods[name], n)
     fwd.release(b)
 
 

@@ -88,7 +88,7 @@ from .errors import DipSVDError
 from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .models import find_blocks, weights_of
 from .scalings import ScaleData
-from .stream import BlockInputs, capture_inputs, release_host_memory
+from .stream import BlockInputs, block_on_device, capture_inputs, release_host_memory
 
 @dataclass(frozen=True)
 class RefineChoice:
@@ -680,32 +680,33 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     out, floored, report = {}, 0, []
     n_blocks = len(blocks)
     for b, block in enumerate(blocks):
-        walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, park, held or None)
-        last = walk.residual_writer(ranks) if residual else None
-        leaders = walk.run_original(last)
-        chosen: dict[str, tuple] = {}
-        try:
-            for j, leader in enumerate(leaders):
-                members = [n for n in walk.linears if walk.group_of.get(n) == leader and ranks.get(n) is not None]
-                if members:
-                    stats = walk.compressed_inputs(leader, leader == last, held)
-                    picks, k = _choose(stats, leader, {n: walk.linears[n] for n in members}, spec, ranks, compute,
-                                       taus, fallback, abs_means, fisher_rows)
-                    floored += k
-                    for n in members:
-                        out[n] = walk.install(n, *picks[n]["final"])
-                        chosen[n] = picks[n]
-                    del picks, stats
-                walk.taken.pop(leader, None)
-                if progress:
-                    progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
-                             f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
-            inputs = list(hat.hidden)
-            walk.advance()
-            if held and chosen:
-                report.append(_keep_or_revert(walk, b, chosen, inputs, held, fallback, out, tune))
-        finally:
-            walk.restore()  # also when a group fails: the model is left as it came
+        with block_on_device(block):  # sent once for the block's every pass over the windows
+            walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, park, held or None)
+            last = walk.residual_writer(ranks) if residual else None
+            leaders = walk.run_original(last)
+            chosen: dict[str, tuple] = {}
+            try:
+                for j, leader in enumerate(leaders):
+                    members = [n for n in walk.linears if walk.group_of.get(n) == leader and ranks.get(n) is not None]
+                    if members:
+                        stats = walk.compressed_inputs(leader, leader == last, held)
+                        picks, k = _choose(stats, leader, {n: walk.linears[n] for n in members}, spec, ranks, compute,
+                                           taus, fallback, abs_means, fisher_rows)
+                        floored += k
+                        for n in members:
+                            out[n] = walk.install(n, *picks[n]["final"])
+                            chosen[n] = picks[n]
+                        del picks, stats
+                    walk.taken.pop(leader, None)
+                    if progress:
+                        progress((b + (j + 1) / (len(leaders) + 1)) / n_blocks,
+                                 f"block {b + 1}/{n_blocks}: refining {leader.rsplit('.', 1)[-1]}")
+                inputs = list(hat.hidden)
+                walk.advance()
+                if held and chosen:
+                    report.append(_keep_or_revert(walk, b, chosen, inputs, held, fallback, out, tune))
+            finally:
+                walk.restore()  # also when a group fails: the model is left as it came
         release_host_memory()
     if progress:
         progress(1.0, f"block {n_blocks}/{n_blocks}: refined")

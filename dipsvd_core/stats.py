@@ -23,7 +23,7 @@ from torch import nn
 from .cache import load_tensors, make_key, save_tensors
 from .errors import DipSVDError
 from .models import LoadedModel, find_blocks
-from .stream import capture_inputs, forward_block, release_host_memory
+from .stream import block_on_device, capture_inputs, forward_block, release_host_memory
 
 
 @dataclass
@@ -147,34 +147,35 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
             base = f"{prefix}.{b}" if prefix else str(b)  # as models.find_targets names them
             linears = {f"{base}.{n}": m for n, m in block.named_modules()
                        if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
-            st = BlockStats(linears, accumulate)
-            handles = st.attach()
+            with block_on_device(block):  # sent once, for the forward and on_block's factors
+                st = BlockStats(linears, accumulate)
+                handles = st.attach()
 
-            def step(i, n, b=b):
-                if progress:
-                    progress((b + i / n) / n_blocks, f"block {b + 1}/{n_blocks}: statistics, window {i}/{n}")
-            try:
-                forward_block(block, inputs, st.add_output, step)
-            except NonFiniteActivations:
-                raise DipSVDError(
-                    f"NaN or infinite activations in decoder block {b}; the model overflows in this dtype. "
-                    "Load it in float32 (--dtype float32)") from None
-            except torch.OutOfMemoryError:
-                raise DipSVDError(f"out of memory in decoder block {b}; use a shorter --seqlen, fewer "
-                                  "--calib-windows, or the CPU") from None
-            finally:
-                for h in handles:
-                    h.remove()
-            group_of.update(st.group_of)
-            for g, acc in st.accs.items():
-                alphas[g] = channel_importance(acc.gram.double()).cpu()
-                abs_means[g] = (acc.abs_sum / acc.n).cpu()
-            spectra.append(torch.linalg.eigvalsh(st.output.gram.double()).cpu())
-            n_tokens = st.output.n
-            if on_block is not None:
-                t_block = time.perf_counter()
-                on_block(b, st)
-                t_other += time.perf_counter() - t_block
+                def step(i, n, b=b):
+                    if progress:
+                        progress((b + i / n) / n_blocks, f"block {b + 1}/{n_blocks}: statistics, window {i}/{n}")
+                try:
+                    forward_block(block, inputs, st.add_output, step)
+                except NonFiniteActivations:
+                    raise DipSVDError(
+                        f"NaN or infinite activations in decoder block {b}; the model overflows in this dtype. "
+                        "Load it in float32 (--dtype float32)") from None
+                except torch.OutOfMemoryError:
+                    raise DipSVDError(f"out of memory in decoder block {b}; use a shorter --seqlen, fewer "
+                                      "--calib-windows, or the CPU") from None
+                finally:
+                    for h in handles:
+                        h.remove()
+                group_of.update(st.group_of)
+                for g, acc in st.accs.items():
+                    alphas[g] = channel_importance(acc.gram.double()).cpu()
+                    abs_means[g] = (acc.abs_sum / acc.n).cpu()
+                spectra.append(torch.linalg.eigvalsh(st.output.gram.double()).cpu())
+                n_tokens = st.output.n
+                if on_block is not None:
+                    t_block = time.perf_counter()
+                    on_block(b, st)
+                    t_other += time.perf_counter() - t_block
             del st
             release_host_memory()
     missing = wanted - set(group_of)

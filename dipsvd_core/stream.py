@@ -14,11 +14,14 @@ states by the block's output, which is the next block's input. A pass over the m
 
 so its peak memory is the model, one block's statistics and the activations between blocks, and
 does not grow with depth. Blocks placed by accelerate (`device_map`, CPU or disk offload) bring their
-own weights to the execution device through accelerate's hooks when they are called, and
-`models.input_device` follows the device map (tests/test_offload.py runs a model with blocks on CPU and disk).
+own weights to the execution device through accelerate's hooks, and `models.input_device` follows the device
+map (tests/test_offload.py runs a model with blocks on CPU and disk). Those hooks would send a block's weights
+again for every window; every pass holds the block it works on with `block_on_device`, so that each block is
+sent to the device once per pass (as llm-compressor's sequential pipeline onloads a subgraph once).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -52,10 +55,45 @@ def release_host_memory() -> None:
         trim(0)
 
 
+def _offload_hooks(module: nn.Module) -> list:
+    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    from accelerate.hooks import AlignDevicesHook
+
+    hooks = getattr(hook, "hooks", (hook,))
+    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+
+
+@contextlib.contextmanager
+def block_on_device(block: nn.Module):
+    """Within, an offloaded block's weights are on its execution device and stay there for every call: each of
+    accelerate's offloading hooks in the block loads its module's weights once and stops offloading; after, the
+    hooks offload again (the weights go back to meta, read from the host or disk on the next call). Nested uses
+    and blocks that hold their weights are no-ops. `sends` counts the loads (tests/test_offload.py)."""
+    held = [(m, h) for m in block.modules() for h in _offload_hooks(m)]
+    try:
+        for m, h in held:
+            h.pre_forward(m)  # the weights from the hook's map to the execution device
+            h.offload = False
+            block_on_device.sends += 1
+        yield
+    finally:
+        for m, h in held:
+            if not h.offload:
+                h.offload = True
+                h.post_forward(m, None)  # back to meta
+
+
+block_on_device.sends = 0
+
+
 @dataclass
 class BlockInputs:
     hidden: list[torch.Tensor]  # one (1, seqlen, hidden) tensor per window
     kwargs: list[dict]  # what the model passes each block for that window
+    as_tuple: bool = False  # whether the blocks return a tuple (set by forward_block)
 
     @property
     def n_tokens(self) -> int:
@@ -99,12 +137,62 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
 @torch.no_grad()
 def forward_block(block: nn.Module, inputs: BlockInputs, on_output=None, progress=None) -> None:
     """Run `block` over every window, in place: each window's hidden states become the block's output.
-    `on_output(h)` sees each output (1, seqlen, hidden) before it replaces the input."""
-    for i, (x, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        out = block(x, **kw)
-        h = out[0] if isinstance(out, tuple) else out
-        if on_output is not None:
-            on_output(h)
-        inputs.hidden[i] = h
+    `on_output(h)` sees each output (1, seqlen, hidden) before it replaces the input. An offloaded block is sent
+    to the device once for all the windows (block_on_device)."""
+    with block_on_device(block):
+        for i, (x, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            out = block(x, **kw)
+            inputs.as_tuple = isinstance(out, tuple)
+            h = out[0] if inputs.as_tuple else out
+            if on_output is not None:
+                on_output(h)
+            inputs.hidden[i] = h
+            if progress:
+                progress(i + 1, len(inputs.hidden))
+
+
+class StandIn(nn.Module):
+    """Stands in for a decoder block while only the model's top runs (final norm, lm_head): the last block's
+    stand-in returns `value` (that block's output, computed beforehand), the others pass their input through."""
+
+    def __init__(self, as_tuple: bool, value: torch.Tensor | None = None):
+        super().__init__()
+        self.value, self.as_tuple = value, as_tuple
+
+    def forward(self, *args, **kwargs):
+        h = self.value if self.value is not None else (args[0] if args else kwargs["hidden_states"])
+        return (h,) if self.as_tuple else h
+
+
+@contextlib.contextmanager
+def stood_in(blocks: nn.ModuleList, as_tuple: bool):
+    """Within, every decoder block is a StandIn, so a call of the model runs its embedding and its top only;
+    yields the last block's stand-in, whose `value` the caller sets per window. The blocks are put back after,
+    also on an error."""
+    originals = list(blocks)
+    last = StandIn(as_tuple)
+    try:
+        for b in range(len(blocks)):
+            blocks[b] = last if b == len(blocks) - 1 else StandIn(as_tuple)
+        yield last
+    finally:
+        for b, block in enumerate(originals):
+            blocks[b] = block
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, progress=None):
+    """(start, ids, logits) for each window (n, seqlen), the model run one block at a time over every window (each
+    block sent to the device once, the windows' hidden states held between blocks), then its top per window. The
+    logits equal the model's own (tests/test_offload.py); for offloaded models, whose hooks would otherwise
+    send every block once per window."""
+    inputs = capture_inputs(model, blocks, windows)
+    for b, block in enumerate(blocks):
+        forward_block(block, inputs)
         if progress:
-            progress(i + 1, len(inputs.hidden))
+            progress((b + 1) / (len(blocks) + 1), f"perplexity: block {b + 1}/{len(blocks)}")
+    with stood_in(blocks, inputs.as_tuple) as top:
+        for i, ids in window_ids(model, windows):
+            top.value = inputs.hidden[i]
+            yield i, ids, model(ids, use_cache=False).logits
+            inputs.hidden[i] = None

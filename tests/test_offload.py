@@ -92,3 +92,89 @@ def test_refine_matches_the_model_in_memory(pair):
         torch.testing.assert_close(wa[n][0] @ wa[n][1], wb[n][0] @ wb[n][1], rtol=1e-5, atol=1e-6)
     assert off.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # still offloaded
     assert perplexity(off.model, ev) == before
+
+
+class _CountingMap:
+    """Stands in for an offload hook's weights map and counts the reads: each read is one tensor sent from the
+    host or disk to the execution device."""
+
+    def __init__(self, inner, counts: dict, prefix: str):
+        self.inner, self.counts, self.prefix = inner, counts, prefix
+
+    def __getitem__(self, key):
+        self.counts[f"{self.prefix}.{key}"] = self.counts.get(f"{self.prefix}.{key}", 0) + 1
+        return self.inner[key]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __contains__(self, key):
+        return key in self.inner
+
+
+@pytest.fixture
+def counted(pair):
+    """The offloaded model with every offload hook's reads counted (name -> reads), put back after."""
+    from dipsvd_core.stream import _offload_hooks
+
+    off, _ = pair
+    counts, swapped = {}, []
+    for name, module in off.model.named_modules():
+        for hook in _offload_hooks(module):
+            swapped.append((hook, hook.weights_map))
+            hook.weights_map = _CountingMap(hook.weights_map, counts, name)
+    yield off, counts
+    for hook, inner in swapped:
+        hook.weights_map = inner
+
+
+def _reads_per_tensor(counts: dict) -> set[int]:
+    blocks = {k: v for k, v in counts.items() if ".layers." in k}
+    assert blocks  # both blocks are offloaded
+    return set(blocks.values())
+
+
+def test_every_pass_sends_each_offloaded_block_once_for_all_windows(counted, pair):
+    """Over 4 windows, accelerate's hooks alone would send every block tensor 4 times per pass (once per call);
+    with block_on_device each is sent once per pass, whatever the number of windows. The figures stay those
+    of the model in memory."""
+    from dipsvd_core.importance import fisher_info
+    from dipsvd_core.stats import stream_stats
+
+    off, counts = counted
+    _, ref = pair
+    windows = Workbench(ref, "wiki", 4, 64).windows()
+    names = [t.name for t in ref.targets]
+    sa, sb = stream_stats(off.model, names, windows), stream_stats(ref.model, names, windows)
+    assert _reads_per_tensor(counts) == {1}
+    for g in sb.alphas:
+        torch.testing.assert_close(sa.alphas[g], sb.alphas[g], rtol=1e-9, atol=0)
+    counts.clear()
+    assert perplexity(off.model, windows) == pytest.approx(perplexity(ref.model, windows), rel=1e-6)
+    assert _reads_per_tensor(counts) == {1}
+    counts.clear()
+    fa, fb = fisher_info(off.model, off.targets, windows), fisher_info(ref.model, ref.targets, windows)
+    assert _reads_per_tensor(counts) == {2}  # the forward pass and the backward pass
+    np.testing.assert_allclose(fa.per_block, fb.per_block, rtol=1e-6)
+    counts.clear()
+    from dipsvd_core.refine import refine
+
+    settings = Settings(method="svd-llm", ratio=0.3)
+    ranks = Workbench(ref, "wiki", 4, 64).allocate(settings).ranks
+    refine(off.model, names, windows, settings.spec, ranks)
+    assert _reads_per_tensor(counts) == {1}
+    assert off.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # offloaded again after
+
+
+def test_streamed_logits_equal_the_models_own(pair):
+    from dipsvd_core.models import find_blocks
+    from dipsvd_core.stream import streamed_logits
+
+    _, ref = pair
+    windows = Workbench(ref, "wiki", 3, 64).windows()
+    blocks = find_blocks(ref.model)[1]
+    before = list(blocks)
+    with torch.no_grad():
+        for i, ids, logits in streamed_logits(ref.model, blocks, windows):
+            torch.testing.assert_close(logits, ref.model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert list(blocks) == before  # the blocks are put back

@@ -23,10 +23,9 @@ from torch import nn
 
 from .allocation import DENSE, Allocation, project
 from .errors import DipSVDError
-from .evaluate import perplexity
+from .evaluate import perplexity, window_logits
 from .models import Target
-from .stream import window_ids
-from .surgery import LowRankLinear, set_module
+from .surgery import LowRankLinear, placement_of, set_module
 
 OBJECTIVES = ("ppl", "cosine")
 LOW, HIGH = 0.25, 1.0  # search range of each block's variable (the paper's)
@@ -39,7 +38,7 @@ class RankSwapper:
     each targeted Linear (a dense one stays), and the original modules back when the block ends, whatever happens
     in it. Nothing is copied: the model's own weights stay referenced, and an evaluation adds only the current
     allocation's factors. On a GPU the swapped-out weights wait on the host meanwhile, so the device holds the
-    low-rank model, not both."""
+    low-rank model, not both; an offloaded Linear's pair computes on its hook's execution device."""
 
     def __init__(self, model: nn.Module, targets: list[Target]):
         self.model = model
@@ -55,17 +54,19 @@ class RankSwapper:
                     if ranks[name] is DENSE:
                         continue
                     w = orig.weight
+                    dev, bias = placement_of(orig)  # an offloaded Linear's pair goes to its execution device
+                    bias = None if bias is None else bias.detach().clone()
                     u, v = factors[name].low_rank(ranks[name])  # k rows of each factor, read from disk
-                    bias = None if orig.bias is None else orig.bias.detach().clone()
-                    set_module(self.model, name, LowRankLinear.from_weights(u.to(w.device, w.dtype),
-                                                                            v.to(w.device, w.dtype), bias))
+                    set_module(self.model, name, LowRankLinear.from_weights(u.to(dev, w.dtype), v.to(dev, w.dtype),
+                                                                            bias))
                     swapped[name] = w.device
-                    if w.device.type != "cpu":
+                    if w.device.type not in ("cpu", "meta"):
                         orig.to("cpu")
             yield self.model
         finally:
             for name, device in swapped.items():
-                set_module(self.model, name, self.originals[name].to(device))
+                orig = self.originals[name]
+                set_module(self.model, name, orig if device.type == "meta" else orig.to(device))
 
 
 class Objective:
@@ -80,7 +81,7 @@ class Objective:
         self.reference = None
         if kind == "cosine":  # the original model's logits, once; float16 keeps them small
             with torch.no_grad():
-                self.reference = [lm_model(ids).logits.half() for _, ids in window_ids(lm_model, windows)]
+                self.reference = [logits.half() for _, _, logits in window_logits(lm_model, windows)]
 
     def __call__(self, ranks: dict[str, int | None]) -> float:
         return self.measure(ranks)[0]
@@ -97,8 +98,8 @@ class Objective:
                 return perplexity(model, self.windows)
             except DipSVDError:  # a broken point is a very bad point, not a failed search
                 return 1e6
-        sims = [F.cosine_similarity(model(ids).logits.float(), ref.float(), dim=-1).mean()
-                for (_, ids), ref in zip(window_ids(model, self.windows), self.reference)]
+        sims = [F.cosine_similarity(logits.float(), ref.float(), dim=-1).mean()
+                for (_, _, logits), ref in zip(window_logits(model, self.windows), self.reference)]
         value = 1 - torch.stack(sims).mean().item()
         return value if math.isfinite(value) else 2.0
 

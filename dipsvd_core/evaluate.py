@@ -25,20 +25,24 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def _logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
+def window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None):
+    """(start, ids, logits) for each batch of windows (n, seqlen). An offloaded model runs one block at a time
+    over every window (stream.streamed_logits, batches of 1), so that each block is sent to the device once, not
+    once per window; `progress` then runs over the blocks."""
+    if is_offloaded(model):
+        yield from streamed_logits(model, find_blocks(model)[1], windows, progress)
+        return
     for i, batch in window_ids(model, windows, batch_size):
         yield i, batch, model(batch).logits
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None) -> float:
-    """An offloaded model runs one block at a time over every window (stream.streamed_logits), so that each
-    block is sent to the device once, not once per window."""
     total_nll, total_tokens = 0.0, 0
-    if is_offloaded(model):  # progress over the blocks
-        batches, batch_size, progress = streamed_logits(model, find_blocks(model)[1], windows, progress), 1, None
+    if is_offloaded(model):  # progress over the blocks, from window_logits
+        batches, batch_size, progress = window_logits(model, windows, 1, progress), 1, None
     else:
-        batches = _logits(model, windows, batch_size)
+        batches = window_logits(model, windows, batch_size)
     for i, batch, logits in batches:
         logits = logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),

@@ -92,9 +92,6 @@ def _heuristic(bench, settings, bounds, progress=None, **_):
 
 
 @register_allocation("bayes", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.SEARCH}), reproducible=False,
-                     offload_ok=False,
-                     refusal="Bayesian optimisation swaps low-rank modules into the model, which accelerate's offload "
-                             "hooks do not follow; with an offloaded model use the heuristic or coupled allocation",
                      help="Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)")
 def _bayes(bench, settings, bounds, progress=None, callback=None, cancel=None):
     from .bayes import Objective, bayes

@@ -132,6 +132,19 @@ def low_rank_weights(factors: dict[str, Factor], ranks: dict[str, int | None]) -
     return LowRankWeights(factors, ranks)
 
 
+def placement_of(linear: nn.Linear) -> tuple[torch.device, nn.Parameter | None]:
+    """Where a low-rank pair in place of `linear` computes, and the bias it keeps: the Linear's device, or for one
+    offloaded by accelerate (its weight on meta) its hook's execution device and a copy of its bias there."""
+    hook = getattr(linear, "_hf_hook", None)
+    if hook is None or getattr(hook, "execution_device", None) is None:
+        return linear.weight.device, linear.bias
+    dev, bias = torch.device(hook.execution_device), None
+    if linear.bias is not None:
+        with weights_of(linear):
+            bias = nn.Parameter(linear.bias.detach().to(dev).clone(), requires_grad=False)
+    return dev, bias
+
+
 def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                    inplace: bool = False) -> nn.Module:
     """`model` with each named Linear replaced by LowRankLinear(u, v), as a new module tree over the
@@ -147,15 +160,7 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
     for name in weights:
         u, v = weights[name]  # read now: one matrix's factors at a time
         old = mods[name]
-        hook = getattr(old, "_hf_hook", None)  # offloaded by accelerate: the factors go to its execution device
-        if hook is not None and getattr(hook, "execution_device", None) is not None:
-            dev = torch.device(hook.execution_device)
-            bias = None
-            if old.bias is not None:
-                with weights_of(old):
-                    bias = nn.Parameter(old.bias.detach().to(dev).clone(), requires_grad=False)
-        else:
-            dev, bias = old.weight.device, old.bias
+        dev, bias = placement_of(old)
         dt = old.weight.dtype
         set_module(new, name, LowRankLinear.from_weights(u.to(dev, dt), v.to(dev, dt), bias))
         del u, v

@@ -208,8 +208,9 @@ def _add_compress(sub) -> None:
     _add_settings(c, ("method", "allocation", "ratio", *SHARED), allocation=None)
     _add_calib_args(c)
     c.add_argument("--offload", action="store_true",
-                   help="a model bigger than the GPU: accelerate keeps blocks in CPU memory or on disk and the engine "
-                        "brings one at a time to the GPU (device_map=auto)")
+                   help="a model bigger than the GPU: as many blocks as --device-memory leaves room for beside the "
+                        "plan's working set stay on the GPU, as many of the others as --host-memory holds in host "
+                        "memory, the rest on disk; every pass brings each block to the GPU once")
     _add_budget_args(c)
     c.add_argument("--ignore-plan", action="store_true",
                    help="run even when the plan predicts that memory or disk will not suffice")
@@ -310,13 +311,14 @@ def _budgets(args) -> dict:
     return {"device": args.device_memory, "host": args.host_memory}
 
 
-def _check_plan(args) -> dict | None:
-    """The plan's memory figures for this compress run; refuses up front when they do not fit."""
+def _check_plan(args) -> tuple[dict | None, object]:
+    """The plan's memory figures for this compress run, and where an offloaded run keeps its blocks (plan.Placement,
+    from the memory budgets; None otherwise); refuses up front when they do not fit."""
     from .compressed import is_compressed_folder
     from .plan import check_fits, make_plan
 
     if Path(os.path.expanduser(args.model)).is_dir() and is_compressed_folder(Path(os.path.expanduser(args.model))):
-        return None
+        return None, None
     plan = make_plan(args.model, args.device, _run_of(args), bench=False, trust_remote_code=args.trust_remote_code,
                      budgets=_budgets(args))
     if not args.ignore_plan:
@@ -324,9 +326,9 @@ def _check_plan(args) -> dict | None:
     if not args.quiet:
         print(f"plan: peak host {plan.peak_host_bytes / 2**30:.2f} GiB, "
               f"device {plan.peak_device_bytes / 2**30:.2f} GiB, disk {plan.disk_bytes / 2**30:.2f} GiB "
-              "(python -m dipsvd_core plan for the phases and times)",
-              file=sys.stderr)
-    return plan.to_dict()
+              "(python -m dipsvd_core plan for the phases and times)"
+              + (f"; offload: {plan.placement.words()}" if plan.placement else ""), file=sys.stderr)
+    return plan.to_dict(), plan.placement
 
 
 def _check_paths(args) -> None:
@@ -372,12 +374,12 @@ def cmd_compress(args) -> dict:
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     _check_paths(args)
     t0 = time.perf_counter()
-    plan = _check_plan(args)
+    plan, blocks = _check_plan(args)
     timings = {"plan": time.perf_counter() - t0}  # the config alone; a GGUF's is parsed whole (seconds)
     progress, memory = Progress(args.quiet), PhaseMemory()
     t0 = time.perf_counter()
     with memory.phase("load"):
-        lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, offload=args.offload)
+        lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, args.offload, blocks=blocks)
     timings["load_model"] = time.perf_counter() - t0
     bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
     bench.memory = memory

@@ -9,21 +9,28 @@ from pathlib import Path
 
 from .compressed import is_compressed_folder, load_compressed
 from .errors import DipSVDError
-from .models import (DEFAULT_MODEL, LoadedModel, _first_line, _hub_reachable, _load_folder, _load_gguf, bundled_gguf,
-                     find_targets, fingerprint, offload_placement, resolve_device, resolve_dtype)
+from .models import (DEFAULT_MODEL, LoadedModel, _first_line, _hub_reachable, _load_folder, _load_gguf,
+                     block_device_map, bundled_gguf, find_targets, fingerprint, offload_placement, resolve_device, resolve_dtype)
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                trust_remote_code: bool = False, progress=None, offload: bool = False,
-               device_map: dict | str | None = None) -> LoadedModel:
+               device_map: dict | str | None = None, blocks=None) -> LoadedModel:
     """Load a causal LM from the bundled default, a hub id, a local folder or a .gguf file.
 
     With `offload` (or an explicit accelerate `device_map`), the model is placed by accelerate: blocks
-    that do not fit the GPU stay in CPU memory or on disk and are brought to the GPU one call at a time."""
+    that do not fit the GPU stay in CPU memory or on disk, and every pass brings each to the GPU once
+    (stream.block_on_device). `blocks` (a plan.Placement, from the memory budgets) says how many blocks stay on
+    the GPU, in host memory and on disk; without it accelerate's device_map="auto" decides."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = (spec or DEFAULT_MODEL).strip()
+    if offload and blocks is not None and device_map is None:
+        from .plan import load_config, meta_model
+
+        config, _ = load_config(spec, trust_remote_code)
+        device_map = block_device_map(meta_model(config, trust_remote_code), dev, blocks.device, blocks.host)
     placement = offload_placement(dev, dt, spec, device_map) if (offload or device_map is not None) else None
     from_gguf = False
     path = Path(os.path.expanduser(spec))

@@ -265,6 +265,24 @@ def offload_placement(device: torch.device, dtype: torch.dtype, source_key: str,
     return {"device_map": device_map, "offload_folder": str(folder), "offload_state_dict": True}
 
 
+def block_device_map(model: nn.Module, device: torch.device, on_device: int, on_host: int) -> dict:
+    """An accelerate device map for `model` (its meta module tree will do): everything outside the decoder blocks
+    (embeddings, final norm, head, rotary tables) and the first `on_device` blocks on `device`, the next `on_host`
+    blocks in host memory ("cpu"), the rest on disk (plan.place_blocks decides the counts)."""
+    prefix, blocks = find_blocks(model)
+    where = device.index if device.type == "cuda" and device.index is not None else (0 if device.type == "cuda"
+                                                                                        else device.type)
+    device_map, parts = {}, prefix.split(".") if prefix else []
+    for depth, part in enumerate(parts):  # the siblings of every module on the path down to the blocks
+        parent = ".".join(parts[:depth])
+        for name, _ in model.get_submodule(parent).named_children():
+            if name != part:
+                device_map[f"{parent}.{name}" if parent else name] = where
+    for b in range(len(blocks)):
+        device_map[f"{prefix}.{b}"] = where if b < on_device else "cpu" if b < on_device + on_host else "disk"
+    return device_map
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

@@ -121,6 +121,7 @@ class Plan:
     free_disk_bytes: int | None = None
     shape: Shapes | None = field(default=None, repr=False)
     run: Run | None = field(default=None, repr=False)
+    placement: Placement | None = None  # an offloaded GPU run's blocks (place_blocks)
 
     def _peak(self, attr: str) -> int:
         return max(getattr(p, attr) for p in self.phases.values() if p.needed)
@@ -148,7 +149,8 @@ class Plan:
                 "peak_host_bytes": self.peak_host_bytes, "peak_device_bytes": self.peak_device_bytes,
                 "disk_bytes": self.disk_bytes, "seconds": self.seconds, "runtime_bytes": self.runtime_bytes,
                 "free_host_bytes": self.free_host_bytes, "free_device_bytes": self.free_device_bytes,
-                "free_disk_bytes": self.free_disk_bytes, "shapes": self.shapes, "notes": self.notes}
+                "free_disk_bytes": self.free_disk_bytes, "shapes": self.shapes, "notes": self.notes,
+                "placement": None if self.placement is None else dataclasses.asdict(self.placement)}
 
     def table(self) -> str:
         rows = [f"plan for {self.model} on {self.device} ({_settings_words(self.settings)})",
@@ -313,6 +315,8 @@ class Run:
     eval_original: bool = True
     dtype: str = "float32"
     offload: bool = False
+    device_blocks: int = 0  # offloaded: blocks kept on the device for the whole run (the others stream, place_blocks)
+    disk_blocks: int = 0  # offloaded: blocks in the offload folder on disk, not in host memory
     inplace: bool = True  # compress converts the model in place; the app keeps the original beside the copy
     save: bool = False  # the compressed model is saved (compress --out)
 
@@ -429,19 +433,54 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     """Bytes of every phase at its peak (host, device, disk); seconds are filled in by `timing`. Which phases
     are needed comes from the settings' declared needs (Run.phases)."""
     work, disk, host = _work(sh, run, cuda)
-    weights, largest_block = sh.params * DTYPE_BYTES[run.dtype], sh.block_params * DTYPE_BYTES[run.dtype]
+    block = sh.block_params * DTYPE_BYTES[run.dtype]
     needed = run.phases
+    if cuda and run.offload:  # the offload folder, written at load
+        disk = dict(disk, load=disk["load"] + run.disk_blocks * block)
     phases = {}
     for name in PHASES:
         if not cuda:
             h, dev = runtime + (host["load"] if name == "load" else work[name]), 0
-        elif run.offload:  # weights on the host, one block (plus the embeddings' window) on the device
-            dev = work[name] - weights + largest_block
-            h = runtime + weights + {n: host[n] for n in (P.FACTORS, P.REFINE, P.FISHER)}.get(name, 0)
+        elif run.offload:  # place_blocks: the embeddings, head and device_blocks on the device, the rest streamed
+            on_device, on_disk = run.device_blocks, run.disk_blocks
+            streamed = block if on_device < sh.n_blocks else 0
+            dev = work[name] - sh.n_blocks * block + on_device * block + streamed
+            h = runtime + (sh.n_blocks - on_device - on_disk) * block + {
+                n: host[n] for n in (P.FACTORS, P.REFINE, P.FISHER)}.get(name, 0)
         else:
             dev, h = work[name], runtime + host.get(name, 0)
         phases[name] = Phase(int(h), int(dev), int(disk[name]), None, name in needed)
     return phases
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an offloaded run keeps its decoder blocks: `device` of them on the device for the whole run, `host` in
+    host memory and `disk` in the offload folder, both of those sent to the device one block per pass."""
+
+    device: int
+    host: int
+    disk: int
+
+    def words(self) -> str:
+        return f"{self.device} blocks on the GPU, {self.host} in host memory, {self.disk} on disk"
+
+
+def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int, host_budget: int) -> Placement:
+    """Where the blocks of an offloaded GPU run live, from the memory budgets: the plan's working set of every
+    phase with every block streamed (the embeddings, the head and one block on the device) comes first; as many
+    blocks as the rest of `device_budget` holds stay on the device, as many of the others as the rest of
+    `host_budget` holds wait in host memory, and the remainder go to disk."""
+    block = sh.block_params * DTYPE_BYTES[run.dtype]
+    streamed = memory(sh, dataclasses.replace(run, offload=True, device_blocks=0, disk_blocks=0), True, runtime)
+    needed = [p for p in streamed.values() if p.needed]
+    device_work = max(p.device_bytes for p in needed)  # one block streamed
+    host_work = max(p.host_bytes for p in needed) - sh.n_blocks * block  # the blocks' bytes apart
+    fit = max(0, (device_budget - device_work) // block)
+    on_device = sh.n_blocks if fit >= sh.n_blocks - 1 else fit  # with every block there, none streams
+    left = sh.n_blocks - on_device
+    on_host = min(left, max(0, (host_budget - host_work) // block))
+    return Placement(int(on_device), int(on_host), int(left - on_host))
 
 
 # --- the microbenchmark ---
@@ -644,8 +683,15 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     config, from_gguf = load_config(model, trust_remote_code)
     sh = shapes_of(config, trust_remote_code, from_gguf)
     runtime += run_overhead(sh)
+    budgets = budgets or {}
+    free_device = torch.cuda.mem_get_info(dev)[0] if cuda and has_cuda else None
+    placement = None
+    if cuda and run.offload and (budgets.get("device") or free_device):
+        placement = place_blocks(sh, run, runtime, budgets.get("device") or free_device,
+                                 budgets.get("host") or free_host_bytes() or 2 ** 62)
+        run = dataclasses.replace(run, device_blocks=placement.device, disk_blocks=placement.disk)
     phases = memory(sh, run, cuda, runtime)
-    notes = []
+    notes = [f"offload: {placement.words()} (from the memory budgets)"] if placement else []
     if run.offload and not cuda:
         notes.append("offload moves weights off a GPU; on the CPU it changes nothing")
     if sh.grouped_by != "meta forward":
@@ -657,11 +703,10 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     elif bench:
         notes.append("no CUDA device here: memory is predicted, time is not")
     plan = Plan(model, str(dev), run.flat(), phases, dataclasses.asdict(sh), runtime, notes, shape=sh, run=run)
-    plan.free_host_bytes = free_host_bytes()
-    if cuda and has_cuda:
-        plan.free_device_bytes = torch.cuda.mem_get_info(dev)[0]
+    plan.free_host_bytes, plan.free_device_bytes = free_host_bytes(), free_device
     plan.free_disk_bytes = shutil.disk_usage(cache_dir()).free
-    check_budgets(plan, budgets or {})
+    plan.placement = placement
+    check_budgets(plan, budgets)
     return plan
 
 

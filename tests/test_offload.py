@@ -186,3 +186,18 @@ def test_streamed_logits_equal_the_models_own(pair):
         for i, ids, logits in streamed_logits(ref.model, blocks, windows):
             torch.testing.assert_close(logits, ref.model(ids).logits, rtol=1e-5, atol=1e-5)
     assert list(blocks) == before  # the blocks are put back
+
+
+def test_a_placement_gives_the_device_map(tiny_model_dir):
+    """plan.place_blocks's counts become an accelerate device map: outside the blocks and the first blocks on the
+    device, then host memory, then disk; loaded with it, the model is the one offloaded by hand above."""
+    from dipsvd_core.models import block_device_map
+    from dipsvd_core.plan import Placement, load_config, meta_model
+
+    config, _ = load_config(tiny_model_dir)
+    meta = meta_model(config)
+    assert block_device_map(meta, torch.device("cpu"), 0, 1) == DEVICE_MAP
+    assert block_device_map(meta, torch.device("cuda"), 1, 0) == dict(DEVICE_MAP, **{
+        k: 0 for k in DEVICE_MAP if k != "model.layers.1"}, **{"model.layers.1": "disk"})
+    lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=Placement(0, 1, 1))
+    assert lm.model.hf_device_map == DEVICE_MAP and lm.offloaded

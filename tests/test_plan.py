@@ -103,9 +103,19 @@ def test_plan_on_cuda_splits_host_and_device(config_only):
     off = P.memory(sh, run.replace(offload=True), cuda=True, runtime=0)
     weights = sh.params * 2
     assert gpu["statistics"].device_bytes > weights and gpu["statistics"].host_bytes == 0
-    # offload: the weights on the host, one block's on the device
-    assert off["statistics"].host_bytes == weights
-    assert off["statistics"].device_bytes == gpu["statistics"].device_bytes - weights + sh.block_params * 2
+    # offload, every block streamed: the blocks on the host, the embeddings, the head and one block on the device
+    blocks = sh.n_blocks * sh.block_params * 2
+    assert off["statistics"].host_bytes == blocks
+    assert off["statistics"].device_bytes == gpu["statistics"].device_bytes - blocks + sh.block_params * 2
+    # of the 2 blocks, 1 kept on the device and 1 on disk: 1 block more on the device, none on the host, 1 in the
+    # offload folder; both on the device: none streams, so the same device bytes as 1 kept
+    assert sh.n_blocks == 2
+    kept = P.memory(sh, run.replace(offload=True, device_blocks=1, disk_blocks=1), cuda=True, runtime=0)
+    assert kept["statistics"].device_bytes == off["statistics"].device_bytes + sh.block_params * 2
+    assert kept["statistics"].host_bytes == off["statistics"].host_bytes - 2 * sh.block_params * 2
+    assert kept["load"].disk_bytes == off["load"].disk_bytes + sh.block_params * 2
+    every = P.memory(sh, run.replace(offload=True, device_blocks=2), cuda=True, runtime=0)
+    assert every["statistics"].device_bytes == kept["statistics"].device_bytes
     # Fisher on a GPU: every block's saved inputs wait in host memory, one block's come back to the device
     heur = run.replace(allocation="heuristic")
     fisher, on_cpu = P.memory(sh, heur, cuda=True, runtime=0)["fisher"], P.memory(sh, heur, cuda=False, runtime=0)["fisher"]
@@ -241,3 +251,36 @@ def test_a_memory_budget_replaces_the_free_memory_the_plan_is_checked_against(co
                         budgets={"device": plan.peak_device_bytes - 1, "host": 2**40})
     with pytest.raises(DipSVDError, match="predicted peak device memory .* would fit"):
         P.check_fits(tight)
+
+
+@pytest.fixture(scope="module")
+def llama8b_config(tmp_path_factory):
+    """Llama-3-8B's config.json (its shapes; no weights)."""
+    from transformers import AutoConfig
+
+    folder = tmp_path_factory.mktemp("llama-3-8b")
+    AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("device_gib,host_gib", [(24, 64), (24, 20), (40, 64), (80, 64)])
+def test_offload_places_blocks_by_the_budgets(llama8b_config, device_gib, host_gib):
+    """The best path at 8B in bfloat16: as many blocks stay on the GPU as the device budget leaves room for beside
+    the working set, the others go to the host while it holds them, the rest to disk. The plan then fits both
+    budgets, and one block more on the GPU would not."""
+    run = P.run_of(dtype="bfloat16", offload=True, method="dipsvd", allocation="nested", refine="sequential")
+    budgets = {"device": device_gib * P.GiB, "host": host_gib * P.GiB}
+    plan = P.make_plan(llama8b_config, "cuda", run, bench=False, budgets=budgets)
+    at = plan.placement
+    assert at.device + at.host + at.disk == 32 and plan.run.device_blocks == at.device
+    assert plan.peak_device_bytes <= budgets["device"]
+    block = plan.shape.block_params * 2
+    if at.device < 32:
+        more = P.memory(plan.shape, plan.run.replace(device_blocks=at.device + 1), True, plan.runtime_bytes)
+        assert max(p.device_bytes for p in more.values() if p.needed) > budgets["device"]
+    if at.disk:
+        assert plan.peak_host_bytes <= budgets["host"] < plan.peak_host_bytes + block
+        assert plan.phases["load"].disk_bytes >= at.disk * block
+    expected = {(24, 64): (3, 29, 0), (24, 20): (3, 19, 10), (40, 64): (32, 0, 0), (80, 64): (32, 0, 0)}
+    assert (at.device, at.host, at.disk) == expected[device_gib, host_gib]

@@ -336,6 +336,17 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
+def offload_hooks(module: nn.Module) -> list:
+    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    from accelerate.hooks import AlignDevicesHook
+
+    hooks = getattr(hook, "hooks", (hook,))
+    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+
+
 def weights_of(module: nn.Module):
     """A context in which an offloaded module's weights are real tensors on its execution device
     (accelerate's align_module_device); a no-op for a module that holds its weights."""

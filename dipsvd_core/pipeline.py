@@ -385,9 +385,6 @@ class Workbench:
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:
             raise DipSVDError("this model was already converted in place; load it again to build another")
-        if self.lm.offloaded and not inplace:
-            raise DipSVDError("an offloaded model is compressed in place, since a side-by-side copy would not fit: "
-                              "use `python -m dipsvd_core compress --offload`, which evaluates the original first")
         self._converted = inplace
         return compress_model(self.lm.model, weights, inplace=inplace)
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import DipSVDError
-from .models import input_device
+from .models import input_device, offload_hooks
 
 
 class _Captured(Exception):
@@ -55,24 +55,13 @@ def release_host_memory() -> None:
         trim(0)
 
 
-def _offload_hooks(module: nn.Module) -> list:
-    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    from accelerate.hooks import AlignDevicesHook
-
-    hooks = getattr(hook, "hooks", (hook,))
-    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
-
-
 @contextlib.contextmanager
 def block_on_device(block: nn.Module):
     """Within, an offloaded block's weights are on its execution device and stay there for every call: each of
     accelerate's offloading hooks in the block loads its module's weights once and stops offloading; after, the
     hooks offload again (the weights go back to meta, read from the host or disk on the next call). Nested uses
     and blocks that hold their weights are no-ops. `sends` counts the loads (tests/test_offload.py)."""
-    held = [(m, h) for m in block.modules() for h in _offload_hooks(m)]
+    held = [(m, h) for m in block.modules() for h in offload_hooks(m)]
     try:
         for m, h in held:
             h.pre_forward(m)  # the weights from the hook's map to the execution device

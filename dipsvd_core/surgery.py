@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .factors import Factor
-from .models import weights_of
+from .models import offload_hooks, weights_of
 
 
 def _wrap_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
@@ -156,6 +156,9 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
         new = model
     else:  # deepcopy copies the modules; a memo entry that maps a tensor to itself makes the copy share it.
         memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        for m in model.modules():  # offloaded: the copy's hooks read the same host and disk weights
+            for h in offload_hooks(m):
+                memo[id(h.weights_map)] = h.weights_map
         new = copy.deepcopy(model, memo)
     for name in weights:
         u, v = weights[name]  # read now: one matrix's factors at a time

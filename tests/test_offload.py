@@ -52,8 +52,6 @@ def test_compressed_in_place_equals_the_model_in_memory(tiny_model_dir):
     a, b = Workbench(off, "wiki", 4, 64), Workbench(ref, "wiki", 4, 64)
     ev = a.eval_windows("wiki", 512)
     assert perplexity(off.model, ev) == pytest.approx(perplexity(ref.model, ev), rel=1e-9)
-    with pytest.raises(DipSVDError, match="offloaded model is compressed in place"):
-        a.build(settings)
     ra, rb = a.build(settings, inplace=True), b.build(settings, inplace=True)
     assert ra.allocation.ranks == rb.allocation.ranks
     assert perplexity(ra.model, ev) == pytest.approx(perplexity(rb.model, ev), rel=1e-6)
@@ -123,12 +121,12 @@ class _CountingMap:
 @pytest.fixture
 def counted(pair):
     """The offloaded model with every offload hook's reads counted (name -> reads), put back after."""
-    from dipsvd_core.stream import _offload_hooks
+    from dipsvd_core.models import offload_hooks
 
     off, _ = pair
     counts, swapped = {}, []
     for name, module in off.model.named_modules():
-        for hook in _offload_hooks(module):
+        for hook in offload_hooks(module):
             swapped.append((hook, hook.weights_map))
             hook.weights_map = _CountingMap(hook.weights_map, counts, name)
     yield off, counts
@@ -201,3 +199,28 @@ def test_a_placement_gives_the_device_map(tiny_model_dir):
         k: 0 for k in DEVICE_MAP if k != "model.layers.1"}, **{"model.layers.1": "disk"})
     lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=Placement(0, 1, 1))
     assert lm.model.hf_device_map == DEVICE_MAP and lm.offloaded
+
+
+def test_a_side_by_side_copy_of_an_offloaded_model_shares_its_weights(tiny_model_dir):
+    """The app's build: a compressed copy beside the original. Offloaded, the copy's hooks read the original's host
+    and disk weights (the same maps, nothing copied), its low-rank pairs compute on the execution device, and both
+    models give the in-memory figures; generation runs on both."""
+    from dipsvd_core.evaluate import generate
+    from dipsvd_core.models import offload_hooks
+
+    settings = Settings(method="svd-llm", ratio=0.3)
+    off = load_model(tiny_model_dir, "cpu", "float32", device_map=DEVICE_MAP)
+    ref = load_model(tiny_model_dir, "cpu", "float32")
+    a, b = Workbench(off, "wiki", 4, 64), Workbench(ref, "wiki", 4, 64)
+    ev = a.eval_windows("wiki", 512)
+    before = perplexity(off.model, ev)
+    ra, rb = a.build(settings), b.build(settings)
+    assert ra.model is not off.model
+    assert perplexity(ra.model, ev) == pytest.approx(perplexity(rb.model, ev), rel=1e-6)
+    assert perplexity(off.model, ev) == before  # the original is untouched
+    maps = {id(h.weights_map) for m in off.model.modules() for h in offload_hooks(m)}
+    copied = {id(h.weights_map) for m in ra.model.modules() for h in offload_hooks(m)}
+    assert copied and copied <= maps
+    texts = [generate(m, off.tokenizer, ["The sea"], max_new_tokens=4)[0]["text"] for m in (off.model, ra.model)]
+    assert texts[0] == generate(ref.model, ref.tokenizer, ["The sea"], max_new_tokens=4)[0]["text"]
+    assert texts[1] == generate(rb.model, ref.tokenizer, ["The sea"], max_new_tokens=4)[0]["text"]

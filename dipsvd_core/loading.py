@@ -26,6 +26,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = (spec or DEFAULT_MODEL).strip()
+    if offload and blocks is not None and not blocks.gpu and blocks.disk == 0:
+        offload = False  # on the CPU with every block in memory there is nothing to place
     if offload and blocks is not None and device_map is None:
         from .plan import load_config, meta_model
 

@@ -25,8 +25,9 @@ these shapes it adds up what each phase holds at its peak:
 - save (compress --out): the compressed model and its largest tensor's serialized bytes.
 
 On a CUDA device these go to the device and the host holds the runtime and the factors being
-written; with `offload` the weights stay on the host and the device holds one block at a time. On
-the CPU everything is host memory, and `device_bytes` is 0. Every phase adds the runtime measured
+written; with `offload` the blocks are placed by the memory budgets (`place_blocks`): as many as fit stay on the
+device, the others wait in host memory or on disk and come to the device one at a time. On the CPU everything is
+host memory, and `device_bytes` is 0; there `offload` keeps the blocks that do not fit on disk. Every phase adds the runtime measured
 in this process (Python, torch and transformers imported) and what a run holds besides (`run_overhead`: the
 tokenizer, the modeling code, the calibration text). On the CPU, weights saved as safetensors in the run's dtype are
 mapped, not copied, so loading holds none of them; they become resident in the first pass (`Shapes.mapped`).
@@ -121,7 +122,7 @@ class Plan:
     free_disk_bytes: int | None = None
     shape: Shapes | None = field(default=None, repr=False)
     run: Run | None = field(default=None, repr=False)
-    placement: Placement | None = None  # an offloaded GPU run's blocks (place_blocks)
+    placement: Placement | None = None  # an offloaded run's blocks (place_blocks)
 
     def _peak(self, attr: str) -> int:
         return max(getattr(p, attr) for p in self.phases.values() if p.needed)
@@ -435,14 +436,15 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     work, disk, host = _work(sh, run, cuda)
     block = sh.block_params * DTYPE_BYTES[run.dtype]
     needed = run.phases
-    if cuda and run.offload:  # the offload folder, written at load
-        disk = dict(disk, load=disk["load"] + run.disk_blocks * block)
+    on_disk = run.disk_blocks if run.offload else 0
+    disk = dict(disk, load=disk["load"] + on_disk * block)  # the offload folder, written at load
+    spared = max(0, on_disk - 1) * block  # on the CPU: blocks on disk, one of them in memory at a time
     phases = {}
     for name in PHASES:
         if not cuda:
-            h, dev = runtime + (host["load"] if name == "load" else work[name]), 0
+            h, dev = runtime + max(0, (host["load"] if name == "load" else work[name]) - spared), 0
         elif run.offload:  # place_blocks: the embeddings, head and device_blocks on the device, the rest streamed
-            on_device, on_disk = run.device_blocks, run.disk_blocks
+            on_device = run.device_blocks
             streamed = block if on_device < sh.n_blocks else 0
             dev = work[name] - sh.n_blocks * block + on_device * block + streamed
             h = runtime + (sh.n_blocks - on_device - on_disk) * block + {
@@ -456,31 +458,45 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
 @dataclass(frozen=True)
 class Placement:
     """Where an offloaded run keeps its decoder blocks: `device` of them on the device for the whole run, `host` in
-    host memory and `disk` in the offload folder, both of those sent to the device one block per pass."""
+    host memory and `disk` in the offload folder, both of those sent to the device one block per pass. On the CPU
+    (`gpu` false) the device is the host: `device` blocks in memory, the others on disk, read one per pass."""
 
     device: int
     host: int
     disk: int
+    gpu: bool = True
 
     def words(self) -> str:
+        if not self.gpu:
+            return f"{self.device} blocks in memory, {self.disk} on disk"
         return f"{self.device} blocks on the GPU, {self.host} in host memory, {self.disk} on disk"
 
 
-def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int, host_budget: int) -> Placement:
-    """Where the blocks of an offloaded GPU run live, from the memory budgets: the plan's working set of every
-    phase with every block streamed (the embeddings, the head and one block on the device) comes first; as many
-    blocks as the rest of `device_budget` holds stay on the device, as many of the others as the rest of
-    `host_budget` holds wait in host memory, and the remainder go to disk."""
-    block = sh.block_params * DTYPE_BYTES[run.dtype]
+def _fit(budget: int, work: int, block: int, n_blocks: int) -> int:
+    """How many blocks a budget keeps beside a working set that holds one streamed block; all of them where all but
+    one fit, since then none streams."""
+    fit = max(0, (budget - work) // block)
+    return n_blocks if fit >= n_blocks - 1 else int(fit)
+
+
+def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, host_budget: int,
+                 cuda: bool = True) -> Placement:
+    """Where the blocks of an offloaded run live, from the memory budgets. On a GPU: the plan's working set of
+    every phase with every block streamed (the embeddings, the head and one block on the device) comes first; as
+    many blocks as the rest of `device_budget` holds stay on the device, as many of the others as the rest of
+    `host_budget` holds wait in host memory, and the remainder go to disk. On the CPU: as many as `host_budget`
+    holds beside the working set with every block on disk (one read at a time) stay in memory."""
+    block, L = sh.block_params * DTYPE_BYTES[run.dtype], sh.n_blocks
+    if not cuda:
+        streamed = memory(sh, dataclasses.replace(run, offload=True, disk_blocks=L), False, runtime)
+        in_memory = _fit(host_budget, max(p.host_bytes for p in streamed.values() if p.needed), block, L)
+        return Placement(in_memory, 0, L - in_memory, gpu=False)
     streamed = memory(sh, dataclasses.replace(run, offload=True, device_blocks=0, disk_blocks=0), True, runtime)
     needed = [p for p in streamed.values() if p.needed]
-    device_work = max(p.device_bytes for p in needed)  # one block streamed
-    host_work = max(p.host_bytes for p in needed) - sh.n_blocks * block  # the blocks' bytes apart
-    fit = max(0, (device_budget - device_work) // block)
-    on_device = sh.n_blocks if fit >= sh.n_blocks - 1 else fit  # with every block there, none streams
-    left = sh.n_blocks - on_device
-    on_host = min(left, max(0, (host_budget - host_work) // block))
-    return Placement(int(on_device), int(on_host), int(left - on_host))
+    on_device = _fit(device_budget, max(p.device_bytes for p in needed), block, L)
+    host_work = max(p.host_bytes for p in needed) - L * block  # the blocks' bytes apart
+    on_host = min(L - on_device, max(0, (host_budget - host_work) // block))
+    return Placement(on_device, int(on_host), int(L - on_device - on_host))
 
 
 # --- the microbenchmark ---
@@ -686,14 +702,12 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     budgets = budgets or {}
     free_device = torch.cuda.mem_get_info(dev)[0] if cuda and has_cuda else None
     placement = None
-    if cuda and run.offload and (budgets.get("device") or free_device):
+    if run.offload and (not cuda or budgets.get("device") or free_device):
         placement = place_blocks(sh, run, runtime, budgets.get("device") or free_device,
-                                 budgets.get("host") or free_host_bytes() or 2 ** 62)
-        run = dataclasses.replace(run, device_blocks=placement.device, disk_blocks=placement.disk)
+                                 budgets.get("host") or free_host_bytes() or 2 ** 62, cuda)
+        run = dataclasses.replace(run, device_blocks=placement.device if cuda else 0, disk_blocks=placement.disk)
     phases = memory(sh, run, cuda, runtime)
     notes = [f"offload: {placement.words()} (from the memory budgets)"] if placement else []
-    if run.offload and not cuda:
-        notes.append("offload moves weights off a GPU; on the CPU it changes nothing")
     if sh.grouped_by != "meta forward":
         notes.append(f"shared inputs not found by a meta forward: {sh.grouped_by}")
     if bench and (not cuda or has_cuda):
@@ -752,8 +766,8 @@ def check_fits(plan: Plan) -> None:
             tries.append((f"--seqlen {t}", dataclasses.replace(run, seqlen=t)))
     if run.compute_dtype == "float64":
         tries.append(("--compute-dtype float32", run.replace(compute_dtype="float32")))
-    if cuda and not run.offload:
-        tries.append(("--offload", dataclasses.replace(run, offload=True)))
+    if not run.offload:  # on a GPU every block streamed, on the CPU every block on disk: the least it holds
+        tries.append(("--offload", dataclasses.replace(run, offload=True, disk_blocks=0 if cuda else shapes.n_blocks)))
     if run.factor_dtype == "float32":
         tries.append(("--factor-dtype bfloat16", run.replace(factor_dtype="bfloat16")))
     for option, other in tries:

@@ -71,12 +71,28 @@ def test_bayes_on_an_offloaded_model_equals_the_model_in_memory(pair, objective)
     assert type(off.model.model.layers[1].mlp.down_proj).__name__ == "Linear"
 
 
-def test_offload_on_the_cpu_is_refused_with_a_reason(tiny_model_dir):
+def test_offload_on_the_cpu_keeps_on_disk_what_the_host_budget_does_not_hold(tiny_model_dir):
+    """On the CPU the device is the host: --offload keeps the blocks that --host-memory does not hold beside the
+    working set on disk. Without a placement there is still nothing to place."""
+    import json
+
+    from dipsvd_core import plan as P
+
     with pytest.raises(DipSVDError, match="on the CPU there is nothing to offload to"):
         load_model(tiny_model_dir, "cpu", "float32", offload=True)
-    proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", "--model", tiny_model_dir, "--device", "cpu",
-                           "--offload", "--quiet"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "nothing to offload to" in proc.stderr and "Traceback" not in proc.stderr
+    config, _ = P.load_config(tiny_model_dir)
+    sh, run = P.shapes_of(config), P.run_of(offload=True)
+    block = sh.block_params * 4
+    all_disk = max(p.host_bytes for p in P.memory(sh, run.replace(disk_blocks=2), False, 0).values() if p.needed)
+    none_disk = max(p.host_bytes for p in P.memory(sh, run, False, 0).values() if p.needed)
+    assert none_disk - all_disk == block  # 2 blocks on disk, 1 of them in memory at a time
+    assert P.place_blocks(sh, run, 0, None, all_disk + block // 2, cuda=False) == P.Placement(0, 0, 2, gpu=False)
+    assert P.place_blocks(sh, run, 0, None, none_disk, cuda=False) == P.Placement(2, 0, 0, gpu=False)
+    out = subprocess.run([sys.executable, "-m", "dipsvd_core", "plan", "--model", tiny_model_dir, "--device", "cpu",
+                          "--offload", "--no-bench", "--json"], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout)["placement"] == {"device": 2, "host": 0, "disk": 0, "gpu": False}  # all fit
+    lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=P.Placement(2, 0, 0, gpu=False))
+    assert not lm.offloaded  # everything in memory: loaded as usual
 
 
 def test_refine_matches_the_model_in_memory(pair):
@@ -195,9 +211,10 @@ def test_a_placement_gives_the_device_map(tiny_model_dir):
     config, _ = load_config(tiny_model_dir)
     meta = meta_model(config)
     assert block_device_map(meta, torch.device("cpu"), 0, 1) == DEVICE_MAP
+    assert block_device_map(meta, torch.device("cpu"), 1, 0) == DEVICE_MAP  # on the CPU, "in memory" is "cpu"
     assert block_device_map(meta, torch.device("cuda"), 1, 0) == dict(DEVICE_MAP, **{
         k: 0 for k in DEVICE_MAP if k != "model.layers.1"}, **{"model.layers.1": "disk"})
-    lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=Placement(0, 1, 1))
+    lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=Placement(1, 0, 1, gpu=False))
     assert lm.model.hf_device_map == DEVICE_MAP and lm.offloaded
 
 

@@ -282,5 +282,6 @@ def test_offload_places_blocks_by_the_budgets(llama8b_config, device_gib, host_g
     if at.disk:
         assert plan.peak_host_bytes <= budgets["host"] < plan.peak_host_bytes + block
         assert plan.phases["load"].disk_bytes >= at.disk * block
-    expected = {(24, 64): (3, 29, 0), (24, 20): (3, 19, 10), (40, 64): (32, 0, 0), (80, 64): (32, 0, 0)}
-    assert (at.device, at.host, at.disk) == expected[device_gib, host_gib]
+    # the device side does not depend on this process's runtime (the host side does: it is measured)
+    assert at.device == {24: 3, 40: 32, 80: 32}[device_gib]
+    assert (at.disk > 0) == (host_gib == 20)

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -72,19 +71,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-              "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
 def _memory_size(text: str) -> int:
-    """A memory size such as 24GiB, 22GB, 512MiB or 1.5TiB, in bytes (a bare number is bytes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", text.lower())
-    if m is None:
-        raise argparse.ArgumentTypeError(f"expected a memory size like 24GiB, 22GB or 512MiB, got '{text}'")
-    value = float(m.group(1)) * SIZE_UNITS[m.group(2) or ""]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive memory size, got '{text}'")
-    return int(value)
+    """plan.memory_size, as an argparse type."""
+    from .plan import memory_size
+
+    try:
+        return memory_size(text)
+    except DipSVDError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:

@@ -38,7 +38,20 @@ def architecture(lm: LoadedModel) -> dict:
     return {"architecture": type(lm.model).__name__, "model_type": getattr(cfg, "model_type", "?"),
             "blocks": lm.n_blocks, "targeted_linears": len(lm.targets), "total_params": total,
             "targeted_params": targeted, "targeted_share": targeted / total, "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
-            "device": str(lm.device), "from_gguf": lm.from_gguf, "source": lm.source}
+            "device": str(lm.device), "from_gguf": lm.from_gguf, "source": lm.source, "offload": placed_blocks(lm)}
+
+
+def placed_blocks(lm: LoadedModel) -> str:
+    """Where an offloaded model's decoder blocks are, in words ("" when it is not offloaded)."""
+    if not lm.offloaded:
+        return ""
+    prefix, blocks = find_blocks(lm.model)
+    where = [lm.model.hf_device_map.get(f"{prefix}.{b}") for b in range(len(blocks))]
+    counts = {"device": sum(w not in ("cpu", "disk") for w in where), "host": where.count("cpu"),
+              "disk": where.count("disk")}
+    if lm.device.type == "cpu":
+        return f"{counts['device'] + counts['host']} blocks in memory, {counts['disk']} on disk"
+    return f"{counts['device']} blocks on the GPU, {counts['host']} in host memory, {counts['disk']} on disk"
 
 
 def layer_rows(lm: LoadedModel) -> list[dict]:

@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -737,6 +738,21 @@ def check_budgets(plan: Plan, budgets: dict) -> None:
                               f"{plan.run.dtype}{' beside the runtime' if what == 'host' else ''}); give at least that")
         setattr(plan, f"free_{what}_bytes", budget)
         plan.notes.append(f"{what} memory: the budget {option} {_gb(budget)}, not what is free now")
+
+
+SIZE_UNITS = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12,
+              "ki": 2 ** 10, "mi": 2 ** 20, "gi": 2 ** 30, "ti": 2 ** 40}
+
+
+def memory_size(text: str) -> int:
+    """A memory size such as 24GiB, 22GB, 512MiB or 1.5TiB, in bytes (a bare number is bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if m is None:
+        raise DipSVDError(f"expected a memory size like 24GiB, 22GB or 512MiB, got '{text}'")
+    value = float(m.group(1)) * SIZE_UNITS[m.group(2) or ""]
+    if value < 1:
+        raise DipSVDError(f"expected a positive memory size, got '{text}'")
+    return int(value)
 
 
 def _misfit(plan: Plan, margin: float = 1.0) -> str | None:

@@ -1,4 +1,5 @@
 """Page 1: choose a model and calibration text, load it, collect statistics, see what is targeted."""
+import dataclasses
 import os
 
 import pandas as pd
@@ -10,7 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.plan import check_fits, make_plan, run_of
+from dipsvd_core.plan import check_fits, make_plan, memory_size, run_of
 from studio import ui
 from studio.jobs import settle_heap
 from studio.state import defaults
@@ -48,12 +49,25 @@ with left:
     dtype = c2.selectbox("Dtype", ["auto", *DTYPES], key="k_load_dtype", disabled=busy,
                          help="auto: float32 on CPU, bfloat16 on a GPU")
     has_gpu = torch.cuda.is_available() and device != "cpu"
-    offload = c3.checkbox("Offload", key="k_load_offload", disabled=busy or not has_gpu,
-                          help="For a model bigger than the GPU: accelerate keeps blocks in CPU memory or on disk "
-                               "and the engine brings one at a time to the GPU" + ("" if has_gpu else
-                                                                                  " (needs a CUDA GPU)"))
+    offload = c3.checkbox("Offload", key="k_load_offload", disabled=busy,
+                          help="For a model bigger than the memory budgets: as many blocks as the GPU budget leaves "
+                               "room for beside the plan's working set stay on the GPU, as many of the others as the "
+                               "host budget holds wait in host memory, the rest on disk; every pass brings each block "
+                               "to the GPU once. On the CPU the blocks the host budget does not hold stay on disk.")
     trust = c4.checkbox("Trust remote code", key="k_load_trust", disabled=busy,
                         help="Only for hub models that ship their own code, and only if you trust it")
+    budgets, bad_budget = {}, None
+    if offload:
+        b1, b2 = st.columns(2)
+        for col, what, label, example in ((b1, "device", "GPU memory budget", "22GiB"),
+                                          (b2, "host", "Host memory budget", "64GiB")):
+            text = col.text_input(label, key=f"k_load_{what}_memory", placeholder=f"what is free now, e.g. {example}",
+                                  disabled=busy or (what == "device" and not has_gpu))
+            if text.strip():
+                try:
+                    budgets[what] = memory_size(text)
+                except DipSVDError as e:
+                    bad_budget = f"{label}: {e}"
     ui.device_panel(device)
 with right:
     st.subheader("Calibration text")
@@ -80,11 +94,12 @@ run = {"method": "dipsvd", "calib_windows": int(n_windows), "seqlen": int(seqlen
        "inplace": False}
 if st.toggle("Show the plan: predicted memory, disk and time of each phase", key="k_plan_show", disabled=busy) \
         and (kind == "bundled" or spec):
-    plan = ui.plan_of(spec or "", device, run, trust)
+    plan = ui.plan_of(spec or "", device, run, trust, budgets=budgets)
     if "error" in plan:
         st.caption(f"No plan: {plan['error']}")
     else:
-        timed = ui.plan_of(spec or "", device, run, trust, True) if st.session_state.get("k_plan_timed") else plan
+        timed = ui.plan_of(spec or "", device, run, trust, True, budgets) if st.session_state.get("k_plan_timed") \
+            else plan
         rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
                  "disk": ui.fmt_bytes(p["disk_bytes"]),
                  "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
@@ -102,15 +117,18 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
 def load(job):
     job.progress(0.0, "planning: will it fit?")
     try:
-        plan = make_plan(spec or "", device, run_of(**run), bench=False, trust_remote_code=trust)
-    except DipSVDError:  # a config that cannot be read is left to the loader, which says why
+        plan = make_plan(spec or "", device, run_of(**run), bench=False, trust_remote_code=trust, budgets=budgets)
+    except DipSVDError as e:  # a config that cannot be read is left to the loader, which says why
+        if "cannot hold one decoder block" in str(e):
+            raise
         plan = None
     if plan is not None:
         try:
             check_fits(plan)
         except DipSVDError as e:
             raise DipSVDError(str(e).replace("--ignore-plan", "the CLI's --ignore-plan")) from None
-    lm = ui.load_lm(spec or "", device, dtype, trust, bool(offload), _progress=job.progress)
+    blocks = None if plan is None or plan.placement is None else dataclasses.astuple(plan.placement)
+    lm = ui.load_lm(spec or "", device, dtype, trust, bool(offload), blocks, _progress=job.progress)
     job.progress(0.05, "cutting calibration windows")
     bench = Workbench(lm, calib, int(n_windows), int(seqlen), int(seed))
     bench.windows()
@@ -123,7 +141,9 @@ def load(job):
 
 
 if st.button("Load model and collect statistics", type="primary", disabled=busy):
-    if kind != "bundled" and not spec:
+    if bad_budget:
+        st.error(bad_budget, icon=":material/error:")
+    elif kind != "bundled" and not spec:
         st.error("Enter a model: a hub id, a local folder or a .gguf path; or pick the bundled SmolLM2.", icon=":material/error:")
     elif not calib:
         st.error("Enter the path of a .txt or .jsonl calibration file, or pick a named source.", icon=":material/error:")
@@ -147,5 +167,7 @@ if s.lm is not None and s.bench is not None:
     m[4].metric("Calibration tokens", f"{bench.n_windows * bench.seqlen:,}",
                 f"statistics {bench.timings_s.get('statistics', 0):.1f} s", delta_color="off", delta_arrow="off")
     st.caption(f"Loaded from `{info['source']}` on {info['device']} in {info['dtype']} "
-               f"({lm.load_seconds:.1f} s). Embeddings and lm_head are never compressed.")
+               f"({lm.load_seconds:.1f} s). Embeddings and lm_head are never compressed."
+               + (f" Offloaded: {info['offload']}; each pass brings every block to the device once." if lm.offloaded
+                  else ""))
     st.dataframe(layer_rows(lm), hide_index=True, width="stretch")

@@ -32,18 +32,25 @@ def busy() -> bool:
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, offload: bool = False, _progress=None):
-    """One copy of each model per server, shared by sessions; compression never mutates it."""
-    return load_model(spec, device, dtype, trust_remote_code, _progress, offload=offload)
+def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, offload: bool = False,
+            blocks: tuple | None = None, _progress=None):
+    """One copy of each model per server, shared by sessions; compression never mutates it. `blocks`: an offloaded
+    model's plan.Placement, as a tuple."""
+    from dipsvd_core.plan import Placement
+
+    return load_model(spec, device, dtype, trust_remote_code, _progress, offload=offload,
+                      blocks=None if blocks is None else Placement(*blocks))
 
 
 @st.cache_data(show_spinner=False, max_entries=32, ttl=600)
-def plan_of(spec: str, device: str, run: dict, trust_remote_code: bool, bench: bool = False) -> dict:
+def plan_of(spec: str, device: str, run: dict, trust_remote_code: bool, bench: bool = False,
+            budgets: dict | None = None) -> dict:
     """The plan (plan.make_plan) as a dict, or {"error": message}; memory only unless `bench`."""
     from dipsvd_core.plan import make_plan, run_of
 
     try:
-        return make_plan(spec, device, run_of(**run), bench=bench, trust_remote_code=trust_remote_code).to_dict()
+        return make_plan(spec, device, run_of(**run), bench=bench, trust_remote_code=trust_remote_code,
+                         budgets=budgets).to_dict()
     except DipSVDError as e:
         return {"error": str(e)}
 

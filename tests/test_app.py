@@ -590,3 +590,48 @@ def test_settle_heap_collects_garbage_and_freezes_the_living():
         assert not any(o is alive for o in gc.get_objects())  # frozen: outside every generation
     finally:
         gc.unfreeze()
+
+
+# --- Offload ------------------------------------------------------------------------------------
+
+def test_an_offloaded_model_builds_evaluates_and_generates_side_by_side(tiny_model_dir, monkeypatch):
+    """A host budget that holds no block beside the working set puts every block on disk (the CPU's offload).
+    The app then builds the compressed copy (sharing the original's offloaded weights), evaluates both and
+    generates side by side, with the figures of the same model in memory."""
+    from dipsvd_core import plan as P
+    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.loading import load_model
+    from dipsvd_core.pipeline import Settings, Workbench
+
+    monkeypatch.setattr(P, "runtime_bytes", lambda: 10 ** 9)  # the same runtime in the test's plan and the page's
+    run = {"method": "dipsvd", "calib_windows": 4, "seqlen": 64, "dtype": "auto", "eval_tokens": 256, "eval_sets": 2,
+           "offload": True, "inplace": False}  # the Load page's run at these defaults
+    everything_on_disk = P.make_plan(tiny_model_dir, "cpu", P.run_of(**run), bench=False, budgets={"host": 10 ** 12})
+    streamed = P.memory(everything_on_disk.shape, everything_on_disk.run.replace(disk_blocks=2), False,
+                        everything_on_disk.runtime_bytes)
+    budget = max(p.host_bytes for p in streamed.values() if p.needed) + everything_on_disk.shape.block_params * 2
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.checkbox(key="k_load_offload").check()
+    at.run()
+    at.text_input(key="k_load_host_memory").input(f"{budget}B")
+    at.run()
+    at = click(at, "Load model and collect statistics")
+    studio = at.session_state["studio"]
+    assert not errors(at) and studio.lm.offloaded
+    assert studio.lm.model.hf_device_map["model.layers.0"] == "disk" == studio.lm.model.hf_device_map["model.layers.1"]
+    assert any("Offloaded: 0 blocks in memory, 2 on disk" in c.value for c in at.caption)
+    page(factored(at), "compress")
+    click(at, "Build compressed model")
+    click(at, "Evaluate original and compressed")
+    table = at.table[0].value
+    ref = load_model(tiny_model_dir, "cpu", "float32")
+    bench = Workbench(ref, os.environ["DIPSVD_STUDIO_CALIB"], 4, 64)
+    built = bench.build(Settings(ratio=studio.settings.ratio, seed=0))
+    news = bench.eval_windows("news", 256)
+    assert table["original"][0] == pytest.approx(perplexity(ref.model, news), rel=1e-6)
+    assert table["compressed"][0] == pytest.approx(perplexity(built.model, news), rel=1e-5)
+    page(at, "side_by_side")
+    click(at, "Generate")
+    gens = at.session_state["studio"].generations["columns"]
+    assert len(gens) == 2 and all(rows[0]["new_tokens"] >= 1 for rows in gens.values()) and not errors(at)
+    assert studio.lm.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # still offloaded

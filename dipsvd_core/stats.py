@@ -50,13 +50,41 @@ def channel_importance(gram: torch.Tensor) -> torch.Tensor:
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # activations whose float32 copies TF32 holds exactly
 
 
+def _syrk():
+    """BLAS's ssyrk (scipy), or None: X^T X for half a GEMM's multiplications, the upper triangle only."""
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:
+        return None
+    return ssyrk
+
+
+def upper_gram(x: torch.Tensor) -> torch.Tensor | None:
+    """The upper triangle of x^T x for float32 x (n, d) on the CPU, by BLAS ssyrk (the lower triangle is zero),
+    or None where there is no syrk for it (other devices: there torch's GEMM is used)."""
+    syrk = _syrk() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if syrk is None:
+        return None
+    a = x.contiguous().numpy().T  # (d, n), Fortran-ordered: no copy; syrk(a) = a a^T = x^T x
+    return torch.from_numpy(syrk(1.0, a, trans=0, lower=0))
+
+
 class GramAccumulator:
-    """Accumulates X^T X and sum |x| over windows on X's device."""
+    """Accumulates X^T X and sum |x| over windows on X's device. On the CPU each window's product is the upper
+    triangle from BLAS syrk (half the multiplications of a GEMM), and `gram` mirrors it once when first read."""
 
     def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float64):
-        self.gram = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self._sum = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self._upper_only = False  # whether _sum holds only its upper triangle
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)  # for ASVD's mean |x_j|
         self.n = 0
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self._upper_only:
+            self._sum += self._sum.triu(1).T
+            self._upper_only = False
+        return self._sum
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
@@ -66,8 +94,13 @@ class GramAccumulator:
         # their product runs on the TF32 tensor cores, float32 accumulation; float32 activations stay IEEE
         precision = "tf32" if x.dtype in SIXTEEN_BIT and x.is_cuda else torch.backends.cuda.matmul.fp32_precision
         x = x.float()
-        with matmul_precision(precision):
-            self.gram += (x.T @ x).to(self.gram.dtype)
+        upper = upper_gram(x) if (self._upper_only or self.n == 0) else None
+        if upper is not None:
+            self._sum += upper.to(self._sum.dtype)
+            self._upper_only = True
+        else:
+            with matmul_precision(precision):
+                self.gram.add_((x.T @ x).to(self._sum.dtype))
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 

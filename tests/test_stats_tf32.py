@@ -35,3 +35,28 @@ def test_the_precision_is_restored_and_a_gram_is_its_sum(tiny_lm):
         acc.add(x)
     X = torch.cat([x.reshape(-1, 8) for x in xs]).double()
     torch.testing.assert_close(acc.gram, X.T @ X, rtol=1e-6, atol=1e-6)
+
+
+def test_the_syrk_gram_is_the_gemm_gram_mirrored():
+    """On the CPU each window's product is syrk's upper triangle (half the multiplications); the Gram read back is
+    symmetric and equals the float64 sum of x^T x to float32 rounding, like the GEMM it replaces. A window added
+    after the first read adds its full product."""
+    from dipsvd_core.stats import upper_gram
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 64, 48, generator=g) * torch.linspace(0.1, 10, 48) for _ in range(3)]
+    up = upper_gram(xs[0].reshape(-1, 48))
+    assert up is not None and torch.equal(up.tril(-1), torch.zeros(48, 48))
+    acc = GramAccumulator(48, torch.device("cpu"))
+    for x in xs[:2]:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, 48) for x in xs[:2]]).double()
+    gemm = sum((x.reshape(-1, 48).T @ x.reshape(-1, 48)).double() for x in xs[:2])
+    assert torch.equal(acc.gram, acc.gram.T)
+    scale = (X.T @ X).abs().max()
+    torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=1e-6 * scale)  # float32 products, float64 sums
+    assert (acc.gram - X.T @ X).abs().max() <= 4 * (gemm - X.T @ X).abs().max()  # no worse than the GEMM
+    acc.add(xs[2])
+    X = torch.cat([x.reshape(-1, 48) for x in xs]).double()
+    torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=1e-6 * scale)
+    assert torch.equal(acc.gram, acc.gram.T)

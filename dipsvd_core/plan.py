@@ -60,6 +60,7 @@ from . import passes as P
 from .errors import DipSVDError
 from .importance import checkpoint_every
 from .methods import handler, needs
+from .scalings import symmetric_eigh
 from .refine import TAUS, TUNE_EPOCHS, refine_choice
 from .settings import Settings
 
@@ -576,7 +577,7 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
     a = torch.randn(512, 512, device=device, dtype=cdt)
     svd_s = _best(lambda: torch.linalg.svd(a, full_matrices=False), device)
     g = a @ a.T
-    eigh_s = _best(lambda: torch.linalg.eigh(g), device)
+    eigh_s = _best(lambda: symmetric_eigh(g), device)  # where the engine runs it (scalings.eigh_on_host)
     m = torch.randn(1024, 1024, device=device, dtype=cdt)
     mm_s = _best(lambda: m @ m, device)
     host = torch.empty(64 << 20, dtype=torch.uint8)
@@ -715,6 +716,11 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
         timing(phases, sh, run, microbenchmark(config, sh, run, dev))
         notes.append("load time is a host memory copy of the weights: reading the disk (and a GGUF's first "
                      "dequantization) comes on top")
+        if cuda:
+            from .scalings import eigh_on_host
+
+            notes.append("float64 eigendecompositions run on the " + ("host CPU, measured faster than this GPU "
+                         "at float64" if eigh_on_host(dev) else "GPU (measured faster than the host CPU)"))
     elif bench:
         notes.append("no CUDA device here: memory is predicted, time is not")
     plan = Plan(model, str(dev), run.flat(), phases, dataclasses.asdict(sh), runtime, notes, shape=sh, run=run)

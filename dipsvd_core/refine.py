@@ -87,7 +87,7 @@ from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .errors import DipSVDError
 from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .models import find_blocks, weights_of
-from .scalings import ScaleData
+from .scalings import ScaleData, symmetric_eigh
 from .stream import BlockInputs, block_on_device, capture_inputs, release_host_memory
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def solver(gram_hat: torch.Tensor, compute: torch.dtype = torch.float64, damp: f
         chol, info = torch.linalg.cholesky_ex(G + delta * torch.eye(G.shape[0], dtype=compute, device=G.device))
         if int(info) == 0:
             return (lambda M: torch.cholesky_solve(M.to(compute).T, chol).T), 0
-    L, Q = torch.linalg.eigh(G)
+    L, Q = symmetric_eigh(G)
     top = L.max()
     if not top > 0 or not torch.isfinite(top):
         raise DipSVDError("the compressed model's activations have a zero or non-finite Gram; nothing to refine "

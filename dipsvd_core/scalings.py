@@ -22,7 +22,9 @@ Tiny or negative eigenvalues are floored (relative floor, logged) so the math ne
 """
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +69,49 @@ def _floor(values: torch.Tensor, what: str, rel: float) -> tuple[torch.Tensor, i
     return values.clamp_min(floor), n
 
 
+def _best_seconds(fn, device: torch.device, repeat: int = 2) -> float:
+    fn()  # warm-up (the solver's workspace, the first copy)
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.cache
+def eigh_on_host(device: torch.device, width: int = 1024) -> bool:
+    """Whether a float64 eigendecomposition of a tensor on `device` is faster on the host CPU, both copies
+    included: measured once per device and process, on a `width`-wide SPD matrix (best of 2 each way). Consumer
+    GPUs run float64 at 1/32 to 1/64 of their float32 rate, data-centre ones at 1/2; on the CPU it is the host."""
+    if device.type == "cpu":
+        return False
+    g = torch.randn(width, width, dtype=torch.float64, device=device)
+    g = g @ g.T + width * torch.eye(width, dtype=torch.float64, device=device)
+    on_device = _best_seconds(lambda: torch.linalg.eigh(g), device)
+    on_host = _best_seconds(lambda: [t.to(device) for t in torch.linalg.eigh(g.cpu())], device)
+    log.info("float64 eigh of %d x %d: %.3f s on %s, %.3f s on the host", width, width, on_device, device, on_host)
+    return on_host < on_device
+
+
+def symmetric_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh(M), run where it is fastest for M's device (eigh_on_host): a float64 matrix on a GPU that
+    is slow at float64 goes to the host CPU and the results come back to M's device. The same LAPACK-class
+    algorithm in float64 either way (the routes' accuracy: bench/RESULTS.md, "Where float64 eigh runs")."""
+    if M.dtype == torch.float64 and M.device.type != "cpu" and eigh_on_host(M.device):
+        L, Q = torch.linalg.eigh(M.cpu())
+        return L.to(M.device), Q.to(M.device)
+    return torch.linalg.eigh(M)
+
+
 def left_singular_by_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, sigma) of A = U Sigma V^T, largest first, from the eigendecomposition A A^T = U Sigma^2 U^T: rounding
     leaves sigma_i accurate to about eps sigma_1 / sigma_i relative, so float64 only (module docstring)."""
-    lam, U = torch.linalg.eigh(A @ A.T)
+    lam, U = symmetric_eigh(A @ A.T)
     return U.flip(1), lam.flip(0).clamp_min(0).sqrt()
 
 
@@ -80,7 +121,7 @@ def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
     G, d = gram.to(compute), d.to(gram.device, compute)
     rel = EIG_FLOOR[compute]
     if form == "paper":
-        L, Q = torch.linalg.eigh(d[:, None] * G * d[None, :])
+        L, Q = symmetric_eigh(d[:, None] * G * d[None, :])
         L, n = _floor(L, "weighted Gram", rel)
         root = L.sqrt()
         return Q * root, Q.T / root[:, None], n

@@ -248,3 +248,18 @@ def test_ranks_for_uses_the_block_ratio():
 def test_ratio_out_of_range_is_a_clear_error(bad):
     with pytest.raises(DipSVDError, match="strictly between 0 and 1"):
         uniform(smol_targets(1), bad)
+
+
+def test_symmetric_eigh_is_torchs_and_runs_on_the_host_only_off_the_cpu():
+    """The one place float64 eigendecompositions run (whitening, the factors, refine's solve): on the CPU it is
+    torch.linalg.eigh itself (the host is the device); the host route is taken only for a GPU measured slower."""
+    from dipsvd_core.scalings import eigh_on_host, symmetric_eigh
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, dtype=torch.float64, generator=g)
+    m = a @ a.T
+    L, Q = symmetric_eigh(m)
+    L0, Q0 = torch.linalg.eigh(m)
+    assert torch.equal(L, L0) and torch.equal(Q, Q0)
+    torch.testing.assert_close(Q @ torch.diag(L) @ Q.T, m, rtol=0, atol=1e-10 * float(L.max()))
+    assert eigh_on_host(torch.device("cpu")) is False

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cores
 from .data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS, SOURCES
 from .errors import DipSVDError
 
@@ -525,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "report", None) and Path(args.report).is_dir():
             raise DipSVDError(f"--report {args.report} is a folder; give a file name like report.json")
-        report = COMMANDS[args.command](args)
+        with cores.job():  # its share of the cores beside the machine's other compute jobs
+            report = COMMANDS[args.command](args)
         if isinstance(report, str):  # plan prints its own text
             print(report)
             return 0

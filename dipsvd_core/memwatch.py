@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import cores
 from .stream import release_host_memory
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -84,6 +85,7 @@ class PhaseMemory:
         (a garbage collection and malloc_trim), so the reset starts from what is alive, not from freed heap the
         allocator kept."""
         self._fold()
+        cores.share()  # a phase takes its share of the cores as the machine's jobs are now
         gc.collect()
         release_host_memory()
         exact = _reset_host()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import cores
 from .errors import DipSVDError
 from .models import input_device, offload_hooks
 
@@ -127,7 +128,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
 def forward_block(block: nn.Module, inputs: BlockInputs, on_output=None, progress=None) -> None:
     """Run `block` over every window, in place: each window's hidden states become the block's output.
     `on_output(h)` sees each output (1, seqlen, hidden) before it replaces the input. An offloaded block is sent
-    to the device once for all the windows (block_on_device)."""
+    to the device once for all the windows (block_on_device). Each block pass takes its share of the cores as the
+    machine's compute jobs are now (cores.share)."""
+    cores.share()
     with block_on_device(block):
         for i, (x, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             out = block(x, **kw)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from dipsvd_core import cores
 from dipsvd_core.errors import DipSVDError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class Job:
 
     def _run(self, fn) -> None:
         try:
-            self.result = fn(self)
+            with cores.job():  # its share of the cores beside the machine's other compute jobs
+                self.result = fn(self)
         except DipSVDError as e:
             self.error = str(e)
         except (MemoryError, RuntimeError) as e:

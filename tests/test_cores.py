@@ -1,0 +1,51 @@
+"""Sharing the cores among the machine's compute jobs (cores.py): each takes torch's default thread count divided by
+the jobs running, at least 1; ended jobs are not counted; a count the user fixed is kept."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from dipsvd_core import cores
+
+
+def test_jobs_share_the_cores_and_ended_ones_do_not_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
+    monkeypatch.delenv("DIPSVD_STUDIO_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cores, "_FULL", 4)
+    before = torch.get_num_threads()
+    try:
+        assert cores.running() == 0 and cores.share() == 4
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            (tmp_path / "jobs" / f"{other.pid}-1-0.job").write_text("")  # another process's job
+            with cores.job():
+                assert cores.running() == 2 and torch.get_num_threads() == 2
+                with cores.job():  # a second job in this process (the app serving two sessions)
+                    assert cores.running() == 3 and cores.share() == 1
+                assert cores.share() == 2
+        finally:
+            other.kill()
+            other.wait()
+        assert cores.running() == 0  # the ended process's file is removed
+        assert not list((tmp_path / "jobs").iterdir())
+        assert cores.share() == 4
+        monkeypatch.setenv("DIPSVD_STUDIO_THREADS", "3")
+        with cores.job():
+            assert torch.get_num_threads() == 3  # fixed by the user
+    finally:
+        torch.set_num_threads(before)
+        cores._blas_threads.clear()
+
+
+def test_a_cli_run_registers_while_it_runs(tmp_path, tiny_model_dir):
+    """`python -m dipsvd_core` runs its command as one job: its file is there while it runs, gone after."""
+    env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(tmp_path))
+    code = ("import sys; from dipsvd_core import cli, cores\n"
+            "cli.COMMANDS['plan'] = lambda args: str(cores.running())\n"
+            "sys.exit(cli.main(['plan', '--model', sys.argv[1], '--no-bench']))")
+    out = subprocess.run([sys.executable, "-c", code, tiny_model_dir], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip() == "1"
+    assert not list((tmp_path / "jobs").iterdir())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from bench_refine_safe import measured, pair
 from common import BENCH, RESULTS, eval_sets, load_bundled, machine, replace_section, utc_date, workbench
@@ -89,6 +90,7 @@ def main() -> None:
     import torch
 
     if args.threads:
+        os.environ["DIPSVD_STUDIO_THREADS"] = str(args.threads)  # cores.share keeps it
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     done = {(r["calib"], r["allocation"], r["ratio"], refine_of(r)) for r in measured(out)}
@@ -104,7 +106,7 @@ def main() -> None:
         sets = eval_sets(bench, args.eval_tokens)
         for allocation, ratio in todo:
             row = {"calib": calib, **pair(bench, allocation, ratio, sets, how=args.refine), "refine": args.refine,
-                   "eval_tokens": args.eval_tokens,
+                   "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(),
                    "passes_s": {k: v for k, v in bench.timings_s.items() if k in PASSES}, "date": utc_date()}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")

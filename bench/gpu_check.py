@@ -12,7 +12,8 @@ Each compress phase's measured peaks (the report's memory.phases: host RSS and C
 set beside the plan's prediction for the same run (the report's plan).
 
 Cases on CUDA: Llama-3.2-1B's widths with 16 blocks, bfloat16; Llama-3-8B's widths with 3 blocks, bfloat16,
-`--device-memory 22GiB`. With --tiny (no GPU needed): the test suite's tiny Llama on the CPU, which is how
+`--device-memory 22GiB`; Llama-3-8B's widths with 8 blocks offloaded (`--offload --device-memory 23GiB`: the plan
+keeps one block on the GPU, the others stream from host memory, each sent once per pass). With --tiny (no GPU needed): the test suite's tiny Llama on the CPU, which is how
 tests/test_gpu_check.py runs this script. --write replaces the "## GPU check (issue 23)" section of
 bench/RESULTS.md (CUDA runs only).
 """
@@ -35,12 +36,16 @@ WIDTHS = {  # config.json values of the models our users bring
                              num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "Llama-3-8B x3": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=3, num_attention_heads=32,
                           num_key_value_heads=8, vocab_size=128256),
+    "Llama-3-8B x8": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
 }
 CASES = {  # name -> (widths, device, dtype, calibration windows x tokens, extra compress options)
     "Llama-3.2-1B x16": ("Llama-3.2-1B x16", "cuda", "bfloat16", (32, 512), []),
     "Llama-3-8B x3": ("Llama-3-8B x3", "cuda", "bfloat16", (32, 512), ["--device-memory", "22GiB"]),
+    # offloaded: the budget leaves room for one block beside the working set, so 7 of 8 stream from host memory
+    "Llama-3-8B x8 offload": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512), ["--offload", "--device-memory", "23GiB"]),
     "tiny": ("tiny", "cpu", "float32", (8, 64), []),
 }
 

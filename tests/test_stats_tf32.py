@@ -60,3 +60,51 @@ def test_the_syrk_gram_is_the_gemm_gram_mirrored():
     X = torch.cat([x.reshape(-1, 48) for x in xs]).double()
     torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=1e-6 * scale)
     assert torch.equal(acc.gram, acc.gram.T)
+
+
+def test_partial_sums_reach_the_float64_sum_every_flush_and_nan_is_caught():
+    """FLUSH windows are summed in float32 before the float64 sum; 20 windows (2 flushes and a rest) give the
+    float64 sum to float32 rounding on both routes (syrk on the CPU, and torch's GEMM), and a NaN activation in any
+    window is raised when its partial sum is flushed."""
+    import numpy as np
+
+    from dipsvd_core import stats
+    from dipsvd_core.stats import NonFiniteActivations
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, 32, 24, generator=g) for _ in range(2 * GramAccumulator.FLUSH + 4)]
+    X = torch.cat([x.reshape(-1, 24) for x in xs]).double()
+    for route in ("syrk", "gemm"):
+        saved = stats._syrk
+        if route == "gemm":
+            stats._syrk = lambda: None
+        try:
+            acc = GramAccumulator(24, torch.device("cpu"))
+            for x in xs:
+                acc.add(x)
+            assert isinstance(acc._part, np.ndarray) == (route == "syrk")
+            scale = (X.T @ X).abs().max()
+            torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=2e-6 * scale)
+            assert acc.n == X.shape[0]
+            bad = GramAccumulator(24, torch.device("cpu"))
+            bad.add(xs[0])
+            bad.add(torch.full((1, 32, 24), float("nan")))
+            with pytest.raises(NonFiniteActivations):
+                bad.finish()
+        finally:
+            stats._syrk = saved
+
+
+def test_non_finite_activations_in_the_statistics_pass_name_the_block(tiny_model_dir):
+    """A block whose activations overflow (an infinite weight in block 1's MLP) stops the pass with one message that
+    names the block and the fix, however the windows fall into the partial sums."""
+    from dipsvd_core.errors import DipSVDError
+    from dipsvd_core.loading import load_model
+    from dipsvd_core.pipeline import Workbench
+
+    lm = load_model(tiny_model_dir, "cpu", "float32")
+    with torch.no_grad():
+        lm.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    windows = Workbench(lm, "wiki", 3, 32).windows()
+    with pytest.raises(DipSVDError, match=r"NaN or infinite activations in decoder block 1; .*--dtype float32"):
+        stream_stats(lm.model, [t.name for t in lm.targets], windows)

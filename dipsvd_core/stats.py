@@ -128,7 +128,7 @@ class GramAccumulator:
             with matmul_precision(precision):
                 self._part.addmm_(x.T, x)
         self._in_part += 1
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.abs_sum += x.abs().sum(0).double()  # one window's column sums in float32 (n terms), then float64
         self.n += x.shape[0]
         if self._in_part >= self.FLUSH:
             self.finish()

@@ -3,7 +3,7 @@
 torch runs one thread per core by default. Two such processes on the same cores oversubscribe them, and
 torch's OpenMP threads spin while they wait for each other, so each job slows the other far more than the 2x
 that sharing the cores costs (issue 26 measured 6-10x on this project's 2-core CPU). Here every compute job
-registers itself while it runs (`job`: one file in the cache folder's `jobs/`, named by its process id), and
+registers itself while it runs (`job`: one file per job in a per-user folder of the machine, `_folder`), and
 takes its share of the cores, at least one thread (`share`): at its start, at the start of every phase and of
 every block pass, so a job that started alone gives up cores when another starts, and takes them back after.
 
@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import tempfile
 import threading
+from pathlib import Path
 
 import torch
-
-from .cache import cache_dir
 
 _FULL = torch.get_num_threads()  # torch's own choice for this machine (one per physical core)
 _ids = itertools.count()
@@ -34,8 +34,12 @@ def _fixed() -> int | None:
     return None
 
 
-def _folder():
-    folder = cache_dir() / "jobs"
+def _folder() -> Path:
+    """Where the running jobs are registered: one folder per user and machine, whatever cache each job uses
+    ($DIPSVD_STUDIO_JOBS, else dipsvd-studio-jobs-<uid> in $XDG_RUNTIME_DIR or the temporary folder)."""
+    env = os.environ.get("DIPSVD_STUDIO_JOBS")
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    folder = Path(env) if env else Path(base) / f"dipsvd-studio-jobs-{os.getuid()}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

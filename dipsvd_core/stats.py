@@ -17,7 +17,6 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,64 +50,35 @@ def channel_importance(gram: torch.Tensor) -> torch.Tensor:
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # activations whose float32 copies TF32 holds exactly
 
 
-def _syrk():
-    """BLAS's ssyrk (scipy), or None: C + X^T X for half a GEMM's multiplications, the upper triangle only."""
-    try:
-        from scipy.linalg.blas import ssyrk
-    except ImportError:
-        return None
-    return ssyrk
-
-
-def upper_gram(x: torch.Tensor, into=None):
-    """The upper triangle of x^T x for float32 x (n, d) on the CPU, by BLAS ssyrk, added to `into` (a Fortran-ordered
-    float32 numpy array, updated in place, and returned) when given, else a new tensor; the lower triangle is left
-    as it was (zero in a new one). None where there is no syrk for x (other devices or dtypes: torch's GEMM is used there)."""
-    syrk = _syrk() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    if syrk is None:
-        return None
-    a = x.contiguous().numpy().T  # (d, n), Fortran-ordered: no copy; syrk(a) = a a^T = x^T x
-    if into is None:
-        return torch.from_numpy(syrk(1.0, a, trans=0, lower=0))
-    return syrk(1.0, a, beta=1.0, c=into, trans=0, lower=0, overwrite_c=1)
-
-
 class GramAccumulator:
-    """Accumulates X^T X and sum |x| over windows on X's device: each window's product in float32, FLUSH windows
-    summed in float32 (inside the BLAS call) and then added to the float64 sum, so the float64 additions and
-    conversions run once per FLUSH windows, not once per window. On the CPU the product is BLAS syrk's upper
-    triangle (half the multiplications of a GEMM), mirrored once when `gram` is first read. A NaN or infinite
-    activation reaches the sum and is raised as NonFiniteActivations at the flush (`finish` flushes at once)."""
+    """Accumulates X^T X and sum |x| over windows on X's device: each window's product in float32 (addmm_ into a
+    float32 partial sum, FLUSH windows of them), the partial sum then added to the float64 sum, so the float64
+    conversion and addition of the d x d sum run once per FLUSH windows, not once per window (the statistics pass of
+    the bundled model, 8 x 512 on two threads: bench/RESULTS.md, "Cold statistics and factors"). A NaN or infinite
+    activation reaches the partial sum and is raised as NonFiniteActivations when it is flushed (`finish`)."""
 
     FLUSH = 8  # windows per float32 partial sum: 8 x 512 tokens; a partial's rounding stays near one product's
 
     def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float64):
         self._sum = torch.zeros(dim, dim, dtype=dtype, device=device)
-        self._part = None  # the float32 partial sum (a Fortran-ordered numpy array on the syrk route)
+        self._part: torch.Tensor | None = None  # the float32 partial sum of the windows since the last flush
         self._in_part = 0
-        self._upper_only = False  # whether _sum holds only its upper triangle (the syrk route)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)  # for ASVD's mean |x_j|
         self.n = 0
 
     @property
     def gram(self) -> torch.Tensor:
         self.finish()
-        if self._upper_only:
-            self._sum += self._sum.triu(1).T
-            self._upper_only = False
         return self._sum
 
     def finish(self) -> None:
         """Add the partial sum to the float64 sum (raises NonFiniteActivations where it is not finite)."""
         if not self._in_part:
             return
-        part = torch.from_numpy(self._part) if isinstance(self._part, np.ndarray) else self._part
-        if not torch.isfinite(part).all():
+        if not torch.isfinite(self._part).all():
             raise NonFiniteActivations()
-        if isinstance(self._part, np.ndarray) and not self._upper_only:  # read already: the sum is full, mirror
-            part = part + part.triu(1).T
-        self._sum += part.to(self._sum.device, self._sum.dtype)
-        (torch.from_numpy(self._part) if isinstance(self._part, np.ndarray) else self._part).zero_()
+        self._sum += self._part.to(self._sum.device, self._sum.dtype)
+        self._part.zero_()
         self._in_part = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -117,16 +87,10 @@ class GramAccumulator:
         # their product runs on the TF32 tensor cores, float32 accumulation; float32 activations stay IEEE
         precision = "tf32" if x.dtype in SIXTEEN_BIT and x.is_cuda else torch.backends.cuda.matmul.fp32_precision
         x = x.float()
-        if self._part is None:  # the route, from the first window: syrk on the CPU, torch's GEMM elsewhere
-            if x.device.type == "cpu" and _syrk() is not None:
-                self._part, self._upper_only = np.zeros((x.shape[1],) * 2, dtype=np.float32, order="F"), True
-            else:
-                self._part = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        if isinstance(self._part, np.ndarray):
-            self._part = upper_gram(x.cpu(), self._part)
-        else:
-            with matmul_precision(precision):
-                self._part.addmm_(x.T, x)
+        if self._part is None:
+            self._part = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        with matmul_precision(precision):
+            self._part.addmm_(x.T, x)
         self._in_part += 1
         self.abs_sum += x.abs().sum(0).double()  # one window's column sums in float32 (n terms), then float64
         self.n += x.shape[0]

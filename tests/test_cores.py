@@ -10,7 +10,7 @@ from dipsvd_core import cores
 
 
 def test_jobs_share_the_cores_and_ended_ones_do_not_count(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
+    monkeypatch.setenv("DIPSVD_STUDIO_JOBS", str(tmp_path / "jobs"))
     monkeypatch.delenv("DIPSVD_STUDIO_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cores, "_FULL", 4)
@@ -41,7 +41,7 @@ def test_jobs_share_the_cores_and_ended_ones_do_not_count(tmp_path, monkeypatch)
 
 def test_a_cli_run_registers_while_it_runs(tmp_path, tiny_model_dir):
     """`python -m dipsvd_core` runs its command as one job: its file is there while it runs, gone after."""
-    env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(tmp_path))
+    env = dict(os.environ, DIPSVD_STUDIO_JOBS=str(tmp_path / "jobs"))
     code = ("import sys; from dipsvd_core import cli, cores\n"
             "cli.COMMANDS['plan'] = lambda args: str(cores.running())\n"
             "sys.exit(cli.main(['plan', '--model', sys.argv[1], '--no-bench']))")

@@ -37,62 +37,26 @@ def test_the_precision_is_restored_and_a_gram_is_its_sum(tiny_lm):
     torch.testing.assert_close(acc.gram, X.T @ X, rtol=1e-6, atol=1e-6)
 
 
-def test_the_syrk_gram_is_the_gemm_gram_mirrored():
-    """On the CPU each window's product is syrk's upper triangle (half the multiplications); the Gram read back is
-    symmetric and equals the float64 sum of x^T x to float32 rounding, like the GEMM it replaces. A window added
-    after the first read adds its full product."""
-    from dipsvd_core.stats import upper_gram
-
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(1, 64, 48, generator=g) * torch.linspace(0.1, 10, 48) for _ in range(3)]
-    up = upper_gram(xs[0].reshape(-1, 48))
-    assert up is not None and torch.equal(up.tril(-1), torch.zeros(48, 48))
-    acc = GramAccumulator(48, torch.device("cpu"))
-    for x in xs[:2]:
-        acc.add(x)
-    X = torch.cat([x.reshape(-1, 48) for x in xs[:2]]).double()
-    gemm = sum((x.reshape(-1, 48).T @ x.reshape(-1, 48)).double() for x in xs[:2])
-    assert torch.equal(acc.gram, acc.gram.T)
-    scale = (X.T @ X).abs().max()
-    torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=1e-6 * scale)  # float32 products, float64 sums
-    assert (acc.gram - X.T @ X).abs().max() <= 4 * (gemm - X.T @ X).abs().max()  # no worse than the GEMM
-    acc.add(xs[2])
-    X = torch.cat([x.reshape(-1, 48) for x in xs]).double()
-    torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=1e-6 * scale)
-    assert torch.equal(acc.gram, acc.gram.T)
-
-
 def test_partial_sums_reach_the_float64_sum_every_flush_and_nan_is_caught():
     """FLUSH windows are summed in float32 before the float64 sum; 20 windows (2 flushes and a rest) give the
-    float64 sum to float32 rounding on both routes (syrk on the CPU, and torch's GEMM), and a NaN activation in any
-    window is raised when its partial sum is flushed."""
-    import numpy as np
-
-    from dipsvd_core import stats
+    float64 sum to float32 rounding, and a NaN activation in any window is raised when its partial sum is flushed."""
     from dipsvd_core.stats import NonFiniteActivations
 
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(1, 32, 24, generator=g) for _ in range(2 * GramAccumulator.FLUSH + 4)]
+    xs = [torch.randn(1, 32, 24, generator=g) * torch.linspace(0.1, 10, 24) for _ in range(2 * GramAccumulator.FLUSH + 4)]
     X = torch.cat([x.reshape(-1, 24) for x in xs]).double()
-    for route in ("syrk", "gemm"):
-        saved = stats._syrk
-        if route == "gemm":
-            stats._syrk = lambda: None
-        try:
-            acc = GramAccumulator(24, torch.device("cpu"))
-            for x in xs:
-                acc.add(x)
-            assert isinstance(acc._part, np.ndarray) == (route == "syrk")
-            scale = (X.T @ X).abs().max()
-            torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=2e-6 * scale)
-            assert acc.n == X.shape[0]
-            bad = GramAccumulator(24, torch.device("cpu"))
-            bad.add(xs[0])
-            bad.add(torch.full((1, 32, 24), float("nan")))
-            with pytest.raises(NonFiniteActivations):
-                bad.finish()
-        finally:
-            stats._syrk = saved
+    acc = GramAccumulator(24, torch.device("cpu"))
+    for x in xs:
+        acc.add(x)
+    scale = (X.T @ X).abs().max()
+    torch.testing.assert_close(acc.gram, X.T @ X, rtol=0, atol=2e-6 * scale)
+    assert acc.n == X.shape[0]
+    torch.testing.assert_close(acc.abs_sum, X.abs().sum(0), rtol=1e-6, atol=0)
+    bad = GramAccumulator(24, torch.device("cpu"))
+    bad.add(xs[0])
+    bad.add(torch.full((1, 32, 24), float("nan")))
+    with pytest.raises(NonFiniteActivations):
+        bad.finish()
 
 
 def test_non_finite_activations_in_the_statistics_pass_name_the_block(tiny_model_dir):

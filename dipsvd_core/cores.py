@@ -22,7 +22,7 @@ import torch
 
 _FULL = torch.get_num_threads()  # torch's own choice for this machine (one per physical core)
 _ids = itertools.count()
-_blas_threads: list[int] = []  # the BLAS pools' (scipy's syrk) last limit
+_blas_threads: list[int] = []  # the last limit set on the BLAS pools beside torch's (scipy's, for skopt's GP)
 
 
 def _fixed() -> int | None:

@@ -45,13 +45,14 @@ def placed_blocks(lm: LoadedModel) -> str:
     """Where an offloaded model's decoder blocks are, in words ("" when it is not offloaded)."""
     if not lm.offloaded:
         return ""
+    from .plan import Placement
+
     prefix, blocks = find_blocks(lm.model)
     where = [lm.model.hf_device_map.get(f"{prefix}.{b}") for b in range(len(blocks))]
-    counts = {"device": sum(w not in ("cpu", "disk") for w in where), "host": where.count("cpu"),
-              "disk": where.count("disk")}
-    if lm.device.type == "cpu":
-        return f"{counts['device'] + counts['host']} blocks in memory, {counts['disk']} on disk"
-    return f"{counts['device']} blocks on the GPU, {counts['host']} in host memory, {counts['disk']} on disk"
+    host, disk = where.count("cpu"), where.count("disk")
+    if lm.device.type == "cpu":  # the host is the device
+        return Placement(len(where) - disk, 0, disk, gpu=False).words()
+    return Placement(len(where) - host - disk, host, disk).words()
 
 
 def layer_rows(lm: LoadedModel) -> list[dict]:

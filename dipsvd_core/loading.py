@@ -10,7 +10,8 @@ from pathlib import Path
 from .compressed import is_compressed_folder, load_compressed
 from .errors import DipSVDError
 from .models import (DEFAULT_MODEL, LoadedModel, _first_line, _hub_reachable, _load_folder, _load_gguf,
-                     block_device_map, bundled_gguf, find_targets, fingerprint, offload_placement, resolve_device, resolve_dtype)
+                     block_device_map, bundled_gguf, find_targets, fingerprint, offload_placement, resolve_device,
+                     resolve_dtype)
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,

@@ -231,8 +231,6 @@ class Workbench:
         far is returned, with its convergence in Allocation.history."""
         settings.check()
         chosen = strategy(settings.allocation)
-        if self.lm.offloaded and not chosen.offload_ok:
-            raise DipSVDError(chosen.refusal)
         bounds = {"p_min": settings.p_min, "p_max": settings.p_max}
         return chosen.allocate(self, settings, bounds, progress=progress, callback=callback, cancel=cancel)
 

@@ -731,6 +731,10 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     return plan
 
 
+class BudgetError(DipSVDError):
+    """A memory budget that cannot hold one decoder block (check_budgets)."""
+
+
 def check_budgets(plan: Plan, budgets: dict) -> None:
     """Put the given budgets in place of the free memory, after checking that each holds one decoder block's
     weights (the least any placement needs: one block on the device, and on the host beside the runtime)."""
@@ -740,7 +744,7 @@ def check_budgets(plan: Plan, budgets: dict) -> None:
         if budget is None:
             continue
         if budget < least:
-            raise DipSVDError(f"{option} {_size(budget)} cannot hold one decoder block of this model ({_size(least)} in "
+            raise BudgetError(f"{option} {_size(budget)} cannot hold one decoder block of this model ({_size(least)} in "
                               f"{plan.run.dtype}{' beside the runtime' if what == 'host' else ''}); give at least that")
         setattr(plan, f"free_{what}_bytes", budget)
         plan.notes.append(f"{what} memory: the budget {option} {_gb(budget)}, not what is free now")

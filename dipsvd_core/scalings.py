@@ -100,8 +100,8 @@ def eigh_on_host(device: torch.device, width: int = 1024) -> bool:
 
 def symmetric_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.linalg.eigh(M), run where it is fastest for M's device (eigh_on_host): a float64 matrix on a GPU that
-    is slow at float64 goes to the host CPU and the results come back to M's device. The same LAPACK-class
-    algorithm in float64 either way (the routes' accuracy: bench/RESULTS.md, "Where float64 eigh runs")."""
+    is slow at float64 goes to the host CPU and the results come back to M's device. Float64 either way; the
+    float32 route, far less accurate, is never taken here (bench/RESULTS.md, "Factors by eigh")."""
     if M.dtype == torch.float64 and M.device.type != "cpu" and eigh_on_host(M.device):
         L, Q = torch.linalg.eigh(M.cpu())
         return L.to(M.device), Q.to(M.device)

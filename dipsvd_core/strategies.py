@@ -2,7 +2,7 @@
 
 An `AllocationStrategy` has its name, the passes it reads (passes.py), its help text, whether the app can
 recompute it cheaply (`reproducible`; a search is kept instead, and extra ratios fall back to `fallback`),
-whether it works on an offloaded model, and `allocate(bench, settings, bounds, progress, callback, cancel)`.
+and `allocate(bench, settings, bounds, progress, callback, cancel)`.
 `Workbench.allocate` is one lookup; the CLI's choices, the sweep's grid, the plan's phases and the Allocation
 page's options and buttons all read this registry. Whether a refined build can skip the factor pass follows from
 the needs: an allocation that does not read `factors` (uniform, heuristic) leaves them to refine.
@@ -32,8 +32,6 @@ class AllocationStrategy:
     reproducible: bool = True  # False: a search; the app keeps its result, other ratios use `fallback`
     fallback: str = "uniform"
     own_of: str | None = None  # a method's own allocation (Dobi-SVD's "trained"): its handler builds it
-    offload_ok: bool = True
-    refusal: str = ""  # why it cannot run on an offloaded model
     unrefined_note: str = ""  # what the app says when it is built without refine
 
     @property

@@ -61,22 +61,18 @@ def block_on_device(block: nn.Module):
     """Within, an offloaded block's weights are on its execution device and stay there for every call: each of
     accelerate's offloading hooks in the block loads its module's weights once and stops offloading; after, the
     hooks offload again (the weights go back to meta, read from the host or disk on the next call). Nested uses
-    and blocks that hold their weights are no-ops. `sends` counts the loads (tests/test_offload.py)."""
+    and blocks that hold their weights are no-ops."""
     held = [(m, h) for m in block.modules() for h in offload_hooks(m)]
     try:
         for m, h in held:
             h.pre_forward(m)  # the weights from the hook's map to the execution device
             h.offload = False
-            block_on_device.sends += 1
         yield
     finally:
         for m, h in held:
             if not h.offload:
                 h.offload = True
                 h.post_forward(m, None)  # back to meta
-
-
-block_on_device.sends = 0
 
 
 @dataclass

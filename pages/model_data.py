@@ -11,7 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.plan import check_fits, make_plan, memory_size, run_of
+from dipsvd_core.plan import BudgetError, check_fits, make_plan, memory_size, run_of
 from studio import ui
 from studio.jobs import settle_heap
 from studio.state import defaults
@@ -118,9 +118,9 @@ def load(job):
     job.progress(0.0, "planning: will it fit?")
     try:
         plan = make_plan(spec or "", device, run_of(**run), bench=False, trust_remote_code=trust, budgets=budgets)
-    except DipSVDError as e:  # a config that cannot be read is left to the loader, which says why
-        if "cannot hold one decoder block" in str(e):
-            raise
+    except BudgetError:  # a budget below one block: the user's own input, said as it is
+        raise
+    except DipSVDError:  # a config that cannot be read is left to the loader, which says why
         plan = None
     if plan is not None:
         try:

@@ -635,3 +635,20 @@ def test_an_offloaded_model_builds_evaluates_and_generates_side_by_side(tiny_mod
     gens = at.session_state["studio"].generations["columns"]
     assert len(gens) == 2 and all(rows[0]["new_tokens"] >= 1 for rows in gens.values()) and not errors(at)
     assert studio.lm.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # still offloaded
+
+
+def test_offload_budgets_that_are_not_sizes_or_hold_no_block_are_one_message():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.checkbox(key="k_load_offload").check()
+    at.run()
+    at.text_input(key="k_load_host_memory").input("lots")
+    at.run()
+    at = click(at, "Load model and collect statistics")
+    assert errors(at) == ["Host memory budget: expected a memory size like 24GiB, 22GB or 512MiB, got 'lots'"]
+    at.text_input(key="k_load_host_memory").input("1KiB")
+    at.run()
+    at = click(at, "Load model and collect statistics")
+    [msg] = errors(at)
+    assert msg.startswith("--host-memory 0.0 MiB cannot hold one decoder block of this model (")
+    assert msg.endswith("beside the runtime); give at least that")
+    assert at.session_state["studio"].lm is None

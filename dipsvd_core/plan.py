@@ -591,11 +591,12 @@ def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
     cost = cost.plan_cost(run.spec) if cost is not None else None
     if cost is None:
         return 0.0
-    svd_in_float32, products = cost
     unit = (g / 512) ** 3
     if run.compute_dtype == "float32":
-        return unit * (r.svd_512_s if svd_in_float32 else r.eigh_512_s)
-    return unit * r.eigh_512_s + products * g**3 / r.matmul_flops
+        return unit * (r.svd_512_s if cost.svd_in_float32 else r.eigh_512_s)
+    if cost.cholesky:  # scalings.cholesky_root: the factor (g^3 / 3) and its triangular inverse (g^3 / 3)
+        return 2 * g**3 / 3 / r.matmul_flops
+    return unit * r.eigh_512_s + cost.products * g**3 / r.matmul_flops
 
 
 def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
@@ -657,7 +658,12 @@ def run_overhead(sh: Shapes) -> int:
 
 
 def runtime_bytes() -> int:
-    """This process's resident memory now: Python, torch and transformers loaded, no model yet."""
+    """This process's resident memory now: Python, torch and transformers loaded, no model yet. DIPSVD_STUDIO_RUNTIME
+    (a size such as 1GiB) replaces it: a plan made for another process (the browser test pins the app server's
+    placement with it)."""
+    fixed = os.environ.get("DIPSVD_STUDIO_RUNTIME", "").strip()
+    if fixed:
+        return memory_size(fixed)
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

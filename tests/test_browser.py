@@ -65,7 +65,8 @@ def streamlit_server(log_path: Path, **env_vars):
     """`streamlit run app.py` on a free port with these extra environment variables; yields its URL."""
     port = free_port()
     env = dict(os.environ, **env_vars)
-    env.pop("DIPSVD_STUDIO_DEFAULT_MODEL", None)  # the bundled SmolLM2
+    if "DIPSVD_STUDIO_DEFAULT_MODEL" not in env_vars:
+        env.pop("DIPSVD_STUDIO_DEFAULT_MODEL", None)  # the bundled SmolLM2
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.address", "localhost"], cwd=ROOT, env=env, stdout=log,
@@ -237,3 +238,77 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
     # The job's own time is held tighter: before the fix it was 1.7x here on a quiet machine (2.6x wall).
     assert app_stats < 1.5 * direct_stats, \
         f"statistics took {app_stats:.1f} s in the app's job, {direct_stats:.1f} s directly"
+
+
+def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir):
+    """Issue 23, item 3, in the browser: a host budget that holds no block beside the working set puts both of the tiny
+    model's blocks on disk; factor, build, evaluate and generate side by side then run with no error. The server's
+    runtime is pinned (DIPSVD_STUDIO_RUNTIME) so that the test computes the same placement as the server's plan."""
+    from playwright.sync_api import expect
+
+    from dipsvd_core import plan as P
+
+    need_chromium()
+    env = {"DIPSVD_STUDIO_DEFAULT_MODEL": tiny_model_dir, "DIPSVD_STUDIO_CALIB": "wiki", "DIPSVD_STUDIO_CALIB_WINDOWS": "4",
+           "DIPSVD_STUDIO_SEQLEN": "64", "DIPSVD_STUDIO_EVAL": "news", "DIPSVD_STUDIO_EVAL_TOKENS": "256",
+           "DIPSVD_STUDIO_NEW_TOKENS": "8", "DIPSVD_STUDIO_RUNTIME": "1GiB"}
+    run = {"method": "dipsvd", "calib_windows": 4, "seqlen": 64, "dtype": "auto", "eval_tokens": 256, "eval_sets": 1,
+           "offload": True, "inplace": False}  # the Load page's run at these defaults
+    old = os.environ.get("DIPSVD_STUDIO_RUNTIME")
+    os.environ["DIPSVD_STUDIO_RUNTIME"] = "1GiB"
+    try:
+        plan = P.make_plan(tiny_model_dir, "cpu", P.run_of(**run), bench=False, budgets={"host": 10 ** 12})
+        streamed = P.memory(plan.shape, plan.run.replace(disk_blocks=2), False, plan.runtime_bytes)
+    finally:
+        os.environ.pop("DIPSVD_STUDIO_RUNTIME") if old is None else os.environ.update(DIPSVD_STUDIO_RUNTIME=old)
+    assert 2 ** 30 <= plan.runtime_bytes < 2 ** 30 + 2 ** 29  # the pinned runtime and the run overhead
+    budget = max(p.host_bytes for p in streamed.values() if p.needed) + plan.shape.block_params * 2  # half a block
+    with streamlit_server(tmp_path / "streamlit-offload.log", **env) as url, browser_page() as page:
+        def go(title: str) -> None:
+            page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+            expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=30_000)
+            settle(page)
+
+        def no_errors() -> None:
+            errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
+            assert not errors, errors
+
+        try:
+            page.goto(url)
+            expect(page.get_by_role("heading", name="Model and data", exact=True)).to_be_visible(timeout=60_000)
+            page.get_by_text("Offload", exact=True).click()
+            settle(page)
+            box = page.get_by_label("Host memory budget")
+            box.fill(f"{budget}B")
+            box.press("Enter")
+            settle(page)
+            page.get_by_role("button", name="Load model and collect statistics").click()
+            expect(page.get_by_text("Decoder blocks")).to_be_visible(timeout=SLOW)
+            expect(page.get_by_text("Offloaded: 0 blocks in memory, 2 on disk")).to_be_visible()
+            no_errors()
+
+            go("Allocation")
+            page.get_by_role("button", name="Factor matrices").click()
+            expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)
+            no_errors()
+
+            go("Compress and evaluate")
+            page.get_by_role("button", name="Build compressed model").click()
+            expect(page.get_by_text("Realized ratio (targeted)")).to_be_visible(timeout=SLOW)
+            page.get_by_role("button", name="Evaluate original and compressed").click()
+            table = page.get_by_test_id("stTable")
+            expect(table).to_contain_text("news", timeout=SLOW)
+            cells = table.locator("tbody tr").first.locator("td").all_inner_texts()
+            ppl = [float(c.replace(",", "")) for c in cells[1:3]]  # a random model's: tens of thousands
+            assert cells[0] == "news" and ppl[0] > 1 and ppl[1] > 1, cells
+            no_errors()
+
+            go("Side by side")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.get_by_text("tok/s")).to_have_count(2, timeout=SLOW)  # one prompt, two columns
+            no_errors()
+            page.screenshot(path=str(tmp_path / "offload.png"), full_page=True)
+        except Exception:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "offload-failure.png"), full_page=True)
+            raise

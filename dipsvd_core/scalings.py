@@ -10,7 +10,10 @@ the factor store and every allocation are shared (factors.py). Each scaling decl
 tests/test_conformance.py for one registered at test time.
 
 The math (DESIGN.md section 3), for a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
-- "paper" form (DipSVD Eq. 3): G~ = D G D = Q L Q^T, S = Q L^{1/2}, S^{-1} = L^{-1/2} Q^T.
+- "paper" form (DipSVD Eq. 3): G~ = D G D = Q L Q^T, S = Q L^{1/2}, S^{-1} = L^{-1/2} Q^T. Any S with
+  S S^T = G~ gives the same rank-k truncation W' = U_k Sigma_k V_k^T S^{-1} (S R for an orthogonal R turns V into
+  R^T V), so in float64 S is G~'s Cholesky factor wherever no eigenvalue would be floored (cholesky_root), as
+  SVD-LLM's code has it: 1/12 of the eigendecomposition's work.
 - "code" form (the authors' public code): SVD of G D = U Sig V^T, S = U Sig^{1/2}, so S S^T = (G D^2 G)^{1/2};
   with D = I this is SVD-LLM's whitening too. In float64, U and Sig^2 come from the eigendecomposition of
   G D^2 G = (G D)(G D)^T: 2.7x faster than the SVD of G D, and squaring costs digits only where
@@ -26,6 +29,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -115,13 +119,34 @@ def left_singular_by_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return U.flip(1), lam.flip(0).clamp_min(0).sqrt()
 
 
+def cholesky_root(M: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(S, S^{-1}) = (L, L^{-1}) from the Cholesky factorisation M = L L^T, or None where M is not clearly positive
+    definite: the factorisation fails, or a pivot L_jj^2 is below `rel` x M's largest diagonal entry. Every pivot is
+    at least M's smallest eigenvalue and that entry at most its largest, so whenever the eigendecomposition would
+    floor an eigenvalue at rel x the largest, the check sees a pivot below it too, and the caller takes that route.
+    SVD-LLM's own root; about n^3 / 3 multiplications against eigh's ~4 n^3 (bench/RESULTS.md, "Cold statistics
+    and factors against plain SVD-LLM")."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) != 0:
+        return None
+    pivots = L.diagonal() ** 2
+    if not bool(torch.isfinite(pivots).all()) or float(pivots.min()) < rel * float(M.diagonal().max()):
+        return None
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return L, torch.linalg.solve_triangular(L, eye, upper=False)
+
+
 def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
               compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(S, S^{-1}, n_floored) for Gram G and channel scale d, in `compute` dtype on the Gram's device."""
     G, d = gram.to(compute), d.to(gram.device, compute)
     rel = EIG_FLOOR[compute]
-    if form == "paper":
-        L, Q = symmetric_eigh(d[:, None] * G * d[None, :])
+    if form == "paper":  # any S with S S^T = D G D gives the same truncation: Cholesky's where it is safe
+        DGD = d[:, None] * G * d[None, :]
+        root = cholesky_root(DGD, rel) if compute == torch.float64 else None
+        if root is not None:
+            return (*root, 0)
+        L, Q = symmetric_eigh(DGD)
         L, n = _floor(L, "weighted Gram", rel)
         root = L.sqrt()
         return Q * root, Q.T / root[:, None], n
@@ -144,6 +169,14 @@ def diagonal_scale(scale: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.
 
 
 # --- the strategies ---
+
+class WhiteningCost(NamedTuple):
+    """What one input group's g x g whitening costs, for the plan's time (plan._whitening_seconds)."""
+
+    svd_in_float32: bool  # float32 takes an SVD rather than an eigendecomposition
+    products: int = 0  # g^3 products float64 adds before its eigendecomposition
+    cholesky: bool = False  # float64 takes a Cholesky factor and its triangular inverse (2 g^3 / 3) instead
+
 
 @dataclass
 class ScaleData:
@@ -172,9 +205,8 @@ class Scaling:
     def scale(self, spec, name: str, group: str, data: ScaleData, compute: torch.dtype):
         return None
 
-    def plan_cost(self, spec) -> tuple[bool, int] | None:
-        """For the plan's time: None where no g x g whitening runs per input group, else (whether float32 takes
-        an SVD rather than an eigendecomposition, how many g^3 products float64 adds)."""
+    def plan_cost(self, spec) -> WhiteningCost | None:
+        """For the plan's time: None where no g x g whitening runs per input group, else its WhiteningCost."""
         return None
 
 
@@ -191,7 +223,7 @@ class GramWhitening(Scaling):
         return whitening(gram, torch.ones(gram.shape[0], dtype=torch.float64), "paper", compute)
 
     def plan_cost(self, spec):
-        return (False, 0)
+        return WhiteningCost(False, cholesky=True)
 
 
 class ChannelWeighted(Scaling):
@@ -211,7 +243,8 @@ class ChannelWeighted(Scaling):
         return whitening(gram, d, spec.whitening, compute)
 
     def plan_cost(self, spec):
-        return (True, 2) if spec.whitening == "code" else (False, 0)  # code: (G D)(G D)^T, or the SVD of G D
+        # code: (G D)(G D)^T then its eigendecomposition, or in float32 the SVD of G D; paper: as svd-llm
+        return WhiteningCost(True, 2) if spec.whitening == "code" else WhiteningCost(False, cholesky=True)
 
 
 class FisherRows(Scaling):

@@ -263,3 +263,33 @@ def test_symmetric_eigh_is_torchs_and_runs_on_the_host_only_off_the_cpu():
     assert torch.equal(L, L0) and torch.equal(Q, Q0)
     torch.testing.assert_close(Q @ torch.diag(L) @ Q.T, m, rtol=0, atol=1e-10 * float(L.max()))
     assert eigh_on_host(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (60, 40)])
+def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape):
+    """In float64 the paper form's S is the Cholesky factor of D G D (lower triangular, S S^T = D G D) where the
+    Gram is safely positive definite, and every rank's truncation, of a wide or a tall W, is the eigendecomposition
+    route's (S = Q L^{1/2}) to 1e-9 of ||W||, with the same singular values. A singular Gram (fewer tokens than
+    channels) takes the eigendecomposition and floors its null space, as before."""
+    from dipsvd_core.scalings import EIG_FLOOR, cholesky_root, symmetric_eigh
+
+    X = correlated_inputs()
+    X[:3] /= 20  # no loud channels: cond(G) about 1e3
+    G = X @ X.T
+    d = channel_scale(channel_importance(G), weight=5, bar=0.1)
+    S, S_inv, floored = whitening(G, d, "paper")
+    DGD = d[:, None] * G * d[None, :]
+    assert floored == 0 and torch.equal(S, torch.tril(S))
+    torch.testing.assert_close(S @ S.T, DGD, rtol=0, atol=1e-12 * DGD.abs().max())
+    torch.testing.assert_close(S @ S_inv, torch.eye(40, dtype=F64), rtol=0, atol=1e-10)
+    L, Q = symmetric_eigh(DGD)
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    by_chol = factor_matrix(W, S, S_inv, dtype=F64)
+    by_eigh = factor_matrix(W, Q * L.sqrt(), Q.T / L.sqrt()[:, None], dtype=F64)
+    torch.testing.assert_close(by_chol.sigma, by_eigh.sigma, rtol=0, atol=1e-10 * by_eigh.sigma[0].item())
+    for k in (1, 7, 20, 24):
+        torch.testing.assert_close(by_chol.weight(k), by_eigh.weight(k), rtol=0, atol=1e-9 * W.abs().max().item())
+    singular = X[:, :30] @ X[:, :30].T  # rank 30 of 40
+    assert cholesky_root(singular, EIG_FLOOR[F64]) is None
+    S, S_inv, floored = whitening(singular, torch.ones(40, dtype=F64), "paper")
+    assert floored >= 10 and not torch.equal(S, torch.tril(S))

@@ -72,3 +72,34 @@ def test_non_finite_activations_in_the_statistics_pass_name_the_block(tiny_model
     windows = Workbench(lm, "wiki", 3, 32).windows()
     with pytest.raises(DipSVDError, match=r"NaN or infinite activations in decoder block 1; .*--dtype float32"):
         stream_stats(lm.model, [t.name for t in lm.targets], windows)
+
+
+@pytest.mark.parametrize("dim", [255, 256, 601, 1030])
+def test_upper_block_triangle_gram_equals_the_full_product(dim):
+    """Gram products of TRIANGLE_MIN channels or more compute only the upper block triangle (upper_gram_add, 10 of 16
+    blocks) and mirror it at the flush: across two flushes and uneven block widths the sum is X^T X to float32
+    rounding and exactly symmetric; a NaN in any channel still reaches the partial sum."""
+    from dipsvd_core.stats import NonFiniteActivations, row_blocks, upper_gram_add
+
+    blocks = row_blocks(dim)
+    assert len(blocks) == (1 if dim < 256 else 4) and blocks[-1].stop == dim
+    g = torch.Generator().manual_seed(dim)
+    xs = [torch.randn(1, 40, dim, generator=g) * torch.linspace(0.1, 10, dim) for _ in range(GramAccumulator.FLUSH + 3)]
+    X = torch.cat([x.reshape(-1, dim) for x in xs]).double()
+    acc = GramAccumulator(dim, torch.device("cpu"))
+    for x in xs:
+        acc.add(x)
+    full = X.T @ X
+    torch.testing.assert_close(acc.gram, full, rtol=0, atol=2e-6 * full.abs().max())
+    assert torch.equal(acc.gram, acc.gram.T)
+    part = torch.zeros(dim, dim)
+    upper_gram_add(part, X[:40].float())
+    if dim >= 256:  # the block below the first diagonal block is not computed
+        assert not part[blocks[1], :blocks[1].start].any()
+    for channel in (0, dim - 1):  # the first and the last channel: one is only in block columns, one only in rows
+        bad = GramAccumulator(dim, torch.device("cpu"))
+        x = torch.randn(1, 8, dim, generator=g)
+        x[0, 3, channel] = float("nan")
+        bad.add(x)
+        with pytest.raises(NonFiniteActivations):
+            bad.finish()

@@ -1,6 +1,6 @@
 """Benchmark of issue 9: every long step of the Studio against the same work from the CLI.
 
-    python bench/bench_app_cli.py [--write] [--cold-start] [--runs N]
+    python bench/bench_app_cli.py [--write] [--cold-start] [--runs N] [--calib 8x256]
 
 One run, one machine, one after the other, nothing else running, each side on an empty cache of its
 own (so both dequantize the bundled GGUF and collect statistics cold):
@@ -9,13 +9,14 @@ own (so both dequantize the bundled GGUF and collect statistics cold):
 - App: `streamlit run app.py` driven in headless Chromium as a user would, with the page left open
   on the step while it runs (its progress display polling). A step's app time is from the click
   until its result is on the page.
-The work: the bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd with the uniform
+The work: the bundled SmolLM2-135M, 8 x 256 calibration windows of wiki (--calib WxT: W windows of T tokens), dipsvd with the uniform
 allocation at ratio 0.1, wiki and news with 1024 evaluation tokens each, the three default
 prompts (48 new tokens, chat template), BO with 10 calls, Dobi-SVD with 1 epoch over 2 windows, and the same
 build refined (`--refine sequential`; the app's Refine box on the Compress page).
 
 --cold-start also times a first-time user on a fresh clone with an empty HOME (so pip's cache is
 empty too): `make install`, then `make run` until Chromium shows the first page.
+--calib other than 8x256 writes bench/app_cli_WxT.json and its own section, "## App against CLI at W x T (issue 26)".
 --runs N repeats both sides N times and reports each side's median per step, with each run's ratio beside it
 (steps differ by 10-20% between runs on this shared machine). --write replaces the "## App against CLI (issue 9)"
 section of bench/RESULTS.md.
@@ -41,8 +42,15 @@ ANALYSIS = "What starved the job, and what was done"  # the hand-written part of
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-quic"]
-CALIB = ["--calib", "wiki", "--calib-windows", "8", "--seqlen", "256", "--seed", "0"]
-WORK = ["--method", "dipsvd", "--ratio", "0.1", *CALIB]
+CALIB_WINDOWS, SEQLEN = 8, 256  # --calib changes both
+
+
+def calib() -> list[str]:
+    return ["--calib", "wiki", "--calib-windows", str(CALIB_WINDOWS), "--seqlen", str(SEQLEN), "--seed", "0"]
+
+
+def work() -> list[str]:
+    return ["--method", "dipsvd", "--ratio", "0.1", *calib()]
 BO_CALLS, DOBI_EPOCHS, DOBI_WINDOWS = 10, 1, 2
 LONG = 900_000  # ms: the longest a step may take in the browser before the run is abandoned
 # Stamps window.__seenAt (ms since the epoch, the clock time.time() reads) at the first DOM change after
@@ -76,11 +84,11 @@ def cli(cache: Path, *args: str) -> dict:
 
 
 def cli_side(cache: Path) -> dict:
-    main = cli(cache, *WORK, "--eval", "wiki,news", "--eval-tokens", "1024", "--generate")["timings_s"]
+    main = cli(cache, *work(), "--eval", "wiki,news", "--eval-tokens", "1024", "--generate")["timings_s"]
     small_eval = ["--eval", "wiki", "--eval-tokens", "256", "--no-eval-original"]
-    bo = cli(cache, *WORK, "--allocation", "bayes", "--bo-calls", str(BO_CALLS), *small_eval)["timings_s"]
-    refined = cli(cache, *WORK, "--refine", "sequential", *small_eval)["timings_s"]
-    dobi = cli(cache, *CALIB, "--method", "dobi", "--ratio", "0.1", "--dobi-epochs", str(DOBI_EPOCHS),
+    bo = cli(cache, *work(), "--allocation", "bayes", "--bo-calls", str(BO_CALLS), *small_eval)["timings_s"]
+    refined = cli(cache, *work(), "--refine", "sequential", *small_eval)["timings_s"]
+    dobi = cli(cache, *calib(), "--method", "dobi", "--ratio", "0.1", "--dobi-epochs", str(DOBI_EPOCHS),
                "--dobi-windows", str(DOBI_WINDOWS), *small_eval)["timings_s"]
     return {
         # the app's load job checks the plan first, as compress does before its timed load
@@ -112,8 +120,8 @@ class App:
         from tests.test_browser import free_port, wait_for_server
 
         port = free_port()
-        env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), DIPSVD_STUDIO_CALIB_WINDOWS="8",
-                   DIPSVD_STUDIO_SEQLEN="256", DIPSVD_STUDIO_EVAL="wiki,news", DIPSVD_STUDIO_EVAL_TOKENS="1024",
+        env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), DIPSVD_STUDIO_CALIB="wiki",  # as the CLI side
+                   DIPSVD_STUDIO_CALIB_WINDOWS=str(CALIB_WINDOWS), DIPSVD_STUDIO_SEQLEN=str(SEQLEN), DIPSVD_STUDIO_EVAL="wiki,news", DIPSVD_STUDIO_EVAL_TOKENS="1024",
                    DIPSVD_STUDIO_NEW_TOKENS="48")
         env.pop("DIPSVD_STUDIO_DEFAULT_MODEL", None)
         self.log = open(log, "w")
@@ -288,10 +296,11 @@ the first page {cold['first_page_s']:.1f} s. The first load of the bundled model
 "load and statistics" row above includes that, on both sides).
 """
     raw = res["cli"]["_raw"]["main"]
-    return f"""{SECTION}
+    size = "" if (CALIB_WINDOWS, SEQLEN) == (8, 256) else f" --calib {CALIB_WINDOWS}x{SEQLEN}"
+    return f"""{section()}
 
-Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{f' --runs {len(runs)}' if len(runs) > 1 else ''}{' --cold-start' if cold else ''}`.
-The bundled SmolLM2-135M, 8 x 256 calibration windows of wiki, dipsvd + uniform at ratio 0.1, wiki and news
+Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{f' --runs {len(runs)}' if len(runs) > 1 else ''}{' --cold-start' if cold else ''}{size}`.
+The bundled SmolLM2-135M, {CALIB_WINDOWS} x {SEQLEN} calibration windows of wiki (on both sides), dipsvd + uniform at ratio 0.1, wiki and news
 with 1024 evaluation tokens each, the three default prompts (48 new tokens), BO with {BO_CALLS} calls, Dobi-SVD
 with {DOBI_EPOCHS} epoch over {DOBI_WINDOWS} windows, and the same build refined (`--refine sequential`, the Compress
 page's Refine box; a refined uniform build runs no factor pass). CLI and app ran one after the other, each on an empty cache
@@ -313,7 +322,10 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
     ap.add_argument("--cold-start", action="store_true", help="also time install and first page on a fresh clone")
     ap.add_argument("--runs", type=int, default=1, help="repeat both sides; the table shows each side's median")
+    ap.add_argument("--calib", default="8x256", help="calibration windows x tokens, on both sides")
     args = ap.parse_args()
+    global CALIB_WINDOWS, SEQLEN
+    CALIB_WINDOWS, SEQLEN = (int(v) for v in args.calib.split("x"))
     res = {"machine": f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start", "date": utc_date(),
            "runs": []}
     for _ in range(args.runs):
@@ -327,11 +339,16 @@ def main() -> None:
     res["app"] = median_of([r["app"] for r in res["runs"]])
     if args.cold_start:
         res["cold_start"] = cold_start()
-    write_json(BENCH / "app_cli.json", res)
+    write_json(BENCH / ("app_cli.json" if (CALIB_WINDOWS, SEQLEN) == (8, 256) else f"app_cli_{args.calib}.json"), res)
     text = markdown(res)
     print(text)
     if args.write:
-        replace_section(RESULTS, SECTION, text, keep_from=ANALYSIS)
+        replace_section(RESULTS, section(), text, keep_from=ANALYSIS)
+
+
+def section() -> str:
+    """The RESULTS.md section of this calibration size (issue 9's is 8 x 256)."""
+    return SECTION if (CALIB_WINDOWS, SEQLEN) == (8, 256) else f"## App against CLI at {CALIB_WINDOWS} x {SEQLEN} (issue 26)"
 
 
 def median_of(sides: list[dict]) -> dict:

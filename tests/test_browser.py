@@ -91,6 +91,20 @@ def settle(page) -> None:
     page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
 
 
+def go_to(page, title: str) -> None:
+    """Open a page of the app by its sidebar entry and wait for its script run."""
+    from playwright.sync_api import expect
+
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=30_000)
+    settle(page)
+
+
+def no_errors_on(page) -> None:
+    errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
+    assert not errors, errors
+
+
 @contextlib.contextmanager
 def browser_page():
     from playwright.sync_api import sync_playwright
@@ -123,14 +137,7 @@ def test_studio_in_a_real_browser(server):
             page.wait_for_timeout(1500)  # let plotly finish drawing
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
-        def go(title: str) -> None:
-            page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
-            expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=30_000)
-            settle(page)
-
-        def no_errors() -> None:
-            errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
-            assert not errors, errors
+        go, no_errors = (lambda title: go_to(page, title)), (lambda: no_errors_on(page))
 
         try:
             page.goto(server)
@@ -264,14 +271,7 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir):
     assert 2 ** 30 <= plan.runtime_bytes < 2 ** 30 + 2 ** 29  # the pinned runtime and the run overhead
     budget = max(p.host_bytes for p in streamed.values() if p.needed) + plan.shape.block_params * 2  # half a block
     with streamlit_server(tmp_path / "streamlit-offload.log", **env) as url, browser_page() as page:
-        def go(title: str) -> None:
-            page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
-            expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=30_000)
-            settle(page)
-
-        def no_errors() -> None:
-            errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
-            assert not errors, errors
+        go, no_errors = (lambda title: go_to(page, title)), (lambda: no_errors_on(page))
 
         try:
             page.goto(url)

@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 
 from .errors import DipSVDError
 from .scalings import (DEFAULT_WHITENING, EIG_FLOOR, WHITENING_FORMS, ScaleData, Scaling,  # noqa: F401 (re-exported)
-                       channel_scale, diagonal_scale, left_singular_by_eigh, scaling, whitening)
+                       channel_scale, diagonal_scale, left_singular_by_eigh, lower_matmul, right_inverse, scaling,
+                       whitening)
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -104,18 +105,19 @@ def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.T
     """
     Wc = W.detach().to(compute)
     if S is not None:
-        S, S_inv = S.to(Wc.device, compute), S_inv.to(Wc.device, compute)
-    A = Wc @ S if S is not None else Wc
+        S = S.to(Wc.device, compute)
+        S_inv = S_inv.to(Wc.device, compute) if S_inv is not None else None
+    A = Wc if S is None else Wc @ S if S_inv is not None else lower_matmul(Wc, S)  # S_inv None: S is triangular
     if compute == torch.float64:
-        us, sigma, vs = _factor_by_eigh(Wc, A, S_inv)
+        us, sigma, vs = _factor_by_eigh(Wc, A, S, S_inv)
     else:  # float32 keeps the SVD: squaring the condition number would leave too few digits
         U, sigma, Vt = torch.linalg.svd(A, full_matrices=False)
         root = sigma.sqrt()
-        us, vs = U * root, root[:, None] * (Vt @ S_inv if S_inv is not None else Vt)
+        us, vs = U * root, root[:, None] * right_inverse(Vt, S, S_inv)
     return Factor(us.to(dtype), sigma.double().cpu(), vs.to(dtype), floored)
 
 
-def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S_inv: torch.Tensor | None):
+def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S: torch.Tensor | None, S_inv: torch.Tensor | None):
     """(us, sigma, vs) of A = W S = U Sigma V^T from the eigendecomposition of the smaller of A A^T and A^T A.
 
     With A A^T = U Sigma^2 U^T (out <= in): us = U Sigma^{1/2} and vs = Sigma^{1/2} V^T S^{-1} =
@@ -130,7 +132,7 @@ def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S_inv: torch.Tensor | None
     div = sigma.clamp_min(max(float(sigma[0]) * 1e-12, 1e-300)).sqrt()
     if wide:
         return Q * root, sigma, (Q.T @ W) / div[:, None]
-    return (A @ Q) / div, sigma, root[:, None] * (Q.T @ S_inv if S_inv is not None else Q.T)
+    return (A @ Q) / div, sigma, root[:, None] * right_inverse(Q.T, S, S_inv)
 
 
 @dataclass(frozen=True)

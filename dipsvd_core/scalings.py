@@ -5,7 +5,8 @@ the factor store and every allocation are shared (factors.py). Each scaling decl
 - `needs`: the passes whose data it reads (passes.py): the Grams, the statistics (mean |x|), the Fisher rows;
 - `per_matrix`: one S per matrix, or one per input group shared by the group's matrices (q/k/v; gate/up);
 - `key(spec)`: what its factors depend on besides the model and the windows (the factor cache key);
-- `scale(spec, name, group, data, compute)`: (S, S^-1, n_floored), or None for S = I.
+- `scale(spec, name, group, data, compute)`: (S, S^-1, n_floored), or None for S = I; S^-1 is None where S is
+  lower triangular (a Cholesky factor), which right_inverse solves with instead.
 `register_scaling` makes a new one a method everywhere (the CLI, the plan, the sweep, the app): see
 tests/test_conformance.py for one registered at test time.
 
@@ -35,7 +36,7 @@ import torch
 
 from . import passes
 from .errors import DipSVDError
-from .stats import channel_importance
+from .stats import channel_importance, mirror_lower, row_blocks, upper_gram_add
 
 log = logging.getLogger(__name__)
 
@@ -112,40 +113,68 @@ def symmetric_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh(M)
 
 
+def outer_product(A: torch.Tensor) -> torch.Tensor:
+    """A A^T from its upper block triangle (stats.upper_gram_add, 10 of 16 blocks' multiplications), mirrored."""
+    out = A.new_zeros(A.shape[0], A.shape[0])
+    upper_gram_add(out, A.T)
+    mirror_lower(out)
+    return out
+
+
+def lower_matmul(W: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """W L for a lower-triangular L: each block of L's columns reads only the rows of L from that block down
+    (10 of 16 blocks' multiplications with stats.row_blocks' 4)."""
+    out = W.new_empty(W.shape[0], L.shape[1])
+    for cols in row_blocks(L.shape[0]):
+        out[:, cols] = W[:, cols.start:] @ L[cols.start:, cols]
+    return out
+
+
 def left_singular_by_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, sigma) of A = U Sigma V^T, largest first, from the eigendecomposition A A^T = U Sigma^2 U^T: rounding
     leaves sigma_i accurate to about eps sigma_1 / sigma_i relative, so float64 only (module docstring)."""
-    lam, U = symmetric_eigh(A @ A.T)
+    lam, U = symmetric_eigh(outer_product(A))
     return U.flip(1), lam.flip(0).clamp_min(0).sqrt()
 
 
-def cholesky_root(M: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(S, S^{-1}) = (L, L^{-1}) from the Cholesky factorisation M = L L^T, or None where M is not clearly positive
+def cholesky_root(M: torch.Tensor, rel: float) -> torch.Tensor | None:
+    """S = L from the Cholesky factorisation M = L L^T, or None where M is not clearly positive
     definite: the factorisation fails, or a pivot L_jj^2 is below `rel` x M's largest diagonal entry. Every pivot is
     at least M's smallest eigenvalue and that entry at most its largest, so whenever the eigendecomposition would
     floor an eigenvalue at rel x the largest, the check sees a pivot below it too, and the caller takes that route.
     SVD-LLM's own root; about n^3 / 3 multiplications against eigh's ~4 n^3 (bench/RESULTS.md, "Cold statistics
-    and factors against plain SVD-LLM")."""
+    and factors against plain SVD-LLM"). Its inverse is never formed: right_inverse solves with L where a factor
+    needs S^{-1} (only a matrix with more rows than columns does)."""
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) != 0:
         return None
     pivots = L.diagonal() ** 2
     if not bool(torch.isfinite(pivots).all()) or float(pivots.min()) < rel * float(M.diagonal().max()):
         return None
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    return L, torch.linalg.solve_triangular(L, eye, upper=False)
+    return L
+
+
+def right_inverse(M: torch.Tensor, S: torch.Tensor | None, S_inv: torch.Tensor | None) -> torch.Tensor:
+    """M S^{-1}: M @ S_inv where it is given, a triangular solve where S is a Cholesky factor (S_inv None), M itself
+    where there is no scaling (S None)."""
+    if S is None:
+        return M
+    if S_inv is not None:
+        return M @ S_inv
+    return torch.linalg.solve_triangular(S, M, upper=False, left=False)
 
 
 def whitening(gram: torch.Tensor, d: torch.Tensor, form: str,
-              compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(S, S^{-1}, n_floored) for Gram G and channel scale d, in `compute` dtype on the Gram's device."""
+              compute: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(S, S^{-1}, n_floored) for Gram G and channel scale d, in `compute` dtype on the Gram's device; S^{-1} is None
+    where S is the lower-triangular Cholesky factor (right_inverse)."""
     G, d = gram.to(compute), d.to(gram.device, compute)
     rel = EIG_FLOOR[compute]
     if form == "paper":  # any S with S S^T = D G D gives the same truncation: Cholesky's where it is safe
         DGD = d[:, None] * G * d[None, :]
         root = cholesky_root(DGD, rel) if compute == torch.float64 else None
         if root is not None:
-            return (*root, 0)
+            return root, None, 0
         L, Q = symmetric_eigh(DGD)
         L, n = _floor(L, "weighted Gram", rel)
         root = L.sqrt()

@@ -69,9 +69,13 @@ def upper_gram_add(out: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def mirror_lower(m: torch.Tensor) -> None:
-    """Copy m's upper block triangle (upper_gram_add's blocks) onto the blocks left of the diagonal, in place."""
-    for rows in row_blocks(m.shape[0])[1:]:
+    """Copy m's upper block triangle (upper_gram_add's blocks) onto the blocks left of the diagonal, and each diagonal
+    block's upper triangle onto its lower one (a GEMM's two halves can differ in the last bit), in place: m comes
+    out exactly symmetric."""
+    for rows in row_blocks(m.shape[0]):
         m[rows, :rows.start].copy_(m[:rows.start, rows].T)
+        block = m[rows, rows]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
 
 
 class GramAccumulator:

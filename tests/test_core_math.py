@@ -6,7 +6,7 @@ import torch
 
 from dipsvd_core.allocation import (kept_params, project, rank_for, ranks_for, realized_ratio, uniform)
 from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import channel_scale, factor_matrix, loss_curve, whitening
+from dipsvd_core.factors import channel_scale, factor_matrix, loss_curve, right_inverse, whitening
 from dipsvd_core.models import Target
 from dipsvd_core.stats import channel_importance
 
@@ -69,7 +69,7 @@ def test_whitening_matrices_square_to_the_weighted_gram(setting):
     S, S_inv, _ = whitening(G, d, "paper")
     DGD = d[:, None] * G * d[None, :]
     assert torch.allclose(S @ S.T, DGD, rtol=1e-9, atol=1e-9 * DGD.abs().max())
-    assert torch.allclose(S @ S_inv, torch.eye(40, dtype=F64), atol=1e-8)
+    assert torch.allclose(right_inverse(S, S, S_inv), torch.eye(40, dtype=F64), atol=1e-8)
     # "code" form: S S^T = (G D^2 G)^{1/2}, i.e. (S S^T)^2 = G D^2 G
     S, S_inv, _ = whitening(G, d, "code")
     M = S @ S.T
@@ -118,7 +118,7 @@ def test_factors_by_eigh_equal_the_svd(setting, shape):
     U, sig, Vt = torch.linalg.svd(W @ S, full_matrices=False)
     assert torch.allclose(by_eigh.sigma, sig, rtol=0, atol=1e-10 * sig[0].item())
     for k in (1, 5, 12, 24):
-        svd_k = U[:, :k] @ torch.diag(sig[:k]) @ Vt[:k] @ S_inv
+        svd_k = U[:, :k] @ torch.diag(sig[:k]) @ right_inverse(Vt[:k], S, S_inv)
         assert torch.allclose(by_eigh.weight(k), svd_k, rtol=0, atol=1e-9 * W.abs().max().item())
     assert torch.allclose(by_eigh.weight(24), W, atol=1e-9)
     W[3:] = 0  # rank 3
@@ -271,7 +271,7 @@ def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape
     Gram is safely positive definite, and every rank's truncation, of a wide or a tall W, is the eigendecomposition
     route's (S = Q L^{1/2}) to 1e-9 of ||W||, with the same singular values. A singular Gram (fewer tokens than
     channels) takes the eigendecomposition and floors its null space, as before."""
-    from dipsvd_core.scalings import EIG_FLOOR, cholesky_root, symmetric_eigh
+    from dipsvd_core.scalings import EIG_FLOOR, cholesky_root, right_inverse, symmetric_eigh
 
     X = correlated_inputs()
     X[:3] /= 20  # no loud channels: cond(G) about 1e3
@@ -279,9 +279,9 @@ def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape
     d = channel_scale(channel_importance(G), weight=5, bar=0.1)
     S, S_inv, floored = whitening(G, d, "paper")
     DGD = d[:, None] * G * d[None, :]
-    assert floored == 0 and torch.equal(S, torch.tril(S))
+    assert floored == 0 and torch.equal(S, torch.tril(S)) and S_inv is None  # never formed: solved with S
     torch.testing.assert_close(S @ S.T, DGD, rtol=0, atol=1e-12 * DGD.abs().max())
-    torch.testing.assert_close(S @ S_inv, torch.eye(40, dtype=F64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(right_inverse(S, S, None), torch.eye(40, dtype=F64), rtol=0, atol=1e-10)
     L, Q = symmetric_eigh(DGD)
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=F64)
     by_chol = factor_matrix(W, S, S_inv, dtype=F64)
@@ -292,4 +292,19 @@ def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape
     singular = X[:, :30] @ X[:, :30].T  # rank 30 of 40
     assert cholesky_root(singular, EIG_FLOOR[F64]) is None
     S, S_inv, floored = whitening(singular, torch.ones(40, dtype=F64), "paper")
-    assert floored >= 10 and not torch.equal(S, torch.tril(S))
+    assert floored >= 10 and not torch.equal(S, torch.tril(S)) and S_inv is not None
+
+
+@pytest.mark.parametrize("n", [40, 300, 601])
+def test_outer_product_and_lower_matmul_by_block_triangles(n):
+    """A A^T from its upper block triangle and W L for a lower-triangular L from L's lower blocks equal the full products
+    to float64 rounding (the float64 factoring's two largest products, 10 of 16 blocks each at 256 columns or more)."""
+    from dipsvd_core.scalings import lower_matmul, outer_product
+
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, 2 * n + 3, generator=g, dtype=F64)
+    torch.testing.assert_close(outer_product(A), A @ A.T, rtol=0, atol=1e-12 * (A @ A.T).abs().max())
+    assert torch.equal(outer_product(A), outer_product(A).T)
+    L = torch.linalg.cholesky(A @ A.T)
+    W = torch.randn(n // 2 + 1, n, generator=g, dtype=F64)
+    torch.testing.assert_close(lower_matmul(W, L), W @ L, rtol=0, atol=1e-12 * (W @ L).abs().max())

@@ -113,7 +113,7 @@ def main() -> None:
                 "of wiki, alternating in one process (bench_svdllm_baseline.py's docstring says what each side "
                 "does).\n\n| side | seconds per round | median |\n|---|---|---|\n" + rows +
                 f"\n\nOurs / baseline: **{ratio:.2f}x** (target: at most 0.75x).\n")
-        replace_section(RESULTS, SECTION, body)
+        replace_section(RESULTS, SECTION, body, keep_from="### ")  # the hand-written analysis stays
 
 
 if __name__ == "__main__":

@@ -594,8 +594,8 @@ def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
     unit = (g / 512) ** 3
     if run.compute_dtype == "float32":
         return unit * (r.svd_512_s if cost.svd_in_float32 else r.eigh_512_s)
-    if cost.cholesky:  # scalings.cholesky_root: the factor (g^3 / 3) and its triangular inverse (g^3 / 3)
-        return 2 * g**3 / 3 / r.matmul_flops
+    if cost.cholesky:  # scalings.cholesky_root: the factor alone (g^3 / 3 products); its inverse is never formed
+        return g**3 / 3 / r.matmul_flops
     return unit * r.eigh_512_s + cost.products * g**3 / r.matmul_flops
 
 

@@ -204,7 +204,7 @@ class WhiteningCost(NamedTuple):
 
     svd_in_float32: bool  # float32 takes an SVD rather than an eigendecomposition
     products: int = 0  # g^3 products float64 adds before its eigendecomposition
-    cholesky: bool = False  # float64 takes a Cholesky factor and its triangular inverse (2 g^3 / 3) instead
+    cholesky: bool = False  # float64 takes a Cholesky factor (g^3 / 3 products) instead
 
 
 @dataclass

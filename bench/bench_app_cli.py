@@ -42,7 +42,7 @@ ANALYSIS = "What starved the job, and what was done"  # the hand-written part of
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-quic"]
-CALIB_WINDOWS, SEQLEN = 8, 256  # --calib changes both
+CALIB_WINDOWS, SEQLEN = ISSUE_9_SIZE = 8, 256  # --calib changes both
 
 
 def calib() -> list[str]:
@@ -121,8 +121,8 @@ class App:
 
         port = free_port()
         env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), DIPSVD_STUDIO_CALIB="wiki",  # as the CLI side
-                   DIPSVD_STUDIO_CALIB_WINDOWS=str(CALIB_WINDOWS), DIPSVD_STUDIO_SEQLEN=str(SEQLEN), DIPSVD_STUDIO_EVAL="wiki,news", DIPSVD_STUDIO_EVAL_TOKENS="1024",
-                   DIPSVD_STUDIO_NEW_TOKENS="48")
+                   DIPSVD_STUDIO_CALIB_WINDOWS=str(CALIB_WINDOWS), DIPSVD_STUDIO_SEQLEN=str(SEQLEN),
+                   DIPSVD_STUDIO_EVAL="wiki,news", DIPSVD_STUDIO_EVAL_TOKENS="1024", DIPSVD_STUDIO_NEW_TOKENS="48")
         env.pop("DIPSVD_STUDIO_DEFAULT_MODEL", None)
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
@@ -296,7 +296,7 @@ the first page {cold['first_page_s']:.1f} s. The first load of the bundled model
 "load and statistics" row above includes that, on both sides).
 """
     raw = res["cli"]["_raw"]["main"]
-    size = "" if (CALIB_WINDOWS, SEQLEN) == (8, 256) else f" --calib {CALIB_WINDOWS}x{SEQLEN}"
+    size = "" if (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE else f" --calib {CALIB_WINDOWS}x{SEQLEN}"
     return f"""{section()}
 
 Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{f' --runs {len(runs)}' if len(runs) > 1 else ''}{' --cold-start' if cold else ''}{size}`.
@@ -339,7 +339,7 @@ def main() -> None:
     res["app"] = median_of([r["app"] for r in res["runs"]])
     if args.cold_start:
         res["cold_start"] = cold_start()
-    write_json(BENCH / ("app_cli.json" if (CALIB_WINDOWS, SEQLEN) == (8, 256) else f"app_cli_{args.calib}.json"), res)
+    write_json(BENCH / ("app_cli.json" if (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE else f"app_cli_{args.calib}.json"), res)
     text = markdown(res)
     print(text)
     if args.write:
@@ -348,7 +348,7 @@ def main() -> None:
 
 def section() -> str:
     """The RESULTS.md section of this calibration size (issue 9's is 8 x 256)."""
-    return SECTION if (CALIB_WINDOWS, SEQLEN) == (8, 256) else f"## App against CLI at {CALIB_WINDOWS} x {SEQLEN} (issue 26)"
+    return SECTION if (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE else f"## App against CLI at {CALIB_WINDOWS} x {SEQLEN} (issue 26)"
 
 
 def median_of(sides: list[dict]) -> dict:

@@ -107,7 +107,12 @@ def factor_matrix(W: torch.Tensor, S: torch.Tensor | None = None, S_inv: torch.T
     if S is not None:
         S = S.to(Wc.device, compute)
         S_inv = S_inv.to(Wc.device, compute) if S_inv is not None else None
-    A = Wc if S is None else Wc @ S if S_inv is not None else lower_matmul(Wc, S)  # S_inv None: S is triangular
+    if S is None:
+        A = Wc
+    elif S_inv is None:  # S is a Cholesky factor: lower triangular
+        A = lower_matmul(Wc, S)
+    else:
+        A = Wc @ S
     if compute == torch.float64:
         us, sigma, vs = _factor_by_eigh(Wc, A, S, S_inv)
     else:  # float32 keeps the SVD: squaring the condition number would leave too few digits

@@ -105,6 +105,20 @@ def no_errors_on(page) -> None:
     assert not errors, errors
 
 
+def built_and_evaluated(page, dataset: str) -> list[str]:
+    """On the Compress page: build, evaluate both models, and return the cells of the table's first row once it
+    shows `dataset`."""
+    from playwright.sync_api import expect
+
+    go_to(page, "Compress and evaluate")
+    page.get_by_role("button", name="Build compressed model").click()
+    expect(page.get_by_text("Realized ratio (targeted)")).to_be_visible(timeout=SLOW)
+    page.get_by_role("button", name="Evaluate original and compressed").click()
+    table = page.get_by_test_id("stTable")
+    expect(table).to_contain_text(dataset, timeout=SLOW)
+    return table.locator("tbody tr").first.locator("td").all_inner_texts()
+
+
 @contextlib.contextmanager
 def browser_page():
     from playwright.sync_api import sync_playwright
@@ -137,8 +151,6 @@ def test_studio_in_a_real_browser(server):
             page.wait_for_timeout(1500)  # let plotly finish drawing
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
-        go, no_errors = (lambda title: go_to(page, title)), (lambda: no_errors_on(page))
-
         try:
             page.goto(server)
             expect(page.get_by_role("heading", name="Model and data", exact=True)).to_be_visible(timeout=60_000)
@@ -146,15 +158,15 @@ def test_studio_in_a_real_browser(server):
             page.get_by_role("button", name="Load model and collect statistics").click()
             expect(page.get_by_text("Decoder blocks")).to_be_visible(timeout=SLOW)
             expect(page.get_by_text("dequantized from a quantized GGUF")).to_be_visible()
-            no_errors()
+            no_errors_on(page)
             shot("2-model-loaded")
 
-            go("Importance")
+            go_to(page, "Importance")
             expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
-            no_errors()
+            no_errors_on(page)
             shot("3-importance")
 
-            go("Allocation")
+            go_to(page, "Allocation")
             # The paper's D G D form: an eigendecomposition per input group, cheaper than the code form's SVD.
             for _ in range(3):  # a click that lands while the page redraws can be lost: look for its effect
                 page.get_by_role("radio", name="paper").click(force=True)
@@ -165,27 +177,21 @@ def test_studio_in_a_real_browser(server):
             page.get_by_role("button", name="Factor matrices").click()
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)
             expect(page.get_by_text("ratio 0.1 removed, 90% kept").first).to_be_visible()
-            no_errors()
+            no_errors_on(page)
             shot("4-allocation")
 
-            go("Compress and evaluate")
-            page.get_by_role("button", name="Build compressed model").click()
-            expect(page.get_by_text("Realized ratio (targeted)")).to_be_visible(timeout=SLOW)
-            page.get_by_role("button", name="Evaluate original and compressed").click()
-            table = page.get_by_test_id("stTable")
-            expect(table).to_contain_text("wiki", timeout=SLOW)
-            expect(table).to_contain_text("compressed / original")
-            cells = table.locator("tbody tr").first.locator("td").all_inner_texts()
+            cells = built_and_evaluated(page, "wiki")
+            expect(page.get_by_test_id("stTable")).to_contain_text("compressed / original")
             assert cells[0] == "wiki" and float(cells[1]) > 1 and float(cells[2]) > 1, cells
-            no_errors()
+            no_errors_on(page)
             shot("5-compress-evaluate")
 
-            go("Side by side")
+            go_to(page, "Side by side")
             page.get_by_role("button", name="Generate").click()
             expect(page.get_by_text("tok/s")).to_have_count(2, timeout=SLOW)  # one prompt, two columns
             expect(page.get_by_text("Original", exact=True)).to_be_visible()
             expect(page.get_by_text("Compressed · ratio 0.1 removed, 90% kept", exact=True)).to_be_visible()
-            no_errors()
+            no_errors_on(page)
             shot("6-side-by-side")
         except Exception:
             shot("failure")
@@ -247,7 +253,7 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
         f"statistics took {app_stats:.1f} s in the app's job, {direct_stats:.1f} s directly"
 
 
-def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir):
+def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypatch):
     """Issue 23, item 3, in the browser: a host budget that holds no block beside the working set puts both of the tiny
     model's blocks on disk; factor, build, evaluate and generate side by side then run with no error. The server's
     runtime is pinned (DIPSVD_STUDIO_RUNTIME) so that the test computes the same placement as the server's plan."""
@@ -261,18 +267,12 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir):
            "DIPSVD_STUDIO_NEW_TOKENS": "8", "DIPSVD_STUDIO_RUNTIME": "1GiB"}
     run = {"method": "dipsvd", "calib_windows": 4, "seqlen": 64, "dtype": "auto", "eval_tokens": 256, "eval_sets": 1,
            "offload": True, "inplace": False}  # the Load page's run at these defaults
-    old = os.environ.get("DIPSVD_STUDIO_RUNTIME")
-    os.environ["DIPSVD_STUDIO_RUNTIME"] = "1GiB"
-    try:
-        plan = P.make_plan(tiny_model_dir, "cpu", P.run_of(**run), bench=False, budgets={"host": 10 ** 12})
-        streamed = P.memory(plan.shape, plan.run.replace(disk_blocks=2), False, plan.runtime_bytes)
-    finally:
-        os.environ.pop("DIPSVD_STUDIO_RUNTIME") if old is None else os.environ.update(DIPSVD_STUDIO_RUNTIME=old)
+    monkeypatch.setenv("DIPSVD_STUDIO_RUNTIME", env["DIPSVD_STUDIO_RUNTIME"])  # this process plans as the server does
+    plan = P.make_plan(tiny_model_dir, "cpu", P.run_of(**run), bench=False, budgets={"host": 10 ** 12})
+    streamed = P.memory(plan.shape, plan.run.replace(disk_blocks=2), False, plan.runtime_bytes)
     assert 2 ** 30 <= plan.runtime_bytes < 2 ** 30 + 2 ** 29  # the pinned runtime and the run overhead
     budget = max(p.host_bytes for p in streamed.values() if p.needed) + plan.shape.block_params * 2  # half a block
     with streamlit_server(tmp_path / "streamlit-offload.log", **env) as url, browser_page() as page:
-        go, no_errors = (lambda title: go_to(page, title)), (lambda: no_errors_on(page))
-
         try:
             page.goto(url)
             expect(page.get_by_role("heading", name="Model and data", exact=True)).to_be_visible(timeout=60_000)
@@ -285,28 +285,22 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir):
             page.get_by_role("button", name="Load model and collect statistics").click()
             expect(page.get_by_text("Decoder blocks")).to_be_visible(timeout=SLOW)
             expect(page.get_by_text("Offloaded: 0 blocks in memory, 2 on disk")).to_be_visible()
-            no_errors()
+            no_errors_on(page)
 
-            go("Allocation")
+            go_to(page, "Allocation")
             page.get_by_role("button", name="Factor matrices").click()
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)
-            no_errors()
+            no_errors_on(page)
 
-            go("Compress and evaluate")
-            page.get_by_role("button", name="Build compressed model").click()
-            expect(page.get_by_text("Realized ratio (targeted)")).to_be_visible(timeout=SLOW)
-            page.get_by_role("button", name="Evaluate original and compressed").click()
-            table = page.get_by_test_id("stTable")
-            expect(table).to_contain_text("news", timeout=SLOW)
-            cells = table.locator("tbody tr").first.locator("td").all_inner_texts()
+            cells = built_and_evaluated(page, "news")
             ppl = [float(c.replace(",", "")) for c in cells[1:3]]  # a random model's: tens of thousands
             assert cells[0] == "news" and ppl[0] > 1 and ppl[1] > 1, cells
-            no_errors()
+            no_errors_on(page)
 
-            go("Side by side")
+            go_to(page, "Side by side")
             page.get_by_role("button", name="Generate").click()
             expect(page.get_by_text("tok/s")).to_have_count(2, timeout=SLOW)  # one prompt, two columns
-            no_errors()
+            no_errors_on(page)
             page.screenshot(path=str(tmp_path / "offload.png"), full_page=True)
         except Exception:
             ARTIFACTS.mkdir(parents=True, exist_ok=True)

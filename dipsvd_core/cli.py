@@ -517,12 +517,29 @@ def cmd_sweep(args) -> dict:
     return report
 
 
+SIZE_OPTIONS = ("--device-memory", "--host-memory")
+
+
+def _joined_sizes(argv: list[str]) -> list[str]:
+    """`--device-memory -1GiB` as `--device-memory=-1GiB`: argparse takes a value starting with '-' for an option
+    and would answer "expected one argument"; joined, the size itself gets its message."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in SIZE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DIPSVD_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_sizes(sys.argv[1:] if argv is None else argv))
     try:
         if getattr(args, "report", None) and Path(args.report).is_dir():
             raise DipSVDError(f"--report {args.report} is a folder; give a file name like report.json")

@@ -178,7 +178,11 @@ def _gb(b: int) -> str:
 
 
 def _size(b: int) -> str:
-    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
+    """Bytes in the largest binary unit, up to GiB, in which they are at least 1 (a 1KiB budget is not "0.0 MiB")."""
+    for unit, scale, digits in (("GiB", GiB, 2), ("MiB", 2 ** 20, 1), ("KiB", 2 ** 10, 1)):
+        if b >= scale:
+            return f"{b / scale:.{digits}f} {unit}"
+    return f"{b} bytes"
 
 
 def _seconds(s: float) -> str:

@@ -649,6 +649,6 @@ def test_offload_budgets_that_are_not_sizes_or_hold_no_block_are_one_message():
     at.run()
     at = click(at, "Load model and collect statistics")
     [msg] = errors(at)
-    assert msg.startswith("--host-memory 0.0 MiB cannot hold one decoder block of this model (")
+    assert msg.startswith("--host-memory 1.0 KiB cannot hold one decoder block of this model (")
     assert msg.endswith("beside the runtime); give at least that")
     assert at.session_state["studio"].lm is None

@@ -81,9 +81,10 @@ def mirror_lower(m: torch.Tensor) -> None:
 class GramAccumulator:
     """Accumulates X^T X and sum |x| over windows on X's device: each window's product in float32 (its upper block
     triangle, upper_gram_add, into a float32 partial sum, FLUSH windows of them, mirrored at the flush), the partial
-    sum then added to the float64 sum, so the float64 conversion and addition of the d x d sum run once per FLUSH windows, not once per window (the statistics pass of
-    the bundled model, 8 x 512 on two threads: bench/RESULTS.md, "Cold statistics and factors"). A NaN or infinite
-    activation reaches the partial sum and is raised as NonFiniteActivations when it is flushed (`finish`)."""
+    sum then added to the float64 sum, so the float64 conversion and addition of the d x d sum run once per FLUSH
+    windows, not once per window (the statistics pass of the bundled model, 8 x 512 on two threads: bench/RESULTS.md,
+    "Cold statistics and factors"). A NaN or infinite activation reaches the partial sum and is raised as
+    NonFiniteActivations when it is flushed (`finish`)."""
 
     FLUSH = 8  # windows per float32 partial sum: 8 x 512 tokens; a partial's rounding stays near one product's
 

@@ -84,7 +84,8 @@ def cli(cache: Path, *args: str) -> dict:
 
 
 def cli_side(cache: Path) -> dict:
-    main = cli(cache, *work(), "--eval", "wiki,news", "--eval-tokens", "1024", "--generate")["timings_s"]
+    report = cli(cache, *work(), "--eval", "wiki,news", "--eval-tokens", "1024", "--generate")
+    main = report["timings_s"]
     small_eval = ["--eval", "wiki", "--eval-tokens", "256", "--no-eval-original"]
     bo = cli(cache, *work(), "--allocation", "bayes", "--bo-calls", str(BO_CALLS), *small_eval)["timings_s"]
     refined = cli(cache, *work(), "--refine", "sequential", *small_eval)["timings_s"]
@@ -107,6 +108,7 @@ def cli_side(cache: Path) -> dict:
         "Fisher sensitivity": bo["fisher"],
         "Bayesian optimization": bo["allocation"] - bo["fisher"],  # allocate() computed Fisher inside
         "Dobi-SVD training": dobi["training"],
+        "_generated_tokens": sum(row["new_tokens"] for rows in report["generations"].values() for row in rows),
         "_raw": {"main": main, "bo": bo, "dobi": dobi, "refined": refined},
     }
 
@@ -216,12 +218,8 @@ def app_side(cache: Path, log: Path) -> dict:
             "[...document.querySelectorAll('[data-testid=stTable] tbody tr')].some("
             "r => r.innerText.includes('news'))")
 
-        page.get_by_role("checkbox", name="Refine (sequential compensation)").check(force=True)
-        app.settle()
-        refined = "refined by sequential compensation"
-        out["refined build (refine and surgery)"] = app.step("Build compressed model", lambda: page.get_by_text(refined),
-                                                             has_text(refined))
-
+        # generation before the refined build, so that both sides generate with the same (unrefined) model: a refined
+        # one can stop at its end-of-text token at another place, which changes the work
         app.go("Side by side")
         own = page.get_by_label("Your own prompts, one a line")  # with the preselected one: the CLI's three
         own.fill("The history of the Roman Empire begins\nWrite a short poem about the sea.")
@@ -229,6 +227,15 @@ def app_side(cache: Path, log: Path) -> dict:
         app.settle()
         out["generate, original and compressed"] = app.step("Generate", lambda: page.get_by_text("tok/s").nth(5),
                                                             "document.body.innerText.split('tok/s').length > 6")
+        captions = re.findall(r"(\d+) tokens · [0-9.]+ tok/s", page.inner_text("body"))
+        out["_generated_tokens"] = sum(int(n) for n in captions)
+
+        app.go("Compress and evaluate")
+        page.get_by_role("checkbox", name="Refine (sequential compensation)").check(force=True)
+        app.settle()
+        refined = "held-out block-output error"  # the build's caption: "refined k of n blocks (held-out ...)"
+        out["refined build (refine and surgery)"] = app.step("Build compressed model", lambda: page.get_by_text(refined),
+                                                             has_text(refined))
 
         app.go("Allocation")
         page.get_by_role("radio", name="bayes").check(force=True)
@@ -288,6 +295,10 @@ def markdown(res: dict) -> str:
             spread = f" | {min(ratios):.2f}-{max(ratios):.2f}"
         digits = 2 if cli_s < 1 else 1  # a sub-second step shows its hundredths
         rows.append(f"| {step} | {cli_s:.{digits}f} | {app_s:.{digits}f} | {app_s / cli_s:.2f}{spread} |")
+    tokens = [(r["cli"].get("_generated_tokens"), r["app"].get("_generated_tokens")) for r in runs]
+    tokens_text = "" if not tokens or None in tokens[0] else (
+        "\nTokens generated (both models, all prompts; the same work when they match), CLI / app in each run: "
+        + ", ".join(f"{c} / {a}" for c, a in tokens) + ".\n")
     cold = res.get("cold_start")
     cold_text = "" if not cold else f"""
 A first-time user (`--cold-start`): a fresh clone and an empty HOME, so pip downloads everything but torch
@@ -296,7 +307,7 @@ the first page {cold['first_page_s']:.1f} s. The first load of the bundled model
 "load and statistics" row above includes that, on both sides).
 """
     raw = res["cli"]["_raw"]["main"]
-    size = "" if (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE else f" --calib {CALIB_WINDOWS}x{SEQLEN}"
+    size = "" if at_issue_9_size() else f" --calib {CALIB_WINDOWS}x{SEQLEN}"
     return f"""{section()}
 
 Machine: {res['machine']}. Date: {res['date']}. Command: `.venv/bin/python bench/bench_app_cli.py --write{f' --runs {len(runs)}' if len(runs) > 1 else ''}{' --cold-start' if cold else ''}{size}`.
@@ -314,7 +325,7 @@ except "statistics" and "surgery", which are the job's own times as the page sho
 | step | CLI s | app s | app / CLI |{' app / CLI in each run |' if len(runs) > 1 else ''}
 |---|---|---|---|{'---|' if len(runs) > 1 else ''}
 {chr(10).join(rows)}
-{cold_text}"""
+{tokens_text}{cold_text}"""
 
 
 def main() -> None:
@@ -335,20 +346,31 @@ def main() -> None:
             run["app"] = app_side(Path(tmp) / "app-cache", Path(tempfile.gettempdir()) / "bench_app_cli_streamlit.log")
             print(json.dumps(run["app"], indent=1), flush=True)
         res["runs"].append(run)
+        write_json(json_path(), res)  # each run as it ends: a later run that fails loses only itself
     res["cli"] = dict(median_of([r["cli"] for r in res["runs"]]), _raw=res["runs"][-1]["cli"]["_raw"])
     res["app"] = median_of([r["app"] for r in res["runs"]])
     if args.cold_start:
         res["cold_start"] = cold_start()
-    write_json(BENCH / ("app_cli.json" if (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE else f"app_cli_{args.calib}.json"), res)
+    write_json(json_path(), res)
     text = markdown(res)
     print(text)
     if args.write:
         replace_section(RESULTS, section(), text, keep_from=ANALYSIS)
 
 
+def at_issue_9_size() -> bool:
+    """Whether this run is at issue 9's calibration size, whose JSON and section keep their first names."""
+    return (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE
+
+
+def json_path() -> Path:
+    """This calibration size's JSON (issue 9's is app_cli.json)."""
+    return BENCH / ("app_cli.json" if at_issue_9_size() else f"app_cli_{CALIB_WINDOWS}x{SEQLEN}.json")
+
+
 def section() -> str:
     """The RESULTS.md section of this calibration size (issue 9's is 8 x 256)."""
-    return SECTION if (CALIB_WINDOWS, SEQLEN) == ISSUE_9_SIZE else f"## App against CLI at {CALIB_WINDOWS} x {SEQLEN} (issue 26)"
+    return SECTION if at_issue_9_size() else f"## App against CLI at {CALIB_WINDOWS} x {SEQLEN} (issue 26)"
 
 
 def median_of(sides: list[dict]) -> dict:

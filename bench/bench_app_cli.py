@@ -1,6 +1,6 @@
 """Benchmark of issue 9: every long step of the Studio against the same work from the CLI.
 
-    python bench/bench_app_cli.py [--write] [--cold-start] [--runs N] [--calib 8x256]
+    python bench/bench_app_cli.py [--write] [--cold-start] [--runs N] [--more] [--calib 8x256]
 
 One run, one machine, one after the other, nothing else running, each side on an empty cache of its
 own (so both dequantize the bundled GGUF and collect statistics cold):
@@ -18,7 +18,8 @@ build refined (`--refine sequential`; the app's Refine box on the Compress page)
 empty too): `make install`, then `make run` until Chromium shows the first page.
 --calib other than 8x256 writes bench/app_cli_WxT.json and its own section, "## App against CLI at W x T (issue 26)".
 --runs N repeats both sides N times and reports each side's median per step, with each run's ratio beside it
-(steps differ by 10-20% between runs on this shared machine). --write replaces the "## App against CLI (issue 9)"
+(steps differ by 10-20% between runs on this shared machine). --more adds the N runs to those already in this size's
+JSON (a run at 32 x 512 takes about 28 minutes here, so the three can come from two sittings). --write replaces the "## App against CLI (issue 9)"
 section of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -333,12 +334,14 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="replace the section in bench/RESULTS.md")
     ap.add_argument("--cold-start", action="store_true", help="also time install and first page on a fresh clone")
     ap.add_argument("--runs", type=int, default=1, help="repeat both sides; the table shows each side's median")
+    ap.add_argument("--more", action="store_true", help="add the runs to those in this size's JSON")
     ap.add_argument("--calib", default="8x256", help="calibration windows x tokens, on both sides")
     args = ap.parse_args()
     global CALIB_WINDOWS, SEQLEN
     CALIB_WINDOWS, SEQLEN = (int(v) for v in args.calib.split("x"))
-    res = {"machine": f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start", "date": utc_date(),
-           "runs": []}
+    res = earlier_runs() if args.more else {"runs": []}
+    res["machine"] = f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start"
+    res["date"] = utc_date() if res.get("date", utc_date()) == utc_date() else f"{res['date'].split(' to ')[0]} to {utc_date()}"
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             run = {"cli": cli_side(Path(tmp) / "cli-cache")}
@@ -356,6 +359,15 @@ def main() -> None:
     print(text)
     if args.write:
         replace_section(RESULTS, section(), text, keep_from=ANALYSIS)
+
+
+def earlier_runs() -> dict:
+    """This size's JSON, whose runs --more adds to; its medians are recomputed at the end."""
+    path = json_path()
+    if not path.exists():
+        sys.exit(f"--more adds to {path.name}, which is not there: run without --more first")
+    res = json.loads(path.read_text())
+    return {"date": res["date"], "runs": res["runs"]}
 
 
 def at_issue_9_size() -> bool:

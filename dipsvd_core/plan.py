@@ -177,14 +177,6 @@ def _gb(b: int) -> str:
     return f"{b / GiB:.2f} GiB" if b else "-"
 
 
-def _size(b: int) -> str:
-    """Bytes in the largest binary unit, up to GiB, in which they are at least 1 (a 1KiB budget is not "0.0 MiB")."""
-    for unit, scale, digits in (("GiB", GiB, 2), ("MiB", 2 ** 20, 1), ("KiB", 2 ** 10, 1)):
-        if b >= scale:
-            return f"{b / scale:.{digits}f} {unit}"
-    return f"{b} bytes"
-
-
 def _seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min"
 
@@ -754,14 +746,24 @@ def check_budgets(plan: Plan, budgets: dict) -> None:
         if budget is None:
             continue
         if budget < least:
-            raise BudgetError(f"{option} {_size(budget)} cannot hold one decoder block of this model ({_size(least)} in "
-                              f"{plan.run.dtype}{' beside the runtime' if what == 'host' else ''}); give at least that")
+            beside = " beside the runtime" if what == "host" else ""
+            raise BudgetError(f"{option} {binary_size(budget, 2)} cannot hold one decoder block of this model "
+                              f"({binary_size(least, 2)} in {plan.run.dtype}{beside}); give at least that")
         setattr(plan, f"free_{what}_bytes", budget)
         plan.notes.append(f"{what} memory: the budget {option} {_gb(budget)}, not what is free now")
 
 
 SIZE_UNITS = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12,
               "ki": 2 ** 10, "mi": 2 ** 20, "gi": 2 ** 30, "ti": 2 ** 40}
+
+
+def binary_size(n: float, gib_digits: int = 1) -> str:
+    """Bytes in the largest binary unit, up to GiB, in which they are at least 1 (a 1KiB budget is not "0.0 MiB");
+    memory_size reads it back."""
+    for unit, size, digits in (("GiB", GiB, gib_digits), ("MiB", 2**20, 1), ("KiB", 2**10, 1)):
+        if abs(n) >= size:
+            return f"{n / size:.{digits}f} {unit}"
+    return f"{n:.0f} B"
 
 
 def memory_size(text: str) -> int:

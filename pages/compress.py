@@ -12,6 +12,7 @@ from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
+from dipsvd_core.plan import binary_size
 from dipsvd_core.refine import REFINE_CHOICES, calibration_advice, refine_choice, refine_table, summary
 from dipsvd_core.strategies import strategy
 from dipsvd_core.sweep import REFINED, run_sweep
@@ -79,8 +80,8 @@ if s.result is not None and s.params is not None:
                 f"| **{100 * p['whole_model_reduction']:.1f}%** (embeddings and lm_head are kept) |")
     if "storage" in s.result.info:  # Dobi-SVD: the budget is in bytes against the 16-bit dense weights
         st_ = s.result.info["storage"]
-        st.caption(f"Storage of the targeted matrices: {ui.fmt_bytes(st_['targeted_bytes_after'])} from "
-                   f"{ui.fmt_bytes(st_['targeted_bytes_before_16bit'])} at 16 bits"
+        st.caption(f"Storage of the targeted matrices: {binary_size(st_['targeted_bytes_after'])} from "
+                   f"{binary_size(st_['targeted_bytes_before_16bit'])} at 16 bits"
                    + (" (8-bit factors with per-vector scales)" if st_["remap"] else "")
                    + f"; the trained gammas alone reached ratio {s.result.info['ratio_trained']:.4f}.")
         if s.result.info.get("note"):

@@ -11,7 +11,7 @@ from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.plan import BudgetError, check_fits, make_plan, memory_size, run_of
+from dipsvd_core.plan import BudgetError, binary_size, check_fits, make_plan, memory_size, run_of
 from studio import ui
 from studio.jobs import settle_heap
 from studio.state import defaults
@@ -100,14 +100,14 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
     else:
         timed = ui.plan_of(spec or "", device, run, trust, True, budgets) if st.session_state.get("k_plan_timed") \
             else plan
-        rows = [{"phase": n, "host": ui.fmt_bytes(p["host_bytes"]), "device": ui.fmt_bytes(p["device_bytes"]),
-                 "disk": ui.fmt_bytes(p["disk_bytes"]),
+        rows = [{"phase": n, "host": binary_size(p["host_bytes"]), "device": binary_size(p["device_bytes"]),
+                 "disk": binary_size(p["disk_bytes"]),
                  "time": "" if timed["phases"][n]["seconds"] is None else f"{timed['phases'][n]['seconds']:.0f} s",
                  "needed": "yes" if p["needed"] else "no (not for these settings)"}
                 for n, p in plan["phases"].items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        st.caption(f"Peak host {ui.fmt_bytes(plan['peak_host_bytes'])}, device "
-                   f"{ui.fmt_bytes(plan['peak_device_bytes'])}, disk {ui.fmt_bytes(plan['disk_bytes'])}; "
+        st.caption(f"Peak host {binary_size(plan['peak_host_bytes'])}, device "
+                   f"{binary_size(plan['peak_device_bytes'])}, disk {binary_size(plan['disk_bytes'])}; "
                    "from the config alone, with the original kept beside the compressed copy. "
                    + " ".join(timed.get("notes", [])))
         st.checkbox("Predict the time (a few seconds' microbenchmark on this device)", key="k_plan_timed",

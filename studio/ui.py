@@ -59,14 +59,14 @@ def device_panel(device: str) -> None:
     """The compute device, its memory used and free, and the host's free memory."""
     import torch
 
-    from dipsvd_core.plan import free_host_bytes
+    from dipsvd_core.plan import binary_size, free_host_bytes
 
     host = free_host_bytes()
-    host_txt = f" · host memory free {fmt_bytes(host)}" if host is not None else ""
+    host_txt = f" · host memory free {binary_size(host)}" if host is not None else ""
     if torch.cuda.is_available() and device in ("auto", "cuda"):
         free, total = torch.cuda.mem_get_info()
-        st.caption(f"Device: **{torch.cuda.get_device_name()}** · GPU memory used {fmt_bytes(total - free)} of "
-                   f"{fmt_bytes(total)}, free {fmt_bytes(free)}{host_txt}")
+        st.caption(f"Device: **{torch.cuda.get_device_name()}** · GPU memory used {binary_size(total - free)} of "
+                   f"{binary_size(total)}, free {binary_size(free)}{host_txt}")
     else:
         why = "no CUDA GPU found" if not torch.cuda.is_available() else "chosen"
         st.caption(f"Device: **CPU** ({why}; {os.cpu_count()} cores){host_txt}")
@@ -247,8 +247,3 @@ def fmt_params(n: float) -> str:
     return f"{n:.0f}"
 
 
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"

@@ -285,3 +285,14 @@ def test_offload_places_blocks_by_the_budgets(llama8b_config, device_gib, host_g
     # the device side does not depend on this process's runtime (the host side does: it is measured)
     assert at.device == {24: 3, 40: 32, 80: 32}[device_gib]
     assert (at.disk > 0) == (host_gib == 20)
+
+
+@pytest.mark.parametrize("n, gib_digits, text", [
+    (0, 1, "0 B"), (1023, 1, "1023 B"), (1024, 1, "1.0 KiB"), (64 * 2**10, 2, "64.0 KiB"),
+    (1536 * 2**10, 1, "1.5 MiB"), (2**30 * 7.256, 2, "7.26 GiB"), (2**30 * 7.256, 1, "7.3 GiB"),
+    (-3 * 2**20, 1, "-3.0 MiB"),
+])
+def test_binary_size_takes_the_largest_unit_of_at_least_one(n, gib_digits, text):
+    assert P.binary_size(n, gib_digits) == text
+    if n > 0 and not text.endswith(" B"):  # and memory_size reads it back to within its rounding
+        assert P.memory_size(text.replace(" ", "")) == pytest.approx(n, rel=0.01)

@@ -82,12 +82,16 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+SIZE_OPTIONS = {  # the memory budgets, each a size (_memory_size; _joined_sizes lets a negative one reach it)
+    "--device-memory": "the GPU memory this run may use, e.g. 22GiB (default: what is free now); the plan checks the "
+                       "run against it",
+    "--host-memory": "the host memory this run may use, e.g. 64GiB (default: what is free now)",
+}
+
+
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device-memory", type=_memory_size, default=None,
-                   help="the GPU memory this run may use, e.g. 22GiB (default: what is free now); the plan checks "
-                        "the run against it")
-    p.add_argument("--host-memory", type=_memory_size, default=None,
-                   help="the host memory this run may use, e.g. 64GiB (default: what is free now)")
+    for option, help in SIZE_OPTIONS.items():
+        p.add_argument(option, type=_memory_size, default=None, help=help)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -515,9 +519,6 @@ def cmd_sweep(args) -> dict:
     write(report)
     report["report_paths"] = [args.out_json, args.out_md]
     return report
-
-
-SIZE_OPTIONS = ("--device-memory", "--host-memory")
 
 
 def _joined_sizes(argv: list[str]) -> list[str]:

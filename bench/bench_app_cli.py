@@ -341,7 +341,8 @@ def main() -> None:
     CALIB_WINDOWS, SEQLEN = (int(v) for v in args.calib.split("x"))
     res = earlier_runs() if args.more else {"runs": []}
     res["machine"] = f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start"
-    res["date"] = utc_date() if res.get("date", utc_date()) == utc_date() else f"{res['date'].split(' to ')[0]} to {utc_date()}"
+    first, today = res.get("date", utc_date()).split(" to ")[0], utc_date()  # --more's runs can span days
+    res["date"] = today if first == today else f"{first} to {today}"
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             run = {"cli": cli_side(Path(tmp) / "cli-cache")}

@@ -1,0 +1,62 @@
+"""The pure views of inspection.py the app shows in words: the quality verdict's bands and its advice."""
+from __future__ import annotations
+
+import pytest
+
+from dipsvd_core.inspection import VERDICT_BANDS, quality_verdict
+from dipsvd_core.settings import Settings
+
+
+def ppl(wiki: float, news: float) -> dict:
+    return {"original": {"wiki": 10.0, "news": 20.0}, "compressed": {"wiki": 10.0 * wiki, "news": 20.0 * news}}
+
+
+@pytest.mark.parametrize("wiki, news, level, box", [
+    (1.05, 1.2, "close", "success"),        # 1.2x exactly is still within
+    (1.1, 1.21, "worse", "warning"),        # the worst set decides
+    (2.0, 1.5, "worse", "warning"),         # 2x exactly is the top of the middle band
+    (4.1, 3.58, "far", "error"),            # issue 36's 11.77 -> 48.27
+])
+def test_verdict_bands_follow_the_worst_set(wiki, news, level, box):
+    v = quality_verdict(ppl(wiki, news), Settings(ratio=0.2), 32 * 512)
+    assert (v["level"], v["box"]) == (level, box)
+    name, x = v["worst"]
+    assert x == pytest.approx(max(wiki, news)) and name == ("wiki" if wiki >= news else "news")
+    assert [b[0] for b in VERDICT_BANDS] == [1.2, 2.0, float("inf")]
+
+
+def test_no_verdict_without_both_models_on_one_set():
+    assert quality_verdict({"original": {"wiki": 10.0}}, Settings(), 4096) is None
+    assert quality_verdict({"original": {"wiki": 10.0}, "compressed": {"news": 30.0}}, Settings(), 4096) is None
+
+
+def test_advice_reads_the_settings():
+    far = ppl(3.0, 3.0)
+    assert quality_verdict(ppl(1.1, 1.1), Settings(ratio=0.3), 2048)["help"] == []  # close: nothing to advise
+    small = quality_verdict(far, Settings(method="dipsvd", allocation="heuristic", ratio=0.2), 8 * 256)["help"]
+    assert [h.split(" ")[0] for h in small] == ["refine", "another", "more", "a"]
+    assert "heuristic" not in small[1].split(":")[1] and "uniform" in small[1]
+    assert "2,048 tokens now" in small[2] and "16,384 advised" in small[2]
+    done = quality_verdict(far, Settings(allocation="heuristic", refine="sequential", ratio=0.1), 32 * 512)["help"]
+    assert [h.split(" ")[0] for h in done] == ["another"]  # refined, advised calibration, ratio not above 0.1
+
+
+def test_refine_summary_and_table_give_the_gain_one_sign():
+    from dipsvd_core.refine import refine_table, summary
+
+    info = {"seconds": 1.0, "fit_windows": 6, "held_windows": [3, 7],
+            "blocks": [{"block": b, "refined": True, "choice": "refined", "gain": g, "matrices": {}}
+                       for b, g in enumerate((0.02, 0.03, 0.05))]}
+    assert "median held-out gain +3%" in summary(info)
+    assert [r["block gain"] for r in refine_table(info)] == ["+2.0%", "+3.0%", "+5.0%"]
+
+
+def test_calibration_advice_names_no_repository_file_and_no_cached_time():
+    from dipsvd_core.refine import calibration_advice
+
+    cached = calibration_advice(8, 256, {"statistics": 0.01, "fisher": 0.02})
+    assert "RESULTS.md" not in cached and " 0 s" not in cached
+    assert "statistics, fisher read from the cache here, not timed" in cached
+    timed = calibration_advice(8, 256, {"statistics": 0.01, "fisher": 12.0})
+    assert ": about 96 s for fisher, timed here at 12 s (statistics read from the cache" in timed
+    assert calibration_advice(32, 512, {}) is None

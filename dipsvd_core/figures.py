@@ -42,9 +42,15 @@ def sorted_alpha(alpha: np.ndarray, n_top: int, block: int, group: str) -> go.Fi
     if n_top > 0:
         fig.add_trace(go.Scatter(x=rank[:n_top], y=a[:n_top], mode="markers", name=f"protected ({n_top})",
                                  marker={"color": ORANGE, "size": 5}))
-        fig.add_vline(x=n_top + 0.5, line={"color": ORANGE, "dash": "dash"},
-                      annotation_text=f"top {n_top} channels", annotation_position="top right")
-    fig.update_xaxes(type="log")  # the protected head is a few percent of the channels: give it room
+        # On a log axis plotly reads an annotation's x as log10 of the value (a shape's x as the value itself):
+        # add_vline's annotation_text at x = n_top + 0.5 stretched the axis to 10^(n_top + 0.5), so the cut's
+        # label is placed by hand
+        cut = n_top + 0.5
+        fig.add_vline(x=cut, line={"color": ORANGE, "dash": "dash"})
+        fig.add_annotation(x=float(np.log10(cut)), y=1, yref="paper", text=f"top {n_top} channels", showarrow=False,
+                           xanchor="left", yanchor="bottom", font={"color": ORANGE})
+    # the protected head is a few percent of the channels: a log axis gives it room; it ends at the channel count
+    fig.update_xaxes(type="log", range=[0, float(np.log10(max(a.size, 2)))])
     fig.update_yaxes(type="log")
     return _layout(fig, f"Sorted α — block {block}, input of {group}", "channel rank (log)", "α (log)")
 

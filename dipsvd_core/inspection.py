@@ -173,3 +173,48 @@ def sweep_curves(report: dict, dataset: str) -> dict[str, tuple[list[float], lis
         ys.append(row["ppl"][dataset])
     return curves
 
+
+
+# The quality verdict beside the perplexity table: the compressed model's perplexity over the original's on the
+# worst evaluated set, in three bands (upper bound, level, box colour of the app, words)
+VERDICT_BANDS = ((1.2, "close", "success", "within 1.2x of the original"),
+                 (2.0, "worse", "warning", "1.2-2x the original's perplexity"),
+                 (float("inf"), "far", "error", "over 2x the original's perplexity"))
+LOW_RATIO = 0.1  # a lower ratio is offered as help only above this
+
+
+def quality_verdict(ppl: dict[str, dict[str, float]], settings: Settings, calib_tokens: int) -> dict | None:
+    """The verdict on a compressed model from its perplexities (ppl_rows' input: {"original": {set: ppl},
+    "compressed": {...}}): None until one set has both; else {"level", "box", "worst": (set, x), "words",
+    "help": [what would most likely help, most likely first]} (no help within the first band)."""
+    both = [(n, c / ppl["original"][n]) for n, c in ppl.get("compressed", {}).items()
+            if ppl.get("original", {}).get(n)]
+    if not both:
+        return None
+    name, x = max(both, key=lambda item: item[1])
+    _, level, box, band = next(b for b in VERDICT_BANDS if x <= b[0])
+    words = f"The compressed model is {band} (worst set: {name}, {x:.2f}x)."
+    helps = [] if level == VERDICT_BANDS[0][1] else quality_help(settings, calib_tokens)
+    return {"level": level, "box": box, "worst": (name, x), "words": words, "help": helps}
+
+
+def quality_help(settings: Settings, calib_tokens: int) -> list[str]:
+    """What would most likely bring the compressed model closer to the original, from the settings chosen: the
+    measured levers of this project (refine, a refine-ready allocation, more calibration), then a lower ratio."""
+    from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+    from .methods import handler, refines
+    from .strategies import names_for
+
+    out = []
+    if handler(settings.method).refinable and not refines(settings.refine):
+        out.append("refine (the Refine box above): same size, each block refitted to the original's outputs")
+    others = [a for a in names_for(settings.method) if a != settings.allocation]
+    if others:
+        out.append(f"another allocation than {settings.allocation} (Allocation page: {', '.join(others)})")
+    if calib_tokens < DEFAULT_WINDOWS * DEFAULT_SEQLEN:
+        out.append(f"more calibration: {calib_tokens:,} tokens now, {DEFAULT_WINDOWS} x {DEFAULT_SEQLEN} = "
+                   f"{DEFAULT_WINDOWS * DEFAULT_SEQLEN:,} advised (Model and data page)")
+    if settings.ratio > LOW_RATIO:
+        out.append(f"a lower ratio than {settings.ratio:g}: perplexity rises fast with the ratio (the sweep below "
+                   "shows how fast on this model)")
+    return out

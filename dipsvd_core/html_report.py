@@ -14,6 +14,8 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from .report import build_words
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #1f2328; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; }
@@ -39,12 +41,22 @@ def _summary(report: dict) -> str:
     params = report.get("params") or {}
     rows = [["model", report.get("model")], ["method", report.get("method")],
             ["allocation", report.get("allocation")],
+            ["refine", (report.get("settings") or {}).get("refine", "none")],
             ["ratio (target / realized)", f"{report.get('ratio_target')} / {_fmt(report.get('ratio_realized'))}"],
             ["calibration", f"{cal.get('source')}, {cal.get('windows')} x {cal.get('seqlen')} tokens"],
             ["parameters (before / after)", f"{params.get('total_before', '-'):,} / {params.get('total_after', '-'):,}"
              if params else "-"]]
-    settings = ", ".join(f"{k}={v}" for k, v in (report.get("settings") or {}).items())
-    return _table(["", ""], rows) + f"<p class='muted'>settings: {html.escape(settings)}</p>"
+    return _table(["", ""], rows) + "<details><summary>every setting</summary>" + \
+        _table(["setting", "value"], _setting_rows(report.get("settings") or {})) + "</details>"
+
+
+def _setting_rows(settings: dict) -> list[list]:
+    """One row per setting, a nested one (Dobi-SVD's) as <field>.<name>: never a Python dict's repr."""
+    rows = []
+    for name, value in settings.items():
+        inner = value.items() if isinstance(value, dict) else [(None, value)]
+        rows += [[name if k is None else f"{name}.{k}", _fmt(v)] for k, v in inner]
+    return rows
 
 
 def _perplexity(report: dict) -> str:
@@ -99,7 +111,8 @@ def report_html(report: dict, figures: dict[str, go.Figure] | None = None) -> st
 
     charts = "".join(f"<h2>{html.escape(title)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=False)
                      for title, fig in (figures or {}).items())
-    title = f"DipSVD Studio: {report.get('model')} — {report.get('method')} at {report.get('ratio_target')}"
+    title = f"DipSVD Studio: {report.get('model')} — " + (build_words(report["settings"]) if "settings" in report else
+                                                           f"{report.get('method')}, {report.get('ratio_words')}")
     raw = html.escape(json.dumps({k: report[k] for k in ("ranks", "p_blocks", "timings_s") if k in report}))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>"

@@ -4,7 +4,7 @@ convergence) comes from its handler (methods.py)."""
 from __future__ import annotations
 
 from .allocation import describe_ratio
-from .methods import handler
+from .methods import handler, refines
 from .settings import settings_dict
 
 
@@ -29,6 +29,14 @@ def compression_report(lm, bench, result, params: dict | None, ppl: dict | None 
     if generations:
         out["generations"] = generations
     return out
+
+
+def build_words(settings: dict) -> str:
+    """A build in words, for a report's title and the app's column labels (settings_dict of its Settings):
+    'dipsvd + heuristic · ratio 0.2 removed, 80% kept · refined (sequential)'."""
+    refine = settings.get("refine", "none")
+    return (f"{settings['method']} + {settings['allocation']} · {describe_ratio(settings['ratio'])} · "
+            + (f"refined ({refine})" if refines(refine) else "not refined"))
 
 
 def sweep_row(report: dict) -> dict:

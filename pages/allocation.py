@@ -220,4 +220,6 @@ with view:
             st.plotly_chart(figures.convergence(chosen.values, chosen.history, new.bo_objective), key="fig_bo")
             st.caption("Objective of each BO call and the best so far" +
                        (" (cancelled early)." if s.bo["cancelled"] else "."))
-        st.caption(f"Preview computed in {elapsed * 1000:.0f} ms from cached factors.")
+        st.caption(f"Preview computed in {elapsed * 1000:.0f} ms "
+                   + ("from cached factors." if have_factors else
+                      "from the allocation alone: the predicted loss appears once the matrices are factored."))

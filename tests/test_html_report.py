@@ -30,6 +30,11 @@ def test_the_report_is_one_self_contained_file(html_report):
     for title in ("Fisher sensitivity", "Effective rank", "Block importance Q", "Allocation", "Perplexity",
                   "Generations, side by side"):
         assert f"<h2>{title}</h2>" in text
+    # the title names method, allocation, ratio removed and kept, and whether refined; no setting is a dict's repr
+    assert "<title>DipSVD Studio: " in text and \
+        "dipsvd + heuristic · ratio 0.3 removed, 70% kept · not refined</title>" in text
+    settings = text.split("<summary>every setting</summary>")[1].split("</details>")[0]
+    assert "<td>dobi.epochs</td>" in settings and "{" not in settings
     wiki = report["ppl"]["compressed"]["wiki"]
     assert f"<td>{wiki:.4g}</td>" in text
     first = report["generations"]["compressed"][0]

@@ -9,7 +9,17 @@ Sources (DESIGN.md section 6):
   used in (the Side-by-side page's prompts go through the chat template); refine fitted on plain wiki alone made
   chat answers repeat (bench/RESULTS.md, issue 25). A tokenizer without a chat template gets the plain passages.
   The default calibration (DEFAULT_CALIB).
-- `news`: gensim's `lee_background.cor` (one news story a line), for evaluation.
+- `news`: gensim's `lee_background.cor` (one news story a line), split by story: the first half is `eval`, the
+  second half `calib`, so a news calibration never sees the stories a news evaluation reads (the evaluation reads the
+  leading windows of the first half, as it read the leading windows of the whole file before the split).
+- `mix` (MIX): windows drawn from several of the sources above in set proportions (`mix` alone is MIX_DEFAULT;
+  `mix:wiki-chat=2,news=1,wiki=1` names them), each source's windows drawn as that source's own. The held-out
+  windows refine checks on (every HOLDOUT-th) are apportioned among the sources like the others, so refine's and the
+  probes' held-out checks read every kind of text in the mix (mix_plan).
+- The quality panel, for evaluation only (PANEL): `python-docs` (CPython's reference manual as pydoc ships it, in
+  every Python: technical writing), `kjv` (narrative books of the King James Bible, through Debian's `bible-kjv`:
+  book prose) and `fortunes` (Debian's `fortunes`: quotations, jokes and dialogue). Each is split in halves like
+  news; none of them is in any calibration source.
 - `wikitext2`, `ptb`, `c4`: through `datasets`, when the hub or its local cache has them.
 - a local `.txt` (blank-line separated documents) or `.jsonl` (a "text" field a line) path.
 
@@ -38,7 +48,14 @@ HUB_SETS = {
     "c4": ("allenai/c4", "en", {"calib": "train", "eval": "validation"}, "text"),
 }
 CHAT = "wiki-chat"
-SOURCES = ("wiki", CHAT, "news", *HUB_SETS)
+MIX = "mix"
+# the default mix's shares: the chat framing the app is used in, wiki, and the news calibration half
+MIX_DEFAULT = {CHAT: 2, "wiki": 1, "news": 1}
+PANEL = ("python-docs", "kjv", "fortunes")  # evaluation texts of other kinds than any calibration source
+SOURCES = ("wiki", CHAT, "news", MIX, *HUB_SETS, *PANEL)
+HOLDOUT = 4  # every HOLDOUT-th calibration window is held out by refine: fitted never, scored always
+KJV_BOOKS = ("Genesis", "Exodus", "Ruth", "Esther", "Luke", "John", "Acts")  # narrative books
+FORTUNES = Path("/usr/share/games/fortunes")
 DEFAULT_CALIB = CHAT  # the calibration text the CLI and the app start from
 CHAT_ASK = "Tell me about {subject}."
 CHAT_PASSAGE = 1500  # characters of whole paragraphs a passage gathers before it is closed
@@ -134,7 +151,9 @@ def load_documents(source: str, split: str = "eval") -> list[str]:
         return docs[:half] if split == "calib" else docs[half:]
     if source == "news":
         path = _gensim_data() / NEWS_FILE
-        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return _halves([ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()], split)
+    if source in PANEL:
+        return _halves(_PANEL_READERS[source](), split)
     if source in HUB_SETS:
         return _hub_docs(source, split)
     path = Path(os.path.expanduser(source))
@@ -146,6 +165,106 @@ def load_documents(source: str, split: str = "eval") -> list[str]:
             raise DipSVDError(f"{source} holds no text")
         return docs
     raise DipSVDError(f"unknown text source '{source}'; use one of {', '.join(SOURCES)}, or a .txt/.jsonl path")
+
+
+def _halves(docs: list[str], split: str) -> list[str]:
+    """An evaluation source's two parts: the first half of its documents is `eval`, the second `calib`."""
+    half = (len(docs) + 1) // 2
+    return docs[:half] if split == "eval" else docs[half:]
+
+
+def _python_docs() -> list[str]:
+    from pydoc_data.topics import topics
+
+    texts = (text.strip() for _, text in sorted(topics.items()))
+    return list(dict.fromkeys(t for t in texts if len(t) > 200))  # several topics share one text
+
+
+def _kjv() -> list[str]:
+    """The narrative books of the King James Bible, a document per chapter, from Debian's `bible` program."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bible") is None:
+        raise DipSVDError("text 'kjv' needs Debian's King James Bible: run `apt-get install bible-kjv`")
+    docs = []
+    for book in KJV_BOOKS:
+        out = subprocess.run(["bible", "-f", f"{book}1:1-199:199"], capture_output=True, text=True, check=True).stdout
+        chapter: list[str] = []
+        for line in out.splitlines():
+            m = re.match(r"^\w+?(\d+):(\d+) (.*)$", line.strip())
+            if m and m.group(2) == "1" and chapter:
+                docs.append(" ".join(chapter))
+                chapter = []
+            if m:
+                chapter.append(m.group(3))
+            elif line.strip() and chapter:
+                chapter.append(line.strip())
+        if chapter:
+            docs.append(" ".join(chapter))
+    return docs
+
+
+def _fortunes() -> list[str]:
+    """Debian's English fortunes (not the offensive ones), one cookie a document, file by file in name order."""
+    files = sorted(p for p in FORTUNES.glob("*") if p.is_file() and not p.suffix and p.name != "ascii-art")
+    if not files:
+        raise DipSVDError("text 'fortunes' needs Debian's fortunes: run `apt-get install fortunes`")
+    docs = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs += [d.strip() for d in text.split("\n%\n") if len(d.strip()) > 40]
+    return docs
+
+
+_PANEL_READERS = {"python-docs": _python_docs, "kjv": _kjv, "fortunes": _fortunes}
+
+
+def mix_shares(source: str) -> dict[str, float] | None:
+    """The shares of a mixed source (`mix`, or `mix:wiki-chat=2,news=1`), None for any other source."""
+    if source != MIX and not source.startswith(MIX + ":"):
+        return None
+    if source == MIX:
+        return dict(MIX_DEFAULT)
+    shares = {}
+    for part in source[len(MIX) + 1:].split(","):
+        name, _, value = part.strip().partition("=")
+        try:
+            share = float(value or 1)
+        except ValueError:
+            share = -1.0
+        if name not in SOURCES or name == MIX or name in PANEL or not share > 0:
+            raise DipSVDError(f"'{part.strip()}' in '{source}' is not SOURCE=SHARE with a positive share and a source "
+                              f"among {', '.join(s for s in SOURCES if s != MIX and s not in PANEL)}; e.g. "
+                              f"mix:wiki-chat=2,news=1")
+        shares[name] = shares.get(name, 0.0) + share
+    return shares
+
+
+def _apportion(n: int, shares: dict[str, float]) -> dict[str, int]:
+    """n split by the shares, largest remainder first (ties in the order given)."""
+    total = sum(shares.values())
+    exact = {k: n * v / total for k, v in shares.items()}
+    counts = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: counts[k] - exact[k])[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def mix_plan(n_windows: int, shares: dict[str, float]) -> list[str]:
+    """The source of each of n calibration windows: the held-out positions (every HOLDOUT-th) and the others are
+    each apportioned by the shares, and each part is interleaved, so refine's held-out check reads every source
+    (as soon as there are as many held-out windows as sources)."""
+    held = [i for i in range(n_windows) if i % HOLDOUT == HOLDOUT - 1]
+    fit = [i for i in range(n_windows) if i % HOLDOUT != HOLDOUT - 1]
+    plan = [""] * n_windows
+    for positions in (held, fit):
+        counts = _apportion(len(positions), shares)
+        # interleave: the k-th window of a source of count c sits at (k + 0.5) / c along the part
+        order = sorted(((k + 0.5) / c, i, name) for i, (name, c) in enumerate(counts.items()) for k in range(c))
+        for pos, (_, _, name) in zip(positions, order):
+            plan[pos] = name
+    return plan
 
 
 def bos_id(tokenizer) -> int | None:
@@ -187,6 +306,9 @@ def chat_documents(tokenizer, split: str) -> list[str]:
 def token_stream(tokenizer, source: str, split: str) -> torch.Tensor:
     """Join the documents with blank lines and tokenize once, without added special tokens (a chat template's
     own tokens in wiki-chat's text are read as the special tokens they are)."""
+    if mix_shares(source) is not None:
+        raise DipSVDError(f"'{source}' is a calibration mix; evaluate on its sources one by one "
+                          f"({', '.join(mix_shares(source))})")
     docs = chat_documents(tokenizer, split) if source == CHAT else load_documents(source, split)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -201,11 +323,27 @@ def _chunks(stream: torch.Tensor, seqlen: int, bos: int | None) -> torch.Tensor:
     return chunks
 
 
+def _mixed(tokenizer, source: str, n_windows: int, seqlen: int, seed: int, skip: int = 0) -> torch.Tensor:
+    """A mixed source's windows in mix_plan's order; with `skip`, the held-out windows after each source's own
+    calibration windows (skip apportioned like the windows)."""
+    shares = mix_shares(source)
+    plan, before = mix_plan(n_windows, shares), mix_plan(skip, shares)  # before: the calibration's own windows
+    drawn = {}
+    for name in dict.fromkeys(plan):
+        count = plan.count(name)
+        drawn[name] = list(heldout_windows(tokenizer, name, count, seqlen, seed, before.count(name)) if skip else
+                           calibration_windows(tokenizer, name, count, seqlen, seed))
+    return torch.stack([drawn[name].pop(0) for name in plan])
+
+
 def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """`n_windows` distinct non-overlapping windows (n_windows, seqlen), chosen by a seeded permutation."""
+    """`n_windows` distinct non-overlapping windows (n_windows, seqlen), chosen by a seeded permutation (a mixed
+    source's: each source's own windows, in mix_plan's order)."""
     if n_windows < 1 or seqlen < 2:
         raise DipSVDError(f"need at least 1 calibration window of at least 2 tokens (got {n_windows} x {seqlen})")
-    split = "eval" if source == "news" else "calib"
+    if mix_shares(source) is not None:
+        return _mixed(tokenizer, source, n_windows, seqlen, seed)
+    split = "calib"
     chunks = _chunks(token_stream(tokenizer, source, split), seqlen, bos_id(tokenizer))
     if len(chunks) < n_windows:
         raise DipSVDError(
@@ -218,8 +356,11 @@ def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, see
 
 def heldout_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
                     skip: int = 0) -> torch.Tensor:
-    """Calibration-split windows NOT used for calibration (the `skip` windows the seed picked first)."""
-    split = "eval" if source == "news" else "calib"
+    """Calibration-split windows NOT used for calibration (the `skip` windows the seed picked first); a mixed
+    source's from each of its sources in its proportions."""
+    if mix_shares(source) is not None:
+        return _mixed(tokenizer, source, n_windows, seqlen, seed, skip)
+    split = "calib"
     chunks = _chunks(token_stream(tokenizer, source, split), seqlen, bos_id(tokenizer))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(chunks), generator=g)

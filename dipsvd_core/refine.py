@@ -83,7 +83,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT
 from .errors import DipSVDError
 from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .models import find_blocks, weights_of
@@ -114,7 +114,6 @@ def refine_choice(name: str) -> RefineChoice:
     return REFINE_CHOICES[name]
 DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the plain least-squares target (GPTQ's percdamp)
 TAUS = (0.01, 0.1, 1.0, 10.0)  # the candidate dampings (ridge towards the unrefined factors) held-out windows choose
-HOLDOUT = 4  # every HOLDOUT-th calibration window is held out: fitted never, scored always
 TUNE_EPOCHS = 2  # refine "block": epochs of Adam over the fit windows on each block's low-rank factors
 TUNE_LR = 1e-4
 RESIDUAL = True  # the block's last Linear also takes back the residual stream's drift

@@ -242,8 +242,8 @@ def test_text_sources(tiny_lm, tmp_path, monkeypatch):
     calib, ev = load_documents("wiki", "calib"), load_documents("wiki", "eval")
     assert len(calib) >= 40 and len(ev) >= 40 and not set(calib) & set(ev)
     assert "Anarchism" in calib[0][:200] and "'''" not in calib[0]
-    news = load_documents("news")
-    assert len(news) > 250 and "bushfire" in news[0]
+    news, news_calib = load_documents("news"), load_documents("news", "calib")
+    assert len(news) == len(news_calib) == 150 and "bushfire" in news[0] and not set(news) & set(news_calib)
     tok = tiny_lm.tokenizer
     a = calibration_windows(tok, "wiki", 8, 64, seed=1)
     assert torch.equal(a, calibration_windows(tok, "wiki", 8, 64, seed=1))

@@ -1,0 +1,71 @@
+"""The text sources beyond wiki: the calibration mix, the news split, and the evaluation panel."""
+import shutil
+
+import pytest
+import torch
+
+from dipsvd_core import data
+from dipsvd_core.errors import DipSVDError
+from dipsvd_core.refine import held_windows
+
+
+def test_mix_plan_apportions_the_held_out_windows_and_the_others_alike():
+    plan = data.mix_plan(32, {"wiki-chat": 2, "wiki": 1, "news": 1})
+    assert [plan.count(s) for s in ("wiki-chat", "wiki", "news")] == [16, 8, 8]
+    held = [plan[i] for i in sorted(held_windows(32))]
+    assert sorted(held) == ["news", "news", "wiki", "wiki", "wiki-chat", "wiki-chat", "wiki-chat", "wiki-chat"]
+    fit = [plan[i] for i in range(32) if i not in held_windows(32)]
+    assert [fit.count(s) for s in ("wiki-chat", "wiki", "news")] == [12, 6, 6]
+    assert plan[:4] == ["wiki-chat", "wiki", "news", "wiki-chat"]  # interleaved, not in runs
+    assert data._apportion(5, {"a": 1, "b": 1, "c": 1}) == {"a": 2, "b": 2, "c": 1}
+    assert data._apportion(7, {"a": 3, "b": 1}) == {"a": 5, "b": 2}
+
+
+def test_mix_shares_parse_and_refuse():
+    assert data.mix_shares("wiki") is None
+    assert data.mix_shares("mix") == {"wiki-chat": 2, "wiki": 1, "news": 1}
+    assert data.mix_shares("mix:wiki=3,news") == {"wiki": 3.0, "news": 1.0}
+    for bad in ("mix:wiki=0", "mix:nope=1", "mix:mix=1", "mix:wiki=x", "mix:kjv=1"):
+        with pytest.raises(DipSVDError, match="SOURCE=SHARE"):
+            data.mix_shares(bad)
+
+
+def test_mixed_windows_are_each_sources_own(tiny_lm):
+    tok = tiny_lm.tokenizer
+    mixed = data.calibration_windows(tok, "mix:wiki=1,news=1", 8, 64)
+    plan = data.mix_plan(8, {"wiki": 1, "news": 1})
+    wiki = data.calibration_windows(tok, "wiki", plan.count("wiki"), 64)
+    news = data.calibration_windows(tok, "news", plan.count("news"), 64)
+    assert torch.equal(mixed[[i for i, s in enumerate(plan) if s == "wiki"]], wiki)
+    assert torch.equal(mixed[[i for i, s in enumerate(plan) if s == "news"]], news)
+    held = data.heldout_windows(tok, "mix:wiki=1,news=1", 4, 64, skip=8)
+    assert held.shape == (4, 64) and not {tuple(w.tolist()) for w in held} & {tuple(w.tolist()) for w in mixed}
+    plan4 = data.mix_plan(4, {"wiki": 1, "news": 1})
+    assert torch.equal(held[[i for i, s in enumerate(plan4) if s == "wiki"]],
+                       data.heldout_windows(tok, "wiki", plan4.count("wiki"), 64, skip=plan.count("wiki")))
+    with pytest.raises(DipSVDError, match="calibration mix"):
+        data.evaluation_windows(tok, "mix", 64)
+
+
+def test_news_calibration_never_reads_the_evaluated_stories(tiny_lm):
+    tok = tiny_lm.tokenizer
+    ev = data.evaluation_windows(tok, "news", 64)
+    cal = data.calibration_windows(tok, "news", 16, 64)
+    assert not {tuple(w.tolist()) for w in cal} & {tuple(w.tolist()) for w in ev}
+    evaluated = set(data.load_documents("news", "eval"))
+    assert not evaluated & set(data.load_documents("news", "calib"))
+
+
+def test_panel_texts(monkeypatch):
+    docs = data.load_documents("python-docs", "eval")
+    assert len(docs) >= 30 and any("assert" in d for d in docs)
+    assert not set(docs) & set(data.load_documents("python-docs", "calib"))
+    if shutil.which("bible"):
+        kjv = data.load_documents("kjv", "eval")
+        assert kjv[0].startswith("In the beginning God created the heaven and the earth.") and len(kjv) > 80
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(DipSVDError, match="apt-get install bible-kjv"):
+        data.load_documents("kjv", "eval")
+    monkeypatch.setattr(data, "FORTUNES", data.Path("/nonexistent"))
+    with pytest.raises(DipSVDError, match="apt-get install fortunes"):
+        data.load_documents("fortunes", "eval")

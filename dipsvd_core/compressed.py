@@ -96,6 +96,7 @@ def _write_folder(out_dir, force: bool, write) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{int(time.time())}")
     try:
         write(tmp)
+        _modes_of_umask(tmp)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,6 +108,19 @@ def _write_folder(out_dir, force: bool, write) -> Path:
     else:
         os.replace(tmp, out)
     return out
+
+
+def _modes_of_umask(folder: Path) -> None:
+    """Give the folder and everything in it the modes of any file the user writes (0666 and 0777 less the umask):
+    some writers (model.safetensors, through a private temporary file) leave 0600, which a teammate cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def load_compressed(path, device: str | None = None, dtype: torch.dtype | None = None):

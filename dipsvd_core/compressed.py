@@ -2,10 +2,12 @@
 
 A saved folder is an ordinary Hugging Face folder (config.json, safetensors shards, tokenizer)
 whose config.json carries a `dipsvd_compression` entry: the method, the settings and every
-module's rank. It also carries modeling_dipsvd.py and an `auto_map` (portable.py), so that plain transformers
-loads it with trust_remote_code=True, without this project. `load_compressed` rebuilds the architecture from the
-config on the meta device, swaps in LowRankLinear modules of those ranks and assigns the tensors shard by shard;
-`trust_remote_code` is never used.
+module's rank. Its model type is ours (`dipsvd_llama`), and it carries configuration_dipsvd.py, modeling_dipsvd.py
+and an `auto_map` (portable.py), so that plain transformers loads it with trust_remote_code=True, without this
+project, and refuses without the flag instead of taking it for a dense model. With a report, it also carries a
+model card, README.md (model_card.py). `load_compressed` rebuilds the base architecture from the config (the
+base's model type is kept in the entry; folders saved before our model type still read) on the meta device, swaps
+in LowRankLinear modules of those ranks and assigns the tensors shard by shard; `trust_remote_code` is never used.
 What a method stores beyond floating-point tensors comes from its handler (methods.py): a remapped Dobi-SVD
 model (entry "remap": true) stores each low-rank u and v as int8 with a float32 `<name>_scale` per rank
 vector, and is dequantized on load.
@@ -27,10 +29,8 @@ from torch import nn
 from .errors import DipSVDError
 from .methods import handler
 from .models import LoadedModel, find_targets, fingerprint, resolve_device
-from .portable import auto_map, portable_reason, write_modeling_file
+from .portable import ENTRY, MODELING_FILE, base_config_dict, portable_reason, saved_config_dict, write_code_files
 from .surgery import LowRankLinear, densify, module_ranks, set_module
-
-ENTRY = "dipsvd_compression"
 
 
 def is_compressed_folder(path: Path) -> bool:
@@ -41,35 +41,43 @@ def is_compressed_folder(path: Path) -> bool:
 
 
 def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None = None,
-                    force: bool = False, max_shard_size: str | int = "5GB") -> Path:
+                    force: bool = False, max_shard_size: str | int = "5GB", report: dict | None = None) -> Path:
     """Write `model` (with its LowRankLinear ranks) to out_dir atomically, in safetensors shards of at most
-    `max_shard_size`, with the modeling file that lets plain transformers load it (portable.py) where it can."""
+    `max_shard_size`, under our model type with the code files that let plain transformers load it (portable.py),
+    and with a model card of `report` (report.py's dict) where one is given."""
     entry = dict(info or {})
     entry["ranks"] = module_ranks(model)
     reason = portable_reason(model, entry)
     entry["portable"] = reason or True  # True: plain transformers loads it (trust_remote_code); else why not
     cfg = model.config
-    had = {k: getattr(cfg, k, None) for k in (ENTRY, "auto_map")}
+    had = getattr(cfg, ENTRY, None)
     setattr(cfg, ENTRY, entry)
-    if reason is None:
-        cfg.auto_map = auto_map()
     state = handler(entry["method"]).saved_state(model, entry) if "method" in entry else None  # e.g. int8 factors
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state, max_shard_size=max_shard_size)
-        if reason is None:
-            write_modeling_file(tmp, model)
+        write_code_files(tmp, model, reason)
+        _retype_config(tmp / "config.json", with_code=(tmp / MODELING_FILE).exists())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if report is not None:
+            from .model_card import model_card
+
+            (tmp / "README.md").write_text(model_card(report, str(out_dir), entry))
 
     try:
         return _write_folder(out_dir, force, write)
     finally:
-        for k, v in had.items():  # the model's config as it was
-            if v is not None:
-                setattr(cfg, k, v)
-            elif hasattr(cfg, k):
-                delattr(cfg, k)
+        if had is not None:  # the model's config as it was
+            setattr(cfg, ENTRY, had)
+        else:
+            delattr(cfg, ENTRY)
+
+
+def _retype_config(path: Path, with_code: bool) -> None:
+    """config.json under our model type (portable.saved_config_dict), rewritten in place."""
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(saved_config_dict(raw, with_code), indent=2, sort_keys=True) + "\n")
 
 
 def save_dense(model: nn.Module, out_dir, tokenizer=None, force: bool = False, max_shard_size: str | int = "5GB"):
@@ -130,7 +138,7 @@ def load_compressed(path, device: str | None = None, dtype: torch.dtype | None =
     t0 = time.perf_counter()
     path = Path(os.path.expanduser(str(path)))
     model = compressed_model(path, device, dtype)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, config=model.config)  # not config.json's: that names custom code
     lm = LoadedModel(model=model, tokenizer=tok, spec=str(path), source=str(path.resolve()))
     lm.targets = find_targets(model)
     lm.fingerprint = fingerprint(model)
@@ -145,14 +153,10 @@ def compressed_model(path, device: str | None = None, dtype: torch.dtype | None 
     initialisation), its compressed Linears swapped for LowRankLinear modules of the saved ranks, and the
     tensors are read one shard at a time straight onto `device` and assigned in place: the peak is the saved
     size plus one tensor's dtype conversion, not the two or three copies of building a dense model first."""
-    from transformers import AutoConfig
-
     path = Path(os.path.expanduser(str(path)))
     if not is_compressed_folder(path):
         raise DipSVDError(f"{path} is not a compressed model folder (no '{ENTRY}' in config.json)")
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "auto_map"):  # the folder's modeling file is for plain transformers; this builds its own
-        del config.auto_map
+    config = base_config(path)
     entry = getattr(config, ENTRY)
     dt = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dt, str):
@@ -164,6 +168,18 @@ def compressed_model(path, device: str | None = None, dtype: torch.dtype | None 
     model = _empty_model(config, entry["ranks"], dt, path)
     _assign_shards(model, files, entry, dt, dev, path)
     return model.to(dev).eval()  # the buffers (rotary frequencies) were built on the host
+
+
+def base_config(path: Path):
+    """The base architecture's transformers config of a saved folder (its config.json names our model type; the
+    base's is in the entry, or config.json's own in a folder saved before our model type)."""
+    from transformers import CONFIG_MAPPING
+
+    raw = base_config_dict(json.loads((Path(path) / "config.json").read_text()))
+    if raw.get("model_type") not in CONFIG_MAPPING:
+        raise DipSVDError(f"{path}: model type {raw.get('model_type')!r} is not one this transformers knows; "
+                          "upgrade transformers")
+    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
 def _empty_model(config, ranks: dict, dtype: torch.dtype, path: Path) -> nn.Module:

@@ -1,35 +1,66 @@
-"""A saved compressed folder that plain transformers loads, without this project (Hugging Face's custom-code
-convention): `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+"""A saved compressed folder that plain transformers loads, without this project, and that no tool takes for the
+dense base model (Hugging Face's custom-code convention): `AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`.
 
-`write_modeling_file` puts a small `modeling_dipsvd.py` into the folder: the base architecture's own class (for
-example LlamaForCausalLM, imported from transformers) whose constructor swaps each compressed Linear for a
-low-rank pair of the rank config.json lists, with the parameter names this project saves (`<name>.v.weight`,
-`<name>.u.weight`, `<name>.u.bias`). config.json's `auto_map` points AutoModelForCausalLM at that class, and its
-`architectures` keeps the base class, so tools that read it still see the architecture. transformers builds the
-class on the meta device and assigns the saved tensors, so the dense weights are never allocated.
+config.json names a model type of ours, `dipsvd_<base model type>` (`dipsvd_llama`), and the architecture
+`DipSVDForCausalLM`; the base's own model type and architectures are kept in the `dipsvd_compression` entry
+(`base`). transformers knows no such model type, so it finds the classes only through config.json's `auto_map`
+(AutoConfig, AutoModel, AutoModelForCausalLM), which is custom code: without `trust_remote_code=True` it refuses
+and its message names the flag, instead of building a dense Llama with random weights where the low-rank pairs
+are. Inference servers that pick a native class from `architectures` do not find one either.
 
-A Dobi-SVD model remapped to 8-bit stores int8 factors with scales, which only this project's loader turns back:
-such a folder gets no modeling file (`portable` returns the reason).
+`write_code_files` puts two small files into the folder: `configuration_dipsvd.py`, the base's configuration
+class under our model type, and `modeling_dipsvd.py`, the base's classes (for example LlamaModel and
+LlamaForCausalLM, imported from transformers) whose constructors swap each compressed Linear for a low-rank pair
+of the rank config.json lists, with the parameter names this project saves (`<name>.v.weight`, `<name>.u.weight`,
+`<name>.u.bias`). transformers builds them on the meta device and assigns the saved tensors, so the dense weights
+are never allocated. A Dobi-SVD model remapped to 8-bit stores int8 factors with scales, which only this
+project's loader turns back: its modeling file's classes refuse, saying so (`portable_reason` gives the reason).
+
+`base_config_dict` turns a saved config.json back into the base's, for this project's own loader; folders saved
+before this module gave them a model type of their own (config.json still `llama`) read the same way.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+ENTRY = "dipsvd_compression"
 MODELING_FILE = "modeling_dipsvd.py"
+CONFIG_FILE = "configuration_dipsvd.py"
 CLASS_NAME = "DipSVDForCausalLM"
+BASE_MODEL_CLASS = "DipSVDModel"
+CONFIG_CLASS = "DipSVDConfig"
 
-TEMPLATE = '''"""DipSVD Studio compressed model: {base} whose compressed Linears are low-rank pairs y = u(v(x)).
+CONFIG_TEMPLATE = '''"""DipSVD Studio compressed model: {base_config} under its own model type, "{model_type}".
+
+transformers has no class for this model type, so it loads the folder only through config.json's auto_map, with
+trust_remote_code=True; without the flag it refuses instead of building a dense {base} with random weights where
+the compressed Linears are.
+"""
+from transformers import {base_config} as _BaseConfig
+
+
+class {config_cls}(_BaseConfig):
+    model_type = "{model_type}"
+'''
+
+MODELING_HEAD = '''"""DipSVD Studio compressed model: {base} whose compressed Linears are low-rank pairs y = u(v(x)).
 
 Written by DipSVD Studio next to the weights. Load it with plain transformers:
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-The ranks come from config.json's "dipsvd_compression" entry ("ranks": module name -> rank).
+The ranks come from config.json's "dipsvd_compression" entry ("ranks": module name -> rank, names as in
+{cls}). {base_model_cls} is the base model ({base_model}) with the same pairs, for AutoModel.
 """
 from torch import nn
-from transformers import {base} as _Base
+from transformers import {base} as _Base, {base_model} as _BaseModel
 
+from .configuration_dipsvd import {config_cls}
+'''
+
+MODELING_BODY = '''
 
 class LowRankLinear(nn.Module):
     """y = u(v(x)): v maps in_features to rank (no bias), u maps rank to out_features (the original's bias)."""
@@ -47,38 +78,120 @@ class LowRankLinear(nn.Module):
         return f"in_features={{self.in_features}}, out_features={{self.out_features}}, rank={{self.rank}}"
 
 
-class {cls}(_Base):
-    """{base} with the compressed Linears of config.dipsvd_compression["ranks"] as LowRankLinear modules."""
+def _low_rank(model, ranks, prefix=""):
+    """Swap the Linears named in `ranks` (below `prefix`, which is stripped) for LowRankLinear modules."""
+    for name, rank in ranks.items():
+        if not name.startswith(prefix):
+            continue
+        parent, _, child = name[len(prefix):].rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, child)
+        setattr(owner, child, LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None,
+                                            device=old.weight.device, dtype=old.weight.dtype))
+
+
+class {base_model_cls}(_BaseModel):
+    """{base_model} with the compressed Linears of config.dipsvd_compression["ranks"] as LowRankLinear modules."""
+
+    config_class = {config_cls}
 
     def __init__(self, config):
         super().__init__(config)
-        entry = config.dipsvd_compression
-        for name, rank in entry["ranks"].items():
-            parent, _, child = name.rpartition(".")
-            owner = self.get_submodule(parent) if parent else self
-            old = getattr(owner, child)
-            setattr(owner, child, LowRankLinear(old.in_features, old.out_features, int(rank), old.bias is not None,
-                                                device=old.weight.device, dtype=old.weight.dtype))
+        _low_rank(self, config.dipsvd_compression["ranks"], "{prefix}.")
+
+
+class {cls}(_Base):
+    """{base} with the compressed Linears of config.dipsvd_compression["ranks"] as LowRankLinear modules."""
+
+    config_class = {config_cls}
+
+    def __init__(self, config):
+        super().__init__(config)
+        _low_rank(self, config.dipsvd_compression["ranks"])
+'''
+
+# A remapped Dobi-SVD folder: the same classes refuse, saying why and what loads it.
+REFUSING_BODY = '''
+
+REASON = {reason!r}
+
+
+class {base_model_cls}(_BaseModel):
+    config_class = {config_cls}
+
+    def __init__(self, config):
+        raise ValueError(f"this folder cannot load in plain transformers: {{REASON}}. Load it with DipSVD Studio: "
+                         "python -m dipsvd_core evaluate --model FOLDER, or dipsvd_core.compressed.load_compressed")
+
+
+class {cls}({base_model_cls}):
+    pass
 '''
 
 
 def portable_reason(model, entry: dict) -> str | None:
     """Why a folder of `model` cannot load in plain transformers, or None when it can."""
-    import transformers
-
-    base = type(model).__name__
     if entry.get("remap"):
         return "a Dobi-SVD model remapped to 8-bit stores int8 factors that only DipSVD Studio's loader dequantizes"
-    if getattr(transformers, base, None) is not type(model):
-        return f"{base} is not a class transformers exports, so the modeling file cannot import it"
+    return _unexported(model)
+
+
+def _unexported(model) -> str | None:
+    """Why the modeling files cannot import `model`'s classes from transformers, or None when they can."""
+    import transformers
+
+    for cls in (type(model), type(model.base_model), type(model.config)):
+        if getattr(transformers, cls.__name__, None) is not cls:
+            return f"{cls.__name__} is not a class transformers exports, so the modeling file cannot import it"
     return None
 
 
-def write_modeling_file(folder: Path, model) -> None:
-    """The folder's modeling_dipsvd.py for `model`'s architecture (call portable_reason first)."""
-    Path(folder, MODELING_FILE).write_text(TEMPLATE.format(base=type(model).__name__, cls=CLASS_NAME))
+def model_type_of(base_type: str) -> str:
+    """Our model type for a base model type: `llama` -> `dipsvd_llama`."""
+    return f"dipsvd_{base_type}"
+
+
+def write_code_files(folder: Path, model, reason: str | None = None) -> None:
+    """The folder's configuration_dipsvd.py and modeling_dipsvd.py for `model`'s architecture; with a `reason`
+    (portable_reason), classes that refuse with it. Nothing is written where transformers does not export the
+    base's classes (there is nothing to import)."""
+    if _unexported(model) is not None:
+        return
+    names = dict(base=type(model).__name__, base_model=type(model.base_model).__name__,
+                 base_config=type(model.config).__name__, model_type=model_type_of(model.config.model_type),
+                 cls=CLASS_NAME, base_model_cls=BASE_MODEL_CLASS, config_cls=CONFIG_CLASS,
+                 prefix=model.base_model_prefix, reason=reason)
+    Path(folder, CONFIG_FILE).write_text(CONFIG_TEMPLATE.format(**names))
+    body = MODELING_BODY if reason is None else REFUSING_BODY
+    Path(folder, MODELING_FILE).write_text((MODELING_HEAD + body).format(**names))
 
 
 def auto_map() -> dict:
-    """config.json's auto_map entry that points AutoModelForCausalLM at the modeling file's class."""
-    return {"AutoModelForCausalLM": f"{MODELING_FILE.removesuffix('.py')}.{CLASS_NAME}"}
+    """config.json's auto_map: AutoConfig, AutoModel and AutoModelForCausalLM point at the folder's code files."""
+    modeling, configuration = MODELING_FILE.removesuffix(".py"), CONFIG_FILE.removesuffix(".py")
+    return {"AutoConfig": f"{configuration}.{CONFIG_CLASS}", "AutoModel": f"{modeling}.{BASE_MODEL_CLASS}",
+            "AutoModelForCausalLM": f"{modeling}.{CLASS_NAME}"}
+
+
+def saved_config_dict(raw: dict, with_code: bool) -> dict:
+    """config.json as save_pretrained wrote it (the base's model type and architectures, our entry) turned into
+    the saved folder's: our model type and architecture, the base's kept in the entry, and the auto_map where the
+    folder has its code files."""
+    out = dict(raw)
+    out[ENTRY] = dict(raw[ENTRY], base={"model_type": raw["model_type"], "architectures": raw.get("architectures")})
+    out["model_type"] = model_type_of(raw["model_type"])
+    out["architectures"] = [CLASS_NAME]
+    out.pop("auto_map", None)
+    if with_code:
+        out["auto_map"] = auto_map()
+    return out
+
+
+def base_config_dict(raw: dict) -> dict:
+    """The base architecture's config dict of a saved config.json: its model type and architectures back, no
+    auto_map. A folder saved before our model type (config.json `llama`, no `base` in the entry) reads as is."""
+    out = {k: v for k, v in raw.items() if k != "auto_map"}
+    base = (raw.get(ENTRY) or {}).get("base")
+    if base:
+        out.update(model_type=base["model_type"], architectures=base["architectures"])
+    return out

@@ -4,7 +4,8 @@ import streamlit as st
 from studio import ui
 from studio.jobs import settle_heap_at_start
 
-st.set_page_config(page_title="DipSVD Studio", page_icon=":material/compress:", layout="wide")
+# The page icon is an emoji: a material icon there is fetched as an image from a font CDN, which fails offline
+st.set_page_config(page_title="DipSVD Studio", page_icon="🗜️", layout="wide")
 
 PAGES = {
     "Prepare": [st.Page("pages/model_data.py", title="Model and data", icon=":material/deployed_code:", default=True)],

@@ -10,7 +10,7 @@ from dipsvd_core.data import SOURCES
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
-from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, sweep_curves
+from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality_verdict, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
 from dipsvd_core.plan import binary_size
 from dipsvd_core.refine import REFINE_CHOICES, calibration_advice, refine_choice, refine_table, summary
@@ -40,14 +40,16 @@ def build(job):
 
 refinable = handler(cur.method).refinable
 c_refine, c_tune = st.columns(2)
+ui.seed("k_c_refine", refines(cur.refine))  # a starting value once, never beside a session-state value
+ui.seed("k_c_tune", refine_choice(cur.refine).tunes)
+ui.seed("k_lm_limit", 100)
 refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
-                           value=refines(cur.refine),
                            help="One more block-by-block pass: each block's factored matrices are refitted, in closed "
                                 "form, to give the original outputs on the inputs that the already-compressed blocks "
                                 "before it produce. The refit is checked on held-out calibration windows, and a block "
                                 "keeps its unrefined factors where it does not help there. Same ranks, same size; a "
                                 "build step, not a slider step.")
-tune = c_tune.checkbox("Also tune each block (a few Adam steps)", key="k_c_tune", value=refine_choice(cur.refine).tunes,
+tune = c_tune.checkbox("Also tune each block (a few Adam steps)", key="k_c_tune",
                        disabled=busy or not refinable or not refine,
                        help="Block-level refinement (AA-SVD's second stage): after the refit, two epochs of Adam on "
                             "each block's low-rank factors towards the original block's outputs, kept only where it "
@@ -140,16 +142,23 @@ if rows:
              border="horizontal", hide_index=True)
     st.caption(f"exp(mean next-token NLL) over the first {s.ppl['config'][0]:,} tokens of each set, in "
                f"non-overlapping windows of {s.ppl['config'][1]} tokens.")
+    built = s.result.settings if s.result is not None else cur
+    if verdict := quality_verdict(s.ppl, built, bench.n_windows * bench.seqlen):
+        helps = "".join(f"\n- {h}" for h in verdict["help"])
+        getattr(st, verdict["box"])(verdict["words"] + (f" What would most likely help:{helps}" if helps else ""),
+                                    icon=":material/speed:")
 
 st.subheader("Perplexity against ratio")
 large = sum(t.params for t in lm.targets) >= LARGE_MODEL_PARAMS
 grid = [0.1, 0.2, 0.3, 0.4, 0.5] if large else [0.05, 0.1, 0.15, 0.2, 0.3]
 c1, c2, c3 = st.columns([2, 2, 1])
 ui.seed("k_sw_methods", [m for m in ("svd-llm", "dipsvd") if m in grid_names()])
-ui.seed("k_sw_ratios", grid[:3])
+built_ratio = s.result.settings.ratio if s.result is not None else cur.ratio
+ui.follow_default("k_sw_ratios", sorted(set(grid[:3]) | {built_ratio}))  # the ratio built, until the user picks
 methods = c1.multiselect("Methods", list(grid_names()), key="k_sw_methods", disabled=busy,
                          help="dobi and dobi-remap (8-bit factors) train once per ratio: minutes each on a CPU")
-ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio])), key="k_sw_ratios", disabled=busy)
+ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio, built_ratio])), key="k_sw_ratios",
+                        disabled=busy)
 sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
 with_refined = st.checkbox("Also refined rows (sequential compensation, one more pass per point)", key="k_sw_refine",
                            disabled=busy)
@@ -219,7 +228,7 @@ if s.speed:
     st.caption("Prefill: one 256-token forward pass; decode: 32 single-token steps with a KV cache; best of two.")
 
 st.subheader("Zero-shot accuracy (lm-evaluation-harness)")
-task_limit = st.number_input("Documents", 20, 200, 100, step=20, key="k_lm_limit", disabled=busy,
+task_limit = st.number_input("Documents", 20, 200, step=20, key="k_lm_limit", disabled=busy,
                              help=f"of the local task {LOCAL_TASK}: after 24 words of a held-out wiki sentence, "
                                   "pick its true next six words among four; scored by log-likelihood")
 if st.button("Score with lm-eval", disabled=busy or s.result is None):

@@ -10,8 +10,10 @@ bench, busy, cur = s.bench, ui.busy(), s.settings
 ui.header("Importance", "Local importance: which input channels of a layer carry the most energy (those get "
           "weight a in the whitening). Global importance: which decoder blocks are most sensitive (those keep more).")
 
+# A key and a tracked state keep the open tab through the reruns a long step makes (its start, its end), so that
+# a step started on a tab returns to it
 tab_local, tab_global, tab_spectra = st.tabs(["Channel importance α", "Block importance S, R, Q",
-                                              "Singular value spectra"])
+                                              "Singular value spectra"], key="k_imp_tab", on_change="rerun")
 
 with tab_local:
     groups = input_groups(s.lm, bench.stats())

@@ -44,11 +44,12 @@ with left:
                 "folder": "a folder saved by save_pretrained (holds config.json)",
                 "gguf": "path to a .gguf file"}[kind]
         spec = st.text_input("Model", key="k_load_spec", placeholder=hint, disabled=busy).strip()
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2 = st.columns(2)
     device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="k_load_device", disabled=busy)
     dtype = c2.selectbox("Dtype", ["auto", *DTYPES], key="k_load_dtype", disabled=busy,
                          help="auto: float32 on CPU, bfloat16 on a GPU")
     has_gpu = torch.cuda.is_available() and device != "cpu"
+    c3, c4 = st.columns(2)  # a row of their own: in four narrow columns the checkbox labels were cut off
     offload = c3.checkbox("Offload", key="k_load_offload", disabled=busy,
                           help="For a model bigger than the memory budgets: as many blocks as the GPU budget leaves "
                                "room for beside the plan's working set stay on the GPU, as many of the others as the "

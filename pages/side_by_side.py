@@ -3,11 +3,11 @@ from dataclasses import replace
 
 import streamlit as st
 
-from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
 from dipsvd_core.methods import handler
 from dipsvd_core.strategies import strategy
 from dipsvd_core.pipeline import settings_dict
+from dipsvd_core.report import build_words
 from studio import ui
 from studio.state import defaults
 
@@ -21,12 +21,13 @@ if s.result is None:
     st.stop()
 
 has_template = bool(getattr(lm.tokenizer, "chat_template", None))
-ui.seed("k_sbs_prompts", DEFAULT_PROMPTS[:1])
+ui.seed("k_sbs_prompts", list(DEFAULT_PROMPTS))
 ui.seed("k_sbs_chat", has_template)
 ui.seed("k_sbs_tokens", defaults()["new_tokens"])
 c1, c2 = st.columns([3, 2], gap="large")
 with c1:
-    chosen = st.multiselect("Prompts", DEFAULT_PROMPTS, key="k_sbs_prompts", disabled=busy)
+    # pills, not a multiselect: every prompt stays visible in full, chosen or not
+    chosen = st.pills("Prompts", DEFAULT_PROMPTS, selection_mode="multi", key="k_sbs_prompts", disabled=busy) or []
     own = st.text_area("Your own prompts, one a line", key="k_sbs_own", disabled=busy, height=90)
 with c2:
     new_tokens = st.slider("New tokens", 8, 256, step=8, key="k_sbs_tokens", disabled=busy)
@@ -45,8 +46,9 @@ prompts = chosen + [line.strip() for line in own.splitlines() if line.strip()]
 def run(job):
     current = s.result.settings
     alloc = strategy(current.allocation).rebuildable()  # a search (BO) is not rerun per ratio: its fallback
-    more = {f"Compressed · {describe_ratio(r)}": replace(current, ratio=r, allocation=alloc) for r in extra}
-    runs = [("Original", lm.model), (f"Compressed · {describe_ratio(current.ratio)}", s.result.model)]
+    more = {f"Compressed · {build_words(settings_dict(x))}": x
+            for x in (replace(current, ratio=r, allocation=alloc) for r in extra)}
+    runs = [("Original", lm.model), (f"Compressed · {build_words(settings_dict(current))}", s.result.model)]
     runs += [(label, None) for label in more]
     columns = {}
     for i, (label, model) in enumerate(runs):
@@ -72,7 +74,8 @@ if g:
             row = g["columns"][label][i]
             with col.container(border=True):
                 st.markdown(f"**{label}**")
-                st.write(row["text"].strip() or "*(no text: the model produced only whitespace or special tokens)*")
+                st.markdown(ui.verbatim(row["text"].strip())
+                            or "*(no text: the model produced only whitespace or special tokens)*")
                 st.caption(f"{row['new_tokens']} tokens · {row['tokens_per_s']:.1f} tok/s · "
                            f"distinct 3-grams {row['distinct_3']:.2f} · longest repeat {row['longest_repeat']} words",
                            help="How much the text repeats itself, over its words: the share of its 3-word sequences "

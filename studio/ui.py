@@ -233,11 +233,30 @@ def seed(key: str, value) -> None:
         st.session_state[key] = value
 
 
+def follow_default(key: str, value) -> None:
+    """Like `seed`, but the widget follows a default that changes (the sweep's ratios include the ratio built) for
+    as long as the user has not changed it: its value is replaced while it is still the last default given."""
+    last = f"_default_{key}"
+    if key not in st.session_state or st.session_state[key] == st.session_state.get(last):
+        st.session_state[key] = value
+    st.session_state[last] = value
+
+
 def keep_widget_state() -> None:
     """Streamlit drops a widget's state when its page is not shown; re-assigning keeps it."""
     for key in list(st.session_state):
         if isinstance(key, str) and key.startswith("k_"):
             st.session_state[key] = st.session_state[key]
+
+
+MARKDOWN_SPECIALS = "\\`*_{}[]<>()#+-.!|$~"
+
+
+def verbatim(text: str) -> str:
+    """A model's text as markdown that shows it as written: its line breaks kept (a poem's lines), and no character
+    read as markup (a '#' line, a '$' pair that would be typeset as math)."""
+    escaped = "".join("\\" + c if c in MARKDOWN_SPECIALS else c for c in text)
+    return escaped.replace("\n", "  \n")
 
 
 def fmt_params(n: float) -> str:

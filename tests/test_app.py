@@ -370,9 +370,15 @@ def test_compress_evaluate_sweep_and_speed():
     table = at.table[0].value
     assert list(table["dataset"]) == ["news", os.environ["DIPSVD_STUDIO_CALIB"]]
     assert all(0 < v < float("inf") for v in list(table["original"]) + list(table["compressed"]))
+    # the verdict beside the table: the worst set's ratio, in its band's box
+    worst = max(c / o for o, c in zip(table["original"], table["compressed"]))
+    boxes = [(kind, b.value) for kind in ("success", "warning", "error") for b in getattr(at, kind)
+             if b.value.startswith("The compressed model is")]
+    assert len(boxes) == 1 and f"{worst:.2f}x)" in boxes[0][1]
+    assert boxes[0][0] == ("success" if worst <= 1.2 else "warning" if worst <= 2 else "error")
     click(at, "Run sweep")
-    sweep = figure(at, "fig_sweep")["data"]
-    assert [t["name"] for t in sweep] == ["svd-llm", "dipsvd"] and all(t["x"] == [0.05, 0.1, 0.15] for t in sweep)
+    sweep = figure(at, "fig_sweep")["data"]  # the default ratios include the one built (0.2)
+    assert [t["name"] for t in sweep] == ["svd-llm", "dipsvd"] and all(t["x"] == [0.05, 0.1, 0.15, 0.2] for t in sweep)
     click(at, "Measure prefill and decode speed")
     assert metric(at, "Prefill, original").endswith("tok/s")
     at.number_input(key="k_lm_limit").set_value(20)
@@ -405,18 +411,30 @@ def test_side_by_side_generations():
     settle(at)
     click(at, "Generate")
     labels = [m.value for m in at.markdown if m.value.startswith("**")]
-    assert labels[:3] == ["**Original**", "**Compressed · ratio 0.1 removed, 90% kept**",
-                          "**Compressed · ratio 0.2 removed, 80% kept**"]
+    # each column names method, allocation, ratio removed and kept, and whether refined
+    assert labels[:3] == ["**Original**", "**Compressed · dipsvd + uniform · ratio 0.1 removed, 90% kept · not refined**",
+                          "**Compressed · dipsvd + uniform · ratio 0.2 removed, 80% kept · not refined**"]
+    from dipsvd_core.evaluate import DEFAULT_PROMPTS
+
+    # all three default prompts preselected, then the user's own
     assert [m.value for m in at.markdown if m.value.startswith("#####")] == [
-        "##### What is the universe? Explain this concept.", "##### Tell me about rivers."]
+        f"##### {p}" for p in DEFAULT_PROMPTS] + ["##### Tell me about rivers."]
     gens = at.session_state["studio"].generations["columns"]
-    assert all(len(rows) == 2 and rows[0]["new_tokens"] <= 8 for rows in gens.values())
-    assert sum("tok/s" in c.value for c in at.caption) == 6
+    assert all(len(rows) == 4 and rows[0]["new_tokens"] <= 8 for rows in gens.values())
+    assert sum("tok/s" in c.value for c in at.caption) == 12
+    texts = [ui.verbatim(r["text"].strip()) for rows in gens.values() for r in rows]
+    assert all(t in [m.value for m in at.markdown] for t in texts if t)
     from dipsvd_core.evaluate import repetition
 
     row = gens["Original"][0]
     shown = f"distinct 3-grams {repetition(row['text'])['distinct_3']:.2f} · longest repeat"
     assert sum(shown in c.value for c in at.caption) >= 1
+
+
+def test_generations_keep_their_line_breaks_and_show_no_markup():
+    poem = "The sea is wide,\nthe sea is deep.\n# not a heading, $5 not math"
+    shown = ui.verbatim(poem)
+    assert shown.split("  \n") == ["The sea is wide,", "the sea is deep\\.", "\\# not a heading, \\$5 not math"]
 
 
 # --- Export -------------------------------------------------------------------------------------

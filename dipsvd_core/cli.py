@@ -355,7 +355,7 @@ def _save(args, model, tokenizer, report: dict) -> None:
     info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
     if "storage" in report:
         info.update(remap=report["storage"]["remap"], storage=report["storage"])
-    report["saved_to"] = str(save_compressed(model, args.out, tokenizer, info, force=args.force))
+    report["saved_to"] = str(save_compressed(model, args.out, tokenizer, info, force=args.force, report=report))
     if args.export == "dense":  # last: it turns the model back into dense Linears
         report["saved_dense_to"] = str(save_dense(model, dense_folder(args.out), tokenizer, force=args.force))
 

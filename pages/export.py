@@ -55,7 +55,7 @@ def save(job):
     info = {k: rep[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
     if "storage" in rep:  # dobi: a remapped model is written as int8 factors
         info.update(remap=rep["storage"]["remap"], storage=rep["storage"])
-    s.saved_to = str(save_compressed(res.model, folder, lm.tokenizer, info, force=force))
+    s.saved_to = str(save_compressed(res.model, folder, lm.tokenizer, info, force=force, report=rep))
 
 
 if st.button("Save", type="primary", disabled=busy or not folder or not confirmed):

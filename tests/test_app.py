@@ -458,6 +458,8 @@ def test_export_saves_and_asks_before_replacing(tmp_path):
     studio = at.session_state["studio"]
     again = load_compressed(out)
     assert module_ranks(again.model) == {n: k for n, k in studio.result.allocation.ranks.items() if k is not None}
+    card = (out / "README.md").read_text()  # the model card, from the page's report
+    assert card.startswith("---\nlibrary_name: transformers\n") and studio.result.settings.method in card
     click(at, "Save")  # the folder is not empty now
     assert "already exists and is not empty" in errors(at)[0]
     at.checkbox(key="k_ex_force").check()

@@ -132,6 +132,14 @@ def _tasks(args, model, tokenizer) -> dict:
     return lm_eval_accuracy(model, tokenizer, args.tasks, args.task_limit)
 
 
+def _check_tasks(args) -> None:
+    """Before anything loads: the tasks are known and, offline, have their data (lm_tasks.check_tasks)."""
+    if args.tasks:
+        from .lm_tasks import check_tasks
+
+        check_tasks(args.tasks)
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text: {', '.join(SOURCES)} or a .txt/.jsonl "
                    f"path (default {DEFAULT_CALIB}: wiki with every other passage a chat turn)")
@@ -143,7 +151,7 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 KINDS = {"positive": _positive_int, "ratio": _ratio, "float": float, "int": int, "str": str}
 # the Settings fields every compressing subcommand takes (compress and plan add method, allocation and ratio)
 SHARED = ("weight", "bar", "whitening", "p_min", "p_max", "refine", "compute_dtype", "factor_dtype", "beta", "tau",
-          "energy", "bo_calls", "bo_objective", "bo_windows", "dobi")
+          "energy", "bo_calls", "bo_objective", "bo_windows", "dobi", "compensate", "tune")
 
 
 def _add_flag(p, f, dest: str, default=dataclasses.MISSING) -> None:
@@ -372,6 +380,7 @@ def cmd_compress(args) -> dict:
     allocation = args.allocation or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     _check_paths(args)
+    _check_tasks(args)
     t0 = time.perf_counter()
     plan, blocks = _check_plan(args)
     timings = {"plan": time.perf_counter() - t0}  # the config alone; a GGUF's is parsed whole (seconds)
@@ -448,6 +457,7 @@ def cmd_evaluate(args) -> dict:
     from .models import count_params
     from .pipeline import peak_memory_mb
 
+    _check_tasks(args)
     progress = Progress(args.quiet)
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
@@ -496,6 +506,7 @@ def cmd_sweep(args) -> dict:
     for out in (args.out_json, args.out_md):
         if Path(out).is_dir():
             raise DipSVDError(f"{out} is a folder; give a file name")
+    _check_tasks(args)
     progress = Progress(args.quiet)
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)
@@ -568,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _accuracy_words(task: str, r: dict) -> str:
+    stderr = "n/a" if r["acc_stderr"] is None else f"{r['acc_stderr']:.3f}"  # none for a single document
+    return f"{task} {r['acc']:.3f} ± {stderr} (n={r['n']})"
+
+
 def _summary(report: dict) -> str:
     if "rows" in report:
         from .sweep import markdown
@@ -585,8 +601,7 @@ def _summary(report: dict) -> str:
             lines.append(f"  {kind} | {row['prompt']} | distinct 3-grams {row['distinct_3']:.2f}, longest repeat "
                          f"{row['longest_repeat']} words | {' '.join(row['text'].split())}")
     for side, tasks in report.get("lm_eval", {}).items():
-        lines.append(f"  lm-eval {side}: " + ", ".join(f"{t} {r['acc']:.3f} ± {r['acc_stderr']:.3f}"
-                                                       for t, r in tasks.items()))
+        lines.append(f"  lm-eval {side}: " + ", ".join(_accuracy_words(t, r) for t, r in tasks.items()))
     if report.get("refine", {}).get("blocks"):
         from .refine import summary
 

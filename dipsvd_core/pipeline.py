@@ -378,7 +378,8 @@ class Workbench:
             fallback = low_rank_weights(self.factors(spec, progress), allocation.ranks)
         return refine(self.lm.model, [t.name for t in self.targets], self.windows(), spec, allocation.ranks,
                       abs_means, rows, progress, fallback=fallback,
-                      tune=refine_choice(settings.refine).tunes)
+                      tune=settings.tune if refine_choice(settings.refine).tunes else None,
+                      compensate=settings.compensate)
 
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:

@@ -77,6 +77,7 @@ truncation through factors.factor_model). `refine` strings them together block b
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -86,7 +87,8 @@ from torch import nn
 from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT
 from .errors import DipSVDError
 from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
-from .models import find_blocks, weights_of
+from .knobs import knob
+from .models import find_blocks, offload_hooks, weights_of
 from .scalings import ScaleData, symmetric_eigh
 from .stream import BlockInputs, block_on_device, capture_inputs, release_host_memory
 
@@ -112,6 +114,62 @@ def refine_choice(name: str) -> RefineChoice:
     if name not in REFINE_CHOICES:
         raise DipSVDError(f"unknown refine '{name}'; use one of {', '.join(REFINES)}")
     return REFINE_CHOICES[name]
+@dataclass(frozen=True)
+class Compensation:
+    """A `--compensate` choice: which dense-kept matrices of a block refine refits in closed form to the drifted
+    inputs the compressed blocks before it produce (same target and held-out choice as a factored matrix's, no
+    truncation, so no parameter is added); `picks(walk, name)` says whether a dense matrix is one of them."""
+
+    name: str
+    picks: object
+    help: str
+
+
+COMPENSATIONS = {c.name: c for c in (
+    Compensation("none", lambda walk, n: False, "dense matrices stay the original's"),
+    Compensation("outputs", lambda walk, n: walk.solo(n), "the dense matrices that alone read their input (o_proj "
+                                                          "and down_proj in Llama): they write the residual stream"),
+    Compensation("all", lambda walk, n: True, "every dense matrix"))}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Block tuning (refine "block"), the second stage of AA-SVD (arXiv 2604.02119) with its settings as defaults:
+    AdamW, a linear warm-up then cosine decay, gradient clipping, float32 master weights."""
+
+    epochs: int = knob(25, "block tuning: epochs over the fit windows", "--tune-epochs", "positive")
+    lr: float = knob(1e-4, "block tuning: AdamW's peak learning rate", "--tune-lr")
+    weight_decay: float = knob(0.01, "block tuning: AdamW's weight decay", "--tune-weight-decay")
+    warmup: float = knob(0.1, "block tuning: share of the steps that warm up linearly (then cosine decay to 0)",
+                         "--tune-warmup")
+    clip: float = knob(1.0, "block tuning: the gradients' norm is clipped to this (0: no clipping)", "--tune-clip")
+    scope: str = knob("block", "block tuning trains: factors (the low-rank factors), or block (every parameter of "
+                               "the block: factors, dense matrices, norms; an offloaded block tunes its factors)",
+                      "--tune-scope", choices=lambda: TUNE_SCOPES)
+
+    def check(self) -> "TuneConfig":
+        if self.scope not in TUNE_SCOPES:
+            raise DipSVDError(f"unknown tune scope '{self.scope}'; use one of {', '.join(TUNE_SCOPES)}")
+        if not (self.epochs >= 1 and self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1
+                and self.clip >= 0):
+            raise DipSVDError("block tuning needs epochs >= 1, lr > 0, weight_decay >= 0, 0 <= warmup < 1 and "
+                              f"clip >= 0 (got {self.epochs}, {self.lr}, {self.weight_decay}, {self.warmup}, "
+                              f"{self.clip})")
+        return self
+
+
+TUNE_SCOPES = ("factors", "block")
+
+
+def lr_scale(step: int, total: int, warmup: float) -> float:
+    """The learning rate's multiple at `step` of `total`: linear warm-up over the first `warmup` share of the steps
+    (at least one), then cosine decay to 0."""
+    warm = max(1, round(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
 DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the plain least-squares target (GPTQ's percdamp)
 TAUS = (0.01, 0.1, 1.0, 10.0)  # the candidate dampings (ridge towards the unrefined factors) held-out windows choose
 TUNE_EPOCHS = 2  # refine "block": epochs of Adam over the fit windows on each block's low-rank factors
@@ -175,11 +233,21 @@ def _replace_forward(module: nn.Module, forward):
     return restore
 
 
-def _low_rank(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+def _low_rank(u: torch.Tensor, v: torch.Tensor | None, bias: torch.Tensor | None):
+    """The forward of the pair (u, v), or of the dense matrix u where v is None, in the inputs' dtype (the float32
+    masters of block tuning run on a bfloat16 model's activations)."""
     def forward(x):
-        z = nn.functional.linear(nn.functional.linear(x, v), u)
-        return z + bias if bias is not None else z
+        z = x if v is None else nn.functional.linear(x, v.to(x.dtype))
+        z = nn.functional.linear(z, u.to(x.dtype))
+        return z + bias.to(z.dtype) if bias is not None else z
     return forward
+
+
+FULL = -1  # the "rank" of a dense matrix that refine refits (compensation) without truncating it
+
+
+def _product(u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    return u if v is None else u @ v
 
 
 def _replay(outputs: list, current: list, park: "_Park"):
@@ -327,9 +395,8 @@ class _GroupStats:
         residual-writing Linear): ||Y||^2 - 2 tr(u v T^T) + tr(u^T u v G^ v^T) with T = W C or the numerator.
         With `key` (the matrix's name) ||Y||^2 and T are computed once for every contender of that matrix."""
         h = self.held
-        u, v = u.double(), v.double()
         dev = h.gram.device
-        u, v = u.to(dev), v.to(dev)
+        u, v = u.double().to(dev), None if v is None else v.double().to(dev)
         if self.full:
             const, T = h.target_sq, h.numerator
         elif key is not None and key in self._terms:
@@ -339,6 +406,8 @@ class _GroupStats:
             const, T = float(((Wd @ h.gram_x) * Wd).sum()), Wd @ h.cross
             if key is not None:
                 self._terms[key] = const, T
+        if v is None:  # a dense refit: tr(u G^ u^T) and tr(u T^T)
+            return const - 2 * float((u * T).sum()) + float(((u @ h.gram) * u).sum())
         quad = float(((u.T @ u) * (v @ h.gram @ v.T)).sum())
         return const - 2 * float(((u.T @ T) * v).sum()) + quad
 
@@ -351,7 +420,7 @@ class _BlockWalk:
 
     def __init__(self, block: nn.Module, base: str, wanted: set[str], orig: BlockInputs, hat: BlockInputs,
                  park: _Park, held: frozenset | None = None):
-        self.block, self.orig, self.hat, self.park = block, orig, hat, park
+        self.block, self.orig, self.hat, self.park, self.base = block, orig, hat, park, base
         self.held = held  # the held-out windows when refine validates (then the original Grams are summed)
         self.orig_grams: dict[str, list] = {}  # group -> [X X^T on the fit windows, on the held-out ones]
         self.n_win = len(orig.hidden)
@@ -386,6 +455,10 @@ class _BlockWalk:
             if name not in self.unkept:
                 self.taken.setdefault(name, []).append(self.park.put(x.detach().reshape(-1, x.shape[-1])))
         return hook
+
+    def solo(self, name: str) -> bool:
+        """Whether `name` alone reads its input (known once run_original has grouped the inputs)."""
+        return sum(g == self.group_of.get(name) for g in self.group_of.values()) == 1
 
     def residual_writer(self, ranks: dict[str, int | None]) -> str | None:
         """The block's last Linear when nothing with weights runs after it: it writes straight into the residual
@@ -506,8 +579,9 @@ class _BlockWalk:
         with weights_of(linear):
             dev, dt = linear.weight.device, linear.weight.dtype
             bias = None if linear.bias is None else linear.bias.detach().clone()
-        host = (u.to("cpu", dt), v.to("cpu", dt))
-        self.swaps.append(_replace_forward(linear, _low_rank(u.to(dev, dt), v.to(dev, dt), bias)))
+        host = (u.to("cpu", dt), None if v is None else v.to("cpu", dt))
+        self.swaps.append(_replace_forward(linear, _low_rank(u.to(dev, dt), None if v is None else v.to(dev, dt),
+                                                             bias)))
         return host
 
     def advance(self) -> None:
@@ -535,6 +609,8 @@ class _Truncation:
         self.cache: dict[str, tuple] = {}
 
     def __call__(self, name: str, target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if rank == FULL:  # a dense matrix refitted, not truncated
+            return target.to(DTYPES[self.spec.storage]), None
         scale = self.spec.scaling
         ident = name if scale.per_matrix else self.leader
         if ident not in self.cache:
@@ -566,7 +642,7 @@ def _targets(stats: _Sums, numerators: dict, compute: torch.dtype, tau: float, p
     for n, T in numerators.items():
         if priors is not None and delta > 0:
             u0, v0 = priors[n]
-            T = T + delta * (u0.to(T.device, compute) @ v0.to(T.device, compute))
+            T = T + delta * _product(u0.to(T.device, compute), None if v0 is None else v0.to(T.device, compute))
         yield n, solve(T), floored
 
 
@@ -593,6 +669,8 @@ def _choose(stats: _GroupStats, leader: str, members: dict[str, nn.Linear], spec
     for n, linear in members.items():
         with weights_of(linear):
             weights[n] = linear.weight.detach().clone()
+    # a compensated dense matrix's unrefined form is itself
+    priors = {n: (weights[n].float(), None) if ranks[n] == FULL else priors[n] for n in names}
     original = _Truncation(stats.orig_fit, leader, names, spec, compute, abs_means, fisher_rows)
     best = {}
     for n in names:
@@ -645,11 +723,35 @@ def held_windows(n: int, every: int = None) -> frozenset:
     return frozenset(i for i in range(n) if i % every == every - 1) or frozenset({n - 1})
 
 
+def _block_ranks(walk: "_BlockWalk", ranks: dict, compensate: Compensation, residual: bool) -> tuple[dict, str | None,
+                                                                                                     list[str]]:
+    """This block's ranks with the dense matrices `compensate` picks marked FULL, and its residual-writing Linear
+    (a compensated dense one included); runs the original block (run_original), which groups the inputs."""
+    dense = [n for n in walk.linears if ranks.get(n) is None]
+    trial = {**ranks, **dict.fromkeys(dense, FULL)} if compensate.name != "none" else ranks
+    last = walk.residual_writer(trial) if residual else None
+    leaders = walk.run_original(last)
+    marked = {**ranks, **{n: FULL for n in dense if compensate.picks(walk, n)}}
+    return marked, (last if last is None or marked.get(last) is not None else None), leaders
+
+
+def _as_parameters(out: dict) -> dict:
+    """refine's result as compress_model takes it: a pair per factored matrix, a compensated dense matrix (u, None)
+    as its weight's path and value, and a tuned parameter (already a path) as it is."""
+    result = {}
+    for n, w in out.items():
+        if isinstance(w, tuple) and w[1] is None:
+            result[f"{n}.weight"] = w[0]
+        else:
+            result[n] = w
+    return result
+
+
 @torch.no_grad()
 def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: FactorSpec, ranks: dict[str, int | None],
            abs_means: dict | None = None, fisher_rows: dict | None = None, progress=None,
            damp: float = DAMP, residual: bool = RESIDUAL, fallback: dict | None = None,
-           taus: tuple = TAUS, tune: bool = False) -> tuple[dict, dict]:
+           taus: tuple = TAUS, tune: TuneConfig | None = None, compensate: str = "none") -> tuple[dict, dict]:
     """Refined (u, v) of every matrix that `ranks` factors, from one streaming pass over `windows`.
     Returns (weights, info) with info: seconds, the number of eigenvalues of G^ floored, and with `fallback`
     the held-out windows and, per block, what was refined and its held-out gain (`blocks`).
@@ -657,18 +759,19 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     Within a block the input groups are refined in the order the block calls them (q/k/v, o, gate/up,
     down for Llama): the compressed-path inputs of a group are taken with the groups before it already
     refined, since those are the inputs it will see in the compressed model. Each group's inputs are
-    taken by a forward that stops at that group.
+    taken by a forward that stops at that group. `compensate` (COMPENSATIONS) also refits dense-kept matrices,
+    which then come back as their weight's path and value (compress_model takes both).
 
     `fallback`: the unrefined (u, v) of every factored matrix. With it, refine never makes a block worse on
     text it did not fit: it fits on the calibration windows but the held-out ones (held_windows), chooses each
     matrix's damping among `taus` (ridge towards its unrefined factors) or the unrefined factors themselves by
     the held-out output error, and keeps a block unrefined where its refined output is not closer to the
-    original block's on the held-out windows. With `tune` as well, each block also tries the block-level
-    refinement (_Contest.tune) and keeps it where it wins there. Without `fallback`, every window is fitted at the
-    one damping `damp` towards zero (the plain closed form)."""
+    original block's on the held-out windows. With `tune` (a TuneConfig) as well, each block also tries the
+    block-level training (_Contest.tune) and keeps it where it wins there. Without `fallback`, every window is
+    fitted at the one damping `damp` towards zero (the plain closed form)."""
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    wanted = set(names)
+    wanted, comp = set(names), COMPENSATIONS[compensate]
     compute = torch.float64 if spec.compute == "float64" else torch.float32
     held = held_windows(len(windows)) if fallback is not None else frozenset()
     taus = tuple(taus) if fallback is not None else (damp,)
@@ -681,19 +784,21 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     for b, block in enumerate(blocks):
         with block_on_device(block):  # sent once for the block's every pass over the windows
             walk = _BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, park, held or None)
-            last = walk.residual_writer(ranks) if residual else None
-            leaders = walk.run_original(last)
+            block_ranks, last, leaders = _block_ranks(walk, ranks, comp, residual)
             chosen: dict[str, tuple] = {}
             try:
                 for j, leader in enumerate(leaders):
-                    members = [n for n in walk.linears if walk.group_of.get(n) == leader and ranks.get(n) is not None]
+                    members = [n for n in walk.linears
+                               if walk.group_of.get(n) == leader and block_ranks.get(n) is not None]
                     if members:
                         stats = walk.compressed_inputs(leader, leader == last, held)
-                        picks, k = _choose(stats, leader, {n: walk.linears[n] for n in members}, spec, ranks, compute,
-                                           taus, fallback, abs_means, fisher_rows)
+                        picks, k = _choose(stats, leader, {n: walk.linears[n] for n in members}, spec, block_ranks,
+                                           compute, taus, fallback, abs_means, fisher_rows)
                         floored += k
                         for n in members:
-                            out[n] = walk.install(n, *picks[n]["final"])
+                            installed = walk.install(n, *picks[n]["final"])
+                            if block_ranks[n] != FULL or picks[n]["tau"] is not None:  # a dense one kept as is: not new
+                                out[n] = installed
                             chosen[n] = picks[n]
                         del picks, stats
                     walk.taken.pop(leader, None)
@@ -709,17 +814,17 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
         release_host_memory()
     if progress:
         progress(1.0, f"block {n_blocks}/{n_blocks}: refined")
-    info = {"seconds": time.perf_counter() - t0, "floored": floored}
+    info = {"seconds": time.perf_counter() - t0, "floored": floored, "compensate": compensate}
     if held:
         info.update(held_windows=sorted(held), fit_windows=len(windows) - len(held), taus=list(taus), blocks=report)
-    return out, info
+    return _as_parameters(out), info
 
 
 class _Contest:
     """The block-level check, on the held-out windows and from the same compressed-path inputs (`inputs`): each
     contender is the block with every factored matrix as one of the picks (`chosen`, from _choose), against the
     original block's output. The contenders are fitted on the fit windows alone; the winner is what the block
-    ships, fitted on every window."""
+    ships (the closed-form ones refitted on every window)."""
 
     def __init__(self, walk: _BlockWalk, chosen: dict, inputs: list, held):
         self.walk, self.chosen, self.inputs, self.held = walk, chosen, inputs, held
@@ -731,76 +836,114 @@ class _Contest:
         for n, (u, v) in weights.items():
             self.walk.install(n, u, v)
 
-    def run(self, weights: dict, windows) -> dict:
-        self._put(weights)
-        park = self.walk.park
-        return {i: park.put(_block_out(self.walk.block(park.get(self.inputs[i]), **self.walk.hat.kwargs[i])))
-                for i in windows}
+    def _forward(self, i: int, extra: dict | None = None) -> torch.Tensor:
+        """Window i through the block as installed, with the parameters in `extra` (block-local name -> tensor, in
+        any dtype) in place of the block's own."""
+        walk = self.walk
+        args, kwargs = (walk.park.get(self.inputs[i]),), walk.hat.kwargs[i]
+        if not extra:
+            return _block_out(walk.block(*args, **kwargs))
+        own = dict(walk.block.named_parameters())
+        swapped = {k: t.to(own[k].dtype) for k, t in extra.items()}
+        return _block_out(torch.func.functional_call(walk.block, swapped, args, kwargs, strict=False))
 
-    def error(self, weights: dict) -> float:
-        return _held_error(self.walk.orig.hidden, self.run(weights, self.held), self.held, self.walk.park)
+    def run(self, weights: dict, windows, extra: dict | None = None) -> dict:
+        self._put(weights)
+        return {i: self.walk.park.put(self._forward(i, extra)) for i in windows}
+
+    def error(self, weights: dict, extra: dict | None = None) -> float:
+        return _held_error(self.walk.orig.hidden, self.run(weights, self.held, extra), self.held, self.walk.park)
 
     def picks(self, which: str) -> dict:
         return {n: p[which] for n, p in self.chosen.items()}
 
-    def tune(self, start: dict, windows: list, steps: int = TUNE_EPOCHS, lr: float = TUNE_LR) -> dict:
-        """Block-level refinement (the second stage of AA-SVD, arXiv 2604.02119): Adam on the block's low-rank
-        factors (u, v) only, from `start`, for `steps` epochs over `windows`; the loss is the mean squared distance
-        between the original block's output and the block's output on the compressed-path inputs. Returns the
-        tuned (u, v), in float32."""
-        walk, block = self.walk, self.walk.block
+    def _masters(self, start: dict, scope: str) -> tuple[dict, dict]:
+        """float32 master copies of what block tuning trains: every pick's (u, v) (v None for a dense refit), put in
+        place on the compressed path; with scope "block", also every other parameter of the block (its dense
+        matrices, biases and norms) by block-local name, unless the block is offloaded."""
+        walk = self.walk
         walk.restore()
         walk.swaps, walk.replayed = [], set()
-        params = {}
+        pairs = {}
         for n, (u, v) in start.items():
             with weights_of(walk.linears[n]):
                 dev = walk.linears[n].weight.device
-                bias = None if walk.linears[n].bias is None else walk.linears[n].bias.detach().float()
-            params[n] = (nn.Parameter(u.detach().to(dev, torch.float32).clone()),
-                         nn.Parameter(v.detach().to(dev, torch.float32).clone()))
-            walk.swaps.append(_replace_forward(walk.linears[n], _low_rank(*params[n], bias)))
-        frozen = [p for p in block.parameters() if p.requires_grad]
+                bias = None if walk.linears[n].bias is None else walk.linears[n].bias.detach()
+            pairs[n] = tuple(None if t is None else nn.Parameter(t.detach().to(dev, torch.float32).clone())
+                             for t in (u, v))
+            walk.swaps.append(_replace_forward(walk.linears[n], _low_rank(*pairs[n], bias)))
+        extra = {}
+        if scope == "block" and not any(offload_hooks(m) for m in walk.block.modules()):
+            skip = {f"{n[len(walk.base) + 1:]}.{k}" for n in start for k in ("weight", "bias")}
+            extra = {k: nn.Parameter(t.detach().float().clone()) for k, t in walk.block.named_parameters()
+                     if k not in skip}
+        return pairs, extra
+
+    def tune(self, start: dict, windows: list, cfg: "TuneConfig") -> tuple[dict, dict]:
+        """Block-level training (the second stage of AA-SVD, arXiv 2604.02119) from `start`: AdamW with a warm-up
+        and cosine decay, gradients clipped, over `windows` (shuffled each epoch, seeded) for cfg.epochs; the loss
+        is the mean squared distance between the original block's output and the block's output on the
+        compressed-path inputs. Returns the tuned pairs (float32) and, with scope "block", the block's other
+        tuned parameters by block-local name."""
+        pairs, extra = self._masters(start, cfg.scope)
+        params = [t for uv in pairs.values() for t in uv if t is not None] + list(extra.values())
+        frozen = [p for p in self.walk.block.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-        opt = torch.optim.Adam([t for uv in params.values() for t in uv], lr=lr)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        order, total, step = torch.Generator().manual_seed(0), cfg.epochs * len(windows), 0
         try:
             with torch.enable_grad():
-                for _ in range(steps):
-                    for i in windows:
-                        out = _block_out(block(walk.park.get(self.inputs[i]), **walk.hat.kwargs[i])).float()
-                        loss = (out - walk.park.get(walk.orig.hidden[i]).float()).pow(2).mean()
+                for _ in range(cfg.epochs):
+                    for k in torch.randperm(len(windows), generator=order).tolist():
+                        for group in opt.param_groups:
+                            group["lr"] = cfg.lr * lr_scale(step, total, cfg.warmup)
+                        out = self._forward(windows[k], extra).float()
+                        loss = (out - self.walk.park.get(self.walk.orig.hidden[windows[k]]).float()).pow(2).mean()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                        if cfg.clip > 0:
+                            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                         opt.step()
+                        step += 1
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        return {n: (u.detach(), v.detach()) for n, (u, v) in params.items()}
+        tuned = {n: tuple(None if t is None else t.detach() for t in uv) for n, uv in pairs.items()}
+        return tuned, {k: t.detach() for k, t in extra.items()}
 
 
 def _keep_or_revert(walk: _BlockWalk, b: int, chosen: dict, inputs: list, held, fallback: dict, out: dict,
-                    tune: bool = False) -> dict:
+                    tune: TuneConfig | None = None) -> dict:
     """The block-level check (_Contest): the refined block against the unrefined one (and, with `tune`, the
-    refined one tuned by _Contest.tune), all fitted on the fit windows and scored on the held-out ones. Where the
-    refined block (or the tuned one) is not closer to the original than the unrefined one, every matrix of the
-    block goes back to its unrefined factors (`fallback`); the winner, fitted on every window, gives the next
-    block its inputs (walk.hat, which holds the refined block's outputs). Returns the block's line of the report."""
+    refined one trained by _Contest.tune on the fit windows), all fitted on the fit windows and scored on the
+    held-out ones. Where the refined block is not the closest to the original, the block ships the winner: its
+    unrefined factors (`fallback`; a compensated dense matrix goes back to the original's), or the tuned block as
+    trained on the fit windows (what the held-out windows scored), whose outputs give the next block its inputs
+    (walk.hat, which holds the refined block's outputs). Returns the block's line of the report."""
     contest = _Contest(walk, chosen, inputs, held)
     errors = {"refined": contest.error(contest.picks("fit")), "unrefined": contest.error(contest.picks("base"))}
-    if tune:
-        errors["tuned"] = contest.error(contest.tune(contest.picks("fit"), contest.fit))
+    tuned = extra = None
+    if tune is not None:
+        tuned, extra = contest.tune(contest.picks("fit"), contest.fit, tune)
+        errors["tuned"] = contest.error(tuned, extra)
     winner = min(errors, key=lambda k: (errors[k], k != "unrefined"))  # a tie keeps the block unrefined
     if winner != "refined":
-        final = fallback if winner == "unrefined" else contest.tune(contest.picks("final"), list(range(walk.n_win)))
-        final = {n: final[n] for n in chosen}
-        outputs = contest.run(final, range(walk.n_win))
+        base = contest.picks("base")
+        final = tuned if winner == "tuned" else {n: fallback[n] if n in fallback else base[n] for n in chosen}
+        extra = extra if winner == "tuned" else {}
+        outputs = contest.run(final, range(walk.n_win), extra)
         for n, (u, v) in final.items():
             with weights_of(walk.linears[n]):
                 dt = walk.linears[n].weight.dtype
-            out[n] = (u.to("cpu", dt), v.to("cpu", dt))
+            out[n] = (u.to("cpu", dt), None if v is None else v.to("cpu", dt))
+            if v is None and winner == "unrefined":
+                out.pop(n)  # a compensated dense matrix back to the original's: nothing new to ship
+        own = dict(walk.block.named_parameters())
+        out.update({f"{walk.base}.{k}": t.to("cpu", own[k].dtype) for k, t in extra.items()})
         for i in range(walk.n_win):
             walk.hat.hidden[i] = outputs[i]
-    matrices = {n: {"tau": p["tau"], "gain": p["gain"]} for n, p in chosen.items()}
+    matrices = {n: {"tau": p["tau"], "gain": p["gain"], "dense": p["fit"][1] is None} for n, p in chosen.items()}
     best = min(errors["refined"], errors.get("tuned", float("inf")))
     return {"block": b, "refined": winner != "unrefined", "choice": winner,
             "gain": 1 - best / errors["unrefined"] if errors["unrefined"] > 0 else 0.0,

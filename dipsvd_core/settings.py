@@ -15,7 +15,7 @@ from .factors import DEFAULT_WHITENING, WHITENING_FORMS, FactorSpec
 from .importance import ENERGIES, check_importance
 from .knobs import knob
 from .methods import handler, refines
-from .refine import REFINE_CHOICES, REFINES, refine_choice
+from .refine import COMPENSATIONS, REFINE_CHOICES, REFINES, TuneConfig, refine_choice
 from .strategies import strategy
 
 
@@ -50,6 +50,9 @@ class Settings:
                              choices=lambda: ("float32", "bfloat16"))
     refine: str = knob("none", "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
                        + " (refine is one more streaming pass at build time)", choices=lambda: REFINES)
+    compensate: str = knob("none", "refine also refits dense-kept matrices to the drifted inputs, where that lowers "
+                           "the held-out error: " + "; ".join(f"{c.name}: {c.help}" for c in COMPENSATIONS.values()),
+                           choices=lambda: tuple(COMPENSATIONS))
     p_min: float = knob(0.05, "lowest keep ratio of a block")
     p_max: float = knob(1.0, "highest keep ratio of a block (1 = may stay dense)")
     # global importance (DESIGN.md section 4)
@@ -62,6 +65,7 @@ class Settings:
     bo_windows: int = knob(4, "held-out windows per BO evaluation", kind="positive")
     seed: int = knob(0, "the seed of the calibration windows and of the search", cli=False)  # --seed: the calibration's
     dobi: DobiConfig = knob(help="Dobi-SVD (--method dobi)", default_factory=DobiConfig)
+    tune: TuneConfig = knob(help="block tuning (--refine block)", default_factory=TuneConfig)
 
     @property
     def spec(self) -> FactorSpec:
@@ -74,6 +78,11 @@ class Settings:
         strategy(self.allocation)  # an unknown name says which exist
         method.check(self)
         refine_choice(self.refine)  # a clear message for an unknown name
+        self.tune.check()
+        if self.compensate not in COMPENSATIONS:
+            raise DipSVDError(f"unknown compensate '{self.compensate}'; use one of {', '.join(COMPENSATIONS)}")
+        if self.compensate != "none" and not refines(self.refine):
+            raise DipSVDError(f"compensate {self.compensate} is part of refine: use refine sequential or block")
         if refines(self.refine) and not method.refinable:
             raise DipSVDError(f"refine works on SVD factors; {self.method} rebuilds its weights otherwise: "
                               "use refine none")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .factors import Factor
+from .errors import DipSVDError
 from .models import offload_hooks, weights_of
 
 
@@ -145,10 +146,30 @@ def placement_of(linear: nn.Linear) -> tuple[torch.device, nn.Parameter | None]:
     return dev, bias
 
 
-def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+def _replace_parameter(new: nn.Module, mods: dict, path: str, value: torch.Tensor) -> None:
+    """The parameter at `path` (module.name) of `new` replaced by a new one holding `value`, in the old one's dtype
+    and place; the original's parameter is left as it was (`new` is a copy whose modules are its own). A Linear's
+    weight makes a new Linear (so an offloaded one computes on its hook's device with no offloading); another
+    offloaded module's parameter cannot be replaced."""
+    module_name, _, pname = path.rpartition(".")
+    old = mods[module_name]
+    if isinstance(old, nn.Linear) and pname == "weight":
+        dev, bias = placement_of(old)
+        set_module(new, module_name, _wrap_linear(value.to(dev, old.weight.dtype), bias))
+        return
+    if offload_hooks(old):
+        raise DipSVDError(f"{path} is offloaded and cannot be replaced; tune only the factors (--tune-scope factors)")
+    target = new.get_submodule(module_name)
+    ref = getattr(target, pname)
+    setattr(target, pname, nn.Parameter(value.to(ref.device, ref.dtype), requires_grad=False))
+
+
+def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
                    inplace: bool = False) -> nn.Module:
     """`model` with each named Linear replaced by LowRankLinear(u, v), as a new module tree over the
-    original's tensors: the original is unchanged and nothing but the factors is allocated. With
+    original's tensors: the original is unchanged and nothing but the factors is allocated. An entry whose value
+    is one tensor is a parameter's path (`...down_proj.weight`, `...input_layernorm.weight`) and its refitted value
+    (refine's dense compensation and block tuning): that parameter alone is new in the copy. With
     `inplace`, `model` itself is converted (and returned), each dense matrix freed as it goes."""
     mods = dict(model.named_modules())
     mappings = _file_mappings() if inplace else []
@@ -161,12 +182,16 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
                 memo[id(h.weights_map)] = h.weights_map
         new = copy.deepcopy(model, memo)
     for name in weights:
-        u, v = weights[name]  # read now: one matrix's factors at a time
+        value = weights[name]  # read now: one matrix's factors at a time
+        if isinstance(value, torch.Tensor):  # a refitted dense parameter (refine's compensation or block tuning)
+            _replace_parameter(new, mods, name, value)
+            continue
+        u, v = value
         old = mods[name]
         dev, bias = placement_of(old)
         dt = old.weight.dtype
         set_module(new, name, LowRankLinear.from_weights(u.to(dev, dt), v.to(dev, dt), bias))
-        del u, v
+        del u, v, value
         if inplace:
             w = old.weight
             del old, mods[name]

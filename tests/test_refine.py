@@ -1,5 +1,6 @@
 """Sequential compensation (refine.py): the closed form against a brute-force optimum, and the pass on
 the tiny model against the plain factors."""
+import math
 import json
 import subprocess
 import sys
@@ -410,27 +411,30 @@ def test_group_stats_accumulate_the_grams_window_by_window():
 
 
 def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_winner(tiny_lm, monkeypatch):
-    """refine "block": every tuning (_Contest.tune, Adam on the block's factors) lowers the block's error on the
-    windows it trains on; each block's report names the contender with the lowest held-out error, and a block
-    whose winner is "unrefined" ships the factor pass's factors bit for bit."""
+    """refine "block": every tuning (_Contest.tune, AdamW on every parameter of the block) lowers the block's error
+    on the windows it trains on; each block's report names the contender with the lowest held-out error, a block
+    whose winner is "unrefined" ships the factor pass's factors bit for bit, and a tuned block ships its tuned
+    norms as new parameters (the original's stay as they were)."""
     from dipsvd_core import refine as R
     from dipsvd_core.surgery import low_rank_weights
 
     bench = Workbench(tiny_lm, "wiki", 8, 64)
-    s = Settings(method="svd-llm", ratio=0.4, refine="block")
+    s = Settings(method="svd-llm", ratio=0.4, refine="block", tune=R.TuneConfig(epochs=3, lr=1e-3))
     fallback = low_rank_weights(bench.factors(s.spec), bench.allocate(s).ranks)
     drops = []
     tune = R._Contest.tune
 
-    def recorded(self, start, windows, **kw):
-        def error(weights):
-            outs = self.run(weights, windows)
+    def recorded(self, start, windows, cfg):
+        def error(weights, extra=None):
+            outs = self.run(weights, windows, extra)
             return sum(float((self.walk.orig.hidden[i] - outs[i]).double().pow(2).sum()) for i in windows)
         before = error(start)
-        tuned = tune(self, start, windows, **kw)
-        drops.append((before, error(tuned)))
-        return tuned
+        tuned, extra = tune(self, start, windows, cfg)
+        assert extra and all(t.dtype == torch.float32 for t in extra.values())
+        drops.append((before, error(tuned, extra)))
+        return tuned, extra
     monkeypatch.setattr(R._Contest, "tune", recorded)
+    norms = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters() if "norm" in n}
     weights, info = bench.refine(s, bench.allocate(s), fallback=fallback)
     assert len(drops) >= tiny_lm.n_blocks and all(after < before for before, after in drops)
     for line in info["blocks"]:
@@ -439,7 +443,21 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
         assert line["choice"] == min(errors, key=lambda k: (errors[k], k != "unrefined"))
         if line["choice"] == "unrefined":
             assert all(torch.equal(weights[n][0], fallback[n][0]) for n in line["matrices"])
+        tuned_norms = [n for n in weights if f"layers.{line['block']}." in n and "norm" in n]
+        assert bool(tuned_norms) == (line["choice"] == "tuned")
+        assert all(not torch.equal(weights[n], norms[n]) for n in tuned_norms)
+    assert all(torch.equal(p, norms[n]) for n, p in tiny_lm.model.named_parameters() if n in norms)
     assert ("tuned" in R.summary(info)) == any(b["choice"] == "tuned" for b in info["blocks"])
+
+
+def test_tuning_schedule_warms_up_then_decays():
+    from dipsvd_core.refine import lr_scale
+
+    scales = [lr_scale(i, 20, 0.1) for i in range(20)]
+    assert scales[:2] == [0.5, 1.0] and scales[2] == pytest.approx(1.0)
+    assert scales[11] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 18)))
+    assert all(a > b for a, b in zip(scales[2:], scales[3:])) and scales[-1] > 0
+    assert lr_scale(0, 5, 0.0) == 1.0  # at least one warm-up step
 
 
 @pytest.mark.parametrize("how", ["sequential", "block"])
@@ -462,3 +480,52 @@ def test_parked_activations_give_the_same_factors(tiny_lm, monkeypatch, how):
     assert [b["choice"] for b in info["blocks"]] == [b["choice"] for b in info2["blocks"]]
     for n in kept:
         assert torch.equal(kept[n][0], parked[n][0]) and torch.equal(kept[n][1], parked[n][1]), n
+
+
+@pytest.mark.parametrize("compensate", ["outputs", "all"])
+def test_dense_blocks_are_compensated(tiny_lm, compensate):
+    """compensate: with block 0 factored and block 1 kept dense, refine refits block 1's dense matrices (the
+    ones that alone read their input, or all of them) to the inputs the compressed block 0 gives it. They come
+    back as weights of the same shape (no parameter added) and the original model is untouched. Fitted on every
+    window (no held-out check), the compressed model's last hidden state is closer to the original's there than
+    without compensation; with the held-out check, a dense matrix ships only where its block's held-out error
+    falls."""
+    from dipsvd_core.surgery import compress_model, low_rank_weights
+
+    settings = Settings(method="svd-llm", ratio=0.7)
+    bench = Workbench(tiny_lm, "wiki", 8, 64)
+    names, windows = [t.name for t in tiny_lm.targets], bench.windows()
+    full = bench.allocate(settings).ranks
+    ranks = {t.name: (full[t.name] if t.block == 0 else None) for t in tiny_lm.targets}
+    solo = {"self_attn.o_proj", "mlp.down_proj"}
+    expected = {f"{t.name}.weight" for t in tiny_lm.targets
+                if t.block == 1 and (compensate == "all" or t.name.split(".", 3)[-1] in solo)}
+    before = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    plain, _ = refine(tiny_lm.model, names, windows, settings.spec, ranks)
+    weights, _ = refine(tiny_lm.model, names, windows, settings.spec, ranks, compensate=compensate)
+    assert {n for n in weights if n.endswith(".weight")} == expected
+    for n in expected:
+        assert weights[n].shape == before[n].shape and not torch.equal(weights[n], before[n])
+    assert all(torch.equal(p, before[n]) for n, p in tiny_lm.model.named_parameters())
+
+    def last_hidden(model):
+        with torch.no_grad():
+            return torch.cat([model(windows[i: i + 1], output_hidden_states=True).hidden_states[-1]
+                              for i in range(len(windows))])
+
+    reference = last_hidden(tiny_lm.model)
+    models = {k: compress_model(tiny_lm.model, w) for k, w in (("plain", plain), ("compensated", weights))}
+    err = {k: float((last_hidden(m) - reference).norm()) for k, m in models.items()}
+    assert err["compensated"] < err["plain"]
+    assert sum(p.numel() for p in models["compensated"].parameters()) == \
+        sum(p.numel() for p in models["plain"].parameters())
+    fallback = low_rank_weights(bench.factors(settings.spec), ranks)
+    checked, info = refine(tiny_lm.model, names, windows, settings.spec, ranks, fallback=fallback,
+                           compensate=compensate)
+    line = info["blocks"][-1]
+    assert line["block"] == 1 and {f"{n}.weight" for n in line["matrices"]} == expected
+    assert all(m["dense"] for m in line["matrices"].values())
+    assert line["errors"]["refined" if line["refined"] else "unrefined"] == min(line["errors"].values())
+    shipped = {n for n in checked if n.endswith(".weight")}
+    assert shipped == ({f"{n}.weight" for n, m in line["matrices"].items() if m["tau"] is not None}
+                       if line["refined"] else set())

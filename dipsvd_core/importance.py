@@ -369,6 +369,28 @@ def effective_ranks(spectra: list[torch.Tensor], tau: float = 0.95, energy: str 
     return np.array([effective_rank(g, tau, energy) for g in spectra], dtype=np.float64)
 
 
+HANDFUL = 8  # an effective rank at most this counts a handful of directions, not the block's output
+
+
+def energy_shares(energy: list[torch.Tensor], k: int = HANDFUL) -> dict[str, np.ndarray]:
+    """Where each block output's energy goes, from the diagonals of H^T H (Stats.block_energy): the share of the
+    largest hidden dimension, of the k largest, and which dimension is the largest. Since the k largest eigenvalues
+    hold at least the k largest diagonal entries (Ky Fan), a top-k share >= tau bounds R_l (sigma2) by k."""
+    out = {"top1": [], "topk": [], "dim": []}
+    for e in energy:
+        e = torch.as_tensor(e, dtype=torch.float64).clamp_min(0)
+        top = torch.sort(e, descending=True).values
+        out["top1"].append(float(top[0] / e.sum()))
+        out["topk"].append(float(top[:k].sum() / e.sum()))
+        out["dim"].append(int(e.argmax()))
+    return {name: np.asarray(v) for name, v in out.items()}
+
+
+def degenerate_blocks(R, k: int = HANDFUL) -> list[int]:
+    """The blocks whose effective rank counts only a handful (<= k) of directions."""
+    return [b for b, r in enumerate(np.asarray(R)) if r <= k]
+
+
 def minmax(x, eps: float = NORM_EPS) -> np.ndarray:
     """(x - min) / (max - min) + eps; all-equal inputs map to 1 (nothing distinguishes the blocks)."""
     x = np.asarray(x, dtype=np.float64)

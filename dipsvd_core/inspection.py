@@ -218,3 +218,53 @@ def quality_help(settings: Settings, calib_tokens: int) -> list[str]:
         out.append(f"a lower ratio than {settings.ratio:g}: perplexity rises fast with the ratio (the sweep below "
                    "shows how fast on this model)")
     return out
+
+
+def block_ranges(blocks) -> str:
+    """Block indices in words: [2, 5, 6, 7, 11, 12] -> '2, 5-7, 11-12'."""
+    blocks, runs = sorted(int(b) for b in blocks), []
+    for b in blocks:
+        if runs and b == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([b, b])
+    return ", ".join(f"{a}" if a == z else f"{a}-{z}" for a, z in runs)
+
+
+def rank_words(R, shares: dict, tau: float, k: int | None = None) -> str | None:
+    """Where the effective rank R_l is set by a handful of hidden dimensions, in words (None where it is nowhere):
+    the blocks, their R_l, and the share of the output's energy their largest dimension holds (energy_shares)."""
+    from .importance import HANDFUL, degenerate_blocks
+
+    k = k or HANDFUL
+    bad = degenerate_blocks(R, k)
+    if not bad:
+        return None
+    R, top1 = np.asarray(R)[bad], shares["top1"][bad]
+    dims = ", ".join(str(d) for d in sorted(set(int(d) for d in shares["dim"][bad])))
+    return (f"In blocks {block_ranges(bad)} R_l is only {R.min():.0f}-{R.max():.0f}: τ = {tau:g} of the output's energy "
+            f"lies in at most {k} directions, and hidden dimension {dims} alone holds {100 * top1.min():.0f}-"
+            f"{100 * top1.max():.0f}% of it (a massive activation of the residual stream). There R_l counts that "
+            "dimension, not how rich the block's output is, and the min-max normalisation puts R̃ at its floor.")
+
+
+def q_ties(R, S_norm, Q, beta: float) -> dict | None:
+    """Which blocks share one R̃ (R_l at its minimum, R̃ = ε after min-max normalisation) and so have Q_l =
+    S̃_l^β ε^(1-β): among them the Fisher sensitivity alone orders Q. None where fewer than two blocks tie."""
+    from .importance import NORM_EPS
+
+    R, S, Q = (np.asarray(x, dtype=np.float64) for x in (R, S_norm, Q))
+    tied = np.flatnonzero(R == R.min()) if R.max() > R.min() else np.array([], dtype=int)
+    if len(tied) < 2:
+        return None
+    rest = np.setdiff1d(np.arange(R.size), tied)
+    nearest = rest[np.argmin(Q[rest])]
+    return {"blocks": [int(b) for b in tied], "floor": NORM_EPS ** (1 - beta),
+            "words": (f"Blocks {block_ranges(tied)} share R_l = {R.min():.0f}, the minimum, so R̃ = ε = {NORM_EPS:g} "
+                      f"for each and Q_l = S̃_l^β · ε^(1-β) = {NORM_EPS ** (1 - beta):.1e} · S̃_l^β (β = {beta:g}): "
+                      f"Q ties at about zero and the Fisher sensitivity alone decides among them (S̃ from "
+                      f"{S[tied].min():.2f} to {S[tied].max():.2f}). The heuristic keeps p_l = c · Q_l, clipped to "
+                      "[p_min, p_max], with c the one scale that meets the budget, so the tied blocks keep in "
+                      f"proportion to S̃_l^β. Every other block's Q is larger: the smallest (block {nearest}, R_l = "
+                      f"{R[nearest]:.0f}) is {Q[nearest] / Q[tied].max():.0f}x the largest tied one, so those blocks "
+                      "reach p_max first, and the tied blocks share what the budget leaves.")}

@@ -1,6 +1,7 @@
 """The pure views of inspection.py the app shows in words: the quality verdict's bands and its advice."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dipsvd_core.inspection import VERDICT_BANDS, quality_verdict
@@ -60,3 +61,50 @@ def test_calibration_advice_names_no_repository_file_and_no_cached_time():
     timed = calibration_advice(8, 256, {"statistics": 0.01, "fisher": 12.0})
     assert ": about 96 s for fisher, timed here at 12 s (statistics read from the cache" in timed
     assert calibration_advice(32, 512, {}) is None
+
+
+def test_output_summary_keeps_the_energy_per_dimension_and_the_spectrum_without_massive_ones():
+    import torch
+
+    from dipsvd_core.stats import MASSIVE_FACTOR, massive_dims, output_summary
+
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    H[:, 5] *= 100.0  # energy 1e4 x the others': a massive dimension
+    gram = H.T @ H
+    eigs, energy, trimmed = output_summary(gram)
+    assert torch.allclose(energy, (H ** 2).sum(0))
+    assert massive_dims(energy).tolist() == [5] and MASSIVE_FACTOR < 1e4
+    keep = [j for j in range(16) if j != 5]
+    assert torch.allclose(trimmed, torch.linalg.eigvalsh(H[:, keep].T @ H[:, keep]))
+    assert torch.allclose(eigs, torch.linalg.eigvalsh(gram))
+
+
+def test_energy_shares_bound_the_effective_rank():
+    import torch
+
+    from dipsvd_core.importance import effective_rank, energy_shares
+
+    energy = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([0.5, 97.0, 1.0, 1.5])]
+    shares = energy_shares(energy, k=2)
+    assert shares["top1"].tolist() == pytest.approx([0.25, 0.97]) and shares["dim"].tolist() == [0, 1]
+    assert shares["topk"].tolist() == pytest.approx([0.5, 0.985])
+    # Ky Fan: a diagonal Gram's top-2 share >= tau bounds R_l by 2
+    assert effective_rank(torch.diag(energy[1]), 0.95) <= 2
+
+
+def test_rank_words_and_q_ties_name_the_blocks_and_the_rule():
+    from dipsvd_core.importance import combined_score, minmax
+    from dipsvd_core.inspection import block_ranges, q_ties, rank_words
+
+    assert block_ranges([11, 2, 12, 13, 5]) == "2, 5, 11-13"
+    R = np.array([200.0, 150.0, 1.0, 1.0, 1.0, 2.0])
+    shares = {"top1": np.array([0.1, 0.3, 0.98, 0.97, 0.96, 0.9]), "dim": np.array([3, 507, 507, 507, 507, 507])}
+    words = rank_words(R, shares, 0.95)
+    assert words.startswith("In blocks 2-5 R_l is only 1-2") and "dimension 507 alone holds 90-98%" in words
+    assert rank_words(np.array([100.0, 90.0]), shares, 0.95) is None
+    S = np.array([1.0, 0.5, 0.2, 0.4, 0.3, 0.1])
+    ties = q_ties(R, minmax(S), combined_score(S, R, 0.25), 0.25)
+    assert ties["blocks"] == [2, 3, 4] and ties["floor"] == pytest.approx(1e-6 ** 0.75)
+    assert "Blocks 2-4 share R_l = 1" in ties["words"] and "(block 5, R_l = 2)" in ties["words"]
+    assert q_ties(np.array([3.0, 1.0, 2.0]), np.ones(3), np.ones(3), 0.25) is None

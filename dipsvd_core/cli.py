@@ -506,7 +506,6 @@ def cmd_sweep(args) -> dict:
     for out in (args.out_json, args.out_md):
         if Path(out).is_dir():
             raise DipSVDError(f"{out} is a folder; give a file name")
-    _check_tasks(args)
     progress = Progress(args.quiet)
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress)

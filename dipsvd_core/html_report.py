@@ -74,7 +74,7 @@ def _lm_eval(report: dict) -> str:
     tasks = report.get("lm_eval") or {}
     if not tasks:
         return ""
-    rows = [[task, side, _fmt(r["acc"]), _fmt(r.get("acc_stderr", "-"))]
+    rows = [[task, side, _fmt(r["acc"]), _fmt("n/a" if r.get("acc_stderr") is None else r["acc_stderr"])]
             for side, results in tasks.items() for task, r in results.items()]
     return "<h2>lm-evaluation-harness</h2>" + _table(["task", "model", "accuracy", "standard error"], rows)
 

@@ -6,6 +6,8 @@ import json
 import math
 import re
 
+import pytest
+
 from dipsvd_core.compressed import save_compressed
 from dipsvd_core.lm_tasks import CHOICE_WORDS, CONTEXT_WORDS, cloze_documents
 from dipsvd_core.pipeline import Settings, Workbench
@@ -50,3 +52,71 @@ def test_an_unknown_task_is_one_line(tiny_model_dir):
                "--seqlen", "64", "--quiet")
     assert proc.returncode == 2 and "unknown lm-eval task(s) no_such_task" in error_line(proc)
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path):
+    proc = run("compress", "--model", str(tmp_path / "not-there"), "--tasks", "no_such_task", "--quiet")
+    assert proc.returncode == 2 and "unknown lm-eval task(s) no_such_task" in error_line(proc)
+
+
+def test_a_hub_task_offline_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    # an empty hub and datasets cache, offline; the model path does not exist, so any load would fail first
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    for command in ("evaluate", "compress"):
+        proc = run(command, "--model", str(tmp_path / "not-there"), "--tasks", "arc_easy", "--quiet")
+        line = error_line(proc)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "arc_easy" in line and "offline" in line and "use dipsvd_wiki_cloze" in line
+        assert "not-there" not in line
+
+
+def test_a_one_document_limit_gives_a_result(tiny_lm):
+    from dipsvd_core.cli import _accuracy_words
+    from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
+
+    r = lm_eval_accuracy(tiny_lm.model, tiny_lm.tokenizer, [LOCAL_TASK], limit=1)[LOCAL_TASK]
+    assert r["n"] == 1 and r["acc"] in (0.0, 1.0) and r["acc_stderr"] is None  # lm-eval's "N/A"
+    assert _accuracy_words(LOCAL_TASK, r) == f"{LOCAL_TASK} {r['acc']:.3f} ± n/a (n=1)"
+
+
+def test_lm_eval_command_line_scores_a_saved_folder(tiny_lm, tmp_path):
+    """The README's shell command, through lm-eval's own entry point, on a folder it loads with trust_remote_code:
+    the same accuracy as the project's own loader through lm_eval_accuracy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dipsvd_core.compressed import load_compressed
+    from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
+
+    res = Workbench(tiny_lm, "wiki", 4, 64).build(Settings(method="svd-llm", ratio=0.3))
+    out = save_compressed(res.model, tmp_path / "c", tiny_lm.tokenizer, {"method": "svd-llm"})
+    tasks = subprocess.run([sys.executable, "-m", "dipsvd_core.lm_tasks"], capture_output=True, text=True, check=True)
+    include = tasks.stdout.strip()
+    assert (Path(include) / f"{LOCAL_TASK}.yaml").is_file()
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+                           f"pretrained={out},trust_remote_code=True,dtype=float32", "--include_path", include,
+                           "--tasks", LOCAL_TASK, "--limit", "8", "--batch_size", "8", "--output_path",
+                           str(tmp_path / "results")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = (tmp_path / "results").rglob("results_*.json")
+    shell = json.loads(results.read_text())["results"][LOCAL_TASK]
+    ours = lm_eval_accuracy(load_compressed(out).model, tiny_lm.tokenizer, [LOCAL_TASK], limit=8)[LOCAL_TASK]
+    assert shell["acc,none"] == ours["acc"] and shell["acc_stderr,none"] == pytest.approx(ours["acc_stderr"])
+    assert json.loads(results.read_text())["n-samples"][LOCAL_TASK]["effective"] == 8
+
+
+def test_the_local_task_runs_with_datasets_offline_though_datasets_was_imported_first():
+    import datasets.config as dc
+
+    from dipsvd_core.lm_tasks import LOCAL_TASK, check_tasks, datasets_offline
+
+    before = dc.HF_HUB_OFFLINE
+    assert check_tasks([LOCAL_TASK]) is True  # local files only: offline whatever the network
+    with datasets_offline(True):
+        assert dc.HF_HUB_OFFLINE is True and dc.HF_DATASETS_OFFLINE is True
+    assert dc.HF_HUB_OFFLINE == before

@@ -62,6 +62,21 @@ def per_block(values: np.ndarray, title: str, y: str, color: str = BLUE, name: s
     return _layout(fig, title, "block", y)
 
 
+def energy_shares(top1: np.ndarray, topk: np.ndarray, k: int, tau: float) -> go.Figure:
+    """Where each block output's energy goes: the share of its largest hidden dimension (bars) and of its k largest
+    (line), against tau; where the k largest hold tau, the effective rank counts at most k directions."""
+    x = _blocks(len(top1))
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=x, y=np.asarray(top1), name="largest hidden dimension", marker_color=ORANGE))
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(topk), mode="lines+markers", name=f"{k} largest",
+                             line={"color": BLUE}))
+    fig.add_hline(y=tau, line={"color": GREY, "dash": "dash"}, annotation_text=f"τ = {tau:g}",
+                  annotation_position="bottom right")
+    fig.update_yaxes(range=[0, 1.02])
+    return _layout(fig, "Share of each block output's energy in its largest hidden dimensions", "block",
+                   "share of Σ‖h‖²")
+
+
 def importance_q(s_norm: np.ndarray, r_norm: np.ndarray, q: np.ndarray, beta: float) -> go.Figure:
     """Normalised S and R with their combination Q_l = S~^beta R~^(1-beta) (the paper's Figure 2)."""
     x = _blocks(len(q))
@@ -87,12 +102,18 @@ def spectra(sigmas: dict[str, np.ndarray], matrix: str) -> go.Figure:
     return _layout(fig, f"Singular values of {matrix} (each divided by its largest)", "index", "σ_i / σ_1 (log)")
 
 
-def keep_ratios(p_blocks: np.ndarray, p_uniform: np.ndarray, label: str) -> go.Figure:
-    """Per-block keep ratio p_l of an allocation against the uniform one."""
+def keep_ratios(p_blocks: np.ndarray, p_uniform: np.ndarray, label: str, tied: list[int] | None = None) -> go.Figure:
+    """Per-block keep ratio p_l of an allocation against the uniform one; `tied` blocks (Q ties, inspection.q_ties)
+    are hatched and named in the legend."""
     p = np.asarray(p_blocks, dtype=np.float64)
     x = _blocks(p.size)
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=x, y=p, name=label, marker_color=ORANGE))
+    tied = sorted(set(tied or []))
+    free = [b for b in x if b not in tied]
+    fig.add_trace(go.Bar(x=free, y=p[free], name=label, marker_color=ORANGE))
+    if tied:
+        fig.add_trace(go.Bar(x=tied, y=p[tied], name=f"{label}: Q tied (R_l at its minimum), Fisher S̃ decides",
+                             marker={"color": ORANGE, "pattern": {"shape": "/"}, "opacity": 0.6}))
     fig.add_trace(go.Scatter(x=x, y=np.asarray(p_uniform), mode="lines", name="uniform (reference)",
                              line={"color": GREY, "dash": "dash"}))
     fig.update_yaxes(range=[0, max(1.0, float(p.max()) * 1.05)])

@@ -33,6 +33,7 @@ class AllocationStrategy:
     fallback: str = "uniform"
     own_of: str | None = None  # a method's own allocation (Dobi-SVD's "trained"): its handler builds it
     unrefined_note: str = ""  # what the app says when it is built without refine
+    follows_q: bool = False  # its per-block keep ratios are the heuristic's p_l = c Q_l: the app explains Q's ties
 
     @property
     def reads_factors(self) -> bool:
@@ -83,7 +84,7 @@ def _uniform(bench, settings, bounds, **_):
     return alloc.uniform(bench.targets, settings.ratio, **bounds)
 
 
-@register_allocation("heuristic", needs=frozenset({P.STATISTICS, P.FISHER}),
+@register_allocation("heuristic", needs=frozenset({P.STATISTICS, P.FISHER}), follows_q=True,
                      help="p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)")
 def _heuristic(bench, settings, bounds, progress=None, **_):
     return allocators.heuristic(bench.importance(settings, progress)["Q"], bench.targets, settings.ratio, **bounds)
@@ -117,7 +118,7 @@ def _coupled(bench, settings, bounds, progress=None, **_):
                               **bounds)
 
 
-@register_allocation("nested", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.TYPE_PROBE}),
+@register_allocation("nested", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.TYPE_PROBE}), follows_q=True,
                      help="the heuristic's budget per block, split among each block's matrices by their estimated "
                           "loss, calibrated by probing every matrix type; best with Refine on the Compress page "
                           "(ours, not in the paper)",

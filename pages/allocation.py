@@ -9,7 +9,7 @@ from dipsvd_core import passes as P
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
-from dipsvd_core.inspection import budget, dobi_preview
+from dipsvd_core.inspection import budget, dobi_preview, q_ties
 from dipsvd_core.knobs import help_of
 from dipsvd_core.methods import handler, method_names, refines
 from dipsvd_core.refine import calibration_advice
@@ -209,9 +209,15 @@ with view:
                     f"from {ui.fmt_params(b['targeted_before'])}", delta_color="off", delta_arrow="off")
         m[3].metric("Dense matrices", b["dense_matrices"], f"of {len(bench.targets)}", delta_color="off", delta_arrow="off")
         label = chosen.method if not searched or s.bo_allocation(new) is not None else "uniform"
-        st.plotly_chart(figures.keep_ratios(chosen.p_blocks, uniform.p_blocks, label), key="fig_keep")
+        imp = bench.importance(new) if chosen_strategy.follows_q else None  # its Fisher has run: the preview needs it
+        ties = q_ties(imp["R"], imp["S_norm"], imp["Q"], new.beta) if imp is not None else None
+        st.plotly_chart(figures.keep_ratios(chosen.p_blocks, uniform.p_blocks, label, ties and ties["blocks"]),
+                        key="fig_keep")
         st.caption("Bars: the fraction of each block's targeted parameters kept; dashed: the uniform allocation "
-                   "at the same budget. Higher Q (or lower predicted loss gain) keeps more.")
+                   "at the same budget. Higher Q (or lower predicted loss gain) keeps more."
+                   + (" Hatched: the blocks whose Q ties (below)." if ties else ""))
+        if ties:
+            st.info("**When Q ties.** " + ties["words"], icon=":material/balance:")
         if loss is not None:
             st.plotly_chart(figures.predicted_loss(loss, loss_u, label), key="fig_loss")
             st.caption("Predicted whitened loss per block: Σ over its matrices of L_m(k_m)², the energy of the "

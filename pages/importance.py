@@ -2,7 +2,8 @@
 import streamlit as st
 
 from dipsvd_core import figures
-from dipsvd_core.inspection import alpha_matrix, comparison_specs, input_groups, n_protected, spectra
+from dipsvd_core.importance import HANDFUL, energy_shares
+from dipsvd_core.inspection import alpha_matrix, comparison_specs, input_groups, n_protected, rank_words, spectra
 from studio import ui
 
 s = ui.need_model()
@@ -38,6 +39,13 @@ with tab_global, ui.guard("Block importance"):
                                       color=figures.GREEN), key="fig_rank")
     st.caption("R_l: the fewest singular directions of block l's output holding a τ share of its energy. A "
                "higher effective rank means the block's output is richer.")
+    shares = energy_shares(bench.stats().block_energy, HANDFUL)
+    st.plotly_chart(figures.energy_shares(shares["top1"], shares["topk"], HANDFUL, cur.tau), key="fig_energy")
+    st.caption(f"Where each block output's energy goes: the share of Σ‖h‖² in its largest hidden dimension and in "
+               f"its {HANDFUL} largest (the diagonal of H^T H). Where the {HANDFUL} largest hold τ, R_l is at most "
+               f"{HANDFUL}, whatever the rest of the output holds.")
+    if words := rank_words(R, shares, cur.tau):
+        st.warning(words, icon=":material/warning:")
     if imp is None:
         st.info("Fisher sensitivity S_l needs one backward pass per calibration window.")
 

@@ -206,8 +206,15 @@ def test_importance_figures():
     assert len(curve["data"][1]["x"]) == round(0.03 * 128)  # the protected top-bar channels
     ranks = figure(at, "fig_rank")["data"][0]["y"]
     assert [int(r) for r in ranks] == list(studio.bench.effective_ranks(0.95, "sigma2"))
+    top1, topk = figure(at, "fig_energy")["data"][:2]  # where each block output's energy goes
+    diag = [torch.sort(e, descending=True).values for e in studio.bench.stats().block_energy]
+    assert top1["y"] == pytest.approx([float(d[0] / d.sum()) for d in diag])
+    assert topk["y"] == pytest.approx([float(d[:8].sum() / d.sum()) for d in diag])
+    assert at.session_state["k_imp_tab"] == "Channel importance α"
+    at.session_state["k_imp_tab"] = "Block importance S, R, Q"  # the tab the user opened stays open after the job
 
     click(at, "Compute Fisher sensitivity")
+    assert at.session_state["k_imp_tab"] == "Block importance S, R, Q"
     fisher = figure(at, "fig_fisher")["data"][0]["y"]
     assert fisher == pytest.approx(list(studio.fisher.per_block))
     q = figure(at, "fig_q")["data"]

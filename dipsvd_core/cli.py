@@ -339,7 +339,8 @@ def _check_plan(args) -> tuple[dict | None, object]:
 
 
 def _check_paths(args) -> None:
-    """Before anything loads: an --out that would be overwritten, and text files that are not there."""
+    """Before anything loads: an --out that would be overwritten, text files that are not there, and lm-eval tasks
+    that are unknown or, offline, cannot run."""
     if args.export == "dense" and not args.out:
         raise DipSVDError("--export dense writes next to the saved model; give --out DIR too")
     for out in (args.out, dense_folder(args.out) if args.export == "dense" else None):
@@ -350,6 +351,7 @@ def _check_paths(args) -> None:
     for path in (args.calib, *args.eval.split(",")):
         if path.endswith((".txt", ".jsonl")) and not Path(path).is_file():
             raise DipSVDError(f"text file not found: {path}; check the path")
+    _check_tasks(args)
 
 
 def dense_folder(out: str) -> str:
@@ -380,7 +382,6 @@ def cmd_compress(args) -> dict:
     allocation = args.allocation or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     _check_paths(args)
-    _check_tasks(args)
     t0 = time.perf_counter()
     plan, blocks = _check_plan(args)
     timings = {"plan": time.perf_counter() - t0}  # the config alone; a GGUF's is parsed whole (seconds)

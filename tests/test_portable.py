@@ -58,6 +58,7 @@ CHILD = textwrap.dedent("""
     print()  # after transformers' unanswered prompt, which has no newline
     print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "class": type(model).__name__,
                       "base_class": type(base).__name__, "refusals": refusals, "prompt": prompt, "pipeline": text,
+                      "backend_compatible": type(base).is_backend_compatible(),
                       "low_rank": sum(type(m).__name__ == "LowRankLinear" for m in model.modules())}))
 """)
 
@@ -102,6 +103,7 @@ def test_plain_transformers_refuses_without_the_flag_and_loads_with_it(tiny_lm, 
         assert "trust_remote_code=True" in message, (name, message)
     child = load_file(tmp_path / "child.safetensors")
     assert info["class"] == "DipSVDForCausalLM" and info["base_class"] == "DipSVDModel"
+    assert info["backend_compatible"] is True  # what vLLM's Transformers backend asks of auto_map's AutoModel
     assert info["low_rank"] == len(entry["ranks"]) > 0
     assert info["params"] == count_params(ours.model) == count_params(res.model) < count_params(tiny_lm.model)
     with torch.no_grad():

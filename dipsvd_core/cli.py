@@ -151,7 +151,7 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 KINDS = {"positive": _positive_int, "ratio": _ratio, "float": float, "int": int, "str": str}
 # the Settings fields every compressing subcommand takes (compress and plan add method, allocation and ratio)
 SHARED = ("weight", "bar", "whitening", "p_min", "p_max", "refine", "compute_dtype", "factor_dtype", "beta", "tau",
-          "energy", "bo_calls", "bo_objective", "bo_windows", "dobi", "compensate", "tune")
+          "energy", "rank_of", "bo_calls", "bo_objective", "bo_windows", "dobi", "compensate", "tune")
 
 
 def _add_flag(p, f, dest: str, default=dataclasses.MISSING) -> None:

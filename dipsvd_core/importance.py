@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from .stream import BlockInputs
 
 ENERGIES = ("sigma2", "sigma")
+# Which block-output spectrum R_l is taken of (Settings.rank_of): the name, its words, and the Stats field it reads
+RANKS_OF = {"output": ("the paper's: of the block output H_l (Eq. 12, Alg. 5)", "block_spectra"),
+            "trimmed": ("of H_l with its massive hidden dimensions set aside (energy over 500x the median "
+                        "dimension's, stats.massive_dims): not blinded by them", "trimmed_spectra")}
 FISHER_VERSION = "fisher-v3"  # v2: block-by-block backward; v3: output-gradient and output energies
 GRAD_EPS = 1e-8  # in ||grad|| / (||theta|| + eps)
 NORM_EPS = 1e-6  # added after min-max normalisation so that no Q_l is exactly zero
@@ -333,6 +337,17 @@ def cached_fisher(lm, windows: torch.Tensor, stats_key: str, progress=None) -> F
                  {"names": names, "per_block": info.per_block.tolist(), "per_matrix": info.per_matrix,
                   "trace": info.trace, "out_grad2": info.out_grad2, "out_energy": info.out_energy, "n_windows": info.n_windows, "loss": info.loss, "seconds": info.seconds})
     return info
+
+
+def check_rank_of(rank_of: str) -> None:
+    if rank_of not in RANKS_OF:
+        raise DipSVDError(f"unknown rank_of '{rank_of}'; use one of {', '.join(RANKS_OF)}")
+
+
+def rank_spectra(stats, rank_of: str = "output") -> list[torch.Tensor]:
+    """The per-block eigenvalues R_l is taken of (RANKS_OF) from a stats.Stats."""
+    check_rank_of(rank_of)
+    return getattr(stats, RANKS_OF[rank_of][1])
 
 
 def check_importance(beta: float, tau: float, energy: str) -> None:

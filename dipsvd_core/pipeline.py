@@ -22,7 +22,7 @@ from .data import DEFAULT_CALIB, calibration_windows, evaluation_windows, heldou
 from .errors import DipSVDError
 from .cache import cache_dir, load_tensors, make_key, save_tensors
 from .factors import Factor, FactorSpec, FactorStore, ScaleData, factor_model
-from .importance import FisherInfo, cached_fisher, effective_ranks, importance
+from .importance import FisherInfo, cached_fisher, effective_ranks, importance, rank_spectra
 from .methods import handler, needs, refines
 from .memwatch import PhaseMemory, lifetime_host_peak
 from .models import LoadedModel, weights_of
@@ -205,18 +205,18 @@ class Workbench:
             self.timings_s[P.FISHER] = time.perf_counter() - t0
         return self._fisher
 
-    def block_spectra(self, progress=None) -> list[torch.Tensor]:
-        """Eigenvalues (sigma^2) of every block output's Gram, computed once: a tau, energy or beta
-        slider then only re-reads them."""
-        return self.stats(progress).block_spectra
+    def block_spectra(self, progress=None, rank_of: str = "output") -> list[torch.Tensor]:
+        """Eigenvalues (sigma^2) of every block output's Gram (or of the Gram without its massive dimensions,
+        importance.RANKS_OF), computed once: a tau, energy or beta slider then only re-reads them."""
+        return rank_spectra(self.stats(progress), rank_of)
 
-    def effective_ranks(self, tau: float = 0.95, energy: str = "sigma2") -> np.ndarray:
-        return effective_ranks(self.block_spectra(), tau, energy)
+    def effective_ranks(self, tau: float = 0.95, energy: str = "sigma2", rank_of: str = "output") -> np.ndarray:
+        return effective_ranks(self.block_spectra(rank_of=rank_of), tau, energy)
 
     def importance(self, settings: Settings, progress=None) -> dict[str, np.ndarray]:
         """S, R, their normalised forms and Q, one value per block."""
-        return importance(self.fisher(progress), self.block_spectra(progress), settings.beta, settings.tau,
-                          settings.energy)
+        return importance(self.fisher(progress), self.block_spectra(progress, settings.rank_of), settings.beta,
+                          settings.tau, settings.energy)
 
     def heldout(self, n_windows: int) -> torch.Tensor:
         """Calibration-split windows disjoint from the calibration windows (BO's objective, the coupled probe)."""

@@ -12,7 +12,7 @@ from .bayes import OBJECTIVES
 from .dobi import DobiConfig
 from .errors import DipSVDError
 from .factors import DEFAULT_WHITENING, WHITENING_FORMS, FactorSpec
-from .importance import ENERGIES, check_importance
+from .importance import ENERGIES, RANKS_OF, check_importance, check_rank_of
 from .knobs import knob
 from .methods import handler, refines
 from .refine import COMPENSATIONS, REFINE_CHOICES, REFINES, TuneConfig, refine_choice
@@ -59,6 +59,8 @@ class Settings:
     beta: float = knob(0.25, "Q = S~^beta * R~^(1-beta): weight of Fisher sensitivity")
     tau: float = knob(0.95, "energy threshold of the effective rank")
     energy: str = knob("sigma2", "effective-rank energy: sigma2 (Alg. 5) or sigma (Eq. 11)", choices=lambda: ENERGIES)
+    rank_of: str = knob("output", "what the effective rank R_l is taken of: "
+                        + "; ".join(f"{k}: {v[0]}" for k, v in RANKS_OF.items()), choices=lambda: tuple(RANKS_OF))
     bo_calls: int = knob(30, "Bayesian optimisation: evaluations", kind="positive")
     bo_objective: str = knob("ppl", "BO objective on held-out calibration text: ppl, or 1 - cosine of the logits",
                              choices=lambda: OBJECTIVES)
@@ -89,6 +91,7 @@ class Settings:
         if not 0 < self.p_min <= self.p_max:
             raise DipSVDError(f"need 0 < p_min <= p_max (got {self.p_min}, {self.p_max})")
         check_importance(self.beta, self.tau, self.energy)
+        check_rank_of(self.rank_of)
         if self.bo_objective not in OBJECTIVES:
             raise DipSVDError(f"unknown BO objective '{self.bo_objective}'; use ppl or cosine")
         if self.bo_calls < 2:

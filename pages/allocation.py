@@ -9,6 +9,7 @@ from dipsvd_core import passes as P
 from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.factors import WHITENING_FORMS
+from dipsvd_core.importance import RANKS_OF
 from dipsvd_core.inspection import budget, dobi_preview, q_ties
 from dipsvd_core.knobs import help_of
 from dipsvd_core.methods import handler, method_names, refines
@@ -75,6 +76,8 @@ with controls:
                         disabled=busy)
         energy = st.radio("Energy", ["sigma2", "sigma"], key="k_s_energy", horizontal=True, disabled=busy,
                           help=help_of(Settings, "energy"))
+        rank_of = st.radio("Effective rank of", list(RANKS_OF), key="k_s_rank_of", horizontal=True, disabled=busy,
+                           help=help_of(Settings, "rank_of"))
     with st.expander("Bounds and Bayesian optimization"):
         p_min = st.number_input("p_min (lowest keep ratio of a block)", 0.01, 1.0, step=0.01, key="k_s_p_min",
                                 disabled=busy)
@@ -87,7 +90,7 @@ with controls:
 
 new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), weight=float(weight), bar=float(bar),
               whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
-              energy=energy, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows),
+              energy=energy, rank_of=rank_of, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows),
               dobi=replace(cur.dobi, epochs=int(dobi_epochs), windows=int(dobi_windows), lr=float(dobi_lr),
                            lam=float(dobi_lambda), beta=float(dobi_beta), remap=bool(remap)),
               # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back

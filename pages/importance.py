@@ -2,7 +2,7 @@
 import streamlit as st
 
 from dipsvd_core import figures
-from dipsvd_core.importance import HANDFUL, energy_shares
+from dipsvd_core.importance import HANDFUL, RANKS_OF, energy_shares
 from dipsvd_core.inspection import alpha_matrix, comparison_specs, input_groups, n_protected, rank_words, spectra
 from studio import ui
 
@@ -34,17 +34,18 @@ with tab_local:
 
 with tab_global, ui.guard("Block importance"):
     imp = bench.importance(cur) if s.fisher is not None else None  # S, R and Q from one call
-    R = imp["R"] if imp is not None else bench.effective_ranks(cur.tau, cur.energy)
-    st.plotly_chart(figures.per_block(R, f"Effective rank R_l (τ = {cur.tau:g}, {cur.energy} energy)", "R_l",
-                                      color=figures.GREEN), key="fig_rank")
+    R = imp["R"] if imp is not None else bench.effective_ranks(cur.tau, cur.energy, cur.rank_of)
+    st.plotly_chart(figures.per_block(R, f"Effective rank R_l (τ = {cur.tau:g}, {cur.energy} energy, of the "
+                                         f"{cur.rank_of} spectrum)", "R_l", color=figures.GREEN), key="fig_rank")
     st.caption("R_l: the fewest singular directions of block l's output holding a τ share of its energy. A "
-               "higher effective rank means the block's output is richer.")
+               f"higher effective rank means the block's output is richer. Taken {RANKS_OF[cur.rank_of][0]} "
+               "(the setting 'Effective rank of' on the Allocation page).")
     shares = energy_shares(bench.stats().block_energy, HANDFUL)
     st.plotly_chart(figures.energy_shares(shares["top1"], shares["topk"], HANDFUL, cur.tau), key="fig_energy")
     st.caption(f"Where each block output's energy goes: the share of Σ‖h‖² in its largest hidden dimension and in "
                f"its {HANDFUL} largest (the diagonal of H^T H). Where the {HANDFUL} largest hold τ, R_l is at most "
                f"{HANDFUL}, whatever the rest of the output holds.")
-    if words := rank_words(R, shares, cur.tau):
+    if words := rank_words(bench.effective_ranks(cur.tau, cur.energy), shares, cur.tau):  # the paper's R_l
         st.warning(words, icon=":material/warning:")
     if imp is None:
         st.info("Fisher sensitivity S_l needs one backward pass per calibration window.")

@@ -108,3 +108,21 @@ def test_rank_words_and_q_ties_name_the_blocks_and_the_rule():
     assert ties["blocks"] == [2, 3, 4] and ties["floor"] == pytest.approx(1e-6 ** 0.75)
     assert "Blocks 2-4 share R_l = 1" in ties["words"] and "(block 5, R_l = 2)" in ties["words"]
     assert q_ties(np.array([3.0, 1.0, 2.0]), np.ones(3), np.ones(3), 0.25) is None
+
+
+def test_rank_of_picks_the_spectrum_the_heuristic_reads():
+    import types
+
+    import torch
+
+    from dipsvd_core.errors import DipSVDError
+    from dipsvd_core.importance import effective_ranks, rank_spectra
+
+    massive = torch.tensor([0.001, 0.001, 0.001, 1.0])  # one direction holds 99.7%
+    rest = torch.tensor([0.25, 0.25, 0.25])  # the same output, its massive dimension set aside
+    stats = types.SimpleNamespace(block_spectra=[massive], trimmed_spectra=[rest])
+    assert effective_ranks(rank_spectra(stats), 0.95).tolist() == [1.0]  # the paper's R_l: the default
+    assert effective_ranks(rank_spectra(stats, "trimmed"), 0.95).tolist() == [3.0]
+    assert Settings().rank_of == "output" and Settings(rank_of="trimmed").check().rank_of == "trimmed"
+    with pytest.raises(DipSVDError, match="unknown rank_of 'input'; use one of output, trimmed"):
+        Settings(rank_of="input").check()

@@ -31,11 +31,12 @@ SETS = {"wiki": "English Wikipedia articles (the extract in gensim's wheel; cali
 
 
 def _is_bundled(report: dict) -> bool:
+    from .errors import DipSVDError
     from .models import bundled_gguf
 
     try:
         return bool(report.get("dequantized_from_gguf")) and Path(report.get("model_source", "")) == bundled_gguf()
-    except Exception:  # noqa: BLE001 - the bundled package is absent: the model is not it
+    except DipSVDError:  # the bundled package is absent: the model is not it
         return False
 
 

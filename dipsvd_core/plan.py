@@ -61,7 +61,7 @@ from .errors import DipSVDError
 from .importance import checkpoint_every
 from .methods import handler, needs
 from .scalings import symmetric_eigh
-from .refine import TAUS, TUNE_EPOCHS, refine_choice
+from .refine import TAUS, refine_choice
 from .settings import Settings
 
 # every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
@@ -396,6 +396,9 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     refine_sets = 3 * N * T * H * B + N * T * (sum(sh.groups) - sh.groups[-1] + H) * B
     refine_dev = (acts - N * T * H * B) + (refine_sets // N if cuda else refine_sets) \
         + 7 * g_max * g_max * 8 + H * g_max * 8 + factoring
+    if refine_choice(run.refine).tunes:  # block tuning: float32 masters of the block, their gradients and AdamW's
+        # two moments, and one window's autograd through the block (it runs after the group's factoring is freed)
+        refine_dev += max(0, 16 * sh.block_params + layer_saved - factoring)
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
     # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
     # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
@@ -624,9 +627,11 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     grams_flops = (sum(6 * g * g for g in first) + 2 * last * (2 * last + sh.hidden)) * run.seqlen * N
     phases["refine"].seconds = 3 * forward + L * (3 * whiten + (len(TAUS) + 2) * factor
                                                   + grams_flops / r.matmul_flops)
-    if refine_choice(run.refine).tunes:  # the tuning: a forward and a backward (about 3 forwards) per epoch and window, on the
-        # fit windows (three quarters) and, where it wins, once more on every window: at most 1.75 passes
-        phases["refine"].seconds += 3 * TUNE_EPOCHS * 1.75 * forward
+    if refine_choice(run.refine).tunes:  # the tuning: a forward and a backward (about 3 forwards) per epoch and window,
+        # on the fit windows (three quarters), every block (the dense-kept ones' are at most as long); the tuned block
+        # ships as trained there. Compensation (dense matrices refitted) is inside the per-block terms above, which
+        # count every block's every group.
+        phases["refine"].seconds += 3 * run.tune.epochs * 0.75 * forward
     probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows
     phases[P.BLOCK_PROBE].seconds = L * probe_window
     phases[P.TYPE_PROBE].seconds = len(per_block) * probe_window

@@ -1,0 +1,142 @@
+"""Benchmark of issue 35, item 5: the best path on a panel of texts that no calibration source contains.
+
+    .venv/bin/python bench/bench_panel.py [--configs base,comp,mix,mix-comp,tune] [--ratios 0.2,0.3]
+        [--calib 32x512] [--eval-tokens 4096] [--tune-epochs 4] [--out bench/panel.jsonl] [--write]
+
+The panel (dipsvd_core.data.PANEL): `python-docs` (CPython's reference manual: technical writing), `kjv` (narrative
+books of the King James Bible: book prose; Debian's bible-kjv) and `fortunes` (Debian's fortunes: quotations, jokes
+and dialogue), beside wiki and news. Each config is one build of the best path, dipsvd + nested, at each ratio,
+with one item of issue 35 switched on or off (CONFIGS): the calibration text (wiki-chat, the default, or the mix),
+dense compensation (refine --compensate outputs) and block tuning (refine block, AdamW; --tune-epochs on this CPU).
+Each row: perplexity of the original and the compressed model on every text (the first --eval-tokens tokens of its
+evaluation half, in windows of the calibration's length), the greedy generations of the default prompts (chat
+template on, 48 new tokens) with their distinct-3-gram shares against the original's, and the build's seconds.
+Rows go to --out as JSON lines as they finish (a rerun skips the rows already there); --write replaces the
+"## Quality panel (issue 35)" section of bench/RESULTS.md from --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench
+
+SECTION = "## Quality panel (issue 35)"
+TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
+# name -> (calibration source, refine, compensate, tuned)
+CONFIGS = {
+    "base": ("wiki-chat", "sequential", "none"),
+    "comp": ("wiki-chat", "sequential", "outputs"),
+    "mix": ("mix", "sequential", "none"),
+    "mix-comp": ("mix", "sequential", "outputs"),
+    "tune": ("wiki-chat", "block", "none"),
+    "mix-comp-tune": ("mix", "block", "outputs"),
+}
+
+
+def _ppl(model, sets: dict) -> dict:
+    from dipsvd_core.evaluate import perplexity
+
+    return {name: round(perplexity(model, windows), 3) for name, windows in sets.items()}
+
+
+def _generations(model, tokenizer) -> list[dict]:
+    from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
+
+    return [{"text": g["text"], "distinct_3": g["distinct_3"]}
+            for g in generate(model, tokenizer, DEFAULT_PROMPTS, 48, chat=True)]
+
+
+def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -> None:
+    from dipsvd_core.pipeline import Settings
+    from dipsvd_core.refine import TuneConfig
+
+    calib, refine, compensate = CONFIGS[name]
+    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    bench = workbench(lm, windows, seqlen, calib=calib)
+    sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
+    if ("original", args.calib) not in done:
+        row = {"config": "original", "calib": args.calib, "ppl": _ppl(lm.model, sets),
+               "generations": _generations(lm.model, lm.tokenizer)}
+        _append(out, row, done)
+    for ratio in ratios:
+        if (name, ratio) in done:
+            continue
+        s = Settings(method="dipsvd", allocation="nested", ratio=ratio, refine=refine, compensate=compensate,
+                     tune=TuneConfig(epochs=args.tune_epochs))
+        t0 = time.perf_counter()
+        built = bench.build(s)
+        seconds = time.perf_counter() - t0
+        row = {"config": name, "ratio": ratio, "calib": args.calib, "source": calib, "refine": refine,
+               "compensate": compensate, "tune_epochs": args.tune_epochs if refine == "block" else None,
+               "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
+               "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},
+               "blocks": [(b["block"], b["choice"]) for b in built.info.get("refine", {}).get("blocks", [])]}
+        del built
+        _append(out, row, done)
+
+
+def _append(out: Path, row: dict, done: set) -> None:
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    done.add(_key(row))
+    print(json.dumps({k: v for k, v in row.items() if k != "generations"}), flush=True)
+
+
+def _key(row: dict):
+    return ("original", row["calib"]) if row["config"] == "original" else (row["config"], row["ratio"])
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in out.read_text().splitlines() if ln.strip()] if out.exists() else []
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    original = next(r for r in rows if r["config"] == "original")
+    base_d3 = [g["distinct_3"] for g in original["generations"]]
+    lines = [SECTION, "",
+             f"Machine: {machine()}. Date: {utc_date()}. Command: `{command}` (rows in bench/panel.jsonl). dipsvd + "
+             "nested on the bundled SmolLM2-135M, calibration "
+             f"{original['calib']}; every text evaluated on the first tokens of its evaluation half (none of them "
+             "is in any calibration source but wiki's and news's own halves). Each cell: the compressed model's "
+             "perplexity as a multiple of the original's on the same windows; d3: the default prompts' distinct-3-"
+             "gram shares as a multiple of the original's (the lowest of the three).", "",
+             "| config | ratio | calibration | refine | compensate | " + " | ".join(TEXTS) + " | worst | d3 min | build s |",
+             "|---|---|---|---|---|" + "---|" * (len(TEXTS) + 3)]
+    lines.append("| original | | | | | " + " | ".join(f"{original['ppl'][t]:.2f}" for t in TEXTS) + " | | | |")
+    for r in sorted((r for r in rows if r["config"] != "original"), key=lambda r: (r["ratio"], r["config"])):
+        mult = [r["ppl"][t] / original["ppl"][t] for t in TEXTS]
+        d3 = min(g["distinct_3"] / b if b else 1.0 for g, b in zip(r["generations"], base_d3))
+        refine = r["refine"] + (f" ({r['tune_epochs']} epochs)" if r.get("tune_epochs") else "")
+        lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {refine} | {r['compensate']} | "
+                     + " | ".join(f"{m:.2f}x" for m in mult) + f" | {max(mult):.2f}x | {d3:.2f} | {r['build_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--ratios", default="0.2,0.3")
+    p.add_argument("--calib", default="32x512")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--tune-epochs", type=int, default=4)
+    p.add_argument("--out", default=str(BENCH / "panel.jsonl"))
+    p.add_argument("--write", action="store_true")
+    p.add_argument("--from-out", action="store_true", help="only write the section from --out")
+    args = p.parse_args()
+    out = Path(args.out)
+    if not args.from_out:
+        lm = load_bundled("cpu", "float32")
+        done = {_key(r) for r in _rows(out)}
+        for name in args.configs.split(","):
+            run_config(lm, name, [float(x) for x in args.ratios.split(",")], args, done, out)
+    if args.write:
+        command = (".venv/bin/python bench/bench_panel.py --configs " + args.configs + f" --ratios {args.ratios} "
+                   f"--calib {args.calib} --eval-tokens {args.eval_tokens} --tune-epochs {args.tune_epochs} --write")
+        replace_section(RESULTS, SECTION, markdown(_rows(out), command), keep_from="### ")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,8 @@ ui.seed("k_sbs_tokens", defaults()["new_tokens"])
 c1, c2 = st.columns([3, 2], gap="large")
 with c1:
     # pills, not a multiselect: every prompt stays visible in full, chosen or not
-    chosen = st.pills("Prompts", DEFAULT_PROMPTS, selection_mode="multi", key="k_sbs_prompts", disabled=busy) or []
+    chosen = st.pills("Prompts", DEFAULT_PROMPTS, selection_mode="multi", key="k_sbs_prompts", disabled=busy,
+                      wrap=True) or []
     own = st.text_area("Your own prompts, one a line", key="k_sbs_own", disabled=busy, height=90)
 with c2:
     new_tokens = st.slider("New tokens", 8, 256, step=8, key="k_sbs_tokens", disabled=busy)

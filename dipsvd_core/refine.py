@@ -930,7 +930,7 @@ def _keep_or_revert(walk: _BlockWalk, b: int, chosen: dict, inputs: list, held, 
     winner = min(errors, key=lambda k: (errors[k], k != "unrefined"))  # a tie keeps the block unrefined
     if winner != "refined":
         base = contest.picks("base")
-        final = tuned if winner == "tuned" else {n: fallback[n] if n in fallback else base[n] for n in chosen}
+        final = tuned if winner == "tuned" else {n: base[n] if base[n][1] is None else fallback[n] for n in chosen}
         extra = extra if winner == "tuned" else {}
         outputs = contest.run(final, range(walk.n_win), extra)
         for n, (u, v) in final.items():
@@ -960,7 +960,9 @@ def summary(info: dict) -> str:
     median = gains[len(gains) // 2] if gains else 0.0
     back = [str(r["block"]) for r in blocks if not r["refined"]]
     tuned = sum(r.get("choice") == "tuned" for r in blocks)
+    dense = sum(m.get("dense", False) and m["tau"] is not None for r in kept for m in r["matrices"].values())
     return (f"refined {len(kept)} of {len(blocks)} blocks" + (f", {tuned} of them tuned" if tuned else "")
+            + (f", {dense} dense matrices refitted" if dense else "")
             + f" (median held-out gain {100 * median:+.0f}%: block-output error that much below unrefined, "
             f"{len(info['held_windows'])} of {len(info['held_windows']) + info['fit_windows']} windows "
             f"held out)" + (f"; kept unrefined: blocks {', '.join(back)}" if back else "")
@@ -976,7 +978,9 @@ def refine_table(info: dict) -> list[dict]:
                "block gain": f"{100 * b['gain']:+.1f}%"}
         for name, m in b["matrices"].items():
             short = name.rsplit(".", 1)[-1]
-            row[short] = "unrefined" if m["tau"] is None else f"{100 * m['gain']:+.0f}% (damping {m['tau']:g})"
+            kept = "dense, as it was" if m.get("dense") else "unrefined"
+            row[short] = kept if m["tau"] is None else (("dense, refitted " if m.get("dense") else "")
+                                                        + f"{100 * m['gain']:+.0f}% (damping {m['tau']:g})")
         rows.append(row)
     return rows
 

@@ -529,3 +529,10 @@ def test_dense_blocks_are_compensated(tiny_lm, compensate):
     shipped = {n for n in checked if n.endswith(".weight")}
     assert shipped == ({f"{n}.weight" for n, m in line["matrices"].items() if m["tau"] is not None}
                        if line["refined"] else set())
+    from dipsvd_core.refine import refine_table, summary
+
+    row = refine_table(info)[-1]
+    labels = [row[n.rsplit(".", 1)[-1]] for n in line["matrices"]]
+    assert all(x == "dense, as it was" or x.startswith("dense, refitted ") for x in labels)
+    refitted = sum(x.startswith("dense, refitted") for x in labels) if line["refined"] else 0
+    assert (f"{refitted} dense matrices refitted" in summary(info)) == (refitted > 0)

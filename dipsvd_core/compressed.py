@@ -30,7 +30,7 @@ from .errors import DipSVDError
 from .methods import handler
 from .models import LoadedModel, find_targets, fingerprint, resolve_device
 from .portable import ENTRY, MODELING_FILE, base_config_dict, portable_reason, saved_config_dict, write_code_files
-from .surgery import LowRankLinear, densify, module_ranks, set_module
+from .surgery import LowRankLinear, densify, fuse_model, fuse_siblings, module_ranks, set_module, unfuse_siblings
 
 
 def is_compressed_folder(path: Path) -> bool:
@@ -47,6 +47,9 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     and with a model card of `report` (report.py's dict) where one is given."""
     entry = dict(info or {})
     entry["ranks"] = module_ranks(model)
+    groups = unfuse_siblings(model)  # each v its own tensor while saving (shared storage would be copied at once)
+    if groups:
+        entry["siblings"] = groups  # the pairs that read one input, fused again on load (here and in plain transformers)
     reason = portable_reason(model, entry)
     entry["portable"] = reason or True  # True: plain transformers loads it (trust_remote_code); else why not
     cfg = model.config
@@ -68,6 +71,7 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     try:
         return _write_folder(out_dir, force, write)
     finally:
+        fuse_siblings(model, groups)
         if had is not None:  # the model's config as it was
             setattr(cfg, ENTRY, had)
         else:
@@ -152,7 +156,8 @@ def compressed_model(path, device: str | None = None, dtype: torch.dtype | None 
     The architecture is built with its parameters on the meta device (no dense weights, no random
     initialisation), its compressed Linears swapped for LowRankLinear modules of the saved ranks, and the
     tensors are read one shard at a time straight onto `device` and assigned in place: the peak is the saved
-    size plus one tensor's dtype conversion, not the two or three copies of building a dense model first."""
+    size plus one tensor's dtype conversion, not the two or three copies of building a dense model first. The
+    pairs that read one input are then fused (surgery.fuse_siblings)."""
     path = Path(os.path.expanduser(str(path)))
     if not is_compressed_folder(path):
         raise DipSVDError(f"{path} is not a compressed model folder (no '{ENTRY}' in config.json)")
@@ -167,7 +172,9 @@ def compressed_model(path, device: str | None = None, dtype: torch.dtype | None 
     dev = resolve_device(device)
     model = _empty_model(config, entry["ranks"], dt, path)
     _assign_shards(model, files, entry, dt, dev, path)
-    return model.to(dev).eval()  # the buffers (rotary frequencies) were built on the host
+    model = model.to(dev).eval()  # the buffers (rotary frequencies) were built on the host
+    fuse_model(model, entry.get("siblings"))  # a folder saved without the list: found by one forward
+    return model
 
 
 def base_config(path: Path):

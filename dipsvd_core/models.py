@@ -367,3 +367,31 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+@torch.no_grad()
+def shared_inputs(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Groups (two or more, in call order) of the named modules that read the very same input tensor (q/k/v;
+    gate/up), found as the statistics find them: by the identity of each module's input in one forward of a single
+    token, with no per-architecture names. Empty for an offloaded model (it is not fused)."""
+    if not names or is_offloaded(model):
+        return []
+    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0]
+            held = seen.get(id(x))
+            if held is not None and held[0] is x:
+                held[1].append(name)
+            else:
+                seen[id(x)] = (x, [name])  # holding x keeps its id from being reused during this forward
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        model(torch.zeros(1, 1, dtype=torch.long, device=input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen.values() if len(group) > 1]

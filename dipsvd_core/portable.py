@@ -13,7 +13,8 @@ are. Inference servers that pick a native class from `architectures` do not find
 class under our model type, and `modeling_dipsvd.py`, the base's classes (for example LlamaModel and
 LlamaForCausalLM, imported from transformers) whose constructors swap each compressed Linear for a low-rank pair
 of the rank config.json lists, with the parameter names this project saves (`<name>.v.weight`, `<name>.u.weight`,
-`<name>.u.bias`). transformers builds them on the meta device and assigns the saved tensors, so the dense weights
+`<name>.u.bias`), and that fuse the pairs the entry's `siblings` lists when the model enters evaluation mode.
+transformers builds them on the meta device and assigns the saved tensors, so the dense weights
 are never allocated. A Dobi-SVD model remapped to 8-bit stores int8 factors with scales, which only this
 project's loader turns back: its modeling file's classes refuse, saying so (`portable_reason` gives the reason).
 
@@ -52,8 +53,12 @@ Written by DipSVD Studio next to the weights. Load it with plain transformers:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 The ranks come from config.json's "dipsvd_compression" entry ("ranks": module name -> rank, names as in
-{cls}). {base_model_cls} is the base model ({base_model}) with the same pairs, for AutoModel.
+{cls}). {base_model_cls} is the base model ({base_model}) with the same pairs, for AutoModel. The entry's
+"siblings" lists the pairs that read one input (q/k/v; gate/up): in evaluation mode (from_pretrained ends in it)
+their v factors are stacked into one tensor that holds each v weight as a view, and one product serves the group.
 """
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import {base} as _Base, {base_model} as _BaseModel
 
@@ -62,8 +67,40 @@ from .configuration_dipsvd import {config_cls}
 
 MODELING_BODY = '''
 
+def _plain(m):
+    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+class Siblings:
+    """Pairs that read one input: their v factors stacked (each member's v weight is a view of its rows)."""
+
+    def __init__(self, stack, members):
+        self.stack, self.members, self.x, self.z, self.left = stack, members, None, None, 0
+
+    def product(self, x):
+        if self.x is not x:
+            self.x, self.z, self.left = x, F.linear(x, self.stack), len(self.members)
+        z = self.z
+        self.left -= 1
+        if self.left <= 0:
+            self.x = self.z = None
+        return z
+
+    def holds(self, weight, lo):
+        s = self.stack
+        return (weight.device == s.device and weight.dtype == s.dtype
+                and weight.data_ptr() == s.data_ptr() + lo * s.stride(0) * s.element_size())
+
+    def __deepcopy__(self, memo):
+        return None
+
+
 class LowRankLinear(nn.Module):
-    """y = u(v(x)): v maps in_features to rank (no bias), u maps rank to out_features (the original's bias)."""
+    """y = u(v(x)): v maps in_features to rank (no bias), u maps rank to out_features (the original's bias), both
+    products taken in this one module call."""
+
+    siblings = None
+    lo = hi = 0
 
     def __init__(self, in_features, out_features, rank, bias=False, device=None, dtype=None):
         super().__init__()
@@ -72,7 +109,21 @@ class LowRankLinear(nn.Module):
         self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x):
-        return self.u(self.v(x))
+        u, v = self.u, self.v
+        if not (_plain(u) and _plain(v)):
+            return u(v(x))
+        s = self.siblings
+        if s is not None and not (torch.is_grad_enabled() and v.weight.requires_grad):
+            z = s.product(x)[..., self.lo:self.hi]
+        else:
+            z = F.linear(x, v.weight)
+        return F.linear(z, u.weight, u.bias)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.siblings is not None and not self.siblings.holds(self.v.weight, self.lo):
+            self.siblings = None  # moved or cast: computes alone until the model enters eval mode again
+        return out
 
     def extra_repr(self):
         return f"in_features={{self.in_features}}, out_features={{self.out_features}}, rank={{self.rank}}"
@@ -90,6 +141,23 @@ def _low_rank(model, ranks, prefix=""):
                                             device=old.weight.device, dtype=old.weight.dtype))
 
 
+@torch.no_grad()
+def _fuse(model, groups, prefix=""):
+    """Stack the v factors of each group of pairs (names below `prefix`) that are not fused yet."""
+    for names in groups:
+        mods = [model.get_submodule(n[len(prefix):]) for n in names if n.startswith(prefix)]
+        pairs = [m for m in mods if isinstance(m, LowRankLinear) and _plain(m.v) and m.siblings is None]
+        kinds = {{(m.v.weight.device, m.v.weight.dtype) for m in pairs}}
+        if len(pairs) < 2 or len(kinds) > 1 or next(iter(kinds))[0].type == "meta":
+            continue
+        stack = torch.cat([m.v.weight.detach() for m in pairs])
+        group, lo = Siblings(stack, pairs), 0
+        for m in pairs:
+            m.v.weight = nn.Parameter(stack[lo: lo + m.rank], requires_grad=m.v.weight.requires_grad)
+            m.siblings, m.lo, m.hi = group, lo, lo + m.rank
+            lo += m.rank
+
+
 class {base_model_cls}(_BaseModel):
     """{base_model} with the compressed Linears of config.dipsvd_compression["ranks"] as LowRankLinear modules."""
 
@@ -98,6 +166,12 @@ class {base_model_cls}(_BaseModel):
     def __init__(self, config):
         super().__init__(config)
         _low_rank(self, config.dipsvd_compression["ranks"], "{prefix}.")
+
+    def train(self, mode=True):
+        out = super().train(mode)
+        if not mode:
+            _fuse(self, self.config.dipsvd_compression.get("siblings", []), "{prefix}.")
+        return out
 
 
 class {cls}(_Base):
@@ -108,6 +182,12 @@ class {cls}(_Base):
     def __init__(self, config):
         super().__init__(config)
         _low_rank(self, config.dipsvd_compression["ranks"])
+
+    def train(self, mode=True):
+        out = super().train(mode)
+        if not mode:
+            _fuse(self, self.config.dipsvd_compression.get("siblings", []))
+        return out
 '''
 
 # A remapped Dobi-SVD folder: the same classes refuse, saying why and what loads it.

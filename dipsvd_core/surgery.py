@@ -5,7 +5,10 @@ Math and surgery are separate: `low_rank_weights` turns factors and ranks into a
 matrix's factors on the host at a time); `compress_model` builds a second module tree
 that shares every tensor it does not change with the original (embeddings, norms, lm_head, biases,
 buffers and every matrix kept dense: the same storage, no copy) and swaps each factored Linear for
-a LowRankLinear (x -> v -> u, u keeps the bias). Original plus compressed in memory is then the
+a LowRankLinear (x -> v -> u, u keeps the bias; one module call, the two products taken functionally). Pairs that
+read the same input (q/k/v; gate/up, found by the input's identity in one forward) are then fused: their v factors
+stacked in one tensor that is each v weight's storage, so one product serves the group (fuse_siblings); the state
+dict is unchanged. Original plus compressed in memory is then the
 original plus the kept factors. Nothing writes into a shared tensor: the compressed model is for
 inference and saving, like the original.
 
@@ -25,11 +28,12 @@ import mmap
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .factors import Factor
 from .errors import DipSVDError
-from .models import offload_hooks, weights_of
+from .models import offload_hooks, shared_inputs, weights_of
 
 
 def _wrap_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
@@ -42,8 +46,51 @@ def _wrap_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
     return lin
 
 
+def _plain(m: nn.Module) -> bool:
+    """An nn.Linear with no hooks: its product can be taken functionally (a LoRA wrapper or a hooked factor is
+    called as a module instead)."""
+    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+class Siblings:
+    """LowRankLinear pairs that read the same input (q/k/v; gate/up): their v factors stacked in one tensor, which
+    is the storage of each member's v weight (a view of its rows), so that one product x @ stack^T serves them
+    all. The first member called with x computes it; the others take their slices; the last frees it. Not a
+    module: nothing of it is saved, and a copy of the model (deepcopy) drops it (its members compute alone)."""
+
+    def __init__(self, stack: torch.Tensor, members: list):
+        self.stack, self.members = stack, members
+        self.x = self.z = None
+        self.left = 0
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.x is not x:  # a new input (held while the members read it, so its identity is not reused)
+            self.x, self.z, self.left = x, F.linear(x, self.stack), len(self.members)
+        z = self.z
+        self.left -= 1
+        if self.left <= 0:
+            self.x = self.z = None
+        return z
+
+    def holds(self, weight: torch.Tensor, lo: int) -> bool:
+        """Whether `weight` is still the view of rows lo.. of the stack (not replaced, moved or cast)."""
+        s = self.stack
+        return (weight.device == s.device and weight.dtype == s.dtype
+                and weight.data_ptr() == s.data_ptr() + lo * s.stride(0) * s.element_size())
+
+    def __deepcopy__(self, memo):
+        return None
+
+
 class LowRankLinear(nn.Module):
-    """y = u(v(x)) with v: in -> rank (no bias) and u: rank -> out (keeps the original bias)."""
+    """y = u(v(x)) with v: in -> rank (no bias) and u: rank -> out (keeps the original bias).
+
+    One module call per pair: the forward takes the two products functionally (the submodules u and v hold the
+    parameters, so the state-dict names stay `u.weight`, `v.weight`, `u.bias`). A fused member (`siblings`) takes
+    its input-side product as a slice of its group's one product, in inference (no gradient wanted for v)."""
+
+    siblings: Siblings | None = None
+    lo = hi = 0
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  device=None, dtype=None):
@@ -66,10 +113,72 @@ class LowRankLinear(nn.Module):
         return lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))
+        u, v = self.u, self.v
+        if not (_plain(u) and _plain(v)):  # wrapped (peft's LoRA) or hooked: call them
+            return u(v(x))
+        s = self.siblings
+        if s is not None and not (torch.is_grad_enabled() and v.weight.requires_grad):
+            z = s.product(x)[..., self.lo:self.hi]
+        else:
+            z = F.linear(x, v.weight)
+        return F.linear(z, u.weight, u.bias)
+
+    def _apply(self, fn, recurse=True):
+        """A move or cast that gives v a new tensor leaves the group (the stack would be stale): this member then
+        computes alone, which is correct; fuse_siblings again to fuse on the new device."""
+        out = super()._apply(fn, recurse)
+        if self.siblings is not None and not self.siblings.holds(self.v.weight, self.lo):
+            self.siblings = None
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def fuse_siblings(model: nn.Module, groups: list[list[str]]) -> int:
+    """Stack the v factors of each group's LowRankLinear members (names that read the same input, from
+    models.shared_inputs or a saved folder's entry) into one tensor that becomes their storage: each v weight is
+    then a view of its rows, so the memory is the same as before (the separate tensors are freed as their views
+    replace them; the peak is one group's v factors more). Members on different devices or dtypes, on meta, or not
+    plain Linears are left alone; returns the number of groups fused."""
+    fused = 0
+    for names in groups:
+        mods = [model.get_submodule(n) for n in names]
+        pairs = [m for m in mods if isinstance(m, LowRankLinear) and _plain(m.v) and m.siblings is None]
+        kinds = {(m.v.weight.device, m.v.weight.dtype, m.in_features) for m in pairs}
+        if len(pairs) < 2 or len(kinds) > 1 or next(iter(kinds))[0].type == "meta":
+            continue
+        stack = torch.cat([m.v.weight.detach() for m in pairs])
+        group, lo = Siblings(stack, pairs), 0
+        for m in pairs:
+            m.v.weight = nn.Parameter(stack[lo: lo + m.rank], requires_grad=m.v.weight.requires_grad)
+            m.siblings, m.lo, m.hi = group, lo, lo + m.rank
+            lo += m.rank
+        fused += 1
+    return fused
+
+
+def unfuse_siblings(model: nn.Module) -> list[list[str]]:
+    """Give each fused member's v weight its own storage again, group by group (so the peak is one group's v
+    factors more), and return the groups' names (for fuse_siblings afterwards, and for a saved folder's entry)."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    groups = {id(m.siblings): m.siblings for m in names if m.siblings is not None}
+    out = []
+    for group in groups.values():
+        for m in group.members:
+            if m.siblings is group:
+                m.v.weight = nn.Parameter(m.v.weight.detach().clone(), requires_grad=m.v.weight.requires_grad)
+                m.siblings = None
+        out.append([names[m] for m in group.members if m in names])
+        group.stack = None
+    return out
+
+
+def fuse_model(model: nn.Module, groups: list[list[str]] | None = None) -> int:
+    """Fuse the siblings of `model`: the given groups, or those found by one forward (models.shared_inputs)."""
+    if groups is None:
+        groups = shared_inputs(model, [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)])
+    return fuse_siblings(model, groups)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -165,12 +274,13 @@ def _replace_parameter(new: nn.Module, mods: dict, path: str, value: torch.Tenso
 
 
 def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
-                   inplace: bool = False) -> nn.Module:
+                   inplace: bool = False, fuse: bool = True) -> nn.Module:
     """`model` with each named Linear replaced by LowRankLinear(u, v), as a new module tree over the
     original's tensors: the original is unchanged and nothing but the factors is allocated. An entry whose value
     is one tensor is a parameter's path (`...down_proj.weight`, `...input_layernorm.weight`) and its refitted value
     (refine's dense compensation and block tuning): that parameter alone is new in the copy. With
-    `inplace`, `model` itself is converted (and returned), each dense matrix freed as it goes."""
+    `inplace`, `model` itself is converted (and returned), each dense matrix freed as it goes. With `fuse`, the
+    pairs that read the same input then share one input-side product (fuse_model)."""
     mods = dict(model.named_modules())
     mappings = _file_mappings() if inplace else []
     if inplace:
@@ -199,6 +309,8 @@ def compress_model(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, t
             del w
         else:
             del old, mods[name]
+    if fuse:
+        fuse_model(new)
     return new
 
 

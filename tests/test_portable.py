@@ -59,7 +59,8 @@ CHILD = textwrap.dedent("""
     print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "class": type(model).__name__,
                       "base_class": type(base).__name__, "refusals": refusals, "prompt": prompt, "pipeline": text,
                       "backend_compatible": type(base).is_backend_compatible(),
-                      "low_rank": sum(type(m).__name__ == "LowRankLinear" for m in model.modules())}))
+                      "low_rank": sum(type(m).__name__ == "LowRankLinear" for m in model.modules()),
+                      "fused": sum(getattr(m, "siblings", None) is not None for m in model.modules())}))
 """)
 
 
@@ -105,6 +106,7 @@ def test_plain_transformers_refuses_without_the_flag_and_loads_with_it(tiny_lm, 
     assert info["class"] == "DipSVDForCausalLM" and info["base_class"] == "DipSVDModel"
     assert info["backend_compatible"] is True  # what vLLM's Transformers backend asks of auto_map's AutoModel
     assert info["low_rank"] == len(entry["ranks"]) > 0
+    assert info["fused"] == sum(map(len, entry["siblings"])) > 0  # the listed siblings fused in plain transformers
     assert info["params"] == count_params(ours.model) == count_params(res.model) < count_params(tiny_lm.model)
     with torch.no_grad():
         logits = ours.model(ids).logits

@@ -53,6 +53,8 @@ MIX = "mix"
 MIX_DEFAULT = {CHAT: 2, "wiki": 1, "news": 1}
 PANEL = ("python-docs", "kjv", "fortunes")  # evaluation texts of other kinds than any calibration source
 SOURCES = ("wiki", CHAT, "news", MIX, *HUB_SETS, *PANEL)
+CALIB_SOURCES = tuple(s for s in SOURCES if s not in PANEL)  # the panel stays out of every calibration
+EVAL_SOURCES = tuple(s for s in SOURCES if s != MIX)  # a mix is evaluated source by source
 HOLDOUT = 4  # every HOLDOUT-th calibration window is held out by refine: fitted never, scored always
 KJV_BOOKS = ("Genesis", "Exodus", "Ruth", "Esther", "Luke", "John", "Acts")  # narrative books
 FORTUNES = Path("/usr/share/games/fortunes")

@@ -50,7 +50,7 @@ class Settings:
                              choices=lambda: ("float32", "bfloat16"))
     refine: str = knob("none", "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
                        + " (refine is one more streaming pass at build time)", choices=lambda: REFINES)
-    compensate: str = knob("none", "refine also refits dense-kept matrices to the drifted inputs, where that lowers "
+    compensate: str = knob("none", "a refined build also refits dense-kept matrices to the drifted inputs, where that lowers "
                            "the held-out error: " + "; ".join(f"{c.name}: {c.help}" for c in COMPENSATIONS.values()),
                            choices=lambda: tuple(COMPENSATIONS))
     p_min: float = knob(0.05, "lowest keep ratio of a block")
@@ -83,8 +83,6 @@ class Settings:
         self.tune.check()
         if self.compensate not in COMPENSATIONS:
             raise DipSVDError(f"unknown compensate '{self.compensate}'; use one of {', '.join(COMPENSATIONS)}")
-        if self.compensate != "none" and not refines(self.refine):
-            raise DipSVDError(f"compensate {self.compensate} is part of refine: use refine sequential or block")
         if refines(self.refine) and not method.refinable:
             raise DipSVDError(f"refine works on SVD factors; {self.method} rebuilds its weights otherwise: "
                               "use refine none")

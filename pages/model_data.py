@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from dipsvd_core.data import SOURCES
+from dipsvd_core.data import CALIB_SOURCES as SOURCES
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.inspection import architecture, default_ratio, layer_rows
 from dipsvd_core.models import DEFAULT_MODEL, DTYPES

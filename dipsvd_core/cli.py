@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import cores
 from .data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS, SOURCES
-from .errors import DipSVDError
+from .errors import DipSVDError, device_out_of_memory
 
 
 class Progress:
@@ -373,7 +375,7 @@ def _save(args, model, tokenizer, report: dict) -> None:
 def cmd_compress(args) -> dict:
     from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
     from .loading import load_model
-    from .memwatch import PhaseMemory
+    from .memwatch import PhaseMemory, lifetime_device_peak
     from .models import count_params
     from .methods import handler
     from .pipeline import Workbench, peak_memory_mb
@@ -442,7 +444,7 @@ def cmd_compress(args) -> dict:
         timings["save"] = time.perf_counter() - t0
     report["timings_s"] = timings
     report["peak_memory_mb"] = peak_memory_mb()
-    report["memory"] = {"phases": memory.report()}
+    report["memory"] = {"phases": memory.report(), "device_peak_bytes": lifetime_device_peak()}  # the run's
     if plan is not None:
         report["plan"] = plan
     if args.html:
@@ -547,6 +549,9 @@ def _joined_sizes(argv: list[str]) -> list[str]:
 
 
 COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "plan": cmd_plan}
+# Where a device out-of-memory error outside memwatch's phases (which name their own) happened, by command
+OUTSIDE_PHASES = {"evaluate": "evaluation", "plan": "plan's measurement",
+                  "compress": "speed or generation", "sweep": "sweep"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except DipSVDError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:  # CUDA's, outside the phases
+        print(f"error: {device_out_of_memory(str(e), OUTSIDE_PHASES[args.command])}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

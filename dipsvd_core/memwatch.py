@@ -10,7 +10,11 @@ far is folded into every phase still open. A phase that runs more than once keep
 
 The reset lowers the kernel's own high-water mark, which ru_maxrss (this process's, or a parent's wait4 figure)
 reads too; so the process's lifetime host peak is kept here (`lifetime_host_peak`, read by
-pipeline.peak_memory_mb) and only that figure is the run's peak.
+pipeline.peak_memory_mb) and only that figure is the run's peak. The device counter is reset the same way, so its
+lifetime peak is kept likewise (`lifetime_device_peak`: the report's memory.device_peak_bytes).
+
+A device out-of-memory error (torch.OutOfMemoryError, raised by CUDA) inside a phase leaves it as a one-line
+DipSVDError naming the phase and the plan's advice (errors.device_out_of_memory).
 """
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ from pathlib import Path
 import torch
 
 from . import cores
+from .errors import device_out_of_memory
 from .stream import release_host_memory
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
 _lifetime = [0]  # the highest host peak seen before any reset
+_lifetime_device = [0]  # the highest device peak seen before any reset
 
 
 def _host_peak() -> int:
@@ -60,8 +66,15 @@ def _device_peak() -> int:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
 
 
+def lifetime_device_peak() -> int:
+    """This process's device peak in bytes since it started, across the phases' resets (0 without CUDA)."""
+    _lifetime_device[0] = max(_lifetime_device[0], _device_peak())
+    return _lifetime_device[0]
+
+
 def _reset_device() -> None:
     if torch.cuda.is_available():
+        lifetime_device_peak()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -95,6 +108,8 @@ class PhaseMemory:
         t0 = time.perf_counter()
         try:
             yield rec
+        except torch.OutOfMemoryError as e:
+            raise device_out_of_memory(str(e), name) from None
         finally:
             rec["seconds"] = time.perf_counter() - t0
             self._fold()

@@ -24,7 +24,7 @@ from .cache import cache_dir, load_tensors, make_key, save_tensors
 from .factors import Factor, FactorSpec, FactorStore, ScaleData, factor_model
 from .importance import FisherInfo, cached_fisher, effective_ranks, importance, rank_spectra
 from .methods import handler, needs, refines
-from .memwatch import PhaseMemory, lifetime_host_peak
+from .memwatch import PhaseMemory, lifetime_device_peak, lifetime_host_peak
 from .models import LoadedModel, weights_of
 from .settings import Settings, settings_dict  # noqa: F401 (the flow's entry names, re-exported)
 from .stats import Stats, cached_stats, save_stats, stats_key, stream_stats
@@ -46,9 +46,7 @@ class Result:
 
 def peak_memory_mb() -> float:
     rss = lifetime_host_peak() / 2**20  # the phases reset the kernel's high-water mark (memwatch)
-    if torch.cuda.is_available():
-        rss = max(rss, torch.cuda.max_memory_allocated() / 2**20)
-    return rss
+    return max(rss, lifetime_device_peak() / 2**20)  # the device's across the phases' resets too
 
 
 class Workbench:

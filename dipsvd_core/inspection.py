@@ -176,26 +176,27 @@ def sweep_curves(report: dict, dataset: str) -> dict[str, tuple[list[float], lis
 
 
 # The quality verdict beside the perplexity table: the compressed model's perplexity over the original's on the
-# worst evaluated set, in three bands (upper bound, level, box colour of the app, words)
-VERDICT_BANDS = ((1.2, "close", "success", "within 1.2x of the original"),
-                 (2.0, "worse", "warning", "1.2-2x the original's perplexity"),
-                 (float("inf"), "far", "error", "over 2x the original's perplexity"))
+# worst evaluated set, in three bands (upper bound, level, colour, words). A colour, not an error box: a model far
+# from the original is a finding, not a failure of the app
+VERDICT_BANDS = ((1.2, "close", "green", "within 1.2x of the original"),
+                 (2.0, "worse", "orange", "1.2-2x the original's perplexity"),
+                 (float("inf"), "far", "red", "over 2x the original's perplexity"))
 LOW_RATIO = 0.1  # a lower ratio is offered as help only above this
 
 
 def quality_verdict(ppl: dict[str, dict[str, float]], settings: Settings, calib_tokens: int) -> dict | None:
     """The verdict on a compressed model from its perplexities (ppl_rows' input: {"original": {set: ppl},
-    "compressed": {...}}): None until one set has both; else {"level", "box", "worst": (set, x), "words",
+    "compressed": {...}}): None until one set has both; else {"level", "color", "worst": (set, x), "words",
     "help": [what would most likely help, most likely first]} (no help within the first band)."""
     both = [(n, c / ppl["original"][n]) for n, c in ppl.get("compressed", {}).items()
             if ppl.get("original", {}).get(n)]
     if not both:
         return None
     name, x = max(both, key=lambda item: item[1])
-    _, level, box, band = next(b for b in VERDICT_BANDS if x <= b[0])
+    _, level, color, band = next(b for b in VERDICT_BANDS if x <= b[0])
     words = f"The compressed model is {band} (worst set: {name}, {x:.2f}x)."
     helps = [] if level == VERDICT_BANDS[0][1] else quality_help(settings, calib_tokens)
-    return {"level": level, "box": box, "worst": (name, x), "words": words, "help": helps}
+    return {"level": level, "color": color, "worst": (name, x), "words": words, "help": helps}
 
 
 def quality_help(settings: Settings, calib_tokens: int) -> list[str]:

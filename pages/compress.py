@@ -6,14 +6,17 @@ import streamlit as st
 
 from dipsvd_core import figures
 from dipsvd_core.allocation import describe_ratio
-from dipsvd_core.data import SOURCES
+from dipsvd_core.data import EVAL_SOURCES as SOURCES
 from dipsvd_core.errors import DipSVDError
 from dipsvd_core.evaluate import param_report, perplexity, speed
 from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality_verdict, sweep_curves
 from dipsvd_core.methods import grid_names, handler, refines, resolve
 from dipsvd_core.plan import binary_size
-from dipsvd_core.refine import REFINE_CHOICES, calibration_advice, refine_choice, refine_table, summary
+from dipsvd_core.knobs import help_of
+from dipsvd_core.refine import (COMPENSATIONS, REFINE_CHOICES, calibration_advice, refine_choice, refine_table,
+                                summary)
+from dipsvd_core.settings import Settings
 from dipsvd_core.strategies import strategy
 from dipsvd_core.sweep import REFINED, run_sweep
 from studio import ui
@@ -39,9 +42,11 @@ def build(job):
 
 
 refinable = handler(cur.method).refinable
-c_refine, c_tune = st.columns(2)
+c_refine, c_comp, c_tune = st.columns(3)
 ui.seed("k_c_refine", refines(cur.refine))  # a starting value once, never beside a session-state value
 ui.seed("k_c_tune", refine_choice(cur.refine).tunes)
+ui.seed("k_c_compensate", cur.compensate)
+ui.seed("k_c_tune_epochs", cur.tune.epochs)
 ui.seed("k_lm_limit", 100)
 refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
                            help="One more block-by-block pass: each block's factored matrices are refitted, in closed "
@@ -49,11 +54,20 @@ refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine",
                                 "before it produce. The refit is checked on held-out calibration windows, and a block "
                                 "keeps its unrefined factors where it does not help there. Same ranks, same size; a "
                                 "build step, not a slider step.")
-tune = c_tune.checkbox("Also tune each block (a few Adam steps)", key="k_c_tune",
+compensate = c_comp.selectbox("Compensate dense matrices", list(COMPENSATIONS), key="k_c_compensate",
+                              disabled=busy or not refinable or not refine,
+                              help=help_of(Settings, "compensate") + ". A dense matrix keeps its size: no parameter "
+                                   "is added.")
+tune = c_tune.checkbox("Also tune each block (AdamW)", key="k_c_tune",
                        disabled=busy or not refinable or not refine,
-                       help="Block-level refinement (AA-SVD's second stage): after the refit, two epochs of Adam on "
-                            "each block's low-rank factors towards the original block's outputs, kept only where it "
-                            "lowers the held-out error. About 5x the time of the refine pass on a CPU.")
+                       help="Block-level training (AA-SVD's second stage): after the refit, AdamW with a warm-up and "
+                            "cosine decay on every parameter of the block (factors, dense matrices, norms) towards the "
+                            "original block's outputs, kept only where it lowers the held-out error. Each epoch costs "
+                            "about three block passes per window: on a CPU, a few epochs; AA-SVD trains 25.")
+epochs = c_tune.number_input("Tuning epochs", min_value=1, max_value=100, key="k_c_tune_epochs",
+                             disabled=busy or not refinable or not (refine and tune))
+if refinable and (cur.compensate, cur.tune.epochs) != (compensate, int(epochs)):  # both read by refined builds only
+    s.settings = cur = replace(cur, compensate=compensate, tune=replace(cur.tune, epochs=int(epochs)))
 wanted = next(c.name for c in REFINE_CHOICES.values() if c.refits == refine and c.tunes == (refine and tune))
 if refinable and cur.refine != wanted:
     s.settings = cur = replace(cur, refine=wanted)
@@ -145,8 +159,9 @@ if rows:
     built = s.result.settings if s.result is not None else cur
     if verdict := quality_verdict(s.ppl, built, bench.n_windows * bench.seqlen):
         helps = "".join(f"\n- {h}" for h in verdict["help"])
-        getattr(st, verdict["box"])(verdict["words"] + (f" What would most likely help:{helps}" if helps else ""),
-                                    icon=":material/speed:")
+        with st.container(border=True, key="verdict"):
+            st.markdown(f":{verdict['color']}[:material/speed: **{verdict['words']}**]"
+                        + (f" What would most likely help:{helps}" if helps else ""))
 
 st.subheader("Perplexity against ratio")
 large = sum(t.params for t in lm.targets) >= LARGE_MODEL_PARAMS

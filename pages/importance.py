@@ -46,7 +46,8 @@ with tab_global, ui.guard("Block importance"):
                f"its {HANDFUL} largest (the diagonal of H^T H). Where the {HANDFUL} largest hold τ, R_l is at most "
                f"{HANDFUL}, whatever the rest of the output holds.")
     if words := rank_words(bench.effective_ranks(cur.tau, cur.energy), shares, cur.tau):  # the paper's R_l
-        st.warning(words, icon=":material/warning:")
+        st.warning(words + " 'Effective rank of: trimmed' on the Allocation page takes R_l with the massive "
+                   "dimensions set aside (the paper's R_l stays the default).", icon=":material/warning:")
     if imp is None:
         st.info("Fisher sensitivity S_l needs one backward pass per calibration window.")
 

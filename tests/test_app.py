@@ -379,10 +379,9 @@ def test_compress_evaluate_sweep_and_speed():
     assert all(0 < v < float("inf") for v in list(table["original"]) + list(table["compressed"]))
     # the verdict beside the table: the worst set's ratio, in its band's box
     worst = max(c / o for o, c in zip(table["original"], table["compressed"]))
-    boxes = [(kind, b.value) for kind in ("success", "warning", "error") for b in getattr(at, kind)
-             if b.value.startswith("The compressed model is")]
-    assert len(boxes) == 1 and f"{worst:.2f}x)" in boxes[0][1]
-    assert boxes[0][0] == ("success" if worst <= 1.2 else "warning" if worst <= 2 else "error")
+    verdicts = [m.value for m in at.markdown if "The compressed model is" in m.value]
+    color = "green" if worst <= 1.2 else "orange" if worst <= 2 else "red"
+    assert len(verdicts) == 1 and f"{worst:.2f}x)" in verdicts[0] and verdicts[0].startswith(f":{color}[")
     click(at, "Run sweep")
     sweep = figure(at, "fig_sweep")["data"]  # the default ratios include the one built (0.2)
     assert [t["name"] for t in sweep] == ["svd-llm", "dipsvd"] and all(t["x"] == [0.05, 0.1, 0.15, 0.2] for t in sweep)
@@ -550,6 +549,16 @@ def test_refine_on_the_compress_page_and_refined_sweep_rows():
     click(at, "Run sweep")
     names = [t["name"] for t in figure(at, "fig_sweep")["data"]]
     assert names == ["svd-llm", "svd-llm + refine"]
+    # dense compensation and the tuning's epochs, read by refined builds
+    at.selectbox(key="k_c_compensate").set_value("outputs")
+    at.checkbox(key="k_c_tune").check()
+    settle(at)
+    at.number_input(key="k_c_tune_epochs").set_value(2)
+    settle(at)
+    assert (studio.settings.refine, studio.settings.compensate, studio.settings.tune.epochs) == ("block", "outputs", 2)
+    click(at, "Build compressed model")
+    assert not errors(at) and studio.result.settings.compensate == "outputs"
+    assert studio.result.info["refine"]["compensate"] == "outputs"
 
 
 def test_nested_without_refine_says_it_is_meant_to_be_refined():

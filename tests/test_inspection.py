@@ -12,15 +12,15 @@ def ppl(wiki: float, news: float) -> dict:
     return {"original": {"wiki": 10.0, "news": 20.0}, "compressed": {"wiki": 10.0 * wiki, "news": 20.0 * news}}
 
 
-@pytest.mark.parametrize("wiki, news, level, box", [
-    (1.05, 1.2, "close", "success"),        # 1.2x exactly is still within
-    (1.1, 1.21, "worse", "warning"),        # the worst set decides
-    (2.0, 1.5, "worse", "warning"),         # 2x exactly is the top of the middle band
-    (4.1, 3.58, "far", "error"),            # issue 36's 11.77 -> 48.27
+@pytest.mark.parametrize("wiki, news, level, color", [
+    (1.05, 1.2, "close", "green"),        # 1.2x exactly is still within
+    (1.1, 1.21, "worse", "orange"),       # the worst set decides
+    (2.0, 1.5, "worse", "orange"),        # 2x exactly is the top of the middle band
+    (4.1, 3.58, "far", "red"),            # issue 36's 11.77 -> 48.27
 ])
-def test_verdict_bands_follow_the_worst_set(wiki, news, level, box):
+def test_verdict_bands_follow_the_worst_set(wiki, news, level, color):
     v = quality_verdict(ppl(wiki, news), Settings(ratio=0.2), 32 * 512)
-    assert (v["level"], v["box"]) == (level, box)
+    assert (v["level"], v["color"]) == (level, color)
     name, x = v["worst"]
     assert x == pytest.approx(max(wiki, news)) and name == ("wiki" if wiki >= news else "news")
     assert [b[0] for b in VERDICT_BANDS] == [1.2, 2.0, float("inf")]

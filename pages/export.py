@@ -3,11 +3,11 @@ import json
 
 import streamlit as st
 
-from dipsvd_core.allocation import describe_ratio
 from dipsvd_core.compressed import save_compressed
 from dipsvd_core.html_report import report_figures, report_html
 from dipsvd_core.inspection import allocation_rows, to_csv
-from dipsvd_core.report import compression_report
+from dipsvd_core.report import build_words, compression_report
+from dipsvd_core.settings import settings_dict
 from studio import ui
 
 s = ui.need_model()
@@ -22,8 +22,8 @@ if s.result is None:
     st.stop()
 
 res = s.result
-st.markdown(f"Compressed model: **{res.settings.method}** + **{res.settings.allocation}** at "
-            f"**{describe_ratio(res.settings.ratio)}** (realized {res.allocation.ratio_realized:.4f}).")
+st.markdown(f"Compressed model: **{build_words(settings_dict(res.settings))}** (realized ratio "
+            f"{res.allocation.ratio_realized:.4f}).")
 if not s.result_is_current:
     st.warning("The settings changed since this model was built; the export is of the model as built.", icon=":material/sync_problem:")
 

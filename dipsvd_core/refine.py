@@ -90,6 +90,7 @@ from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .knobs import knob
 from .models import find_blocks, offload_hooks, weights_of
 from .scalings import ScaleData, symmetric_eigh
+from .stats import SIXTEEN_BIT, matmul_precision
 from .stream import BlockInputs, block_on_device, capture_inputs, release_host_memory
 
 @dataclass(frozen=True)
@@ -336,6 +337,13 @@ class _Sums:
         setattr(self, name, value if old is None else old + value)
 
 
+def gram_precision(*xs: torch.Tensor) -> str:
+    """The float32 matmul precision for products of these inputs: TF32 where all are 16-bit on CUDA (exact for
+    them, float32 accumulation: the statistics pass's rule, stats.GramAccumulator.add), else as set."""
+    sixteen = all(x.dtype in SIXTEEN_BIT and x.is_cuda for x in xs)
+    return "tf32" if sixteen else torch.backends.cuda.matmul.fp32_precision
+
+
 class _GroupStats:
     """The accumulator of one input group: what its closed form needs, added window by window on the
     compressed path, each window into its part (`held`: the indices of the held-out windows, scored and not
@@ -358,19 +366,23 @@ class _GroupStats:
         return self.held if i in self.held_windows else self.fit
 
     def add(self, i: int, xh: torch.Tensor, x: torch.Tensor) -> None:
-        """A plain group's window i: X^ (tokens, in) in float32 and the original X (tokens, in)."""
+        """A plain group's window i: X^ (tokens, in) and the original X (tokens, in), multiplied in float32."""
         part = self._part(i)
-        part.add_gram(xh)
-        part.add("cross", (x.float().T @ xh).double())
+        with matmul_precision(gram_precision(xh, x)):
+            xh = xh.float()
+            part.add_gram(xh)
+            part.add("cross", (x.float().T @ xh).double())
 
     def add_residual(self, i: int, x_raw: torch.Tensor, r_h: torch.Tensor, block_out: torch.Tensor) -> None:
         """The residual-writing Linear's window i: its input X^ (tokens, in), the compressed path's residual r^
         (tokens, hidden) and the original block's output B, whatever its shape."""
         part, xh = self._part(i), x_raw.float()
         # B - R^ with B the original block's output: (B - R^) X^^T = W C + (R - R^) X^^T
-        d = (block_out.reshape(-1, r_h.shape[-1]) - r_h).float()
-        part.add("numerator", (d.T @ xh).double())
-        part.add_gram(xh)
+        d = block_out.reshape(-1, r_h.shape[-1]) - r_h
+        with matmul_precision(gram_precision(x_raw, d)):
+            d = d.float()
+            part.add("numerator", (d.T @ xh).double())
+            part.add_gram(xh)
         if part.held:
             part.target_sq += float(d.double().pow(2).sum())
 
@@ -541,7 +553,7 @@ class _BlockWalk:
                 try:
                     out_h, xh = _block_out(self.block(self.park.get(self.hat.hidden[i]), **self.hat.kwargs[i])), None
                 except _Stop as e:
-                    xh = e.args[0].float()
+                    xh = e.args[0]  # in the model's dtype: _GroupStats.add picks the precision
                 if xh is not None:  # outside the except: the stopped block's frames are let go first
                     stats.add(i, xh, self.park.get(self.taken[leader][i]))
                 elif full:

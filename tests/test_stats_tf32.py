@@ -103,3 +103,17 @@ def test_upper_block_triangle_gram_equals_the_full_product(dim):
         bad.add(x)
         with pytest.raises(NonFiniteActivations):
             bad.finish()
+
+
+def test_refine_multiplies_sixteen_bit_inputs_on_cuda_in_tf32_and_any_other_as_set():
+    """refine's Grams follow the statistics pass: TF32 (exact) only where every input is 16-bit on CUDA; a float32
+    input, which TF32 would round, or a CPU tensor keeps the precision as set."""
+    from types import SimpleNamespace as T
+
+    from dipsvd_core.refine import gram_precision
+
+    bf16, fp16 = T(dtype=torch.bfloat16, is_cuda=True), T(dtype=torch.float16, is_cuda=True)
+    with matmul_precision("ieee"):
+        assert gram_precision(bf16, fp16) == "tf32"
+        assert gram_precision(bf16, T(dtype=torch.float32, is_cuda=True)) == "ieee"
+        assert gram_precision(T(dtype=torch.bfloat16, is_cuda=False), bf16) == "ieee"

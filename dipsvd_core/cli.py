@@ -104,6 +104,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
 
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s (with the settings "
+                   "used and the bytes a decode step reads)")
+    p.add_argument("--generate", action="store_true", help="also generate for the default prompts")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="speed and generation with a static KV cache and torch.compile, the first (compiling) call "
+                        "timed apart (default: on for CUDA, off on a CPU, where compiling takes a minute)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default="wiki,news", help="comma-separated: wiki, news, wikitext2, ptb, c4, or paths")
     p.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
@@ -232,8 +241,7 @@ def _add_compress(sub) -> None:
                    help="dense: also write OUT-dense, the low-rank products back in ordinary Linears, for tools that "
                         "run no custom code (it saves no memory)")
     c.add_argument("--no-eval-original", action="store_true", help="skip the original model's perplexity")
-    c.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
-    c.add_argument("--generate", action="store_true", help="also generate for the default prompts")
+    _add_speed_args(c)
     _add_eval_args(c)
     _add_task_args(c)
 
@@ -273,8 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="perplexity of any model, including a saved compressed one")
     _add_model_args(e)
     e.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN)
-    e.add_argument("--speed", action="store_true")
-    e.add_argument("--generate", action="store_true")
+    _add_speed_args(e)
     _add_eval_args(e)
     _add_task_args(e)
     return parser
@@ -372,8 +379,43 @@ def _save(args, model, tokenizer, report: dict) -> None:
         report["saved_dense_to"] = str(save_dense(model, dense_folder(args.out), tokenizer, force=args.force))
 
 
+def _speed_and_generations(args, model, tokenizer) -> dict:
+    """One model's speed (--speed) and generations (--generate), eager or compiled (--compile; by default compiled
+    on CUDA only), with the seconds the generations took; compiled code is forgotten afterwards, so that a model
+    converted in place (or the next one) compiles afresh and nothing holds the old weights."""
+    from .evaluate import DEFAULT_PROMPTS, generate
+    from .models import input_device
+    from .speed import compile_default, forget_compiled, speed
+
+    compiled = args.compile if args.compile is not None else compile_default(input_device(model))
+    out = {}
+    if args.speed:
+        out["speed"] = speed(model, compiled=compiled)
+    if args.generate:
+        t0 = time.perf_counter()
+        out["generations"] = generate(model, tokenizer, DEFAULT_PROMPTS, chat=True, compiled=compiled)
+        out["generation_s"] = time.perf_counter() - t0
+    if compiled:
+        forget_compiled()
+    return out
+
+
+def _sides(report: dict, timings: dict, original: dict, compressed: dict) -> None:
+    """The original's and the compressed model's speed and generations side by side in the report; the compressed
+    speed carries the bytes bound (the decode speed-up its bytes read allow)."""
+    from .speed import bytes_bound
+
+    if "speed" in compressed:
+        report["speed"] = {"original": original["speed"],
+                           "compressed": dict(compressed["speed"], bytes_bound=bytes_bound(original["speed"],
+                                                                                           compressed["speed"]))}
+    if "generations" in compressed:
+        report["generations"] = {"original": original["generations"], "compressed": compressed["generations"]}
+        timings["generation"] = original["generation_s"] + compressed["generation_s"]
+
+
 def cmd_compress(args) -> dict:
-    from .evaluate import DEFAULT_PROMPTS, generate, param_report, speed
+    from .evaluate import param_report
     from .loading import load_model
     from .memwatch import PhaseMemory, lifetime_device_peak
     from .models import count_params
@@ -405,15 +447,9 @@ def cmd_compress(args) -> dict:
         ppl = {} if args.no_eval_original else {"original": _perplexities(lm.model, sets, progress)}
     t_eval = time.perf_counter() - t0
     progress.close()
-    extra, t_gen = {}, 0.0
-    if args.speed:
-        extra["speed"] = {"original": speed(lm.model)}
-    if args.tasks:  # before the build: it converts the original in place
+    extra = {"original": _speed_and_generations(args, lm.model, lm.tokenizer)}  # before the in-place build
+    if args.tasks:
         extra["lm_eval"] = {"original": _tasks(args, lm.model, lm.tokenizer)}
-    if args.generate:
-        t0 = time.perf_counter()
-        extra["generations"] = {"original": generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)}
-        t_gen = time.perf_counter() - t0
     params_before = count_params(lm.model)
     result = bench.build(settings, progress=progress, inplace=True)
     timings.update(result.timings_s)
@@ -428,15 +464,9 @@ def cmd_compress(args) -> dict:
     report["eval"] = {"sets": list(sets), "tokens_per_set": args.eval_tokens}
     if report.get("dobi", {}).get("note"):
         print(f"note: {report['dobi']['note']}", file=sys.stderr)
-    if args.speed:
-        report["speed"] = dict(extra["speed"], compressed=speed(result.model))
+    _sides(report, timings, extra["original"], _speed_and_generations(args, result.model, lm.tokenizer))
     if args.tasks:
         report["lm_eval"] = dict(extra["lm_eval"], compressed=_tasks(args, result.model, lm.tokenizer))
-    if args.generate:
-        t0 = time.perf_counter()
-        report["generations"] = dict(extra["generations"],
-                                     compressed=generate(result.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True))
-        timings["generation"] = t_gen + time.perf_counter() - t0
     if args.out:
         t0 = time.perf_counter()
         with memory.phase("save"):
@@ -455,7 +485,6 @@ def cmd_compress(args) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
-    from .evaluate import DEFAULT_PROMPTS, generate, speed
     from .loading import load_model
     from .models import count_params
     from .pipeline import peak_memory_mb
@@ -474,10 +503,8 @@ def cmd_evaluate(args) -> dict:
     entry = getattr(lm.model.config, "dipsvd_compression", None)
     if entry:
         report["compression"] = entry
-    if args.speed:
-        report["speed"] = speed(lm.model)
-    if args.generate:
-        report["generations"] = generate(lm.model, lm.tokenizer, DEFAULT_PROMPTS, chat=True)
+    measured = _speed_and_generations(args, lm.model, lm.tokenizer)
+    report.update({k: measured[k] for k in ("speed", "generations") if k in measured})
     if args.tasks:
         report["lm_eval"] = _evaluate_tasks(args, lm, entry)
     report["timings_s"] = timings

@@ -1,4 +1,4 @@
-"""Step 6 of the flow: perplexity, generation and speed, for any model.
+"""Step 6 of the flow: perplexity and generation for any model (speed: speed.py).
 
 Perplexity (DESIGN.md section 5): windows are (n, seqlen) token ids cut without padding;
 PPL = exp(mean next-token NLL over every predicted token of every window). A non-finite loss
@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import DipSVDError
 from .models import count_params, find_blocks, input_device, is_offloaded
+from .speed import speed, sync  # noqa: F401  (speed: evaluate.speed, as callers import it)
 from .stream import streamed_logits, window_ids
 
 DEFAULT_PROMPTS = [
@@ -65,22 +66,52 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+def _compiled_kwargs(model: nn.Module, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int):
+    """generate()'s arguments for compiled decoding: a static cache of one length for every prompt (so that the
+    decode step compiles once, not once per prompt length) and torch.compile on any device."""
+    from transformers import CompileConfig, StaticCache
+
+    config = CompileConfig(mode="reduce-overhead" if input_device(model).type == "cuda" else "default")
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    longest = max(_prompt_ids(tokenizer, p, chat).shape[1] for p in prompts) + max_new_tokens
+    return lambda: {"past_key_values": StaticCache(config=model.config, max_cache_len=longest),
+                    "compile_config": config}
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 48,
-             chat: bool = False, greedy: bool = True) -> list[dict]:
-    """One completion per prompt, with tokens per second of the new tokens."""
+             chat: bool = False, greedy: bool = True, compiled: bool = False) -> list[dict]:
+    """One completion per prompt, with tokens per second of the new tokens. `compiled`: a static cache and
+    torch.compile (speed.py); the first prompt is generated once before the timed ones, and that first call,
+    which compiles, is reported apart (`compile_s`)."""
     device = input_device(model)
+    extra = _compiled_kwargs(model, tokenizer, prompts, chat, max_new_tokens) if compiled else dict
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+
+    def run(ids):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=not greedy, pad_token_id=pad, **extra())
+
+    first = None
+    if compiled:
+        sync(device)
+        t0 = time.perf_counter()
+        run(_prompt_ids(tokenizer, prompts[0], chat).to(device))
+        sync(device)
+        first = time.perf_counter() - t0
     out = []
     for prompt in prompts:
         ids = _prompt_ids(tokenizer, prompt, chat).to(device)
+        sync(device)
         t0 = time.perf_counter()
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=not greedy, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        gen = run(ids)
+        sync(device)
         secs = time.perf_counter() - t0
         new = gen[0, ids.shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True)
         out.append({"prompt": prompt, "text": text, "new_tokens": int(new.numel()),
-                    "tokens_per_s": new.numel() / max(secs, 1e-9), **repetition(text)})
+                    "tokens_per_s": new.numel() / max(secs, 1e-9), "mode": "compiled" if compiled else "eager",
+                    "compile_s": first, **repetition(text)})
     return out
 
 
@@ -104,28 +135,6 @@ def repetition(text: str, n: int = 3) -> dict:
                 longest = max(longest, cur[j])
         prev = cur
     return {"distinct_3": distinct, "longest_repeat": longest}
-
-
-@torch.no_grad()
-def speed(model: nn.Module, seqlen: int = 256, new_tokens: int = 32, vocab: int = 1000, repeats: int = 2,
-          batch: int = 1) -> dict:
-    """Prefill tokens/s of a (batch, seqlen) prompt and decode tokens/s of single-token steps with a KV cache (every
-    sequence of the batch counted), the best of `repeats`."""
-    device = input_device(model)
-    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
-    model(ids[:, :8])  # warm-up
-    best_prefill, best_decode = 0.0, 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(ids, use_cache=True)
-        best_prefill = max(best_prefill, batch * seqlen / (time.perf_counter() - t0))
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        best_decode = max(best_decode, batch * new_tokens / (time.perf_counter() - t0))
-    return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
 
 
 def param_report(original: nn.Module | int, compressed: nn.Module, targets, ranks) -> dict:

@@ -83,8 +83,12 @@ def _speed(report: dict) -> str:
     speed = report.get("speed") or {}
     if not speed:
         return ""
-    rows = [[side, _fmt(s.get("prefill_tok_s")), _fmt(s.get("decode_tok_s"))] for side, s in speed.items()]
-    return "<h2>Speed</h2>" + _table(["model", "prefill tokens/s", "decode tokens/s"], rows)
+    from .speed import speed_settings
+
+    rows = [[side, _fmt(s.get("prefill_tok_s")), _fmt(s.get("decode_tok_s")), _fmt(s.get("decode_bytes", "")),
+             _fmt(s.get("bytes_bound", ""))] for side, s in speed.items()]
+    return "<h2>Speed</h2>" + _table(["model", "prefill tokens/s", "decode tokens/s", "bytes read per decode step",
+                                      "decode bound (bytes)"], rows) + f"<p>{html.escape(speed_settings(speed))}</p>"
 
 
 def _generations(report: dict) -> str:

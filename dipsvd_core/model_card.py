@@ -135,9 +135,13 @@ def _speed(report: dict) -> str:
     speed = report.get("speed") or {}
     if not speed:
         return ""
-    rows = [[side, s.get("prefill_tok_s"), s.get("decode_tok_s")] for side, s in speed.items()]
-    return "\n## Speed\n\n" + _table(["model", "prefill tokens/s", "decode tokens/s"], rows) + (
-        "\n\nMeasured where the compression ran, on its device.\n")
+    from .speed import speed_settings
+
+    rows = [[side, s.get("prefill_tok_s"), s.get("decode_tok_s"), s.get("decode_bytes", ""), s.get("bytes_bound", "")]
+            for side, s in speed.items()]
+    return "\n## Speed\n\n" + _table(["model", "prefill tokens/s", "decode tokens/s", "bytes read per decode step",
+                                       "decode bound (bytes)"], rows) + (
+        f"\n\nMeasured where the compression ran, on its device: {speed_settings(speed)}.\n")
 
 
 PORTABLE_USE = '''Plain transformers loads it with its custom code (`modeling_dipsvd.py`: the compressed Linears are low-rank

@@ -53,6 +53,11 @@ def test_compress_out_writes_a_card_with_the_reports_figures(tiny_model_dir, tmp
                                                     for s in ("original", "compressed")}
     speed = table_rows(body, "Speed")
     assert float(speed["compressed"][1]) == pytest.approx(r["speed"]["compressed"]["decode_tok_s"], rel=1e-5)
+    sides = r["speed"]["original"], r["speed"]["compressed"]
+    assert [int(speed[s][2]) for s in ("original", "compressed")] == [x["decode_bytes"] for x in sides]
+    assert float(speed["compressed"][3]) == pytest.approx(sides[0]["decode_bytes"] / sides[1]["decode_bytes"], 1e-5)
+    assert sides[1]["settings"]["mode"] == "eager" and sides[1]["compile_s"] is None  # on a CPU by default
+    assert "eager (dynamic KV cache), batch 1, prompt 256 tokens" in body and "eager (dynamic KV cache)" in html
     assert f"pretrained={out},trust_remote_code=True" in body  # the lm_eval command names this folder
     assert f'from_pretrained("{out}", trust_remote_code=True)' in body
     (tmp_path / "card.md").write_text(body)

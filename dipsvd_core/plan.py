@@ -26,7 +26,11 @@ these shapes it adds up what each phase holds at its peak:
 
 On a CUDA device these go to the device and the host holds the runtime and the factors being
 written; with `offload` the blocks are placed by the memory budgets (`place_blocks`): as many as fit stay on the
-device, the others wait in host memory or on disk and come to the device one at a time. On the CPU everything is
+device, the others wait in host memory or on disk and come to the device one at a time. An in-place build of an
+offloaded model puts each streamed block's low-rank pair on the device for good (surgery.placement_of), so surgery,
+evaluation and save count every streamed block's kept factors there, in place of the one streamed block. Beside the phases' tensors (what
+torch.cuda.max_memory_allocated measures) the device peak counts `DEVICE_RUNTIME`: the CUDA context and the
+libraries' workspaces, which the allocator does not see but the card's free memory does. On the CPU everything is
 host memory, and `device_bytes` is 0; there `offload` keeps the blocks that do not fit on disk. Every phase adds the runtime measured
 in this process (Python, torch and transformers imported) and what a run holds besides (`run_overhead`: the
 tokenizer, the modeling code, the calibration text). On the CPU, weights saved as safetensors in the run's dtype are
@@ -63,6 +67,7 @@ from .methods import handler, needs
 from .scalings import symmetric_eigh
 from .refine import TAUS, refine_choice
 from .settings import Settings
+from .strategies import strategy
 
 # every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
 # and the build's surgery and evaluation, which every run has
@@ -71,6 +76,14 @@ PHASES = ("load", P.STATISTICS, P.FACTORS, P.FISHER, P.BLOCK_PROBE, P.TYPE_PROBE
 ALWAYS = ("load", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
+# Device memory outside torch's allocator, on every CUDA run: the context with torch's kernel images loaded lazily
+# (CUDA 11.7 and later; commonly 0.3 to 0.5 GiB on data-centre cards, the upper end taken), and a workspace margin:
+# cuBLAS/cuBLASLt workspaces per handle and stream (32 MiB each on Hopper), cuSOLVER's and the attention kernels'
+# buffers, and the caching allocator's rounding of blocks to 2 and 20 MiB. Not yet measured on a GPU (issue 39).
+CUDA_CONTEXT_BYTES = GiB // 2
+WORKSPACE_BYTES = GiB // 2
+DEVICE_RUNTIME = CUDA_CONTEXT_BYTES + WORKSPACE_BYTES
+BUILT = ("surgery", "evaluation", "save")  # the phases after the build has replaced the targeted Linears
 
 
 @dataclass
@@ -125,6 +138,7 @@ class Plan:
     shape: Shapes | None = field(default=None, repr=False)
     run: Run | None = field(default=None, repr=False)
     placement: Placement | None = None  # an offloaded run's blocks (place_blocks)
+    device_runtime_bytes: int = 0  # on CUDA: DEVICE_RUNTIME, counted in the device peak beside the phases
 
     def _peak(self, attr: str) -> int:
         return max(getattr(p, attr) for p in self.phases.values() if p.needed)
@@ -135,7 +149,8 @@ class Plan:
 
     @property
     def peak_device_bytes(self) -> int:
-        return self._peak("device_bytes")
+        tensors = self._peak("device_bytes")
+        return tensors + self.device_runtime_bytes if tensors else 0
 
     @property
     def disk_bytes(self) -> int:
@@ -169,6 +184,9 @@ class Plan:
                                              ("disk", self.free_disk_bytes)) if b is not None]
         if free:
             rows.append("free now: " + ", ".join(free))
+        if self.free_device_bytes and self.device_runtime_bytes:
+            rows.append(f"device left free at the peak: {_gb(self.free_device_bytes - self.peak_device_bytes)} "
+                        f"(the peak counts {_gb(self.device_runtime_bytes)} for the CUDA context and workspaces)")
         rows += [f"note: {n}" for n in self.notes]
         return "\n".join(rows)
 
@@ -428,6 +446,9 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     host = {"load": loaded + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
             P.REFINE: kept * B + refine_sets, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B,
             "save": largest}  # on a GPU each tensor is copied to the host as it is written
+    if strategy(run.allocation).search_refines:  # a search that refines each candidate holds refine's working set
+        work[P.SEARCH] = max(work[P.SEARCH], work[P.REFINE])
+        host[P.SEARCH] = max(host[P.SEARCH], host[P.REFINE])
     return work, disk, host
 
 
@@ -440,6 +461,11 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     on_disk = run.disk_blocks if run.offload else 0
     disk = dict(disk, load=disk["load"] + on_disk * block)  # the offload folder, written at load
     spared = max(0, on_disk - 1) * block  # on the CPU: blocks on disk, one of them in memory at a time
+    streamed_blocks = sh.n_blocks - run.device_blocks
+    # in place and offloaded: the streamed blocks' low-rank pairs stay on the device once built (the device
+    # blocks' replace their own weights, already counted)
+    pairs = int((1 - run.ratio) * sh.targeted) * DTYPE_BYTES[run.dtype] * streamed_blocks // sh.n_blocks \
+        if run.offload and run.inplace else 0
     phases = {}
     for name in PHASES:
         if not cuda:
@@ -447,6 +473,8 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
         elif run.offload:  # place_blocks: the embeddings, head and device_blocks on the device, the rest streamed
             on_device = run.device_blocks
             streamed = block if on_device < sh.n_blocks else 0
+            # once built, the pairs take the streamed block's place (an evaluation of the original streams first)
+            streamed = max(streamed, pairs) if name in BUILT else streamed
             dev = work[name] - sh.n_blocks * block + on_device * block + streamed
             h = runtime + (sh.n_blocks - on_device - on_disk) * block + {
                 n: host[n] for n in (P.FACTORS, P.REFINE, P.FISHER)}.get(name, 0)
@@ -494,7 +522,7 @@ def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, 
         return Placement(in_memory, 0, L - in_memory, gpu=False)
     streamed = memory(sh, dataclasses.replace(run, offload=True, device_blocks=0, disk_blocks=0), True, runtime)
     needed = [p for p in streamed.values() if p.needed]
-    on_device = _fit(device_budget, max(p.device_bytes for p in needed), block, L)
+    on_device = _fit(device_budget - DEVICE_RUNTIME, max(p.device_bytes for p in needed), block, L)
     host_work = max(p.host_bytes for p in needed) - L * block  # the blocks' bytes apart
     on_host = min(L - on_device, max(0, (host_budget - host_work) // block))
     return Placement(on_device, int(on_host), int(L - on_device - on_host))
@@ -625,8 +653,8 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     # the block twice more on the held-out quarter of the windows (the block-level check)
     *first, last = sh.groups
     grams_flops = (sum(6 * g * g for g in first) + 2 * last * (2 * last + sh.hidden)) * run.seqlen * N
-    phases["refine"].seconds = 3 * forward + L * (3 * whiten + (len(TAUS) + 2) * factor
-                                                  + grams_flops / r.matmul_flops)
+    refine_once = 3 * forward + L * (3 * whiten + (len(TAUS) + 2) * factor + grams_flops / r.matmul_flops)
+    phases["refine"].seconds = refine_once
     if refine_choice(run.refine).tunes:  # the tuning: a forward and a backward (about 3 forwards) per epoch and window,
         # on the fit windows (three quarters), every block (the dense-kept ones' are at most as long); the tuned block
         # ships as trained there. Compensation (dense matrices refitted) is inside the per-block terms above, which
@@ -635,7 +663,9 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
     probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows
     phases[P.BLOCK_PROBE].seconds = L * probe_window
     phases[P.TYPE_PROBE].seconds = len(per_block) * probe_window
-    phases[P.SEARCH].seconds = run.bo_calls * probe_window
+    searching = strategy(run.allocation).search_refines  # refined-kl: a refine pass and an evaluation per candidate
+    phases[P.SEARCH].seconds = (searching * (refine_once + probe_window) if searching
+                                else run.bo_calls * probe_window)
     # Dobi-SVD: a forward and a backward per training window and step, with an SVD of every layer's activations
     phases[P.TRAINING].seconds = run.dobi.epochs * run.dobi.windows * (3 * fwd_model + L * factor)
     phases[P.UPDATE].seconds = N * fwd_model
@@ -683,6 +713,13 @@ def free_host_bytes() -> int | None:
         return None
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """What the card has free now, after the caching allocator gives back the blocks it keeps unused (a second
+    plan in the same process, after a run, would otherwise count them as taken)."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
 def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bool = True,
               trust_remote_code: bool = False, budgets: dict | None = None) -> Plan:
     """The plan for compressing `model` with these settings on `device` (auto: CUDA when present).
@@ -709,7 +746,7 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     sh = shapes_of(config, trust_remote_code, from_gguf)
     runtime += run_overhead(sh)
     budgets = budgets or {}
-    free_device = torch.cuda.mem_get_info(dev)[0] if cuda and has_cuda else None
+    free_device = free_device_bytes(dev) if cuda and has_cuda else None
     placement = None
     if run.offload and (not cuda or budgets.get("device") or free_device):
         placement = place_blocks(sh, run, runtime, budgets.get("device") or free_device,
@@ -726,14 +763,17 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
         if cuda:
             from .scalings import eigh_on_host
 
-            notes.append("float64 eigendecompositions run on the " + ("host CPU, measured faster than this GPU "
-                         "at float64" if eigh_on_host(dev) else "GPU (measured faster than the host CPU)"))
+            widest = max(sh.groups)
+            notes.append(f"float64 eigendecompositions {widest} wide run on the " + (
+                "host CPU, measured faster than this GPU at float64" if eigh_on_host(dev, widest)
+                else "GPU (measured faster than the host CPU)") + " (placed by width: scalings.eigh_rates)")
     elif bench:
         notes.append("no CUDA device here: memory is predicted, time is not")
     plan = Plan(model, str(dev), run.flat(), phases, dataclasses.asdict(sh), runtime, notes, shape=sh, run=run)
     plan.free_host_bytes, plan.free_device_bytes = free_host_bytes(), free_device
     plan.free_disk_bytes = shutil.disk_usage(cache_dir()).free
     plan.placement = placement
+    plan.device_runtime_bytes = DEVICE_RUNTIME if cuda else 0
     check_budgets(plan, budgets)
     return plan
 

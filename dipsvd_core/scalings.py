@@ -88,26 +88,48 @@ def _best_seconds(fn, device: torch.device, repeat: int = 2) -> float:
     return best
 
 
+EIGH_WIDTHS = (512, 1536)  # where eigh_rates measures: latency-bound and cubic enough to fit both terms
+
+
+def cubic_fit(n1: int, t1: float, n2: int, t2: float) -> tuple[float, float]:
+    """(latency seconds, seconds per n^3) of t = a + b n^3 through two measured points, neither below 0."""
+    b = max(0.0, (t2 - t1) / (n2**3 - n1**3))
+    return max(0.0, t1 - b * n1**3), b
+
+
 @functools.cache
+def eigh_rates(device: torch.device) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The float64 eigh time model on `device` and on the host CPU (both copies included): (latency, seconds per
+    n^3) each, from SPD matrices at EIGH_WIDTHS (best of 2 each way), measured once per device and process."""
+    points = {"device": [], "host": []}
+    for width in EIGH_WIDTHS:
+        g = torch.randn(width, width, dtype=torch.float64, device=device)
+        g = g @ g.T + width * torch.eye(width, dtype=torch.float64, device=device)
+        points["device"].append(_best_seconds(lambda: torch.linalg.eigh(g), device))
+        points["host"].append(_best_seconds(lambda: [t.to(device) for t in torch.linalg.eigh(g.cpu())], device))
+    n1, n2 = EIGH_WIDTHS
+    fits = tuple(cubic_fit(n1, t[0], n2, t[1]) for t in (points["device"], points["host"]))
+    log.info("float64 eigh on %s: %s s at widths %s; on the host: %s s", device, points["device"], EIGH_WIDTHS,
+             points["host"])
+    return fits
+
+
 def eigh_on_host(device: torch.device, width: int = 1024) -> bool:
-    """Whether a float64 eigendecomposition of a tensor on `device` is faster on the host CPU, both copies
-    included: measured once per device and process, on a `width`-wide SPD matrix (best of 2 each way). Consumer
-    GPUs run float64 at 1/32 to 1/64 of their float32 rate, data-centre ones at 1/2; on the CPU it is the host."""
+    """Whether a float64 eigendecomposition `width` wide of a tensor on `device` is faster on the host CPU, both
+    copies included, by the time model measured on this device (eigh_rates): a GPU that loses at 1024, where
+    cuSOLVER is latency-bound, may win at 14,336. Consumer GPUs run float64 at 1/32 to 1/64 of their float32 rate,
+    data-centre ones at 1/2; on the CPU it is the host."""
     if device.type == "cpu":
         return False
-    g = torch.randn(width, width, dtype=torch.float64, device=device)
-    g = g @ g.T + width * torch.eye(width, dtype=torch.float64, device=device)
-    on_device = _best_seconds(lambda: torch.linalg.eigh(g), device)
-    on_host = _best_seconds(lambda: [t.to(device) for t in torch.linalg.eigh(g.cpu())], device)
-    log.info("float64 eigh of %d x %d: %.3f s on %s, %.3f s on the host", width, width, on_device, device, on_host)
-    return on_host < on_device
+    (a_dev, b_dev), (a_host, b_host) = eigh_rates(device)
+    return a_host + b_host * width**3 < a_dev + b_dev * width**3
 
 
 def symmetric_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.linalg.eigh(M), run where it is fastest for M's device (eigh_on_host): a float64 matrix on a GPU that
-    is slow at float64 goes to the host CPU and the results come back to M's device. Float64 either way; the
-    float32 route, far less accurate, is never taken here (bench/RESULTS.md, "Factors by eigh")."""
-    if M.dtype == torch.float64 and M.device.type != "cpu" and eigh_on_host(M.device):
+    """torch.linalg.eigh(M), run where it is fastest for M's device and width (eigh_on_host): a float64 matrix on
+    a GPU that is slow at float64 goes to the host CPU and the results come back to M's device. Float64 either way;
+    the float32 route, far less accurate, is never taken here (bench/RESULTS.md, "Factors by eigh")."""
+    if M.dtype == torch.float64 and M.device.type != "cpu" and eigh_on_host(M.device, M.shape[-1]):
         L, Q = torch.linalg.eigh(M.cpu())
         return L.to(M.device), Q.to(M.device)
     return torch.linalg.eigh(M)

@@ -265,6 +265,21 @@ def test_symmetric_eigh_is_torchs_and_runs_on_the_host_only_off_the_cpu():
     assert eigh_on_host(torch.device("cpu")) is False
 
 
+def test_eigh_placement_is_chosen_by_width_from_the_measured_time_model(monkeypatch):
+    """A GPU whose float64 eigh is latency-bound (50 ms) loses to the host at 1024 wide and wins at Llama-3-8B's
+    14,336 (3.0 s against 59 s); the model's two terms come back exactly from two measured points."""
+    from dipsvd_core import scalings
+
+    assert scalings.cubic_fit(512, 0.05 + 1e-12 * 512**3, 1536, 0.05 + 1e-12 * 1536**3) == pytest.approx((0.05, 1e-12))
+    assert scalings.cubic_fit(512, 0.2, 1536, 0.1) == (0.2, 0.0)  # noise: never a negative rate
+    monkeypatch.setattr(scalings, "eigh_rates", lambda device: ((0.05, 1e-12), (0.001, 2e-11)))  # (device, host)
+    cuda = torch.device("cuda")
+    assert scalings.eigh_on_host(cuda, 1024) is True
+    assert scalings.eigh_on_host(cuda, 4096) is False
+    assert scalings.eigh_on_host(cuda, 14336) is False
+    assert scalings.eigh_on_host(torch.device("cpu"), 1024) is False  # the CPU: no measurement, as before
+
+
 @pytest.mark.parametrize("shape", [(24, 40), (60, 40)])
 def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape):
     """In float64 the paper form's S is the Cholesky factor of D G D (lower triangular, S S^T = D G D) where the

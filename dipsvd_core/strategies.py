@@ -20,6 +20,7 @@ from typing import Callable
 from . import allocation as alloc
 from . import allocators
 from . import passes as P
+from . import refined_search
 from .errors import DipSVDError
 
 
@@ -34,6 +35,7 @@ class AllocationStrategy:
     own_of: str | None = None  # a method's own allocation (Dobi-SVD's "trained"): its handler builds it
     unrefined_note: str = ""  # what the app says when it is built without refine
     follows_q: bool = False  # its per-block keep ratios are the heuristic's p_l = c Q_l: the app explains Q's ties
+    search_refines: int = 0  # its search runs this many refine passes (the plan times its search by them)
 
     @property
     def reads_factors(self) -> bool:
@@ -129,6 +131,23 @@ def _nested(bench, settings, bounds, progress=None, **_):
     outer = _heuristic(bench, settings, bounds, progress)
     return allocators.nested(outer, bench.factors(settings.spec, progress), bench.nested_weights(settings, progress),
                              bench.targets, **bounds)
+
+
+@register_allocation("refined-kl", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.TYPE_PROBE, P.SEARCH}),
+                     reproducible=False, fallback="nested", search_refines=len(refined_search.CANDIDATES),
+                     help="of uniform, heuristic and nested, the one whose refined model is closest to the original "
+                          "(KL of the next-token distribution on held-out windows): one refine pass per candidate "
+                          "(ours, not in the paper)",
+                     unrefined_note="The refined-kl allocation is chosen by how its refined model scores: build it "
+                                    "with Refine on.")
+def _refined_kl(bench, settings, bounds, progress=None, callback=None, cancel=None):
+    candidates = {n: ALLOCATIONS[n].allocate(bench, settings, bounds, progress=progress)
+                  for n in refined_search.CANDIDATES}
+    t0 = time.perf_counter()
+    with bench.memory.phase(P.SEARCH):
+        found = refined_search.refined_kl(bench, settings, candidates, progress, callback, cancel)
+    bench.timings_s[P.SEARCH] = time.perf_counter() - t0
+    return found
 
 
 @register_allocation("trained", own_of="dobi",

@@ -18,7 +18,7 @@ from dipsvd_core.dobi import DobiConfig
 from dipsvd_core.methods import handler, method_names, refines
 from dipsvd_core.pipeline import Settings, Workbench
 from dipsvd_core.refine import REFINES
-from dipsvd_core.strategies import names_for
+from dipsvd_core.strategies import names_for, strategy
 from dipsvd_core.sweep import parse_grid, run_sweep
 
 from extensions import registered
@@ -30,9 +30,11 @@ PASS_PHASES = set(P.PHASES) - set(P.ALWAYS)
 def combinations() -> list[tuple[str, str, str]]:
     with registered():
         # refine "block" is refine "sequential" with a tuning step that reads nothing the allocation gives: it is
-        # taken with one allocation per method (uniform), every other refine with every allocation
+        # taken with one allocation per method (uniform), every other refine with every allocation; a search that
+        # refines its candidates (refined-kl) runs refine whatever the method's factors: taken with one method
         return [(m, a, r) for m in method_names() for a in names_for(m) for r in REFINES
-                if (not refines(r) or handler(m).refinable) and (r != "block" or a == "uniform")]
+                if (not refines(r) or handler(m).refinable) and (r != "block" or a == "uniform")
+                and (not strategy(a).search_refines or m == "dipsvd")]
 
 
 @pytest.fixture(autouse=True)

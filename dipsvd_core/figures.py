@@ -131,13 +131,14 @@ def predicted_loss(loss: np.ndarray, loss_uniform: np.ndarray, label: str) -> go
     return _layout(fig, "Predicted whitened loss per block", "block", "Σ L² (log)")
 
 
-def convergence(values: list[float], best: list[float], objective: str) -> go.Figure:
-    """Bayesian optimization: every call's objective and the best so far."""
+def convergence(values: list[float], best: list[float], objective: str, title: str = "Bayesian optimization",
+                step: str = "call") -> go.Figure:
+    """A search (Bayesian optimization, refined-kl): every call's objective and the best so far."""
     x = list(range(1, len(values) + 1))
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=x, y=values, mode="markers", name="call", marker={"color": GREY}))
+    fig.add_trace(go.Scatter(x=x, y=values, mode="markers", name=step, marker={"color": GREY}))
     fig.add_trace(go.Scatter(x=x, y=best, mode="lines", name="best so far", line={"color": ORANGE, "width": 3}))
-    return _layout(fig, "Bayesian optimization", "call", objective, height=300)
+    return _layout(fig, title, step, objective, height=300)
 
 
 def dobi_training(history: list[dict]) -> go.Figure:

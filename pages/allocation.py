@@ -178,22 +178,29 @@ with view:
         searched = not chosen_strategy.reproducible  # a search (bayes): run on request, its result kept
         if searched:
             chosen = s.bo_allocation(new)
+            refining = chosen_strategy.search_refines  # refined-kl: a refine pass per candidate, scored by KL
+            calls = refining or new.bo_calls
+            title = f"The {new.allocation} search" if refining else "Bayesian optimization"
             if chosen is None:
-                st.info(f"Bayesian optimization runs {new.bo_calls} evaluations of the {new.bo_objective} "
-                        "objective, each on a model sliced from the cached factors. It can be cancelled; "
-                        "the best allocation so far is kept.")
+                st.info((f"The {new.allocation} search refines each of its {calls} candidate allocations once (a "
+                         f"refine pass each) and keeps the one whose refined model is closest to the original by "
+                         f"KL on {new.bo_windows} held-out windows. " if refining else
+                         f"Bayesian optimization runs {new.bo_calls} evaluations of the {new.bo_objective} "
+                         "objective, each on a model sliced from the cached factors. ")
+                        + "It can be cancelled; the best allocation so far is kept.")
 
                 def run_bo(job):
                     def callback(i, value, best):
                         job.values.append(float(value))
                         job.best.append(float(best))
-                        job.progress(i / new.bo_calls, f"call {i}/{new.bo_calls}, best {best:.4g}")
+                        job.progress(i / calls, f"call {i}/{calls}, best {best:.4g}")
 
                     result = bench.allocate(new, progress=job.progress, callback=callback, cancel=job.cancel)
                     s.bo = {"settings": settings_dict(new), "allocation": result, "cancelled": job.cancelled}
 
-                if st.button("Run Bayesian optimization", type="primary"):
-                    ui.start("Bayesian optimization", run_bo, cancellable=True)
+                if st.button(f"Run {title[0].lower() + title[1:]}" if refining else "Run Bayesian optimization",
+                             type="primary"):
+                    ui.start(title, run_bo, cancellable=True)
                 chosen = uniform
         else:
             chosen = bench.allocate(new)
@@ -226,8 +233,10 @@ with view:
             st.caption("Predicted whitened loss per block: Σ over its matrices of L_m(k_m)², the energy of the "
                        "dropped singular values. Lower is better; it is exact in the whitened space.")
         if searched and s.bo is not None and s.bo_allocation(new) is not None:
-            st.plotly_chart(figures.convergence(chosen.values, chosen.history, new.bo_objective), key="fig_bo")
-            st.caption("Objective of each BO call and the best so far" +
+            st.plotly_chart(figures.convergence(chosen.values, chosen.history, "KL" if refining else new.bo_objective,
+                                                title, "candidate" if refining else "call"), key="fig_bo")
+            st.caption(("KL of each candidate's refined model (uniform, heuristic, nested) and the best so far"
+                        if refining else "Objective of each BO call and the best so far") +
                        (" (cancelled early)." if s.bo["cancelled"] else "."))
         st.caption(f"Preview computed in {elapsed * 1000:.0f} ms "
                    + ("from cached factors." if have_factors else

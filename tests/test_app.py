@@ -316,6 +316,23 @@ def test_bayesian_optimization_converges_and_can_be_cancelled():
     assert studio.bo["cancelled"] and 3 <= len(studio.bo["allocation"].values) < 200
 
 
+def test_refined_kl_search_on_the_allocation_page():
+    """refined-kl is a search on request: three refined candidates scored by KL, its curve and its winner kept."""
+    at = factored(loaded())
+    at.radio(key="k_s_allocation").set_value("refined-kl")
+    settle(at)
+    for label in ("Compute Fisher sensitivity", "Probe the matrix types"):
+        if any(b.label == label for b in at.button):
+            click(at, label)
+    assert any("refines each of its 3 candidate allocations" in i.value for i in at.info)
+    click(at, "Run the refined-kl search")
+    fig = figure(at, "fig_bo")
+    assert fig["layout"]["title"]["text"].startswith("The refined-kl search") and len(fig["data"][0]["y"]) == 3
+    chosen = at.session_state["studio"].bo["allocation"]
+    assert chosen.method.startswith("refined-kl (") and min(chosen.values) == chosen.history[-1]
+    assert abs(float(metric(at, "Realized ratio")) - 0.1) < 0.005
+
+
 def test_dobi_trains_previews_builds_and_exports(tmp_path):
     at = loaded()
     page(at, "allocation")

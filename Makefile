@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8501
 ADDRESS ?= localhost
 
-.PHONY: run test install browser bench bench-app bench-app-cli gpu-check clean-cache
+.PHONY: run test install browser bench bench-app bench-app-cli gpu-check gpu-bundle clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-app-cli: install browser
 # plan, into bench/RESULTS.md. Without a GPU it says so; tests/test_gpu_check.py runs it on the CPU (--tiny).
 gpu-check: install
 	$(PY) bench/gpu_check.py --write
+
+# .gpu/ (ignored by git, at most 60 MiB): what the check needs on a bare GPU machine with its own Python 3.12 and
+# no package registry: wheels it lacks, the bundled tokenizer as a folder, the calibration and evaluation text, and
+# run.sh (`bash .gpu/run.sh`, carried with `carry: [".gpu"]`; without CUDA it says so in one line and exits 3).
+gpu-bundle: install
+	$(PY) bench/gpu_bundle.py
 
 # Statistics, factors, Fisher, Dobi-SVD gammas and the dequantized bundled model (README "Caches").
 clean-cache:

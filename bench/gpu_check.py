@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/gpu_check.py [--write] [--out bench/gpu_check.json]   (make gpu-check)
     .venv/bin/python bench/gpu_check.py --tiny --out FILE                        (the CPU test of the script)
+    bash .gpu/run.sh          (on the GPU machine, from `make gpu-bundle`: its own torch and transformers, the rest
+                               as wheels; --tokenizer and --text point at the bundle's tokenizer folder and text)
 
 For each case a random-init Llama of real widths is saved with the bundled tokenizer (a transformers config, no
 download), then, as a user would run it:
@@ -11,10 +13,14 @@ download), then, as a user would run it:
 Each compress phase's measured peaks (the report's memory.phases: host RSS and CUDA max allocated) and seconds are
 set beside the plan's prediction for the same run (the report's plan).
 
-Cases on CUDA: Llama-3.2-1B's widths with 16 blocks, bfloat16; Llama-3-8B's widths with 3 blocks, bfloat16,
-`--device-memory 22GiB`; Llama-3-8B's widths with 8 blocks offloaded (`--offload --device-memory 23GiB`: the plan
-keeps one block on the GPU, the others stream from host memory, each sent once per pass). With --tiny (no GPU needed): the test suite's tiny Llama on the CPU, which is how
-tests/test_gpu_check.py runs this script. --write replaces the "## GPU check (issue 23)" section of
+Cases on CUDA, cheapest first (each row is written as it ends, so a run cut short keeps what it did): the tiny
+Llama on the CPU and on CUDA (float32, the same ranks and perplexity expected: `conformance` gives the relative
+difference); a forced out-of-memory (the 1B widths under torch.cuda.set_per_process_memory_fraction: the answer must
+be one line naming the phase); Llama-3.2-1B's widths with 16 blocks, bfloat16; Llama-3-8B's widths with 8 blocks
+offloaded (`--offload --device-memory 25GiB --host-memory 5.8GiB`: the plan keeps 3 blocks on the GPU, the
+others stream from host memory (2) or disk (3), each sent once per pass); Llama-3-8B's widths with 3 blocks, bfloat16,
+no budget. With --tiny (no GPU needed): the tiny Llama on the CPU and the out-of-memory case
+simulated (torch.OutOfMemoryError raised from refine), which is how tests/test_gpu_check.py runs this script. --write replaces the "## GPU check (issue 23)" section of
 bench/RESULTS.md (CUDA runs only).
 """
 from __future__ import annotations
@@ -42,23 +48,49 @@ WIDTHS = {  # config.json values of the models our users bring
                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
 }
 CASES = {  # name -> (widths, device, dtype, calibration windows x tokens, extra compress options)
-    "Llama-3.2-1B x16": ("Llama-3.2-1B x16", "cuda", "bfloat16", (32, 512), []),
-    "Llama-3-8B x3": ("Llama-3-8B x3", "cuda", "bfloat16", (32, 512), ["--device-memory", "22GiB"]),
-    # offloaded: the budget leaves room for one block beside the working set, so 7 of 8 stream from host memory
-    "Llama-3-8B x8 offload": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512), ["--offload", "--device-memory", "23GiB"]),
+    "Llama-3.2-1B x16": ("Llama-3.2-1B x16", "cuda", "bfloat16", (32, 512), ["--speed"]),
+    "Llama-3-8B x3": ("Llama-3-8B x3", "cuda", "bfloat16", (32, 512), []),  # its refine plans 23 GiB: no budget
+    # offloaded: the budgets keep some blocks on the GPU and the others in host memory or on disk
+    "Llama-3-8B x8 offload": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512),
+                              ["--offload", "--device-memory", "25GiB", "--host-memory", "5.8GiB"]),
     "tiny": ("tiny", "cpu", "float32", (8, 64), []),
+    "tiny cuda": ("tiny", "cuda", "float32", (8, 64), []),
 }
+GPU_CASES = ["rates", "tiny", "tiny cuda", "oom", "Llama-3.2-1B x16", "Llama-3-8B x8 offload", "Llama-3-8B x3"]
+TINY_CASES = ["rates", "tiny", "oom"]
+# The rates the plan's time model needs, at the real widths on CUDA (the host's float64 eigh at 14,336 is left out:
+# minutes on the CPU), at small ones on the CPU (--tiny: the code runs, the figures mean nothing)
+RATE_WIDTHS = {"cuda": {"device": (4096, 14336), "host": (4096,), "matmul": 8192, "copy_mib": 1024},
+               "cpu": {"device": (128,), "host": (128,), "matmul": 256, "copy_mib": 8}}
+# The out-of-memory case: what makes the device run out, set before the CLI runs in the same process. On CUDA a
+# memory fraction smaller than the 1B model's weights; on the CPU (--tiny) refine raises what CUDA would raise.
+OOM = {"cuda": ("Llama-3.2-1B x16", "bfloat16", "import torch; torch.cuda.set_per_process_memory_fraction(0.01)"),
+       "cpu": ("tiny", "float32", "import torch; from dipsvd_core.pipeline import Workbench\n"
+               "def oom(*a, **k): raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+               "Workbench.refine = oom")}
+# The offloaded case's placement is pinned by a fixed runtime (the plan measures its own process otherwise): with
+# these budgets the plan keeps 3 blocks on the GPU, 2 in host memory and 3 on disk (checked here on the CPU)
+CASE_ENV = {"Llama-3-8B x8 offload": {"DIPSVD_STUDIO_RUNTIME": "1GiB"}}
+TEXT = {"calib": "wiki", "eval": "wiki"}  # the texts each run reads (--text: the bundle's files)
 
 
-def random_model(folder: Path, widths: dict, dtype: str) -> Path:
-    """A random-init Llama of these widths saved with the bundled tokenizer (whose ids fit any vocabulary here)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tokenizer(folder: str | None):
+    """The bundled tokenizer: from `folder` where given (the GPU bundle's copy), else read from the bundled GGUF."""
+    from transformers import AutoTokenizer
 
+    if folder:
+        return AutoTokenizer.from_pretrained(folder)
     from tests.conftest import bundled_tokenizer_dir
 
     src, name = bundled_tokenizer_dir()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    return AutoTokenizer.from_pretrained(src, gguf_file=name)
+
+
+def random_model(folder: Path, widths: dict, dtype: str, tok) -> Path:
+    """A random-init Llama of these widths saved with the bundled tokenizer (whose ids fit any vocabulary here)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(**widths, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     torch.manual_seed(0)
@@ -68,31 +100,55 @@ def random_model(folder: Path, widths: dict, dtype: str) -> Path:
     return folder
 
 
-def cli(*args: str, cache: Path) -> tuple[dict, float]:
+def cli(*args: str, cache: Path, env: dict | None = None) -> tuple[dict, float]:
     """One `python -m dipsvd_core` command with a --report; (the report, wall seconds)."""
     report = cache.parent / f"report-{len(list(cache.parent.glob('report-*')))}.json"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", *args, "--report", str(report), "--quiet"], cwd=ROOT,
-                          env=dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), PYTHONPATH=str(ROOT)),
+                          env=dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), PYTHONPATH=_path(), **(env or {})),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
     return json.loads(report.read_text()), time.perf_counter() - t0
 
 
-def run_case(name: str) -> dict:
-    widths, device, dtype, (windows, seqlen), extra = CASES[name]
+def run_oom(name: str, tok, device: str) -> dict:
+    """A forced device out-of-memory error in a compress run: its exit status and error lines (one expected)."""
+    widths, dtype, prelude = OOM[device]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = random_model(Path(tmp) / "model", WIDTHS[widths], dtype, tok)
+        code = (f"{prelude}\nfrom dipsvd_core.cli import main\nraise SystemExit(main({_compress_args(model, device, dtype, 4, 64)!r}"
+                " + ['--quiet', '--refine', 'sequential', '--ignore-plan']))")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, DIPSVD_STUDIO_CACHE=str(Path(tmp) / "cache"), PYTHONPATH=_path()))
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    return {"case": "oom", "device": device, "returncode": proc.returncode, "errors": errors,
+            "traceback": "Traceback" in proc.stderr, "one_line": len(errors) == 1 and "Traceback" not in proc.stderr,
+            "gpu": _gpu_name()}
+
+
+def _path() -> str:
+    return os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _compress_args(model: Path, device: str, dtype: str, windows: int, seqlen: int) -> list[str]:
+    return ["compress", "--model", str(model), "--device", device, "--dtype", dtype, "--method", "dipsvd",
+            "--allocation", "nested", "--ratio", "0.2", "--calib", TEXT["calib"], "--calib-windows", str(windows),
+            "--seqlen", str(seqlen), "--eval", TEXT["eval"], "--eval-tokens", str(2 * windows * seqlen)]
+
+
+def run_case(name: str, tok, device: str | None = None) -> dict:
+    widths, device, dtype, (windows, seqlen), extra = CASES[name]  # the case's own device
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = random_model(tmp / "model", WIDTHS[widths], dtype)
+        model = random_model(tmp / "model", WIDTHS[widths], dtype, tok)
         common = ["--device", device, "--dtype", dtype]
         compressed, compress_s = cli(
-            "compress", "--model", str(model), *common, "--method", "dipsvd", "--allocation", "nested", "--refine",
-            "sequential", "--ratio", "0.2", "--calib-windows", str(windows), "--seqlen", str(seqlen), "--eval",
-            "wiki", "--eval-tokens", str(2 * windows * seqlen), "--generate", "--out", str(tmp / "out"), *extra,
-            cache=tmp / "cache")
-        loaded, evaluate_s = cli("evaluate", "--model", str(tmp / "out"), *common, "--eval", "wiki", "--eval-tokens",
-                                 str(2 * windows * seqlen), "--seqlen", str(seqlen), "--generate", cache=tmp / "cache")
+            *_compress_args(model, device, dtype, windows, seqlen), "--refine", "sequential", "--generate", "--out",
+            str(tmp / "out"), *extra, cache=tmp / "cache", env=CASE_ENV.get(name))
+        loaded, evaluate_s = cli("evaluate", "--model", str(tmp / "out"), *common, "--eval", TEXT["eval"],
+                                 "--eval-tokens", str(2 * windows * seqlen), "--seqlen", str(seqlen), "--generate",
+                                 cache=tmp / "cache")
     planned = compressed["plan"]["phases"]
     phases = {}
     for phase, m in compressed["memory"]["phases"].items():
@@ -101,7 +157,10 @@ def run_case(name: str) -> dict:
                          "seconds": m["seconds"], "plan_host_bytes": p.get("host_bytes"),
                          "plan_device_bytes": p.get("device_bytes"), "plan_seconds": p.get("seconds")}
     return {"case": name, "device": device, "dtype": dtype, "calibration": f"{windows}x{seqlen}", "options": extra,
-            "compress_s": compress_s, "evaluate_s": evaluate_s, "phases": phases,
+            "compress_s": compress_s, "evaluate_s": evaluate_s, "phases": phases, "ranks": compressed["ranks"],
+            "device_peak_bytes": compressed["memory"].get("device_peak_bytes"),
+            "plan_peak_device_bytes": compressed.get("plan", {}).get("peak_device_bytes"),
+            "placement": compressed.get("plan", {}).get("placement"),
             "ppl": {"compressed": compressed["ppl"]["compressed"], "loaded": loaded["ppl"]},
             "generated": {"compress": len(compressed["generations"]["compressed"]),
                           "loaded": len(loaded["generations"])},
@@ -114,14 +173,22 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def _first(ppl: dict) -> float:
+    return next(iter(ppl.values()))
+
+
 def markdown(rows: list[dict]) -> str:
     mb = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
     lines = []
     for r in rows:
+        if "phases" not in r:  # the out-of-memory case, the conformance comparison, or a case that failed
+            lines += [f"### {r['case']}", "", "```", json.dumps(r, indent=1, default=str)[:3000], "```", ""]
+            continue
         lines += [f"### {r['case']} ({r['dtype']}, {r['calibration']}, {' '.join(r['options']) or 'no budget'})", "",
                   f"compress {r['compress_s']:.0f} s, evaluate of the saved model {r['evaluate_s']:.0f} s; perplexity "
-                  f"on wiki {r['ppl']['compressed']['wiki']:.2f} after compress, {r['ppl']['loaded']['wiki']:.2f} "
-                  "loaded back.", "",
+                  f"{_first(r['ppl']['compressed']):.2f} after compress, {_first(r['ppl']['loaded']):.2f} loaded "
+                  f"back; device peak {mb(r['device_peak_bytes'])} MB (plan {mb(r['plan_peak_device_bytes'])} MB, "
+                  "with the CUDA context and workspaces).", "",
                   "| phase | host MB | plan host MB | device MB | plan device MB | s | plan s |",
                   "|---|---|---|---|---|---|---|"]
         for phase, p in r["phases"].items():
@@ -132,27 +199,113 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def conformance(rows: list[dict]) -> dict | None:
+    """The tiny model on CUDA against the CPU: the same ranks, and the relative perplexity difference."""
+    by = {r["case"]: r for r in rows if "phases" in r}
+    if not {"tiny", "tiny cuda"} <= set(by):
+        return None
+    cpu, gpu = by["tiny"], by["tiny cuda"]
+    rel = abs(_first(gpu["ppl"]["compressed"]) / _first(cpu["ppl"]["compressed"]) - 1)
+    return {"case": "conformance", "same_ranks": cpu["ranks"] == gpu["ranks"], "ppl_rel_diff": rel,
+            "within_1e-3": rel < 1e-3}
+
+
+def run_named(name: str, tok, device: str) -> dict:
+    """One case; a failure is recorded as its row (its message) so the cases after it still run."""
+    try:
+        return RUNNERS.get(name, run_case)(name, tok, device)
+    except (SystemExit, Exception) as e:  # noqa: BLE001 (one failed case must not lose the others' figures)
+        return {"case": name, "error": str(e)[-3000:]}
+
+
+def _seconds(fn, device) -> float:
+    """The best of two timed calls after a warm-up, the device synchronised around each."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    best = float("inf")
+    for _ in range(2):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _spd(n: int, dtype, device):
+    import torch
+
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    return a @ a.T + n * torch.eye(n, dtype=dtype, device=device)
+
+
+def run_rates(name: str, tok, device: str) -> dict:
+    """What the plan's time model needs, measured: host-to-device bandwidth (pageable and pinned), eigh and
+    Cholesky in float32 and float64 on the device and on the host, a bfloat16 and a TF32 matmul (FLOP/s)."""
+    import torch
+
+    dev, w = torch.device(device), RATE_WIDTHS[device]
+    out = {"case": name, "device": device, "gpu": _gpu_name(), "eigh_s": {}, "cholesky_s": {}}
+    for where, widths in (("device", w["device"]), ("host", w["host"])):
+        at = dev if where == "device" else torch.device("cpu")
+        for n in widths:
+            for dtype in (torch.float32, torch.float64):
+                g = _spd(n, dtype, at)
+                key = f"{where} {n} {str(dtype).removeprefix('torch.')}"
+                out["eigh_s"][key] = _seconds(lambda: torch.linalg.eigh(g), at)
+                out["cholesky_s"][key] = _seconds(lambda: torch.linalg.cholesky(g), at)
+                del g
+    n = w["matmul"]
+    for label, dtype, precision in (("bfloat16", torch.bfloat16, "ieee"), ("tf32", torch.float32, "tf32")):
+        a = torch.randn(n, n, dtype=dtype, device=dev)
+        prev, torch.backends.cuda.matmul.fp32_precision = torch.backends.cuda.matmul.fp32_precision, precision
+        out[f"matmul_{label}_flops"] = 2 * n**3 / _seconds(lambda: a @ a, dev)
+        torch.backends.cuda.matmul.fp32_precision = prev
+    host = torch.empty(w["copy_mib"] << 18, dtype=torch.float32)  # copy_mib MiB
+    out["h2d_pageable_bytes_per_s"] = host.numel() * 4 / _seconds(lambda: host.to(dev), dev)
+    if device == "cuda":  # pinning needs a CUDA context
+        pinned = host.pin_memory()
+        out["h2d_pinned_bytes_per_s"] = host.numel() * 4 / _seconds(lambda: pinned.to(dev, non_blocking=True), dev)
+    return out
+
+
+RUNNERS = {"oom": run_oom, "rates": run_rates}  # the cases that are not a compress + evaluate of CASES
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (what the test suite runs)")
     p.add_argument("--out", default=str(BENCH / "gpu_check.json"))
+    p.add_argument("--md", help="also write the markdown summary here")
+    p.add_argument("--tokenizer", help="a saved tokenizer folder (the GPU bundle's); default: the bundled GGUF's")
+    p.add_argument("--text", nargs=2, metavar=("CALIB", "EVAL"), help="text files for calibration and evaluation "
+                   "(the GPU bundle's); default: wiki")
+    p.add_argument("--cases", help="comma-separated case names (default: all of the device's)")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
     import torch
 
     if args.tiny:
-        names = ["tiny"]
+        names, device = TINY_CASES, "cpu"
     elif torch.cuda.is_available():
-        names = ["Llama-3.2-1B x16", "Llama-3-8B x3"]
+        names, device = GPU_CASES, "cuda"
     else:
         raise SystemExit("gpu-check needs a CUDA device (no GPU here); `--tiny` runs the same script on the CPU")
-    rows = []
+    names = args.cases.split(",") if args.cases else names
+    if args.text:
+        TEXT.update(calib=args.text[0], eval=args.text[1])
+    tok, rows = tokenizer(args.tokenizer), []
     for name in names:
-        rows.append(run_case(name))
-        write_json(args.out, rows)
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "phases"}), flush=True)
+        rows.append(run_named(name, tok, device))
+        extra = [c for c in [conformance(rows)] if c]
+        write_json(args.out, rows + extra)
+        if args.md:
+            Path(args.md).write_text(markdown(rows + extra))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("phases", "ranks")}), flush=True)
     if args.write and not args.tiny:
-        body = (f"{SECTION}\n\nMachine: {rows[0]['gpu']}. Date: {utc_date()}. Command: `make gpu-check` "
+        body = (f"{SECTION}\n\nMachine: {rows[0].get('gpu')}. Date: {utc_date()}. Command: `make gpu-check` "
                 f"(bench/gpu_check.py; rows in bench/{Path(args.out).name}). Random-init Llamas of real widths; "
                 "dipsvd + nested + refine sequential at 0.2, saved, loaded back, evaluated and generating. Measured "
                 "peaks per phase (host RSS, CUDA max allocated) beside the plan's prediction.\n\n" + markdown(rows))

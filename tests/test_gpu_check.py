@@ -13,8 +13,15 @@ def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())
+    rates, row, oom = json.loads(out.read_text())
     assert row["case"] == "tiny" and row["device"] == "cpu"
+    # the plan's rates, measured (at small widths on the CPU): every eigh and Cholesky timed, the matmuls' FLOP/s
+    assert rates["case"] == "rates" and len(rates["eigh_s"]) == len(rates["cholesky_s"]) == 4
+    assert all(0 < t < 10 for t in [*rates["eigh_s"].values(), *rates["cholesky_s"].values()]), rates
+    assert rates["matmul_bfloat16_flops"] > 1e8 and rates["matmul_tf32_flops"] > 1e8
+    # the out-of-memory case (simulated on the CPU: refine raises torch.OutOfMemoryError): one line, the phase named
+    assert oom["case"] == "oom" and oom["returncode"] == 2 and oom["one_line"], oom
+    assert "out of device memory (tried to allocate 2.00 GiB) in the refine phase" in oom["errors"][0]
     phases = row["phases"]
     assert {"load", "factors", "fisher", "type probe", "refine", "surgery", "evaluation",  # statistics: in factors
             "save"} <= set(phases), sorted(phases)
@@ -32,3 +39,28 @@ def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan
 
     if not torch.cuda.is_available():
         assert proc.returncode != 0 and "gpu-check needs a CUDA device" in proc.stderr
+
+
+def test_the_gpu_bundle_fits_a_device_call_and_its_run_script_refuses_without_cuda(tmp_path):
+    """make gpu-bundle's folder: the tokenizer as a folder, the two text halves, run.sh, at most 60 MiB; run.sh on a
+    machine without CUDA answers in one line and exits non-zero before installing or running anything."""
+    import torch
+
+    folder = tmp_path / ".gpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bundle.py"), "--folder", str(folder)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (folder / "tokenizer" / "tokenizer.json").is_file() and (folder / "run.sh").is_file()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert 1 * 2**20 < size <= 60 * 2**20
+    assert f"{size / 2**20:.1f} MiB" in proc.stdout
+    for name in ("calib", "eval"):
+        rows = [json.loads(ln) for ln in (folder / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) > 40 and sum(len(r["text"]) for r in rows) > 1_000_000  # the whole wiki extract's half
+    if torch.cuda.is_available():
+        return
+    run = subprocess.run(["bash", str(folder / "run.sh")], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")})
+    assert run.returncode == 3
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "no CUDA device" in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -462,7 +462,8 @@ class _BlockWalk:
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 parts = self.orig_grams.setdefault(name, [None, None])
                 part = int(self.current[0] in self.held)
-                g = (flat.T @ flat).double()
+                with matmul_precision(gram_precision(x)):
+                    g = (flat.T @ flat).double()
                 parts[part] = g if parts[part] is None else parts[part] + g
             if name not in self.unkept:
                 self.taken.setdefault(name, []).append(self.park.put(x.detach().reshape(-1, x.shape[-1])))

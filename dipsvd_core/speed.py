@@ -64,7 +64,7 @@ class Runner:
             from transformers import StaticCache
 
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # several models
-            self.cache = StaticCache(config=model.config, max_cache_len=seqlen + new_tokens)
+            self.cache = StaticCache(config=model.config, max_cache_len=seqlen + max(new_tokens, 2))  # warm: 2 steps
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.forward = torch.compile(model.forward, mode=mode, dynamic=False)
 

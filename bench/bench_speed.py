@@ -1,6 +1,14 @@
-"""Issue 24, item 3: is the compressed model faster? Prefill and decode tokens/s, original against compressed.
+"""Issue 24, item 3, and issue 38: is the compressed model faster? Prefill and decode tokens/s, original against
+compressed.
 
-    .venv/bin/python bench/bench_speed.py [--ratios 0.2,0.4] [--write]
+    .venv/bin/python bench/bench_speed.py [--ratios 0.2,0.4] [--write]            # issue 24's grid
+    .venv/bin/python bench/bench_speed.py --alternate [--runs 3] [--write]       # issue 38's figures
+
+--alternate (bench_alternate.py): the bundled model at batch 1, prompt 128, 32 new tokens, original and dipsvd at
+each ratio run alternately in one process (so that they share the machine's load), eager and compiled, medians of
+--runs, each beside its bytes bound, with a profile of an eager decode step; then one decoder block of Llama-3-8B's
+widths, dense against low-rank pairs at the uniform rank of each ratio. Its section is "## Faster than the original
+(issue 38)".
 
 The bundled SmolLM2-135M (float32 on this CPU, or bfloat16 on CUDA), dipsvd + uniform at each ratio built from the
 cached factors (32 x 512 of wiki, the benches' calibration; uniform ranks do not depend on it); `evaluate.speed` at
@@ -102,8 +110,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.4")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--alternate", action="store_true", help="issue 38's figures (bench_alternate.py)")
+    ap.add_argument("--runs", type=int, default=3, help="--alternate: timed runs of each model (the median is kept)")
+    ap.add_argument("--parts", default="bundled,block", help="--alternate: which parts to run")
+    ap.add_argument("--block-dtypes", default="float32,bfloat16", help="--alternate: the 8B-width block's dtypes")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    if args.alternate:
+        from bench_alternate import run_alternate
+
+        run_alternate(ratios, args.runs, args.parts.split(","), args.block_dtypes.split(","), args.write)
+        return
     torch.manual_seed(0)
     lm = load_bundled()
     wb = workbench(lm)

@@ -83,6 +83,9 @@ GiB = 2**30
 CUDA_CONTEXT_BYTES = GiB // 2
 WORKSPACE_BYTES = GiB // 2
 DEVICE_RUNTIME = CUDA_CONTEXT_BYTES + WORKSPACE_BYTES
+# What an offloaded run's placement leaves of the device budget beyond the predicted peak and DEVICE_RUNTIME: the
+# caching allocator's fragmentation and whatever the memory model does not count (not yet measured on a GPU)
+DEVICE_HEADROOM = 3 * GiB // 2
 BUILT = ("surgery", "evaluation", "save")  # the phases after the build has replaced the targeted Linears
 
 
@@ -370,6 +373,30 @@ def run_of(**fields) -> Run:
     return Run().replace(**fields)
 
 
+def _refine_memory(sh: Shapes, run: Run, cuda: bool, acts: int, factoring: int, layer_saved: int) -> tuple[int, int]:
+    """(the activation sets refine keeps, its working set on the device that runs it). Refine (refine.py) streams
+    two activation sets (original and compressed) and the block's compressed-path inputs again for its held-out
+    check, keeps every input group's X of one block for all windows but the residual-writing last Linear's, the
+    attention's output replayed for the later groups, one group's sums and one group's factoring; the refined
+    factors of every block gather on the host. On a GPU the per-window activations (the three sets and the groups'
+    X) wait in host memory, one window's on the device at a time (refine._Park)."""
+    B, T, N, H = DTYPE_BYTES[run.dtype], run.seqlen, run.calib_windows, sh.hidden
+    g_max = max(sh.groups)
+    # (the last group is the residual-writing Linear's, whose X is not kept; the paths share the kwargs)
+    refine_sets = 3 * N * T * H * B + N * T * (sum(sh.groups) - sh.groups[-1] + H) * B
+    # float64 g x g matrices of the widest group at once: the residual-writing last Linear (down_proj, the widest in
+    # Llama) holds G^ of both parts and, in turn, the original inputs' fit-part Gram or the damped solve's factor and
+    # its operand, and a window's product while summing (sums are added in place, the held-out part is let go when
+    # both are summed); a plain group also C of both parts and the original inputs' held-out Gram
+    sums = 5 if g_max == sh.groups[-1] else 7
+    refine_dev = (acts - N * T * H * B) + (refine_sets // N if cuda else refine_sets) \
+        + sums * g_max * g_max * 8 + H * g_max * 8 + factoring
+    if refine_choice(run.refine).tunes:  # block tuning: float32 masters of the block, their gradients and AdamW's
+        # two moments, and one window's autograd through the block (it runs after the group's factoring is freed)
+        refine_dev += max(0, 16 * sh.block_params + layer_saved - factoring)
+    return refine_sets, refine_dev
+
+
 def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     """(work, disk, host) per phase: what its peak holds on the device that runs it (besides the runtime), what it
     writes to the cache folder, and what it keeps in host memory on a GPU run besides the weights."""
@@ -402,21 +429,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     # dense); measured at 32 blocks of SmolLM2-360M's widths, 1,840 MB against 1,140 MB saved and the runtime
     largest = max(sh.vocab * sh.hidden, one_matrix) * B
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
-    # Refine (refine.py) streams two activation sets (original and compressed) and the block's compressed-path
-    # inputs again for its held-out check, keeps every input group's X of one block for all windows but the
-    # residual-writing last Linear's, the attention's output replayed for the later groups, one
-    # group's G^, C and the last Linear's numerator (fit and held-out parts, both parts summed, and the original
-    # X X^T of each part), one group's factoring; the refined factors of every block gather on the host. On a GPU
-    # the per-window activations (the three sets and the groups' X) wait in host memory, one window's on the
-    # device at a time (refine._Park).
-    g_max = max(sh.groups)
-    # (the last group is the residual-writing Linear's, whose X is not kept; the paths share the kwargs)
-    refine_sets = 3 * N * T * H * B + N * T * (sum(sh.groups) - sh.groups[-1] + H) * B
-    refine_dev = (acts - N * T * H * B) + (refine_sets // N if cuda else refine_sets) \
-        + 7 * g_max * g_max * 8 + H * g_max * 8 + factoring
-    if refine_choice(run.refine).tunes:  # block tuning: float32 masters of the block, their gradients and AdamW's
-        # two moments, and one window's autograd through the block (it runs after the group's factoring is freed)
-        refine_dev += max(0, 16 * sh.block_params + layer_saved - factoring)
+    refine_sets, refine_dev = _refine_memory(sh, run, cuda, acts, factoring, layer_saved)
     # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
     # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
     # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
@@ -512,7 +525,8 @@ def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, 
                  cuda: bool = True) -> Placement:
     """Where the blocks of an offloaded run live, from the memory budgets. On a GPU: the plan's working set of
     every phase with every block streamed (the embeddings, the head and one block on the device) comes first; as
-    many blocks as the rest of `device_budget` holds stay on the device, as many of the others as the rest of
+    many blocks as the rest of `device_budget` holds (less DEVICE_RUNTIME and DEVICE_HEADROOM) stay on the device,
+    as many of the others as the rest of
     `host_budget` holds wait in host memory, and the remainder go to disk. On the CPU: as many as `host_budget`
     holds beside the working set with every block on disk (one read at a time) stay in memory."""
     block, L = sh.block_params * DTYPE_BYTES[run.dtype], sh.n_blocks
@@ -522,7 +536,7 @@ def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, 
         return Placement(in_memory, 0, L - in_memory, gpu=False)
     streamed = memory(sh, dataclasses.replace(run, offload=True, device_blocks=0, disk_blocks=0), True, runtime)
     needed = [p for p in streamed.values() if p.needed]
-    on_device = _fit(device_budget - DEVICE_RUNTIME, max(p.device_bytes for p in needed), block, L)
+    on_device = _fit(device_budget - DEVICE_RUNTIME - DEVICE_HEADROOM, max(p.device_bytes for p in needed), block, L)
     host_work = max(p.host_bytes for p in needed) - L * block  # the blocks' bytes apart
     on_host = min(L - on_device, max(0, (host_budget - host_work) // block))
     return Placement(on_device, int(on_host), int(L - on_device - on_host))

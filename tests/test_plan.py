@@ -78,7 +78,7 @@ def test_memory_terms_are_the_documented_sums(config_only):
     taken = 4 * 32 * (3 * 64 + 64) * 4
     one_set = 4 * 32 * 64 * 4
     assert ref.needed and ref.host_bytes == (runtime + weights + (acts - one_set) + 3 * one_set + taken
-                                             + 7 * 8 * 128 ** 2 + 8 * 64 * 128 + factoring + kept)
+                                             + 5 * 8 * 128 ** 2 + 8 * 64 * 128 + factoring + kept)
     # on a GPU the three sets and the groups' X wait on the host: one window's of them on the device
     gpu = P.memory(sh, run.replace(refine="sequential"), True, runtime)["refine"]
     assert gpu.host_bytes == runtime + kept + 3 * one_set + taken
@@ -285,12 +285,15 @@ def test_offload_places_blocks_by_the_budgets(llama8b_config, device_gib, host_g
         more = P.memory(plan.shape, plan.run.replace(device_blocks=at.device + 1), True, plan.runtime_bytes)
         # the CUDA context and workspaces (plan.DEVICE_RUNTIME) count beside the phases' tensors
         assert plan.device_runtime_bytes == P.DEVICE_RUNTIME == P.GiB
-        assert max(p.device_bytes for p in more.values() if p.needed) + P.DEVICE_RUNTIME > budgets["device"]
+        # and the placement leaves DEVICE_HEADROOM of the budget free beyond them
+        assert max(p.device_bytes for p in more.values() if p.needed) + P.DEVICE_RUNTIME + P.DEVICE_HEADROOM \
+            > budgets["device"]
+        assert plan.peak_device_bytes + P.DEVICE_HEADROOM <= budgets["device"]
     if at.disk:
         assert plan.peak_host_bytes <= budgets["host"] < plan.peak_host_bytes + block
         assert plan.phases["load"].disk_bytes >= at.disk * block
     # the device side does not depend on this process's runtime (the host side does: it is measured)
-    assert at.device == {24: 1, 40: 32, 80: 32}[device_gib]  # 24 GiB: 3 before the 1 GiB of DEVICE_RUNTIME
+    assert at.device == {24: 5, 40: 32, 80: 32}[device_gib]  # 24 GiB: 1 before refine let go of two sums
     assert (at.disk > 0) == (host_gib == 20)
 
 

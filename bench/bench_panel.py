@@ -62,7 +62,7 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
                "generations": _generations(lm.model, lm.tokenizer)}
         _append(out, row, done)
     for ratio in ratios:
-        if (name, ratio) in done:
+        if (name, ratio, args.calib) in done:
             continue
         s = Settings(method="dipsvd", allocation="nested", ratio=ratio, refine=refine, compensate=compensate,
                      tune=TuneConfig(epochs=args.tune_epochs))
@@ -86,7 +86,7 @@ def _append(out: Path, row: dict, done: set) -> None:
 
 
 def _key(row: dict):
-    return ("original", row["calib"]) if row["config"] == "original" else (row["config"], row["ratio"])
+    return ("original", row["calib"]) if row["config"] == "original" else (row["config"], row["ratio"], row["calib"])
 
 
 def _rows(out: Path) -> list[dict]:
@@ -94,25 +94,33 @@ def _rows(out: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    original = next(r for r in rows if r["config"] == "original")
-    base_d3 = [g["distinct_3"] for g in original["generations"]]
     lines = [SECTION, "",
              f"Machine: {machine()}. Date: {utc_date()}. Command: `{command}` (rows in bench/panel.jsonl). dipsvd + "
-             "nested on the bundled SmolLM2-135M, calibration "
-             f"{original['calib']}; every text evaluated on the first tokens of its evaluation half (none of them "
-             "is in any calibration source but wiki's and news's own halves). Each cell: the compressed model's "
-             "perplexity as a multiple of the original's on the same windows; d3: the default prompts' distinct-3-"
-             "gram shares as a multiple of the original's (the lowest of the three).", "",
+             "nested on the bundled SmolLM2-135M; every text evaluated on the first tokens of its evaluation half "
+             "(none of the panel is in any calibration source; wiki's and news's calibration halves are not their "
+             "evaluation halves). Each cell: the compressed model's perplexity as a multiple of the original's on "
+             "the same windows; d3: the default prompts' distinct-3-gram shares as a multiple of the original's (the "
+             "lowest of the three); build s: statistics to surgery, with the caches of earlier rows of the same "
+             "calibration text reused."]
+    for calib in dict.fromkeys(r["calib"] for r in rows):
+        lines += ["", *_table([r for r in rows if r["calib"] == calib], calib)]
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict], calib: str) -> list[str]:
+    original = next(r for r in rows if r["config"] == "original")
+    base_d3 = [g["distinct_3"] for g in original["generations"]]
+    lines = [f"Calibration {calib} (windows x tokens):", "",
              "| config | ratio | calibration | refine | compensate | " + " | ".join(TEXTS) + " | worst | d3 min | build s |",
-             "|---|---|---|---|---|" + "---|" * (len(TEXTS) + 3)]
-    lines.append("| original | | | | | " + " | ".join(f"{original['ppl'][t]:.2f}" for t in TEXTS) + " | | | |")
+             "|---|---|---|---|---|" + "---|" * (len(TEXTS) + 3),
+             "| original | | | | | " + " | ".join(f"{original['ppl'][t]:.2f}" for t in TEXTS) + " | | | |"]
     for r in sorted((r for r in rows if r["config"] != "original"), key=lambda r: (r["ratio"], r["config"])):
         mult = [r["ppl"][t] / original["ppl"][t] for t in TEXTS]
         d3 = min(g["distinct_3"] / b if b else 1.0 for g, b in zip(r["generations"], base_d3))
         refine = r["refine"] + (f" ({r['tune_epochs']} epochs)" if r.get("tune_epochs") else "")
         lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {refine} | {r['compensate']} | "
                      + " | ".join(f"{m:.2f}x" for m in mult) + f" | {max(mult):.2f}x | {d3:.2f} | {r['build_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:

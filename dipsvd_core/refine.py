@@ -1008,7 +1008,7 @@ def refine_table(info: dict) -> list[dict]:
 
 ADVISED_CALIBRATION = (DEFAULT_WINDOWS, DEFAULT_SEQLEN)  # windows x tokens from which refine is measured to pay
 SCALED_PASSES = ("statistics", "fisher", "refine")  # the passes whose time grows with the calibration tokens
-CACHED_BELOW_S = 0.5  # a pass read from the cache takes less than this: it was not timed at this size
+CACHED_BELOW_S = 0.5  # a pass under this was read from the cache, or too small to scale from: not timed
 
 
 def calibration_advice(windows: int, seqlen: int, timings: dict | None = None) -> str | None:
@@ -1027,12 +1027,13 @@ def calibration_advice(windows: int, seqlen: int, timings: dict | None = None) -
 
 
 def _scaled_cost(timings: dict, factor: float) -> str:
-    """calibration_advice's cost at the advised size, from the passes timed here (those read from the cache were
-    not timed: said so, never counted as 0 s)."""
+    """calibration_advice's cost at the advised size, from the passes timed here (those under CACHED_BELOW_S were
+    read from the cache or too small to scale from: said so, never counted as 0 s)."""
     timed = {k: timings[k] for k in SCALED_PASSES if k in timings}
     measured = {k: v for k, v in timed.items() if v >= CACHED_BELOW_S}
     cached = [k for k in timed if k not in measured]
-    from_cache = f"{', '.join(cached)} read from the cache here, not timed" if cached else ""
+    from_cache = f"{', '.join(cached)} under {CACHED_BELOW_S:g} s here: read from the cache or too small to time" \
+        if cached else ""
     if not measured:
         return f" ({from_cache})" if from_cache else ""
     total = sum(measured.values())

@@ -595,7 +595,8 @@ def test_nested_without_refine_says_it_is_meant_to_be_refined():
     assert not any("meant to be refined" in i.value for i in at.info)
     small = [w.value for w in at.warning if "small for a refined build" in w.value]
     assert len(small) == 1 and "(4 x 64 = 256 tokens)" in small[0] and "fits on 3 windows" in small[0]
-    assert "by about 64: about" in small[0]
+    # the tiny model's passes take under half a second: too small to scale from, and said so
+    assert "by about 64" in small[0] and ("by about 64: about" in small[0] or "too small to time" in small[0])
     page(at, "allocation")  # the nested allocation is meant to be refined: the Allocation page says it too
     assert any("small for a refined build" in w.value for w in at.warning)
 

@@ -57,9 +57,9 @@ def test_calibration_advice_names_no_repository_file_and_no_cached_time():
 
     cached = calibration_advice(8, 256, {"statistics": 0.01, "fisher": 0.02})
     assert "RESULTS.md" not in cached and " 0 s" not in cached
-    assert "statistics, fisher read from the cache here, not timed" in cached
+    assert "statistics, fisher under 0.5 s here: read from the cache or too small to time" in cached
     timed = calibration_advice(8, 256, {"statistics": 0.01, "fisher": 12.0})
-    assert ": about 96 s for fisher, timed here at 12 s (statistics read from the cache" in timed
+    assert ": about 96 s for fisher, timed here at 12 s (statistics under 0.5 s here" in timed
     assert calibration_advice(32, 512, {}) is None
 
 

@@ -354,7 +354,8 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypa
 
             go_to(page, "Side by side")
             page.get_by_role("button", name="Generate").click()
-            expect(page.get_by_text("tok/s")).to_have_count(2, timeout=SLOW)  # one prompt, two columns
+            # the three default prompts, preselected, two columns each
+            expect(page.get_by_text("tok/s")).to_have_count(6, timeout=SLOW)
             no_errors_on(page)
             page.screenshot(path=str(tmp_path / "offload.png"), full_page=True)
         except Exception:

@@ -253,12 +253,17 @@ def _apportion(n: int, shares: dict[str, float]) -> dict[str, int]:
     return counts
 
 
+def is_held(i: int, every: int = HOLDOUT) -> bool:
+    """Whether calibration window i is one refine holds out: the last of each run of `every`."""
+    return i % every == every - 1
+
+
 def mix_plan(n_windows: int, shares: dict[str, float]) -> list[str]:
     """The source of each of n calibration windows: the held-out positions (every HOLDOUT-th) and the others are
     each apportioned by the shares, and each part is interleaved, so refine's held-out check reads every source
     (as soon as there are as many held-out windows as sources)."""
-    held = [i for i in range(n_windows) if i % HOLDOUT == HOLDOUT - 1]
-    fit = [i for i in range(n_windows) if i % HOLDOUT != HOLDOUT - 1]
+    held = [i for i in range(n_windows) if is_held(i)]
+    fit = [i for i in range(n_windows) if not is_held(i)]
     plan = [""] * n_windows
     for positions in (held, fit):
         counts = _apportion(len(positions), shares)
@@ -345,8 +350,7 @@ def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, see
         raise DipSVDError(f"need at least 1 calibration window of at least 2 tokens (got {n_windows} x {seqlen})")
     if mix_shares(source) is not None:
         return _mixed(tokenizer, source, n_windows, seqlen, seed)
-    split = "calib"
-    chunks = _chunks(token_stream(tokenizer, source, split), seqlen, bos_id(tokenizer))
+    chunks = _chunks(token_stream(tokenizer, source, "calib"), seqlen, bos_id(tokenizer))
     if len(chunks) < n_windows:
         raise DipSVDError(
             f"calibration text '{source}' is too short: it holds {len(chunks)} windows of {seqlen} tokens but "
@@ -362,8 +366,7 @@ def heldout_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: i
     source's from each of its sources in its proportions."""
     if mix_shares(source) is not None:
         return _mixed(tokenizer, source, n_windows, seqlen, seed, skip)
-    split = "calib"
-    chunks = _chunks(token_stream(tokenizer, source, split), seqlen, bos_id(tokenizer))
+    chunks = _chunks(token_stream(tokenizer, source, "calib"), seqlen, bos_id(tokenizer))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(chunks), generator=g)
     rest = order[skip: skip + n_windows]

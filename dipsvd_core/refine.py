@@ -51,7 +51,7 @@ earlier blocks are already compressed. With the Gram G^ = X^ X^^T and the cross-
    whole: the block with every matrix at its fit-window winner against the block with the fit-window unrefined
    factors, on the held-out windows, each against the original block's output (_Contest); where the refined
    block is not closer, the block ships its unrefined factors, and the next block sees their outputs. With
-   refine "block", a third contender is the refined block tuned by a few Adam epochs on its low-rank factors
+   refine "block", a third contender is the refined block trained by AdamW on its parameters (TuneConfig)
    (the second stage of AA-SVD, arXiv 2604.02119), kept only where it wins there too.
 
 The pass streams like the statistics pass (stream.py), with two sets of activations: the original
@@ -84,7 +84,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT
+from .data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT, is_held
 from .errors import DipSVDError
 from .factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from .knobs import knob
@@ -107,7 +107,8 @@ REFINE_CHOICES = {c.name: c for c in (
     RefineChoice("none", False, False, "the factors as the allocation slices them"),
     RefineChoice("sequential", True, False, "each block refitted in closed form to the compressed inputs, where "
                                             "that lowers the held-out error"),
-    RefineChoice("block", True, True, "sequential, then a few Adam epochs on each block's factors where they pay"))}
+    RefineChoice("block", True, True, "sequential, then each block trained as AA-SVD's second stage (AdamW on "
+                                      "every parameter of the block) where that pays"))}
 REFINES = tuple(REFINE_CHOICES)
 
 
@@ -173,8 +174,6 @@ def lr_scale(step: int, total: int, warmup: float) -> float:
 
 DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the plain least-squares target (GPTQ's percdamp)
 TAUS = (0.01, 0.1, 1.0, 10.0)  # the candidate dampings (ridge towards the unrefined factors) held-out windows choose
-TUNE_EPOCHS = 2  # refine "block": epochs of Adam over the fit windows on each block's low-rank factors
-TUNE_LR = 1e-4
 RESIDUAL = True  # the block's last Linear also takes back the residual stream's drift
 
 
@@ -741,7 +740,7 @@ def held_windows(n: int, every: int = None) -> frozenset:
     if n < 2:
         raise DipSVDError(f"refine fits on part of the calibration windows and checks the result on the rest, so "
                           f"it needs at least 2 windows (given {n}); raise --calib-windows")
-    return frozenset(i for i in range(n) if i % every == every - 1) or frozenset({n - 1})
+    return frozenset(i for i in range(n) if is_held(i, every)) or frozenset({n - 1})
 
 
 def _block_ranks(walk: "_BlockWalk", ranks: dict, compensate: Compensation, residual: bool) -> tuple[dict, str | None,

@@ -18,12 +18,12 @@ import statistics
 import time
 
 import torch
-
 from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
-from dipsvd_core.allocation import rank_for
-from dipsvd_core.pipeline import Settings
-from dipsvd_core.speed import Runner, decode_bytes, forget_compiled
-from dipsvd_core.surgery import compress_model
+
+from dipsvd_core.allocation.budget import rank_for
+from dipsvd_core.engine.speed import Runner, decode_bytes, forget_compiled
+from dipsvd_core.lowrank.surgery import compress_model
+from dipsvd_core.run.pipeline import Settings
 
 SECTION = "## Faster than the original (issue 38)"
 PROMPT, NEW = 128, 32
@@ -79,7 +79,7 @@ def bundled(ratios: list[float], runs: int) -> dict:
         models[f"dipsvd {ratio}"] = wb.build(Settings(method="dipsvd", ratio=ratio)).model
     res = {"load_before": load()}
     unfused = wb.build(Settings(method="dipsvd", ratio=ratios[0])).model
-    from dipsvd_core.surgery import unfuse_siblings
+    from dipsvd_core.lowrank.surgery import unfuse_siblings
 
     unfuse_siblings(unfused)
     res["eager"] = alternate({**models, f"dipsvd {ratios[0]} unfused": unfused}, False, PROMPT, NEW, runs)
@@ -104,7 +104,7 @@ def block_model(dtype: torch.dtype):
 
 def low_rank(model, ratio: float):
     """`model` with every block Linear a low-rank pair (random factors) at the uniform rank of `ratio`, fused."""
-    from dipsvd_core.models import find_targets
+    from dipsvd_core.model.models import find_targets
 
     weights = {}
     for t in find_targets(model):

@@ -75,14 +75,14 @@ def timed(fn, repeats: int = 5) -> float:
 
 
 def core() -> dict:
-    from dipsvd_core.pipeline import Settings
-    from dipsvd_core.stats import stream_stats
+    from dipsvd_core.engine.stats import stream_stats
+    from dipsvd_core.run.pipeline import Settings
 
     out = {}
     t0 = time.perf_counter()
     lm = load_bundled("cpu", "float32")
     out["load_model_s"] = time.perf_counter() - t0
-    from dipsvd_core.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
+    from dipsvd_core.engine.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 
     app = workbench(lm, DEFAULT_WINDOWS, DEFAULT_SEQLEN)  # the app's default calibration (16 x 256 before issue 25)
     t0 = time.perf_counter()

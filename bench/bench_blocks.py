@@ -25,14 +25,14 @@ import math
 from dataclasses import replace
 
 import numpy as np
-
 from common import eval_sets, load_bundled, print_row, workbench
-from dipsvd_core import allocation as alloc
-from dipsvd_core import allocators
-from dipsvd_core.bayes import Objective
-from dipsvd_core.evaluate import perplexity
-from dipsvd_core.importance import block_sensitivity
-from dipsvd_core.pipeline import Settings
+
+from dipsvd_core.allocation import allocators
+from dipsvd_core.allocation import budget as alloc
+from dipsvd_core.allocation.bayes import Objective
+from dipsvd_core.allocation.importance import block_sensitivity
+from dipsvd_core.engine.evaluate import perplexity
+from dipsvd_core.run.pipeline import Settings
 
 CURVE_KEEPS = (0.1, 0.2, 0.35, 0.5, 0.7)
 GRID = 0.05

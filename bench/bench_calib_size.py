@@ -40,8 +40,8 @@ def originals(rows: list[dict], path) -> dict:
     known = {(r["seqlen"], r["eval_tokens"]): r for r in measured(path)}
     need = {(int(r["calib"].split("x")[1]), eval_tokens_of(r)) for r in rows} - set(known)
     if need:
-        from dipsvd_core.data import evaluation_windows
-        from dipsvd_core.evaluate import perplexity
+        from dipsvd_core.engine.data import evaluation_windows
+        from dipsvd_core.engine.evaluate import perplexity
 
         lm = load_bundled("cpu", "float32")
         for seqlen, tokens in sorted(need):

@@ -23,7 +23,7 @@ from common import BENCH, eval_sets, load_bundled, workbench, write_json
 
 
 def rss_mb() -> float:
-    from dipsvd_core.memwatch import lifetime_host_peak
+    from dipsvd_core.engine.memwatch import lifetime_host_peak
 
     return lifetime_host_peak() / 2**20  # the Workbench's phases reset the kernel's high-water mark
 
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.cold:  # a cold cache for statistics and factors, sharing only the dequantized model
-        from dipsvd_core.cache import cache_dir
+        from dipsvd_core.common.cache import cache_dir
 
         user_models = cache_dir() / "models"
         cold = Path(tempfile.mkdtemp(prefix="dipsvd-bench-"))
@@ -47,9 +47,9 @@ def main() -> None:
             (cold / "models").symlink_to(user_models)
         os.environ["DIPSVD_STUDIO_CACHE"] = str(cold)
 
-    from dipsvd_core.evaluate import perplexity, speed
-    from dipsvd_core.factors import FactorSpec
-    from dipsvd_core.pipeline import Settings
+    from dipsvd_core.engine.evaluate import perplexity, speed
+    from dipsvd_core.lowrank.factors import FactorSpec
+    from dipsvd_core.run.pipeline import Settings
 
     steps, ppl = {}, {}
 

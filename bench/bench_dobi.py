@@ -23,11 +23,12 @@ import argparse
 import json
 from pathlib import Path
 
-from common import BENCH, eval_sets, load_bundled, write_json
 from bench_sweep import run  # (bench/ is on sys.path when this script runs)
-from dipsvd_core.dobi import DobiConfig
-from dipsvd_core.pipeline import Settings
-from dipsvd_core.sweep import markdown
+from common import BENCH, eval_sets, load_bundled, write_json
+
+from dipsvd_core.methods.dobi import DobiConfig
+from dipsvd_core.outputs.sweep import markdown
+from dipsvd_core.run.pipeline import Settings
 
 GRID = "svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled,dobi:trained,dobi-remap:trained"
 
@@ -71,8 +72,9 @@ def references(out: str, ratio: float, eval_tokens: int) -> dict:
     import copy
 
     from bench_sweep import run as run_sweep_bench
-    from dipsvd_core.dobi_math import dequantize_absmax, quantize_absmax
-    from dipsvd_core.evaluate import perplexity
+
+    from dipsvd_core.engine.evaluate import perplexity
+    from dipsvd_core.methods.dobi_math import dequantize_absmax, quantize_absmax
 
     matched = run_sweep_bench("svd-llm:uniform,dipsvd:heuristic,dipsvd:coupled", f"{ratio}", eval_tokens,
                               out + "_matched", Settings())

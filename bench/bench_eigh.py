@@ -22,12 +22,12 @@ from pathlib import Path
 from statistics import median
 
 import torch
-
-from common import BENCH, RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, utc_date, write_json
 from bench_stream import compress
-from dipsvd_core.factors import Factor, _factor_by_eigh
-from dipsvd_core.scalings import EIG_FLOOR, _floor, channel_scale, left_singular_by_eigh
-from dipsvd_core.stats import channel_importance
+from common import BENCH, RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, utc_date, write_json
+
+from dipsvd_core.engine.stats import channel_importance
+from dipsvd_core.lowrank.factors import Factor, _factor_by_eigh
+from dipsvd_core.lowrank.scalings import EIG_FLOOR, _floor, channel_scale, left_singular_by_eigh
 
 SECTION = "## Factors by eigh (issue 10)"
 BASE = "3872557"  # the SVD route
@@ -91,9 +91,9 @@ def timings() -> list[dict]:
 
 
 def accuracy() -> dict:
-    from dipsvd_core.data import calibration_windows
-    from dipsvd_core.models import find_targets
-    from dipsvd_core.stats import stream_stats
+    from dipsvd_core.engine.data import calibration_windows
+    from dipsvd_core.engine.stats import stream_stats
+    from dipsvd_core.model.models import find_targets
 
     lm = load_bundled(device="cpu", dtype="float32")
     windows = calibration_windows(lm.tokenizer, "wiki", 32, 512)

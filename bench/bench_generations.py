@@ -25,16 +25,16 @@ SECTION = "## Compressed text that reads (issue 25)"
 def continuation_prompts(tokenizer, n: int, tokens: int = 24) -> list[str]:
     """The openings (`tokens` tokens) of the first n 512-token evaluation windows of news: text that neither the
     fit (wiki) nor the default prompts saw, continued without the chat template."""
-    from dipsvd_core.data import evaluation_windows
+    from dipsvd_core.engine.data import evaluation_windows
 
     windows = evaluation_windows(tokenizer, "news", 512, n * 512)
     return [tokenizer.decode(w[: tokens], skip_special_tokens=True).strip() for w in windows[:n]]  # a BOS is skipped
 
 
 def run(args) -> dict:
-    from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
-    from dipsvd_core.pipeline import Settings
-    from dipsvd_core.refine import summary
+    from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS, generate
+    from dipsvd_core.refine.sequential import summary
+    from dipsvd_core.run.pipeline import Settings
 
     lm = load_bundled("cpu", "float32")
     windows, seqlen = (int(v) for v in args.calib.split("x"))

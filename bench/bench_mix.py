@@ -22,12 +22,13 @@ import time
 from dataclasses import replace
 
 from common import BENCH, eval_sets, load_bundled, print_row, workbench, write_json
-from dipsvd_core import allocation as alloc
-from dipsvd_core import allocators
-from dipsvd_core.allocation import DENSE
-from dipsvd_core.bayes import Objective
-from dipsvd_core.evaluate import perplexity
-from dipsvd_core.pipeline import Settings
+
+from dipsvd_core.allocation import allocators
+from dipsvd_core.allocation import budget as alloc
+from dipsvd_core.allocation.bayes import Objective
+from dipsvd_core.allocation.budget import DENSE
+from dipsvd_core.engine.evaluate import perplexity
+from dipsvd_core.run.pipeline import Settings
 
 
 def mix(a: dict, b: dict, w: float, targets) -> dict:

@@ -32,7 +32,7 @@ CALIBRATIONS = [(32, 512), (256, 2048)]
 def rows(folder: Path) -> list[dict]:
     from transformers import AutoConfig
 
-    from dipsvd_core import plan as P
+    from dipsvd_core.plan import plan as P
 
     out = []
     for name, cfg in MODELS.items():

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_panel.py [--configs base,comp,mix,mix-comp,tune] [--ratios 0.2,0.3]
         [--calib 32x512] [--eval-tokens 4096] [--tune-epochs 4] [--out bench/panel.jsonl] [--write]
 
-The panel (dipsvd_core.data.PANEL): `python-docs` (CPython's reference manual: technical writing), `kjv` (narrative
+The panel (dipsvd_core.engine.data.PANEL): `python-docs` (CPython's reference manual: technical writing), `kjv` (narrative
 books of the King James Bible: book prose; Debian's bible-kjv) and `fortunes` (Debian's fortunes: quotations, jokes
 and dialogue), beside wiki and news. Each config is one build of the best path, dipsvd + nested, at each ratio,
 with one item of issue 35 switched on or off (CONFIGS): the calibration text (wiki-chat, the default, or the mix),
@@ -37,21 +37,21 @@ CONFIGS = {
 
 
 def _ppl(model, sets: dict) -> dict:
-    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.engine.evaluate import perplexity
 
     return {name: round(perplexity(model, windows), 3) for name, windows in sets.items()}
 
 
 def _generations(model, tokenizer) -> list[dict]:
-    from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
+    from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS, generate
 
     return [{"text": g["text"], "distinct_3": g["distinct_3"]}
             for g in generate(model, tokenizer, DEFAULT_PROMPTS, 48, chat=True)]
 
 
 def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -> None:
-    from dipsvd_core.pipeline import Settings
-    from dipsvd_core.refine import TuneConfig
+    from dipsvd_core.refine.sequential import TuneConfig
+    from dipsvd_core.run.pipeline import Settings
 
     calib, refine, compensate = CONFIGS[name]
     windows, seqlen = (int(v) for v in args.calib.split("x"))

@@ -22,8 +22,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from common import (BENCH, CALIBRATION, RESULTS, eval_sets, load_bundled, machine, replace_section, workbench,
-                    write_json)
+from common import BENCH, CALIBRATION, RESULTS, eval_sets, load_bundled, machine, replace_section, workbench, write_json
 
 SECTION = "## Sequential compensation (issue 11)"
 KEEP = "### "  # the hand-written subsections below the measured part (tried ideas, cost) stay on --write
@@ -39,9 +38,10 @@ STEPS = [("svd-llm", "uniform", "SVD-LLM"), ("dipsvd", "uniform", "Step 1"), ("s
 
 def v1_rows(bench, ratios, sets) -> list[dict]:
     """The coupled allocator before this issue, rebuilt from the same factors and Fisher pass."""
-    from dipsvd_core import allocators, models
-    from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.pipeline import Settings
+    from dipsvd_core.allocation import allocators
+    from dipsvd_core.engine.evaluate import perplexity
+    from dipsvd_core.model import models
+    from dipsvd_core.run.pipeline import Settings
 
     base = Settings(method="dipsvd", allocation="coupled")
     factors, fisher = bench.factors(base.spec), bench.fisher()
@@ -198,8 +198,8 @@ def main() -> None:
         return
     os.environ["DIPSVD_STUDIO_CACHE"] = tempfile.mkdtemp(prefix="bench-refine-cache-")  # everything cold
 
-    from dipsvd_core.pipeline import Settings, peak_memory_mb
-    from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep
+    from dipsvd_core.outputs.sweep import markdown, parse_grid, parse_ratios, run_sweep
+    from dipsvd_core.run.pipeline import Settings, peak_memory_mb
 
     started, t_all = datetime.now(timezone.utc), time.perf_counter()
     lm = load_bundled(device="cpu", dtype="float32")

@@ -29,15 +29,15 @@ def measured(path) -> list[dict]:
 
 def generations(lm, model) -> list[dict]:
     """The Side-by-side page's defaults: the default prompts, greedy, chat template on, 48 new tokens."""
-    from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
+    from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS, generate
 
     return generate(model, lm.tokenizer, DEFAULT_PROMPTS, 48, chat=True)
 
 
 def pair(bench, allocation: str, ratio: float, sets: dict, generate: bool = False, how: str = "sequential") -> dict:
-    from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.pipeline import Settings
-    from dipsvd_core.refine import summary
+    from dipsvd_core.engine.evaluate import perplexity
+    from dipsvd_core.refine.sequential import summary
+    from dipsvd_core.run.pipeline import Settings
 
     s = Settings(method="dipsvd", allocation=allocation, ratio=ratio)
     t0 = time.perf_counter()

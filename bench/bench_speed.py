@@ -25,11 +25,11 @@ import argparse
 import time
 
 import torch
-
 from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
-from dipsvd_core.allocation import rank_for
-from dipsvd_core.evaluate import speed
-from dipsvd_core.pipeline import Settings
+
+from dipsvd_core.allocation.budget import rank_for
+from dipsvd_core.engine.evaluate import speed
+from dipsvd_core.run.pipeline import Settings
 
 SECTION = "## Speed of the compressed model (issue 24)"
 LLAMA8B = {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)}  # q/o, k/v, gate/up, down

@@ -22,7 +22,6 @@ import tempfile
 import time
 
 import torch
-
 from common import RESULTS, load_bundled, machine, replace_section, utc_date
 
 SECTION = "## Cold statistics and factors against plain SVD-LLM (issue 23)"
@@ -67,8 +66,8 @@ def baseline(lm, windows: torch.Tensor, ratio: float) -> dict[str, tuple[torch.T
 
 def ours(lm, n_windows: int, seqlen: int) -> float:
     """Seconds of svd-llm's statistics plus factors on an empty cache (what a cold compress runs)."""
-    from dipsvd_core.factors import FactorSpec
-    from dipsvd_core.pipeline import Workbench
+    from dipsvd_core.lowrank.factors import FactorSpec
+    from dipsvd_core.run.pipeline import Workbench
 
     with tempfile.TemporaryDirectory() as cache:
         old = os.environ.get("DIPSVD_STUDIO_CACHE")
@@ -91,7 +90,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
-    from dipsvd_core.data import calibration_windows
+    from dipsvd_core.engine.data import calibration_windows
 
     lm = load_bundled("cpu", "float32")
     windows = calibration_windows(lm.tokenizer, "wiki", args.windows, args.seqlen)

@@ -19,8 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import BENCH, CALIBRATION, eval_sets, load_bundled, machine, workbench, write_json
-from dipsvd_core.pipeline import Settings, peak_memory_mb
-from dipsvd_core.sweep import markdown, parse_grid, parse_ratios, run_sweep
+
+from dipsvd_core.outputs.sweep import markdown, parse_grid, parse_ratios, run_sweep
+from dipsvd_core.run.pipeline import Settings, peak_memory_mb
 
 
 def checks(report: dict) -> list[str]:

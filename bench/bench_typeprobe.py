@@ -14,14 +14,15 @@ import time
 
 import numpy as np
 import torch
-
 from common import eval_sets, load_bundled, print_row, workbench
-from dipsvd_core.pipeline import Settings
-from dipsvd_core.bayes import Objective
-from dipsvd_core.evaluate import perplexity
-from dipsvd_core import allocation as alloc, allocators
-from dipsvd_core.allocation import DENSE
-from dipsvd_core.importance import truncated
+
+from dipsvd_core.allocation import allocators
+from dipsvd_core.allocation import budget as alloc
+from dipsvd_core.allocation.bayes import Objective
+from dipsvd_core.allocation.budget import DENSE
+from dipsvd_core.allocation.importance import truncated
+from dipsvd_core.engine.evaluate import perplexity
+from dipsvd_core.run.pipeline import Settings
 
 KEEP = allocators.PROBE_KEEP
 

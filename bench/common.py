@@ -31,18 +31,18 @@ EVAL_SEQLEN = 512  # the evaluation windows' length where no Workbench gives one
 
 
 def load_bundled(device: str | None = None, dtype: str | None = None):
-    """The bundled model by dipsvd_core.models.load_model; device and dtype None are load_model's own defaults
+    """The bundled model by dipsvd_core.model.models.load_model; device and dtype None are load_model's own defaults
     (`load_model()`), the scripts that time on the CPU pass "cpu" and "float32"."""
-    from dipsvd_core.loading import load_model
+    from dipsvd_core.run.loading import load_model
 
     return load_model(MODEL, device=device, dtype=dtype)
 
 
 def workbench(lm, calib_windows: int = CALIBRATION["windows"], seqlen: int = CALIBRATION["seqlen"],
               calib: str = CALIBRATION["source"], seed: int = CALIBRATION["seed"]):
-    """A dipsvd_core.pipeline.Workbench on `lm` with the benchmarks' calibration (32 x 512 tokens of wiki, seed 0)
+    """A dipsvd_core.run.pipeline.Workbench on `lm` with the benchmarks' calibration (32 x 512 tokens of wiki, seed 0)
     unless told otherwise; the keywords are the Workbench's own."""
-    from dipsvd_core.pipeline import Workbench
+    from dipsvd_core.run.pipeline import Workbench
 
     return Workbench(lm, calib, calib_windows, seqlen, seed=seed)
 
@@ -50,10 +50,10 @@ def workbench(lm, calib_windows: int = CALIBRATION["windows"], seqlen: int = CAL
 def eval_sets(source, tokens: int | None) -> dict:
     """The evaluation windows of wiki and news, the first `tokens` tokens of each. `source` is a Workbench
     (Workbench.eval_windows, in windows of its calibration seqlen) or a loaded model
-    (dipsvd_core.data.evaluation_windows on its tokenizer, in 512-token windows)."""
+    (dipsvd_core.engine.data.evaluation_windows on its tokenizer, in 512-token windows)."""
     if hasattr(source, "eval_windows"):
         return {s: source.eval_windows(s, tokens) for s in EVAL_SETS}
-    from dipsvd_core.data import evaluation_windows
+    from dipsvd_core.engine.data import evaluation_windows
 
     return {s: evaluation_windows(source.tokenizer, s, EVAL_SEQLEN, tokens) for s in EVAL_SETS}
 

@@ -61,7 +61,7 @@ exit "${PIPESTATUS[0]}"
 
 def texts(folder: Path) -> None:
     """The wiki articles' two halves (data.load_documents' calibration and evaluation splits) as JSON lines."""
-    from dipsvd_core.data import wiki_articles
+    from dipsvd_core.engine.data import wiki_articles
 
     docs = wiki_articles()
     half = len(docs) // 2

@@ -65,7 +65,7 @@ RATE_WIDTHS = {"cuda": {"device": (4096, 14336), "host": (4096,), "matmul": 8192
 # The out-of-memory case: what makes the device run out, set before the CLI runs in the same process. On CUDA a
 # memory fraction smaller than the 1B model's weights; on the CPU (--tiny) refine raises what CUDA would raise.
 OOM = {"cuda": ("Llama-3.2-1B x16", "bfloat16", "import torch; torch.cuda.set_per_process_memory_fraction(0.01)"),
-       "cpu": ("tiny", "float32", "import torch; from dipsvd_core.pipeline import Workbench\n"
+       "cpu": ("tiny", "float32", "import torch; from dipsvd_core.run.pipeline import Workbench\n"
                "def oom(*a, **k): raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
                "Workbench.refine = oom")}
 # The offloaded case's placement is pinned by a fixed runtime (the plan measures its own process otherwise): with

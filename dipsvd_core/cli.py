@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import cores
-from .data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS, SOURCES
-from .errors import DipSVDError, device_out_of_memory
+from .common import cores
+from .common.errors import DipSVDError, device_out_of_memory
+from .engine.data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS, SOURCES
 
 
 class Progress:
@@ -76,7 +76,7 @@ def _positive_int(text: str) -> int:
 
 def _memory_size(text: str) -> int:
     """plan.memory_size, as an argparse type."""
-    from .plan import memory_size
+    from .plan.plan import memory_size
 
     try:
         return memory_size(text)
@@ -138,7 +138,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tasks(args, model, tokenizer) -> dict:
-    from .lm_tasks import lm_eval_accuracy
+    from .outputs.lm_tasks import lm_eval_accuracy
 
     return lm_eval_accuracy(model, tokenizer, args.tasks, args.task_limit)
 
@@ -146,7 +146,7 @@ def _tasks(args, model, tokenizer) -> dict:
 def _check_tasks(args) -> None:
     """Before anything loads: the tasks are known and, offline, have their data (lm_tasks.check_tasks)."""
     if args.tasks:
-        from .lm_tasks import check_tasks
+        from .outputs.lm_tasks import check_tasks
 
         check_tasks(args.tasks)
 
@@ -188,7 +188,7 @@ def _add_flag(p, f, dest: str, default=dataclasses.MISSING) -> None:
 def _add_settings(p, names, **defaults) -> None:
     """Flags for these Settings fields (a nested settings dataclass gets a group of its own), with other defaults
     where given (the CLI's --allocation defaults to the method's own)."""
-    from .settings import Settings
+    from .methods.settings import Settings
 
     for f in dataclasses.fields(Settings):
         if f.name not in names or not f.metadata.get("cli", True):
@@ -205,7 +205,7 @@ def _add_settings(p, names, **defaults) -> None:
 
 def _settings_from(args, **over):
     """The Settings of these flags: every Settings field a flag sets (a nested field's as <field>.<name>)."""
-    from .settings import Settings
+    from .methods.settings import Settings
 
     fields = {}
     for f in dataclasses.fields(Settings):
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _eval_sets(lm, spec: str, seqlen: int, max_tokens: int):
-    from .data import evaluation_windows
+    from .engine.data import evaluation_windows
 
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
@@ -297,15 +297,15 @@ def _eval_sets(lm, spec: str, seqlen: int, max_tokens: int):
 
 
 def _perplexities(model, sets, progress) -> dict:
-    from .evaluate import perplexity
+    from .engine.evaluate import perplexity
 
     return {name: perplexity(model, w, progress=progress) for name, w in sets.items()}
 
 
 def _run_of(args):
     """The plan's Run: the settings these flags give, and how the run is carried out."""
-    from .methods import handler
-    from .plan import Run
+    from .methods.handlers import handler
+    from .plan.plan import Run
 
     allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
@@ -316,7 +316,7 @@ def _run_of(args):
 
 
 def cmd_plan(args):
-    from .plan import make_plan, plan_json
+    from .plan.plan import make_plan, plan_json
 
     plan = make_plan(args.model, args.device, _run_of(args), bench=not args.no_bench,
                      trust_remote_code=args.trust_remote_code, budgets=_budgets(args))
@@ -330,8 +330,8 @@ def _budgets(args) -> dict:
 def _check_plan(args) -> tuple[dict | None, object]:
     """The plan's memory figures for this compress run, and where an offloaded run keeps its blocks (plan.Placement,
     from the memory budgets; None otherwise); refuses up front when they do not fit."""
-    from .compressed import is_compressed_folder
-    from .plan import check_fits, make_plan
+    from .io.compressed import is_compressed_folder
+    from .plan.plan import check_fits, make_plan
 
     if Path(os.path.expanduser(args.model)).is_dir() and is_compressed_folder(Path(os.path.expanduser(args.model))):
         return None, None
@@ -369,7 +369,7 @@ def dense_folder(out: str) -> str:
 
 
 def _save(args, model, tokenizer, report: dict) -> None:
-    from .compressed import save_compressed, save_dense
+    from .io.compressed import save_compressed, save_dense
 
     info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
     if "storage" in report:
@@ -383,9 +383,9 @@ def _speed_and_generations(args, model, tokenizer) -> dict:
     """One model's speed (--speed) and generations (--generate), eager or compiled (--compile; by default compiled
     on CUDA only), with the seconds the generations took; compiled code is forgotten afterwards, so that a model
     converted in place (or the next one) compiles afresh and nothing holds the old weights."""
-    from .evaluate import DEFAULT_PROMPTS, generate
-    from .models import input_device
-    from .speed import compile_default, forget_compiled, speed
+    from .engine.evaluate import DEFAULT_PROMPTS, generate
+    from .engine.speed import compile_default, forget_compiled, speed
+    from .model.models import input_device
 
     compiled = args.compile if args.compile is not None else compile_default(input_device(model))
     out = {}
@@ -403,7 +403,7 @@ def _speed_and_generations(args, model, tokenizer) -> dict:
 def _sides(report: dict, timings: dict, original: dict, compressed: dict) -> None:
     """The original's and the compressed model's speed and generations side by side in the report; the compressed
     speed carries the bytes bound (the decode speed-up its bytes read allow)."""
-    from .speed import bytes_bound
+    from .engine.speed import bytes_bound
 
     if "speed" in compressed:
         report["speed"] = {"original": original["speed"],
@@ -415,13 +415,13 @@ def _sides(report: dict, timings: dict, original: dict, compressed: dict) -> Non
 
 
 def cmd_compress(args) -> dict:
-    from .evaluate import param_report
-    from .loading import load_model
-    from .memwatch import PhaseMemory, lifetime_device_peak
-    from .models import count_params
-    from .methods import handler
-    from .pipeline import Workbench, peak_memory_mb
-    from .report import compression_report
+    from .allocation.budget import param_report
+    from .engine.memwatch import PhaseMemory, lifetime_device_peak
+    from .io.report import compression_report
+    from .methods.handlers import handler
+    from .model.models import count_params
+    from .run.loading import load_model
+    from .run.pipeline import Workbench, peak_memory_mb
 
     allocation = args.allocation or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
@@ -478,16 +478,16 @@ def cmd_compress(args) -> dict:
     if plan is not None:
         report["plan"] = plan
     if args.html:
-        from .html_report import report_figures, write_html
+        from .outputs.html_report import report_figures, write_html
 
         report["html"] = str(write_html(args.html, report, report_figures(bench, result)))
     return report
 
 
 def cmd_evaluate(args) -> dict:
-    from .loading import load_model
-    from .models import count_params
-    from .pipeline import peak_memory_mb
+    from .model.models import count_params
+    from .run.loading import load_model
+    from .run.pipeline import peak_memory_mb
 
     _check_tasks(args)
     progress = Progress(args.quiet)
@@ -515,7 +515,7 @@ def cmd_evaluate(args) -> dict:
 def _evaluate_tasks(args, lm, entry: dict | None) -> dict:
     """lm-eval accuracy of the model, and for a saved compressed folder of the original it names, side by side
     (loaded after the compressed one is freed: one model at a time)."""
-    from .loading import load_model
+    from .run.loading import load_model
 
     side = "compressed" if entry else "model"
     out = {side: _tasks(args, lm.model, lm.tokenizer)}
@@ -527,9 +527,9 @@ def _evaluate_tasks(args, lm, entry: dict | None) -> dict:
 
 
 def cmd_sweep(args) -> dict:
-    from .loading import load_model
-    from .pipeline import Workbench, peak_memory_mb
-    from .sweep import markdown, parse_grid, parse_ratios, run_sweep
+    from .outputs.sweep import markdown, parse_grid, parse_ratios, run_sweep
+    from .run.loading import load_model
+    from .run.pipeline import Workbench, peak_memory_mb
 
     grid, ratios = parse_grid(args.grid), parse_ratios(args.ratios)
     base = _settings_from(args, ratio=ratios[0])
@@ -621,7 +621,7 @@ def _accuracy_words(task: str, r: dict) -> str:
 
 def _summary(report: dict) -> str:
     if "rows" in report:
-        from .sweep import markdown
+        from .outputs.sweep import markdown
 
         return markdown(report) + f"written: {', '.join(report.get('report_paths', []))}"
     lines = [f"model {report.get('model')}"]
@@ -638,7 +638,7 @@ def _summary(report: dict) -> str:
     for side, tasks in report.get("lm_eval", {}).items():
         lines.append(f"  lm-eval {side}: " + ", ".join(_accuracy_words(t, r) for t, r in tasks.items()))
     if report.get("refine", {}).get("blocks"):
-        from .refine import summary
+        from .refine.sequential import summary
 
         lines.append(f"  refine: {summary(report['refine'])}")
     return "\n".join(lines)

@@ -4,18 +4,19 @@ from dataclasses import replace
 
 import streamlit as st
 
-from dipsvd_core import allocators, figures
-from dipsvd_core import passes as P
-from dipsvd_core.allocation import describe_ratio
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import WHITENING_FORMS
-from dipsvd_core.importance import RANKS_OF
-from dipsvd_core.inspection import budget, dobi_preview, q_ties
-from dipsvd_core.knobs import help_of
-from dipsvd_core.methods import handler, method_names, refines
-from dipsvd_core.refine import calibration_advice
-from dipsvd_core.settings import Settings, flat_settings, settings_dict
-from dipsvd_core.strategies import names_for, strategy
+from dipsvd_core.allocation import allocators
+from dipsvd_core.allocation.budget import describe_ratio
+from dipsvd_core.allocation.importance import RANKS_OF
+from dipsvd_core.allocation.strategies import names_for, strategy
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.common.knobs import help_of
+from dipsvd_core.engine import passes as P
+from dipsvd_core.lowrank.factors import WHITENING_FORMS
+from dipsvd_core.methods.handlers import handler, method_names, refines
+from dipsvd_core.methods.settings import Settings, flat_settings, settings_dict
+from dipsvd_core.outputs import figures
+from dipsvd_core.outputs.inspection import budget, dobi_preview, q_ties
+from dipsvd_core.refine.sequential import calibration_advice
 from studio import ui
 
 METHOD_HELP = "; ".join(f"{m}: {handler(m).help}" for m in method_names())

@@ -4,21 +4,21 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from dipsvd_core import figures
-from dipsvd_core.allocation import describe_ratio
-from dipsvd_core.data import EVAL_SOURCES as SOURCES
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.evaluate import param_report, perplexity, speed
-from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
-from dipsvd_core.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality_verdict, sweep_curves
-from dipsvd_core.methods import grid_names, handler, refines, resolve
-from dipsvd_core.plan import binary_size
-from dipsvd_core.knobs import help_of
-from dipsvd_core.refine import (COMPENSATIONS, REFINE_CHOICES, calibration_advice, refine_choice, refine_table,
-                                summary)
-from dipsvd_core.settings import Settings
-from dipsvd_core.strategies import strategy
-from dipsvd_core.sweep import REFINED, run_sweep
+from dipsvd_core.allocation.budget import describe_ratio, param_report
+from dipsvd_core.allocation.strategies import strategy
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.common.knobs import help_of
+from dipsvd_core.engine.data import EVAL_SOURCES as SOURCES
+from dipsvd_core.engine.evaluate import perplexity, speed
+from dipsvd_core.methods.handlers import grid_names, handler, refines, resolve
+from dipsvd_core.methods.settings import Settings
+from dipsvd_core.outputs import figures
+from dipsvd_core.outputs.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality_verdict, sweep_curves
+from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
+from dipsvd_core.outputs.sweep import REFINED, run_sweep
+from dipsvd_core.plan.plan import binary_size
+from dipsvd_core.refine.sequential import (COMPENSATIONS, REFINE_CHOICES, calibration_advice, refine_choice,
+                                           refine_table, summary)
 from studio import ui
 from studio.state import defaults
 

@@ -3,11 +3,11 @@ import json
 
 import streamlit as st
 
-from dipsvd_core.compressed import save_compressed
-from dipsvd_core.html_report import report_figures, report_html
-from dipsvd_core.inspection import allocation_rows, to_csv
-from dipsvd_core.report import build_words, compression_report
-from dipsvd_core.settings import settings_dict
+from dipsvd_core.io.compressed import save_compressed
+from dipsvd_core.io.report import build_words, compression_report
+from dipsvd_core.methods.settings import settings_dict
+from dipsvd_core.outputs.html_report import report_figures, report_html
+from dipsvd_core.outputs.inspection import allocation_rows, to_csv
 from studio import ui
 
 s = ui.need_model()

@@ -1,9 +1,10 @@
 """Page 2: what DipSVD protects. Channel importance inside layers, and which blocks matter most."""
 import streamlit as st
 
-from dipsvd_core import figures
-from dipsvd_core.importance import HANDFUL, RANKS_OF, energy_shares
-from dipsvd_core.inspection import alpha_matrix, comparison_specs, input_groups, n_protected, rank_words, spectra
+from dipsvd_core.allocation.importance import HANDFUL, RANKS_OF, energy_shares
+from dipsvd_core.outputs import figures
+from dipsvd_core.outputs.inspection import (alpha_matrix, comparison_specs, input_groups, n_protected, rank_words,
+                                            spectra)
 from studio import ui
 
 s = ui.need_model()

@@ -3,11 +3,11 @@ from dataclasses import replace
 
 import streamlit as st
 
-from dipsvd_core.evaluate import DEFAULT_PROMPTS, generate
-from dipsvd_core.methods import handler
-from dipsvd_core.strategies import strategy
-from dipsvd_core.pipeline import settings_dict
-from dipsvd_core.report import build_words
+from dipsvd_core.allocation.strategies import strategy
+from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS, generate
+from dipsvd_core.io.report import build_words
+from dipsvd_core.methods.handlers import handler
+from dipsvd_core.run.pipeline import settings_dict
 from studio import ui
 from studio.state import defaults
 

@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 
-from dipsvd_core import cores
-from dipsvd_core.errors import DipSVDError
+from dipsvd_core.common import cores
+from dipsvd_core.common.errors import DipSVDError
 
 log = logging.getLogger(__name__)
 

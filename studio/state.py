@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from dipsvd_core.data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS
-from dipsvd_core.models import DEFAULT_MODEL
-from dipsvd_core.pipeline import Result, Workbench
-from dipsvd_core.settings import Settings, settings_dict
+from dipsvd_core.engine.data import DEFAULT_CALIB, DEFAULT_SEQLEN, DEFAULT_WINDOWS
+from dipsvd_core.methods.settings import Settings, settings_dict
+from dipsvd_core.model.models import DEFAULT_MODEL
+from dipsvd_core.run.pipeline import Result, Workbench
 
 from .jobs import Job
 
@@ -38,7 +38,7 @@ class Studio:
     bo: dict | None = None  # last BO run: {"settings", "allocation", "values", "best", "cancelled"}
     result: Result | None = None  # the compressed model of `result.settings`
     ppl: dict = field(default_factory=dict)  # "original" / "compressed" -> {dataset: perplexity}
-    params: dict | None = None  # evaluate.param_report of `result`
+    params: dict | None = None  # allocation.param_report of `result`
     sweep: dict | None = None  # {"dataset", "original", "curves"}
     speed: dict | None = None  # {"original": {...}, "compressed": {...}}
     lm_eval: dict | None = None  # {"original": {task: {"acc", "acc_stderr", "n"}}, "compressed": {...}}

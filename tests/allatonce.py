@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dipsvd_core.factors import FactorSpec, factor_model
-from dipsvd_core.stats import GramAccumulator
+from dipsvd_core.engine.stats import GramAccumulator
+from dipsvd_core.lowrank.factors import FactorSpec, factor_model
 
 
 def all_at_once_grams(model: nn.Module, names: list[str], windows: torch.Tensor) -> tuple[dict, dict]:

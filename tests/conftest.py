@@ -45,7 +45,7 @@ def isolated_cache(tmp_path_factory):
     """The suite never reads or writes the user's statistics, factors or training caches: a stale
     entry from older code could hide a change. Only the dequantized bundled model (keyed by its
     GGUF file, 15 s to rebuild) is shared with the user cache."""
-    from dipsvd_core.cache import cache_dir
+    from dipsvd_core.common.cache import cache_dir
 
     old = os.environ.get("DIPSVD_STUDIO_CACHE")
     user_models = cache_dir() / "models"
@@ -67,13 +67,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from dipsvd_core.loading import load_model
+    from dipsvd_core.run.loading import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def smollm():
-    from dipsvd_core.loading import load_model
+    from dipsvd_core.run.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")

@@ -7,11 +7,11 @@ import contextlib
 
 import torch
 
-from dipsvd_core import allocation as alloc
-from dipsvd_core import passes
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.scalings import DIAG_FLOOR, Scaling, diagonal_scale, register_scaling, unregister_scaling
-from dipsvd_core.strategies import register_allocation, unregister_allocation
+from dipsvd_core.allocation import budget as alloc
+from dipsvd_core.allocation.strategies import register_allocation, unregister_allocation
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine import passes
+from dipsvd_core.lowrank.scalings import DIAG_FLOOR, Scaling, diagonal_scale, register_scaling, unregister_scaling
 
 
 def first_dense(bench, settings, bounds, **_):

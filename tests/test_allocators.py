@@ -1,20 +1,20 @@
 """Allocations under one budget: the projector, heuristic, coupled (vs brute force) and bayes."""
 import itertools
-from dataclasses import replace
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from dipsvd_core import allocators
-from dipsvd_core import passes as P
-from dipsvd_core.allocation import DENSE, block_params, kept_params, matrix_params, project, uniform
-from dipsvd_core.bayes import bayes
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.models import Target
-from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.allocation import allocators
+from dipsvd_core.allocation.bayes import bayes
+from dipsvd_core.allocation.budget import DENSE, block_params, kept_params, matrix_params, project, uniform
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine import passes as P
+from dipsvd_core.model.models import Target
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 
 def llama_targets(n_blocks=6, d=64, kv=32, inter=160):
@@ -226,8 +226,8 @@ def test_block_probe_equals_writing_the_truncated_weights_into_a_copy(bench, tin
     import copy
     import math
 
-    from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.importance import block_sensitivity
+    from dipsvd_core.allocation.importance import block_sensitivity
+    from dipsvd_core.engine.evaluate import perplexity
 
     s = Settings(method="dipsvd")
     factors, windows, model = bench.factors(s.spec), bench.heldout(2), tiny_lm.model
@@ -295,8 +295,8 @@ def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):
 
 
 def test_bo_objective_swaps_into_the_one_model_and_puts_it_back(bench, tiny_lm):
-    from dipsvd_core.bayes import Objective
-    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.allocation.bayes import Objective
+    from dipsvd_core.engine.evaluate import perplexity
 
     model = tiny_lm.model
     before = {n: (id(m), m.weight.clone()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -356,8 +356,8 @@ def test_type_probe_equals_writing_every_matrix_of_the_type_into_a_copy(bench, t
     import copy
     import math
 
-    from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.importance import type_sensitivity
+    from dipsvd_core.allocation.importance import type_sensitivity
+    from dipsvd_core.engine.evaluate import perplexity
 
     factors, windows, model = bench.factors(Settings(method="dipsvd").spec), bench.heldout(2), tiny_lm.model
     before = perplexity(model, windows)

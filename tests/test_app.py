@@ -29,7 +29,7 @@ def small_defaults(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("studio")
     # A slice of the news corpus as both calibration and evaluation text: tokenizing all of the
     # Wikipedia extract takes seconds per use, and these tests are about the app, not the data.
-    from dipsvd_core.data import load_documents
+    from dipsvd_core.engine.data import load_documents
 
     text = root / "news.txt"
     text.write_text("\n\n".join(load_documents("news")[:40]))
@@ -415,7 +415,7 @@ def test_compress_evaluate_sweep_and_speed():
     assert any(f"prefill {o['prefill_tok_s']:.0f} → " in c.value for c in at.caption)
     page(at, "compress")
     # The original model is never touched: same weights, still plain Linears.
-    from dipsvd_core.models import fingerprint
+    from dipsvd_core.model.models import fingerprint
 
     assert fingerprint(studio.lm.model) == before
     assert all(type(studio.lm.model.get_submodule(t.name)).__name__ == "Linear" for t in studio.lm.targets)
@@ -437,7 +437,7 @@ def test_side_by_side_generations():
     # each column names method, allocation, ratio removed and kept, and whether refined
     assert labels[:3] == ["**Original**", "**Compressed · dipsvd + uniform · ratio 0.1 removed, 90% kept · not refined**",
                           "**Compressed · dipsvd + uniform · ratio 0.2 removed, 80% kept · not refined**"]
-    from dipsvd_core.evaluate import DEFAULT_PROMPTS
+    from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS
 
     # all three default prompts preselected, then the user's own
     assert [m.value for m in at.markdown if m.value.startswith("#####")] == [
@@ -447,7 +447,7 @@ def test_side_by_side_generations():
     assert sum("tok/s" in c.value for c in at.caption) == 12
     texts = [ui.verbatim(r["text"].strip()) for rows in gens.values() for r in rows]
     assert all(t in [m.value for m in at.markdown] for t in texts if t)
-    from dipsvd_core.evaluate import repetition
+    from dipsvd_core.engine.evaluate import repetition
 
     row = gens["Original"][0]
     shown = f"distinct 3-grams {repetition(row['text'])['distinct_3']:.2f} · longest repeat"
@@ -463,8 +463,8 @@ def test_generations_keep_their_line_breaks_and_show_no_markup():
 # --- Export -------------------------------------------------------------------------------------
 
 def test_export_saves_and_asks_before_replacing(tmp_path):
-    from dipsvd_core.compressed import load_compressed
-    from dipsvd_core.surgery import module_ranks
+    from dipsvd_core.io.compressed import load_compressed
+    from dipsvd_core.lowrank.surgery import module_ranks
 
     at = factored(loaded())
     page(at, "compress")
@@ -495,8 +495,8 @@ def test_export_saves_and_asks_before_replacing(tmp_path):
 
 
 def test_report_and_allocation_csv_content():
-    from dipsvd_core.inspection import allocation_rows, to_csv
-    from dipsvd_core.report import compression_report
+    from dipsvd_core.io.report import compression_report
+    from dipsvd_core.outputs.inspection import allocation_rows, to_csv
 
     at = factored(loaded())
     page(at, "compress")
@@ -526,7 +526,7 @@ def test_work_survives_page_switches():
 
 def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_model_dir, monkeypatch):
     """The load job checks the plan before it loads anything; one message names the option that fits."""
-    from dipsvd_core import plan
+    from dipsvd_core.plan import plan
 
     monkeypatch.setattr(plan, "free_host_bytes", lambda: 1)
     at = AppTest.from_file(APP, default_timeout=60).run()
@@ -652,10 +652,10 @@ def test_an_offloaded_model_builds_evaluates_and_generates_side_by_side(tiny_mod
     """A host budget that holds no block beside the working set puts every block on disk (the CPU's offload).
     The app then builds the compressed copy (sharing the original's offloaded weights), evaluates both and
     generates side by side, with the figures of the same model in memory."""
-    from dipsvd_core import plan as P
-    from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.loading import load_model
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.engine.evaluate import perplexity
+    from dipsvd_core.plan import plan as P
+    from dipsvd_core.run.loading import load_model
+    from dipsvd_core.run.pipeline import Settings, Workbench
 
     monkeypatch.setattr(P, "runtime_bytes", lambda: 10 ** 9)  # the same runtime in the test's plan and the page's
     run = {"method": "dipsvd", "calib_windows": 4, "seqlen": 64, "dtype": "auto", "eval_tokens": 256, "eval_sets": 2,

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import FactorSpec, diagonal_scale, factor_matrix, factor_model
-from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.lowrank.factors import FactorSpec, diagonal_scale, factor_matrix, factor_model
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 F64 = torch.float64
 

@@ -255,7 +255,7 @@ def test_studio_in_a_real_browser(server, tmp_path):
 
 def fresh_cache(folder: Path) -> Path:
     """An empty cache that shares only the dequantized models with the suite's cache."""
-    from dipsvd_core.cache import cache_dir
+    from dipsvd_core.common.cache import cache_dir
 
     folder.mkdir(parents=True)
     (folder / "models").symlink_to((cache_dir() / "models").resolve(), target_is_directory=True)
@@ -271,8 +271,8 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
     need_chromium()
     from playwright.sync_api import expect
 
-    from dipsvd_core.loading import load_model
-    from dipsvd_core.pipeline import Workbench
+    from dipsvd_core.run.loading import load_model
+    from dipsvd_core.run.pipeline import Workbench
 
     windows, seqlen = 8, 128
     monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(fresh_cache(tmp_path / "direct")))
@@ -314,7 +314,7 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypa
     runtime is pinned (DIPSVD_STUDIO_RUNTIME) so that the test computes the same placement as the server's plan."""
     from playwright.sync_api import expect
 
-    from dipsvd_core import plan as P
+    from dipsvd_core.plan import plan as P
 
     need_chromium()
     env = {"DIPSVD_STUDIO_DEFAULT_MODEL": tiny_model_dir, "DIPSVD_STUDIO_CALIB": "wiki", "DIPSVD_STUDIO_CALIB_WINDOWS": "4",

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from dipsvd_core.cache import cache_dir
-from dipsvd_core.models import _dequantized_cache, bundled_gguf, gguf_content_tag
+from dipsvd_core.common.cache import cache_dir
+from dipsvd_core.model.models import bundled_gguf, dequantized_cache, gguf_content_tag
 
 
 def test_dequantized_model_is_keyed_by_content_not_path(tmp_path):
@@ -16,7 +16,7 @@ def test_dequantized_model_is_keyed_by_content_not_path(tmp_path):
         shutil.copyfile(src, dst)  # a new clone or venv: same bytes, another path and mtime
     os.utime(b, (0, 0))
     assert gguf_content_tag(a) == gguf_content_tag(b) == gguf_content_tag(src)
-    assert _dequantized_cache(a) == _dequantized_cache(src)
+    assert dequantized_cache(a) == dequantized_cache(src)
 
     # Same name and size, other bytes in the header: another model, another cache entry.
     c = tmp_path / "other" / src.name
@@ -47,7 +47,7 @@ def test_a_gguf_is_parsed_once_across_plan_and_dequantization(tmp_path):
     they are one reader, a changed file gets a new one, and gguf's own class is back afterwards."""
     import gguf
 
-    from dipsvd_core.models import forget_gguf_readers, gguf_parsed_once
+    from dipsvd_core.model.models import forget_gguf_readers, gguf_parsed_once
 
     src = tmp_path / "m.gguf"
     shutil.copyfile(bundled_gguf(), src)

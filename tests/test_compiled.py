@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from dipsvd_core.compressed import save_compressed
-from dipsvd_core.evaluate import generate
-from dipsvd_core.models import count_params
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.speed import bytes_bound, compile_default, decode_bytes, speed
+from dipsvd_core.engine.evaluate import generate
+from dipsvd_core.engine.speed import bytes_bound, compile_default, decode_bytes, speed
+from dipsvd_core.io.compressed import save_compressed
+from dipsvd_core.model.models import count_params
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 PROMPTS = ["The sea", "Once upon a time there was"]
 

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dipsvd_core import plan as P
-from dipsvd_core.cli import main
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.dobi import DobiConfig
-from dipsvd_core.methods import handler, method_names, refines
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.refine import REFINES
-from dipsvd_core.strategies import names_for, strategy
-from dipsvd_core.sweep import parse_grid, run_sweep
-
 from extensions import registered
+
+from dipsvd_core.allocation.strategies import names_for, strategy
+from dipsvd_core.cli import main
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.methods.dobi import DobiConfig
+from dipsvd_core.methods.handlers import handler, method_names, refines
+from dipsvd_core.outputs.sweep import parse_grid, run_sweep
+from dipsvd_core.plan import plan as P
+from dipsvd_core.refine.sequential import REFINES
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 FAST = dict(bo_calls=3, bo_windows=1, dobi=DobiConfig(epochs=1, windows=2))
 PASS_PHASES = set(P.PHASES) - set(P.ALWAYS)

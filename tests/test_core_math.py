@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from dipsvd_core.allocation import (kept_params, project, rank_for, ranks_for, realized_ratio, uniform)
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import channel_scale, factor_matrix, loss_curve, right_inverse, whitening
-from dipsvd_core.models import Target
-from dipsvd_core.stats import channel_importance
+from dipsvd_core.allocation.budget import kept_params, project, rank_for, ranks_for, realized_ratio, uniform
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine.stats import channel_importance
+from dipsvd_core.lowrank.factors import channel_scale, factor_matrix, loss_curve, right_inverse, whitening
+from dipsvd_core.model.models import Target
 
 F64 = torch.float64
 
@@ -253,7 +253,7 @@ def test_ratio_out_of_range_is_a_clear_error(bad):
 def test_symmetric_eigh_is_torchs_and_runs_on_the_host_only_off_the_cpu():
     """The one place float64 eigendecompositions run (whitening, the factors, refine's solve): on the CPU it is
     torch.linalg.eigh itself (the host is the device); the host route is taken only for a GPU measured slower."""
-    from dipsvd_core.scalings import eigh_on_host, symmetric_eigh
+    from dipsvd_core.lowrank.scalings import eigh_on_host, symmetric_eigh
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 64, dtype=torch.float64, generator=g)
@@ -268,7 +268,7 @@ def test_symmetric_eigh_is_torchs_and_runs_on_the_host_only_off_the_cpu():
 def test_eigh_placement_is_chosen_by_width_from_the_measured_time_model(monkeypatch):
     """A GPU whose float64 eigh is latency-bound (50 ms) loses to the host at 1024 wide and wins at Llama-3-8B's
     14,336 (3.0 s against 59 s); the model's two terms come back exactly from two measured points."""
-    from dipsvd_core import scalings
+    from dipsvd_core.lowrank import scalings
 
     assert scalings.cubic_fit(512, 0.05 + 1e-12 * 512**3, 1536, 0.05 + 1e-12 * 1536**3) == pytest.approx((0.05, 1e-12))
     assert scalings.cubic_fit(512, 0.2, 1536, 0.1) == (0.2, 0.0)  # noise: never a negative rate
@@ -286,7 +286,7 @@ def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape
     Gram is safely positive definite, and every rank's truncation, of a wide or a tall W, is the eigendecomposition
     route's (S = Q L^{1/2}) to 1e-9 of ||W||, with the same singular values. A singular Gram (fewer tokens than
     channels) takes the eigendecomposition and floors its null space, as before."""
-    from dipsvd_core.scalings import EIG_FLOOR, cholesky_root, right_inverse, symmetric_eigh
+    from dipsvd_core.lowrank.scalings import EIG_FLOOR, cholesky_root, right_inverse, symmetric_eigh
 
     X = correlated_inputs()
     X[:3] /= 20  # no loud channels: cond(G) about 1e3
@@ -314,7 +314,7 @@ def test_paper_form_takes_the_cholesky_root_where_no_eigenvalue_is_floored(shape
 def test_outer_product_and_lower_matmul_by_block_triangles(n):
     """A A^T from its upper block triangle and W L for a lower-triangular L from L's lower blocks equal the full products
     to float64 rounding (the float64 factoring's two largest products, 10 of 16 blocks each at 256 columns or more)."""
-    from dipsvd_core.scalings import lower_matmul, outer_product
+    from dipsvd_core.lowrank.scalings import lower_matmul, outer_product
 
     g = torch.Generator().manual_seed(n)
     A = torch.randn(n, 2 * n + 3, generator=g, dtype=F64)

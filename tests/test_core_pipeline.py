@@ -6,16 +6,17 @@ import os
 import pytest
 import torch
 
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.data import _chunks, calibration_windows, evaluation_windows, load_documents
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.evaluate import generate, param_report, perplexity, speed
-from dipsvd_core.loading import load_model
-from dipsvd_core.models import count_params, find_targets
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.factors import FactorStore, factor_matrix
-from dipsvd_core.stats import stream_stats
-from dipsvd_core.surgery import LowRankLinear, module_ranks
+from dipsvd_core.allocation.budget import param_report
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine.data import _chunks, calibration_windows, evaluation_windows, load_documents
+from dipsvd_core.engine.evaluate import generate, perplexity, speed
+from dipsvd_core.engine.stats import stream_stats
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.lowrank.factors import FactorStore, factor_matrix
+from dipsvd_core.lowrank.surgery import LowRankLinear, module_ranks
+from dipsvd_core.model.models import count_params, find_targets
+from dipsvd_core.run.loading import load_model
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_full_rank_low_rank_linear_keeps_bias_and_output(tmp_path):
     lm = load_model(make_tiny_llama(tmp_path / "biased", seed=1, bias=True))
     wb = Workbench(lm, "wiki", 2, 64)
     factors = wb.factors(Settings(method="svd-llm").spec)
-    from dipsvd_core.surgery import compress_model, low_rank_weights
+    from dipsvd_core.lowrank.surgery import compress_model, low_rank_weights
 
     full = {t.name: min(t.out_features, t.in_features) for t in lm.targets}
     model = compress_model(lm.model, low_rank_weights(factors, full))
@@ -226,7 +227,7 @@ def test_generation_and_speed(tiny_lm):
 
 
 def test_repetition_counts_distinct_trigrams_and_the_longest_repeated_span():
-    from dipsvd_core.evaluate import repetition
+    from dipsvd_core.engine.evaluate import repetition
 
     looped = repetition("The universe is the universe's universe. The universe is the universe's universe's universe.")
     # 21 words (a quote mark and a full stop are words each), 19 trigrams of which 10 are distinct; "the universe
@@ -293,7 +294,7 @@ def storage_bytes(*models) -> int:
 def test_compressed_model_shares_what_it_does_not_change(tiny_lm, bench):
     """Embeddings, norms, lm_head, biases and dense-kept matrices are the original's tensors; original
     plus compressed in memory is the original plus the kept factors."""
-    from dipsvd_core.surgery import compress_model, low_rank_weights
+    from dipsvd_core.lowrank.surgery import compress_model, low_rank_weights
 
     factors = bench.factors(Settings(method="svd-llm").spec)
     ranks = {t.name: (None if t.block == 1 else 8) for t in tiny_lm.targets}  # block 1 stays dense
@@ -327,8 +328,8 @@ def test_cuda_pass_matches_the_cpu_pass(tiny_model_dir, tmp_path, monkeypatch):
 def test_prefactor_gives_several_gram_methods_from_one_pass(tiny_lm, monkeypatch):
     """A sweep over svd-llm and dipsvd runs ONE streaming pass for both (and its statistics), and each
     method's factors equal those of its own pass."""
-    from dipsvd_core import pipeline
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.run import pipeline
+    from dipsvd_core.run.pipeline import Settings, Workbench
 
     calls = []
     real = pipeline.stream_stats
@@ -353,7 +354,7 @@ def test_wiki_chat_frames_every_other_passage_as_a_chat_turn(tiny_lm, monkeypatc
     """The default calibration: wiki's calibration articles in prose passages, the 1st, 3rd, ... of each article
     framed by the chat template as the answer to a question about the article's subject, the others plain; the
     template's markers become its special tokens; without a chat template every passage is plain."""
-    from dipsvd_core import data
+    from dipsvd_core.engine import data
 
     tok = tiny_lm.tokenizer
     docs = data.chat_documents(tok, "calib")

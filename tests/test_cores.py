@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from dipsvd_core import cores
+from dipsvd_core.common import cores
 
 
 def test_jobs_share_the_cores_and_ended_ones_do_not_count(tmp_path, monkeypatch):
@@ -42,7 +42,7 @@ def test_jobs_share_the_cores_and_ended_ones_do_not_count(tmp_path, monkeypatch)
 def test_a_cli_run_registers_while_it_runs(tmp_path, tiny_model_dir):
     """`python -m dipsvd_core` runs its command as one job: its file is there while it runs, gone after."""
     env = dict(os.environ, DIPSVD_STUDIO_JOBS=str(tmp_path / "jobs"))
-    code = ("import sys; from dipsvd_core import cli, cores\n"
+    code = ("import sys; from dipsvd_core import cli; from dipsvd_core.common import cores\n"
             "cli.COMMANDS['plan'] = lambda args: str(cores.running())\n"
             "sys.exit(cli.main(['plan', '--model', sys.argv[1], '--no-bench']))")
     out = subprocess.run([sys.executable, "-c", code, tiny_model_dir], env=env, capture_output=True, text=True,

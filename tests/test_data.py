@@ -4,9 +4,9 @@ import shutil
 import pytest
 import torch
 
-from dipsvd_core import data
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.refine import held_windows
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine import data
+from dipsvd_core.refine.sequential import held_windows
 
 
 def test_mix_plan_apportions_the_held_out_windows_and_the_others_alike():

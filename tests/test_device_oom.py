@@ -4,8 +4,9 @@ per-phase resets (memwatch)."""
 import pytest
 import torch
 
-from dipsvd_core import cli, memwatch
-from dipsvd_core.pipeline import Workbench
+from dipsvd_core import cli
+from dipsvd_core.engine import memwatch
+from dipsvd_core.run.pipeline import Workbench
 
 CUDA_MESSAGE = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.57 GiB of which "
                 "1.19 GiB is free. Of the allocated memory 20.1 GiB is allocated by PyTorch")
@@ -30,7 +31,7 @@ CALIB = ["--calib", "wiki", "--calib-windows", "2"]
     (["compress", "--method", "dipsvd", "--allocation", "uniform", "--refine", "sequential", "--ratio", "0.3",
       "--no-eval-original", *CALIB], (Workbench, "refine"), "in the refine phase"),
     (["compress", "--method", "dipsvd", "--allocation", "nested", "--ratio", "0.3", "--no-eval-original", *CALIB],
-     ("dipsvd_core.pipeline.cached_fisher", None), "in the fisher phase"),
+     ("dipsvd_core.run.pipeline.cached_fisher", None), "in the fisher phase"),
     (["evaluate"], ("dipsvd_core.cli._perplexities", None), "in the evaluation phase"),
 ])
 def test_a_device_out_of_memory_error_answers_in_one_line_with_the_phase_and_the_advice(
@@ -49,7 +50,7 @@ def test_a_device_out_of_memory_error_answers_in_one_line_with_the_phase_and_the
 
 
 def test_plan_out_of_memory_names_the_plans_measurement(tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.setattr("dipsvd_core.plan.microbenchmark", _oom)
+    monkeypatch.setattr("dipsvd_core.plan.plan.microbenchmark", _oom)
     assert cli.main(["plan", "--model", tiny_model_dir]) == 2
     assert "out of device memory (tried to allocate 2.00 GiB) in the plan's measurement phase" in _error_line(capsys)
 

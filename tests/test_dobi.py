@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dipsvd_core import dobi
-from dipsvd_core.dobi import DobiConfig
-from dipsvd_core import passes as P
-from dipsvd_core.allocation import DENSE
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.factors import FactorSpec
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.stats import stream_stats
+from dipsvd_core.allocation.budget import DENSE
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine import passes as P
+from dipsvd_core.engine.stats import stream_stats
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.lowrank.factors import FactorSpec
+from dipsvd_core.methods import dobi
+from dipsvd_core.methods.dobi import DobiConfig
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
-"""Dobi-SVD's tensor math (dipsvd_core.dobi_math), asserted on numbers."""
+"""Dobi-SVD's tensor math (dipsvd_core.methods.dobi_math), asserted on numbers."""
 import math
 
 import pytest
 import torch
 
-from dipsvd_core.dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, ipca_basis,
-                                   lowrank_storage_bytes, masked_svd, max_remap_rank, quantize_absmax,
-                                   rank_from_gamma, stable_svd, truncation_weights)
-from dipsvd_core.errors import DipSVDError
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.methods.dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, ipca_basis,
+                                           lowrank_storage_bytes, masked_svd, max_remap_rank, quantize_absmax,
+                                           rank_from_gamma, stable_svd, truncation_weights)
 
 F64 = torch.float64
 
@@ -125,7 +125,7 @@ def test_equal_singular_values_stay_finite():
 
 def test_inverse_gap_bound_for_exact_ties():
     """Exactly equal pairs give (taylor_terms + 1) / lambda_max, with the + sign."""
-    from dipsvd_core.dobi_math import _inverse_gaps
+    from dipsvd_core.methods.dobi_math import _inverse_gaps
     S = torch.tensor([3.0, 2.0, 2.0, 1.0], dtype=F64)
     F = _inverse_gaps(S, taylor_terms=10, rel_gap=1e-2, eps=1e-6)
     assert F[1, 2].item() == pytest.approx(11 / 4, rel=1e-14) and F[2, 1].item() == pytest.approx(11 / 4, rel=1e-14)

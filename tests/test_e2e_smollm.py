@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dipsvd_core.evaluate import generate, perplexity
-from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.engine.evaluate import generate, perplexity
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_streamed_factors_equal_the_all_at_once_pass(smollm):
     perplexity to 4 significant digits, on the bundled model."""
     from allatonce import all_at_once_factors
 
-    from dipsvd_core.surgery import compress_model, low_rank_weights
+    from dipsvd_core.lowrank.surgery import compress_model, low_rank_weights
 
     bench = Workbench(smollm, "wiki", calib_windows=4, seqlen=128, seed=0)
     settings = Settings(method="dipsvd", whitening="paper", ratio=0.1)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.surgery import LowRankLinear, fuse_siblings, unfuse_siblings
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.lowrank.surgery import LowRankLinear, fuse_siblings, unfuse_siblings
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.importance import (NORM_EPS, cached_fisher, combined_score, effective_rank, effective_ranks, fisher_info,
-                                    minmax)
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.stats import stats_key
+from dipsvd_core.allocation.importance import (NORM_EPS, cached_fisher, combined_score, effective_rank, effective_ranks,
+                                               fisher_info, minmax)
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine.stats import stats_key
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 F64 = torch.float64
 
@@ -136,7 +136,7 @@ def test_fisher_is_cached_and_workbench_importance_has_every_signal(tiny_lm, win
 def test_fisher_leaves_the_model_as_it_was_when_interrupted(tiny_lm, windows, stage):
     """An error in any part (here the progress callback raising) restores the blocks, the requires_grad flags
     and the hooks: the stand-ins of the top pass and the weight-gradient hooks are gone."""
-    from dipsvd_core.models import find_blocks
+    from dipsvd_core.model.models import find_blocks
 
     model = tiny_lm.model
     _, blocks = find_blocks(model)
@@ -157,7 +157,7 @@ def test_fisher_leaves_the_model_as_it_was_when_interrupted(tiny_lm, windows, st
 
 
 def test_checkpoint_every_keeps_all_that_fit_else_every_sqrt_l_th():
-    from dipsvd_core.importance import FISHER_KEEP_BYTES, checkpoint_every
+    from dipsvd_core.allocation.importance import FISHER_KEEP_BYTES, checkpoint_every
 
     assert checkpoint_every(32, FISHER_KEEP_BYTES) == 1
     assert checkpoint_every(32, FISHER_KEEP_BYTES + 1) == 6  # ceil(sqrt(32)): Llama-3-8B holds 6 + 5 sets, not 32
@@ -171,8 +171,9 @@ def test_fisher_with_checkpoints_gives_the_same_figures_and_holds_fewer_inputs(t
     5); every figure equals the run that kept all. And each block's float32 gradient sums are dropped when its
     backward ends: no more than one block's at a time."""
     from conftest import make_tiny_llama
-    from dipsvd_core import importance
-    from dipsvd_core.loading import load_model
+
+    from dipsvd_core.allocation import importance
+    from dipsvd_core.run.loading import load_model
 
     lm = load_model(make_tiny_llama(tmp_path / "five", layers=5), device="cpu", dtype="float32")
     windows = Workbench(lm, "wiki", 3, 48).windows()

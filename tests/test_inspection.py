@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dipsvd_core.inspection import VERDICT_BANDS, quality_verdict
-from dipsvd_core.settings import Settings
+from dipsvd_core.methods.settings import Settings
+from dipsvd_core.outputs.inspection import VERDICT_BANDS, quality_verdict
 
 
 def ppl(wiki: float, news: float) -> dict:
@@ -43,7 +43,7 @@ def test_advice_reads_the_settings():
 
 
 def test_refine_summary_and_table_give_the_gain_one_sign():
-    from dipsvd_core.refine import refine_table, summary
+    from dipsvd_core.refine.sequential import refine_table, summary
 
     info = {"seconds": 1.0, "fit_windows": 6, "held_windows": [3, 7],
             "blocks": [{"block": b, "refined": True, "choice": "refined", "gain": g, "matrices": {}}
@@ -53,7 +53,7 @@ def test_refine_summary_and_table_give_the_gain_one_sign():
 
 
 def test_calibration_advice_names_no_repository_file_and_no_cached_time():
-    from dipsvd_core.refine import calibration_advice
+    from dipsvd_core.refine.sequential import calibration_advice
 
     cached = calibration_advice(8, 256, {"statistics": 0.01, "fisher": 0.02})
     assert "RESULTS.md" not in cached and " 0 s" not in cached
@@ -66,7 +66,7 @@ def test_calibration_advice_names_no_repository_file_and_no_cached_time():
 def test_output_summary_keeps_the_energy_per_dimension_and_the_spectrum_without_massive_ones():
     import torch
 
-    from dipsvd_core.stats import MASSIVE_FACTOR, massive_dims, output_summary
+    from dipsvd_core.engine.stats import MASSIVE_FACTOR, massive_dims, output_summary
 
     g = torch.Generator().manual_seed(0)
     H = torch.randn(400, 16, generator=g, dtype=torch.float64)
@@ -83,7 +83,7 @@ def test_output_summary_keeps_the_energy_per_dimension_and_the_spectrum_without_
 def test_energy_shares_bound_the_effective_rank():
     import torch
 
-    from dipsvd_core.importance import effective_rank, energy_shares
+    from dipsvd_core.allocation.importance import effective_rank, energy_shares
 
     energy = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([0.5, 97.0, 1.0, 1.5])]
     shares = energy_shares(energy, k=2)
@@ -94,8 +94,8 @@ def test_energy_shares_bound_the_effective_rank():
 
 
 def test_rank_words_and_q_ties_name_the_blocks_and_the_rule():
-    from dipsvd_core.importance import combined_score, minmax
-    from dipsvd_core.inspection import block_ranges, q_ties, rank_words
+    from dipsvd_core.allocation.importance import combined_score, minmax
+    from dipsvd_core.outputs.inspection import block_ranges, q_ties, rank_words
 
     assert block_ranges([11, 2, 12, 13, 5]) == "2, 5, 11-13"
     R = np.array([200.0, 150.0, 1.0, 1.0, 1.0, 2.0])
@@ -115,8 +115,8 @@ def test_rank_of_picks_the_spectrum_the_heuristic_reads():
 
     import torch
 
-    from dipsvd_core.errors import DipSVDError
-    from dipsvd_core.importance import effective_ranks, rank_spectra
+    from dipsvd_core.allocation.importance import effective_ranks, rank_spectra
+    from dipsvd_core.common.errors import DipSVDError
 
     massive = torch.tensor([0.001, 0.001, 0.001, 1.0])  # one direction holds 99.7%
     rest = torch.tensor([0.25, 0.25, 0.25])  # the same output, its massive dimension set aside

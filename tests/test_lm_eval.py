@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from dipsvd_core.compressed import save_compressed
-from dipsvd_core.lm_tasks import CHOICE_WORDS, CONTEXT_WORDS, cloze_documents
-from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.io.compressed import save_compressed
+from dipsvd_core.outputs.lm_tasks import CHOICE_WORDS, CONTEXT_WORDS, cloze_documents
+from dipsvd_core.run.pipeline import Settings, Workbench
 from tests.test_cli import error_line, run
 
 
@@ -24,7 +24,7 @@ def test_the_local_task_is_four_way_choices_over_held_out_sentences():
     assert docs == cloze_documents(50)  # the same documents every time
     labels = [d["label"] for d in docs]
     assert len(set(labels)) == 4  # the true continuation is not always in one place
-    from dipsvd_core.data import load_documents
+    from dipsvd_core.engine.data import load_documents
 
     text = " ".join(" ".join(re.findall(r"\S+", doc)) for doc in load_documents("wiki", "eval"))
     first = docs[0]
@@ -74,7 +74,7 @@ def test_a_hub_task_offline_is_one_line_before_the_model_loads(tmp_path, monkeyp
 
 def test_a_one_document_limit_gives_a_result(tiny_lm):
     from dipsvd_core.cli import _accuracy_words
-    from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
+    from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 
     r = lm_eval_accuracy(tiny_lm.model, tiny_lm.tokenizer, [LOCAL_TASK], limit=1)[LOCAL_TASK]
     assert r["n"] == 1 and r["acc"] in (0.0, 1.0) and r["acc_stderr"] is None  # lm-eval's "N/A"
@@ -88,12 +88,12 @@ def test_lm_eval_command_line_scores_a_saved_folder(tiny_lm, tmp_path):
     import sys
     from pathlib import Path
 
-    from dipsvd_core.compressed import load_compressed
-    from dipsvd_core.lm_tasks import LOCAL_TASK, lm_eval_accuracy
+    from dipsvd_core.io.compressed import load_compressed
+    from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 
     res = Workbench(tiny_lm, "wiki", 4, 64).build(Settings(method="svd-llm", ratio=0.3))
     out = save_compressed(res.model, tmp_path / "c", tiny_lm.tokenizer, {"method": "svd-llm"})
-    tasks = subprocess.run([sys.executable, "-m", "dipsvd_core.lm_tasks"], capture_output=True, text=True, check=True)
+    tasks = subprocess.run([sys.executable, "-m", "dipsvd_core.outputs.lm_tasks"], capture_output=True, text=True, check=True)
     include = tasks.stdout.strip()
     assert (Path(include) / f"{LOCAL_TASK}.yaml").is_file()
     env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
@@ -113,7 +113,7 @@ def test_lm_eval_command_line_scores_a_saved_folder(tiny_lm, tmp_path):
 def test_the_local_task_runs_with_datasets_offline_though_datasets_was_imported_first():
     import datasets.config as dc
 
-    from dipsvd_core.lm_tasks import LOCAL_TASK, check_tasks, datasets_offline
+    from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, check_tasks, datasets_offline
 
     before = dc.HF_HUB_OFFLINE
     assert check_tasks([LOCAL_TASK]) is True  # local files only: offline whatever the network

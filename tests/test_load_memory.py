@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.surgery import LowRankLinear, set_module
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.lowrank.surgery import LowRankLinear, set_module
 
 # The child process: build the model of the folder and run it once while a thread samples the resident memory
 # (on the host the tensors stay in the pages of the mapped file, resident once read), after a first build and run
@@ -21,7 +21,7 @@ from dipsvd_core.surgery import LowRankLinear, set_module
 CHILD = textwrap.dedent("""
     import gc, json, sys, threading, time
     import torch
-    from dipsvd_core.compressed import compressed_model
+    from dipsvd_core.io.compressed import compressed_model
 
     def rss():
         for line in open("/proc/self/status"):
@@ -81,7 +81,7 @@ def test_load_peak_is_about_the_saved_size(tmp_path, tiny_model_dir):
 
 
 def test_sharded_save_loads_back_with_identical_logits(tmp_path, tiny_lm):
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.run.pipeline import Settings, Workbench
 
     res = Workbench(tiny_lm, calib_windows=4, seqlen=32).build(Settings(method="svd", ratio=0.3))
     out = tmp_path / "s"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.surgery import LowRankLinear
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.lowrank.surgery import LowRankLinear
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 peft = pytest.importorskip("peft")
 

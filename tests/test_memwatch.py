@@ -1,7 +1,7 @@
 """memwatch: the measured peak of each phase (the report's memory.phases)."""
 import numpy as np
 
-from dipsvd_core.memwatch import PhaseMemory, _host_peak
+from dipsvd_core.engine.memwatch import PhaseMemory, _host_peak
 
 
 def test_a_phase_peak_is_its_own_and_includes_the_phases_inside_it():

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from dipsvd_core.model_card import BUNDLED_HUB_ID, base_model, front_matter
+from dipsvd_core.io.model_card import BUNDLED_HUB_ID, base_model, front_matter
 from tests.test_cli import run
 
 
@@ -64,7 +64,7 @@ def test_compress_out_writes_a_card_with_the_reports_figures(tiny_model_dir, tmp
 
 
 def test_base_model_is_the_hub_id_where_there_is_one(tmp_path):
-    from dipsvd_core.models import bundled_gguf
+    from dipsvd_core.model.models import bundled_gguf
 
     bundled = {"model": "smollm2-135m", "model_source": str(bundled_gguf()), "dequantized_from_gguf": True,
                "method": "dipsvd"}

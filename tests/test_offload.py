@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.evaluate import perplexity
-from dipsvd_core.loading import load_model
-from dipsvd_core.pipeline import Settings, Workbench
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.engine.evaluate import perplexity
+from dipsvd_core.run.loading import load_model
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
               "model.rotary_emb": "cpu", "lm_head": "cpu"}
@@ -76,7 +76,7 @@ def test_offload_on_the_cpu_keeps_on_disk_what_the_host_budget_does_not_hold(tin
     working set on disk. Without a placement there is still nothing to place."""
     import json
 
-    from dipsvd_core import plan as P
+    from dipsvd_core.plan import plan as P
 
     with pytest.raises(DipSVDError, match="on the CPU there is nothing to offload to"):
         load_model(tiny_model_dir, "cpu", "float32", offload=True)
@@ -99,7 +99,7 @@ def test_refine_matches_the_model_in_memory(pair):
     """Refine swaps forwards on the compressed path (factors in place of a Linear, kept outputs in place of a
     finished attention); over accelerate's offload hooks it gives the same factors, and leaves the hooks as
     they were."""
-    from dipsvd_core.refine import refine
+    from dipsvd_core.refine.sequential import refine
 
     off, ref = pair
     settings = Settings(method="svd-llm", ratio=0.3)
@@ -137,7 +137,7 @@ class _CountingMap:
 @pytest.fixture
 def counted(pair):
     """The offloaded model with every offload hook's reads counted (name -> reads), put back after."""
-    from dipsvd_core.models import offload_hooks
+    from dipsvd_core.model.models import offload_hooks
 
     off, _ = pair
     counts, swapped = {}, []
@@ -160,8 +160,8 @@ def test_every_pass_sends_each_offloaded_block_once_for_all_windows(counted, pai
     """Over 4 windows, accelerate's hooks alone would send every block tensor 4 times per pass (once per call);
     with block_on_device each is sent once per pass, whatever the number of windows. The figures stay those
     of the model in memory."""
-    from dipsvd_core.importance import fisher_info
-    from dipsvd_core.stats import stream_stats
+    from dipsvd_core.allocation.importance import fisher_info
+    from dipsvd_core.engine.stats import stream_stats
 
     off, counts = counted
     _, ref = pair
@@ -179,7 +179,7 @@ def test_every_pass_sends_each_offloaded_block_once_for_all_windows(counted, pai
     assert _reads_per_tensor(counts) == {2}  # the forward pass and the backward pass
     np.testing.assert_allclose(fa.per_block, fb.per_block, rtol=1e-6)
     counts.clear()
-    from dipsvd_core.refine import refine
+    from dipsvd_core.refine.sequential import refine
 
     settings = Settings(method="svd-llm", ratio=0.3)
     ranks = Workbench(ref, "wiki", 4, 64).allocate(settings).ranks
@@ -189,8 +189,8 @@ def test_every_pass_sends_each_offloaded_block_once_for_all_windows(counted, pai
 
 
 def test_streamed_logits_equal_the_models_own(pair):
-    from dipsvd_core.models import find_blocks
-    from dipsvd_core.stream import streamed_logits
+    from dipsvd_core.engine.stream import streamed_logits
+    from dipsvd_core.model.models import find_blocks
 
     _, ref = pair
     windows = Workbench(ref, "wiki", 3, 64).windows()
@@ -205,8 +205,8 @@ def test_streamed_logits_equal_the_models_own(pair):
 def test_a_placement_gives_the_device_map(tiny_model_dir):
     """plan.place_blocks's counts become an accelerate device map: outside the blocks and the first blocks on the
     device, then host memory, then disk; loaded with it, the model is the one offloaded by hand above."""
-    from dipsvd_core.models import block_device_map
-    from dipsvd_core.plan import Placement, load_config, meta_model
+    from dipsvd_core.model.models import block_device_map
+    from dipsvd_core.plan.plan import Placement, load_config, meta_model
 
     config, _ = load_config(tiny_model_dir)
     meta = meta_model(config)
@@ -222,8 +222,8 @@ def test_a_side_by_side_copy_of_an_offloaded_model_shares_its_weights(tiny_model
     """The app's build: a compressed copy beside the original. Offloaded, the copy's hooks read the original's host
     and disk weights (the same maps, nothing copied), its low-rank pairs compute on the execution device, and both
     models give the in-memory figures; generation runs on both."""
-    from dipsvd_core.evaluate import generate
-    from dipsvd_core.models import offload_hooks
+    from dipsvd_core.engine.evaluate import generate
+    from dipsvd_core.model.models import offload_hooks
 
     settings = Settings(method="svd-llm", ratio=0.3)
     off = load_model(tiny_model_dir, "cpu", "float32", device_map=DEVICE_MAP)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from dipsvd_core import plan as P
-from dipsvd_core.errors import DipSVDError
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.plan import plan as P
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_plan_on_cuda_splits_host_and_device(config_only):
 
 def test_predicted_factor_disk_matches_the_store(tiny_lm):
     """The plan's factor disk against the files the engine writes (safetensors headers aside)."""
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.run.pipeline import Settings, Workbench
 
     config, _ = P.load_config(tiny_lm.source)
     sh = P.shapes_of(config)
@@ -193,7 +193,7 @@ def test_cli_plan_for_a_gpu_without_one(config_only):
 
 def test_compress_refuses_up_front(tiny_model_dir):
     """A run the plan says will not fit stops before loading anything, with one line naming the fix."""
-    code = ("import sys; from dipsvd_core import plan; plan.free_host_bytes = lambda: 1; "
+    code = ("import sys; from dipsvd_core.plan import plan; plan.free_host_bytes = lambda: 1; "
             "from dipsvd_core.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "compress", "--model", tiny_model_dir, "--quiet"],
                           capture_output=True, text=True, timeout=300)
@@ -204,7 +204,7 @@ def test_compress_refuses_up_front(tiny_model_dir):
 
 def test_plan_of_a_compressed_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dipsvd_compression": {"ranks": {}}}))
-    from dipsvd_core.compressed import is_compressed_folder
+    from dipsvd_core.io.compressed import is_compressed_folder
 
     if not is_compressed_folder(tmp_path):
         pytest.skip("compressed folders are recognised by other files")
@@ -215,10 +215,10 @@ def test_plan_of_a_compressed_folder_is_refused(tmp_path):
 def test_inplace_surgery_equals_the_copy_and_releases_the_dense_pages(tiny_model_dir, monkeypatch):
     """compress --no-eval-original converts the loaded model itself; same model, and the replaced
     matrices' file-mapped pages are released."""
-    from dipsvd_core import surgery
-    from dipsvd_core.evaluate import perplexity
-    from dipsvd_core.loading import load_model
-    from dipsvd_core.pipeline import Settings, Workbench
+    from dipsvd_core.engine.evaluate import perplexity
+    from dipsvd_core.lowrank import surgery
+    from dipsvd_core.run.loading import load_model
+    from dipsvd_core.run.pipeline import Settings, Workbench
 
     settings = Settings(method="svd-llm", ratio=0.3)
     lm = load_model(tiny_model_dir, "cpu", "float32")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dipsvd_core.compressed import load_compressed, save_compressed
-from dipsvd_core.models import count_params
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.portable import CONFIG_FILE, MODELING_FILE
+from dipsvd_core.io.compressed import load_compressed, save_compressed
+from dipsvd_core.io.portable import CONFIG_FILE, MODELING_FILE
+from dipsvd_core.model.models import count_params
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 # Run with `python -I` from an empty folder: no PYTHONPATH, no current directory on sys.path, no user site.
 CHILD = textwrap.dedent("""
@@ -124,7 +124,7 @@ def test_plain_transformers_refuses_without_the_flag_and_loads_with_it(tiny_lm, 
 def save_the_old_way(model, folder, tokenizer, info: dict) -> None:
     """A folder as save_compressed wrote it before our model type: the base's config.json (model type llama) with
     the entry and an auto_map of AutoModelForCausalLM alone, the weights, the tokenizer."""
-    from dipsvd_core.surgery import module_ranks
+    from dipsvd_core.lowrank.surgery import module_ranks
 
     cfg = model.config
     cfg.dipsvd_compression = dict(info, ranks=module_ranks(model), portable=True)
@@ -137,7 +137,7 @@ def save_the_old_way(model, folder, tokenizer, info: dict) -> None:
 
 
 def test_folders_saved_before_our_model_type_still_load(tiny_lm, bench, tmp_path):
-    from dipsvd_core.loading import load_model
+    from dipsvd_core.run.loading import load_model
 
     res = bench.build(Settings(method="svd-llm", ratio=0.3))
     save_the_old_way(res.model, tmp_path / "old", tiny_lm.tokenizer, {"method": "svd-llm"})
@@ -269,8 +269,8 @@ def test_modeling_file_imports_only_torch_and_transformers(tiny_lm, bench, tmp_p
 
 @pytest.mark.slow
 def test_the_bundled_model_saved_by_compress_loads_in_plain_transformers(smollm, tmp_path):
-    from dipsvd_core.data import evaluation_windows
-    from dipsvd_core.evaluate import perplexity
+    from dipsvd_core.engine.data import evaluation_windows
+    from dipsvd_core.engine.evaluate import perplexity
 
     out, report = tmp_path / "smol", tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", "compress", "--model", "smollm2-135m", "--method",

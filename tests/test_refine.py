@@ -1,16 +1,16 @@
 """Sequential compensation (refine.py): the closed form against a brute-force optimum, and the pass on
 the tiny model against the plain factors."""
-import math
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from dipsvd_core.factors import factor_matrix, whitening
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.refine import least_squares_target, refine
+from dipsvd_core.lowrank.factors import factor_matrix, whitening
+from dipsvd_core.refine.sequential import least_squares_target, refine
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 
 def objective(W, X, Wp, Xh):
@@ -79,7 +79,7 @@ def _inputs(model, name, windows):
 
 
 def test_refined_model_fits_the_original_output_better(tiny_lm):
-    from dipsvd_core.surgery import compress_model, low_rank_weights
+    from dipsvd_core.lowrank.surgery import compress_model, low_rank_weights
 
     settings = Settings(method="svd-llm", ratio=0.4)
     bench = Workbench(tiny_lm, "wiki", 4, 64)
@@ -111,7 +111,7 @@ def test_refined_model_fits_the_original_output_better(tiny_lm):
 def test_residual_drift_brings_the_block_outputs_back(tiny_lm):
     """With the residual drift in the last Linear's target (the default), the compressed model's last hidden
     state is closer to the original's on the calibration windows than with the plain least-squares target."""
-    from dipsvd_core.surgery import compress_model
+    from dipsvd_core.lowrank.surgery import compress_model
 
     settings = Settings(method="svd-llm", ratio=0.4)
     bench = Workbench(tiny_lm, "wiki", 4, 64)
@@ -144,7 +144,7 @@ def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
     kept = sum(b["refined"] for b in r["refine"]["blocks"])
     assert f"refine: refined {kept} of 2 blocks" in proc.stdout and "1 of 4 windows held out" in proc.stdout
     # --generate: each generation with its repetition measures, in the report and on the summary
-    from dipsvd_core.evaluate import DEFAULT_PROMPTS, repetition
+    from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS, repetition
 
     for kind in ("original", "compressed"):
         rows = r["generations"][kind]
@@ -171,14 +171,14 @@ def test_refine_in_compress_and_sweep(tiny_model_dir, tmp_path):
 
 
 def test_refine_refuses_dobi():
-    from dipsvd_core.errors import DipSVDError
+    from dipsvd_core.common.errors import DipSVDError
 
     with pytest.raises(DipSVDError, match="refine works on SVD factors"):
         Settings(method="dobi", allocation="trained", refine="sequential").check()
 
 
 def test_damped_solver_is_the_regularised_inverse_and_one_serves_a_group():
-    from dipsvd_core.refine import solver
+    from dipsvd_core.refine.sequential import solver
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(40, 300, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 40, dtype=torch.float64)[:, None]
@@ -207,7 +207,7 @@ def test_damped_solver_is_the_regularised_inverse_and_one_serves_a_group():
 def test_nan_activations_stop_refine_with_a_message(tiny_lm):
     import copy
 
-    from dipsvd_core.errors import DipSVDError
+    from dipsvd_core.common.errors import DipSVDError
 
     model = copy.deepcopy(tiny_lm.model)
     bench = Workbench(tiny_lm, "wiki", 2, 32)
@@ -236,9 +236,9 @@ def test_last_linear_fits_the_original_block_output(tiny_lm):
     """The residual-writing Linear's closed form: with B the original block's output and R^ the compressed path's
     residual, (B - R^) X^^T = W C + (R - R^) X^^T, and the refined factors are the whitened rank-k truncation of
     W* = (B - R^) X^^T (G^ + delta I)^{-1}, all taken on the refined compressed model itself."""
-    from dipsvd_core.models import find_blocks
-    from dipsvd_core.refine import DAMP, solver
-    from dipsvd_core.surgery import compress_model
+    from dipsvd_core.lowrank.surgery import compress_model
+    from dipsvd_core.model.models import find_blocks
+    from dipsvd_core.refine.sequential import DAMP, solver
 
     settings = Settings(method="svd-llm", ratio=0.4)
     bench = Workbench(tiny_lm, "wiki", 4, 64)
@@ -285,9 +285,9 @@ def test_last_linear_fits_the_original_block_output(tiny_lm):
 def test_a_refined_build_reads_the_factors_and_a_block_kept_unrefined_is_exactly_them(tiny_lm, tmp_path, monkeypatch):
     """Refine starts from the unrefined factors: a refined build runs the factor pass, and every block the held-out
     check keeps unrefined carries the factor pass's rank-k slices bit for bit; the report has a line per block."""
-    from dipsvd_core import passes as P
-    from dipsvd_core.methods import needs
-    from dipsvd_core.surgery import low_rank_weights
+    from dipsvd_core.engine import passes as P
+    from dipsvd_core.lowrank.surgery import low_rank_weights
+    from dipsvd_core.methods.handlers import needs
 
     monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
     s = Settings(method="dipsvd", allocation="uniform", ratio=0.3, refine="sequential")
@@ -309,8 +309,8 @@ def test_a_refined_build_reads_the_factors_and_a_block_kept_unrefined_is_exactly
 
 
 def test_held_windows_are_every_fourth_and_refine_needs_two():
-    from dipsvd_core.errors import DipSVDError
-    from dipsvd_core.refine import held_windows
+    from dipsvd_core.common.errors import DipSVDError
+    from dipsvd_core.refine.sequential import held_windows
 
     assert held_windows(16) == {3, 7, 11, 15} and held_windows(4) == {3} and held_windows(2) == {1}
     assert held_windows(3) == {2} and held_windows(9) == {3, 7}
@@ -319,7 +319,7 @@ def test_held_windows_are_every_fourth_and_refine_needs_two():
 
 
 def _stats(W, xs, xhs, held, full=False, bs=None, rs=None):
-    from dipsvd_core.refine import _GroupStats
+    from dipsvd_core.refine.sequential import _GroupStats
 
     stats = _GroupStats(full, frozenset(held))
     for i, (x, xh) in enumerate(zip(xs, xhs)):
@@ -358,8 +358,8 @@ def test_each_matrix_keeps_the_refit_only_where_it_wins_on_held_out_windows(case
     factors win on the held-out windows by a wide margin and are kept (refitted on every window); where only the
     fit windows drift and the held-out ones do not, what the refit learns is wrong there, and the unrefined factors
     are kept bit for bit."""
-    from dipsvd_core.factors import factor_model
-    from dipsvd_core.refine import TAUS, _choose
+    from dipsvd_core.lowrank.factors import factor_model
+    from dipsvd_core.refine.sequential import TAUS, _choose
 
     g = torch.Generator().manual_seed(6)
     inn, out, k = 12, 10, 4
@@ -386,7 +386,7 @@ def test_each_matrix_keeps_the_refit_only_where_it_wins_on_held_out_windows(case
 def test_group_stats_accumulate_the_grams_window_by_window():
     """_GroupStats, added window by window, holds G^ = X^ X^^T and C = X X^^T (plain group), or G^ and the
     whole numerator (B - R^) X^^T (the residual-writing Linear), over all windows, keeping nothing per window."""
-    from dipsvd_core.refine import _GroupStats
+    from dipsvd_core.refine.sequential import _GroupStats
 
     g = torch.Generator().manual_seed(4)
     xs = [torch.randn(1, 10, 6, generator=g) for _ in range(3)]  # (1, tokens, in) per window
@@ -415,8 +415,8 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
     on the windows it trains on; each block's report names the contender with the lowest held-out error, a block
     whose winner is "unrefined" ships the factor pass's factors bit for bit, and a tuned block ships its tuned
     norms as new parameters (the original's stay as they were)."""
-    from dipsvd_core import refine as R
-    from dipsvd_core.surgery import low_rank_weights
+    from dipsvd_core.lowrank.surgery import low_rank_weights
+    from dipsvd_core.refine import sequential as R
 
     bench = Workbench(tiny_lm, "wiki", 8, 64)
     s = Settings(method="svd-llm", ratio=0.4, refine="block", tune=R.TuneConfig(epochs=3, lr=1e-3))
@@ -451,7 +451,7 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
 
 
 def test_tuning_schedule_warms_up_then_decays():
-    from dipsvd_core.refine import lr_scale
+    from dipsvd_core.refine.sequential import lr_scale
 
     scales = [lr_scale(i, 20, 0.1) for i in range(20)]
     assert scales[:2] == [0.5, 1.0] and scales[2] == pytest.approx(1.0)
@@ -465,8 +465,8 @@ def test_parked_activations_give_the_same_factors(tiny_lm, monkeypatch, how):
     """On a GPU refine keeps its per-window activations in host memory and brings one window's back at a time
     (_Park). Here every kept tensor is wrapped (PARK_CHECK) so that any use that does not go through _Park.get
     fails, and the factors are bit for bit those of the run that keeps them as they are."""
-    from dipsvd_core import refine as R
-    from dipsvd_core.surgery import low_rank_weights
+    from dipsvd_core.lowrank.surgery import low_rank_weights
+    from dipsvd_core.refine import sequential as R
 
     bench = Workbench(tiny_lm, "wiki", 8, 64)
     s = Settings(method="svd-llm", ratio=0.4, refine=how)
@@ -490,7 +490,7 @@ def test_dense_blocks_are_compensated(tiny_lm, compensate):
     window (no held-out check), the compressed model's last hidden state is closer to the original's there than
     without compensation; with the held-out check, a dense matrix ships only where its block's held-out error
     falls."""
-    from dipsvd_core.surgery import compress_model, low_rank_weights
+    from dipsvd_core.lowrank.surgery import compress_model, low_rank_weights
 
     settings = Settings(method="svd-llm", ratio=0.7)
     bench = Workbench(tiny_lm, "wiki", 8, 64)
@@ -529,7 +529,7 @@ def test_dense_blocks_are_compensated(tiny_lm, compensate):
     shipped = {n for n in checked if n.endswith(".weight")}
     assert shipped == ({f"{n}.weight" for n, m in line["matrices"].items() if m["tau"] is not None}
                        if line["refined"] else set())
-    from dipsvd_core.refine import refine_table, summary
+    from dipsvd_core.refine.sequential import refine_table, summary
 
     row = refine_table(info)[-1]
     labels = [row[n.rsplit(".", 1)[-1]] for n in line["matrices"]]

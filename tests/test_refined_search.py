@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dipsvd_core.pipeline import Settings, Workbench
-from dipsvd_core.refined_search import CANDIDATES, kl_divergence, log_probs
-from dipsvd_core.strategies import strategy
-from dipsvd_core.surgery import compress_model
+from dipsvd_core.allocation.refined_search import CANDIDATES, kl_divergence, log_probs
+from dipsvd_core.allocation.strategies import strategy
+from dipsvd_core.lowrank.surgery import compress_model
+from dipsvd_core.run.pipeline import Settings, Workbench
 
 
 def test_kl_divergence_is_the_definition(tiny_lm):

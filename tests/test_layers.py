@@ -1,0 +1,67 @@
+"""The packages of dipsvd_core by layer (dipsvd_core.LAYERS): no import, at the top of a module or inside a
+function, points up a layer. Read from the source, so a lazy import cannot hide."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import dipsvd_core
+from dipsvd_core import LAYERS
+
+ROOT = Path(dipsvd_core.__file__).parent
+TOP = len(LAYERS)  # cli, __main__ and __init__ sit above every package
+
+
+def _layer(parts: tuple[str, ...]) -> int:
+    return LAYERS.index(parts[0]) if parts and parts[0] in LAYERS else TOP
+
+
+def _targets(path: Path, root: Path = ROOT) -> list[tuple[int, tuple[str, ...]]]:
+    """(line, the dipsvd_core package path imported) of every import of dipsvd_core in this file."""
+    here = path.relative_to(root).parts[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
+                mod = base + tuple(node.module.split(".")) if node.module else base
+            elif node.module and node.module.split(".")[0] == "dipsvd_core":
+                mod = tuple(node.module.split(".")[1:])
+            else:
+                continue
+            names = [() if node.module else (a.name,) for a in node.names]
+            found += [(node.lineno, mod + n) for n in names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, tuple(a.name.split(".")[1:])) for a in node.names
+                      if a.name.split(".")[0] == "dipsvd_core"]
+    return found
+
+
+MODULES = sorted(p for p in ROOT.rglob("*.py"))
+
+
+def test_every_module_sits_in_a_layer():
+    loose = [p.name for p in MODULES if len(p.relative_to(ROOT).parts) == 1
+             and p.name not in ("__init__.py", "__main__.py", "cli.py")]
+    assert loose == [], "a module at the top of dipsvd_core belongs in a package of LAYERS"
+    assert sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_points_up_a_layer(path):
+    own = _layer(path.relative_to(ROOT).parts[:-1])
+    up = [f"line {line}: {'.'.join(mod)}" for line, mod in _targets(path) if _layer(mod) > own]
+    assert up == [], f"{path.relative_to(ROOT)} (layer {own}) imports from a higher layer"
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    """The parser reads relative, absolute and function-level imports: planted in a copy, each is caught."""
+    pkg = tmp_path / "engine"
+    pkg.mkdir()
+    bad = pkg / "x.py"
+    bad.write_text("from ..run.pipeline import Workbench\ndef f():\n    from dipsvd_core.plan import plan\n"
+                   "    from ..common import errors\n")
+    assert [(line, _layer(m)) for line, m in _targets(bad, tmp_path)] == [(1, LAYERS.index("run")), (3, LAYERS.index("plan")),
+                                                      (4, LAYERS.index("common"))]

@@ -50,7 +50,7 @@ def _generations(model, tokenizer) -> list[dict]:
 
 
 def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -> None:
-    from dipsvd_core.refine.sequential import TuneConfig
+    from dipsvd_core.refine.choices import TuneConfig
     from dipsvd_core.run.pipeline import Settings
 
     calib, refine, compensate = CONFIGS[name]

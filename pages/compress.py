@@ -17,8 +17,8 @@ from dipsvd_core.outputs.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality
 from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.outputs.sweep import REFINED, run_sweep
 from dipsvd_core.plan.plan import binary_size
-from dipsvd_core.refine.sequential import (COMPENSATIONS, REFINE_CHOICES, calibration_advice, refine_choice,
-                                           refine_table, summary)
+from dipsvd_core.refine.choices import COMPENSATIONS, REFINE_CHOICES, refine_choice
+from dipsvd_core.refine.sequential import calibration_advice, refine_table, summary
 from studio import ui
 from studio.state import defaults
 

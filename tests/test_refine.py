@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dipsvd_core.lowrank.factors import factor_matrix, whitening
-from dipsvd_core.refine.sequential import least_squares_target, refine
+from dipsvd_core.refine.closed_form import least_squares_target
+from dipsvd_core.refine.sequential import refine
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 
@@ -178,7 +179,7 @@ def test_refine_refuses_dobi():
 
 
 def test_damped_solver_is_the_regularised_inverse_and_one_serves_a_group():
-    from dipsvd_core.refine.sequential import solver
+    from dipsvd_core.refine.closed_form import solver
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(40, 300, generator=g, dtype=torch.float64) * torch.logspace(-3, 2, 40, dtype=torch.float64)[:, None]
@@ -238,7 +239,8 @@ def test_last_linear_fits_the_original_block_output(tiny_lm):
     W* = (B - R^) X^^T (G^ + delta I)^{-1}, all taken on the refined compressed model itself."""
     from dipsvd_core.lowrank.surgery import compress_model
     from dipsvd_core.model.models import find_blocks
-    from dipsvd_core.refine.sequential import DAMP, solver
+    from dipsvd_core.refine.choices import DAMP
+    from dipsvd_core.refine.closed_form import solver
 
     settings = Settings(method="svd-llm", ratio=0.4)
     bench = Workbench(tiny_lm, "wiki", 4, 64)
@@ -319,9 +321,9 @@ def test_held_windows_are_every_fourth_and_refine_needs_two():
 
 
 def _stats(W, xs, xhs, held, full=False, bs=None, rs=None):
-    from dipsvd_core.refine.sequential import _GroupStats
+    from dipsvd_core.refine.closed_form import GroupStats
 
-    stats = _GroupStats(full, frozenset(held))
+    stats = GroupStats(full, frozenset(held))
     for i, (x, xh) in enumerate(zip(xs, xhs)):
         if full:
             stats.add_residual(i, xh, rs[i], bs[i])
@@ -354,12 +356,13 @@ def test_held_out_error_from_the_sums_is_the_direct_one():
 
 @pytest.mark.parametrize("case", ["systematic", "unseen"])
 def test_each_matrix_keeps_the_refit_only_where_it_wins_on_held_out_windows(case):
-    """_choose on one input group: with a systematic drift of the inputs (X^ = A X on every window) the refined
+    """choose on one input group: with a systematic drift of the inputs (X^ = A X on every window) the refined
     factors win on the held-out windows by a wide margin and are kept (refitted on every window); where only the
     fit windows drift and the held-out ones do not, what the refit learns is wrong there, and the unrefined factors
     are kept bit for bit."""
     from dipsvd_core.lowrank.factors import factor_model
-    from dipsvd_core.refine.sequential import TAUS, _choose
+    from dipsvd_core.refine.choices import TAUS
+    from dipsvd_core.refine.closed_form import choose
 
     g = torch.Generator().manual_seed(6)
     inn, out, k = 12, 10, 4
@@ -373,7 +376,7 @@ def test_each_matrix_keeps_the_refit_only_where_it_wins_on_held_out_windows(case
     spec = Settings(method="svd-llm").spec
     every = sum(x.double().T @ x.double() for x in xs)
     prior = factor_model({"a": linear.weight.detach()}, spec, {"a": "a"}, {"a": every})["a"].low_rank(k)
-    picks, _ = _choose(stats, "a", {"a": linear}, spec, {"a": k}, torch.float64, TAUS, {"a": prior}, None, None)
+    picks, _ = choose(stats, "a", {"a": linear}, spec, {"a": k}, torch.float64, TAUS, {"a": prior}, None, None)
     pick = picks["a"]
     if case == "systematic":
         assert pick["tau"] in TAUS and pick["gain"] > 0.5
@@ -384,16 +387,16 @@ def test_each_matrix_keeps_the_refit_only_where_it_wins_on_held_out_windows(case
 
 
 def test_group_stats_accumulate_the_grams_window_by_window():
-    """_GroupStats, added window by window, holds G^ = X^ X^^T and C = X X^^T (plain group), or G^ and the
+    """GroupStats, added window by window, holds G^ = X^ X^^T and C = X X^^T (plain group), or G^ and the
     whole numerator (B - R^) X^^T (the residual-writing Linear), over all windows, keeping nothing per window."""
-    from dipsvd_core.refine.sequential import _GroupStats
+    from dipsvd_core.refine.closed_form import GroupStats
 
     g = torch.Generator().manual_seed(4)
     xs = [torch.randn(1, 10, 6, generator=g) for _ in range(3)]  # (1, tokens, in) per window
     xhs = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
     # the products run in float32, as in refine, and are summed in float64
     X, Xh = (torch.cat([t.reshape(-1, 6) for t in ts]).double() for ts in (xs, xhs))
-    plain = _GroupStats(full=False)
+    plain = GroupStats(full=False)
     for i, (x, xh) in enumerate(zip(xs, xhs)):
         plain.add(i, xh.reshape(-1, 6), x.reshape(-1, 6))
     torch.testing.assert_close(plain.gram, Xh.T @ Xh, rtol=1e-5, atol=1e-5)
@@ -401,7 +404,7 @@ def test_group_stats_accumulate_the_grams_window_by_window():
     assert plain.numerator is None
     bs = [torch.randn(1, 10, 5, generator=g) for _ in xs]  # the original block's outputs B, hidden 5
     rs = [torch.randn(10, 5, generator=g) for _ in xs]  # the compressed path's residual r^, (tokens, hidden)
-    full = _GroupStats(full=True)
+    full = GroupStats(full=True)
     for i, (xh, r, b) in enumerate(zip(xhs, rs, bs)):
         full.add_residual(i, xh.reshape(-1, 6), r, b)
     B, Rh = torch.cat([b.reshape(-1, 5) for b in bs]).double(), torch.cat(rs).double()
@@ -411,18 +414,20 @@ def test_group_stats_accumulate_the_grams_window_by_window():
 
 
 def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_winner(tiny_lm, monkeypatch):
-    """refine "block": every tuning (_Contest.tune, AdamW on every parameter of the block) lowers the block's error
+    """refine "block": every tuning (Contest.tune, AdamW on every parameter of the block) lowers the block's error
     on the windows it trains on; each block's report names the contender with the lowest held-out error, a block
     whose winner is "unrefined" ships the factor pass's factors bit for bit, and a tuned block ships its tuned
     norms as new parameters (the original's stay as they were)."""
     from dipsvd_core.lowrank.surgery import low_rank_weights
-    from dipsvd_core.refine import sequential as R
+    from dipsvd_core.refine.choices import TuneConfig
+    from dipsvd_core.refine.contest import Contest
+    from dipsvd_core.refine.sequential import summary
 
     bench = Workbench(tiny_lm, "wiki", 8, 64)
-    s = Settings(method="svd-llm", ratio=0.4, refine="block", tune=R.TuneConfig(epochs=3, lr=1e-3))
+    s = Settings(method="svd-llm", ratio=0.4, refine="block", tune=TuneConfig(epochs=3, lr=1e-3))
     fallback = low_rank_weights(bench.factors(s.spec), bench.allocate(s).ranks)
     drops = []
-    tune = R._Contest.tune
+    tune = Contest.tune
 
     def recorded(self, start, windows, cfg):
         def error(weights, extra=None):
@@ -433,7 +438,7 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
         assert extra and all(t.dtype == torch.float32 for t in extra.values())
         drops.append((before, error(tuned, extra)))
         return tuned, extra
-    monkeypatch.setattr(R._Contest, "tune", recorded)
+    monkeypatch.setattr(Contest, "tune", recorded)
     norms = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters() if "norm" in n}
     weights, info = bench.refine(s, bench.allocate(s), fallback=fallback)
     assert len(drops) >= tiny_lm.n_blocks and all(after < before for before, after in drops)
@@ -447,11 +452,11 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
         assert bool(tuned_norms) == (line["choice"] == "tuned")
         assert all(not torch.equal(weights[n], norms[n]) for n in tuned_norms)
     assert all(torch.equal(p, norms[n]) for n, p in tiny_lm.model.named_parameters() if n in norms)
-    assert ("tuned" in R.summary(info)) == any(b["choice"] == "tuned" for b in info["blocks"])
+    assert ("tuned" in summary(info)) == any(b["choice"] == "tuned" for b in info["blocks"])
 
 
 def test_tuning_schedule_warms_up_then_decays():
-    from dipsvd_core.refine.sequential import lr_scale
+    from dipsvd_core.refine.choices import lr_scale
 
     scales = [lr_scale(i, 20, 0.1) for i in range(20)]
     assert scales[:2] == [0.5, 1.0] and scales[2] == pytest.approx(1.0)
@@ -463,10 +468,10 @@ def test_tuning_schedule_warms_up_then_decays():
 @pytest.mark.parametrize("how", ["sequential", "block"])
 def test_parked_activations_give_the_same_factors(tiny_lm, monkeypatch, how):
     """On a GPU refine keeps its per-window activations in host memory and brings one window's back at a time
-    (_Park). Here every kept tensor is wrapped (PARK_CHECK) so that any use that does not go through _Park.get
+    (Park). Here every kept tensor is wrapped (PARK_CHECK) so that any use that does not go through Park.get
     fails, and the factors are bit for bit those of the run that keeps them as they are."""
     from dipsvd_core.lowrank.surgery import low_rank_weights
-    from dipsvd_core.refine import sequential as R
+    from dipsvd_core.refine import walk
 
     bench = Workbench(tiny_lm, "wiki", 8, 64)
     s = Settings(method="svd-llm", ratio=0.4, refine=how)
@@ -474,7 +479,7 @@ def test_parked_activations_give_the_same_factors(tiny_lm, monkeypatch, how):
     fallback = low_rank_weights(bench.factors(s.spec), allocation.ranks)
     torch.manual_seed(0)
     kept, info = bench.refine(s, allocation, fallback=fallback)
-    monkeypatch.setattr(R, "PARK_CHECK", True)
+    monkeypatch.setattr(walk, "PARK_CHECK", True)
     torch.manual_seed(0)
     parked, info2 = bench.refine(s, allocation, fallback=fallback)
     assert [b["choice"] for b in info["blocks"]] == [b["choice"] for b in info2["blocks"]]

@@ -110,7 +110,7 @@ def test_refine_multiplies_sixteen_bit_inputs_on_cuda_in_tf32_and_any_other_as_s
     input, which TF32 would round, or a CPU tensor keeps the precision as set."""
     from types import SimpleNamespace as T
 
-    from dipsvd_core.refine.sequential import gram_precision
+    from dipsvd_core.refine.closed_form import gram_precision
 
     bf16, fp16 = T(dtype=torch.bfloat16, is_cuda=True), T(dtype=torch.float16, is_cuda=True)
     with matmul_precision("ieee"):

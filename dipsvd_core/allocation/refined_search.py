@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..common.errors import DipSVDError
 from ..engine.evaluate import window_logits
 from ..lowrank.surgery import compress_model
-from ..refine.sequential import refine_choice
+from ..refine.choices import refine_choice
 from .budget import Allocation
 
 CANDIDATES = ("uniform", "heuristic", "nested")  # what refined-kl chooses among (registered allocations)

@@ -32,7 +32,7 @@ from ..lowrank.scalings import SCALINGS
 
 def refines(refine: str) -> bool:
     """Whether a build refits its matrices after the allocation (refine.REFINE_CHOICES: none, sequential, block)."""
-    from ..refine.sequential import refine_choice
+    from ..refine.choices import refine_choice
 
     return refine_choice(refine).refits
 

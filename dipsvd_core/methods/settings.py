@@ -14,7 +14,7 @@ from ..allocation.strategies import strategy
 from ..common.errors import DipSVDError
 from ..common.knobs import knob
 from ..lowrank.factors import DEFAULT_WHITENING, WHITENING_FORMS, FactorSpec
-from ..refine.sequential import COMPENSATIONS, REFINE_CHOICES, REFINES, TuneConfig, refine_choice
+from ..refine.choices import COMPENSATIONS, REFINE_CHOICES, REFINES, TuneConfig, refine_choice
 from .dobi import DobiConfig
 from .handlers import handler, refines
 

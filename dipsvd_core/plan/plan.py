@@ -67,7 +67,7 @@ from ..engine import passes as P
 from ..lowrank.scalings import symmetric_eigh
 from ..methods.handlers import handler, needs
 from ..methods.settings import Settings
-from ..refine.sequential import TAUS, refine_choice
+from ..refine.choices import TAUS, refine_choice
 
 # every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
 # and the build's surgery and evaluation, which every run has
@@ -379,7 +379,7 @@ def _refine_memory(sh: Shapes, run: Run, cuda: bool, acts: int, factoring: int, 
     check, keeps every input group's X of one block for all windows but the residual-writing last Linear's, the
     attention's output replayed for the later groups, one group's sums and one group's factoring; the refined
     factors of every block gather on the host. On a GPU the per-window activations (the three sets and the groups'
-    X) wait in host memory, one window's on the device at a time (refine._Park)."""
+    X) wait in host memory, one window's on the device at a time (refine.Park)."""
     B, T, N, H = DTYPE_BYTES[run.dtype], run.seqlen, run.calib_windows, sh.hidden
     g_max = max(sh.groups)
     # (the last group is the residual-writing Linear's, whose X is not kept; the paths share the kwargs)

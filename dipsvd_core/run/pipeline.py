@@ -365,7 +365,8 @@ class Workbench:
         """Sequential compensation (refine.py) of this allocation's factored matrices: one more streaming pass.
         `fallback`, the unrefined factors, makes it validated: a block is refined only where that lowers its
         held-out error (the unrefined factors of these settings, sliced from the cache, when not given)."""
-        from ..refine.sequential import refine, refine_choice
+        from ..refine.choices import refine_choice
+        from ..refine.sequential import refine
 
         spec = settings.spec
         abs_means = self.stats(progress).abs_means if P.STATISTICS in spec.scaling.needs else None

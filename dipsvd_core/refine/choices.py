@@ -1,0 +1,98 @@
+"""The choices of refine, each declared once: the refine choices (none, sequential, block), what dense matrices
+are compensated, the block tuning's settings (TuneConfig, with its learning-rate schedule) and the closed form's
+constants (damping, the held-out dampings, the residual target)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..common.errors import DipSVDError
+from ..common.knobs import knob
+
+
+@dataclass(frozen=True)
+class RefineChoice:
+    """A `--refine` choice: whether a build runs the refine pass, and whether that pass also tunes each block."""
+
+    name: str
+    refits: bool
+    tunes: bool
+    help: str
+
+
+REFINE_CHOICES = {c.name: c for c in (
+    RefineChoice("none", False, False, "the factors as the allocation slices them"),
+    RefineChoice("sequential", True, False, "each block refitted in closed form to the compressed inputs, where "
+                                            "that lowers the held-out error"),
+    RefineChoice("block", True, True, "sequential, then each block trained as AA-SVD's second stage (AdamW on "
+                                      "every parameter of the block) where that pays"))}
+REFINES = tuple(REFINE_CHOICES)
+
+
+def refine_choice(name: str) -> RefineChoice:
+    if name not in REFINE_CHOICES:
+        raise DipSVDError(f"unknown refine '{name}'; use one of {', '.join(REFINES)}")
+    return REFINE_CHOICES[name]
+@dataclass(frozen=True)
+class Compensation:
+    """A `--compensate` choice: which dense-kept matrices of a block refine refits in closed form to the drifted
+    inputs the compressed blocks before it produce (same target and held-out choice as a factored matrix's, no
+    truncation, so no parameter is added); `picks(walk, name)` says whether a dense matrix is one of them."""
+
+    name: str
+    picks: object
+    help: str
+
+
+COMPENSATIONS = {c.name: c for c in (
+    Compensation("none", lambda walk, n: False, "dense matrices stay the original's"),
+    Compensation("outputs", lambda walk, n: walk.solo(n), "the dense matrices that alone read their input (o_proj "
+                                                          "and down_proj in Llama): they write the residual stream"),
+    Compensation("all", lambda walk, n: True, "every dense matrix"))}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Block tuning (refine "block"), the second stage of AA-SVD (arXiv 2604.02119) with its settings as defaults:
+    AdamW, a linear warm-up then cosine decay, gradient clipping, float32 master weights."""
+
+    epochs: int = knob(25, "block tuning: epochs over the fit windows", "--tune-epochs", "positive")
+    lr: float = knob(1e-4, "block tuning: AdamW's peak learning rate", "--tune-lr")
+    weight_decay: float = knob(0.01, "block tuning: AdamW's weight decay", "--tune-weight-decay")
+    warmup: float = knob(0.1, "block tuning: share of the steps that warm up linearly (then cosine decay to 0)",
+                         "--tune-warmup")
+    clip: float = knob(1.0, "block tuning: the gradients' norm is clipped to this (0: no clipping)", "--tune-clip")
+    scope: str = knob("block", "block tuning trains: factors (the low-rank factors), or block (every parameter of "
+                               "the block: factors, dense matrices, norms; an offloaded block tunes its factors)",
+                      "--tune-scope", choices=lambda: TUNE_SCOPES)
+
+    def check(self) -> "TuneConfig":
+        if self.scope not in TUNE_SCOPES:
+            raise DipSVDError(f"unknown tune scope '{self.scope}'; use one of {', '.join(TUNE_SCOPES)}")
+        if not (self.epochs >= 1 and self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1
+                and self.clip >= 0):
+            raise DipSVDError("block tuning needs epochs >= 1, lr > 0, weight_decay >= 0, 0 <= warmup < 1 and "
+                              f"clip >= 0 (got {self.epochs}, {self.lr}, {self.weight_decay}, {self.warmup}, "
+                              f"{self.clip})")
+        return self
+
+
+TUNE_SCOPES = ("factors", "block")
+
+
+def lr_scale(step: int, total: int, warmup: float) -> float:
+    """The learning rate's multiple at `step` of `total`: linear warm-up over the first `warmup` share of the steps
+    (at least one), then cosine decay to 0."""
+    warm = max(1, round(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+DAMP = 0.01  # delta = DAMP x mean eigenvalue of G^ in the plain least-squares target (GPTQ's percdamp)
+TAUS = (0.01, 0.1, 1.0, 10.0)  # the candidate dampings (ridge towards the unrefined factors) held-out windows choose
+RESIDUAL = True  # the block's last Linear also takes back the residual stream's drift
+
+
+CHOL_MARGIN = 100.0  # Cholesky when delta >= this x (the eigenvalue floor's bound): the floor cannot matter
+FULL = -1  # the "rank" of a dense matrix that refine refits (compensation) without truncating it

@@ -32,7 +32,7 @@ CALIBRATIONS = [(32, 512), (256, 2048)]
 def rows(folder: Path) -> list[dict]:
     from transformers import AutoConfig
 
-    from dipsvd_core.plan import plan as P
+    from dipsvd_core import plan as P
 
     out = []
     for name, cfg in MODELS.items():
@@ -49,7 +49,7 @@ def rows(folder: Path) -> list[dict]:
                             "on_gpu": at.device, "in_host": at.host, "on_disk": at.disk,
                             "peak_device_gib": plan.peak_device_bytes / P.GiB,
                             "peak_host_gib": plan.peak_host_bytes / P.GiB, "disk_gib": plan.disk_bytes / P.GiB,
-                            "fits": P._misfit(plan) is None, "misfit": P._misfit(plan) or "",
+                            "fits": P.misfit(plan) is None, "misfit": P.misfit(plan) or "",
                             "heaviest": max((p for p in plan.phases.items() if p[1].needed),
                                             key=lambda p: p[1].device_bytes)[0]})
     return out

@@ -76,7 +76,7 @@ def _positive_int(text: str) -> int:
 
 def _memory_size(text: str) -> int:
     """plan.memory_size, as an argparse type."""
-    from .plan.plan import memory_size
+    from .plan import memory_size
 
     try:
         return memory_size(text)
@@ -305,7 +305,7 @@ def _perplexities(model, sets, progress) -> dict:
 def _run_of(args):
     """The plan's Run: the settings these flags give, and how the run is carried out."""
     from .methods.handlers import handler
-    from .plan.plan import Run
+    from .plan import Run
 
     allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
     settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
@@ -316,7 +316,7 @@ def _run_of(args):
 
 
 def cmd_plan(args):
-    from .plan.plan import make_plan, plan_json
+    from .plan import make_plan, plan_json
 
     plan = make_plan(args.model, args.device, _run_of(args), bench=not args.no_bench,
                      trust_remote_code=args.trust_remote_code, budgets=_budgets(args))
@@ -331,7 +331,7 @@ def _check_plan(args) -> tuple[dict | None, object]:
     """The plan's memory figures for this compress run, and where an offloaded run keeps its blocks (plan.Placement,
     from the memory budgets; None otherwise); refuses up front when they do not fit."""
     from .io.compressed import is_compressed_folder
-    from .plan.plan import check_fits, make_plan
+    from .plan import check_fits, make_plan
 
     if Path(os.path.expanduser(args.model)).is_dir() and is_compressed_folder(Path(os.path.expanduser(args.model))):
         return None, None

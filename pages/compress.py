@@ -16,7 +16,7 @@ from dipsvd_core.outputs import figures
 from dipsvd_core.outputs.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality_verdict, sweep_curves
 from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.outputs.sweep import REFINED, run_sweep
-from dipsvd_core.plan.plan import binary_size
+from dipsvd_core.plan import binary_size
 from dipsvd_core.refine.choices import COMPENSATIONS, REFINE_CHOICES, refine_choice
 from dipsvd_core.refine.sequential import calibration_advice, refine_table, summary
 from studio import ui

@@ -10,7 +10,7 @@ from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.engine.data import CALIB_SOURCES as SOURCES
 from dipsvd_core.model.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.outputs.inspection import architecture, default_ratio, layer_rows
-from dipsvd_core.plan.plan import BudgetError, binary_size, check_fits, make_plan, memory_size, run_of
+from dipsvd_core.plan import BudgetError, binary_size, check_fits, make_plan, memory_size, run_of
 from dipsvd_core.run.pipeline import Settings, Workbench
 from studio import ui
 from studio.jobs import settle_heap

@@ -36,7 +36,7 @@ def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, offload
             blocks: tuple | None = None, _progress=None):
     """One copy of each model per server, shared by sessions; compression never mutates it. `blocks`: an offloaded
     model's plan.Placement, as a tuple."""
-    from dipsvd_core.plan.plan import Placement
+    from dipsvd_core.plan import Placement
 
     return load_model(spec, device, dtype, trust_remote_code, _progress, offload=offload,
                       blocks=None if blocks is None else Placement(*blocks))
@@ -46,7 +46,7 @@ def load_lm(spec: str, device: str, dtype: str, trust_remote_code: bool, offload
 def plan_of(spec: str, device: str, run: dict, trust_remote_code: bool, bench: bool = False,
             budgets: dict | None = None) -> dict:
     """The plan (plan.make_plan) as a dict, or {"error": message}; memory only unless `bench`."""
-    from dipsvd_core.plan.plan import make_plan, run_of
+    from dipsvd_core.plan import make_plan, run_of
 
     try:
         return make_plan(spec, device, run_of(**run), bench=bench, trust_remote_code=trust_remote_code,
@@ -59,7 +59,7 @@ def device_panel(device: str) -> None:
     """The compute device, its memory used and free, and the host's free memory."""
     import torch
 
-    from dipsvd_core.plan.plan import binary_size, free_host_bytes
+    from dipsvd_core.plan import binary_size, free_host_bytes
 
     host = free_host_bytes()
     host_txt = f" · host memory free {binary_size(host)}" if host is not None else ""

@@ -653,11 +653,11 @@ def test_an_offloaded_model_builds_evaluates_and_generates_side_by_side(tiny_mod
     The app then builds the compressed copy (sharing the original's offloaded weights), evaluates both and
     generates side by side, with the figures of the same model in memory."""
     from dipsvd_core.engine.evaluate import perplexity
-    from dipsvd_core.plan import plan as P
+    from dipsvd_core import plan as P
     from dipsvd_core.run.loading import load_model
     from dipsvd_core.run.pipeline import Settings, Workbench
 
-    monkeypatch.setattr(P, "runtime_bytes", lambda: 10 ** 9)  # the same runtime in the test's plan and the page's
+    monkeypatch.setattr("dipsvd_core.plan.plan.runtime_bytes", lambda: 10 ** 9)  # the same runtime in the test's plan and the page's
     run = {"method": "dipsvd", "calib_windows": 4, "seqlen": 64, "dtype": "auto", "eval_tokens": 256, "eval_sets": 2,
            "offload": True, "inplace": False}  # the Load page's run at these defaults
     everything_on_disk = P.make_plan(tiny_model_dir, "cpu", P.run_of(**run), bench=False, budgets={"host": 10 ** 12})

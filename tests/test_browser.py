@@ -314,7 +314,7 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypa
     runtime is pinned (DIPSVD_STUDIO_RUNTIME) so that the test computes the same placement as the server's plan."""
     from playwright.sync_api import expect
 
-    from dipsvd_core.plan import plan as P
+    from dipsvd_core import plan as P
 
     need_chromium()
     env = {"DIPSVD_STUDIO_DEFAULT_MODEL": tiny_model_dir, "DIPSVD_STUDIO_CALIB": "wiki", "DIPSVD_STUDIO_CALIB_WINDOWS": "4",

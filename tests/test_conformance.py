@@ -18,7 +18,7 @@ from dipsvd_core.io.compressed import load_compressed, save_compressed
 from dipsvd_core.methods.dobi import DobiConfig
 from dipsvd_core.methods.handlers import handler, method_names, refines
 from dipsvd_core.outputs.sweep import parse_grid, run_sweep
-from dipsvd_core.plan import plan as P
+from dipsvd_core import plan as P
 from dipsvd_core.refine.choices import REFINES
 from dipsvd_core.run.pipeline import Settings, Workbench
 

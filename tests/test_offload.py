@@ -76,7 +76,7 @@ def test_offload_on_the_cpu_keeps_on_disk_what_the_host_budget_does_not_hold(tin
     working set on disk. Without a placement there is still nothing to place."""
     import json
 
-    from dipsvd_core.plan import plan as P
+    from dipsvd_core import plan as P
 
     with pytest.raises(DipSVDError, match="on the CPU there is nothing to offload to"):
         load_model(tiny_model_dir, "cpu", "float32", offload=True)
@@ -206,7 +206,7 @@ def test_a_placement_gives_the_device_map(tiny_model_dir):
     """plan.place_blocks's counts become an accelerate device map: outside the blocks and the first blocks on the
     device, then host memory, then disk; loaded with it, the model is the one offloaded by hand above."""
     from dipsvd_core.model.models import block_device_map
-    from dipsvd_core.plan.plan import Placement, load_config, meta_model
+    from dipsvd_core.plan import Placement, load_config, meta_model
 
     config, _ = load_config(tiny_model_dir)
     meta = meta_model(config)

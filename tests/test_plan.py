@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dipsvd_core.common.errors import DipSVDError
-from dipsvd_core.plan import plan as P
+from dipsvd_core import plan as P
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def placed_blocks(lm: LoadedModel) -> str:
     """Where an offloaded model's decoder blocks are, in words ("" when it is not offloaded)."""
     if not lm.offloaded:
         return ""
-    from ..plan.plan import Placement
+    from ..plan import Placement
 
     prefix, blocks = find_blocks(lm.model)
     where = [lm.model.hf_device_map.get(f"{prefix}.{b}") for b in range(len(blocks))]

@@ -30,7 +30,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     if offload and blocks is not None and not blocks.gpu and blocks.disk == 0:
         offload = False  # on the CPU with every block in memory there is nothing to place
     if offload and blocks is not None and device_map is None:
-        from ..plan.plan import load_config, meta_model
+        from ..plan import load_config, meta_model
 
         config, _ = load_config(spec, trust_remote_code)
         device_map = block_device_map(meta_model(config, trust_remote_code), dev, blocks.device, blocks.host)

@@ -1,0 +1,230 @@
+"""The memory model of a plan: what each phase holds at its peak on the host and the device (memory, with refine's
+working set), where an offloaded run keeps its blocks (place_blocks), and the memory a run has beside its phases
+(the runtime, the free host and device memory)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..allocation.importance import checkpoint_every
+from ..allocation.strategies import strategy
+from ..engine import passes as P
+from ..refine.choices import refine_choice
+from .shapes import BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, PHASES, Phase, Run, Shapes, memory_size
+
+
+def _refine_memory(sh: Shapes, run: Run, cuda: bool, acts: int, factoring: int, layer_saved: int) -> tuple[int, int]:
+    """(the activation sets refine keeps, its working set on the device that runs it). Refine (refine.py) streams
+    two activation sets (original and compressed) and the block's compressed-path inputs again for its held-out
+    check, keeps every input group's X of one block for all windows but the residual-writing last Linear's, the
+    attention's output replayed for the later groups, one group's sums and one group's factoring; the refined
+    factors of every block gather on the host. On a GPU the per-window activations (the three sets and the groups'
+    X) wait in host memory, one window's on the device at a time (refine.Park)."""
+    B, T, N, H = DTYPE_BYTES[run.dtype], run.seqlen, run.calib_windows, sh.hidden
+    g_max = max(sh.groups)
+    # (the last group is the residual-writing Linear's, whose X is not kept; the paths share the kwargs)
+    refine_sets = 3 * N * T * H * B + N * T * (sum(sh.groups) - sh.groups[-1] + H) * B
+    # float64 g x g matrices of the widest group at once: the residual-writing last Linear (down_proj, the widest in
+    # Llama) holds G^ of both parts and, in turn, the original inputs' fit-part Gram or the damped solve's factor and
+    # its operand, and a window's product while summing (sums are added in place, the held-out part is let go when
+    # both are summed); a plain group also C of both parts and the original inputs' held-out Gram
+    sums = 5 if g_max == sh.groups[-1] else 7
+    refine_dev = (acts - N * T * H * B) + (refine_sets // N if cuda else refine_sets) \
+        + sums * g_max * g_max * 8 + H * g_max * 8 + factoring
+    if refine_choice(run.refine).tunes:  # block tuning: float32 masters of the block, their gradients and AdamW's
+        # two moments, and one window's autograd through the block (it runs after the group's factoring is freed)
+        refine_dev += max(0, 16 * sh.block_params + layer_saved - factoring)
+    return refine_sets, refine_dev
+
+
+def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
+    """(work, disk, host) per phase: what its peak holds on the device that runs it (besides the runtime), what it
+    writes to the cache folder, and what it keeps in host memory on a GPU run besides the weights."""
+    B, c, s = DTYPE_BYTES[run.dtype], DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[run.factor_dtype]
+    T, N, H, L = run.seqlen, run.calib_windows, sh.hidden, sh.n_blocks
+    weights = sh.params * B
+    per_block = [m for m in sh.matrices if m[0] == 0]
+    factor_bytes = lambda ms, b: sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)  # noqa: E731
+    kept = int((1 - run.ratio) * sh.targeted)  # parameters of the kept factors (the allocation's budget)
+    window = T * (4 * H + 3 * sh.window_width) * B + sh.heads * T * T * 4  # one window inside a block
+    acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window  # between blocks, rotary, one window
+    grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12  # + a window's product
+    o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
+    factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
+    layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
+    logits = 3 * T * sh.vocab * 4
+    # Fisher runs block by block: the kept blocks' inputs (every block's where they fit, else every sqrt(L)-th and
+    # one segment recomputed: importance.checkpoint_every), on a GPU waiting in host memory with one block's back
+    # on the device; the gradients at one level (on a GPU on the host), the last block's outputs (on the device
+    # while the forward streams), one block's float32 gradient sums and float64 rows, one block's autograd, the
+    # logits of one window
+    one_set = N * T * H * B
+    every = checkpoint_every(L, L * one_set)
+    fisher_saved = (L if every == 1 else math.ceil(L / every) + every - 1) * one_set
+    sums = sum(o * i * 4 + i * 8 for _, o, i in per_block)
+    fisher = (2 * one_set if cuda else fisher_saved + 2 * one_set) + sums + layer_saved + logits
+    host_fisher = fisher_saved + one_set  # on a GPU: the kept inputs and the gradients
+    one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
+    # save: the compressed model and the serialized bytes of its largest tensor (the embeddings, or a matrix kept
+    # dense); measured at 32 blocks of SmolLM2-360M's widths, 1,840 MB against 1,140 MB saved and the runtime
+    largest = max(sh.vocab * sh.hidden, one_matrix) * B
+    compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
+    refine_sets, refine_dev = _refine_memory(sh, run, cuda, acts, factoring, layer_saved)
+    # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
+    # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
+    # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
+    # for one window, its weight update the activations between blocks and one block's float64 incremental PCA
+    # states (dobi.ipca_weights streams block by block).
+    probe = lambda ms: factor_bytes([(b, o, i) for b, o, i in ms], 4) // 4 + logits + window  # noqa: E731
+    widest_type = max(sum(o * i for _, o, i in per_block if (o, i) == (o2, i2)) for _, o2, i2 in per_block)
+    work = {"load": weights, P.STATISTICS: weights + acts + grams,
+            P.FACTORS: weights + (acts + grams if run.whitens else 0) + factoring,
+            P.FISHER: weights + fisher,
+            P.BLOCK_PROBE: weights + probe(per_block),
+            P.TYPE_PROBE: weights + L * widest_type * 4 + logits + window,
+            P.SEARCH: weights + kept * B - (sh.targeted * B if cuda else 0) + logits + window,
+            P.TRAINING: weights + L * layer_saved + logits,
+            P.UPDATE: weights + acts + sum(o * o for _, o, _ in per_block) * 8 + window,
+            P.REFINE: weights + refine_dev + (kept * B if not cuda else 0),
+            "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
+            "evaluation": weights + max(compressed, 0) + logits + window,  # in place: the original's turn is larger
+            "save": weights + compressed + largest}
+    disk = dict.fromkeys(PHASES, 0) | {
+        "load": sh.params * 4 if sh.from_gguf else 0,
+        P.STATISTICS: sum(g * 16 for g in sh.groups) * L + L * H * 8,
+        P.FACTORS: factor_bytes(sh.matrices, s), P.FISHER: sum(i * 8 for _, _, i in sh.matrices)}
+    # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
+    # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
+    loaded = 0 if sh.mapped(run) and not cuda else weights  # mapped pages become resident in the first pass
+    host = {"load": loaded + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
+            P.REFINE: kept * B + refine_sets, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B,
+            "save": largest}  # on a GPU each tensor is copied to the host as it is written
+    if strategy(run.allocation).search_refines:  # a search that refines each candidate holds refine's working set
+        work[P.SEARCH] = max(work[P.SEARCH], work[P.REFINE])
+        host[P.SEARCH] = max(host[P.SEARCH], host[P.REFINE])
+    return work, disk, host
+
+
+def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
+    """Bytes of every phase at its peak (host, device, disk); seconds are filled in by `timing`. Which phases
+    are needed comes from the settings' declared needs (Run.phases)."""
+    work, disk, host = _work(sh, run, cuda)
+    block = sh.block_params * DTYPE_BYTES[run.dtype]
+    needed = run.phases
+    on_disk = run.disk_blocks if run.offload else 0
+    disk = dict(disk, load=disk["load"] + on_disk * block)  # the offload folder, written at load
+    spared = max(0, on_disk - 1) * block  # on the CPU: blocks on disk, one of them in memory at a time
+    streamed_blocks = sh.n_blocks - run.device_blocks
+    # in place and offloaded: the streamed blocks' low-rank pairs stay on the device once built (the device
+    # blocks' replace their own weights, already counted)
+    pairs = int((1 - run.ratio) * sh.targeted) * DTYPE_BYTES[run.dtype] * streamed_blocks // sh.n_blocks \
+        if run.offload and run.inplace else 0
+    phases = {}
+    for name in PHASES:
+        if not cuda:
+            h, dev = runtime + max(0, (host["load"] if name == "load" else work[name]) - spared), 0
+        elif run.offload:  # place_blocks: the embeddings, head and device_blocks on the device, the rest streamed
+            on_device = run.device_blocks
+            streamed = block if on_device < sh.n_blocks else 0
+            # once built, the pairs take the streamed block's place (an evaluation of the original streams first)
+            streamed = max(streamed, pairs) if name in BUILT else streamed
+            dev = work[name] - sh.n_blocks * block + on_device * block + streamed
+            h = runtime + (sh.n_blocks - on_device - on_disk) * block + {
+                n: host[n] for n in (P.FACTORS, P.REFINE, P.FISHER)}.get(name, 0)
+        else:
+            dev, h = work[name], runtime + host.get(name, 0)
+        phases[name] = Phase(int(h), int(dev), int(disk[name]), None, name in needed)
+    return phases
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an offloaded run keeps its decoder blocks: `device` of them on the device for the whole run, `host` in
+    host memory and `disk` in the offload folder, both of those sent to the device one block per pass. On the CPU
+    (`gpu` false) the device is the host: `device` blocks in memory, the others on disk, read one per pass."""
+
+    device: int
+    host: int
+    disk: int
+    gpu: bool = True
+
+    def words(self) -> str:
+        if not self.gpu:
+            return f"{self.device} blocks in memory, {self.disk} on disk"
+        return f"{self.device} blocks on the GPU, {self.host} in host memory, {self.disk} on disk"
+
+
+def _fit(budget: int, work: int, block: int, n_blocks: int) -> int:
+    """How many blocks a budget keeps beside a working set that holds one streamed block; all of them where all but
+    one fit, since then none streams."""
+    fit = max(0, (budget - work) // block)
+    return n_blocks if fit >= n_blocks - 1 else int(fit)
+
+
+def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, host_budget: int,
+                 cuda: bool = True) -> Placement:
+    """Where the blocks of an offloaded run live, from the memory budgets. On a GPU: the plan's working set of
+    every phase with every block streamed (the embeddings, the head and one block on the device) comes first; as
+    many blocks as the rest of `device_budget` holds (less DEVICE_RUNTIME and DEVICE_HEADROOM) stay on the device,
+    as many of the others as the rest of
+    `host_budget` holds wait in host memory, and the remainder go to disk. On the CPU: as many as `host_budget`
+    holds beside the working set with every block on disk (one read at a time) stay in memory."""
+    block, L = sh.block_params * DTYPE_BYTES[run.dtype], sh.n_blocks
+    if not cuda:
+        streamed = memory(sh, dataclasses.replace(run, offload=True, disk_blocks=L), False, runtime)
+        in_memory = _fit(host_budget, max(p.host_bytes for p in streamed.values() if p.needed), block, L)
+        return Placement(in_memory, 0, L - in_memory, gpu=False)
+    streamed = memory(sh, dataclasses.replace(run, offload=True, device_blocks=0, disk_blocks=0), True, runtime)
+    needed = [p for p in streamed.values() if p.needed]
+    on_device = _fit(device_budget - DEVICE_RUNTIME - DEVICE_HEADROOM, max(p.device_bytes for p in needed), block, L)
+    host_work = max(p.host_bytes for p in needed) - L * block  # the blocks' bytes apart
+    on_host = min(L - on_device, max(0, (host_budget - host_work) // block))
+    return Placement(on_device, int(on_host), int(L - on_device - on_host))
+
+
+# What a run holds beyond the imports, measured on the CPU at SmolLM2-360M's widths (/proc/self/status VmRSS): the
+# loaded tokenizer, about 2.7 KB per vocabulary entry (133 MB for 49,152), and the modeling code with the
+# calibration text cut into windows (121 MB).
+TOKENIZER_BYTES_PER_TOKEN = 2_700
+RUN_FIXED_BYTES = 121 * 2**20
+
+
+def run_overhead(sh: Shapes) -> int:
+    """The tokenizer, modeling code and calibration text a run holds besides the imports and the model."""
+    return TOKENIZER_BYTES_PER_TOKEN * sh.vocab + RUN_FIXED_BYTES
+
+
+def runtime_bytes() -> int:
+    """This process's resident memory now: Python, torch and transformers loaded, no model yet. DIPSVD_STUDIO_RUNTIME
+    (a size such as 1GiB) replaces it: a plan made for another process (the browser test pins the app server's
+    placement with it)."""
+    fixed = os.environ.get("DIPSVD_STUDIO_RUNTIME", "").strip()
+    if fixed:
+        return memory_size(fixed)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def free_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        return info.get("MemAvailable")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """What the card has free now, after the caching allocator gives back the blocks it keeps unused (a second
+    plan in the same process, after a run, would otherwise count them as taken)."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]

@@ -329,16 +329,13 @@ def _budgets(args) -> dict:
 
 def _check_plan(args) -> tuple[dict | None, object]:
     """The plan's memory figures for this compress run, and where an offloaded run keeps its blocks (plan.Placement,
-    from the memory budgets; None otherwise); refuses up front when they do not fit."""
-    from .io.compressed import is_compressed_folder
-    from .plan import check_fits, make_plan
+    from the memory budgets; None otherwise); refuses up front when they do not fit (run.session.checked_plan)."""
+    from .run.session import checked_plan
 
-    if Path(os.path.expanduser(args.model)).is_dir() and is_compressed_folder(Path(os.path.expanduser(args.model))):
+    plan = checked_plan(args.model, args.device, _run_of(args), args.trust_remote_code, _budgets(args),
+                        check=not args.ignore_plan)
+    if plan is None:
         return None, None
-    plan = make_plan(args.model, args.device, _run_of(args), bench=False, trust_remote_code=args.trust_remote_code,
-                     budgets=_budgets(args))
-    if not args.ignore_plan:
-        check_fits(plan)
     if not args.quiet:
         print(f"plan: peak host {plan.peak_host_bytes / 2**30:.2f} GiB, "
               f"device {plan.peak_device_bytes / 2**30:.2f} GiB, disk {plan.disk_bytes / 2**30:.2f} GiB "
@@ -350,6 +347,8 @@ def _check_plan(args) -> tuple[dict | None, object]:
 def _check_paths(args) -> None:
     """Before anything loads: an --out that would be overwritten, text files that are not there, and lm-eval tasks
     that are unknown or, offline, cannot run."""
+    from .run.session import dense_folder
+
     if args.export == "dense" and not args.out:
         raise DipSVDError("--export dense writes next to the saved model; give --out DIR too")
     for out in (args.out, dense_folder(args.out) if args.export == "dense" else None):
@@ -363,20 +362,10 @@ def _check_paths(args) -> None:
     _check_tasks(args)
 
 
-def dense_folder(out: str) -> str:
-    """Where --export dense writes: OUT-dense, beside OUT."""
-    return str(Path(out).with_name(Path(out).name + "-dense"))
-
-
 def _save(args, model, tokenizer, report: dict) -> None:
-    from .io.compressed import save_compressed, save_dense
+    from .run.session import save_run
 
-    info = {k: report[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
-    if "storage" in report:
-        info.update(remap=report["storage"]["remap"], storage=report["storage"])
-    report["saved_to"] = str(save_compressed(model, args.out, tokenizer, info, force=args.force, report=report))
-    if args.export == "dense":  # last: it turns the model back into dense Linears
-        report["saved_dense_to"] = str(save_dense(model, dense_folder(args.out), tokenizer, force=args.force))
+    report.update(save_run(model, args.out, tokenizer, report, force=args.force, dense=args.export == "dense"))
 
 
 def _speed_and_generations(args, model, tokenizer) -> dict:

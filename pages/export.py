@@ -3,11 +3,11 @@ import json
 
 import streamlit as st
 
-from dipsvd_core.io.compressed import save_compressed
 from dipsvd_core.io.report import build_words, compression_report
 from dipsvd_core.methods.settings import settings_dict
 from dipsvd_core.outputs.html_report import report_figures, report_html
 from dipsvd_core.outputs.inspection import allocation_rows, to_csv
+from dipsvd_core.run.session import save_run
 from studio import ui
 
 s = ui.need_model()
@@ -52,10 +52,7 @@ if force:
 
 def save(job):
     job.progress(0.1, f"writing {folder}")
-    info = {k: rep[k] for k in ("model", "method", "allocation", "ratio_target", "ratio_realized", "settings")}
-    if "storage" in rep:  # dobi: a remapped model is written as int8 factors
-        info.update(remap=rep["storage"]["remap"], storage=rep["storage"])
-    s.saved_to = str(save_compressed(res.model, folder, lm.tokenizer, info, force=force, report=rep))
+    s.saved_to = save_run(res.model, folder, lm.tokenizer, rep, force=force)["saved_to"]
 
 
 if st.button("Save", type="primary", disabled=busy or not folder or not confirmed):

@@ -10,8 +10,9 @@ from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.engine.data import CALIB_SOURCES as SOURCES
 from dipsvd_core.model.models import DEFAULT_MODEL, DTYPES
 from dipsvd_core.outputs.inspection import architecture, default_ratio, layer_rows
-from dipsvd_core.plan import BudgetError, binary_size, check_fits, make_plan, memory_size, run_of
+from dipsvd_core.plan import binary_size, memory_size, run_of
 from dipsvd_core.run.pipeline import Settings, Workbench
+from dipsvd_core.run.session import checked_plan
 from studio import ui
 from studio.jobs import settle_heap
 from studio.state import defaults
@@ -117,17 +118,7 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
 
 def load(job):
     job.progress(0.0, "planning: will it fit?")
-    try:
-        plan = make_plan(spec or "", device, run_of(**run), bench=False, trust_remote_code=trust, budgets=budgets)
-    except BudgetError:  # a budget below one block: the user's own input, said as it is
-        raise
-    except DipSVDError:  # a config that cannot be read is left to the loader, which says why
-        plan = None
-    if plan is not None:
-        try:
-            check_fits(plan)
-        except DipSVDError as e:
-            raise DipSVDError(str(e).replace("--ignore-plan", "the CLI's --ignore-plan")) from None
+    plan = checked_plan(spec or "", device, run_of(**run), trust, budgets, override="use the CLI's --ignore-plan")
     blocks = None if plan is None or plan.placement is None else dataclasses.astuple(plan.placement)
     lm = ui.load_lm(spec or "", device, dtype, trust, bool(offload), blocks, _progress=job.progress)
     job.progress(0.05, "cutting calibration windows")

@@ -231,8 +231,9 @@ def misfit(plan: Plan, margin: float = 1.0) -> str | None:
     return None
 
 
-def check_fits(plan: Plan) -> None:
-    """Raise a DipSVDError naming the one option that would fit, when the plan does not."""
+def check_fits(plan: Plan, override: str = "pass --ignore-plan") -> None:
+    """Raise a DipSVDError naming the one option that would fit, when the plan does not; `override` says how to run
+    anyway (the CLI's flag by default)."""
     problem = misfit(plan)
     if problem is None:
         return
@@ -256,9 +257,9 @@ def check_fits(plan: Plan) -> None:
         alt = dataclasses.replace(plan, phases=memory(shapes, other, cuda, plan.runtime_bytes))
         if misfit(alt) is None:
             raise DipSVDError(f"this run does not fit: {problem}. {option} would fit "
-                              "(or pass --ignore-plan to run anyway)")
+                              f"(or {override} to run anyway)")
     raise DipSVDError(f"this run does not fit: {problem}, and no single option makes it fit; use a machine with "
-                      "more memory or a smaller model (or pass --ignore-plan to run anyway)")
+                      f"more memory or a smaller model (or {override} to run anyway)")
 
 
 def plan_json(plan: Plan) -> str:

@@ -1,7 +1,7 @@
 """DipSVD Studio's core library: SVD compression of causal LMs with dual-importance protection.
 
 Packages by layer, lowest first (LAYERS); a module imports only from its own package and the layers below it,
-and the command line (cli, __main__) sits on top. tests/test_layers.py checks it from the imports.
+and the command line (the cli package, __main__) sits on top. tests/test_layers.py checks it from the imports.
 
     common -> model -> engine -> lowrank -> refine -> allocation -> methods -> io -> plan -> run -> outputs -> cli
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from dipsvd_core.allocation.importance import (NORM_EPS, cached_fisher, combined_score, effective_rank, effective_ranks,
-                                               fisher_info, minmax)
+from dipsvd_core.allocation.fisher import cached_fisher, fisher_info
+from dipsvd_core.allocation.importance import NORM_EPS, combined_score, effective_rank, effective_ranks, minmax
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.engine.stats import stats_key
 from dipsvd_core.run.pipeline import Settings, Workbench
@@ -157,7 +157,7 @@ def test_fisher_leaves_the_model_as_it_was_when_interrupted(tiny_lm, windows, st
 
 
 def test_checkpoint_every_keeps_all_that_fit_else_every_sqrt_l_th():
-    from dipsvd_core.allocation.importance import FISHER_KEEP_BYTES, checkpoint_every
+    from dipsvd_core.allocation.fisher import FISHER_KEEP_BYTES, checkpoint_every
 
     assert checkpoint_every(32, FISHER_KEEP_BYTES) == 1
     assert checkpoint_every(32, FISHER_KEEP_BYTES + 1) == 6  # ceil(sqrt(32)): Llama-3-8B holds 6 + 5 sets, not 32
@@ -172,7 +172,7 @@ def test_fisher_with_checkpoints_gives_the_same_figures_and_holds_fewer_inputs(t
     backward ends: no more than one block's at a time."""
     from conftest import make_tiny_llama
 
-    from dipsvd_core.allocation import importance
+    from dipsvd_core.allocation import fisher
     from dipsvd_core.run.loading import load_model
 
     lm = load_model(make_tiny_llama(tmp_path / "five", layers=5), device="cpu", dtype="float32")
@@ -180,7 +180,7 @@ def test_fisher_with_checkpoints_gives_the_same_figures_and_holds_fewer_inputs(t
     kept = fisher_info(lm.model, lm.targets, windows)
 
     seen, live = [], []
-    real_forward, real_start = importance._forward_inputs, importance._Reductions.start
+    real_forward, real_start = fisher._forward_inputs, fisher._Reductions.start
 
     def spy_forward(*args):
         fwd = real_forward(*args)
@@ -191,9 +191,9 @@ def test_fisher_with_checkpoints_gives_the_same_figures_and_holds_fewer_inputs(t
         live.append(len(self.grad_sum))
         real_start(self, name, shape, device)
 
-    monkeypatch.setattr(importance, "FISHER_KEEP_BYTES", 0)
-    monkeypatch.setattr(importance, "_forward_inputs", spy_forward)
-    monkeypatch.setattr(importance._Reductions, "start", spy_start)
+    monkeypatch.setattr(fisher, "FISHER_KEEP_BYTES", 0)
+    monkeypatch.setattr(fisher, "_forward_inputs", spy_forward)
+    monkeypatch.setattr(fisher._Reductions, "start", spy_start)
     again = fisher_info(lm.model, lm.targets, windows)
 
     fwd = seen[0]

@@ -160,7 +160,7 @@ def test_every_pass_sends_each_offloaded_block_once_for_all_windows(counted, pai
     """Over 4 windows, accelerate's hooks alone would send every block tensor 4 times per pass (once per call);
     with block_on_device each is sent once per pass, whatever the number of windows. The figures stay those
     of the model in memory."""
-    from dipsvd_core.allocation.importance import fisher_info
+    from dipsvd_core.allocation.fisher import fisher_info
     from dipsvd_core.engine.stats import stream_stats
 
     off, counts = counted

@@ -10,7 +10,7 @@ its own name, so a run can be checked against its plan.
   block-output spectra (stats.py).
 - grams: a scaling that whitens by the input Grams factors each block inside the statistics pass, while the
   block's Grams exist (they are never stored); planned as part of the statistics phase.
-- fisher: backward passes of the next-token loss, block by block (importance.fisher_info).
+- fisher: backward passes of the next-token loss, block by block (fisher.fisher_info).
 - factors: every targeted matrix's full-rank factors, once per factor spec, on disk (factors.py).
 - block probe / type probe: the loss with one block, or one matrix type, truncated on held-out windows.
 - search: Bayesian optimisation of the per-block keep ratios (bayes.py).

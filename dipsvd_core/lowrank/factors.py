@@ -178,7 +178,7 @@ def factor_model(weights: dict[str, torch.Tensor], spec: FactorSpec, group_of: d
     group (every one but a per-matrix scaling) is computed once per group.
 
     Each scaling reads what it needs (scalings.py): `group_of` and the groups' `grams`, `abs_means` per group,
-    or `fisher_rows` (name -> (in,) row-wise Fisher, from importance.fisher_info).
+    or `fisher_rows` (name -> (in,) row-wise Fisher, from fisher.fisher_info).
     """
     compute, storage = DTYPES[spec.compute], DTYPES[spec.storage]
     scale, data = spec.scaling, ScaleData(group_of, grams, abs_means, fisher_rows)

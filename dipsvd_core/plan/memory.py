@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..allocation.importance import checkpoint_every
+from ..allocation.fisher import checkpoint_every
 from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..refine.choices import refine_choice
@@ -58,7 +58,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
     logits = 3 * T * sh.vocab * 4
     # Fisher runs block by block: the kept blocks' inputs (every block's where they fit, else every sqrt(L)-th and
-    # one segment recomputed: importance.checkpoint_every), on a GPU waiting in host memory with one block's back
+    # one segment recomputed: fisher.checkpoint_every), on a GPU waiting in host memory with one block's back
     # on the device; the gradients at one level (on a GPU on the host), the last block's outputs (on the device
     # while the forward streams), one block's float32 gradient sums and float64 rows, one block's autograd, the
     # logits of one window

@@ -15,8 +15,8 @@ these shapes it adds up what each phase holds at its peak:
 - factors (the same pass for svd-llm and dipsvd): the above plus the factoring of the largest matrix
   in the compute dtype (the whitening's SVD of the in x in Gram, the SVD of W S) and the block's
   factors before they are written.
-- Fisher (importance.fisher_info, block by block): the weights, the kept blocks' inputs for every window
-  (every block's up to importance.FISHER_KEEP_BYTES, else every sqrt(L)-th block's and one recomputed segment),
+- Fisher (fisher.fisher_info, block by block): the weights, the kept blocks' inputs for every window
+  (every block's up to fisher.FISHER_KEEP_BYTES, else every sqrt(L)-th block's and one recomputed segment),
   the gradients at one block boundary, one block's float32 gradient sums and autograd, one window's logits.
 - surgery: the weights plus the kept factors at this ratio (read from disk one matrix at a time). compress
   converts the model in place, dropping each dense matrix as its factors replace it; the app keeps the

@@ -17,7 +17,8 @@ import torch
 
 from ..allocation import allocators
 from ..allocation import budget as alloc
-from ..allocation.importance import FisherInfo, cached_fisher, effective_ranks, importance, rank_spectra
+from ..allocation.fisher import FisherInfo, cached_fisher
+from ..allocation.importance import effective_ranks, importance, rank_spectra
 from ..allocation.strategies import OBJECTIVE, strategy
 from ..common.cache import cache_dir, load_tensors, make_key, save_tensors
 from ..common.errors import DipSVDError

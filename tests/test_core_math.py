@@ -1,4 +1,4 @@
-"""The math of DESIGN.md sections 1-3, asserted on numbers."""
+"""The math of docs/DESIGN.md sections 1-3, asserted on numbers."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Global importance signals (DESIGN.md section 4): effective rank, Fisher sensitivity, Q."""
+"""Global importance signals (docs/DESIGN.md section 4): effective rank, Fisher sensitivity, Q."""
 import numpy as np
 import pytest
 import torch

@@ -65,3 +65,28 @@ def test_the_check_sees_an_upward_import(tmp_path):
                    "    from ..common import errors\n")
     assert [(line, _layer(m)) for line, m in _targets(bad, tmp_path)] == [(1, LAYERS.index("run")), (3, LAYERS.index("plan")),
                                                       (4, LAYERS.index("common"))]
+
+
+REPO = ROOT.parent
+
+
+def test_every_file_the_code_cites_is_in_the_repository():
+    """A docstring that cites docs/DESIGN.md (a section too), bench/RESULTS.md or a script resolves in a clone."""
+    import re
+
+    design = (REPO / "docs" / "DESIGN.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", design, re.M))
+    missing = []
+    for path in [*ROOT.rglob("*.py"), *(REPO / "tests").glob("*.py"), *(REPO / "pages").glob("*.py")]:
+        if path.name == "test_layers.py":
+            continue
+        text = path.read_text()
+        for cited in re.findall(r"\b((?:docs|bench|tests)/[\w./-]+\.(?:md|py|json|jsonl))", text):
+            if not (REPO / cited).exists():
+                missing.append(f"{path.relative_to(REPO)}: {cited}")
+        for n in re.findall(r"DESIGN\.md,? sections? (\d+)", text):
+            if n not in sections:
+                missing.append(f"{path.relative_to(REPO)}: docs/DESIGN.md section {n}")
+        if re.search(r"(?<!docs/)\bDESIGN\.md", text):
+            missing.append(f"{path.relative_to(REPO)}: DESIGN.md without its folder")
+    assert missing == []

@@ -1,6 +1,6 @@
 """Step 4 of the flow: from keep ratios to ranks, under a parameter budget.
 
-Conventions (DESIGN.md section 1): `ratio` r is the fraction of the targeted parameters removed;
+Conventions (docs/DESIGN.md section 1): `ratio` r is the fraction of the targeted parameters removed;
 keep-ratio p = 1 - r. A matrix (out x in) kept at p gets rank k = floor(p * out * in / (out + in)),
 clipped to [1, min(out, in)]; p >= 1 keeps it dense. Every allocation, whatever produced it, goes
 through `project`, which clamps p_l to [p_min, p_max] and rescales so the realized parameter

@@ -1,4 +1,4 @@
-"""Step 3b of the flow: global importance signals per decoder block (DESIGN.md section 4), and the probes.
+"""Step 3b of the flow: global importance signals per decoder block (docs/DESIGN.md section 4), and the probes.
 
 Computed from the calibration windows and the cached statistics, returned as plain arrays:
 - Fisher sensitivity S_l (fisher.py): one backward pass of the next-token loss per calibration window, taken one

@@ -1,6 +1,6 @@
 """Step 1b of the flow: text sources and token windows.
 
-Sources (DESIGN.md section 6):
+Sources (docs/DESIGN.md section 6):
 - `wiki`: the English Wikipedia extract shipped in gensim's wheel, split by article: the first
   half of the articles is `calib`, the second half `eval`. Disjoint by construction.
 - `wiki-chat`: the same articles' prose paragraphs in passages (about CHAT_PASSAGE characters), every other

@@ -1,6 +1,6 @@
 """Step 6 of the flow: perplexity and generation for any model (speed: speed.py).
 
-Perplexity (DESIGN.md section 5): windows are (n, seqlen) token ids cut without padding;
+Perplexity (docs/DESIGN.md section 5): windows are (n, seqlen) token ids cut without padding;
 PPL = exp(mean next-token NLL over every predicted token of every window). A non-finite loss
 is an error, never skipped.
 """

@@ -10,7 +10,7 @@ the factor store and every allocation are shared (factors.py). Each scaling decl
 `register_scaling` makes a new one a method everywhere (the CLI, the plan, the sweep, the app): see
 tests/test_conformance.py for one registered at test time.
 
-The math (DESIGN.md section 3), for a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
+The math (docs/DESIGN.md section 3), for a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
 - "paper" form (DipSVD Eq. 3): G~ = D G D = Q L Q^T, S = Q L^{1/2}, S^{-1} = L^{-1/2} Q^T. Any S with
   S S^T = G~ gives the same rank-k truncation W' = U_k Sigma_k V_k^T S^{-1} (S R for an orthogonal R turns V into
   R^T V), so in float64 S is G~'s Cholesky factor wherever no eigenvalue would be floored (cholesky_root), as

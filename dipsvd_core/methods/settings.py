@@ -55,7 +55,7 @@ class Settings:
                            choices=lambda: tuple(COMPENSATIONS))
     p_min: float = knob(0.05, "lowest keep ratio of a block")
     p_max: float = knob(1.0, "highest keep ratio of a block (1 = may stay dense)")
-    # global importance (DESIGN.md section 4)
+    # global importance (docs/DESIGN.md section 4)
     beta: float = knob(0.25, "Q = S~^beta * R~^(1-beta): weight of Fisher sensitivity")
     tau: float = knob(0.95, "energy threshold of the effective rank")
     energy: str = knob("sigma2", "effective-rank energy: sigma2 (Alg. 5) or sigma (Eq. 11)", choices=lambda: ENERGIES)

@@ -20,7 +20,7 @@ LARGE_MODEL_PARAMS = 1e9  # below this, small models have flat spectra: 0.1 remo
 
 
 def default_ratio(lm: LoadedModel) -> float:
-    """0.1 for models under ~1B parameters (DESIGN.md section 8), 0.2 for 7B-class models."""
+    """0.1 for models under ~1B parameters (docs/DESIGN.md section 8), 0.2 for 7B-class models."""
     return 0.1 if count_params(lm.model) < LARGE_MODEL_PARAMS else 0.2
 
 

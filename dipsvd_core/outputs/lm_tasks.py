@@ -3,7 +3,7 @@
 `lm_eval.simple_evaluate` runs on the model through lm-eval's HF wrapper (HFLM wraps the module and tokenizer we
 already hold: nothing is loaded twice). Online users name hub tasks (arc_easy, hellaswag, ...). Offline, and in the
 tests, the task `dipsvd_wiki_cloze` is defined here over text the project ships: each document is the opening of a
-sentence from the held-out wiki articles (DESIGN.md section 6), and the choices are its true next words and the
+sentence from the held-out wiki articles (docs/DESIGN.md section 6), and the choices are its true next words and the
 next words of three other sentences; lm-eval scores each choice by its log-likelihood after the context. Its task
 yaml and data are written to the user cache folder, and lm-eval reads them as a local json dataset;
 `python -m dipsvd_core.outputs.lm_tasks` writes them and prints the folder, for lm-eval's own command line

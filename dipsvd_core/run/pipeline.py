@@ -194,7 +194,7 @@ class Workbench:
     def has_cached(self, kind: str, key) -> bool:
         return (kind, key) in self._cached
 
-    # --- global importance (DESIGN.md section 4) ---
+    # --- global importance (docs/DESIGN.md section 4) ---
     def fisher(self, progress=None) -> FisherInfo:
         """Fisher sensitivity from backward passes over the calibration windows (cached on disk)."""
         if self._fisher is None:

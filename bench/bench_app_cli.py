@@ -120,7 +120,7 @@ class App:
     def __init__(self, cache: Path, log: Path):
         from playwright.sync_api import sync_playwright
 
-        from tests.test_browser import free_port, wait_for_server
+        from devkit.browser import free_port, wait_for_server
 
         port = free_port()
         env = dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), DIPSVD_STUDIO_CALIB="wiki",  # as the CLI side
@@ -152,7 +152,7 @@ class App:
 
     def settle(self) -> None:
         """Wait for the rerun a widget change started."""
-        from tests.test_browser import settle
+        from devkit.browser import settle
 
         settle(self.page)
 

@@ -42,7 +42,7 @@ def random_llama(folder: Path, layers: int, hidden: int, inter: int, heads: int,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import bundled_tokenizer_dir
+    from devkit.models import bundled_tokenizer_dir
     from transformers import AutoTokenizer
 
     src, name = bundled_tokenizer_dir()

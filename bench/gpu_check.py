@@ -80,7 +80,7 @@ def tokenizer(folder: str | None):
 
     if folder:
         return AutoTokenizer.from_pretrained(folder)
-    from tests.conftest import bundled_tokenizer_dir
+    from devkit.models import bundled_tokenizer_dir
 
     src, name = bundled_tokenizer_dir()
     return AutoTokenizer.from_pretrained(src, gguf_file=name)

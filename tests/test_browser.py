@@ -13,14 +13,14 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from devkit.browser import free_port, settle, wait_for_server
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -38,26 +38,6 @@ def need_chromium() -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(reason)  # CI never skips the browser silently
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"streamlit exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"streamlit did not answer on {url} within {timeout} s")
 
 
 @contextlib.contextmanager
@@ -83,12 +63,6 @@ def streamlit_server(log_path: Path, **env_vars):
             proc.kill()
         log.close()
         shutil.copy(log_path, ARTIFACTS / log_path.name) if ARTIFACTS.exists() else None
-
-
-def settle(page) -> None:
-    """Wait until the page's script run has finished (Streamlit shows its status widget while it runs)."""
-    page.wait_for_timeout(500)
-    page.wait_for_function("!document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
 
 
 def go_to(page, title: str) -> None:

@@ -3,15 +3,13 @@ beside the plan."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from devkit.scripts import run_bench_script
 
 
 def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = run_bench_script("gpu_check", "--tiny", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates, row, oom = json.loads(out.read_text())
     assert row["case"] == "tiny" and row["device"] == "cpu"
@@ -33,8 +31,7 @@ def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan
     assert row["ppl"]["loaded"]["wiki"] == __import__("pytest").approx(row["ppl"]["compressed"]["wiki"], rel=1e-4)
     assert row["generated"] == {"compress": 3, "loaded": 3}
     # without a GPU and without --tiny the script says what it needs, in one line
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path / "x.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_bench_script("gpu_check", "--out", str(tmp_path / "x.json"), timeout=300)
     import torch
 
     if not torch.cuda.is_available():
@@ -47,8 +44,7 @@ def test_the_gpu_bundle_fits_a_device_call_and_its_run_script_refuses_without_cu
     import torch
 
     folder = tmp_path / ".gpu"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bundle.py"), "--folder", str(folder)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_bench_script("gpu_bundle", "--folder", str(folder), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (folder / "tokenizer" / "tokenizer.json").is_file() and (folder / "run.sh").is_file()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

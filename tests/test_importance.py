@@ -170,7 +170,7 @@ def test_fisher_with_checkpoints_gives_the_same_figures_and_holds_fewer_inputs(t
     blocks 0 and 3, the backward recomputes 4 from 3 and then 1, 2 from 0, and never holds more than 3 sets (not
     5); every figure equals the run that kept all. And each block's float32 gradient sums are dropped when its
     backward ends: no more than one block's at a time."""
-    from conftest import make_tiny_llama
+    from devkit.models import make_tiny_llama
 
     from dipsvd_core.allocation import fisher
     from dipsvd_core.run.loading import load_model

@@ -90,3 +90,14 @@ def test_every_file_the_code_cites_is_in_the_repository():
         if re.search(r"(?<!docs/)\bDESIGN\.md", text):
             missing.append(f"{path.relative_to(REPO)}: DESIGN.md without its folder")
     assert missing == []
+
+
+def test_tests_and_benchmarks_share_only_devkit():
+    """No bench script imports from tests/, and no test runs a bench script but through devkit.scripts."""
+    import re
+
+    bench = [p for p in (REPO / "bench").rglob("*.py")
+             if re.search(r"^\s*(from tests\b|import tests\b|from conftest\b)", p.read_text(), re.M)]
+    tests = [p for p in (REPO / "tests").glob("*.py")
+             if p.name != "test_layers.py" and re.search(r"\"bench\" /|bench/\w+\.py\"", p.read_text())]
+    assert bench == [] and tests == []

@@ -1,7 +1,7 @@
 """Benchmark of issue 25, item 4: does the compressed model's text still read? The bundled model's default prompts.
 
-    .venv/bin/python bench/bench_generations.py [--calib 16x256] [--source wiki] [--allocation nested]
-        [--refine sequential] [--ratios 0.1,0.2,0.3] [--new-tokens 48] [--out bench/generations.json] [--write]
+    .venv/bin/python bench/experiments/bench_generations.py [--calib 16x256] [--source wiki] [--allocation nested]
+        [--refine sequential] [--ratios 0.1,0.2,0.3] [--new-tokens 48] [--out bench/experiments/generations.json] [--write]
 
 What the Side-by-side page gives at its defaults: greedy decoding, the chat template on, --new-tokens new tokens
 (the app's 48), the three default prompts (evaluate.DEFAULT_PROMPTS), through the original model and through the
@@ -17,7 +17,13 @@ import argparse
 import json
 from dataclasses import replace
 
-from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import RESULTS, load_bundled, machine, replace_section, utc_date, workbench
 
 SECTION = "## Compressed text that reads (issue 25)"
 
@@ -90,8 +96,8 @@ def continued(report: dict) -> list[str]:
 
 
 def from_safe(args) -> dict:
-    """The report from bench/refine_safe.jsonl's rows of this calibration and allocation that hold generations."""
-    rows = [json.loads(line) for line in open(BENCH / "refine_safe.jsonl")]
+    """The report from bench/experiments/refine_safe.jsonl's rows of this calibration and allocation that hold generations."""
+    rows = [json.loads(line) for line in open(HERE / "refine_safe.jsonl")]
     rows = [r for r in rows if r["calib"] == args.calib and r["allocation"] == args.allocation and "generations" in r
             and f"{r['ratio']:g}" in args.ratios.split(",") and r.get("source", "wiki") == args.source]
     return {"calib": args.calib, "source": args.source, "allocation": args.allocation, "refine": "sequential",
@@ -134,14 +140,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--continuations", type=int, default=0, help="also continue this many openings of held-out "
                                                                   "news (no chat template)")
-    p.add_argument("--out", default=str(BENCH / "generations.json"))
+    p.add_argument("--out", default=str(HERE / "generations.json"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--from-safe", action="store_true", help="take the generations bench_refine_safe.py recorded "
                                                            "(its rows of --source, --calib and --allocation) "
                                                            "instead of building")
     p.add_argument("--from-out", action="store_true", help="write the section from --out, measured before")
     args = p.parse_args()
-    out = BENCH / args.out.rsplit("/", 1)[-1]
+    out = HERE / args.out.rsplit("/", 1)[-1]
     if args.from_out:
         report = json.loads(out.read_text())
     else:
@@ -153,7 +159,7 @@ def main() -> None:
                  f"{'' if source == 'wiki' else ' of ' + source}, refine {report['refine']}"
                  f"{', held-out continuations' if 'continued' in report else ''})")
         body = (f"{title}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `{command(report, args.from_safe)}` "
-                f"(bench/{out.name}). The Side-by-side page's defaults: greedy, chat template on, "
+                f"(bench/experiments/{out.name}). The Side-by-side page's defaults: greedy, chat template on, "
                 f"{report['new_tokens']} new tokens, the three default prompts; dipsvd + {report['allocation']} on the "
                 f"bundled SmolLM2-135M, calibration {report['calib']} of {source}.\n\n" + markdown(report))
         replace_section(RESULTS, title, body)
@@ -164,7 +170,7 @@ def command(report: dict, from_safe: bool) -> str:
     ratios = ",".join(f"{r['ratio']:g}" for r in report["rows"])
     continuations = len(report["continued"]["original"]) if "continued" in report else 0
     source = report.get("source", "wiki")
-    return (f".venv/bin/python bench/bench_generations.py --calib {report['calib']}"
+    return (f".venv/bin/python bench/experiments/bench_generations.py --calib {report['calib']}"
             f"{'' if source == 'wiki' else ' --source ' + source} --allocation "
             f"{report['allocation']} --refine {report['refine']} --ratios {ratios} --new-tokens "
             f"{report['new_tokens']}{' --from-safe' if from_safe else ''}"

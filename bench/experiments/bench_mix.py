@@ -1,8 +1,8 @@
 """Issue 11, item 2, tried ideas: choose between the coupled and the heuristic allocation on held-out text;
 raise the coupled allocation's per-matrix floor.
 
-    .venv/bin/python bench/bench_mix.py [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 4096] [--out bench/mix.json]
-    .venv/bin/python bench/bench_mix.py --p-min 0.05,0.15,0.25,0.35 --ratios 0.3,0.4 --out bench/mix_pmin.json
+    .venv/bin/python bench/experiments/bench_mix.py [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 4096] [--out bench/experiments/mix.json]
+    .venv/bin/python bench/experiments/bench_mix.py --p-min 0.05,0.15,0.25,0.35 --ratios 0.3,0.4 --out bench/experiments/mix_pmin.json
 
 For each ratio, the per-matrix parameter counts of the two allocations are mixed, c_m(w) = (1 - w) c_m(coupled)
 + w c_m(heuristic), w in {0, 0.25, 0.5, 0.75, 1} (a mixed count is turned into a rank by rounding down, so a
@@ -21,7 +21,13 @@ import argparse
 import time
 from dataclasses import replace
 
-from common import BENCH, eval_sets, load_bundled, print_row, workbench, write_json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import eval_sets, load_bundled, print_row, workbench, write_json
 
 from dipsvd_core.allocation import allocators
 from dipsvd_core.allocation import budget as alloc
@@ -48,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--out", default=str(BENCH / "mix.json"))
+    ap.add_argument("--out", default=str(HERE / "mix.json"))
     ap.add_argument("--p-min", default=None, help="comma-separated floors: the coupled allocation at each")
     args = ap.parse_args()
     lm = load_bundled()

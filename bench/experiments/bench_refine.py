@@ -1,6 +1,6 @@
 """Benchmark of issue 11: sequential compensation and the coupled allocation on the bundled model.
 
-    .venv/bin/python bench/bench_refine.py [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 8192] [--write]
+    .venv/bin/python bench/experiments/bench_refine.py [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 8192] [--write]
 
 One run, one set of statistics: SmolLM2-135M, 32 x 512 calibration tokens from wiki, --eval-tokens
 each of wiki and news. Today's rows (the ablation of paper Table 6: svd-llm + uniform, dipsvd +
@@ -8,7 +8,7 @@ uniform, svd-llm + heuristic, dipsvd + heuristic, dipsvd + BO) and the coupled a
 unrefined and refined, plus the coupled allocation as it was before this issue ("coupled-v1", its
 weight ||W||_F^2 tr(F_W) / P / L(0)^2, rebuilt here from the same Fisher pass), which is part of
 "today's best". The cache is a fresh folder of its own, so statistics, factors, Fisher and the
-block probe are timed cold. Writes bench/sweep_refine.json and .md; --write replaces the
+block probe are timed cold. Writes bench/experiments/sweep_refine.json and .md; --write replaces the
 "## Sequential compensation (issue 11)" section of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -22,7 +22,12 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from common import BENCH, CALIBRATION, RESULTS, eval_sets, load_bundled, machine, replace_section, workbench, write_json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import CALIBRATION, RESULTS, eval_sets, load_bundled, machine, replace_section, workbench, write_json
 
 SECTION = "## Sequential compensation (issue 11)"
 KEEP = "### "  # the hand-written subsections below the measured part (tried ideas, cost) stay on --write
@@ -146,7 +151,7 @@ def comparison(report: dict) -> list[str]:
 
 
 def render(report: dict, ratios: str, eval_tokens: int) -> str:
-    """The RESULTS.md section from a finished run's report (bench/sweep_refine.json)."""
+    """The RESULTS.md section from a finished run's report (bench/experiments/sweep_refine.json)."""
     started = datetime.fromisoformat(report["started"])
     lines = comparison(report)
     t = report["timings_s"]
@@ -154,7 +159,7 @@ def render(report: dict, ratios: str, eval_tokens: int) -> str:
     cold = next((v for k, v in t.items() if k.startswith("statistics + factors")), 0.0)
     text = "\n".join([
         SECTION, "",
-        f"Machine: {report['machine']}. Date: {started:%Y-%m-%d}. Command: `.venv/bin/python bench/bench_refine.py "
+        f"Machine: {report['machine']}. Date: {started:%Y-%m-%d}. Command: `.venv/bin/python bench/experiments/bench_refine.py "
         f"--ratios {ratios} --eval-tokens {eval_tokens} --write` ({t['total'] / 60:.0f} min, peak RSS "
         f"{report['peak_memory_mb'] / 1024:.1f} GB, an empty cache of its own). Original model: wiki "
         f"{report['original_ppl']['wiki']:.2f}, news {report['original_ppl']['news']:.2f}.", "",
@@ -188,10 +193,10 @@ def main() -> None:
     ap.add_argument("--grid", default=GRID)
     ap.add_argument("--no-v1", action="store_true", help="leave out the coupled allocation as it was")
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--render", action="store_true", help="only re-render the section from bench/sweep_refine.json")
+    ap.add_argument("--render", action="store_true", help="only re-render the section from bench/experiments/sweep_refine.json")
     args = ap.parse_args()
     if args.render:
-        text = render(json.loads((BENCH / "sweep_refine.json").read_text()), args.ratios, args.eval_tokens)
+        text = render(json.loads((HERE / "sweep_refine.json").read_text()), args.ratios, args.eval_tokens)
         print(text)
         if args.write:
             replace_section(RESULTS, SECTION, text, keep_from=KEEP)
@@ -207,7 +212,7 @@ def main() -> None:
     bench = workbench(lm)
     sets = eval_sets(lm, args.eval_tokens)
     ratios = parse_ratios(args.ratios)
-    out = BENCH / "sweep_refine"
+    out = HERE / "sweep_refine"
     extra: list[dict] = []
 
     def write(report):

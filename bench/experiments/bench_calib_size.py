@@ -1,13 +1,13 @@
 """Benchmark of issue 25, item 2: how the refined and unrefined quality move with the calibration size.
 
-    .venv/bin/python bench/bench_calib_size.py [--sizes 4x256,8x256,...] [--allocations nested,heuristic]
-        [--ratios 0.2,0.3] [--eval-tokens 4096] [--threads 1] [--out bench/calib_size.jsonl] [--write]
+    .venv/bin/python bench/experiments/bench_calib_size.py [--sizes 4x256,8x256,...] [--allocations nested,heuristic]
+        [--ratios 0.2,0.3] [--eval-tokens 4096] [--threads 1] [--out bench/experiments/calib_size.jsonl] [--write]
 
 For each calibration size (windows x tokens of wiki) one Workbench and, per allocation and ratio, the pair of
 bench_refine_safe.py (dipsvd unrefined, then refined with the same allocation), with the seconds of the passes the
 size drives (statistics, Fisher, factors, type probe, refine). One JSON line per pair to --out, resumable. --write
 replaces the "## Calibration size (issue 25)" section of bench/RESULTS.md with the table of --out and, where the
-pair is there, bench/refine_safe.jsonl's rows of the same size (evaluated on 8192 tokens instead).
+pair is there, bench/experiments/refine_safe.jsonl's rows of the same size (evaluated on 8192 tokens instead).
 """
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ import argparse
 import json
 import os
 
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
 from bench_refine_safe import measured, pair
-from common import BENCH, RESULTS, eval_sets, load_bundled, machine, replace_section, utc_date, workbench
+from common import RESULTS, eval_sets, load_bundled, machine, replace_section, utc_date, workbench
 
 SECTION = "## Calibration size (issue 25)"
 KEEP = "### "
@@ -82,7 +88,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--refine", default="sequential", help="the refined build's --refine choice")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default=str(BENCH / "calib_size.jsonl"))
+    p.add_argument("--out", default=str(HERE / "calib_size.jsonl"))
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
     from pathlib import Path
@@ -113,18 +119,18 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         del bench
     if args.write:
-        rows = measured(out) + [r for r in measured(BENCH / "refine_safe.jsonl")
+        rows = measured(out) + [r for r in measured(HERE / "refine_safe.jsonl")
                                 if r["allocation"] in args.allocations.split(",")
                                 and f"{r['ratio']:g}" in args.ratios.split(",")]
         body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
-                f"bench/bench_calib_size.py --sizes {args.sizes} --allocations {args.allocations} --ratios "
-                f"{args.ratios} --eval-tokens {args.eval_tokens} --write` (rows in bench/{out.name}; the 16 x 256 "
+                f"bench/experiments/bench_calib_size.py --sizes {args.sizes} --allocations {args.allocations} --ratios "
+                f"{args.ratios} --eval-tokens {args.eval_tokens} --write` (rows in bench/experiments/{out.name}; the 16 x 256 "
                 "and 32 x 512 rows are bench_refine_safe.py's, on 8192 tokens). dipsvd on the bundled SmolLM2-135M, "
                 "calibration on wiki; passes s: the cold statistics, Fisher, factor and type-probe passes of that "
                 "size (run once per size, shared by its pairs; 0 for rows that do not record them, or where they were "
                 "cached); original: the uncompressed model on the same evaluation windows (the calibration's "
                 "length), since perplexity in 256-token windows is higher than in 512-token ones.\n\n"
-                + table(rows, originals(rows, BENCH / "calib_size_original.jsonl")))
+                + table(rows, originals(rows, HERE / "calib_size_original.jsonl")))
         replace_section(RESULTS, SECTION, body, keep_from=KEEP)
 
 

@@ -1,6 +1,6 @@
 """Issue 23, item 5: the cold compress's statistics and factors against a plain SVD-LLM, as the papers' code does it.
 
-    .venv/bin/python bench/bench_svdllm_baseline.py [--rounds 2] [--windows 32] [--seqlen 512] [--write]
+    .venv/bin/python bench/experiments/bench_svdllm_baseline.py [--rounds 2] [--windows 32] [--seqlen 512] [--write]
 
 The baseline (`baseline`) is SVD-LLM's recipe written the plain way: a forward hook on every targeted Linear adds
 X^T X of each window to that Linear's float32 covariance (one per Linear, all held at once, the whole model run
@@ -22,6 +22,12 @@ import tempfile
 import time
 
 import torch
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
 from common import RESULTS, load_bundled, machine, replace_section, utc_date
 
 SECTION = "## Cold statistics and factors against plain SVD-LLM (issue 23)"
@@ -107,7 +113,7 @@ def main() -> None:
     if args.write:
         rows = "\n".join(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {med[k]:.1f} |" for k, v in times.items())
         body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
-                f"bench/bench_svdllm_baseline.py --rounds {args.rounds} --windows {args.windows} --seqlen "
+                f"bench/experiments/bench_svdllm_baseline.py --rounds {args.rounds} --windows {args.windows} --seqlen "
                 f"{args.seqlen} --write`. The bundled SmolLM2-135M in float32, {args.windows} x {args.seqlen} tokens "
                 "of wiki, alternating in one process (bench_svdllm_baseline.py's docstring says what each side "
                 "does).\n\n| side | seconds per round | median |\n|---|---|---|\n" + rows +

@@ -1,6 +1,6 @@
 """Issue 11, item 2, tried ideas: where the compression goes between blocks, against the heuristic at 0.1-0.4.
 
-    .venv/bin/python bench/bench_blocks.py [--ratios 0.1,0.2,0.3,0.4] > bench/blocks.jsonl
+    .venv/bin/python bench/experiments/bench_blocks.py [--ratios 0.1,0.2,0.3,0.4] > bench/experiments/blocks.jsonl
 
 Variants (the same realized ratio):
 - heuristic, coupled: the two allocations as they are (`Workbench.allocate`);
@@ -25,6 +25,12 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
 from common import eval_sets, load_bundled, print_row, workbench
 
 from dipsvd_core.allocation import allocators

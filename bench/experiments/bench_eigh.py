@@ -1,7 +1,7 @@
 """Benchmark of the factors by eigh: the code form's whitening from eig((G D)(G D)^T) instead of the SVD of
 G D, and each matrix's factors from eig(A A^T) or eig(A^T A), A = W S, instead of the SVD of A.
 
-    .venv/bin/python bench/bench_eigh.py [--write] [--base COMMIT] [--runs N]
+    .venv/bin/python bench/experiments/bench_eigh.py [--write] [--base COMMIT] [--runs N]
 
 1. Time of the two routes for one Gram at the bundled model's widths (576, 1536) and a Llama width
    (4096), float64 and float32, and for one matrix of each of the bundled model's shapes (best of 3).
@@ -22,8 +22,13 @@ from pathlib import Path
 from statistics import median
 
 import torch
+import sys
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
 from bench_stream import compress
-from common import BENCH, RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, utc_date, write_json
+from common import RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, utc_date, write_json
 
 from dipsvd_core.engine.stats import channel_importance
 from dipsvd_core.lowrank.factors import Factor, _factor_by_eigh
@@ -157,7 +162,7 @@ def cold(base: str, runs: int) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [SECTION, "", f"Machine: {res['machine']}. Date: {res['date']}. Command: "
-             f"`.venv/bin/python bench/bench_eigh.py --write --runs {res['runs']}` (\"before\" is commit "
+             f"`.venv/bin/python bench/experiments/bench_eigh.py --write --runs {res['runs']}` (\"before\" is commit "
              f"{res['base']}, the SVD route).", "",
              "The code form's U and Sig (S = U Sig^{1/2}, S S^T = (G D^2 G)^{1/2}) from the SVD of G D, or from the "
              "eigendecomposition of (G D)(G D)^T; a matrix's factors (us, sigma, vs) from the SVD of A = W S, or from "
@@ -200,7 +205,7 @@ def main() -> None:
     res["timings"] = timings()
     res["accuracy"] = accuracy()
     res["cold"] = cold(args.base, args.runs)
-    write_json(BENCH / "eigh.json", res)
+    write_json(HERE / "eigh.json", res)
     text = markdown(res)
     print(text)
     if args.write:

@@ -11,11 +11,11 @@ windows), the same evaluation as the issue 3 sweep. Rows per ratio:
   dobi + trained           Dobi-SVD, 16-bit factors (parameter ratio)
   dobi-remap + trained     Dobi-SVD with 8-bit remapping (ratio counted in bytes vs 16-bit weights)
 
-Writes bench/sweep_dobi.json and .md (rewritten after every row) and prints the comparison tables
+Writes bench/experiments/sweep_dobi.json and .md (rewritten after every row) and prints the comparison tables
 (`--table-only` prints them again from the JSON); the section of bench/RESULTS.md is written by
 hand from them.
 
-    .venv/bin/python bench/bench_dobi.py [--ratios 0.1,0.2,0.3] [--eval-tokens 8192] [--dobi-epochs 2]
+    .venv/bin/python bench/experiments/bench_dobi.py [--ratios 0.1,0.2,0.3] [--eval-tokens 8192] [--dobi-epochs 2]
 """
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ import argparse
 import json
 from pathlib import Path
 
+import sys
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
 from bench_sweep import run  # (bench/ is on sys.path when this script runs)
-from common import BENCH, eval_sets, load_bundled, write_json
+from common import eval_sets, load_bundled, write_json
 
 from dipsvd_core.methods.dobi import DobiConfig
 from dipsvd_core.outputs.sweep import markdown
@@ -100,7 +105,7 @@ def main() -> None:
     ap.add_argument("--grid", default=GRID)
     ap.add_argument("--dobi-epochs", type=int, default=2)
     ap.add_argument("--dobi-windows", type=int, default=4)
-    ap.add_argument("--out", default=str(BENCH / "sweep_dobi"))
+    ap.add_argument("--out", default=str(HERE / "sweep_dobi"))
     ap.add_argument("--table-only", action="store_true", help="print the tables of an existing <out>.json")
     ap.add_argument("--references", type=float, default=None, metavar="RATIO",
                     help="only add the references to <out>.json: the factor methods at RATIO (the storage ratio "

@@ -1,6 +1,6 @@
 """Issue 26: two compresses at once on the same cores, against one alone.
 
-    .venv/bin/python bench/bench_contention.py [--runs 1] [--write]
+    .venv/bin/python bench/experiments/bench_contention.py [--runs 1] [--write]
 
 The work: `compress --method svd-llm --ratio 0.2 --calib wiki --calib-windows 8 --seqlen 256 --eval wiki
 --eval-tokens 2048 --no-eval-original` on the bundled SmolLM2-135M, each process on a cache of its own that holds
@@ -21,7 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH, RESULTS, ROOT, machine, replace_section, utc_date, write_json
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import RESULTS, ROOT, machine, replace_section, utc_date, write_json
 
 SECTION = "## Two jobs on the same cores (issue 26)"
 WORK = ["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "wiki", "--calib-windows", "8", "--seqlen",
@@ -89,11 +93,11 @@ def main() -> None:
                 print(way, f"{times[way][-1]:.1f} s", flush=True)
     med = {w: statistics.median(t) for w, t in times.items()}
     alone = med["one alone"]
-    write_json(BENCH / "contention.json", {"machine": machine(), "date": utc_date(), "work": WORK, "seconds": times})
+    write_json(HERE / "contention.json", {"machine": machine(), "date": utc_date(), "work": WORK, "seconds": times})
     rows = ["| how | seconds | against one alone |", "|---|---|---|"]
     rows += [f"| {w} | {', '.join(f'{t:.1f}' for t in times[w])} | {med[w] / alone:.2f}x |" for w in ways]
     body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
-            f"bench/bench_contention.py --runs {args.runs} --write` (bench/contention.json). The work: `python -m "
+            f"bench/experiments/bench_contention.py --runs {args.runs} --write` (bench/experiments/contention.json). The work: `python -m "
             f"dipsvd_core {' '.join(WORK)}`, each process on a cold cache of its own; a pair's time is until both "
             "have finished. Target: two at once in at most 2.6x one alone.\n\n" + "\n".join(rows))
     print(body)

@@ -1,6 +1,6 @@
 """What storing the factors in bfloat16, or computing them in float32, does to perplexity (issue 10).
 
-    .venv/bin/python bench/bench_factor_dtype.py [--write] [--configs W|F|C,...]
+    .venv/bin/python bench/experiments/bench_factor_dtype.py [--write] [--configs W|F|C,...]
 
 Runs `python -m dipsvd_core sweep` on the bundled SmolLM2-135M three times, one after the other, each
 on an empty cache: float32 weights with float32 factors (the default), float32 weights with bfloat16
@@ -8,7 +8,7 @@ factors, bfloat16 weights with bfloat16 factors (what a GPU user with a bf16 mod
 weights and factors with the whitening and the SVD computed in float32 instead of float64. Rows:
 svd-llm and dipsvd with the uniform allocation at ratios 0.2 and 0.4; 32 x 512 calibration tokens;
 8192 evaluation tokens each of wiki and news. --configs runs only the named configurations
-(weights|factors|compute) and keeps the others' rows from bench/factor_dtype.json. --write replaces the "## Factor dtype (issue 10)"
+(weights|factors|compute) and keeps the others' rows from bench/experiments/factor_dtype.json. --write replaces the "## Factor dtype (issue 10)"
 section of bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -22,7 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH, RESULTS, ROOT, machine, replace_section, utc_date, write_json
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import RESULTS, ROOT, machine, replace_section, utc_date, write_json
 
 SECTION = "## Factor dtype (issue 10)"
 CONFIGS = ["float32|float32|float64", "float32|bfloat16|float64", "bfloat16|bfloat16|float64",
@@ -50,7 +54,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
-    store = BENCH / "factor_dtype.json"
+    store = HERE / "factor_dtype.json"
     old = json.loads(store.read_text()) if store.exists() else {}
     old = {k if k.count("|") == 2 else f"{k}|float64": v for k, v in old.items()}  # earlier runs: float64 compute
     res = {c: old[c] for c in CONFIGS if c in old}
@@ -66,7 +70,7 @@ def main() -> None:
 def markdown(res: dict) -> str:
     dates = ", ".join(sorted({f"{r.get('date', '?')} ({k})" for k, r in res.items()}))
     lines = [SECTION, "", f"Machine: {machine()}. Dates (weights|factors|compute): {dates}. "
-             "Command: `.venv/bin/python bench/bench_factor_dtype.py --write [--configs ...]`. Bundled SmolLM2-135M, 32 x 512 calibration tokens, 8192 evaluation tokens per set.", "",
+             "Command: `.venv/bin/python bench/experiments/bench_factor_dtype.py --write [--configs ...]`. Bundled SmolLM2-135M, 32 x 512 calibration tokens, 8192 evaluation tokens per set.", "",
              "| weights | factors | compute | method | ratio | ppl wiki | ppl news | change wiki | change news | statistics + factors s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["method"], r["ratio"]): r["ppl"] for r in res[BASE]["rows"]}

@@ -1,8 +1,8 @@
 """Issue 11, item 2, a tried idea: keep the heuristic's budget per block (it generalizes best at 0.3 and 0.4) and
 spread each block's budget over its matrices by the coupled objective, with today's weights.
 
-    .venv/bin/python bench/bench_nested.py [--ratios 0.1,0.2,0.3,0.4] [--variants heuristic,nested,nested-typed] \
-        >> bench/nested.jsonl
+    .venv/bin/python bench/experiments/bench_nested.py [--ratios 0.1,0.2,0.3,0.4] [--variants heuristic,nested,nested-typed] \
+        >> bench/experiments/nested.jsonl
 
 Variants (the same realized ratio; blocks the heuristic keeps dense stay dense):
 - heuristic: DipSVD's per-block keep fractions, every matrix of a block at the same fraction;
@@ -10,7 +10,7 @@ Variants (the same realized ratio; blocks the heuristic keeps dense stay dense):
   allocator's Fisher-pass weight (allocators.coupled_weights; the block probe's calibration is one factor per block,
   so it cancels inside a block);
 - nested-typed: the same with w_m times a factor per matrix type, measured: each type's 30 matrices truncated at keep
-  0.25 together on the held-out wiki windows (the first line of bench/typeprobe.jsonl) against what the weights
+  0.25 together on the held-out wiki windows (the first line of bench/experiments/typeprobe.jsonl) against what the weights
   predict for that cut;
 - trust-typed-PHI (e.g. trust-typed-0.75): nested-typed inside a trust region around the heuristic's even split,
   every matrix of a cut block kept between PHI f_b and min(1, f_b / PHI) of its parameters (f_b the block's keep
@@ -28,7 +28,13 @@ import json
 from dataclasses import replace
 
 import numpy as np
-from common import BENCH, eval_sets, load_bundled, print_row, workbench
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import eval_sets, load_bundled, print_row, workbench
 
 from dipsvd_core.allocation import allocators
 from dipsvd_core.allocation import budget as alloc
@@ -44,8 +50,8 @@ def kind(name: str) -> str:
 
 
 def type_factors(factors, raw: dict, targets) -> dict[str, float]:
-    """c_type (allocators.calibrate_types) from the type probe measured on wiki (bench/typeprobe.jsonl)."""
-    measured = json.loads((BENCH / "typeprobe.jsonl").read_text().splitlines()[0])["type_probes_wiki"]
+    """c_type (allocators.calibrate_types) from the type probe measured on wiki (bench/experiments/typeprobe.jsonl)."""
+    measured = json.loads((HERE / "typeprobe.jsonl").read_text().splitlines()[0])["type_probes_wiki"]
     return allocators.calibrate_types(measured, factors, raw, targets)
 
 

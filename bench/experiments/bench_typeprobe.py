@@ -1,6 +1,6 @@
 """Issue 11, item 2, a tried idea: calibrate the coupled weights by matrix type as well as by block.
 
-    .venv/bin/python bench/bench_typeprobe.py > bench/typeprobe.jsonl
+    .venv/bin/python bench/experiments/bench_typeprobe.py > bench/experiments/typeprobe.jsonl
 
 The coupled allocation's weights are calibrated per block by a probe (each block alone truncated to keep 0.25,
 allocators.py). Here every matrix TYPE is probed the same way (all q_proj of the model at keep 0.25, then all
@@ -14,6 +14,12 @@ import time
 
 import numpy as np
 import torch
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
 from common import eval_sets, load_bundled, print_row, workbench
 
 from dipsvd_core.allocation import allocators

@@ -1,8 +1,8 @@
 """Benchmark of issue 25: refining never makes the bundled model worse (the held-out check of refine.py).
 
-    .venv/bin/python bench/bench_refine_safe.py [--source wiki] [--calibs 16x256,32x512]
+    .venv/bin/python bench/experiments/bench_refine_safe.py [--source wiki] [--calibs 16x256,32x512]
         [--allocations uniform,heuristic,nested] [--ratios 0.1,0.2,0.3,0.4] [--eval-tokens 8192]
-        [--out bench/refine_safe.jsonl] [--write]
+        [--out bench/experiments/refine_safe.jsonl] [--write]
 
 For each calibration (windows x tokens of --source: wiki, or the default wiki-chat) one Workbench: every allocation at every ratio built unrefined and
 refined (`--refine sequential`, the same allocation), both evaluated on the first --eval-tokens of wiki and news.
@@ -17,7 +17,13 @@ import json
 import time
 from dataclasses import replace
 
-from common import BENCH, RESULTS, eval_sets, load_bundled, machine, print_row, replace_section, utc_date, workbench
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
+sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
+
+from common import RESULTS, eval_sets, load_bundled, machine, print_row, replace_section, utc_date, workbench
 
 SECTION = "## Refine that never hurts (issue 25)"
 KEEP = "### "
@@ -93,7 +99,7 @@ def main() -> None:
     p.add_argument("--allocations", default="uniform,heuristic,nested")
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--out", default=str(BENCH / "refine_safe.jsonl"))
+    p.add_argument("--out", default=str(HERE / "refine_safe.jsonl"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--generate", default="nested", help="the allocations whose pairs also record the default prompts' "
                                                          "generations at the app's calibration (32x512)")
@@ -123,8 +129,8 @@ def main() -> None:
     if args.write:
         rows = measured(out)
         body = (f"{SECTION}\n\nMachine: {machine()}. Date: {utc_date()}. Command: `.venv/bin/python "
-                f"bench/bench_refine_safe.py --source {args.source} --calibs {args.calibs} --eval-tokens "
-                f"{args.eval_tokens} --write` (rows in bench/{out.name}; the wiki rows by the same command with "
+                f"bench/experiments/bench_refine_safe.py --source {args.source} --calibs {args.calibs} --eval-tokens "
+                f"{args.eval_tokens} --write` (rows in bench/experiments/{out.name}; the wiki rows by the same command with "
                 "--source wiki --calibs 16x256,32x512). dipsvd on the bundled SmolLM2-135M, calibration on the "
                 "text of the first column, "
                 f"perplexity on the first {args.eval_tokens} tokens of wiki and news (in windows of the "

@@ -2,9 +2,9 @@
 benchmarks' calibration, the evaluation windows, and the writers of results (a section of bench/RESULTS.md, JSON
 files and JSON lines).
 
-Importing it only puts the repository root on sys.path (so `dipsvd_core` and `tests` import from a script run as
+Importing it only puts the repository root on sys.path (so `dipsvd_core` and `devkit` import from a script run as
 `python bench/bench_x.py`); dipsvd_core itself is imported inside the functions, so a script may point
-DIPSVD_STUDIO_CACHE elsewhere before its first use (bench_core --cold, bench_refine).
+DIPSVD_STUDIO_CACHE elsewhere before its first use (bench_core --cold, experiments/bench_refine).
 """
 from __future__ import annotations
 

@@ -368,7 +368,7 @@ def test_wiki_chat_frames_every_other_passage_as_a_chat_turn(tiny_lm, monkeypatc
     assert data._subject("Abraham Lincoln (; February 12, 1809 ...") == "Abraham Lincoln"
     assert data._subject("(no subject here)") == "this topic"
     windows = calibration_windows(tok, data.CHAT, 8, 64)
-    assert data.DEFAULT_CALIB == data.CHAT and data.CHAT in data.SOURCES
+    assert data.DEFAULT_CALIB == data.MIX and data.CHAT in data.SOURCES
     start = tok.convert_tokens_to_ids("<|im_start|>")
     chat_stream = data.token_stream(tok, data.CHAT, "calib")
     assert (chat_stream == start).sum() == 3 * framed  # system, user, assistant: one special token each

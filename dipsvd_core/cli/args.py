@@ -128,7 +128,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text: {', '.join(SOURCES)} or a .txt/.jsonl "
-                   f"path (default {DEFAULT_CALIB}: wiki with every other passage a chat turn)")
+                   f"path (default {DEFAULT_CALIB}: wiki-chat 2, wiki 1, news 1 by windows)")
     p.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)
     p.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN)
     p.add_argument("--seed", type=int, default=0)

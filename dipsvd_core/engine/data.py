@@ -8,14 +8,14 @@ Sources (docs/DESIGN.md section 6):
   (CHAT_ASK), the assistant answers with the passage. An instruct model is then calibrated on the format it is
   used in (the Side-by-side page's prompts go through the chat template); refine fitted on plain wiki alone made
   chat answers repeat (bench/RESULTS.md, issue 25). A tokenizer without a chat template gets the plain passages.
-  The default calibration (DEFAULT_CALIB).
 - `news`: gensim's `lee_background.cor` (one news story a line), split by story: the first half is `eval`, the
   second half `calib`, so a news calibration never sees the stories a news evaluation reads (the evaluation reads the
   leading windows of the first half, as it read the leading windows of the whole file before the split).
 - `mix` (MIX): windows drawn from several of the sources above in set proportions (`mix` alone is MIX_DEFAULT;
   `mix:wiki-chat=2,news=1,wiki=1` names them), each source's windows drawn as that source's own. The held-out
   windows refine checks on (every HOLDOUT-th) are apportioned among the sources like the others, so refine's and the
-  probes' held-out checks read every kind of text in the mix (mix_plan).
+  probes' held-out checks read every kind of text in the mix (mix_plan). The default calibration (DEFAULT_CALIB):
+  on the quality panel, text in none of its sources, it beat wiki-chat alone at 0.2 (bench/RESULTS.md, issue 35).
 - The quality panel, for evaluation only (PANEL): `python-docs` (CPython's reference manual as pydoc ships it, in
   every Python: technical writing), `kjv` (narrative books of the King James Bible, through Debian's `bible-kjv`:
   book prose) and `fortunes` (Debian's `fortunes`: quotations, jokes and dialogue). Each is split in halves like
@@ -58,7 +58,7 @@ EVAL_SOURCES = tuple(s for s in SOURCES if s != MIX)  # a mix is evaluated sourc
 HOLDOUT = 4  # every HOLDOUT-th calibration window is held out by refine: fitted never, scored always
 KJV_BOOKS = ("Genesis", "Exodus", "Ruth", "Esther", "Luke", "John", "Acts")  # narrative books
 FORTUNES = Path("/usr/share/games/fortunes")
-DEFAULT_CALIB = CHAT  # the calibration text the CLI and the app start from
+DEFAULT_CALIB = MIX  # the calibration text the CLI and the app start from (MIX_DEFAULT's shares)
 CHAT_ASK = "Tell me about {subject}."
 CHAT_PASSAGE = 1500  # characters of whole paragraphs a passage gathers before it is closed
 CHAT_PARAGRAPH = 200  # wiki-chat keeps the paragraphs longer than this (characters): prose

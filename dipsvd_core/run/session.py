@@ -15,11 +15,13 @@ SAVED_FIELDS = ("model", "method", "allocation", "ratio_target", "ratio_realized
 
 
 def checked_plan(spec: str, device: str | None, run: Run, trust_remote_code: bool = False,
-                 budgets: dict | None = None, check: bool = True, override: str = "pass --ignore-plan") -> Plan | None:
+                 budgets: dict | None = None, check: bool = True, override: str = "pass --ignore-plan",
+                 unreadable_to_loader: bool = False) -> Plan | None:
     """The plan of this run from the config alone, refused up front when it does not fit (plan.check_fits, whose
-    message ends with `override`, the way to run anyway). None for a saved compressed folder (loaded, not planned)
-    and for a config that cannot be read (the loader says why); a memory budget below one block (BudgetError) is
-    the user's own input and is raised as it is."""
+    message ends with `override`, the way to run anyway). None for a saved compressed folder (loaded, not planned).
+    A config that cannot be read raises the plan's one-line error, or with `unreadable_to_loader` (the app, whose
+    loading step says why in its own words) gives None; a memory budget below one block (BudgetError) is the user's
+    own input and is always raised as it is."""
     path = Path(os.path.expanduser(spec))
     if path.is_dir() and is_compressed_folder(path):
         return None
@@ -28,6 +30,8 @@ def checked_plan(spec: str, device: str | None, run: Run, trust_remote_code: boo
     except BudgetError:
         raise
     except DipSVDError:
+        if not unreadable_to_loader:
+            raise
         return None
     if check:
         check_fits(plan, override)

@@ -15,7 +15,7 @@ import torch
 
 from ..common import cores
 from ..common.errors import DipSVDError, device_out_of_memory
-from .args import _joined_sizes, build_parser
+from .args import build_parser, joined_sizes
 from .commands import cmd_compress, cmd_evaluate, cmd_plan, cmd_sweep
 
 COMMANDS = {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "plan": cmd_plan}
@@ -26,7 +26,7 @@ OUTSIDE_PHASES = {"evaluate": "evaluation", "plan": "plan's measurement",
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DIPSVD_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(_joined_sizes(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(joined_sizes(sys.argv[1:] if argv is None else argv))
     try:
         if getattr(args, "report", None) and Path(args.report).is_dir():
             raise DipSVDError(f"--report {args.report} is a folder; give a file name like report.json")

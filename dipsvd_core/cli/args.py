@@ -73,7 +73,7 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-SIZE_OPTIONS = {  # the memory budgets, each a size (_memory_size; _joined_sizes lets a negative one reach it)
+SIZE_OPTIONS = {  # the memory budgets, each a size (_memory_size; joined_sizes lets a negative one reach it)
     "--device-memory": "the GPU memory this run may use, e.g. 22GiB (default: what is free now); the plan checks the "
                        "run against it",
     "--host-memory": "the host memory this run may use, e.g. 64GiB (default: what is free now)",
@@ -178,7 +178,7 @@ def _add_settings(p, names, **defaults) -> None:
             _add_flag(p, f, f.name, defaults.get(f.name, dataclasses.MISSING))
 
 
-def _settings_from(args, **over):
+def settings_from(args, **over):
     """The Settings of these flags: every Settings field a flag sets (a nested field's as <field>.<name>)."""
     from ..methods.settings import Settings
 
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _joined_sizes(argv: list[str]) -> list[str]:
+def joined_sizes(argv: list[str]) -> list[str]:
     """`--device-memory -1GiB` as `--device-memory=-1GiB`: argparse takes a value starting with '-' for an option
     and would answer "expected one argument"; joined, the size itself gets its message."""
     out, i = [], 0

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..common.errors import DipSVDError
-from .args import Progress, _settings_from
+from .args import Progress, settings_from
 
 
 def _tasks(args, model, tokenizer) -> dict:
@@ -45,7 +45,7 @@ def _run_of(args):
     from ..plan import Run
 
     allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
-    settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
+    settings = settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     return Run(settings, calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
                eval_original=not args.no_eval_original, dtype=args.dtype, offload=getattr(args, "offload", False),
@@ -150,7 +150,7 @@ def cmd_compress(args) -> dict:
     from ..run.pipeline import Workbench, peak_memory_mb
 
     allocation = args.allocation or handler(args.method).default_allocation
-    settings = _settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
+    settings = settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
     _check_paths(args)
     t0 = time.perf_counter()
     plan, blocks = _check_plan(args)
@@ -258,7 +258,7 @@ def cmd_sweep(args) -> dict:
     from ..run.pipeline import Workbench, peak_memory_mb
 
     grid, ratios = parse_grid(args.grid), parse_ratios(args.ratios)
-    base = _settings_from(args, ratio=ratios[0])
+    base = settings_from(args, ratio=ratios[0])
     for out in (args.out_json, args.out_md):
         if Path(out).is_dir():
             raise DipSVDError(f"{out} is a folder; give a file name")

@@ -5,9 +5,11 @@
 
 The panel (dipsvd_core.engine.data.PANEL): `python-docs` (CPython's reference manual: technical writing), `kjv` (narrative
 books of the King James Bible: book prose; Debian's bible-kjv) and `fortunes` (Debian's fortunes: quotations, jokes
-and dialogue), beside wiki and news. Each config is one build of the best path, dipsvd + nested, at each ratio,
+and dialogue), beside wiki and news. Each config is one build of the best path, dipsvd + nested (or refined-kl), at each ratio,
 with one item of issue 35 switched on or off (CONFIGS): the calibration text (wiki-chat, the default, or the mix),
-dense compensation (refine --compensate outputs) and block tuning (refine block, AdamW; --tune-epochs on this CPU).
+dense compensation (refine --compensate outputs), block tuning (refine block, AdamW; --tune-epochs on this CPU) and
+the allocation scored after refinement (refined-kl, which refines uniform, heuristic and nested and keeps the one
+closest to the original by KL on mixed held-out windows).
 Each row: perplexity of the original and the compressed model on every text (the first --eval-tokens tokens of its
 evaluation half, in windows of the calibration's length), the greedy generations of the default prompts (chat
 template on, 48 new tokens) with their distinct-3-gram shares against the original's, and the build's seconds.
@@ -25,14 +27,15 @@ from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_d
 
 SECTION = "## Quality panel (issue 35)"
 TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
-# name -> (calibration source, refine, compensate, tuned)
+# name -> (calibration source, refine, compensate, allocation)
 CONFIGS = {
-    "base": ("wiki-chat", "sequential", "none"),
-    "comp": ("wiki-chat", "sequential", "outputs"),
-    "mix": ("mix", "sequential", "none"),
-    "mix-comp": ("mix", "sequential", "outputs"),
-    "tune": ("wiki-chat", "block", "none"),
-    "mix-comp-tune": ("mix", "block", "outputs"),
+    "base": ("wiki-chat", "sequential", "none", "nested"),
+    "comp": ("wiki-chat", "sequential", "outputs", "nested"),
+    "mix": ("mix", "sequential", "none", "nested"),
+    "mix-comp": ("mix", "sequential", "outputs", "nested"),
+    "tune": ("wiki-chat", "block", "none", "nested"),
+    "mix-comp-tune": ("mix", "block", "outputs", "nested"),
+    "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
 }
 
 
@@ -53,7 +56,7 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
     from dipsvd_core.refine.choices import TuneConfig
     from dipsvd_core.run.pipeline import Settings
 
-    calib, refine, compensate = CONFIGS[name]
+    calib, refine, compensate, allocation = CONFIGS[name]
     windows, seqlen = (int(v) for v in args.calib.split("x"))
     bench = workbench(lm, windows, seqlen, calib=calib)
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
@@ -64,12 +67,13 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
     for ratio in ratios:
         if (name, ratio, args.calib) in done:
             continue
-        s = Settings(method="dipsvd", allocation="nested", ratio=ratio, refine=refine, compensate=compensate,
+        s = Settings(method="dipsvd", allocation=allocation, ratio=ratio, refine=refine, compensate=compensate,
                      tune=TuneConfig(epochs=args.tune_epochs))
         t0 = time.perf_counter()
         built = bench.build(s)
         seconds = time.perf_counter() - t0
         row = {"config": name, "ratio": ratio, "calib": args.calib, "source": calib, "refine": refine,
+               "allocation": built.allocation.method,
                "compensate": compensate, "tune_epochs": args.tune_epochs if refine == "block" else None,
                "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
                "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},
@@ -111,14 +115,16 @@ def _table(rows: list[dict], calib: str) -> list[str]:
     original = next(r for r in rows if r["config"] == "original")
     base_d3 = [g["distinct_3"] for g in original["generations"]]
     lines = [f"Calibration {calib} (windows x tokens):", "",
-             "| config | ratio | calibration | refine | compensate | " + " | ".join(TEXTS) + " | worst | d3 min | build s |",
-             "|---|---|---|---|---|" + "---|" * (len(TEXTS) + 3),
-             "| original | | | | | " + " | ".join(f"{original['ppl'][t]:.2f}" for t in TEXTS) + " | | | |"]
+             "| config | ratio | calibration | allocation | refine | compensate | " + " | ".join(TEXTS)
+             + " | worst | d3 min | build s |",
+             "|---|---|---|---|---|---|" + "---|" * (len(TEXTS) + 3),
+             "| original | | | | | | " + " | ".join(f"{original['ppl'][t]:.2f}" for t in TEXTS) + " | | | |"]
     for r in sorted((r for r in rows if r["config"] != "original"), key=lambda r: (r["ratio"], r["config"])):
         mult = [r["ppl"][t] / original["ppl"][t] for t in TEXTS]
         d3 = min(g["distinct_3"] / b if b else 1.0 for g, b in zip(r["generations"], base_d3))
         refine = r["refine"] + (f" ({r['tune_epochs']} epochs)" if r.get("tune_epochs") else "")
-        lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {refine} | {r['compensate']} | "
+        lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {r.get('allocation', 'nested')} | {refine} | "
+                     f"{r['compensate']} | "
                      + " | ".join(f"{m:.2f}x" for m in mult) + f" | {max(mult):.2f}x | {d3:.2f} | {r['build_s']:.0f} |")
     return lines
 

@@ -110,7 +110,7 @@ def core() -> dict:
 
             def step():
                 s = next(i)
-                bench.predicted_loss(s, bench.allocate(s))
+                bench.probes.predicted_loss(s, bench.allocate(s))
 
             latency[f"{allocation}/{what}"] = timed(step, repeats=4)
     out["reallocate_plus_predicted_loss_s"] = latency

@@ -17,6 +17,7 @@ from dipsvd_core.methods.settings import Settings, flat_settings, settings_dict
 from dipsvd_core.outputs import figures
 from dipsvd_core.outputs.inspection import budget, dobi_preview, q_ties
 from dipsvd_core.refine.sequential import calibration_advice
+from dipsvd_core.run import steps
 from studio import ui
 
 METHOD_HELP = "; ".join(f"{m}: {handler(m).help}" for m in method_names())
@@ -109,7 +110,7 @@ with view:
         st.stop()
 
     if P.TRAINING in handler(new.method).needs(new):
-        if not bench.has_pass(P.TRAINING, new):
+        if not steps.done(bench, P.TRAINING, new):
             st.info(f"Dobi-SVD trains one truncation position per matrix: {new.dobi.epochs} epoch(s) over "
                     f"{new.dobi.windows} calibration window(s), each step an SVD of every layer's activations "
                     "(about 12 s a step for the bundled model on 2 CPU cores). It can be cancelled.")
@@ -118,7 +119,7 @@ with view:
                 def callback(step, record):
                     job.records.append(record)
 
-                trained = bench.run_pass(P.TRAINING, new, job.progress, callback, job.cancel)
+                trained = steps.run(bench, P.TRAINING, new, job.progress, callback, job.cancel)
                 if trained.cancelled:
                     raise DipSVDError("Dobi-SVD training was cancelled; nothing was kept. Train again to use dobi")
 
@@ -143,11 +144,11 @@ with view:
                        "total loss with λ·|ratio − target|.")
         st.stop()
 
-    have_factors = bench.has_factors(new.spec)
+    have_factors = bench.factor_cache.has(new.spec)
     chosen_strategy = strategy(new.allocation)
     # every pass these settings still need (the declared needs), each with its button; the ones the allocation
     # itself reads stop the preview until they have run
-    todo = [p for p in bench.missing(new) if p in P.ASK]
+    todo = [p for p in steps.missing(bench, new) if p in P.ASK]
     for i, step in enumerate(todo):
         what, button, title = P.ASK[step]
         if step == P.FACTORS:
@@ -160,7 +161,7 @@ with view:
                        icon=":material/calculate:")
 
         def run(job, step=step):
-            bench.run_pass(step, new, job.progress)
+            steps.run(bench, step, new, job.progress)
             if step == P.FISHER:
                 s.fisher = bench.fisher()
 
@@ -207,7 +208,7 @@ with view:
             chosen = bench.allocate(new)
         loss = loss_u = None
         if have_factors:
-            loss, loss_u = bench.predicted_loss(new, chosen), bench.predicted_loss(new, uniform)
+            loss, loss_u = bench.probes.predicted_loss(new, chosen), bench.probes.predicted_loss(new, uniform)
         elapsed = time.perf_counter() - t0
 
         b = budget(bench.targets, chosen)

@@ -198,7 +198,7 @@ def sweep(job):
 
     sets = {sweep_set: bench.eval_windows(sweep_set, int(tokens))}
     factored = [m for m in methods if not handler(resolve(m)[0]).trains_ranks]
-    in_memory = [spec for spec in (replace(base, method=m).spec for m in factored) if bench.has_factors(spec)]
+    in_memory = [spec for spec in (replace(base, method=m).spec for m in factored) if bench.factor_cache.has(spec)]
     try:
         grid = [(m, row_allocation(m)) for m in methods]
         if with_refined:

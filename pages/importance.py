@@ -1,7 +1,7 @@
 """Page 2: what DipSVD protects. Channel importance inside layers, and which blocks matter most."""
 import streamlit as st
 
-from dipsvd_core.allocation.importance import HANDFUL, RANKS_OF, energy_shares
+from dipsvd_core.allocation.importance import HANDFUL, RANKS_OF, effective_ranks, energy_shares, rank_spectra
 from dipsvd_core.outputs import figures
 from dipsvd_core.outputs.inspection import (alpha_matrix, comparison_specs, input_groups, n_protected, rank_words,
                                             spectra)
@@ -35,7 +35,7 @@ with tab_local:
 
 with tab_global, ui.guard("Block importance"):
     imp = bench.importance(cur) if s.fisher is not None else None  # S, R and Q from one call
-    R = imp["R"] if imp is not None else bench.effective_ranks(cur.tau, cur.energy, cur.rank_of)
+    R = imp["R"] if imp is not None else effective_ranks(rank_spectra(bench.stats(), cur.rank_of), cur.tau, cur.energy)
     st.plotly_chart(figures.per_block(R, f"Effective rank R_l (τ = {cur.tau:g}, {cur.energy} energy, of the "
                                          f"{cur.rank_of} spectrum)", "R_l", color=figures.GREEN), key="fig_rank")
     st.caption("R_l: the fewest singular directions of block l's output holding a τ share of its energy. A "
@@ -46,7 +46,7 @@ with tab_global, ui.guard("Block importance"):
     st.caption(f"Where each block output's energy goes: the share of Σ‖h‖² in its largest hidden dimension and in "
                f"its {HANDFUL} largest (the diagonal of H^T H). Where the {HANDFUL} largest hold τ, R_l is at most "
                f"{HANDFUL}, whatever the rest of the output holds.")
-    if words := rank_words(bench.effective_ranks(cur.tau, cur.energy), shares, cur.tau):  # the paper's R_l
+    if words := rank_words(effective_ranks(rank_spectra(bench.stats()), cur.tau, cur.energy), shares, cur.tau):  # the paper's R_l
         st.warning(words + " 'Effective rank of: trimmed' on the Allocation page takes R_l with the massive "
                    "dimensions set aside (the paper's R_l stays the default).", icon=":material/warning:")
     if imp is None:

@@ -188,12 +188,12 @@ def test_coupled_on_the_tiny_model(bench, tiny_lm):
     assert a.method == "coupled"
     assert 0 <= a.ratio_realized - 0.3 <= 0.005
     factors = bench.factors(s.spec)
-    w = bench.coupled_weights(s)
+    w = bench.probes.coupled_weights(s)
     sig = {t.name: factors[t.name].sigma.numpy() for t in targets}
     uni = bench.allocate(Settings(method="dipsvd", allocation="uniform", ratio=0.3))
     assert _objective(a.ranks, sig, w) <= _objective(uni.ranks, sig, w)
     # predicted loss: per block, the sum of the tails of the chosen ranks
-    pred = bench.predicted_loss(s, a)
+    pred = bench.probes.predicted_loss(s, a)
     expected = np.zeros(tiny_lm.n_blocks)
     for t in targets:
         if a.ranks[t.name] is not DENSE:
@@ -213,12 +213,12 @@ def test_coupled_weights_are_the_output_fisher_estimate_calibrated_by_the_block_
         assert raw[t.name] == pytest.approx(fisher.out_grad2[t.name] / t.out_features * fisher.out_energy[t.name]
                                             / total, rel=1e-12)
     # after calibration the coupled objective at the probe's ranks IS the measured loss increase, block by block
-    d = bench.block_sensitivity(s)
+    d = bench.probes.block_sensitivity(s)
     assert np.isfinite(d).all() and d.max() > 0  # a random tiny model can even gain from a cut block
     probe_ranks = {t.name: allocators.alloc.rank_for(allocators.PROBE_KEEP, t.out_features, t.in_features)
                    for t in targets}
     floored = np.maximum(d, allocators.PROBE_FLOOR * np.median(d[d > 0]))
-    np.testing.assert_allclose(allocators.weighted_loss(factors, bench.coupled_weights(s), probe_ranks, targets),
+    np.testing.assert_allclose(allocators.weighted_loss(factors, bench.probes.coupled_weights(s), probe_ranks, targets),
                                floored, rtol=1e-9)
 
 
@@ -290,7 +290,7 @@ def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):
     assert first.history[-1] == min(v for _, v, _ in seen)
     assert_on_budget(first, tiny_lm.targets, 0.3, 0.05, 1.0)
     # the warm starts are the first two calls: uniform, then heuristic
-    assert seen[0][1] == pytest.approx(bench._cached[("objective", (s.spec.key, "ppl", 2))](
+    assert seen[0][1] == pytest.approx(bench.memo.get("objective", (s.spec.key, "ppl", 2), None)(
         bench.allocate(Settings(method="dipsvd", ratio=0.3)).ranks), rel=1e-9)
 
 
@@ -379,8 +379,8 @@ def test_nested_weights_are_calibrated_so_that_each_type_probe_is_predicted(benc
     s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
     targets, factors = tiny_lm.targets, bench.factors(s.spec)
     raw = allocators.coupled_weights(factors, bench.fisher(), targets)
-    w = bench.nested_weights(s)
-    d = bench.type_sensitivity(s)
+    w = bench.probes.nested_weights(s)
+    d = bench.probes.type_sensitivity(s)
     floored = np.maximum(np.array(list(d.values())), allocators.PROBE_FLOOR * np.median([v for v in d.values() if v > 0]))
     probe_ranks = {t.name: allocators.alloc.rank_for(allocators.PROBE_KEEP, t.out_features, t.in_features)
                    for t in targets}
@@ -429,12 +429,12 @@ def test_nested_type_probe_is_cached_on_disk_and_makes_the_build_quick(tiny_lm, 
     first = Workbench(tiny_lm, "wiki", 4, 64)
     first.factors(s.spec)
     first.fisher()
-    assert not first.has_probe(s) and not first.quick_build(s)
+    assert not first.probes.has(s) and not first.quick_build(s)
     a = first.allocate(s)
-    assert P.TYPE_PROBE in first.timings_s and first.has_probe(s) and first.quick_build(s)
-    assert not first.has_probe(replace(s, allocation="coupled"))  # the block probe is another one
+    assert P.TYPE_PROBE in first.timings_s and first.probes.has(s) and first.quick_build(s)
+    assert not first.probes.has(replace(s, allocation="coupled"))  # the block probe is another one
     again = Workbench(tiny_lm, "wiki", 4, 64)
     again.factors(s.spec)
-    assert again.has_probe(s)  # read from the disk cache
+    assert again.probes.has(s)  # read from the disk cache
     b = again.allocate(s)
     assert P.TYPE_PROBE not in again.timings_s and b.ranks == a.ranks

@@ -188,6 +188,8 @@ def test_pages_ask_for_a_model_first():
 # --- Importance ---------------------------------------------------------------------------------
 
 def test_importance_figures():
+    from dipsvd_core.allocation.importance import effective_ranks, rank_spectra
+
     at = page(loaded(), "importance")
     heat = figure(at, "fig_alpha_heat")["data"][0]
     assert heat["type"] == "heatmap" and len(heat["z"]) == 2 and len(heat["z"][0]) == 64  # blocks x channels
@@ -205,7 +207,7 @@ def test_importance_figures():
     assert curve["data"][0]["y"] == sorted(curve["data"][0]["y"], reverse=True)
     assert len(curve["data"][1]["x"]) == round(0.03 * 128)  # the protected top-bar channels
     ranks = figure(at, "fig_rank")["data"][0]["y"]
-    assert [int(r) for r in ranks] == list(studio.bench.effective_ranks(0.95, "sigma2"))
+    assert [int(r) for r in ranks] == list(effective_ranks(rank_spectra(studio.bench.stats()), 0.95, "sigma2"))
     top1, topk = figure(at, "fig_energy")["data"][:2]  # where each block output's energy goes
     diag = [torch.sort(e, descending=True).values for e in studio.bench.stats().block_energy]
     assert top1["y"] == pytest.approx([float(d[0] / d.sum()) for d in diag])

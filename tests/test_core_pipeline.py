@@ -328,21 +328,21 @@ def test_cuda_pass_matches_the_cpu_pass(tiny_model_dir, tmp_path, monkeypatch):
 def test_prefactor_gives_several_gram_methods_from_one_pass(tiny_lm, monkeypatch):
     """A sweep over svd-llm and dipsvd runs ONE streaming pass for both (and its statistics), and each
     method's factors equal those of its own pass."""
-    from dipsvd_core.run import pipeline
+    from dipsvd_core.run import factor_cache
     from dipsvd_core.run.pipeline import Settings, Workbench
 
     calls = []
-    real = pipeline.stream_stats
-    monkeypatch.setattr(pipeline, "stream_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = factor_cache.stream_stats
+    monkeypatch.setattr(factor_cache, "stream_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     both = Workbench(tiny_lm, "wiki", 3, 48, seed=5)
     specs = [Settings(method="svd-llm").spec, Settings(method="dipsvd").spec]
-    both.prefactor(specs)
-    assert len(calls) == 1 and both._stats is not None
+    both.factor_cache.prefactor(specs)
+    assert len(calls) == 1 and both.data.has_stats
     import shutil
 
     spec = specs[1]  # dipsvd: remove what the joint pass stored, and factor it in a pass of its own
     mine = {n: (f.sigma.clone(), f.low_rank(4)[0]) for n, f in both.factors(spec).items()}
-    shutil.rmtree(both._store(spec).folder)
+    shutil.rmtree(both.factor_cache._store(spec).folder)
     alone = Workbench(tiny_lm, "wiki", 3, 48, seed=5).factors(spec)
     assert len(calls) == 2
     for name, (sigma, u) in mine.items():

@@ -31,7 +31,7 @@ CALIB = ["--calib", "wiki", "--calib-windows", "2"]
     (["compress", "--method", "dipsvd", "--allocation", "uniform", "--refine", "sequential", "--ratio", "0.3",
       "--no-eval-original", *CALIB], (Workbench, "refine"), "in the refine phase"),
     (["compress", "--method", "dipsvd", "--allocation", "nested", "--ratio", "0.3", "--no-eval-original", *CALIB],
-     ("dipsvd_core.run.pipeline.cached_fisher", None), "in the fisher phase"),
+     ("dipsvd_core.run.calibration.cached_fisher", None), "in the fisher phase"),
     (["evaluate"], ("dipsvd_core.cli.commands._perplexities", None), "in the evaluation phase"),
 ])
 def test_a_device_out_of_memory_error_answers_in_one_line_with_the_phase_and_the_advice(

@@ -16,6 +16,7 @@ from dipsvd_core.io.compressed import load_compressed, save_compressed
 from dipsvd_core.lowrank.factors import FactorSpec
 from dipsvd_core.methods import dobi
 from dipsvd_core.methods.dobi import DobiConfig
+from dipsvd_core.run import steps
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 
@@ -33,7 +34,7 @@ def dobi_settings(ratio, remap, **kw):
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
 def test_trained_gammas_meet_the_ratio_within_one_percent(bench, ratio, remap):
     s = dobi_settings(ratio, remap)
-    trained = bench.run_pass(P.TRAINING, s)
+    trained = steps.run(bench, P.TRAINING, s)
     assert len(trained.history) == 3 * 4 and not trained.cancelled
     assert set(trained.gammas) == {t.name for t in bench.targets}
     # The ranks of the trained gammas themselves, before any budget fix-up:
@@ -48,7 +49,7 @@ def test_trained_gammas_meet_the_ratio_within_one_percent(bench, ratio, remap):
 
 def test_budget_fixup_is_exact_and_never_over(bench):
     for remap in (False, True):
-        trained = bench.run_pass(P.TRAINING, dobi_settings(0.3, remap))
+        trained = steps.run(bench, P.TRAINING, dobi_settings(0.3, remap))
         ranks = dobi.meet_budget(trained.gammas, bench.targets, 0.3, remap)
         realized = dobi.storage_ratio(ranks, bench.targets, remap)
         assert 0.3 <= realized < 0.305

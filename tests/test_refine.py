@@ -296,7 +296,7 @@ def test_a_refined_build_reads_the_factors_and_a_block_kept_unrefined_is_exactly
     assert {P.FACTORS, P.GRAMS, P.REFINE} <= needs(s)
     bench = Workbench(tiny_lm, "wiki", 8, 64)
     result = bench.build(s)
-    assert bench.has_factors(s.spec) and "factors" in bench.timings_s
+    assert bench.factor_cache.has(s.spec) and "factors" in bench.timings_s
     info = result.info["refine"]
     assert info["held_windows"] == [3, 7] and info["fit_windows"] == 6
     assert [r["block"] for r in info["blocks"]] == list(range(tiny_lm.n_blocks))

@@ -81,7 +81,7 @@ def main() -> None:
     held = wb.heldout(base.bo_windows)
     evals = eval_sets(wb, args.eval_tokens)
     objective = Objective(lm.model, targets, factors, held)
-    weights = wb.coupled_weights(base)
+    weights = wb.probes.coupled_weights(base)
     curves = np.array([block_sensitivity(lm.model, targets, factors, held, k) for k in CURVE_KEEPS]).T  # (blocks, keeps)
     print_row({"curve_keeps": CURVE_KEEPS, "curves": curves.round(4).tolist()})
     base_loss = math.log(objective({t.name: None for t in targets}))

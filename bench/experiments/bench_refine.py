@@ -226,7 +226,7 @@ def main() -> None:
 
     report = run_sweep(bench, Settings(), parse_grid(args.grid), ratios, sets, on_row=write)
     t0 = time.perf_counter()
-    bench.block_sensitivity(Settings(method="dipsvd", allocation="coupled"))  # cached: the sweep's coupled rows ran it
+    bench.probes.block_sensitivity(Settings(method="dipsvd", allocation="coupled"))  # cached: the sweep's coupled rows ran it
     if not args.no_v1:
         extra.extend(v1_rows(bench, ratios, sets))
     report["timings_s"]["coupled-v1 rows"] = time.perf_counter() - t0

@@ -82,7 +82,7 @@ def ours(lm, n_windows: int, seqlen: int) -> float:
             bench = Workbench(lm, "wiki", n_windows, seqlen)
             bench.windows()
             t0 = time.perf_counter()
-            bench.prefactor([FactorSpec("svd-llm")])
+            bench.factor_cache.prefactor([FactorSpec("svd-llm")])
             return time.perf_counter() - t0
         finally:
             os.environ.pop("DIPSVD_STUDIO_CACHE") if old is None else os.environ.update(DIPSVD_STUDIO_CACHE=old)

@@ -56,7 +56,7 @@ def main() -> None:
     news_base = math.log(perplexity(lm.model, news))
     print_row({"type_probes_news": {ty: probe(lm, T, F, {t.name for t in T if t.name.endswith(ty)}, news) - news_base
                                     for ty in types}})
-    d_block = wb.block_sensitivity(base)
+    d_block = wb.probes.block_sensitivity(base)
     raw = allocators.coupled_weights(F, wb.fisher(), T)
     keep = np.full(len(d_block), KEEP)
     ranks = alloc.ranks_for(keep, T)
@@ -74,7 +74,7 @@ def main() -> None:
         c = {ty: max(d_type[ty], 1e-6) / max(pt[ty], 1e-300) for ty in types}
     print_row({"type_factors": c})
     w_ipf = {t.name: raw[t.name] * a[t.block] * c[typ[t.name]] for t in T}
-    w_cal = wb.coupled_weights(base)
+    w_cal = wb.probes.coupled_weights(base)
     ev = eval_sets(wb, 4096)
     obj = Objective(lm.model, T, F, held)
     for r in [0.1, 0.2, 0.3, 0.4]:

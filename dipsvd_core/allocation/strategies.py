@@ -99,7 +99,7 @@ def _bayes(bench, settings, bounds, progress=None, callback=None, cancel=None):
 
     factors = bench.factors(settings.spec, progress)
     t0 = time.perf_counter()
-    objective = bench.cached(OBJECTIVE, (settings.spec.key, settings.bo_objective, settings.bo_windows),
+    objective = bench.memo.get(OBJECTIVE, (settings.spec.key, settings.bo_objective, settings.bo_windows),
                              lambda: Objective(bench.lm.model, bench.targets, factors,
                                                bench.heldout(settings.bo_windows), settings.bo_objective))
     warm = [alloc.uniform(bench.targets, settings.ratio, **bounds).p_blocks, _heuristic(bench, settings, bounds,
@@ -116,7 +116,7 @@ def _bayes(bench, settings, bounds, progress=None, callback=None, cancel=None):
                           "probing every block (ours, not in the paper)")
 def _coupled(bench, settings, bounds, progress=None, **_):
     factors = bench.factors(settings.spec, progress)
-    return allocators.coupled(factors, bench.coupled_weights(settings, progress), bench.targets, settings.ratio,
+    return allocators.coupled(factors, bench.probes.coupled_weights(settings, progress), bench.targets, settings.ratio,
                               **bounds)
 
 
@@ -129,7 +129,7 @@ def _coupled(bench, settings, bounds, progress=None, **_):
                                     "at ratio 0.3), and refining takes that back.")
 def _nested(bench, settings, bounds, progress=None, **_):
     outer = _heuristic(bench, settings, bounds, progress)
-    return allocators.nested(outer, bench.factors(settings.spec, progress), bench.nested_weights(settings, progress),
+    return allocators.nested(outer, bench.factors(settings.spec, progress), bench.probes.nested_weights(settings, progress),
                              bench.targets, **bounds)
 
 

@@ -160,8 +160,7 @@ def cmd_compress(args) -> dict:
     with memory.phase("load"):
         lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, progress, args.offload, blocks=blocks)
     timings["load_model"] = time.perf_counter() - t0
-    bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed)
-    bench.memory = memory
+    bench = Workbench(lm, args.calib, args.calib_windows, args.seqlen, args.seed, memory=memory)
     t0 = time.perf_counter()
     bench.windows()
     timings["calibration_text"] = time.perf_counter() - t0

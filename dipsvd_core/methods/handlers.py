@@ -11,7 +11,7 @@ instead of testing method names.
   registered later): factors computed once per FactorSpec in the block-streaming pass; a registered allocation
   (strategies.py) picks ranks; the new state is k rows of each factor, read from disk when surgery asks.
 - `DobiHandler` (dobi): truncation positions trained by gradient descent (its own "trained" allocation, cached
-  through `Workbench.cached`), then the IPCA weight update, optionally remapped to 8 bits; it owns its
+  through `Workbench.memo`), then the IPCA weight update, optionally remapped to 8 bits; it owns its
   training, its cache key, its variant `dobi-remap` and the int8 tensors of a saved remapped model.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ class FactorHandler(MethodHandler):
             raise DipSVDError("remap (8-bit factors) is part of Dobi-SVD; use it with method dobi")
 
     def prepared(self, bench, settings) -> bool:
-        return bench.has_factors(self.spec(settings))
+        return bench.factor_cache.has(self.spec(settings))
 
     def prepare(self, bench, settings, progress=None, callback=None, cancel=None):
         return bench.factors(self.spec(settings), progress)
@@ -172,13 +172,13 @@ class DobiHandler(MethodHandler):
         return (settings.ratio, settings.dobi)
 
     def prepared(self, bench, settings) -> bool:
-        return bench.has_cached(P.TRAINING, self._key(settings))
+        return bench.memo.has(P.TRAINING, self._key(settings))
 
     def prepare(self, bench, settings, progress=None, callback=None, cancel=None):
         """Trained truncation positions for this ratio and config (memory, then disk cache, then training).
         A cancelled run is returned but not cached."""
         settings.check()
-        return bench.cached(P.TRAINING, self._key(settings),
+        return bench.memo.get(P.TRAINING, self._key(settings),
                             lambda: self._train(bench, settings, progress, callback, cancel),
                             keep=lambda trained: not trained.cancelled)
 

@@ -138,10 +138,11 @@ def report_figures(bench, result) -> dict[str, go.Figure]:
     and the allocation against the uniform one, for `result` (pipeline.Result)."""
     from ..allocation import budget as alloc
     from ..engine import passes as P
+    from ..run import steps
     from . import figures as F
 
     out = {}
-    if bench.has_pass(P.FISHER, result.settings):
+    if steps.done(bench, P.FISHER, result.settings):
         imp = bench.importance(result.settings)
         out["Fisher sensitivity"] = F.per_block(imp["S"], "Fisher sensitivity S_l", "S_l")
         out["Effective rank"] = F.per_block(imp["R"], "Effective rank R_l", "R_l", color=F.GREEN)

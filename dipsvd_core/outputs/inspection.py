@@ -104,7 +104,7 @@ def comparison_specs(settings: Settings) -> dict[str, FactorSpec]:
 def spectra(bench: Workbench, name: str, specs: dict[str, FactorSpec]) -> dict[str, np.ndarray]:
     """Singular values of one matrix for each spec already factored (no new SVDs here)."""
     return {label: bench.factors(spec)[name].sigma.numpy() for label, spec in specs.items()
-            if bench.has_factors(spec)}
+            if bench.factor_cache.has(spec)}
 
 
 def dobi_preview(bench: Workbench, settings: Settings) -> dict:

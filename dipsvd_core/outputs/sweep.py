@@ -92,7 +92,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
     gram = list(dict.fromkeys(s.spec for s in rows.values() if P.GRAMS in needs(s)))
     if gram:  # one streaming pass gives the statistics and every Gram method's factors
         t0 = time.perf_counter()
-        bench.prefactor(gram, progress)
+        bench.factor_cache.prefactor(gram, progress)
         timings["statistics + factors (" + ", ".join(s.method for s in gram) + ")"] = time.perf_counter() - t0
     if P.STATISTICS in wanted or gram:
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
                 if on_row:
                     on_row(report)
         if factored:
-            bench.drop_factors(spec)
+            bench.factor_cache.drop(spec)
     return report
 
 

@@ -1,0 +1,81 @@
+"""The calibration side of a run: the windows, and the two data passes every allocation reads (statistics and
+Fisher), each made once and timed; held-out windows disjoint from the calibration ones.
+
+It owns what the other parts of a run share: the measured peak of each pass (`memory`) and its seconds
+(`timings_s`, keyed by the pass's plan phase, engine.passes), so a run can be checked against its plan.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..allocation.fisher import FisherInfo, cached_fisher
+from ..engine import passes as P
+from ..engine.data import calibration_windows, heldout_windows
+from ..engine.memwatch import PhaseMemory
+from ..engine.stats import Stats, cached_stats, save_stats, stats_key
+from ..model.models import LoadedModel
+
+
+class Calibration:
+    def __init__(self, lm: LoadedModel, calib: str, n_windows: int, seqlen: int, seed: int,
+                 memory: PhaseMemory | None = None):
+        self.lm, self.calib, self.n_windows, self.seqlen, self.seed = lm, calib, n_windows, seqlen, seed
+        self._windows: torch.Tensor | None = None
+        self._stats: Stats | None = None
+        self._fisher: FisherInfo | None = None
+        self._heldout: dict[int, torch.Tensor] = {}  # held-out windows, per count
+        self.timings_s: dict[str, float] = {}
+        self.memory = memory if memory is not None else PhaseMemory()  # each pass's measured peaks (the report's memory.phases)
+
+    def windows(self) -> torch.Tensor:
+        if self._windows is None:
+            self._windows = calibration_windows(self.lm.tokenizer, self.calib, self.n_windows, self.seqlen, self.seed)
+        return self._windows
+
+    @property
+    def key(self) -> str:
+        """The cache key of the calibration windows on this model (statistics, Fisher, factors and probes)."""
+        return stats_key(self.lm, self.windows())
+
+    @property
+    def has_stats(self) -> bool:
+        return self._stats is not None
+
+    @property
+    def has_fisher(self) -> bool:
+        return self._fisher is not None
+
+    def stats(self, progress=None) -> Stats:
+        if self._stats is None:
+            t0 = time.perf_counter()
+            with self.memory.phase(P.STATISTICS):
+                self._stats = cached_stats(self.lm, self.windows(), progress)
+            self.timings_s[P.STATISTICS] = time.perf_counter() - t0
+        return self._stats
+
+    def adopt_stats(self, stats: Stats) -> None:
+        """Statistics that another pass collected on the way (the Gram factoring pass): kept and cached on disk,
+        unless some are already here."""
+        if self._stats is None:
+            save_stats(self.key, stats)
+            self._stats = stats
+            self.timings_s[P.STATISTICS] = stats.seconds
+
+    def fisher(self, progress=None) -> FisherInfo:
+        """Fisher sensitivity from backward passes over the calibration windows (cached on disk)."""
+        if self._fisher is None:
+            t0 = time.perf_counter()
+            with self.memory.phase(P.FISHER):
+                self._fisher = cached_fisher(self.lm, self.windows(), self.key, progress)
+            self.timings_s[P.FISHER] = time.perf_counter() - t0
+        return self._fisher
+
+    def heldout(self, n_windows: int) -> torch.Tensor:
+        """Calibration-split windows disjoint from the calibration windows (BO's objective, the probes, refine's
+        held-out check)."""
+        if n_windows not in self._heldout:
+            self._heldout[n_windows] = heldout_windows(self.lm.tokenizer, self.calib, n_windows, self.seqlen, self.seed,
+                                                       skip=self.n_windows)
+        return self._heldout[n_windows]

@@ -1,0 +1,84 @@
+"""The passes as objects: each pass the engine can run (engine.passes names it, with its plan phase, its cost in a
+user's words and its button text), with what a run does for it: `done(bench, settings)`, whether its result for
+these settings is in memory (or, for a probe, in the disk cache), and `run(bench, settings, ...)`, which makes it.
+The app's "this needs ..." buttons, `Workbench.quick_build` and the report read them; a new pass is one entry here
+and its name in engine.passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..engine import passes as P
+from ..methods.handlers import handler, needs
+
+
+def _never(bench, settings) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    done: Callable[..., bool] = _never  # (bench, settings) -> its result is here
+    run: Callable[..., object] | None = None  # (bench, settings, progress, callback, cancel) -> its result
+
+    @property
+    def phase(self) -> str:
+        return P.PHASE[self.name]
+
+    @property
+    def cost(self) -> str | None:
+        return P.COST.get(self.name)
+
+    @property
+    def ask(self) -> tuple | None:
+        """(what it gives, the button, the job's title) where the app offers it as a step of its own."""
+        return P.ASK.get(self.name)
+
+
+def _factors_here(bench, s) -> bool:
+    return bench.factor_cache.has(s.spec)
+
+
+def _make_factors(bench, s, progress, callback, cancel):
+    return bench.factors(s.spec, progress)
+
+
+STEPS = {p.name: p for p in (
+    Pass(P.STATISTICS, lambda bench, s: bench.data.has_stats,
+         lambda bench, s, progress, callback, cancel: bench.stats(progress)),
+    Pass(P.GRAMS, _factors_here, _make_factors),
+    Pass(P.FISHER, lambda bench, s: bench.data.has_fisher,
+         lambda bench, s, progress, callback, cancel: bench.fisher(progress)),
+    Pass(P.FACTORS, _factors_here, _make_factors),
+    Pass(P.BLOCK_PROBE, lambda bench, s: bench.probes.has(s, "block"),
+         lambda bench, s, progress, callback, cancel: bench.probes.measure(s, "block", progress)),
+    Pass(P.TYPE_PROBE, lambda bench, s: bench.probes.has(s, "type"),
+         lambda bench, s, progress, callback, cancel: bench.probes.measure(s, "type", progress)),
+    Pass(P.SEARCH, run=lambda bench, s, progress, callback, cancel: bench.allocate(s, progress, callback, cancel)),
+    Pass(P.TRAINING, lambda bench, s: handler(s.method).prepared(bench, s),
+         lambda bench, s, progress, callback, cancel: handler(s.method).prepare(bench, s, progress, callback, cancel)),
+    Pass(P.UPDATE),
+    Pass(P.REFINE),
+)}
+assert set(STEPS) == set(P.PASSES), "every pass of engine.passes has its object here"
+
+
+def done(bench, name: str, settings) -> bool:
+    """Whether what pass `name` gives for these settings is here."""
+    return STEPS[name].done(bench, settings)
+
+
+def run(bench, name: str, settings, progress=None, callback=None, cancel=None):
+    """Run pass `name` for these settings (the app's buttons call this); a search returns its allocation."""
+    step = STEPS[name]
+    if step.run is None:
+        raise ValueError(f"the {name} pass runs inside the build; it has no step of its own")
+    return step.run(bench, settings, progress, callback, cancel)
+
+
+def missing(bench, settings, allocation_given: bool = False) -> list[str]:
+    """The passes these settings need that have not run yet, in the order of engine.passes.PASSES."""
+    want = needs(settings, allocation_given)
+    return [p for p in P.PASSES if p in want and not done(bench, p, settings)]

@@ -1,7 +1,6 @@
 """DipSVD Studio: the Streamlit entry point. It only routes; each page lives in pages/."""
 import streamlit as st
 
-from studio import ui
 from studio.jobs import settle_heap_at_start
 
 # The page icon is an emoji: a material icon there is fetched as an image from a font CDN, which fails offline
@@ -17,7 +16,6 @@ PAGES = {
 }
 
 settle_heap_at_start()  # the imports' objects stay for the process: full collections need not walk them
-ui.keep_widget_state()
 page = st.navigation(PAGES)
 with st.sidebar:
     st.caption("DipSVD Studio · SVD compression with dual importance protection (arXiv 2506.20353)")

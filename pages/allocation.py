@@ -33,7 +33,8 @@ for name, value in flat_settings(cur).items():
 
 controls, view = st.columns([1, 2], gap="large")
 with controls:
-    ratio = st.slider("Target ratio removed", 0.0, 1.0, step=0.01, key="k_s_ratio", disabled=busy,
+    ratio = st.slider("Target ratio removed", 0.0, 1.0, step=0.01, key="k_s_ratio",
+                      persist_state="session", disabled=busy,
                       help="Fraction of the targeted parameters removed. Models under ~1B parameters start at "
                            "0.1: their spectra are flat, so 0.05 to 0.2 is the useful range.")
     st.markdown(f"**{describe_ratio(ratio)}**")
@@ -41,54 +42,68 @@ with controls:
     names = names_for(st.session_state.get("k_s_method", cur.method))
     if st.session_state.get("k_s_allocation") not in names:
         st.session_state["k_s_allocation"] = names[0]
-    allocation = st.radio("Allocation", names, key="k_s_allocation", horizontal=True, disabled=busy)
+    allocation = st.radio("Allocation", names, key="k_s_allocation",
+                          persist_state="session", horizontal=True, disabled=busy)
     st.caption(strategy(allocation).help)
     with st.container(border=True):
         st.markdown("**Local importance** · changes refactor")
-        method = st.selectbox("Method", list(method_names()), key="k_s_method", disabled=busy,
+        method = st.selectbox("Method", list(method_names()), key="k_s_method", persist_state="session", disabled=busy,
                               help=METHOD_HELP)
         options = handler(method).options  # the widgets below that this method reads
-        weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight",
+        weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight", persist_state="session",
                            disabled=busy or "weight" not in options)
-        bar = st.slider("Protected fraction bar", 0.0, 0.2, step=0.005, key="k_s_bar", format="%.3f",
+        bar = st.slider("Protected fraction bar", 0.0, 0.2, step=0.005, key="k_s_bar",
+                        persist_state="session", format="%.3f",
                         disabled=busy or "bar" not in options)
-        whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening", horizontal=True,
+        whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening",
+                             persist_state="session", horizontal=True,
                              disabled=busy or "whitening" not in options,
                              help=help_of(Settings, "whitening"))
     if handler(method).own_settings:  # Dobi-SVD's own options (Settings.dobi)
         with st.container(border=True):
             st.markdown("**Dobi-SVD** · changes retrain")
-            dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs", disabled=busy)
-            dobi_windows = st.number_input("Training windows", 1, 256, step=1, key="k_s_dobi_windows", disabled=busy,
+            dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs",
+                                          persist_state="session", disabled=busy)
+            dobi_windows = st.number_input("Training windows", 1, 256, step=1, key="k_s_dobi_windows",
+                                           persist_state="session", disabled=busy,
                                            help="the first calibration windows; the IPCA weight update uses all of them")
             dobi_lr = st.number_input("Learning rate (share of a matrix's rank range)", 0.001, 0.5, step=0.005,
-                                      format="%.3f", key="k_s_dobi_lr", disabled=busy)
+                                      format="%.3f", key="k_s_dobi_lr", persist_state="session", disabled=busy)
             dobi_lambda = st.number_input("λ (weight of |ratio − target|)", 0.0, 100000.0, step=10.0,
-                                          key="k_s_dobi_lam", disabled=busy)
-            dobi_beta = st.number_input("β of the tanh mask", 0.5, 100.0, step=0.5, key="k_s_dobi_beta", disabled=busy)
+                                          key="k_s_dobi_lam", persist_state="session", disabled=busy)
+            dobi_beta = st.number_input("β of the tanh mask", 0.5, 100.0, step=0.5, key="k_s_dobi_beta",
+                                        persist_state="session", disabled=busy)
             remap = st.checkbox("Remap: 8-bit factors (ratio counted in bytes against 16-bit weights)",
-                                key="k_s_dobi_remap", disabled=busy)
+                                key="k_s_dobi_remap", persist_state="session", disabled=busy)
     else:
         dobi_epochs, dobi_windows, dobi_lr, dobi_lambda, dobi_beta, remap = (
             cur.dobi.epochs, cur.dobi.windows, cur.dobi.lr, cur.dobi.lam, cur.dobi.beta, False)
     with st.container(border=True):
         st.markdown("**Global importance** · instant")
-        beta = st.slider("β (Fisher vs effective rank)", 0.0, 1.0, step=0.05, key="k_s_beta", disabled=busy)
-        tau = st.slider("τ (effective-rank energy)", 0.5, 0.999, step=0.005, key="k_s_tau", format="%.3f",
+        beta = st.slider("β (Fisher vs effective rank)", 0.0, 1.0, step=0.05, key="k_s_beta",
+                         persist_state="session", disabled=busy)
+        tau = st.slider("τ (effective-rank energy)", 0.5, 0.999, step=0.005, key="k_s_tau",
+                        persist_state="session", format="%.3f",
                         disabled=busy)
-        energy = st.radio("Energy", ["sigma2", "sigma"], key="k_s_energy", horizontal=True, disabled=busy,
+        energy = st.radio("Energy", ["sigma2", "sigma"], key="k_s_energy",
+                          persist_state="session", horizontal=True, disabled=busy,
                           help=help_of(Settings, "energy"))
-        rank_of = st.radio("Effective rank of", list(RANKS_OF), key="k_s_rank_of", horizontal=True, disabled=busy,
+        rank_of = st.radio("Effective rank of", list(RANKS_OF), key="k_s_rank_of",
+                           persist_state="session", horizontal=True, disabled=busy,
                            help=help_of(Settings, "rank_of"))
     with st.expander("Bounds and Bayesian optimization"):
         p_min = st.number_input("p_min (lowest keep ratio of a block)", 0.01, 1.0, step=0.01, key="k_s_p_min",
+                                persist_state="session",
                                 disabled=busy)
         p_max = st.number_input("p_max (highest; 1 lets a block stay dense)", 0.01, 1.0, step=0.01,
-                                key="k_s_p_max", disabled=busy)
-        bo_calls = st.number_input("BO calls", 5, 500, step=5, key="k_s_bo_calls", disabled=busy)
-        bo_objective = st.radio("BO objective", ["ppl", "cosine"], key="k_s_bo_objective", horizontal=True,
+                                key="k_s_p_max", persist_state="session", disabled=busy)
+        bo_calls = st.number_input("BO calls", 5, 500, step=5, key="k_s_bo_calls",
+                                   persist_state="session", disabled=busy)
+        bo_objective = st.radio("BO objective", ["ppl", "cosine"], key="k_s_bo_objective",
+                                persist_state="session", horizontal=True,
                                 disabled=busy, help=help_of(Settings, "bo_objective"))
-        bo_windows = st.number_input("BO held-out windows", 1, 64, step=1, key="k_s_bo_windows", disabled=busy)
+        bo_windows = st.number_input("BO held-out windows", 1, 64, step=1, key="k_s_bo_windows",
+                                     persist_state="session", disabled=busy)
 
 new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), weight=float(weight), bar=float(bar),
               whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
@@ -98,6 +113,8 @@ new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), wei
               # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back
               refine=cur.refine if handler(method).refinable else "none")
 s.settings = new
+if not handler(method).refinable:
+    st.session_state.pop("k_c_refine", None)  # the Compress page's box, kept across pages, follows: seeded off
 
 with view:
     try:

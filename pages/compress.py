@@ -48,23 +48,26 @@ ui.seed("k_c_tune", refine_choice(cur.refine).tunes)
 ui.seed("k_c_compensate", cur.compensate)
 ui.seed("k_c_tune_epochs", cur.tune.epochs)
 ui.seed("k_lm_limit", 100)
-refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine", disabled=busy or not refinable,
+refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine",
+                           persist_state="session", disabled=busy or not refinable,
                            help="One more block-by-block pass: each block's factored matrices are refitted, in closed "
                                 "form, to give the original outputs on the inputs that the already-compressed blocks "
                                 "before it produce. The refit is checked on held-out calibration windows, and a block "
                                 "keeps its unrefined factors where it does not help there. Same ranks, same size; a "
                                 "build step, not a slider step.")
 compensate = c_comp.selectbox("Compensate dense matrices", list(COMPENSATIONS), key="k_c_compensate",
+                              persist_state="session",
                               disabled=busy or not refinable or not refine,
                               help=help_of(Settings, "compensate") + ". A dense matrix keeps its size: no parameter "
                                    "is added.")
-tune = c_tune.checkbox("Also tune each block (AdamW)", key="k_c_tune",
+tune = c_tune.checkbox("Also tune each block (AdamW)", key="k_c_tune", persist_state="session",
                        disabled=busy or not refinable or not refine,
                        help="Block-level training (AA-SVD's second stage): after the refit, AdamW with a warm-up and "
                             "cosine decay on every parameter of the block (factors, dense matrices, norms) towards the "
                             "original block's outputs, kept only where it lowers the held-out error. Each epoch costs "
                             "about three block passes per window: on a CPU, a few epochs; AA-SVD trains 25.")
 epochs = c_tune.number_input("Tuning epochs", min_value=1, max_value=100, key="k_c_tune_epochs",
+                             persist_state="session",
                              disabled=busy or not refinable or not (refine and tune))
 if refinable and (cur.compensate, cur.tune.epochs) != (compensate, int(epochs)):  # both read by refined builds only
     s.settings = cur = replace(cur, compensate=compensate, tune=replace(cur.tune, epochs=int(epochs)))
@@ -122,10 +125,12 @@ c1, c2, c3 = st.columns([2, 2, 1])
 ui.seed("k_ev_sets", [x for x in d["eval"] if x in SOURCES])
 ui.seed("k_ev_path", next((x for x in d["eval"] if x not in SOURCES), ""))
 ui.seed("k_ev_tokens", d["eval_tokens"])
-sets = c1.multiselect("Datasets", list(SOURCES), key="k_ev_sets", disabled=busy,
+sets = c1.multiselect("Datasets", list(SOURCES), key="k_ev_sets", persist_state="session", disabled=busy,
                       help="wiki: the held-out half of the Wikipedia extract; news: out of domain")
-extra = c2.text_input("Also a local .txt or .jsonl file", key="k_ev_path", disabled=busy).strip()
-tokens = c3.number_input("Tokens per dataset", 64, 1_000_000, step=1024, key="k_ev_tokens", disabled=busy)
+extra = c2.text_input("Also a local .txt or .jsonl file", key="k_ev_path",
+                      persist_state="session", disabled=busy).strip()
+tokens = c3.number_input("Tokens per dataset", 64, 1_000_000, step=1024, key="k_ev_tokens",
+                         persist_state="session", disabled=busy)
 datasets = sets + ([extra] if extra else [])
 
 
@@ -170,12 +175,14 @@ c1, c2, c3 = st.columns([2, 2, 1])
 ui.seed("k_sw_methods", [m for m in ("svd-llm", "dipsvd") if m in grid_names()])
 built_ratio = s.result.settings.ratio if s.result is not None else cur.ratio
 ui.follow_default("k_sw_ratios", sorted(set(grid[:3]) | {built_ratio}))  # the ratio built, until the user picks
-methods = c1.multiselect("Methods", list(grid_names()), key="k_sw_methods", disabled=busy,
+methods = c1.multiselect("Methods", list(grid_names()), key="k_sw_methods", persist_state="session", disabled=busy,
                          help="dobi and dobi-remap (8-bit factors) train once per ratio: minutes each on a CPU")
 ratios = c2.multiselect("Ratios removed", sorted(set(grid + [cur.ratio, built_ratio])), key="k_sw_ratios",
+                        persist_state="session",
                         disabled=busy)
-sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", disabled=busy)
+sweep_set = c3.selectbox("Dataset", datasets or ["wiki"], key="k_sw_set", persist_state="session", disabled=busy)
 with_refined = st.checkbox("Also refined rows (sequential compensation, one more pass per point)", key="k_sw_refine",
+                           persist_state="session",
                            disabled=busy)
 # A search (BO) per point is too slow and a method's own allocation (Dobi-SVD's) is not shared: the rows then use
 # the fallback (uniform). remap belongs to the dobi-remap rows only; refine to the "+refine" rows.
@@ -243,7 +250,7 @@ if s.speed:
     st.caption("Prefill: one 256-token forward pass; decode: 32 single-token steps with a KV cache; best of two.")
 
 st.subheader("Zero-shot accuracy (lm-evaluation-harness)")
-task_limit = st.number_input("Documents", 20, 200, step=20, key="k_lm_limit", disabled=busy,
+task_limit = st.number_input("Documents", 20, 200, step=20, key="k_lm_limit", persist_state="session", disabled=busy,
                              help=f"of the local task {LOCAL_TASK}: after 24 words of a held-out wiki sentence, "
                                   "pick its true next six words among four; scored by log-likelihood")
 if st.button("Score with lm-eval", disabled=busy or s.result is None):

@@ -41,13 +41,14 @@ c3.download_button("Download report (HTML)", lambda: report_html(rep, report_fig
                    help="One file that opens offline: the settings, the plots, perplexity, speed and the generations")
 
 st.subheader("Save the compressed model")
-folder = st.text_input("Folder", key="k_ex_folder", placeholder="e.g. out/smollm2-dipsvd-0.1",
+folder = st.text_input("Folder", key="k_ex_folder", persist_state="session", placeholder="e.g. out/smollm2-dipsvd-0.1",
                        disabled=busy).strip()
-force = st.checkbox("Replace the folder if it exists and is not empty", key="k_ex_force", disabled=busy)
+force = st.checkbox("Replace the folder if it exists and is not empty", key="k_ex_force",
+                    persist_state="session", disabled=busy)
 confirmed = True
 if force:
     confirmed = st.checkbox(f"Yes, delete what is in {folder or 'that folder'} and write the model there",
-                            key="k_ex_confirm", disabled=busy)
+                            key="k_ex_confirm", persist_state="session", disabled=busy)
 
 
 def save(job):

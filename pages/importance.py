@@ -20,13 +20,13 @@ tab_local, tab_global, tab_spectra = st.tabs(["Channel importance α", "Block im
 with tab_local:
     groups = input_groups(s.lm, bench.stats())
     c1, c2 = st.columns([2, 1])
-    group = c1.selectbox("Input group", list(groups), key="k_imp_group",
+    group = c1.selectbox("Input group", list(groups), key="k_imp_group", persist_state="session",
                          help="Linears that read the same input share one Gram and one α")
     alpha = alpha_matrix(bench.stats(), groups[group])
     st.plotly_chart(figures.alpha_heatmap(alpha, group), key="fig_alpha_heat")
     st.caption("α_j = ‖G[:, j]‖₂, the L2 norm of column j of the input Gram (paper Eq. 1), per block and input "
                "channel, log colour scale. A few bright channels per block are the outliers DipSVD protects.")
-    block = c2.number_input("Block", 0, alpha.shape[0] - 1, key="k_imp_block")
+    block = c2.number_input("Block", 0, alpha.shape[0] - 1, key="k_imp_block", persist_state="session")
     n_top = n_protected(alpha.shape[1], cur.bar)
     st.plotly_chart(figures.sorted_alpha(alpha[block], n_top, block, group), key="fig_alpha_sorted")
     st.caption(f"The same α for block {block}, sorted. The top bar = {cur.bar:g} fraction ({n_top} of "
@@ -68,7 +68,7 @@ with tab_global, ui.guard("Block importance"):
 
 with tab_spectra:
     names = [t.name for t in bench.targets]
-    name = st.selectbox("Matrix", names, key="k_imp_matrix")
+    name = st.selectbox("Matrix", names, key="k_imp_matrix", persist_state="session")
     specs = comparison_specs(cur)
     sig = spectra(bench, name, specs)
     missing = [label for label in specs if label not in sig]

@@ -38,32 +38,36 @@ ui.seed("k_load_seqlen", d["seqlen"])
 left, right = st.columns(2, gap="large")
 with left:
     st.subheader("Model")
-    kind = KINDS[st.radio("Source", list(KINDS), key="k_load_kind", horizontal=True, disabled=busy)]
+    kind = KINDS[st.radio("Source", list(KINDS), key="k_load_kind",
+                          persist_state="session", horizontal=True, disabled=busy)]
     spec = DEFAULT_MODEL
     if kind != "bundled":
         hint = {"hub": "e.g. HuggingFaceTB/SmolLM2-135M (needs the hub or its local cache)",
                 "folder": "a folder saved by save_pretrained (holds config.json)",
                 "gguf": "path to a .gguf file"}[kind]
-        spec = st.text_input("Model", key="k_load_spec", placeholder=hint, disabled=busy).strip()
+        spec = st.text_input("Model", key="k_load_spec",
+                             persist_state="session", placeholder=hint, disabled=busy).strip()
     c1, c2 = st.columns(2)
-    device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="k_load_device", disabled=busy)
-    dtype = c2.selectbox("Dtype", ["auto", *DTYPES], key="k_load_dtype", disabled=busy,
+    device = c1.selectbox("Device", ["auto", "cpu", "cuda"], key="k_load_device",
+                          persist_state="session", disabled=busy)
+    dtype = c2.selectbox("Dtype", ["auto", *DTYPES], key="k_load_dtype", persist_state="session", disabled=busy,
                          help="auto: float32 on CPU, bfloat16 on a GPU")
     has_gpu = torch.cuda.is_available() and device != "cpu"
     c3, c4 = st.columns(2)  # a row of their own: in four narrow columns the checkbox labels were cut off
-    offload = c3.checkbox("Offload", key="k_load_offload", disabled=busy,
+    offload = c3.checkbox("Offload", key="k_load_offload", persist_state="session", disabled=busy,
                           help="For a model bigger than the memory budgets: as many blocks as the GPU budget leaves "
                                "room for beside the plan's working set stay on the GPU, as many of the others as the "
                                "host budget holds wait in host memory, the rest on disk; every pass brings each block "
                                "to the GPU once. On the CPU the blocks the host budget does not hold stay on disk.")
-    trust = c4.checkbox("Trust remote code", key="k_load_trust", disabled=busy,
+    trust = c4.checkbox("Trust remote code", key="k_load_trust", persist_state="session", disabled=busy,
                         help="Only for hub models that ship their own code, and only if you trust it")
     budgets, bad_budget = {}, None
     if offload:
         b1, b2 = st.columns(2)
         for col, what, label, example in ((b1, "device", "GPU memory budget", "22GiB"),
                                           (b2, "host", "Host memory budget", "64GiB")):
-            text = col.text_input(label, key=f"k_load_{what}_memory", placeholder=f"what is free now, e.g. {example}",
+            text = col.text_input(label, key=f"k_load_{what}_memory",
+                                  persist_state="session", placeholder=f"what is free now, e.g. {example}",
                                   disabled=busy or (what == "device" and not has_gpu))
             if text.strip():
                 try:
@@ -73,19 +77,22 @@ with left:
     ui.device_panel(device)
 with right:
     st.subheader("Calibration text")
-    calib = st.selectbox("Source", [*SOURCES, PATH], key="k_load_calib", disabled=busy,
+    calib = st.selectbox("Source", [*SOURCES, PATH], key="k_load_calib", persist_state="session", disabled=busy,
                          help="mix (the default): wiki-chat, wiki and news's calibration half, 2 : 1 : 1 by windows; on text "
                               "none of them holds it compressed better than wiki-chat alone. wiki-chat: the first "
                               "half of gensim's Wikipedia extract, every other passage framed as a chat turn in the "
                               "model's chat template. wiki: the same text, plain (offline). news: gensim's news corpus. "
                               "wikitext2, ptb, c4 need the hub or a local datasets cache.")
     if calib == PATH:
-        calib = st.text_input("Path", key="k_load_calib_path", placeholder="/path/to/text.txt", disabled=busy).strip()
+        calib = st.text_input("Path", key="k_load_calib_path",
+                              persist_state="session", placeholder="/path/to/text.txt", disabled=busy).strip()
     c1, c2, c3 = st.columns(3)
-    n_windows = c1.number_input("Windows", min_value=1, max_value=4096, step=1, key="k_load_windows", disabled=busy)
+    n_windows = c1.number_input("Windows", min_value=1, max_value=4096, step=1, key="k_load_windows",
+                                persist_state="session", disabled=busy)
     seqlen = c2.number_input("Tokens per window", min_value=8, max_value=8192, step=64, key="k_load_seqlen",
+                             persist_state="session",
                              disabled=busy)
-    seed = c3.number_input("Seed", min_value=0, step=1, key="k_load_seed", disabled=busy)
+    seed = c3.number_input("Seed", min_value=0, step=1, key="k_load_seed", persist_state="session", disabled=busy)
     st.caption(f"{n_windows} × {seqlen} = {n_windows * seqlen:,} calibration tokens, cut without padding.")
 
 
@@ -95,7 +102,8 @@ with right:
 run = {"method": "dipsvd", "calib_windows": int(n_windows), "seqlen": int(seqlen), "dtype": dtype,
        "eval_tokens": d["eval_tokens"], "eval_sets": max(1, len(d["eval"])), "offload": bool(offload),
        "inplace": False}
-if st.toggle("Show the plan: predicted memory, disk and time of each phase", key="k_plan_show", disabled=busy) \
+if st.toggle("Show the plan: predicted memory, disk and time of each phase", key="k_plan_show",
+             persist_state="session", disabled=busy) \
         and (kind == "bundled" or spec):
     plan = ui.plan_of(spec or "", device, run, trust, budgets=budgets)
     if "error" in plan:
@@ -114,6 +122,7 @@ if st.toggle("Show the plan: predicted memory, disk and time of each phase", key
                    "from the config alone, with the original kept beside the compressed copy. "
                    + " ".join(timed.get("notes", [])))
         st.checkbox("Predict the time (a few seconds' microbenchmark on this device)", key="k_plan_timed",
+                    persist_state="session",
                     disabled=busy)
 
 

@@ -27,16 +27,20 @@ ui.seed("k_sbs_tokens", defaults()["new_tokens"])
 c1, c2 = st.columns([3, 2], gap="large")
 with c1:
     # pills, not a multiselect: every prompt stays visible in full, chosen or not
-    chosen = st.pills("Prompts", DEFAULT_PROMPTS, selection_mode="multi", key="k_sbs_prompts", disabled=busy,
+    chosen = st.pills("Prompts", DEFAULT_PROMPTS, selection_mode="multi", key="k_sbs_prompts",
+                      persist_state="session", disabled=busy,
                       wrap=True) or []
-    own = st.text_area("Your own prompts, one a line", key="k_sbs_own", disabled=busy, height=90)
+    own = st.text_area("Your own prompts, one a line", key="k_sbs_own",
+                       persist_state="session", disabled=busy, height=90)
 with c2:
-    new_tokens = st.slider("New tokens", 8, 256, step=8, key="k_sbs_tokens", disabled=busy)
-    chat = st.toggle("Use the chat template", key="k_sbs_chat", disabled=busy or not has_template,
+    new_tokens = st.slider("New tokens", 8, 256, step=8, key="k_sbs_tokens", persist_state="session", disabled=busy)
+    chat = st.toggle("Use the chat template", key="k_sbs_chat",
+                     persist_state="session", disabled=busy or not has_template,
                      help="For instruct models: wrap each prompt as a user turn" if has_template else
                      "This tokenizer has no chat template")
     extra = st.multiselect("Also at these ratios", [r for r in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
-                                                     if r != cur.ratio], key="k_sbs_ratios", disabled=busy,
+                                                     if r != cur.ratio], key="k_sbs_ratios",
+                           persist_state="session", disabled=busy,
                            help="Dobi-SVD trains its truncation positions once per ratio: minutes each on a CPU"
                            if handler(cur.method).trains_ranks else
                            "Extra compressed models from the same cached factors (uniform allocation "

@@ -228,7 +228,9 @@ def need_model() -> Studio:
 
 def seed(key: str, value) -> None:
     """Give a widget its starting value once; the value then lives under `key` in session state.
-    Keys starting with "k_" survive page switches (see `keep_widget_state`)."""
+    Keys starting with "k_" are the widgets whose values survive page switches: each is made with
+    persist_state="session". (Re-assigning them on every run, as before, pushed the value of the run's start back
+    to the browser and undid the presses a user made while the page reran: a slider's arrow keys, issue 36.)"""
     if key not in st.session_state:
         st.session_state[key] = value
 
@@ -240,13 +242,6 @@ def follow_default(key: str, value) -> None:
     if key not in st.session_state or st.session_state[key] == st.session_state.get(last):
         st.session_state[key] = value
     st.session_state[last] = value
-
-
-def keep_widget_state() -> None:
-    """Streamlit drops a widget's state when its page is not shown; re-assigning keeps it."""
-    for key in list(st.session_state):
-        if isinstance(key, str) and key.startswith("k_"):
-            st.session_state[key] = st.session_state[key]
 
 
 MARKDOWN_SPECIALS = "\\`*_{}[]<>()#+-.!|$~"

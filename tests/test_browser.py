@@ -107,6 +107,26 @@ def built_and_evaluated(page, dataset: str, timeout: int = SLOW) -> list[str]:
     return table.locator("tbody tr").first.locator("td").all_inner_texts()
 
 
+def arrow_keys_land(page, start: float) -> None:
+    """Arrow keys on the ratio slider, pressed faster than the page reruns (each press reruns it with the preview):
+    every press lands (issue 36: presses made during a rerun were undone), and the slider ends where it began."""
+    from playwright.sync_api import expect
+
+    thumb = page.get_by_test_id("stSlider").filter(has_text="Target ratio removed").get_by_role("slider")
+    thumb.focus()
+    for key in ["ArrowRight"] * 4:
+        page.keyboard.press(key)
+        page.wait_for_timeout(80)
+    settle(page)
+    expect(page.get_by_text(f"ratio {start + 0.04:.2f} removed").first).to_be_visible(timeout=30_000)
+    thumb.focus()
+    for key in ["ArrowLeft"] * 4:
+        page.keyboard.press(key)
+        page.wait_for_timeout(80)
+    settle(page)
+    expect(page.get_by_text(f"ratio {start:g} removed").first).to_be_visible(timeout=30_000)
+
+
 @contextlib.contextmanager
 def browser_page():
     from playwright.sync_api import sync_playwright
@@ -183,6 +203,7 @@ def test_studio_in_a_real_browser(server, tmp_path):
             # every matrix of the model factored: on 2 cores shared with other jobs it ran past 300 s (issue 36)
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=2 * SLOW)
             expect(page.get_by_text("ratio 0.1 removed, 90% kept").first).to_be_visible()
+            arrow_keys_land(page, 0.1)
             page_is_whole(page, console)
             shot("4-allocation")
 

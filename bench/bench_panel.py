@@ -100,7 +100,7 @@ def _rows(out: Path) -> list[dict]:
 def markdown(rows: list[dict], command: str) -> str:
     lines = [SECTION, "",
              f"Machine: {machine()}. Date: {utc_date()}. Command: `{command}` (rows in bench/panel.jsonl). dipsvd + "
-             "nested on the bundled SmolLM2-135M; every text evaluated on the first tokens of its evaluation half "
+             "the allocation of each row on the bundled SmolLM2-135M; every text evaluated on the first tokens of its evaluation half "
              "(none of the panel is in any calibration source; wiki's and news's calibration halves are not their "
              "evaluation halves). Each cell: the compressed model's perplexity as a multiple of the original's on "
              "the same windows; d3: the default prompts' distinct-3-gram shares as a multiple of the original's (the "

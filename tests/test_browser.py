@@ -112,19 +112,16 @@ def arrow_keys_land(page, start: float) -> None:
     every press lands (issue 36: presses made during a rerun were undone), and the slider ends where it began."""
     from playwright.sync_api import expect
 
+    from dipsvd_core.allocation.budget import describe_ratio
+
     thumb = page.get_by_test_id("stSlider").filter(has_text="Target ratio removed").get_by_role("slider")
-    thumb.focus()
-    for key in ["ArrowRight"] * 4:
-        page.keyboard.press(key)
-        page.wait_for_timeout(80)
-    settle(page)
-    expect(page.get_by_text(f"ratio {start + 0.04:.2f} removed").first).to_be_visible(timeout=30_000)
-    thumb.focus()
-    for key in ["ArrowLeft"] * 4:
-        page.keyboard.press(key)
-        page.wait_for_timeout(80)
-    settle(page)
-    expect(page.get_by_text(f"ratio {start:g} removed").first).to_be_visible(timeout=30_000)
+    for key, ratio in (("ArrowRight", start + 0.04), ("ArrowLeft", start)):
+        thumb.focus()
+        for _ in range(4):
+            page.keyboard.press(key)
+            page.wait_for_timeout(80)
+        settle(page)
+        expect(page.get_by_text(describe_ratio(round(ratio, 2))).first).to_be_visible(timeout=30_000)
 
 
 @contextlib.contextmanager

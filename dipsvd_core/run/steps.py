@@ -1,5 +1,5 @@
-"""The passes as objects: each pass the engine can run (engine.passes names it, with its plan phase, its cost in a
-user's words and its button text), with what a run does for it: `done(bench, settings)`, whether its result for
+"""The passes as objects: each pass the engine can run (engine.passes names it and holds its plan phase, its cost
+in a user's words and its button text, which the plan and the app read there), with what a run does for it: `done(bench, settings)`, whether its result for
 these settings is in memory (or, for a probe, in the disk cache), and `run(bench, settings, ...)`, which makes it.
 The app's "this needs ..." buttons, `Workbench.quick_build` and the report read them; a new pass is one entry here
 and its name in engine.passes.
@@ -22,19 +22,6 @@ class Pass:
     name: str
     done: Callable[..., bool] = _never  # (bench, settings) -> its result is here
     run: Callable[..., object] | None = None  # (bench, settings, progress, callback, cancel) -> its result
-
-    @property
-    def phase(self) -> str:
-        return P.PHASE[self.name]
-
-    @property
-    def cost(self) -> str | None:
-        return P.COST.get(self.name)
-
-    @property
-    def ask(self) -> tuple | None:
-        """(what it gives, the button, the job's title) where the app offers it as a step of its own."""
-        return P.ASK.get(self.name)
 
 
 def _factors_here(bench, s) -> bool:

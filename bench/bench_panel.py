@@ -6,7 +6,8 @@
 The panel (dipsvd_core.engine.data.PANEL): `python-docs` (CPython's reference manual: technical writing), `kjv` (narrative
 books of the King James Bible: book prose; Debian's bible-kjv) and `fortunes` (Debian's fortunes: quotations, jokes
 and dialogue), beside wiki and news. Each config is one build of the best path, dipsvd + nested (or refined-kl), at each ratio,
-with one item of issue 35 switched on or off (CONFIGS): the calibration text (wiki-chat, the default, or the mix),
+with one item of issue 35 switched on or off (CONFIGS): the calibration text (wiki-chat, the mix, or the mix with
+the model's own text),
 dense compensation (refine --compensate outputs), block tuning (refine block, AdamW; --tune-epochs on this CPU) and
 the allocation scored after refinement (refined-kl, which refines uniform, heuristic and nested and keeps the one
 closest to the original by KL on mixed held-out windows).
@@ -36,6 +37,8 @@ CONFIGS = {
     "tune": ("wiki-chat", "block", "none", "nested"),
     "mix-comp-tune": ("mix", "block", "outputs", "nested"),
     "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
+    # item 3's last source: the default mix and text the model writes itself (engine/self_text.py), a fifth of it
+    "mix-self-comp": ("mix:wiki-chat=2,wiki=1,news=1,self=1", "sequential", "outputs", "nested"),
 }
 
 

@@ -365,8 +365,8 @@ def test_wiki_chat_frames_every_other_passage_as_a_chat_turn(tiny_lm, monkeypatc
     assert len(docs[1]) >= data.CHAT_PASSAGE
     framed = sum(d.startswith("<|im_start|>") for d in docs)
     assert 0.45 < framed / len(docs) < 0.6  # every other passage, the first of each article among them
-    assert data._subject("Abraham Lincoln (; February 12, 1809 ...") == "Abraham Lincoln"
-    assert data._subject("(no subject here)") == "this topic"
+    assert data.article_subject("Abraham Lincoln (; February 12, 1809 ...") == "Abraham Lincoln"
+    assert data.article_subject("(no subject here)") == "this topic"
     windows = calibration_windows(tok, data.CHAT, 8, 64)
     assert data.DEFAULT_CALIB == data.MIX and data.CHAT in data.SOURCES
     start = tok.convert_tokens_to_ids("<|im_start|>")

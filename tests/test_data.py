@@ -69,3 +69,40 @@ def test_panel_texts(monkeypatch):
     monkeypatch.setattr(data, "FORTUNES", data.Path("/nonexistent"))
     with pytest.raises(DipSVDError, match="apt-get install fortunes"):
         data.load_documents("fortunes", "eval")
+
+
+def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monkeypatch):
+    """`self`: documents the model writes from calibration-half prompts; the same seed gives the same stream, a
+    longer request extends it (the cached prefix kept), the held-out windows follow the calibration ones, and a mix
+    reads it through the writer."""
+    from dipsvd_core.engine import self_text
+    from dipsvd_core.run.calibration import Calibration
+
+    monkeypatch.setattr(self_text, "NEW_TOKENS", 24)
+    tok = tiny_lm.tokenizer
+    asked = self_text.prompts(tok, 0)
+    assert len(asked) == self_text.BATCH and tok.decode(asked[0]).count("Tell me about") == 1
+    assert tok.decode(asked[1]).split() == data.load_documents("news", "calib")[0].split()[: self_text.PROMPT_WORDS]
+    docs = self_text.write_group(tiny_lm.model, tok, 0, seed=0)
+    assert [d[: len(p)] for d, p in zip(docs, asked)] == asked  # each document is its prompt and what followed
+    assert all(len(asked[i]) < len(d) <= len(asked[i]) + 24 for i, d in enumerate(docs))
+    assert docs == self_text.write_group(tiny_lm.model, tok, 0, seed=0)
+    assert docs != self_text.write_group(tiny_lm.model, tok, 0, seed=1)
+
+    short = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, 100)
+    long = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, short.numel() + 1)
+    assert short.numel() >= 100 and long.numel() > short.numel() and torch.equal(long[: short.numel()], short)
+    assert short[: len(docs[0])].tolist() == docs[0]
+
+    cal = Calibration(tiny_lm, "self", 3, 32, seed=0)
+    windows, held = cal.windows(), cal.heldout(2)
+    body = 32 if data.bos_id(tok) is None else 31
+    stream = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, 5 * body)
+    assert torch.equal(torch.cat([windows, held])[:, -body:].reshape(-1), stream[: 5 * body])
+    mixed = Calibration(tiny_lm, "mix:self=1,news=1", 4, 32, seed=0).windows()
+    plan = data.mix_plan(4, {"self": 1, "news": 1})
+    assert plan.count("self") == 3 and torch.equal(mixed[[i for i, s in enumerate(plan) if s == "self"]], windows)
+    with pytest.raises(DipSVDError, match="needs the loaded model"):
+        data.calibration_windows(tok, "self", 2, 32)
+    with pytest.raises(DipSVDError, match="writes for its own calibration"):
+        data.evaluation_windows(tok, "self", 32)

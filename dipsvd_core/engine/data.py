@@ -16,6 +16,8 @@ Sources (docs/DESIGN.md section 6):
   windows refine checks on (every HOLDOUT-th) are apportioned among the sources like the others, so refine's and the
   probes' held-out checks read every kind of text in the mix (mix_plan). The default calibration (DEFAULT_CALIB):
   on the quality panel, text in none of its sources, it beat wiki-chat alone at 0.2 (bench/RESULTS.md, issue 35).
+- `self` (SELF): text the model writes itself from short prompts (engine/self_text.py); for calibration only, and
+  only where the model is at hand (a `writer`, which run/calibration.py gives).
 - The quality panel, for evaluation only (PANEL): `python-docs` (CPython's reference manual as pydoc ships it, in
   every Python: technical writing), `kjv` (narrative books of the King James Bible, through Debian's `bible-kjv`:
   book prose) and `fortunes` (Debian's `fortunes`: quotations, jokes and dialogue). Each is split in halves like
@@ -49,12 +51,13 @@ HUB_SETS = {
 }
 CHAT = "wiki-chat"
 MIX = "mix"
+SELF = "self"  # the model's own text (self_text.py, which reads the prompts from here)
 # the default mix's shares: the chat framing the app is used in, wiki, and the news calibration half
 MIX_DEFAULT = {CHAT: 2, "wiki": 1, "news": 1}
 PANEL = ("python-docs", "kjv", "fortunes")  # evaluation texts of other kinds than any calibration source
-SOURCES = ("wiki", CHAT, "news", MIX, *HUB_SETS, *PANEL)
+SOURCES = ("wiki", CHAT, "news", SELF, MIX, *HUB_SETS, *PANEL)
 CALIB_SOURCES = tuple(s for s in SOURCES if s not in PANEL)  # the panel stays out of every calibration
-EVAL_SOURCES = tuple(s for s in SOURCES if s != MIX)  # a mix is evaluated source by source
+EVAL_SOURCES = tuple(s for s in SOURCES if s not in (MIX, SELF))  # a mix is evaluated source by source
 HOLDOUT = 4  # every HOLDOUT-th calibration window is held out by refine: fitted never, scored always
 KJV_BOOKS = ("Genesis", "Exodus", "Ruth", "Esther", "Luke", "John", "Acts")  # narrative books
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -281,7 +284,7 @@ def bos_id(tokenizer) -> int | None:
     return bos if bos is not None and len(ids) > 0 and ids[0] == bos else None
 
 
-def _subject(article: str) -> str:
+def article_subject(article: str) -> str:
     """An article's subject: its opening run of capitalised words ("Abraham Lincoln (; February ..." -> "Abraham
     Lincoln"), or "this topic"."""
     m = re.match(r"[A-Z][\w'\-]*(?: [A-Z][\w'\-]*)*", article)
@@ -295,7 +298,7 @@ def chat_documents(tokenizer, split: str) -> list[str]:
     template = getattr(tokenizer, "chat_template", None)
     docs = []
     for article in load_documents("wiki", split):
-        subject, passage, k = _subject(article), "", 0
+        subject, passage, k = article_subject(article), "", 0
         for para in (p for p in article.split("\n") if len(p) > CHAT_PARAGRAPH):  # prose, not headings or lists
             passage += para + "\n"
             if len(passage) < CHAT_PASSAGE:
@@ -316,6 +319,9 @@ def token_stream(tokenizer, source: str, split: str) -> torch.Tensor:
     if mix_shares(source) is not None:
         raise DipSVDError(f"'{source}' is a calibration mix; evaluate on its sources one by one "
                           f"({', '.join(mix_shares(source))})")
+    if source == SELF:
+        raise DipSVDError(f"'{SELF}' is text the model writes for its own calibration; evaluate on another source "
+                          f"({', '.join(EVAL_SOURCES[:3])}, ...)")
     docs = chat_documents(tokenizer, split) if source == CHAT else load_documents(source, split)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
@@ -330,7 +336,8 @@ def _chunks(stream: torch.Tensor, seqlen: int, bos: int | None) -> torch.Tensor:
     return chunks
 
 
-def _mixed(tokenizer, source: str, n_windows: int, seqlen: int, seed: int, skip: int = 0) -> torch.Tensor:
+def _mixed(tokenizer, source: str, n_windows: int, seqlen: int, seed: int, skip: int = 0,
+           writer=None) -> torch.Tensor:
     """A mixed source's windows in mix_plan's order; with `skip`, the held-out windows after each source's own
     calibration windows (skip apportioned like the windows)."""
     shares = mix_shares(source)
@@ -338,18 +345,31 @@ def _mixed(tokenizer, source: str, n_windows: int, seqlen: int, seed: int, skip:
     drawn = {}
     for name in dict.fromkeys(plan):
         count = plan.count(name)
-        drawn[name] = list(heldout_windows(tokenizer, name, count, seqlen, seed, before.count(name)) if skip else
-                           calibration_windows(tokenizer, name, count, seqlen, seed))
+        drawn[name] = list(heldout_windows(tokenizer, name, count, seqlen, seed, before.count(name), writer) if skip
+                           else calibration_windows(tokenizer, name, count, seqlen, seed, writer))
     return torch.stack([drawn[name].pop(0) for name in plan])
 
 
-def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def _written(tokenizer, writer, first: int, n_windows: int, seqlen: int) -> torch.Tensor:
+    """Windows first..first + n_windows of the text the model writes (self_text.py), in order."""
+    if writer is None:
+        raise DipSVDError(f"calibration text '{SELF}' is written by the model: it needs the loaded model (a writer)")
+    bos = bos_id(tokenizer)
+    body = seqlen - 1 if bos is not None else seqlen
+    return _chunks(writer((first + n_windows) * body), seqlen, bos)[first: first + n_windows]
+
+
+def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
+                        writer=None) -> torch.Tensor:
     """`n_windows` distinct non-overlapping windows (n_windows, seqlen), chosen by a seeded permutation (a mixed
-    source's: each source's own windows, in mix_plan's order)."""
+    source's: each source's own windows, in mix_plan's order). `writer(n_tokens)`: the model's own text, for
+    `self`."""
     if n_windows < 1 or seqlen < 2:
         raise DipSVDError(f"need at least 1 calibration window of at least 2 tokens (got {n_windows} x {seqlen})")
     if mix_shares(source) is not None:
-        return _mixed(tokenizer, source, n_windows, seqlen, seed)
+        return _mixed(tokenizer, source, n_windows, seqlen, seed, writer=writer)
+    if source == SELF:
+        return _written(tokenizer, writer, 0, n_windows, seqlen)
     chunks = _chunks(token_stream(tokenizer, source, "calib"), seqlen, bos_id(tokenizer))
     if len(chunks) < n_windows:
         raise DipSVDError(
@@ -361,11 +381,13 @@ def calibration_windows(tokenizer, source: str, n_windows: int, seqlen: int, see
 
 
 def heldout_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
-                    skip: int = 0) -> torch.Tensor:
+                    skip: int = 0, writer=None) -> torch.Tensor:
     """Calibration-split windows NOT used for calibration (the `skip` windows the seed picked first); a mixed
     source's from each of its sources in its proportions."""
     if mix_shares(source) is not None:
-        return _mixed(tokenizer, source, n_windows, seqlen, seed, skip)
+        return _mixed(tokenizer, source, n_windows, seqlen, seed, skip, writer)
+    if source == SELF:
+        return _written(tokenizer, writer, skip, n_windows, seqlen)
     chunks = _chunks(token_stream(tokenizer, source, "calib"), seqlen, bos_id(tokenizer))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(chunks), generator=g)

@@ -27,7 +27,8 @@ SETS = {"wiki": "English Wikipedia articles (the extract in gensim's wheel; cali
                 "articles, evaluation the other half)",
         "news": "news stories (gensim's lee_background.cor), out of domain",
         "wiki-chat": "English Wikipedia articles (the first half of gensim's extract), every other passage framed "
-                     "as a chat turn"}
+                     "as a chat turn",
+        "self": "text the model wrote itself from short prompts (self-generated calibration)"}
 
 
 def _is_bundled(report: dict) -> bool:

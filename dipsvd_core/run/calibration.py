@@ -14,6 +14,7 @@ from ..allocation.fisher import FisherInfo, cached_fisher
 from ..engine import passes as P
 from ..engine.data import calibration_windows, heldout_windows
 from ..engine.memwatch import PhaseMemory
+from ..engine.self_text import self_stream
 from ..engine.stats import Stats, cached_stats, save_stats, stats_key
 from ..model.models import LoadedModel
 
@@ -31,8 +32,13 @@ class Calibration:
 
     def windows(self) -> torch.Tensor:
         if self._windows is None:
-            self._windows = calibration_windows(self.lm.tokenizer, self.calib, self.n_windows, self.seqlen, self.seed)
+            self._windows = calibration_windows(self.lm.tokenizer, self.calib, self.n_windows, self.seqlen, self.seed,
+                                                self._writer)
         return self._windows
+
+    def _writer(self, n_tokens: int) -> torch.Tensor:
+        """The model's own text, for the `self` source (written once per model and seed, then read from the cache)."""
+        return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed)
 
     @property
     def key(self) -> str:
@@ -77,5 +83,5 @@ class Calibration:
         held-out check)."""
         if n_windows not in self._heldout:
             self._heldout[n_windows] = heldout_windows(self.lm.tokenizer, self.calib, n_windows, self.seqlen, self.seed,
-                                                       skip=self.n_windows)
+                                                       skip=self.n_windows, writer=self._writer)
         return self._heldout[n_windows]

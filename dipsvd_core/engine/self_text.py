@@ -1,0 +1,86 @@
+"""The `self` text source: text the model writes itself, sampled from short prompts.
+
+Self-generated calibration text follows the model's own distribution, which is what the compressed model must
+reproduce; the calibration literature finds it as good as or better than a fixed corpus (arXiv 2410.17170). A
+document is one prompt and the model's continuation of it, sampled (temperature 1, top-p TOP_P) for NEW_TOKENS
+tokens or until the end-of-sequence token. The prompts alternate between two kinds, both from calibration halves
+only: a question about a wiki article's subject in the model's chat template (as wiki-chat asks it; the opening
+words of that article where the tokenizer has no template), and the opening PROMPT_WORDS words of a news story.
+
+Documents are written BATCH at a time; group g is seeded by (seed, g) alone, so the stream of the first n groups is
+the same whatever was asked for before, and a longer request extends the cached stream (cache folder `text/`)
+instead of writing it anew. Windows of `self` are the stream's chunks in order (they are drawn independently
+already): the calibration windows are the first ones, the held-out windows the next.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..common.cache import cache_dir, make_key
+from .data import CHAT_ASK, article_subject, bos_id, load_documents
+NEW_TOKENS = 256  # tokens the model writes per prompt
+PROMPT_WORDS = 8  # a news prompt: the opening words of a story
+BATCH = 8  # prompts written together (a group)
+TOP_P = 0.95
+
+
+def prompts(tokenizer, group: int) -> list[list[int]]:
+    """The token ids of group `group`'s BATCH prompts."""
+    wiki, news = load_documents("wiki", "calib"), load_documents("news", "calib")
+    template = getattr(tokenizer, "chat_template", None)
+    out = []
+    for i in range(group * BATCH, (group + 1) * BATCH):
+        k = i // 2
+        if i % 2 == 0 and template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": CHAT_ASK.format(subject=article_subject(wiki[k % len(wiki)]))}],
+                tokenize=False, add_generation_prompt=True)
+            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            continue
+        doc = (wiki if i % 2 == 0 else news)[k % (len(wiki) if i % 2 == 0 else len(news))]
+        out.append(tokenizer(" ".join(doc.split()[:PROMPT_WORDS]), add_special_tokens=False)["input_ids"])
+    return out
+
+
+@torch.no_grad()
+def write_group(model, tokenizer, group: int, seed: int) -> list[list[int]]:
+    """Group `group`'s documents: each prompt followed by what the model wrote, up to and with its end token."""
+    from ..model.models import input_device
+    device = input_device(model)
+    ids = prompts(tokenizer, group)
+    bos, eos = bos_id(tokenizer), tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    lead = [bos] if bos is not None else []  # the model reads BOS first, as in training; the stream keeps it out
+    width = max(len(lead) + len(p) for p in ids)
+    batch = torch.tensor([[pad] * (width - len(lead) - len(p)) + lead + p for p in ids], device=device)  # left pad
+    mask = (torch.arange(width) >= torch.tensor([[width - len(lead) - len(p)] for p in ids])).long().to(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(make_key("self-text", seed, group)[:8], 16))
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0,
+                             top_p=TOP_P, top_k=0, pad_token_id=pad)
+    docs = []
+    for p, row in zip(ids, out[:, width:].tolist()):
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        docs.append(p + row)
+    return docs
+
+
+def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    """At least `n_tokens` tokens of the model's own documents, joined by the tokenizer's blank line (cached per
+    model weights and seed; extended group by group)."""
+    key = make_key("self-v1", fingerprint, seed, NEW_TOKENS, PROMPT_WORDS, BATCH, TOP_P)
+    path = cache_dir() / "text" / f"self-{key}.json"
+    groups: list[list[list[int]]] = json.loads(path.read_text()) if path.exists() else []
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    have = sum(len(d) + len(sep) for g in groups for d in g)
+    while have < n_tokens:
+        groups.append(write_group(model, tokenizer, len(groups), seed))
+        have += sum(len(d) + len(sep) for d in groups[-1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(groups))
+    stream = [t for g in groups for d in g for t in d + sep]
+    return torch.tensor(stream, dtype=torch.long)

@@ -173,10 +173,11 @@ def block_lines(res: dict) -> list[str]:
 
 
 def markdown(res: dict) -> str:
-    lines = [SECTION, "", f"Machine: {res['machine']}, {res['threads']} threads, shared with other jobs (load average "
-             "over 1, 5, 15 minutes before and after each part below). Date: "
-             f"{res['date']}. Command: `.venv/bin/python bench/bench_speed.py --alternate --runs {res['runs']} "
-             "--write` (rows in bench/speed_alternate.json). Medians of the runs; each model warmed up first (the "
+    lines = [SECTION, "", f"Machine: {res['machine']}, {res['threads']} threads; the load average "
+             "over 1, 5, 15 minutes before and after each part below says whether other jobs shared the cores (about "
+             "1: this benchmark alone). Date: "
+             f"{res['date']}. Command: `.venv/bin/python bench/bench_speed.py --alternate --parts PART --runs N "
+             "--write` (rows in bench/speed_alternate.json). Medians of the N runs; each model warmed up first (the "
              "compile, when compiled: 'first call'), then the models in turn, so that they see the same load. "
              "Eager: dynamic KV cache; compiled: static KV cache and torch.compile (inductor, default mode on the "
              "CPU). Bytes bound: the original's bytes read per decode step over the model's; decode / bound: how "
@@ -184,14 +185,14 @@ def markdown(res: dict) -> str:
     if "bundled" in res:
         b = res["bundled"]
         lines += ["", f"The bundled SmolLM2-135M, float32, batch 1, prompt {PROMPT} tokens, {NEW} new tokens; dipsvd "
-                  f"with uniform allocation (the default; the benches' factors), siblings fused unless said. Load {b['load_before']}"
-                  f" before, {b['load_after']} after.", "", *bundled_lines(b)]
+                  f"with uniform allocation (the default; the benches' factors), siblings fused unless said. {b.get('runs', res['runs'])} runs; load "
+                  f"{b['load_before']} before, {b['load_after']} after.", "", *bundled_lines(b)]
     if "block" in res:
         k = res["block"]
         lines += ["", "One decoder block of Llama-3-8B's widths (a one-layer Llama, 256-token vocabulary), random "
                   "weights; low-rank pairs at the uniform rank of each ratio, fused. Decode: 16 steps after a "
                   "32-token prompt, tokens/s; prefill: 1024 tokens (in the first dtype only). On this CPU: an extrapolation to a GPU, not a "
-                  f"GPU figure. Load {k['load_before']} before, {k['load_after']} after.", "", *block_lines(k)]
+                  f"GPU figure. {k.get('runs', res['runs'])} runs; load {k['load_before']} before, {k['load_after']} after.", "", *block_lines(k)]
     return "\n".join(lines)
 
 
@@ -203,10 +204,10 @@ def run_alternate(ratios: list[float], runs: int, parts: list[str], block_dtypes
         res.update({k: old[k] for k in ("bundled", "block") if k in old and k not in parts})
     t0 = time.perf_counter()
     if "bundled" in parts:
-        res["bundled"] = bundled(ratios, runs)
+        res["bundled"] = dict(bundled(ratios, runs), runs=runs)
         write_json(saved, res)
     if "block" in parts:
-        res["block"] = block(ratios, runs, block_dtypes)
+        res["block"] = dict(block(ratios, runs, block_dtypes), runs=runs)
     res["seconds"] = time.perf_counter() - t0
     write_json(saved, res)
     text = markdown(res)

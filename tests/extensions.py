@@ -8,15 +8,18 @@ import contextlib
 import torch
 
 from dipsvd_core.allocation import budget as alloc
+from dipsvd_core.allocation.context import Context
 from dipsvd_core.allocation.strategies import register_allocation, unregister_allocation
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.engine import passes
 from dipsvd_core.lowrank.scalings import DIAG_FLOOR, Scaling, diagonal_scale, register_scaling, unregister_scaling
 
 
-def first_dense(bench, settings, bounds, **_):
-    """Block 0 kept dense, the other blocks uniform at whatever keeps the whole budget."""
-    targets = bench.targets
+def first_dense(ctx, settings, bounds, **_):
+    """Block 0 kept dense, the other blocks uniform at whatever keeps the whole budget. What the run hands a
+    strategy is its Context (allocation/context.py), never the Workbench."""
+    assert type(ctx) is Context, type(ctx)
+    targets = ctx.targets
     rest = [t for t in targets if t.block > 0]
     ratio = settings.ratio * sum(t.params for t in targets) / sum(t.params for t in rest)
     if ratio >= 1:

@@ -54,13 +54,13 @@ def kl_divergence(reference: list[torch.Tensor], model, windows: torch.Tensor) -
     return value
 
 
-def refined_kl(bench, settings, candidates: dict[str, Allocation], progress=None, callback=None,
+def refined_kl(ctx, settings, candidates: dict[str, Allocation], progress=None, callback=None,
                cancel=None) -> Allocation:
     """The candidate whose refined model is closest to the original by KL on held-out windows. `callback(i, value,
     best)` after each candidate (False stops), `cancel` stops before the next; the winner carries every candidate's
     KL (`values`, in CANDIDATES' order, and `history`, the best so far) and its name in `method`."""
-    windows = bench.heldout(settings.bo_windows)
-    reference = log_probs(bench.lm.model, windows)
+    windows = ctx.heldout(settings.bo_windows)
+    reference = log_probs(ctx.model, windows)
     refined = settings if refine_choice(settings.refine).refits else replace(settings, refine="sequential")
     scores: dict[str, float] = {}
     for i, (name, allocation) in enumerate(candidates.items(), 1):
@@ -68,8 +68,8 @@ def refined_kl(bench, settings, candidates: dict[str, Allocation], progress=None
             break
         if progress:
             progress((i - 1) / len(candidates), f"refined-kl: refining the {name} allocation ({i}/{len(candidates)})")
-        weights, _ = bench.refine(refined, allocation)
-        model = compress_model(bench.lm.model, weights)
+        weights, _ = ctx.refine(refined, allocation)
+        model = compress_model(ctx.model, weights)
         scores[name] = kl_divergence(reference, model, windows)
         del model, weights
         if callback is not None and callback(i, scores[name], min(scores.values())) is False:

@@ -2,8 +2,8 @@
 
 An `AllocationStrategy` has its name, the passes it reads (passes.py), its help text, whether the app can
 recompute it cheaply (`reproducible`; a search is kept instead, and extra ratios fall back to `fallback`),
-and `allocate(bench, settings, bounds, progress, callback, cancel)`.
-`Workbench.allocate` is one lookup; the CLI's choices, the sweep's grid, the plan's phases and the Allocation
+and `allocate(ctx, settings, bounds, progress, callback, cancel)`, where `ctx` is what the run hands it (context.py:
+the model, the windows, the caches; never the run itself). `Workbench.allocate` is one lookup; the CLI's choices, the sweep's grid, the plan's phases and the Allocation
 page's options and buttons all read this registry. Whether a refined build can skip the factor pass follows from
 the needs: an allocation that does not read `factors` (uniform, heuristic) leaves them to refine.
 
@@ -13,7 +13,6 @@ allocators.py (heuristic, coupled, nested); Bayesian optimisation in bayes.py.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +26,7 @@ from . import refined_search
 @dataclass(frozen=True)
 class AllocationStrategy:
     name: str
-    allocate: Callable  # (bench, settings, bounds, progress=None, callback=None, cancel=None) -> Allocation
+    allocate: Callable  # (ctx, settings, bounds, progress=None, callback=None, cancel=None) -> Allocation
     needs: frozenset = frozenset()
     help: str = ""
     reproducible: bool = True  # False: a search; the app keeps its result, other ratios use `fallback`
@@ -52,11 +51,11 @@ class AllocationStrategy:
 
 
 ALLOCATIONS: dict[str, AllocationStrategy] = {}
-OBJECTIVE = "objective"  # Workbench.cached kind of BO's objective, keyed (factor key, objective, windows)
+OBJECTIVE = "objective"  # the memo kind of BO's objective, keyed (factor key, objective, windows)
 
 
 def register_allocation(name: str, **declared):
-    """Decorator: register fn(bench, settings, bounds, ...) as allocation `name` with its declared needs."""
+    """Decorator: register fn(ctx, settings, bounds, ...) as allocation `name` with its declared needs."""
     def wrap(fn):
         ALLOCATIONS[name] = AllocationStrategy(name, fn, **declared)
         return fn
@@ -82,41 +81,39 @@ def names_for(method: str) -> list[str]:
 # --- the built-in strategies ---
 
 @register_allocation("uniform", help="every block keeps the same fraction (SVD-LLM)")
-def _uniform(bench, settings, bounds, **_):
-    return alloc.uniform(bench.targets, settings.ratio, **bounds)
+def _uniform(ctx, settings, bounds, **_):
+    return alloc.uniform(ctx.targets, settings.ratio, **bounds)
 
 
 @register_allocation("heuristic", needs=frozenset({P.STATISTICS, P.FISHER}), follows_q=True,
                      help="p_l proportional to Q_l = S̃^β R̃^(1-β) (DipSVD Eq. 13)")
-def _heuristic(bench, settings, bounds, progress=None, **_):
-    return allocators.heuristic(bench.importance(settings, progress)["Q"], bench.targets, settings.ratio, **bounds)
+def _heuristic(ctx, settings, bounds, progress=None, **_):
+    return allocators.heuristic(ctx.importance(settings, progress)["Q"], ctx.targets, settings.ratio, **bounds)
 
 
 @register_allocation("bayes", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.SEARCH}), reproducible=False,
                      help="Bayesian optimization of p_l on held-out calibration text (DipSVD Sec. 3.2.1)")
-def _bayes(bench, settings, bounds, progress=None, callback=None, cancel=None):
+def _bayes(ctx, settings, bounds, progress=None, callback=None, cancel=None):
     from .bayes import Objective, bayes
 
-    factors = bench.factors(settings.spec, progress)
-    t0 = time.perf_counter()
-    objective = bench.memo.get(OBJECTIVE, (settings.spec.key, settings.bo_objective, settings.bo_windows),
-                             lambda: Objective(bench.lm.model, bench.targets, factors,
-                                               bench.heldout(settings.bo_windows), settings.bo_objective))
-    warm = [alloc.uniform(bench.targets, settings.ratio, **bounds).p_blocks, _heuristic(bench, settings, bounds,
+    factors = ctx.factors(settings.spec, progress)
+    objective = ctx.memo.get(OBJECTIVE, (settings.spec.key, settings.bo_objective, settings.bo_windows),
+                             lambda: Objective(ctx.model, ctx.targets, factors,
+                                               ctx.heldout(settings.bo_windows), settings.bo_objective))
+    warm = [alloc.uniform(ctx.targets, settings.ratio, **bounds).p_blocks, _heuristic(ctx, settings, bounds,
                                                                                          progress).p_blocks]
-    with bench.memory.phase(P.SEARCH):
-        found = bayes(objective, bench.targets, settings.ratio, warm, settings.bo_calls, settings.seed,
+    with ctx.timed(P.SEARCH):
+        found = bayes(objective, ctx.targets, settings.ratio, warm, settings.bo_calls, settings.seed,
                       callback=callback, cancel=cancel, progress=progress, **bounds)
-    bench.timings_s[P.SEARCH] = time.perf_counter() - t0
     return found
 
 
 @register_allocation("coupled", needs=frozenset({P.FISHER, P.FACTORS, P.BLOCK_PROBE}),
                      help="one rank per matrix, minimising each matrix's estimated loss increase, calibrated by "
                           "probing every block (ours, not in the paper)")
-def _coupled(bench, settings, bounds, progress=None, **_):
-    factors = bench.factors(settings.spec, progress)
-    return allocators.coupled(factors, bench.probes.coupled_weights(settings, progress), bench.targets, settings.ratio,
+def _coupled(ctx, settings, bounds, progress=None, **_):
+    factors = ctx.factors(settings.spec, progress)
+    return allocators.coupled(factors, ctx.coupled_weights(settings, progress), ctx.targets, settings.ratio,
                               **bounds)
 
 
@@ -127,10 +124,10 @@ def _coupled(bench, settings, bounds, progress=None, **_):
                      unrefined_note="The nested allocation is meant to be refined: unrefined, its uneven split inside "
                                     "a block can cost more than the heuristic's even one (on the bundled model it loses "
                                     "at ratio 0.3), and refining takes that back.")
-def _nested(bench, settings, bounds, progress=None, **_):
-    outer = _heuristic(bench, settings, bounds, progress)
-    return allocators.nested(outer, bench.factors(settings.spec, progress), bench.probes.nested_weights(settings, progress),
-                             bench.targets, **bounds)
+def _nested(ctx, settings, bounds, progress=None, **_):
+    outer = _heuristic(ctx, settings, bounds, progress)
+    return allocators.nested(outer, ctx.factors(settings.spec, progress), ctx.nested_weights(settings, progress),
+                             ctx.targets, **bounds)
 
 
 @register_allocation("refined-kl", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.TYPE_PROBE, P.SEARCH}),
@@ -140,18 +137,16 @@ def _nested(bench, settings, bounds, progress=None, **_):
                           "(ours, not in the paper)",
                      unrefined_note="The refined-kl allocation is chosen by how its refined model scores: build it "
                                     "with Refine on.")
-def _refined_kl(bench, settings, bounds, progress=None, callback=None, cancel=None):
-    candidates = {n: ALLOCATIONS[n].allocate(bench, settings, bounds, progress=progress)
+def _refined_kl(ctx, settings, bounds, progress=None, callback=None, cancel=None):
+    candidates = {n: ALLOCATIONS[n].allocate(ctx, settings, bounds, progress=progress)
                   for n in refined_search.CANDIDATES}
-    t0 = time.perf_counter()
-    with bench.memory.phase(P.SEARCH):
-        found = refined_search.refined_kl(bench, settings, candidates, progress, callback, cancel)
-    bench.timings_s[P.SEARCH] = time.perf_counter() - t0
+    with ctx.timed(P.SEARCH):
+        found = refined_search.refined_kl(ctx, settings, candidates, progress, callback, cancel)
     return found
 
 
 @register_allocation("trained", own_of="dobi",
                      help="Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)")
-def _trained(bench, settings, bounds, **_):
+def _trained(ctx, settings, bounds, **_):
     raise DipSVDError("allocation 'trained' comes out of Dobi-SVD's training: build with method dobi "
-                      "(Workbench.build) instead of allocating")
+                      "(Workctx.build) instead of allocating")

@@ -4,14 +4,14 @@ A handler declares the passes a build needs (`needs(settings)`, from passes.py; 
 sweep's prefetch and the app's buttons read it), builds the new state of a compression (what replaces each
 targeted matrix, the allocation it realizes, and what the report should say about it), and says what a saved
 model stores beyond its floating-point tensors. Converting the model for runtime is then the same for every
-method (`Workbench.build` -> surgery.compress_model). The CLI, the sweep, the report and the app ask the handler
+method (`Workctx.build` -> surgery.compress_model). The CLI, the sweep, the report and the app ask the handler
 instead of testing method names.
 
 - `FactorHandler`: one per registered scaling (scalings.py: svd, svd-llm, dipsvd, fwsvd, asvd, and any scaling
   registered later): factors computed once per FactorSpec in the block-streaming pass; a registered allocation
   (strategies.py) picks ranks; the new state is k rows of each factor, read from disk when surgery asks.
 - `DobiHandler` (dobi): truncation positions trained by gradient descent (its own "trained" allocation, cached
-  through `Workbench.memo`), then the IPCA weight update, optionally remapped to 8 bits; it owns its
+  through `Workctx.memo`), then the IPCA weight update, optionally remapped to 8 bits; it owns its
   training, its cache key, its variant `dobi-remap` and the int8 tensors of a saved remapped model.
 """
 from __future__ import annotations
@@ -72,14 +72,14 @@ class MethodHandler:
     def check(self, settings) -> None:
         raise NotImplementedError
 
-    def prepared(self, bench, settings) -> bool:
+    def prepared(self, ctx, settings) -> bool:
         """Whether the expensive step (factors, training) is already in memory."""
         raise NotImplementedError
 
-    def prepare(self, bench, settings, progress=None, callback=None, cancel=None):
+    def prepare(self, ctx, settings, progress=None, callback=None, cancel=None):
         raise NotImplementedError
 
-    def new_state(self, bench, settings, allocation: alloc.Allocation | None = None, progress=None) -> State:
+    def new_state(self, ctx, settings, allocation: alloc.Allocation | None = None, progress=None) -> State:
         raise NotImplementedError
 
     def report_fields(self, info: dict, allocation: alloc.Allocation) -> dict:
@@ -130,18 +130,18 @@ class FactorHandler(MethodHandler):
         if settings.dobi.remap:
             raise DipSVDError("remap (8-bit factors) is part of Dobi-SVD; use it with method dobi")
 
-    def prepared(self, bench, settings) -> bool:
-        return bench.factor_cache.has(self.spec(settings))
+    def prepared(self, ctx, settings) -> bool:
+        return ctx.has_factors(self.spec(settings))
 
-    def prepare(self, bench, settings, progress=None, callback=None, cancel=None):
-        return bench.factors(self.spec(settings), progress)
+    def prepare(self, ctx, settings, progress=None, callback=None, cancel=None):
+        return ctx.factors(self.spec(settings), progress)
 
-    def new_state(self, bench, settings, allocation=None, progress=None) -> State:
+    def new_state(self, ctx, settings, allocation=None, progress=None) -> State:
         from ..lowrank.surgery import low_rank_weights
 
-        factors = self.prepare(bench, settings, progress)
+        factors = self.prepare(ctx, settings, progress)
         t0 = time.perf_counter()
-        allocation = allocation or bench.allocate(settings, progress)
+        allocation = allocation or ctx.allocate(settings, progress)
         weights = low_rank_weights(factors, allocation.ranks)  # refine starts from them
         return State(allocation, weights, timings_s={"allocation": time.perf_counter() - t0})
 
@@ -158,7 +158,7 @@ class DobiHandler(MethodHandler):
 
     def spec(self, settings):
         raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
-                          "the weights (Workbench.build does this)")
+                          "the weights (Workctx.build does this)")
 
     def needs(self, settings, allocation_given: bool = False) -> frozenset:
         return frozenset({P.TRAINING, P.UPDATE})
@@ -171,58 +171,58 @@ class DobiHandler(MethodHandler):
     def _key(self, settings) -> tuple:
         return (settings.ratio, settings.dobi)
 
-    def prepared(self, bench, settings) -> bool:
-        return bench.memo.has(P.TRAINING, self._key(settings))
+    def prepared(self, ctx, settings) -> bool:
+        return ctx.memo.has(P.TRAINING, self._key(settings))
 
-    def prepare(self, bench, settings, progress=None, callback=None, cancel=None):
+    def prepare(self, ctx, settings, progress=None, callback=None, cancel=None):
         """Trained truncation positions for this ratio and config (memory, then disk cache, then training).
         A cancelled run is returned but not cached."""
         settings.check()
-        return bench.memo.get(P.TRAINING, self._key(settings),
-                            lambda: self._train(bench, settings, progress, callback, cancel),
+        return ctx.memo.get(P.TRAINING, self._key(settings),
+                            lambda: self._train(ctx, settings, progress, callback, cancel),
                             keep=lambda trained: not trained.cancelled)
 
-    def _train(self, bench, settings, progress, callback, cancel):
+    def _train(self, ctx, settings, progress, callback, cancel):
         from ..common.cache import load_tensors, make_key, save_tensors
         from ..engine.stats import stats_key
         from . import dobi
 
         cfg = settings.dobi
-        windows = bench.windows()[: cfg.windows]
+        windows = ctx.windows()[: cfg.windows]
         if len(windows) < cfg.windows:
             raise DipSVDError(f"dobi_windows={cfg.windows} but only {len(windows)} calibration windows "
                               "exist; raise the calibration windows or lower dobi_windows")
         training = {k: v for k, v in dobi.config_dict(cfg).items() if not k.startswith("ipca")}  # not the update's
-        disk = make_key("dobi-v7", stats_key(bench.lm, windows), settings.ratio, training)
-        targets = bench.targets
+        disk = make_key("dobi-v7", stats_key(ctx.lm, windows), settings.ratio, training)
+        targets = ctx.targets
         hit = load_tensors("dobi", disk)
         if hit is not None:
             t, meta = hit
             trained = dobi.Trained(dict(zip(meta["names"], t["gammas"].tolist())), meta["history"], 0.0)
         else:
-            with bench.memory.phase(P.TRAINING):
-                trained = dobi.train_gammas(bench.lm.model, targets, windows, settings.ratio, cfg, progress,
+            with ctx.memory.phase(P.TRAINING):
+                trained = dobi.train_gammas(ctx.model, targets, windows, settings.ratio, cfg, progress,
                                             callback, cancel)
             if trained.cancelled:
                 return trained
             save_tensors("dobi", disk, {"gammas": torch.tensor([trained.gammas[t.name] for t in targets])},
                          {"names": [t.name for t in targets], "history": trained.history,
                           "seconds": trained.seconds, "config": dobi.config_dict(cfg), "ratio": settings.ratio})
-        bench.timings_s[P.TRAINING] = trained.seconds
+        ctx.record(P.TRAINING, trained.seconds)
         return trained
 
-    def new_state(self, bench, settings, allocation=None, progress=None) -> State:
+    def new_state(self, ctx, settings, allocation=None, progress=None) -> State:
         from . import dobi
 
-        trained = self.prepare(bench, settings, progress)
+        trained = self.prepare(ctx, settings, progress)
         if trained.cancelled:
             raise DipSVDError("Dobi-SVD training was cancelled; nothing was built")
-        cfg, targets = settings.dobi, bench.targets
+        cfg, targets = settings.dobi, ctx.targets
         t0 = time.perf_counter()
         ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, cfg.remap)
-        ipca = bench.windows()[: cfg.ipca_windows] if cfg.ipca_windows else bench.windows()
-        with bench.memory.phase(P.UPDATE):
-            weights = dobi.ipca_weights(bench.lm.model, targets, ipca, ranks, cfg.ipca_extra, progress)
+        ipca = ctx.windows()[: cfg.ipca_windows] if cfg.ipca_windows else ctx.windows()
+        with ctx.memory.phase(P.UPDATE):
+            weights = dobi.ipca_weights(ctx.model, targets, ipca, ranks, cfg.ipca_extra, progress)
         if cfg.remap:
             weights = dobi.remap_weights(weights)
         allocation = dobi.allocation_of(ranks, targets, settings.ratio, cfg.remap, [h["task"] for h in trained.history])

@@ -113,7 +113,7 @@ def dobi_preview(bench: Workbench, settings: Settings) -> dict:
     from ..methods import dobi
     from ..methods.handlers import handler
 
-    trained = handler(settings.method).prepare(bench, settings)  # cached: the page asks only after training
+    trained = handler(settings.method).prepare(bench.context, settings)  # cached: the page asks only after training
     targets, remap = bench.targets, settings.dobi.remap
     ranks = dobi.meet_budget(trained.gammas, targets, settings.ratio, remap)
     uniform = dobi.ranks_from_gammas(dobi.uniform_gammas(targets, settings.ratio, remap), targets, remap)

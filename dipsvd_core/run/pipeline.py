@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..allocation import budget as alloc
+from ..allocation.context import Context
 from ..allocation.fisher import FisherInfo
 from ..allocation.importance import importance, rank_spectra
 from ..allocation.strategies import strategy
@@ -64,6 +65,11 @@ class Workbench:
         self.timings_s = self.data.timings_s  # each pass's seconds, under its plan phase
         self.memory = self.data.memory  # each pass's measured peaks (the report's memory.phases)
         self._converted = False  # build(inplace=True) turned the original into the compressed model
+        # what strategies and handlers get (allocation/context.py): these parts, never the Workbench itself
+        self.context = Context(lm, lm.targets, self.data.windows, self.data.heldout, self.factor_cache.get,
+                               self.factor_cache.has, self.importance, self.probes.coupled_weights,
+                               self.probes.nested_weights, self.memo, self.allocate, self.refine, self.memory,
+                               self.timings_s.__setitem__)
 
     @property
     def targets(self):
@@ -101,7 +107,7 @@ class Workbench:
         settings.check()
         chosen = strategy(settings.allocation)
         bounds = {"p_min": settings.p_min, "p_max": settings.p_max}
-        return chosen.allocate(self, settings, bounds, progress=progress, callback=callback, cancel=cancel)
+        return chosen.allocate(self.context, settings, bounds, progress=progress, callback=callback, cancel=cancel)
 
     def quick_build(self, settings: Settings, allocation_given: bool = False) -> bool:
         """Whether building for these settings is only a slice and a surgery: every pass it needs is in memory.
@@ -118,7 +124,7 @@ class Workbench:
         Workbench then builds nothing more. The method's handler (methods.py) builds the new state;
         surgery is the same for every method."""
         settings.check()
-        state = handler(settings.method).new_state(self, settings, allocation, progress)
+        state = handler(settings.method).new_state(self.context, settings, allocation, progress)
         if refines(settings.refine):
             with self.memory.phase(P.REFINE):
                 state.weights, info = self.refine(settings, state.allocation, progress, fallback=state.weights)

@@ -44,8 +44,9 @@ STEPS = {p.name: p for p in (
     Pass(P.TYPE_PROBE, lambda bench, s: bench.probes.has(s, "type"),
          lambda bench, s, progress, callback, cancel: bench.probes.measure(s, "type", progress)),
     Pass(P.SEARCH, run=lambda bench, s, progress, callback, cancel: bench.allocate(s, progress, callback, cancel)),
-    Pass(P.TRAINING, lambda bench, s: handler(s.method).prepared(bench, s),
-         lambda bench, s, progress, callback, cancel: handler(s.method).prepare(bench, s, progress, callback, cancel)),
+    Pass(P.TRAINING, lambda bench, s: handler(s.method).prepared(bench.context, s),
+         lambda bench, s, progress, callback, cancel: handler(s.method).prepare(bench.context, s, progress, callback,
+                                                                                cancel)),
     Pass(P.UPDATE),
     Pass(P.REFINE),
 )}

@@ -106,3 +106,14 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
         data.calibration_windows(tok, "self", 2, 32)
     with pytest.raises(DipSVDError, match="writes for its own calibration"):
         data.evaluation_windows(tok, "self", 32)
+
+
+def test_self_text_refuses_an_offloaded_model(tiny_lm, monkeypatch):
+    """Writing token by token through offloaded blocks would stream the model once per token: refused, with the fix."""
+    from dipsvd_core.model.models import LoadedModel
+    from dipsvd_core.run.calibration import Calibration
+
+    monkeypatch.setattr(LoadedModel, "offloaded", property(lambda self: True))
+    with pytest.raises(DipSVDError, match="--device-memory"):
+        Calibration(tiny_lm, "mix:self=1,wiki=1", 4, 32, seed=0).windows()
+    assert Calibration(tiny_lm, "wiki", 2, 32, seed=0).windows().shape == (2, 32)  # other sources read no model

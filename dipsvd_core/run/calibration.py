@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..allocation.fisher import FisherInfo, cached_fisher
+from ..common.errors import DipSVDError
 from ..engine import passes as P
 from ..engine.data import calibration_windows, heldout_windows
 from ..engine.memwatch import PhaseMemory
@@ -38,6 +39,10 @@ class Calibration:
 
     def _writer(self, n_tokens: int) -> torch.Tensor:
         """The model's own text, for the `self` source (written once per model and seed, then read from the cache)."""
+        if self.lm.offloaded:
+            raise DipSVDError(f"calibration text '{self.calib}' has the model write text itself, token by token; with "
+                              "blocks offloaded every token would stream the model from the CPU (hours at 8B). Load it "
+                              "on one device (a larger --device-memory) or calibrate on another source")
         return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed)
 
     @property

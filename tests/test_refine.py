@@ -541,3 +541,21 @@ def test_dense_blocks_are_compensated(tiny_lm, compensate):
     assert all(x == "dense, as it was" or x.startswith("dense, refitted ") for x in labels)
     refitted = sum(x.startswith("dense, refitted") for x in labels) if line["refined"] else 0
     assert (f"{refitted} dense matrices refitted" in summary(info)) == (refitted > 0)
+
+
+def test_auto_compensation_refits_the_outputs_up_to_0_3_and_nothing_above(tiny_lm):
+    """The default `auto`: outputs where the quality panel measured a gain (0.2, 0.3), none where outputs made every
+    panel text worse (0.4); a named choice is itself at every ratio. The build's refine info says what ran."""
+    from dipsvd_core.refine.choices import AUTO_UP_TO, compensation_for
+
+    assert Settings().compensate == "auto" and AUTO_UP_TO == 0.3
+    assert [compensation_for("auto", r) for r in (0.1, 0.3, 0.30000000000000004, 0.31, 0.4)] == \
+        ["outputs", "outputs", "outputs", "none", "none"]
+    assert [compensation_for(c, 0.4) for c in ("none", "outputs", "all")] == ["none", "outputs", "all"]
+    wb = Workbench(tiny_lm, "wiki", 4, 64)
+    for ratio, ran in ((0.2, "outputs"), (0.4, "none")):
+        info = wb.build(Settings(method="svd", ratio=ratio, refine="sequential")).info["refine"]
+        assert info["compensate"] == ran
+    with pytest.raises(ValueError, match="compensation_for"):
+        refine(tiny_lm.model, [t.name for t in tiny_lm.targets], wb.windows(), Settings(method="svd").spec, {},
+               compensate="auto")

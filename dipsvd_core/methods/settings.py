@@ -50,7 +50,7 @@ class Settings:
                              choices=lambda: ("float32", "bfloat16"))
     refine: str = knob("none", "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
                        + " (refine is one more streaming pass at build time)", choices=lambda: REFINES)
-    compensate: str = knob("outputs", "a refined build also refits dense-kept matrices to the drifted inputs, where "
+    compensate: str = knob("auto", "a refined build also refits dense-kept matrices to the drifted inputs, where "
                            "that lowers the held-out error: " + "; ".join(f"{c.name}: {c.help}" for c in COMPENSATIONS.values()),
                            choices=lambda: tuple(COMPENSATIONS))
     p_min: float = knob(0.05, "lowest keep ratio of a block")

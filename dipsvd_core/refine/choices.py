@@ -44,11 +44,24 @@ class Compensation:
     help: str
 
 
+# "auto" compensates the outputs up to this fraction removed and nothing above: on the quality panel (bench/RESULTS.md,
+# "Quality panel") `outputs` lowered every panel text at 0.2 and 0.3 and raised every one at 0.4
+AUTO_UP_TO = 0.3
+AUTO = "auto"
 COMPENSATIONS = {c.name: c for c in (
+    Compensation(AUTO, None, f"outputs up to {AUTO_UP_TO:g} removed, none above (measured: outputs helped up to "
+                             f"there and hurt at 0.4)"),
     Compensation("none", lambda walk, n: False, "dense matrices stay the original's"),
     Compensation("outputs", lambda walk, n: walk.solo(n), "the dense matrices that alone read their input (o_proj "
                                                           "and down_proj in Llama): they write the residual stream"),
     Compensation("all", lambda walk, n: True, "every dense matrix"))}
+
+
+def compensation_for(name: str, ratio: float) -> str:
+    """The compensation a build at `ratio` removed runs: `name`, or for "auto" outputs up to AUTO_UP_TO, else none."""
+    if name != AUTO:
+        return name
+    return "outputs" if ratio <= AUTO_UP_TO + 1e-9 else "none"
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,9 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     fitted at the one damping `damp` towards zero (the plain closed form)."""
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
+    if compensate not in COMPENSATIONS or COMPENSATIONS[compensate].picks is None:
+        raise ValueError(f"compensate '{compensate}': name one that picks matrices (resolve 'auto' with "
+                         "choices.compensation_for)")
     wanted, comp = set(names), COMPENSATIONS[compensate]
     compute = torch.float64 if spec.compute == "float64" else torch.float32
     held = held_windows(len(windows)) if fallback is not None else frozenset()

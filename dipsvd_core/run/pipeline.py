@@ -141,7 +141,7 @@ class Workbench:
         """Sequential compensation (refine.py) of this allocation's factored matrices: one more streaming pass.
         `fallback`, the unrefined factors, makes it validated: a block is refined only where that lowers its
         held-out error (the unrefined factors of these settings, sliced from the cache, when not given)."""
-        from ..refine.choices import refine_choice
+        from ..refine.choices import compensation_for, refine_choice
         from ..refine.sequential import refine
 
         spec = settings.spec
@@ -154,7 +154,7 @@ class Workbench:
         return refine(self.lm.model, [t.name for t in self.targets], self.windows(), spec, allocation.ranks,
                       abs_means, rows, progress, fallback=fallback,
                       tune=settings.tune if refine_choice(settings.refine).tunes else None,
-                      compensate=settings.compensate)
+                      compensate=compensation_for(settings.compensate, settings.ratio))
 
     def _surgery(self, weights, inplace: bool) -> torch.nn.Module:
         if self._converted:

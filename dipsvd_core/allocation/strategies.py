@@ -149,4 +149,4 @@ def _refined_kl(ctx, settings, bounds, progress=None, callback=None, cancel=None
                      help="Dobi-SVD learns one truncation position per matrix by gradient descent (its own allocation)")
 def _trained(ctx, settings, bounds, **_):
     raise DipSVDError("allocation 'trained' comes out of Dobi-SVD's training: build with method dobi "
-                      "(Workctx.build) instead of allocating")
+                      "(Workbench.build) instead of allocating")

@@ -20,8 +20,9 @@ import torch
 
 from ..common.cache import cache_dir, make_key
 from .data import CHAT_ASK, article_subject, bos_id, load_documents
+
 NEW_TOKENS = 256  # tokens the model writes per prompt
-PROMPT_WORDS = 8  # a news prompt: the opening words of a story
+PROMPT_WORDS = 8  # a plain prompt: the opening words of a news story (or of an article, without a template)
 BATCH = 8  # prompts written together (a group)
 TOP_P = 0.95
 
@@ -39,7 +40,8 @@ def prompts(tokenizer, group: int) -> list[list[int]]:
                 tokenize=False, add_generation_prompt=True)
             out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
             continue
-        doc = (wiki if i % 2 == 0 else news)[k % (len(wiki) if i % 2 == 0 else len(news))]
+        docs = wiki if i % 2 == 0 else news
+        doc = docs[k % len(docs)]
         out.append(tokenizer(" ".join(doc.split()[:PROMPT_WORDS]), add_special_tokens=False)["input_ids"])
     return out
 
@@ -48,6 +50,7 @@ def prompts(tokenizer, group: int) -> list[list[int]]:
 def write_group(model, tokenizer, group: int, seed: int) -> list[list[int]]:
     """Group `group`'s documents: each prompt followed by what the model wrote, up to and with its end token."""
     from ..model.models import input_device
+
     device = input_device(model)
     ids = prompts(tokenizer, group)
     bos, eos = bos_id(tokenizer), tokenizer.eos_token_id

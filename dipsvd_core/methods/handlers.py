@@ -4,14 +4,14 @@ A handler declares the passes a build needs (`needs(settings)`, from passes.py; 
 sweep's prefetch and the app's buttons read it), builds the new state of a compression (what replaces each
 targeted matrix, the allocation it realizes, and what the report should say about it), and says what a saved
 model stores beyond its floating-point tensors. Converting the model for runtime is then the same for every
-method (`Workctx.build` -> surgery.compress_model). The CLI, the sweep, the report and the app ask the handler
+method (`Workbench.build` -> surgery.compress_model). The CLI, the sweep, the report and the app ask the handler
 instead of testing method names.
 
 - `FactorHandler`: one per registered scaling (scalings.py: svd, svd-llm, dipsvd, fwsvd, asvd, and any scaling
   registered later): factors computed once per FactorSpec in the block-streaming pass; a registered allocation
   (strategies.py) picks ranks; the new state is k rows of each factor, read from disk when surgery asks.
 - `DobiHandler` (dobi): truncation positions trained by gradient descent (its own "trained" allocation, cached
-  through `Workctx.memo`), then the IPCA weight update, optionally remapped to 8 bits; it owns its
+  through the run's memo, context.py), then the IPCA weight update, optionally remapped to 8 bits; it owns its
   training, its cache key, its variant `dobi-remap` and the int8 tensors of a saved remapped model.
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ class DobiHandler(MethodHandler):
 
     def spec(self, settings):
         raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
-                          "the weights (Workctx.build does this)")
+                          "the weights (Workbench.build does this)")
 
     def needs(self, settings, allocation_given: bool = False) -> frozenset:
         return frozenset({P.TRAINING, P.UPDATE})

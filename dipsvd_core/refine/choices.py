@@ -57,6 +57,14 @@ COMPENSATIONS = {c.name: c for c in (
     Compensation("all", lambda walk, n: True, "every dense matrix"))}
 
 
+def compensation(name: str) -> Compensation:
+    """The Compensation that picks the matrices for `name`; "auto" must first be resolved by compensation_for."""
+    if name not in COMPENSATIONS or COMPENSATIONS[name].picks is None:
+        raise ValueError(f"compensate '{name}': name one that picks matrices (resolve 'auto' with "
+                         "choices.compensation_for)")
+    return COMPENSATIONS[name]
+
+
 def compensation_for(name: str, ratio: float) -> str:
     """The compensation a build at `ratio` removed runs: `name`, or for "auto" outputs up to AUTO_UP_TO, else none."""
     if name != AUTO:

@@ -87,7 +87,7 @@ from ..engine.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT, is_held
 from ..engine.stream import BlockInputs, block_on_device, capture_inputs, release_host_memory
 from ..lowrank.factors import FactorSpec
 from ..model.models import find_blocks
-from .choices import COMPENSATIONS, DAMP, FULL, RESIDUAL, TAUS, Compensation, TuneConfig
+from .choices import DAMP, FULL, RESIDUAL, TAUS, Compensation, TuneConfig, compensation
 from .closed_form import choose
 from .contest import keep_or_revert
 from .walk import BlockWalk, Park
@@ -151,10 +151,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     fitted at the one damping `damp` towards zero (the plain closed form)."""
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    if compensate not in COMPENSATIONS or COMPENSATIONS[compensate].picks is None:
-        raise ValueError(f"compensate '{compensate}': name one that picks matrices (resolve 'auto' with "
-                         "choices.compensation_for)")
-    wanted, comp = set(names), COMPENSATIONS[compensate]
+    wanted, comp = set(names), compensation(compensate)
     compute = torch.float64 if spec.compute == "float64" else torch.float32
     held = held_windows(len(windows)) if fallback is not None else frozenset()
     taus = tuple(taus) if fallback is not None else (damp,)

@@ -7,6 +7,7 @@ import streamlit as st
 from dipsvd_core.allocation import allocators
 from dipsvd_core.allocation.budget import describe_ratio
 from dipsvd_core.allocation.importance import RANKS_OF
+from dipsvd_core.allocation.probes import probe_of
 from dipsvd_core.allocation.strategies import names_for, strategy
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.common.knobs import help_of
@@ -174,7 +175,7 @@ with view:
         else:
             st.warning(f"The {new.allocation} allocation needs {what}: {P.COST[step]}"
                        + (f" (truncated to {100 * allocators.PROBE_KEEP:.0f}% of its parameters, {new.bo_windows} "
-                          "held-out windows); after that, every ratio is instant." if step in (P.BLOCK_PROBE, P.TYPE_PROBE) else "."),
+                          "held-out windows); after that, every ratio is instant." if probe_of(step) else "."),
                        icon=":material/calculate:")
 
         def run(job, step=step):

@@ -1,10 +1,12 @@
-"""A test-only allocation and a test-only scaling, each one small definition plus one registration line: the
-conformance test (test_conformance.py) registers them while it runs and shows that the CLI, the plan, the sweep
+"""A test-only allocation and a test-only scaling, each one small definition plus one registration line, and (in
+extension_probe.py, one file) an allocation that needs a probe of its own: the conformance test
+(test_conformance.py) registers them while it runs and shows that the CLI, the plan, the sweep, the run's passes
 and the conformance checks themselves pick them up with no other edit."""
 from __future__ import annotations
 
 import contextlib
 
+import extension_probe
 import torch
 
 from dipsvd_core.allocation import budget as alloc
@@ -42,13 +44,23 @@ class GramDiagonal(Scaling):
         return diagonal_scale(torch.diagonal(data.grams[group]).clamp_min(0).sqrt(), f"RMS scale of {group}")
 
 
+TEST_ONLY = {"first-dense", "gram-diag", "split-by-part"}  # the names registered here
+_depth = [0]  # registered() nests: only the outermost registers and unregisters
+
+
 @contextlib.contextmanager
 def registered():
-    """Both registered for the duration (one line each), then gone again."""
-    register_allocation("first-dense", help="block 0 dense, the rest uniform (test only)")(first_dense)
-    register_scaling(GramDiagonal())
+    """All registered for the duration (one line each), then gone again."""
+    if _depth[0] == 0:
+        register_allocation("first-dense", help="block 0 dense, the rest uniform (test only)")(first_dense)
+        register_scaling(GramDiagonal())
+        extension_probe.register()
+    _depth[0] += 1
     try:
         yield
     finally:
-        unregister_allocation("first-dense")
-        unregister_scaling("gram-diag")
+        _depth[0] -= 1
+        if _depth[0] == 0:
+            unregister_allocation("first-dense")
+            unregister_scaling("gram-diag")
+            extension_probe.unregister()

@@ -12,7 +12,7 @@ from dipsvd_core.allocation import allocators
 from dipsvd_core.allocation.bayes import bayes
 from dipsvd_core.allocation.budget import DENSE, block_params, kept_params, matrix_params, project, uniform
 from dipsvd_core.common.errors import DipSVDError
-from dipsvd_core.engine import passes as P
+from dipsvd_core.allocation.probes import TYPE_PROBE
 from dipsvd_core.model.models import Target
 from dipsvd_core.run.pipeline import Settings, Workbench
 
@@ -226,7 +226,7 @@ def test_block_probe_equals_writing_the_truncated_weights_into_a_copy(bench, tin
     import copy
     import math
 
-    from dipsvd_core.allocation.importance import block_sensitivity
+    from dipsvd_core.allocation.probes import block_sensitivity
     from dipsvd_core.engine.evaluate import perplexity
 
     s = Settings(method="dipsvd")
@@ -356,7 +356,7 @@ def test_type_probe_equals_writing_every_matrix_of_the_type_into_a_copy(bench, t
     import copy
     import math
 
-    from dipsvd_core.allocation.importance import type_sensitivity
+    from dipsvd_core.allocation.probes import type_sensitivity
     from dipsvd_core.engine.evaluate import perplexity
 
     factors, windows, model = bench.factors(Settings(method="dipsvd").spec), bench.heldout(2), tiny_lm.model
@@ -431,10 +431,10 @@ def test_nested_type_probe_is_cached_on_disk_and_makes_the_build_quick(tiny_lm, 
     first.fisher()
     assert not first.probes.has(s) and not first.quick_build(s)
     a = first.allocate(s)
-    assert P.TYPE_PROBE in first.timings_s and first.probes.has(s) and first.quick_build(s)
+    assert TYPE_PROBE in first.timings_s and first.probes.has(s) and first.quick_build(s)
     assert not first.probes.has(replace(s, allocation="coupled"))  # the block probe is another one
     again = Workbench(tiny_lm, "wiki", 4, 64)
     again.factors(s.spec)
     assert again.probes.has(s)  # read from the disk cache
     b = again.allocate(s)
-    assert P.TYPE_PROBE not in again.timings_s and b.ranks == a.ranks
+    assert TYPE_PROBE not in again.timings_s and b.ranks == a.ranks

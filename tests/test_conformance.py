@@ -11,20 +11,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from extensions import registered
+from extensions import TEST_ONLY, registered
 
+from dipsvd_core.allocation.allocators import PROBE_KEEP
+from dipsvd_core.allocation.budget import matrix_params, rank_for
 from dipsvd_core.allocation.strategies import names_for, strategy
 from dipsvd_core.cli import main
+from dipsvd_core.engine import passes
 from dipsvd_core.io.compressed import load_compressed, save_compressed
 from dipsvd_core.methods.dobi import DobiConfig
 from dipsvd_core.methods.handlers import handler, method_names, needs, refines
 from dipsvd_core.outputs.sweep import parse_grid, run_sweep
 from dipsvd_core import plan as P
 from dipsvd_core.refine.choices import REFINES
+from dipsvd_core.run import steps
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 FAST = dict(bo_calls=3, bo_windows=1, dobi=DobiConfig(epochs=1, windows=2))
-PASS_PHASES = set(P.PHASES) - set(P.ALWAYS)
+
+
+def pass_phases() -> set[str]:
+    """The plan's phases that are passes (registered probes included: read while they are registered)."""
+    return set(P.phases_in_order()) - set(P.ALWAYS)
 
 
 def every_combination() -> list[tuple[str, str, str]]:
@@ -51,9 +59,11 @@ def _passes(combo: tuple[str, str, str]) -> frozenset:
 def combinations() -> list[tuple[str, str, str]]:
     """Each registration once, not every product of them: every method with uniform (or its own allocation),
     every allocation with dipsvd (or its method), every refine choice, one combination per distinct set of
-    passes a build runs (dipsvd's where it has one), and ONCE_BROKEN: on today's registrations 33 builds of the 81
-    in the full product, and still every registered method, allocation and refine choice (checked below)."""
+    passes a build runs among the real registrations (dipsvd's where it has one; a test-only one is taken once),
+    and ONCE_BROKEN: on today's registrations 34 builds of the 93 in the full product, and still every registered
+    method, allocation and refine choice (checked below)."""
     full = every_combination()
+    real = [c for c in full if not set(c) & TEST_ONLY]  # the test-only registrations are each taken once
     chosen: list[tuple[str, str, str]] = []
 
     def take(pick):
@@ -72,7 +82,7 @@ def combinations() -> list[tuple[str, str, str]]:
         for r in REFINES:
             take(first(lambda c: c[2] == r))
         seen = {_passes(c) for c in chosen}
-        for c in sorted(full, key=lambda c: (c[0] != "dipsvd", c[1] != "uniform", c[2] != "none")):
+        for c in sorted(set(full) & set(real), key=lambda c: (c[0] != "dipsvd", c[1] != "uniform", c[2] != "none")):
             if _passes(c) not in seen:
                 seen.add(_passes(c))
                 take(c)
@@ -105,7 +115,8 @@ def test_the_cover_names_every_registration_and_every_set_of_passes():
     assert {c[0] for c in combos} == {c[0] for c in full} and {c[1] for c in combos} == {c[1] for c in full}
     assert {c[2] for c in combos} == set(REFINES)
     with registered():
-        assert {_passes(c) for c in combos} == {_passes(c) for c in full}
+        real = [c for c in full if not set(c) & TEST_ONLY]
+        assert {_passes(c) for c in combos} >= {_passes(c) for c in real}
     assert set(ONCE_BROKEN) <= set(combos) and len(combos) < len(full)
 
 
@@ -114,6 +125,42 @@ def test_the_test_only_registrations_are_among_the_combinations():
     assert ("gram-diag", "uniform", "none") in combos and ("dipsvd", "first-dense", "sequential") in combos
     assert ("dobi", "trained", "none") in combos and ("dobi", "uniform", "none") not in combos
     assert not any(m == "dobi" and refines(r) for m, _, r in combos)
+
+
+def test_an_allocation_with_a_probe_of_its_own_is_one_file(fresh, tiny_lm):
+    """tests/extension_probe.py declares a probe (attention against MLP) and an allocation that reads it, and
+    edits nothing else: the pass is in the run order with its button, the plan counts it (one forward over the
+    held-out windows per part; the larger part's truncated factors), the build runs and times it, and it is cached."""
+    s = Settings(method="dipsvd", allocation="split-by-part", ratio=0.3, **FAST).check()
+    assert passes.PASSES.index("part probe") < passes.PASSES.index("search")
+    assert passes.ASK["part probe"][1:] == ("Probe the parts", "Probing the parts")
+    sh, run = P.shapes_of(tiny_lm.model.config), P.Run(s)
+    phases = P.memory(sh, run, False, 0)
+    assert phases["part probe"].needed and not phases["type probe"].needed and not phases["block probe"].needed
+    truncated = lambda ts: sum(matrix_params(rank_for(PROBE_KEEP, t.out_features, t.in_features),  # noqa: E731
+                                             t.out_features, t.in_features) * 4 for t in ts)
+    mlp = truncated(t for t in tiny_lm.targets if ".mlp." in t.name)
+    attention = truncated(t for t in tiny_lm.targets if ".self_attn." in t.name)
+    widest_type = max(truncated(t for t in tiny_lm.targets if t.name.endswith(ty))
+                      for ty in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    assert phases["part probe"].host_bytes - phases["type probe"].host_bytes == max(mlp, attention) - widest_type
+    P.timing(phases, sh, run, P.Rates(1.0, 1.0, 1.0, 1.0, 1e9, 1e9))
+    assert phases["part probe"].seconds * 7 == pytest.approx(phases["type probe"].seconds * 2)  # 2 parts, 7 types
+
+    assert "part probe" in steps.missing(fresh, s) and not steps.done(fresh, "part probe", s)
+    result = fresh.build(s)
+    assert result.timings_s["part probe"] > 0 and "type probe" not in result.timings_s
+    d = fresh.probes.labelled(s, "part")
+    assert set(d) == {"mlp", "self_attn"} and all(v > 0 for v in d.values())
+    kept = {p: sum(matrix_params(result.allocation.ranks[t.name], t.out_features, t.in_features)
+                   for t in tiny_lm.targets if f".{p}." in t.name)
+            / sum(t.params for t in tiny_lm.targets if f".{p}." in t.name) for p in d}
+    costlier = max(d, key=d.get)
+    assert kept[costlier] > kept[min(d, key=d.get)]
+    again = Workbench(tiny_lm, "wiki", 4, 64)  # the same cache folder: the factors and the probe are read back
+    again.factors(s.spec)
+    assert steps.done(again, "part probe", s)
+    assert "part probe" not in again.build(s).timings_s
 
 
 @pytest.mark.parametrize("method,allocation,refine", combinations())
@@ -125,8 +172,8 @@ def test_conformance(fresh, tiny_lm, tmp_path, method, allocation, refine):
     assert 0 <= result.allocation.ratio_realized - ratio <= 0.005
     # the plan's needed phases are exactly the passes this run timed
     planned = {n for n, ph in P.memory(P.shapes_of(tiny_lm.model.config), P.Run(settings), False, 0).items()
-               if ph.needed} & PASS_PHASES
-    assert {k for k in result.timings_s if k in PASS_PHASES} == planned
+               if ph.needed} & pass_phases()
+    assert {k for k in result.timings_s if k in pass_phases()} == planned
     # save and load give the same model back
     out = save_compressed(result.model, tmp_path / "saved", tiny_lm.tokenizer,
                           {"method": method, "allocation": allocation, **result.info.get("storage", {})})
@@ -153,7 +200,7 @@ def test_cli_plan_and_sweep_take_the_new_names(tiny_model_dir, tmp_path, capsys)
                  "--no-bench", "--json"])
     assert code == 0
     phases = json.loads(capsys.readouterr().out)["phases"]
-    assert {n for n in PASS_PHASES if phases[n]["needed"]} == {"statistics", "factors"}
+    assert {n for n in pass_phases() if phases[n]["needed"]} == {"statistics", "factors"}
     out_json, out_md = tmp_path / "s.json", tmp_path / "s.md"
     grid = "gram-diag:first-dense,gram-diag:uniform+refine,dipsvd:first-dense"
     code = main(["sweep", "--model", tiny_model_dir, "--grid", grid, "--ratios", "0.3", "--eval", "wiki",

@@ -36,7 +36,7 @@ from common import eval_sets, load_bundled, print_row, workbench
 from dipsvd_core.allocation import allocators
 from dipsvd_core.allocation import budget as alloc
 from dipsvd_core.allocation.bayes import Objective
-from dipsvd_core.allocation.importance import block_sensitivity
+from dipsvd_core.allocation.probes import block_sensitivity
 from dipsvd_core.engine.evaluate import perplexity
 from dipsvd_core.run.pipeline import Settings
 

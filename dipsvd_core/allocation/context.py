@@ -25,6 +25,7 @@ class Context:
     importance: Callable  # (settings, progress=None) -> {"S", "R", ..., "Q"}, one value per block
     coupled_weights: Callable  # (settings, progress=None): the probes' loss weights (run/probes.py)
     nested_weights: Callable  # (settings, progress=None)
+    probe: Callable  # (settings, kind, progress=None) -> {label: d}: a registered probe's loss increases (probes.py)
     memo: object  # get(kind, key, make) / has(kind, key): what a pass keeps in memory (run/memo.py)
     allocate: Callable  # (settings, progress=None) -> Allocation: another registered allocation
     refine: Callable  # (settings, allocation) -> (weights, info): the refined factors of an allocation

@@ -189,34 +189,3 @@ def group_sensitivity(model: nn.Module, targets: list[Target], factors, windows:
 def matrix_type(name: str) -> str:
     """A targeted Linear's type: the last part of its name (q_proj, gate_proj, ...), the same in every block."""
     return name.rsplit(".", 1)[-1]
-
-
-PROBE_KINDS = ("block", "type")
-
-
-def probe_groups(targets: list[Target], kind: str) -> tuple[list[set[str]], list[str]]:
-    """The groups a probe cuts together, with their labels: "block", each block alone (block 1, block 2, ...);
-    "type", every matrix of one type of the model (down_proj, gate_proj, ..., sorted)."""
-    if kind == "block":
-        n_blocks = 1 + max(t.block for t in targets)
-        return ([{t.name for t in targets if t.block == b} for b in range(n_blocks)],
-                [f"block {b + 1}" for b in range(n_blocks)])
-    if kind == "type":
-        types = sorted({matrix_type(t.name) for t in targets})
-        return [{t.name for t in targets if matrix_type(t.name) == ty} for ty in types], types
-    raise DipSVDError(f"unknown probe '{kind}'; use one of {', '.join(PROBE_KINDS)}")
-
-
-def block_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
-                      progress=None) -> np.ndarray:
-    """d_l: how much the mean next-token loss on `windows` grows when block l ALONE is truncated, every
-    matrix of it at keep fraction `keep` (`truncated`), one value per block."""
-    return group_sensitivity(model, targets, factors, windows, keep, *probe_groups(targets, "block"), progress)
-
-
-def type_sensitivity(model: nn.Module, targets: list[Target], factors, windows: torch.Tensor, keep: float,
-                     progress=None) -> dict[str, float]:
-    """d_type: how much the mean next-token loss on `windows` grows when every matrix of one type (all q_proj of
-    the model, then all k_proj, ...) is truncated at keep fraction `keep`, the others dense."""
-    groups, types = probe_groups(targets, "type")
-    return dict(zip(types, group_sensitivity(model, targets, factors, windows, keep, groups, types, progress).tolist()))

@@ -7,8 +7,9 @@ the model, the windows, the caches; never the run itself). `Workbench.allocate` 
 page's options and buttons all read this registry. Whether a refined build can skip the factor pass follows from
 the needs: an allocation that does not read `factors` (uniform, heuristic) leaves them to refine.
 
-A new allocation is one function plus one `@register_allocation(...)` line (tests/test_conformance.py registers
-one at test time). The math the strategies call lives in allocation.py (the projector, uniform) and
+A new allocation is one function plus one `@register_allocation(...)` line (tests/extensions.py registers one at
+test time); one that needs a probe of its own declares it with probes.register_probe and reads it with
+`ctx.probe(kind)` (tests/extension_probe.py). The math the strategies call lives in allocation.py (the projector, uniform) and
 allocators.py (heuristic, coupled, nested); Bayesian optimisation in bayes.py.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..engine import passes as P
 from . import allocators
 from . import budget as alloc
 from . import refined_search
+from .probes import BLOCK_PROBE, TYPE_PROBE
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def _bayes(ctx, settings, bounds, progress=None, callback=None, cancel=None):
     return found
 
 
-@register_allocation("coupled", needs=frozenset({P.FISHER, P.FACTORS, P.BLOCK_PROBE}),
+@register_allocation("coupled", needs=frozenset({P.FISHER, P.FACTORS, BLOCK_PROBE}),
                      help="one rank per matrix, minimising each matrix's estimated loss increase, calibrated by "
                           "probing every block (ours, not in the paper)")
 def _coupled(ctx, settings, bounds, progress=None, **_):
@@ -117,7 +119,7 @@ def _coupled(ctx, settings, bounds, progress=None, **_):
                               **bounds)
 
 
-@register_allocation("nested", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.TYPE_PROBE}), follows_q=True,
+@register_allocation("nested", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, TYPE_PROBE}), follows_q=True,
                      help="the heuristic's budget per block, split among each block's matrices by their estimated "
                           "loss, calibrated by probing every matrix type; best with Refine on the Compress page "
                           "(ours, not in the paper)",
@@ -130,7 +132,7 @@ def _nested(ctx, settings, bounds, progress=None, **_):
                              ctx.targets, **bounds)
 
 
-@register_allocation("refined-kl", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, P.TYPE_PROBE, P.SEARCH}),
+@register_allocation("refined-kl", needs=frozenset({P.STATISTICS, P.FISHER, P.FACTORS, TYPE_PROBE, P.SEARCH}),
                      reproducible=False, fallback="nested", search_refines=len(refined_search.CANDIDATES),
                      help="of uniform, heuristic and nested, the one whose refined model is closest to the original "
                           "(KL of the next-token distribution on held-out windows): one refine pass per candidate "

@@ -12,7 +12,8 @@ its own name, so a run can be checked against its plan.
   block's Grams exist (they are never stored); planned as part of the statistics phase.
 - fisher: backward passes of the next-token loss, block by block (fisher.fisher_info).
 - factors: every targeted matrix's full-rank factors, once per factor spec, on disk (factors.py).
-- block probe / type probe: the loss with one block, or one matrix type, truncated on held-out windows.
+- block probe / type probe (and any probe registered by allocation.probes.register_probe): the loss with one
+  group of matrices (a block, a matrix type) truncated at a time on held-out windows.
 - search: Bayesian optimisation of the per-block keep ratios (bayes.py).
 - training: Dobi-SVD's gradient descent on truncation positions (dobi.py).
 - weight update: Dobi-SVD's incremental PCA of every layer's outputs at build time (dobi.ipca_weights).
@@ -24,22 +25,18 @@ STATISTICS = "statistics"
 GRAMS = "grams"
 FISHER = "fisher"
 FACTORS = "factors"
-BLOCK_PROBE = "block probe"
-TYPE_PROBE = "type probe"
 SEARCH = "search"
 TRAINING = "training"
 UPDATE = "weight update"
 REFINE = "refine"
 
-PASSES = (STATISTICS, GRAMS, FISHER, FACTORS, BLOCK_PROBE, TYPE_PROBE, SEARCH, TRAINING, UPDATE, REFINE)
+PASSES = [STATISTICS, GRAMS, FISHER, FACTORS, SEARCH, TRAINING, UPDATE, REFINE]  # in run order; probes register
 # the plan's phase (and the timings key) each pass is counted in: the Gram whitening runs inside the statistics pass
 PHASE = {p: p for p in PASSES} | {GRAMS: STATISTICS}
 # what each pass costs, in a user's words (the app's buttons and the refusal messages)
 COST = {STATISTICS: "one forward pass over the calibration windows, collecting each layer's input statistics",
         FISHER: "one backward pass per calibration window",
         FACTORS: "one SVD of every matrix (about a minute for the bundled model); after that every ratio is a slice",
-        BLOCK_PROBE: "one forward pass over the held-out windows with each block alone truncated",
-        TYPE_PROBE: "one forward pass over the held-out windows with all matrices of one type truncated",
         SEARCH: "one evaluation of the objective per call, each on a model sliced from the cached factors",
         TRAINING: "gradient steps on every matrix's truncation position (minutes on a CPU)",
         UPDATE: "one forward pass over the calibration windows with an incremental PCA of every layer's outputs",
@@ -48,11 +45,27 @@ COST = {STATISTICS: "one forward pass over the calibration windows, collecting e
 # how the app asks for a pass that has not run: (what it gives, the button, the job's title)
 ASK = {STATISTICS: ("the calibration statistics", "Collect statistics", "Collecting statistics"),
        FACTORS: ("factors", "Factor matrices", "Factoring"),
-       FISHER: ("Fisher sensitivity", "Compute Fisher sensitivity", "Computing Fisher sensitivity"),
-       BLOCK_PROBE: ("a calibration of its estimate by probing every block once", "Probe the blocks",
-                     "Probing the blocks"),
-       TYPE_PROBE: ("a calibration of its estimate by probing every matrix type once", "Probe the matrix types",
-                    "Probing the matrix types")}
+       FISHER: ("Fisher sensitivity", "Compute Fisher sensitivity", "Computing Fisher sensitivity")}
+
+
+def register_pass(name: str, cost: str, ask: tuple[str, str, str] | None = None, before: str = SEARCH) -> str:
+    """Add a pass to the vocabulary (a probe registers its own: allocation.probes.register_probe): its place in the
+    run order (before `before`), its plan phase (its own name), its cost in a user's words and, when the app can
+    run it on its own, its (what it gives, button, job title). Returns the name, for the declaring module."""
+    if name in PASSES:
+        raise ValueError(f"a pass named '{name}' exists already")
+    PASSES.insert(PASSES.index(before), name)
+    PHASE[name], COST[name] = name, cost
+    if ask is not None:
+        ASK[name] = ask
+    return name
+
+
+def unregister_pass(name: str) -> None:
+    if name in PASSES:
+        PASSES.remove(name)
+    for table in (PHASE, COST, ASK):
+        table.pop(name, None)
 
 
 def phases(needs) -> frozenset:

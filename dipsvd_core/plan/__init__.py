@@ -7,11 +7,11 @@ placement of offloaded blocks, the runtime) and timing (the microbenchmark and e
 """
 from .memory import Placement, free_device_bytes, free_host_bytes, memory, place_blocks, run_overhead, runtime_bytes
 from .plan import BudgetError, Plan, check_budgets, check_fits, make_plan, misfit, plan_json
-from .shapes import (ALWAYS, DEVICE_HEADROOM, DEVICE_RUNTIME, GiB, PHASES, Phase, Run, Shapes, binary_size, load_config,
-                     memory_size, meta_model, run_of, shapes_of)
+from .shapes import (ALWAYS, DEVICE_HEADROOM, DEVICE_RUNTIME, GiB, Phase, Run, Shapes, binary_size, load_config,
+                     memory_size, meta_model, phases_in_order, run_of, shapes_of)
 from .timing import Rates, microbenchmark, timing
 
-__all__ = ["ALWAYS", "DEVICE_HEADROOM", "DEVICE_RUNTIME", "GiB", "PHASES", "BudgetError", "Phase", "Placement", "Plan",
+__all__ = ["ALWAYS", "DEVICE_HEADROOM", "DEVICE_RUNTIME", "GiB", "BudgetError", "Phase", "Placement", "Plan",
            "Rates", "Run", "Shapes", "binary_size", "check_budgets", "check_fits", "free_device_bytes",
-           "free_host_bytes", "load_config", "make_plan", "memory", "memory_size", "misfit", "meta_model", "microbenchmark",
+           "free_host_bytes", "load_config", "make_plan", "memory", "memory_size", "misfit", "meta_model", "microbenchmark", "phases_in_order",
            "place_blocks", "plan_json", "run_of", "run_overhead", "runtime_bytes", "shapes_of", "timing"]

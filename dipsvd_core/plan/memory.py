@@ -10,11 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..allocation.allocators import PROBE_KEEP
+from ..allocation.budget import matrix_params, rank_for
 from ..allocation.fisher import checkpoint_every
 from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..refine.choices import refine_choice
-from .shapes import BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, PHASES, Phase, Run, Shapes, memory_size
+from .shapes import (BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, Phase, Run, Shapes, memory_size, phases_in_order,
+                     probe_groups_of)
 
 
 def _refine_memory(sh: Shapes, run: Run, cuda: bool, acts: int, factoring: int, layer_saved: int) -> tuple[int, int]:
@@ -39,6 +42,14 @@ def _refine_memory(sh: Shapes, run: Run, cuda: bool, acts: int, factoring: int, 
         # two moments, and one window's autograd through the block (it runs after the group's factoring is freed)
         refine_dev += max(0, 16 * sh.block_params + layer_saved - factoring)
     return refine_sets, refine_dev
+
+
+def _probe_work(sh: Shapes) -> dict[str, int]:
+    """What a probe holds beside the weights, a window and its logits: one group's truncated factors at PROBE_KEEP
+    in float32, the largest group's (importance.truncated swaps them in through hooks)."""
+    pair = lambda t: matrix_params(rank_for(PROBE_KEEP, t.out_features, t.in_features), t.out_features,  # noqa: E731
+                                   t.in_features) * 4
+    return {step: max(sum(pair(t) for t in g) for g in groups) for step, groups in probe_groups_of(sh).items()}
 
 
 def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
@@ -74,18 +85,14 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
     largest = max(sh.vocab * sh.hidden, one_matrix) * B
     compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
     refine_sets, refine_dev = _refine_memory(sh, run, cuda, acts, factoring, layer_saved)
-    # The probes hold the truncated factors of what they cut at keep 0.25: one block's, or one matrix type's in
-    # every block; a search (BO) the allocation's low-rank modules swapped into the one model (on a GPU the
-    # swapped-out dense weights wait on the host); Dobi-SVD's training every block's autograd
-    # for one window, its weight update the activations between blocks and one block's float64 incremental PCA
-    # states (dobi.ipca_weights streams block by block).
-    probe = lambda ms: factor_bytes([(b, o, i) for b, o, i in ms], 4) // 4 + logits + window  # noqa: E731
-    widest_type = max(sum(o * i for _, o, i in per_block if (o, i) == (o2, i2)) for _, o2, i2 in per_block)
-    work = {"load": weights, P.STATISTICS: weights + acts + grams,
+    # Each probe holds the truncated factors of its largest group (_probe_work); a search (BO) the allocation's
+    # low-rank modules swapped into the one model (on a GPU the swapped-out dense weights wait on the host);
+    # Dobi-SVD's training every block's autograd for one window, its weight update the activations between blocks
+    # and one block's float64 incremental PCA states (dobi.ipca_weights streams block by block).
+    probes = {step: weights + group + logits + window for step, group in _probe_work(sh).items()}
+    work = probes | {"load": weights, P.STATISTICS: weights + acts + grams,
             P.FACTORS: weights + (acts + grams if run.whitens else 0) + factoring,
             P.FISHER: weights + fisher,
-            P.BLOCK_PROBE: weights + probe(per_block),
-            P.TYPE_PROBE: weights + L * widest_type * 4 + logits + window,
             P.SEARCH: weights + kept * B - (sh.targeted * B if cuda else 0) + logits + window,
             P.TRAINING: weights + L * layer_saved + logits,
             P.UPDATE: weights + acts + sum(o * o for _, o, _ in per_block) * 8 + window,
@@ -93,7 +100,7 @@ def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
             "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
             "evaluation": weights + max(compressed, 0) + logits + window,  # in place: the original's turn is larger
             "save": weights + compressed + largest}
-    disk = dict.fromkeys(PHASES, 0) | {
+    disk = dict.fromkeys(phases_in_order(), 0) | {
         "load": sh.params * 4 if sh.from_gguf else 0,
         P.STATISTICS: sum(g * 16 for g in sh.groups) * L + L * H * 8,
         P.FACTORS: factor_bytes(sh.matrices, s), P.FISHER: sum(i * 8 for _, _, i in sh.matrices)}
@@ -124,7 +131,7 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
     pairs = int((1 - run.ratio) * sh.targeted) * DTYPE_BYTES[run.dtype] * streamed_blocks // sh.n_blocks \
         if run.offload and run.inplace else 0
     phases = {}
-    for name in PHASES:
+    for name in phases_in_order():
         if not cuda:
             h, dev = runtime + max(0, (host["load"] if name == "load" else work[name]) - spared), 0
         elif run.offload:  # place_blocks: the embeddings, head and device_blocks on the device, the rest streamed

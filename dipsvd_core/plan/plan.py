@@ -192,7 +192,8 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
                 else "GPU (measured faster than the host CPU)") + " (placed by width: scalings.eigh_rates)")
     elif bench:
         notes.append("no CUDA device here: memory is predicted, time is not")
-    plan = Plan(model, str(dev), run.flat(), phases, dataclasses.asdict(sh), runtime, notes, shape=sh, run=run)
+    shown = {k: v for k, v in dataclasses.asdict(sh).items() if k != "names"}  # the module names stay out of the JSON
+    plan = Plan(model, str(dev), run.flat(), phases, shown, runtime, notes, shape=sh, run=run)
     plan.free_host_bytes, plan.free_device_bytes = free_host_bytes(), free_device
     plan.free_disk_bytes = shutil.disk_usage(cache_dir()).free
     plan.placement = placement

@@ -12,15 +12,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocation.probes import PROBES
 from ..common.errors import DipSVDError
 from ..engine import passes as P
 from ..methods.handlers import handler, needs
 from ..methods.settings import Settings
+from ..model.models import Target
 
-# every pass of passes.py has its phase (the Gram whitening is counted in the statistics phase), between loading
-# and the build's surgery and evaluation, which every run has
-PHASES = ("load", P.STATISTICS, P.FACTORS, P.FISHER, P.BLOCK_PROBE, P.TYPE_PROBE, P.SEARCH, P.TRAINING, P.UPDATE,
-          P.REFINE, "surgery", "evaluation", "save")
+# every pass of engine.passes has its phase (the Gram whitening is counted in the statistics phase; each registered
+# probe, allocation.probes, is its own), between loading and the build's surgery and evaluation, which every run has
+def probe_groups_of(sh: Shapes) -> dict[str, list[list[Target]]]:
+    """Each registered probe's groups (allocation.probes), by its pass, as lists of the plan's targets."""
+    targets = sh.targets()
+    by_name = {t.name: t for t in targets}
+    return {p.step: [[by_name[n] for n in g] for g in p.groups(targets)[0]] for p in PROBES.values()}
+
+
+def phases_in_order() -> tuple[str, ...]:
+    """Every phase of a plan, in run order (a probe registered later is in it too)."""
+    first = (P.STATISTICS, P.FACTORS, P.FISHER)
+    rest = [p for p in P.PASSES if P.PHASE[p] == p and p not in first]
+    return ("load", *first, *rest, "surgery", "evaluation", "save")
+
+
 ALWAYS = ("load", "surgery", "evaluation")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -53,6 +67,11 @@ class Shapes:
     from_gguf: bool = False
     grouped_by: str = "meta forward"  # or "one Gram per Linear (an upper bound)"
     stored_dtype: str | None = None  # the dtype config.json says the weights are saved in
+    names: list[str] = field(default_factory=list)  # the module name of each of `matrices` (what a probe groups by)
+
+    def targets(self) -> list:
+        """`matrices` as the model's targets (model.models.Target), for what groups them by name (the probes)."""
+        return [Target(n, b, o, i, False) for n, (b, o, i) in zip(self.names, self.matrices)]
 
     def mapped(self, run) -> bool:
         """Whether loading for `run` on the CPU maps the saved weights instead of copying them: safetensors read at
@@ -172,7 +191,7 @@ def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False) 
     stored = str(stored).removeprefix("torch.") if stored is not None else None
     return Shapes(len(blocks), hidden, vocab, heads, count_params(model), block_params,
                   [(t.block, t.out_features, t.in_features) for t in targets], groups, widest, from_gguf, grouped_by,
-                  stored)
+                  stored, [t.name for t in targets])
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from ..engine import passes as P
 from ..lowrank.scalings import symmetric_eigh
 from ..methods.handlers import handler
 from ..refine.choices import TAUS, refine_choice
-from .shapes import DTYPE_BYTES, Phase, Run, Shapes
+from .shapes import DTYPE_BYTES, Phase, Run, Shapes, probe_groups_of
 
 
 def _sync(device: torch.device) -> None:
@@ -148,8 +148,8 @@ def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
         # count every block's every group.
         phases["refine"].seconds += 3 * run.tune.epochs * 0.75 * forward
     probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows
-    phases[P.BLOCK_PROBE].seconds = L * probe_window
-    phases[P.TYPE_PROBE].seconds = len(per_block) * probe_window
+    for step, groups in probe_groups_of(sh).items():  # a forward over the held-out windows per group
+        phases[step].seconds = len(groups) * probe_window
     searching = strategy(run.allocation).search_refines  # refined-kl: a refine pass and an evaluation per candidate
     phases[P.SEARCH].seconds = (searching * (refine_once + probe_window) if searching
                                 else run.bo_calls * probe_window)

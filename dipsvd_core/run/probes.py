@@ -1,6 +1,7 @@
-"""The probes that calibrate the coupled (per block) and nested (per matrix type) allocations: the measured loss
-increase of each group of matrices truncated at PROBE_KEEP on the held-out windows BO uses, measured once per
-factors and held-out windows and cached on disk; and the allocators' weights w_m they calibrate.
+"""The probes a run measures (every probe registered in allocation.probes: the block probe that calibrates coupled,
+the type probe that calibrates nested, any other): the loss increase of each group of matrices truncated at
+PROBE_KEEP on the held-out windows BO uses, measured once per factors and held-out windows and cached on disk; and
+the allocators' weights w_m the two built-in ones calibrate.
 """
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import torch
 
 from ..allocation import allocators
 from ..allocation import budget as alloc
-from ..allocation.importance import group_sensitivity, matrix_type, probe_groups
+from ..allocation.importance import group_sensitivity, matrix_type
+from ..allocation.probes import PROBES, probe, probe_groups
 from ..allocation.strategies import strategy
 from ..common.cache import load_tensors, make_key, save_tensors
-from ..engine import passes as P
 from ..engine.stats import stats_key
 from ..methods.settings import Settings
 from .calibration import Calibration
 from .factor_cache import FactorCache
-
-PROBE = {"block": ("probe-v1", P.BLOCK_PROBE), "type": ("probe-types-v1", P.TYPE_PROBE)}  # kind -> cache key, pass
 
 
 class Probes:
@@ -29,10 +28,10 @@ class Probes:
         self._measured: dict[tuple, np.ndarray] = {}  # (kind, factor key, held-out windows) -> d
 
     def has(self, settings: Settings, kind: str | None = None) -> bool:
-        """Whether the probe (`kind` block or type; by default the one the allocation needs) for these factors is
-        in memory or in the disk cache."""
+        """Whether probe `kind` (allocation.probes; by default the first the allocation needs) for these factors
+        is in memory or in the disk cache."""
         if kind is None:
-            kind = "type" if P.TYPE_PROBE in strategy(settings.allocation).needs else "block"
+            kind = next((p.kind for p in PROBES.values() if p.step in strategy(settings.allocation).needs), "block")
         if (kind, settings.spec.key, settings.bo_windows) in self._measured:
             return True
         if not self.factors.has(settings.spec) or load_tensors("probe", self._key(settings, kind)) is None:
@@ -41,11 +40,11 @@ class Probes:
         return True
 
     def _key(self, settings: Settings, kind: str) -> str:
-        return make_key(PROBE[kind][0], self.data.key, settings.spec.key,
+        return make_key(probe(kind).version, self.data.key, settings.spec.key,
                         stats_key(self.data.lm, self.data.heldout(settings.bo_windows)), allocators.PROBE_KEEP)
 
     def measure(self, settings: Settings, kind: str, progress=None) -> np.ndarray:
-        """The measured loss increase of each group of a probe (importance.probe_groups) truncated at PROBE_KEEP,
+        """The measured loss increase of each group of probe `kind` (allocation.probes) truncated at PROBE_KEEP,
         on the held-out windows BO uses: from memory, else the disk cache, else measured and cached."""
         ident = (kind, settings.spec.key, settings.bo_windows)
         if ident not in self._measured:
@@ -59,13 +58,18 @@ class Probes:
         factors = self.factors.get(settings.spec, progress)
         t0 = time.perf_counter()
         groups, labels = probe_groups(lm.targets, kind)
-        with data.memory.phase(PROBE[kind][1]):
+        step = probe(kind).step
+        with data.memory.phase(step):
             d = group_sensitivity(lm.model, lm.targets, factors, data.heldout(settings.bo_windows),
                                   allocators.PROBE_KEEP, groups, labels, progress)
         save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP, "groups": labels,
                                                                "seconds": time.perf_counter() - t0})
-        data.timings_s[PROBE[kind][1]] = time.perf_counter() - t0
+        data.timings_s[step] = time.perf_counter() - t0
         return d
+
+    def labelled(self, settings: Settings, kind: str, progress=None) -> dict[str, float]:
+        """Probe `kind`'s loss increase per group, by the group's label (Context.probe)."""
+        return dict(zip(probe_groups(self.data.lm.targets, kind)[1], self.measure(settings, kind, progress).tolist()))
 
     def block_sensitivity(self, settings: Settings, progress=None) -> np.ndarray:
         """d_l: the measured loss increase with block l alone truncated at PROBE_KEEP (coupled's calibration)."""
@@ -74,7 +78,7 @@ class Probes:
     def type_sensitivity(self, settings: Settings, progress=None) -> dict[str, float]:
         """d_type: the measured loss increase with every matrix of one type truncated at PROBE_KEEP, the rest dense
         (nested's calibration)."""
-        return dict(zip(probe_groups(self.data.lm.targets, "type")[1], self.measure(settings, "type", progress).tolist()))
+        return self.labelled(settings, "type", progress)
 
     def coupled_weights(self, settings: Settings, progress=None) -> dict[str, float]:
         """The coupled allocator's w_m (allocators.py): the second-order weight from the Fisher pass, times each

@@ -2,13 +2,14 @@
 in a user's words and its button text, which the plan and the app read there), with what a run does for it: `done(bench, settings)`, whether its result for
 these settings is in memory (or, for a probe, in the disk cache), and `run(bench, settings, ...)`, which makes it.
 The app's "this needs ..." buttons, `Workbench.quick_build` and the report read them; a new pass is one entry here
-and its name in engine.passes.
+and its name in engine.passes; a probe's object is made from its registration (allocation.probes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from ..allocation.probes import PROBES, probe_of
 from ..engine import passes as P
 from ..methods.handlers import handler, needs
 
@@ -39,10 +40,6 @@ STEPS = {p.name: p for p in (
     Pass(P.FISHER, lambda bench, s: bench.data.has_fisher,
          lambda bench, s, progress, callback, cancel: bench.fisher(progress)),
     Pass(P.FACTORS, _factors_here, _make_factors),
-    Pass(P.BLOCK_PROBE, lambda bench, s: bench.probes.has(s, "block"),
-         lambda bench, s, progress, callback, cancel: bench.probes.measure(s, "block", progress)),
-    Pass(P.TYPE_PROBE, lambda bench, s: bench.probes.has(s, "type"),
-         lambda bench, s, progress, callback, cancel: bench.probes.measure(s, "type", progress)),
     Pass(P.SEARCH, run=lambda bench, s, progress, callback, cancel: bench.allocate(s, progress, callback, cancel)),
     Pass(P.TRAINING, lambda bench, s: handler(s.method).prepared(bench.context, s),
          lambda bench, s, progress, callback, cancel: handler(s.method).prepare(bench.context, s, progress, callback,
@@ -50,20 +47,32 @@ STEPS = {p.name: p for p in (
     Pass(P.UPDATE),
     Pass(P.REFINE),
 )}
-assert set(STEPS) == set(P.PASSES), "every pass of engine.passes has its object here"
+
+assert set(STEPS) == set(P.PASSES) - {p.step for p in PROBES.values()}, "every pass but the probes has its object here"
+
+
+def _probe_step(kind: str) -> Pass:
+    return Pass(PROBES[kind].step, lambda bench, s: bench.probes.has(s, kind),
+                lambda bench, s, progress, callback, cancel: bench.probes.measure(s, kind, progress))
+
+
+def step(name: str) -> Pass:
+    """Pass `name`'s object: one of STEPS, or a registered probe's (allocation.probes)."""
+    found = probe_of(name)
+    return _probe_step(found.kind) if found is not None else STEPS[name]
 
 
 def done(bench, name: str, settings) -> bool:
     """Whether what pass `name` gives for these settings is here."""
-    return STEPS[name].done(bench, settings)
+    return step(name).done(bench, settings)
 
 
 def run(bench, name: str, settings, progress=None, callback=None, cancel=None):
     """Run pass `name` for these settings (the app's buttons call this); a search returns its allocation."""
-    step = STEPS[name]
-    if step.run is None:
+    found = step(name)
+    if found.run is None:
         raise ValueError(f"the {name} pass runs inside the build; it has no step of its own")
-    return step.run(bench, settings, progress, callback, cancel)
+    return found.run(bench, settings, progress, callback, cancel)
 
 
 def missing(bench, settings, allocation_given: bool = False) -> list[str]:

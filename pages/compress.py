@@ -17,7 +17,7 @@ from dipsvd_core.outputs.inspection import LARGE_MODEL_PARAMS, ppl_rows, quality
 from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.outputs.sweep import REFINED, run_sweep
 from dipsvd_core.plan import binary_size
-from dipsvd_core.refine.choices import COMPENSATIONS, REFINE_CHOICES, refine_choice
+from dipsvd_core.refine.choices import AUTO, COMPENSATIONS, REFINE_CHOICES, compensation_for, refine_choice
 from dipsvd_core.refine.sequential import calibration_advice, refine_table, summary
 from studio import ui
 from studio.state import defaults
@@ -41,6 +41,11 @@ def build(job):
     s.params = param_report(lm.model, result.model, lm.targets, result.allocation.ranks)
 
 
+def auto_label(name: str, ratio: float) -> str:
+    """"auto" says what it picks at the current ratio: "auto (outputs at ratio 0.2)"."""
+    return f"{name} ({compensation_for(name, ratio)} at ratio {ratio:g})" if name == AUTO else name
+
+
 refinable = handler(cur.method).refinable
 c_refine, c_comp, c_tune = st.columns(3)
 ui.seed("k_c_refine", refines(cur.refine))  # a starting value once, never beside a session-state value
@@ -56,7 +61,7 @@ refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine",
                                 "keeps its unrefined factors where it does not help there. Same ranks, same size; a "
                                 "build step, not a slider step.")
 compensate = c_comp.selectbox("Compensate dense matrices", list(COMPENSATIONS), key="k_c_compensate",
-                              persist_state="session",
+                              persist_state="session", format_func=lambda name: auto_label(name, cur.ratio),
                               disabled=busy or not refinable or not refine,
                               help=help_of(Settings, "compensate") + ". A dense matrix keeps its size: no parameter "
                                    "is added.")

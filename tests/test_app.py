@@ -568,7 +568,10 @@ def test_refine_on_the_compress_page_and_refined_sweep_rows():
     click(at, "Run sweep")
     names = [t["name"] for t in figure(at, "fig_sweep")["data"]]
     assert names == ["svd-llm", "svd-llm + refine"]
-    # dense compensation and the tuning's epochs, read by refined builds
+    # dense compensation and the tuning's epochs, read by refined builds; "auto" says what it picks at this ratio
+    ratio = studio.settings.ratio
+    assert at.selectbox(key="k_c_compensate").options[0] == f"auto ({'outputs' if ratio <= 0.3 else 'none'} at " \
+                                                           f"ratio {ratio:g})"
     at.selectbox(key="k_c_compensate").set_value("outputs")
     at.checkbox(key="k_c_tune").check()
     settle(at)

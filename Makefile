@@ -24,8 +24,11 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT)
 
+# The suite in TEST_WORKERS processes (pytest-xdist; 2 on this project's 2-core CI machine): each worker counts
+# as one compute job of common/cores.py, so the workers share the cores instead of oversubscribing them.
+TEST_WORKERS ?= 2
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # tests/test_browser.py drives the app in Debian's chromium (Playwright's own browser download is not used).
 # Installed here when missing and this is root on Debian; otherwise those tests skip with the reason

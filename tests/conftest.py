@@ -32,6 +32,26 @@ def isolated_cache(tmp_path_factory):
         os.environ["DIPSVD_STUDIO_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_job_per_worker():
+    """Under pytest-xdist (`make test` runs two workers), each worker counts as one running compute job
+    (common/cores.py) for its whole session: two workers then take one thread each instead of oversubscribing the
+    cores, and the last one running takes them all back at its next phase."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    from dipsvd_core.common import cores
+
+    with cores.job():
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end tests on the bundled model (marked slow, the longest) first, the others in their order
+    after them: with two workers the long ones start at once and the short ones fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -99,6 +99,11 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     body = 32 if data.bos_id(tok) is None else 31
     stream = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, 5 * body)
     assert torch.equal(torch.cat([windows, held])[:, -body:].reshape(-1), stream[: 5 * body])
+    said = []  # more windows than the text written so far: the writing reports each group to the progress
+    Calibration(tiny_lm, "self", 40, 32, seed=0).windows(lambda f, text: said.append((f, text)))
+    fractions = [f for f, _ in said]
+    assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert "the model writes its calibration text" in said[-1][1] and f"{40 * body:,} tokens" in said[-1][1]
     mixed = Calibration(tiny_lm, "mix:self=1,news=1", 4, 32, seed=0).windows()
     plan = data.mix_plan(4, {"self": 1, "news": 1})
     assert plan.count("self") == 3 and torch.equal(mixed[[i for i, s in enumerate(plan) if s == "self"]], windows)

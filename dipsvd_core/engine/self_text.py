@@ -72,9 +72,9 @@ def write_group(model, tokenizer, group: int, seed: int) -> list[list[int]]:
     return docs
 
 
-def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0) -> torch.Tensor:
+def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0, progress=None) -> torch.Tensor:
     """At least `n_tokens` tokens of the model's own documents, joined by the tokenizer's blank line (cached per
-    model weights and seed; extended group by group)."""
+    model weights and seed; extended group by group, each written group reported to `progress`)."""
     key = make_key("self-v1", fingerprint, seed, NEW_TOKENS, PROMPT_WORDS, BATCH, TOP_P)
     path = cache_dir() / "text" / f"self-{key}.json"
     groups: list[list[list[int]]] = json.loads(path.read_text()) if path.exists() else []
@@ -85,5 +85,8 @@ def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0
         have += sum(len(d) + len(sep) for d in groups[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(groups))
+        if progress:
+            progress(min(1.0, have / n_tokens), f"the model writes its calibration text: {min(have, n_tokens):,} of "
+                                                f"{n_tokens:,} tokens ({len(groups)} groups of {BATCH})")
     stream = [t for g in groups for d in g for t in d + sep]
     return torch.tensor(stream, dtype=torch.long)

@@ -31,19 +31,20 @@ class Calibration:
         self.timings_s: dict[str, float] = {}
         self.memory = memory if memory is not None else PhaseMemory()  # each pass's measured peaks (the report's memory.phases)
 
-    def windows(self) -> torch.Tensor:
+    def windows(self, progress=None) -> torch.Tensor:
+        """The calibration windows (for the `self` source the model writes them first, reported to `progress`)."""
         if self._windows is None:
             self._windows = calibration_windows(self.lm.tokenizer, self.calib, self.n_windows, self.seqlen, self.seed,
-                                                self._writer)
+                                                lambda n: self._writer(n, progress))
         return self._windows
 
-    def _writer(self, n_tokens: int) -> torch.Tensor:
+    def _writer(self, n_tokens: int, progress=None) -> torch.Tensor:
         """The model's own text, for the `self` source (written once per model and seed, then read from the cache)."""
         if self.lm.offloaded:
             raise DipSVDError(f"calibration text '{self.calib}' has the model write text itself, token by token; with "
                               "blocks offloaded every token would stream the model from the CPU (hours at 8B). Load it "
                               "on one device (a larger --device-memory) or calibrate on another source")
-        return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed)
+        return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed, progress)
 
     @property
     def key(self) -> str:
@@ -62,7 +63,7 @@ class Calibration:
         if self._stats is None:
             t0 = time.perf_counter()
             with self.memory.phase(P.STATISTICS):
-                self._stats = cached_stats(self.lm, self.windows(), progress)
+                self._stats = cached_stats(self.lm, self.windows(progress), progress)
             self.timings_s[P.STATISTICS] = time.perf_counter() - t0
         return self._stats
 
@@ -79,7 +80,7 @@ class Calibration:
         if self._fisher is None:
             t0 = time.perf_counter()
             with self.memory.phase(P.FISHER):
-                self._fisher = cached_fisher(self.lm, self.windows(), self.key, progress)
+                self._fisher = cached_fisher(self.lm, self.windows(progress), self.key, progress)
             self.timings_s[P.FISHER] = time.perf_counter() - t0
         return self._fisher
 

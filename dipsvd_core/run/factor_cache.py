@@ -104,7 +104,7 @@ class FactorCache:
         other = [(spec, store) for spec, store in pending if P.GRAMS not in spec.scaling.needs]
         stats_s = 0.0
         if gram:
-            stats = stream_stats(lm.model, [t.name for t in lm.targets], data.windows(),
+            stats = stream_stats(lm.model, [t.name for t in lm.targets], data.windows(progress),
                                  lambda b, st: factor_block(b, gram, ScaleData(st.group_of, st.grams)), progress)
             stats_s = stats.seconds
             data.adopt_stats(stats)  # the same pass gave the statistics: keep them

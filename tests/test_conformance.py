@@ -82,7 +82,7 @@ def combinations() -> list[tuple[str, str, str]]:
         for r in REFINES:
             take(first(lambda c: c[2] == r))
         seen = {_passes(c) for c in chosen}
-        for c in sorted(set(full) & set(real), key=lambda c: (c[0] != "dipsvd", c[1] != "uniform", c[2] != "none")):
+        for c in sorted(real, key=lambda c: (c[0] != "dipsvd", c[1] != "uniform", c[2] != "none")):
             if _passes(c) not in seen:
                 seen.add(_passes(c))
                 take(c)

@@ -6,6 +6,7 @@ It owns what the other parts of a run share: the measured peak of each pass (`me
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -59,12 +60,18 @@ class Calibration:
     def has_fisher(self) -> bool:
         return self._fisher is not None
 
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Run the body as pass `phase`: its peak measured, its seconds recorded in `timings_s`."""
+        t0 = time.perf_counter()
+        with self.memory.phase(phase):
+            yield
+        self.timings_s[phase] = time.perf_counter() - t0
+
     def stats(self, progress=None) -> Stats:
         if self._stats is None:
-            t0 = time.perf_counter()
-            with self.memory.phase(P.STATISTICS):
+            with self.timed(P.STATISTICS):
                 self._stats = cached_stats(self.lm, self.windows(progress), progress)
-            self.timings_s[P.STATISTICS] = time.perf_counter() - t0
         return self._stats
 
     def adopt_stats(self, stats: Stats) -> None:
@@ -78,10 +85,8 @@ class Calibration:
     def fisher(self, progress=None) -> FisherInfo:
         """Fisher sensitivity from backward passes over the calibration windows (cached on disk)."""
         if self._fisher is None:
-            t0 = time.perf_counter()
-            with self.memory.phase(P.FISHER):
+            with self.timed(P.FISHER):
                 self._fisher = cached_fisher(self.lm, self.windows(progress), self.key, progress)
-            self.timings_s[P.FISHER] = time.perf_counter() - t0
         return self._fisher
 
     def heldout(self, n_windows: int) -> torch.Tensor:

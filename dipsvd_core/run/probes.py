@@ -56,15 +56,13 @@ class Probes:
     def _run(self, settings: Settings, kind: str, key: str, progress) -> np.ndarray:
         lm, data = self.data.lm, self.data
         factors = self.factors.get(settings.spec, progress)
-        t0 = time.perf_counter()
         groups, labels = probe_groups(lm.targets, kind)
-        step = probe(kind).step
-        with data.memory.phase(step):
+        with data.timed(probe(kind).step):
+            t0 = time.perf_counter()
             d = group_sensitivity(lm.model, lm.targets, factors, data.heldout(settings.bo_windows),
                                   allocators.PROBE_KEEP, groups, labels, progress)
-        save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP, "groups": labels,
-                                                               "seconds": time.perf_counter() - t0})
-        data.timings_s[step] = time.perf_counter() - t0
+            save_tensors("probe", key, {"d": torch.from_numpy(d)}, {"keep": allocators.PROBE_KEEP, "groups": labels,
+                                                                   "seconds": time.perf_counter() - t0})
         return d
 
     def labelled(self, settings: Settings, kind: str, progress=None) -> dict[str, float]:

@@ -104,7 +104,7 @@ def block_model(dtype: torch.dtype):
 
 def low_rank(model, ratio: float):
     """`model` with every block Linear a low-rank pair (random factors) at the uniform rank of `ratio`, fused."""
-    from dipsvd_core.model.models import find_targets
+    from dipsvd_core.model.blocks import find_targets
 
     weights = {}
     for t in find_targets(model):

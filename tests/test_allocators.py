@@ -13,7 +13,7 @@ from dipsvd_core.allocation.bayes import bayes
 from dipsvd_core.allocation.budget import DENSE, block_params, kept_params, matrix_params, project, uniform
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.allocation.probes import TYPE_PROBE
-from dipsvd_core.model.models import Target
+from dipsvd_core.model.blocks import Target
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 

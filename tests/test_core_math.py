@@ -8,7 +8,7 @@ from dipsvd_core.allocation.budget import kept_params, project, rank_for, ranks_
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.engine.stats import channel_importance
 from dipsvd_core.lowrank.factors import channel_scale, factor_matrix, loss_curve, right_inverse, whitening
-from dipsvd_core.model.models import Target
+from dipsvd_core.model.blocks import Target
 
 F64 = torch.float64
 

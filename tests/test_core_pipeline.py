@@ -14,7 +14,8 @@ from dipsvd_core.engine.stats import stream_stats
 from dipsvd_core.io.compressed import load_compressed, save_compressed
 from dipsvd_core.lowrank.factors import FactorStore, factor_matrix
 from dipsvd_core.lowrank.surgery import LowRankLinear, module_ranks
-from dipsvd_core.model.models import count_params, find_targets
+from dipsvd_core.model.blocks import find_targets
+from dipsvd_core.model.models import count_params
 from dipsvd_core.run.loading import load_model
 from dipsvd_core.run.pipeline import Settings, Workbench
 

@@ -137,7 +137,7 @@ def test_fisher_is_cached_and_workbench_importance_has_every_signal(tiny_lm, win
 def test_fisher_leaves_the_model_as_it_was_when_interrupted(tiny_lm, windows, stage):
     """An error in any part (here the progress callback raising) restores the blocks, the requires_grad flags
     and the hooks: the stand-ins of the top pass and the weight-gradient hooks are gone."""
-    from dipsvd_core.model.models import find_blocks
+    from dipsvd_core.model.blocks import find_blocks
 
     model = tiny_lm.model
     _, blocks = find_blocks(model)

@@ -137,7 +137,7 @@ class _CountingMap:
 @pytest.fixture
 def counted(pair):
     """The offloaded model with every offload hook's reads counted (name -> reads), put back after."""
-    from dipsvd_core.model.models import offload_hooks
+    from dipsvd_core.model.offload import offload_hooks
 
     off, _ = pair
     counts, swapped = {}, []
@@ -190,7 +190,7 @@ def test_every_pass_sends_each_offloaded_block_once_for_all_windows(counted, pai
 
 def test_streamed_logits_equal_the_models_own(pair):
     from dipsvd_core.engine.stream import streamed_logits
-    from dipsvd_core.model.models import find_blocks
+    from dipsvd_core.model.blocks import find_blocks
 
     _, ref = pair
     windows = Workbench(ref, "wiki", 3, 64).windows()
@@ -205,7 +205,7 @@ def test_streamed_logits_equal_the_models_own(pair):
 def test_a_placement_gives_the_device_map(tiny_model_dir):
     """plan.place_blocks's counts become an accelerate device map: outside the blocks and the first blocks on the
     device, then host memory, then disk; loaded with it, the model is the one offloaded by hand above."""
-    from dipsvd_core.model.models import block_device_map
+    from dipsvd_core.model.offload import block_device_map
     from dipsvd_core.plan import Placement, load_config, meta_model
 
     config, _ = load_config(tiny_model_dir)
@@ -223,7 +223,7 @@ def test_a_side_by_side_copy_of_an_offloaded_model_shares_its_weights(tiny_model
     and disk weights (the same maps, nothing copied), its low-rank pairs compute on the execution device, and both
     models give the in-memory figures; generation runs on both."""
     from dipsvd_core.engine.evaluate import generate
-    from dipsvd_core.model.models import offload_hooks
+    from dipsvd_core.model.offload import offload_hooks
 
     settings = Settings(method="svd-llm", ratio=0.3)
     off = load_model(tiny_model_dir, "cpu", "float32", device_map=DEVICE_MAP)

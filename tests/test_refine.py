@@ -238,7 +238,7 @@ def test_last_linear_fits_the_original_block_output(tiny_lm):
     residual, (B - R^) X^^T = W C + (R - R^) X^^T, and the refined factors are the whitened rank-k truncation of
     W* = (B - R^) X^^T (G^ + delta I)^{-1}, all taken on the refined compressed model itself."""
     from dipsvd_core.lowrank.surgery import compress_model
-    from dipsvd_core.model.models import find_blocks
+    from dipsvd_core.model.blocks import find_blocks
     from dipsvd_core.refine.choices import DAMP
     from dipsvd_core.refine.closed_form import solver
 

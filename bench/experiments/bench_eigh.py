@@ -98,7 +98,7 @@ def timings() -> list[dict]:
 def accuracy() -> dict:
     from dipsvd_core.engine.data import calibration_windows
     from dipsvd_core.engine.stats import stream_stats
-    from dipsvd_core.model.models import find_targets
+    from dipsvd_core.model.blocks import find_targets
 
     lm = load_bundled(device="cpu", dtype="float32")
     windows = calibration_windows(lm.tokenizer, "wiki", 32, 512)

@@ -45,7 +45,7 @@ def v1_rows(bench, ratios, sets) -> list[dict]:
     """The coupled allocator before this issue, rebuilt from the same factors and Fisher pass."""
     from dipsvd_core.allocation import allocators
     from dipsvd_core.engine.evaluate import perplexity
-    from dipsvd_core.model import models
+    from dipsvd_core.model import offload as models
     from dipsvd_core.run.pipeline import Settings
 
     base = Settings(method="dipsvd", allocation="coupled")

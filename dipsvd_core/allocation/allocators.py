@@ -55,7 +55,7 @@ from functools import reduce
 import numpy as np
 
 from ..common.errors import DipSVDError
-from ..model.models import Target
+from ..model.blocks import Target
 from . import budget as alloc
 from .budget import DENSE, Allocation, project
 

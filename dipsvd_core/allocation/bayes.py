@@ -24,7 +24,7 @@ from torch import nn
 from ..common.errors import DipSVDError
 from ..engine.evaluate import perplexity, window_logits
 from ..lowrank.surgery import LowRankLinear, placement_of, set_module
-from ..model.models import Target
+from ..model.blocks import Target
 from .budget import DENSE, Allocation, project
 
 OBJECTIVES = ("ppl", "cosine")

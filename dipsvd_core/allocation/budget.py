@@ -15,7 +15,8 @@ import numpy as np
 import torch.nn as nn
 
 from ..common.errors import DipSVDError
-from ..model.models import Target, count_params
+from ..model.blocks import Target
+from ..model.models import count_params
 
 DENSE = None  # rank value meaning "keep the matrix dense"
 

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..common.cache import load_tensors, make_key, save_tensors
 from ..common.errors import DipSVDError
-from ..engine.stream import block_on_device, stood_in
-from ..model.models import Target, weights_of
+from ..engine.stream import stood_in
+from ..model.blocks import Target
+from ..model.offload import block_on_device, weights_of
 
 if TYPE_CHECKING:
     from ..engine.stream import BlockInputs
@@ -286,7 +287,7 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
        ends), and the gradient at the block's input is passed down (on a GPU it waits on the host);
     4. FisherInfo is assembled from those figures (`_assemble`).
     The weights' requires_grad flags and .grad are left exactly as they were."""
-    from ..model.models import find_blocks
+    from ..model.blocks import find_blocks
 
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)

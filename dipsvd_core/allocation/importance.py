@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..common.errors import DipSVDError
-from ..model.models import Target, weights_of
+from ..model.blocks import Target
+from ..model.offload import weights_of
 from .fisher import FisherInfo
 
 ENERGIES = ("sigma2", "sigma")

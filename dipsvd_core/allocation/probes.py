@@ -18,7 +18,7 @@ from torch import nn
 
 from ..common.errors import DipSVDError
 from ..engine import passes as P
-from ..model.models import Target
+from ..model.blocks import Target
 from .importance import group_sensitivity, matrix_type
 
 Groups = tuple[list[set[str]], list[str]]  # the groups of matrix names, and a label for each

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.errors import DipSVDError
-from ..model.models import find_blocks, input_device, is_offloaded
+from ..model.blocks import find_blocks
+from ..model.models import input_device
+from ..model.offload import is_offloaded
 from .speed import speed, sync  # noqa: F401  (speed: evaluate.speed, as callers import it)
 from .stream import streamed_logits, window_ids
 

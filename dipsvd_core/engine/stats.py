@@ -24,8 +24,10 @@ from torch import nn
 
 from ..common.cache import load_tensors, make_key, save_tensors
 from ..common.errors import DipSVDError
-from ..model.models import LoadedModel, find_blocks
-from .stream import block_on_device, capture_inputs, forward_block, release_host_memory
+from ..model.blocks import find_blocks
+from ..model.models import LoadedModel
+from ..model.offload import block_on_device
+from .stream import capture_inputs, forward_block, release_host_memory
 
 
 @dataclass
@@ -232,7 +234,7 @@ def stream_stats(model: nn.Module, names: list[str], windows: torch.Tensor, on_b
                               "fewer --calib-windows, or the CPU") from None
         n_blocks = len(blocks)
         for b, block in enumerate(blocks):
-            base = f"{prefix}.{b}" if prefix else str(b)  # as models.find_targets names them
+            base = f"{prefix}.{b}" if prefix else str(b)  # as model.blocks.find_targets names them
             linears = {f"{base}.{n}": m for n, m in block.named_modules()
                        if isinstance(m, nn.Linear) and f"{base}.{n}" in wanted}
             with block_on_device(block):  # sent once, for the forward and on_block's factors

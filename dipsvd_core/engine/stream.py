@@ -32,7 +32,8 @@ from torch import nn
 
 from ..common import cores
 from ..common.errors import DipSVDError
-from ..model.models import input_device, offload_hooks
+from ..model.models import input_device
+from ..model.offload import block_on_device
 
 
 class _Captured(Exception):
@@ -54,25 +55,6 @@ def release_host_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-@contextlib.contextmanager
-def block_on_device(block: nn.Module):
-    """Within, an offloaded block's weights are on its execution device and stay there for every call: each of
-    accelerate's offloading hooks in the block loads its module's weights once and stops offloading; after, the
-    hooks offload again (the weights go back to meta, read from the host or disk on the next call). Nested uses
-    and blocks that hold their weights are no-ops."""
-    held = [(m, h) for m in block.modules() for h in offload_hooks(m)]
-    try:
-        for m, h in held:
-            h.pre_forward(m)  # the weights from the hook's map to the execution device
-            h.offload = False
-        yield
-    finally:
-        for m, h in held:
-            if not h.offload:
-                h.offload = True
-                h.post_forward(m, None)  # back to meta
 
 
 @dataclass

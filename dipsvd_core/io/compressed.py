@@ -30,7 +30,8 @@ from ..common.errors import DipSVDError
 from ..lowrank.surgery import (LowRankLinear, densify, fuse_model, fuse_siblings, module_ranks, set_module,
                                unfuse_siblings)
 from ..methods.handlers import handler
-from ..model.models import LoadedModel, find_targets, fingerprint, resolve_device
+from ..model.blocks import find_targets
+from ..model.models import LoadedModel, fingerprint, resolve_device
 from .portable import ENTRY, MODELING_FILE, base_config_dict, portable_reason, saved_config_dict, write_code_files
 
 

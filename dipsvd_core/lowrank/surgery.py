@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.errors import DipSVDError
-from ..model.models import offload_hooks, shared_inputs, weights_of
+from ..model.models import shared_inputs
+from ..model.offload import offload_hooks, weights_of
 from .factors import Factor
 
 

@@ -30,7 +30,7 @@ from ..allocation.budget import DENSE, Allocation, check_ratio
 from ..common.errors import DipSVDError
 from ..common.knobs import knob
 from ..lowrank.surgery import LowRankLinear
-from ..model.models import Target
+from ..model.blocks import Target
 from .dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, lowrank_storage_bytes, masked_svd,
                         max_remap_rank, quantize_absmax)
 
@@ -314,8 +314,9 @@ def ipca_weights(model: torch.nn.Module, targets: list[Target], windows: torch.T
     so only that block's PCA states exist at once (float64, (k + extra) x out each), and each of its matrices
     gets its (u, v) when the block is done; besides them, the activations between blocks (windows x seqlen x
     hidden) are held. Each matrix sees the same chunks in the same order as in whole-model passes."""
-    from ..engine.stream import block_on_device, capture_inputs, forward_block
-    from ..model.models import find_blocks
+    from ..engine.stream import capture_inputs, forward_block
+    from ..model.offload import block_on_device
+    from ..model.blocks import find_blocks
 
     _, blocks = find_blocks(model)
     mods = dict(model.named_modules())
@@ -353,7 +354,7 @@ def _ipca_hook(pca: IncrementalPCA):
 
 def _pca_factors(name: str, pca: IncrementalPCA, k: int, linear: torch.nn.Module) -> tuple:
     """(V_k, V_k^T W) in float32 from a finished PCA of the Linear's outputs."""
-    from ..model.models import weights_of
+    from ..model.offload import weights_of
 
     if pca.components.shape[0] < k:
         raise DipSVDError(f"{name}: rank {k} needs at least {k} activation rows, the IPCA saw {pca.n_seen}; "

@@ -25,26 +25,13 @@ from torch import nn
 
 from ..common.cache import cache_dir
 from ..common.errors import DipSVDError
+from .blocks import Target
+from .offload import is_offloaded, weights_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Target:
-    """One targeted Linear: y = W x with W of shape (out, in)."""
-
-    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
-    block: int  # index of its decoder block
-    out_features: int
-    in_features: int
-    has_bias: bool
-
-    @property
-    def params(self) -> int:
-        return self.out_features * self.in_features
 
 
 @dataclass
@@ -84,13 +71,6 @@ def input_device(model: nn.Module) -> torch.device:
             return torch.device(first)
         return torch.device("cpu")
     return next(model.parameters()).device
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    """Some weights live off the execution device (CPU or disk offload): accelerate brings them in per call."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    return any(d in ("cpu", "disk") for d in device_map.values()) and any(
-        p.device.type == "meta" for p in model.parameters())
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -252,69 +232,9 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def offload_placement(device: torch.device, dtype: torch.dtype, source_key: str,
-                      device_map: dict | str | None = None) -> dict:
-    """from_pretrained arguments for accelerate's big-model inference: `device_map` (default "auto":
-    the GPU first, then CPU memory, then disk) and an offload folder in the cache, one per model and dtype."""
-    if device_map is None:
-        if device.type != "cuda":
-            raise DipSVDError("--offload keeps weights off a GPU that is too small; on the CPU there is nothing to "
-                              "offload to. Drop --offload, or use --device cuda")
-        device_map = "auto"
-    folder = cache_dir() / "offload" / hashlib.sha256(f"{source_key}|{dtype}".encode()).hexdigest()[:16]
-    return {"device_map": device_map, "offload_folder": str(folder), "offload_state_dict": True}
-
-
-def block_device_map(model: nn.Module, device: torch.device, on_device: int, on_host: int) -> dict:
-    """An accelerate device map for `model` (its meta module tree will do): everything outside the decoder blocks
-    (embeddings, final norm, head, rotary tables) and the first `on_device` blocks on `device`, the next `on_host`
-    blocks in host memory ("cpu"), the rest on disk (plan.place_blocks decides the counts)."""
-    prefix, blocks = find_blocks(model)
-    where = device.index if device.type == "cuda" and device.index is not None else (0 if device.type == "cuda"
-                                                                                        else device.type)
-    device_map, parts = {}, prefix.split(".") if prefix else []
-    for depth, part in enumerate(parts):  # the siblings of every module on the path down to the blocks
-        parent = ".".join(parts[:depth])
-        for name, _ in model.get_submodule(parent).named_children():
-            if name != part:
-                device_map[f"{parent}.{name}" if parent else name] = where
-    for b in range(len(blocks)):
-        device_map[f"{prefix}.{b}"] = where if b < on_device else "cpu" if b < on_device + on_host else "disk"
-    return device_map
-
-
 def first_line(e: Exception) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ModuleList whose every entry contains an nn.Linear."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if all(any(isinstance(m, nn.Linear) for m in blk.modules()) for blk in mod):
-                if best is None or len(mod) > len(best[1]):
-                    best = (name, mod)
-    if best is None:
-        kinds = sorted({type(m).__name__ for m in model.modules() if "Conv1D" in type(m).__name__})
-        hint = f" (its layers are {', '.join(kinds)}, not nn.Linear)" if kinds else ""
-        raise DipSVDError(
-            f"unsupported architecture {type(model).__name__}: no decoder blocks holding nn.Linear layers "
-            f"were found{hint}. Use a Llama-, Mistral-, Qwen2- or Gemma-style causal LM")
-    return best
-
-
-def find_targets(model: nn.Module) -> list[Target]:
-    """Every nn.Linear inside the decoder blocks, in module order. Embeddings and lm_head are outside."""
-    prefix, blocks = find_blocks(model)
-    targets = []
-    for b, blk in enumerate(blocks):
-        for sub, mod in blk.named_modules():
-            if isinstance(mod, nn.Linear):
-                name = f"{prefix}.{b}.{sub}" if prefix else f"{b}.{sub}"
-                targets.append(Target(name, b, mod.out_features, mod.in_features, mod.bias is not None))
-    return targets
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -334,29 +254,6 @@ def fingerprint(model: nn.Module) -> str:
         else:
             h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
-
-
-def offload_hooks(module: nn.Module) -> list:
-    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    from accelerate.hooks import AlignDevicesHook
-
-    hooks = getattr(hook, "hooks", (hook,))
-    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
-
-
-def weights_of(module: nn.Module):
-    """A context in which an offloaded module's weights are real tensors on its execution device
-    (accelerate's align_module_device); a no-op for a module that holds its weights."""
-    import contextlib
-
-    if getattr(module, "_hf_hook", None) is None:
-        return contextlib.nullcontext()
-    from accelerate.utils import align_module_device
-
-    return align_module_device(module)
 
 
 def count_params(model: nn.Module) -> int:

@@ -13,7 +13,8 @@ import numpy as np
 
 from ..allocation.budget import Allocation, describe_ratio, matrix_params
 from ..lowrank.factors import FactorSpec
-from ..model.models import LoadedModel, Target, count_params, find_blocks
+from ..model.blocks import Target, find_blocks
+from ..model.models import LoadedModel, count_params
 from ..run.pipeline import Settings, Workbench
 
 LARGE_MODEL_PARAMS = 1e9  # below this, small models have flat spectra: 0.1 removed is already a lot

@@ -17,7 +17,7 @@ from ..common.errors import DipSVDError
 from ..engine import passes as P
 from ..methods.handlers import handler, needs
 from ..methods.settings import Settings
-from ..model.models import Target
+from ..model.blocks import Target
 
 # every pass of engine.passes has its phase (the Gram whitening is counted in the statistics phase; each registered
 # probe, allocation.probes, is its own), between loading and the build's surgery and evaluation, which every run has
@@ -70,7 +70,7 @@ class Shapes:
     names: list[str] = field(default_factory=list)  # the module name of each of `matrices` (what a probe groups by)
 
     def targets(self) -> list:
-        """`matrices` as the model's targets (model.models.Target), for what groups them by name (the probes)."""
+        """`matrices` as the model's targets (model.blocks.Target), for what groups them by name (the probes)."""
         return [Target(n, b, o, i, False) for n, (b, o, i) in zip(self.names, self.matrices)]
 
     def mapped(self, run) -> bool:
@@ -169,7 +169,8 @@ def _input_groups(model: nn.Module, block: nn.Module, linears: dict[str, nn.Line
 
 
 def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False) -> Shapes:
-    from ..model.models import count_params, find_blocks, find_targets
+    from ..model.blocks import find_blocks, find_targets
+    from ..model.models import count_params
 
     model = meta_model(config, trust_remote_code)
     if getattr(config, "tie_word_embeddings", False):  # from_config on meta does not tie: count them once

@@ -50,7 +50,8 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
 
     from ..engine.stats import BlockStats
     from ..engine.stream import capture_inputs, forward_block
-    from ..model.models import DTYPES, find_blocks
+    from ..model.blocks import find_blocks
+    from ..model.models import DTYPES
 
     cfg = config.__class__.from_dict(config.to_dict())
     cfg.num_hidden_layers, cfg.vocab_size = 1, min(sh.vocab, 1024)

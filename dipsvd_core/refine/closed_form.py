@@ -10,7 +10,7 @@ from ..common.errors import DipSVDError
 from ..engine.stats import SIXTEEN_BIT, matmul_precision
 from ..lowrank.factors import DTYPES, EIG_FLOOR, FactorSpec, factor_matrix
 from ..lowrank.scalings import ScaleData, symmetric_eigh
-from ..model.models import weights_of
+from ..model.offload import weights_of
 from .choices import CHOL_MARGIN, FULL
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.models import offload_hooks, weights_of
+from ..model.offload import offload_hooks, weights_of
 from .choices import TuneConfig, lr_scale
 from .walk import BlockWalk, Park, block_out, low_rank, replace_forward
 

@@ -84,9 +84,10 @@ from torch import nn
 
 from ..common.errors import DipSVDError
 from ..engine.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT, is_held
-from ..engine.stream import BlockInputs, block_on_device, capture_inputs, release_host_memory
+from ..engine.stream import BlockInputs, capture_inputs, release_host_memory
 from ..lowrank.factors import FactorSpec
-from ..model.models import find_blocks
+from ..model.blocks import find_blocks
+from ..model.offload import block_on_device
 from .choices import DAMP, FULL, RESIDUAL, TAUS, Compensation, TuneConfig, compensation
 from .closed_form import choose
 from .contest import keep_or_revert

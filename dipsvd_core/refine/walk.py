@@ -9,7 +9,7 @@ from torch import nn
 from ..common.errors import DipSVDError
 from ..engine.stats import matmul_precision
 from ..engine.stream import BlockInputs
-from ..model.models import weights_of
+from ..model.offload import weights_of
 from .closed_form import GroupStats, gram_precision
 
 

@@ -15,7 +15,7 @@ from ..engine import passes as P
 from ..engine.stats import stream_stats
 from ..engine.stream import release_host_memory
 from ..lowrank.factors import Factor, FactorSpec, FactorStore, ScaleData, factor_model
-from ..model.models import weights_of
+from ..model.offload import weights_of
 from .calibration import Calibration
 from .memo import Memo
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from ..common.errors import DipSVDError
 from ..io.compressed import is_compressed_folder, load_compressed
-from ..model.models import (DEFAULT_MODEL, LoadedModel, block_device_map, bundled_gguf, find_targets, fingerprint,
-                            first_line, hub_reachable, load_folder, load_gguf, offload_placement, resolve_device,
-                            resolve_dtype)
+from ..model.blocks import find_targets
+from ..model.models import (DEFAULT_MODEL, LoadedModel, bundled_gguf, fingerprint, first_line, hub_reachable,
+                            load_folder, load_gguf, resolve_device, resolve_dtype)
+from ..model.offload import block_device_map, offload_placement
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,

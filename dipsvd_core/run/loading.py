@@ -22,7 +22,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
 
     With `offload` (or an explicit accelerate `device_map`), the model is placed by accelerate: blocks
     that do not fit the GPU stay in CPU memory or on disk, and every pass brings each to the GPU once
-    (stream.block_on_device). `blocks` (a plan.Placement, from the memory budgets) says how many blocks stay on
+    (offload.block_on_device). `blocks` (a plan.Placement, from the memory budgets) says how many blocks stay on
     the GPU, in host memory and on disk; without it accelerate's device_map="auto" decides."""
     t0 = time.perf_counter()
     dev = resolve_device(device)

@@ -11,6 +11,22 @@ def run(*args, timeout=600):
                           timeout=timeout)
 
 
+def run_here(capsys, *args):
+    """`python -m dipsvd_core *args` in this process (no interpreter start-up: the checks of bad input that never
+    reach a model), as a finished process: returncode, stdout, stderr."""
+    from types import SimpleNamespace
+
+    from dipsvd_core.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, proc.stderr
@@ -37,8 +53,8 @@ def error_line(proc) -> str:
     (["compress", "--export", "dense"], "--export dense writes next to the saved model; give --out DIR too"),
     (["evaluate", "--tasks", ",", "--eval-tokens", "64", "--seqlen", "32"], "--tasks names no task"),
 ])
-def test_bad_input_exits_with_one_line(args, needle):
-    proc = run(*args, "--quiet")
+def test_bad_input_exits_with_one_line(args, needle, capsys):
+    proc = run_here(capsys, *args, "--quiet")
     assert proc.returncode == 2
     assert needle in error_line(proc)
     assert "Traceback" not in proc.stderr
@@ -46,10 +62,10 @@ def test_bad_input_exits_with_one_line(args, needle):
 
 @pytest.mark.parametrize("command", ["compress", "plan"])
 @pytest.mark.parametrize("config", ["{}", "not json"])
-def test_a_config_that_is_not_a_models_gets_one_line(tmp_path, command, config):
+def test_a_config_that_is_not_a_models_gets_one_line(tmp_path, command, config, capsys):
     """A folder whose config.json has no model_type (or is not JSON) is named, not a ValueError traceback."""
     (tmp_path / "config.json").write_text(config)
-    proc = run(command, "--model", str(tmp_path), *(["--quiet"] if command == "compress" else []))
+    proc = run_here(capsys, command, "--model", str(tmp_path), *(["--quiet"] if command == "compress" else []))
     assert proc.returncode == 2
     assert "config.json is not a transformers model config" in error_line(proc)
     assert "Traceback" not in proc.stderr

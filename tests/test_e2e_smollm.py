@@ -36,17 +36,39 @@ def test_dipsvd_at_ratio_0_2_on_smollm(smollm):
     assert perplexity(second.model, ev) < compressed
 
 
+def first_blocks(lm, n: int):
+    """The bundled model cut to its first `n` decoder blocks, sharing their weights (nothing is copied): what the
+    streaming pass computes for a block depends only on the blocks before it."""
+    import copy
+
+    from torch import nn
+
+    from dipsvd_core.model.blocks import find_targets
+    from dipsvd_core.model.models import LoadedModel, fingerprint
+
+    outer, inner = copy.copy(lm.model), copy.copy(lm.model.model)
+    outer._modules, inner._modules = dict(outer._modules), dict(inner._modules)  # their own children, not the original's
+    inner.layers = nn.ModuleList(list(lm.model.model.layers)[:n])
+    outer.model = inner
+    cut = LoadedModel(outer, lm.tokenizer, f"{lm.spec} (first {n} blocks)", lm.source, lm.from_gguf)
+    cut.targets, cut.fingerprint = find_targets(outer), fingerprint(outer)
+    return cut
+
+
 def test_streamed_factors_equal_the_all_at_once_pass(smollm):
-    """Issue 10: the block-streaming pass gives today's all-at-once factors (1e-5 relative) and the same
-    perplexity to 4 significant digits, on the bundled model."""
+    """Issue 10: the block-streaming pass gives the all-at-once pass's factors (1e-5 relative) and the same
+    perplexity to 4 significant digits, on the bundled model's first 8 blocks (of 30: the all-at-once oracle over the
+    whole model took most of the suite's slowest test; a block's factors depend only on the blocks before it)."""
     from allatonce import all_at_once_factors
 
     from dipsvd_core.lowrank.surgery import compress_model, low_rank_weights
 
-    bench = Workbench(smollm, "wiki", calib_windows=4, seqlen=128, seed=0)
+    cut = first_blocks(smollm, 8)
+    assert len(cut.targets) == 8 * 7 and len(smollm.model.model.layers) == 30  # the bundled model is untouched
+    bench = Workbench(cut, "wiki", calib_windows=4, seqlen=128, seed=0)
     settings = Settings(method="dipsvd", whitening="paper", ratio=0.1)
     streamed = bench.factors(settings.spec)
-    reference = all_at_once_factors(smollm, bench.windows(), settings.spec)
+    reference = all_at_once_factors(cut, bench.windows(), settings.spec)
     assert set(streamed) == set(reference)
     for name, ref in reference.items():
         f = streamed[name]
@@ -57,6 +79,6 @@ def test_streamed_factors_equal_the_all_at_once_pass(smollm):
         assert torch.linalg.norm(w - w_ref) <= 1e-5 * torch.linalg.norm(w_ref), name
     allocation = bench.allocate(settings)
     ev = bench.eval_windows("wiki", max_tokens=2048)
-    ppl = perplexity(compress_model(smollm.model, low_rank_weights(streamed, allocation.ranks)), ev)
-    ppl_ref = perplexity(compress_model(smollm.model, low_rank_weights(reference, allocation.ranks)), ev)
+    ppl = perplexity(compress_model(cut.model, low_rank_weights(streamed, allocation.ranks)), ev)
+    ppl_ref = perplexity(compress_model(cut.model, low_rank_weights(reference, allocation.ranks)), ev)
     assert f"{ppl:.4g}" == f"{ppl_ref:.4g}", (ppl, ppl_ref)

@@ -11,7 +11,7 @@ import pytest
 from dipsvd_core.io.compressed import save_compressed
 from dipsvd_core.outputs.lm_tasks import CHOICE_WORDS, CONTEXT_WORDS, cloze_documents
 from dipsvd_core.run.pipeline import Settings, Workbench
-from tests.test_cli import error_line, run
+from tests.test_cli import error_line, run, run_here
 
 
 def test_the_local_task_is_four_way_choices_over_held_out_sentences():
@@ -47,15 +47,15 @@ def test_evaluate_tasks_reports_original_and_compressed(tiny_lm, tiny_model_dir,
     assert "lm-eval compressed: dipsvd_wiki_cloze" in proc.stdout
 
 
-def test_an_unknown_task_is_one_line(tiny_model_dir):
-    proc = run("evaluate", "--model", str(tiny_model_dir), "--tasks", "no_such_task", "--eval-tokens", "256",
+def test_an_unknown_task_is_one_line(tiny_model_dir, capsys):
+    proc = run_here(capsys, "evaluate", "--model", str(tiny_model_dir), "--tasks", "no_such_task", "--eval-tokens", "256",
                "--seqlen", "64", "--quiet")
     assert proc.returncode == 2 and "unknown lm-eval task(s) no_such_task" in error_line(proc)
     assert "Traceback" not in proc.stderr
 
 
-def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path):
-    proc = run("compress", "--model", str(tmp_path / "not-there"), "--tasks", "no_such_task", "--quiet")
+def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path, capsys):
+    proc = run_here(capsys, "compress", "--model", str(tmp_path / "not-there"), "--tasks", "no_such_task", "--quiet")
     assert proc.returncode == 2 and "unknown lm-eval task(s) no_such_task" in error_line(proc)
 
 

@@ -211,7 +211,10 @@ def load_folder(source: str, dtype: torch.dtype, trust_remote_code: bool, local_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw, **(placement or {}))
+    # transformers looks for a PEFT adapter of a hub id without local_files_only (5.23, with peft installed): offline,
+    # that lookup alone waited out the hub client's retries (about 25 s) before the clear message
+    adapter = {"adapter_kwargs": {"local_files_only": True}} if local_only else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw, **adapter, **(placement or {}))
     tok = AutoTokenizer.from_pretrained(source, **kw)
     return model, tok
 

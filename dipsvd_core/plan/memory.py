@@ -1,6 +1,7 @@
 """The memory model of a plan: what each phase holds at its peak on the host and the device (memory, with refine's
 working set), where an offloaded run keeps its blocks (place_blocks), and the memory a run has beside its phases
-(the runtime, the free host and device memory)."""
+(the runtime, the free host and device memory). Each phase's peak is one function registered by `@cost_of(phase)`
+over the shared `Terms`; a probe's comes from the probes' registry (_probe_work)."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,68 +53,177 @@ def _probe_work(sh: Shapes) -> dict[str, int]:
     return {step: max(sum(pair(t) for t in g) for g in groups) for step, groups in probe_groups_of(sh).items()}
 
 
-def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
-    """(work, disk, host) per phase: what its peak holds on the device that runs it (besides the runtime), what it
-    writes to the cache folder, and what it keeps in host memory on a GPU run besides the weights."""
+@dataclass(frozen=True)
+class Terms:
+    """What the phases' memory is made of, for one model and run (bytes): the dtypes' sizes B (weights), c (the
+    factoring's compute) and s (the stored factors), seqlen T, windows N, hidden H, blocks L, and the working sets
+    that several phases share."""
+
+    sh: Shapes
+    run: Run
+    cuda: bool
+    B: int
+    c: int
+    s: int
+    T: int
+    N: int
+    H: int
+    L: int
+    weights: int
+    per_block: list  # (block, out, in) of the first block's targeted Linears
+    kept: int  # parameters of the kept factors (the allocation's budget)
+    window: int  # one window inside a block
+    acts: int  # the activations between blocks, the rotary tables, one window
+    grams: int  # one block's float64 input Grams and the block output's, and a window's product
+    factoring: int  # the widest matrix's factoring and one block's factors
+    layer_saved: int  # autograd of one block, one window
+    logits: int
+
+    def factor_bytes(self, ms, b: int) -> int:
+        """Full-rank factors of these matrices at b bytes a value, their singular values in float64."""
+        return sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)
+
+    @property
+    def one_matrix(self) -> int:  # surgery reads one matrix's factors at a time
+        return max(o * i for _, o, i in self.sh.matrices)
+
+    @property
+    def compressed(self) -> int:  # in place: one model, not two
+        return self.kept * self.B - self.sh.targeted * self.B if self.run.inplace else self.kept * self.B
+
+    @property
+    def largest(self) -> int:
+        """The serialized bytes of the largest saved tensor (the embeddings, or a matrix kept dense)."""
+        return max(self.sh.vocab * self.sh.hidden, self.one_matrix) * self.B
+
+
+def _terms(sh: Shapes, run: Run, cuda: bool) -> Terms:
     B, c, s = DTYPE_BYTES[run.dtype], DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[run.factor_dtype]
-    T, N, H, L = run.seqlen, run.calib_windows, sh.hidden, sh.n_blocks
-    weights = sh.params * B
+    T, N, H = run.seqlen, run.calib_windows, sh.hidden
     per_block = [m for m in sh.matrices if m[0] == 0]
-    factor_bytes = lambda ms, b: sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)  # noqa: E731
-    kept = int((1 - run.ratio) * sh.targeted)  # parameters of the kept factors (the allocation's budget)
-    window = T * (4 * H + 3 * sh.window_width) * B + sh.heads * T * T * 4  # one window inside a block
-    acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window  # between blocks, rotary, one window
-    grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12  # + a window's product
+    window = T * (4 * H + 3 * sh.window_width) * B + sh.heads * T * T * 4
+    acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window
+    grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12
     o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
-    factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
-    layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B  # autograd of one block, one window
-    logits = 3 * T * sh.vocab * 4
-    # Fisher runs block by block: the kept blocks' inputs (every block's where they fit, else every sqrt(L)-th and
-    # one segment recomputed: fisher.checkpoint_every), on a GPU waiting in host memory with one block's back
-    # on the device; the gradients at one level (on a GPU on the host), the last block's outputs (on the device
-    # while the forward streams), one block's float32 gradient sums and float64 rows, one block's autograd, the
-    # logits of one window
-    one_set = N * T * H * B
-    every = checkpoint_every(L, L * one_set)
-    fisher_saved = (L if every == 1 else math.ceil(L / every) + every - 1) * one_set
-    sums = sum(o * i * 4 + i * 8 for _, o, i in per_block)
-    fisher = (2 * one_set if cuda else fisher_saved + 2 * one_set) + sums + layer_saved + logits
-    host_fisher = fisher_saved + one_set  # on a GPU: the kept inputs and the gradients
-    one_matrix = max(o * i for _, o, i in sh.matrices)  # surgery reads one matrix's factors at a time
-    # save: the compressed model and the serialized bytes of its largest tensor (the embeddings, or a matrix kept
-    # dense); measured at 32 blocks of SmolLM2-360M's widths, 1,840 MB against 1,140 MB saved and the runtime
-    largest = max(sh.vocab * sh.hidden, one_matrix) * B
-    compressed = kept * B - sh.targeted * B if run.inplace else kept * B  # in place: one model, not two
-    refine_sets, refine_dev = _refine_memory(sh, run, cuda, acts, factoring, layer_saved)
-    # Each probe holds the truncated factors of its largest group (_probe_work); a search (BO) the allocation's
-    # low-rank modules swapped into the one model (on a GPU the swapped-out dense weights wait on the host);
-    # Dobi-SVD's training every block's autograd for one window, its weight update the activations between blocks
-    # and one block's float64 incremental PCA states (dobi.ipca_weights streams block by block).
-    probes = {step: weights + group + logits + window for step, group in _probe_work(sh).items()}
-    work = probes | {"load": weights, P.STATISTICS: weights + acts + grams,
-            P.FACTORS: weights + (acts + grams if run.whitens else 0) + factoring,
-            P.FISHER: weights + fisher,
-            P.SEARCH: weights + kept * B - (sh.targeted * B if cuda else 0) + logits + window,
-            P.TRAINING: weights + L * layer_saved + logits,
-            P.UPDATE: weights + acts + sum(o * o for _, o, _ in per_block) * 8 + window,
-            P.REFINE: weights + refine_dev + (kept * B if not cuda else 0),
-            "surgery": weights + (0 if run.inplace else kept * B) + one_matrix * (s + B),
-            "evaluation": weights + max(compressed, 0) + logits + window,  # in place: the original's turn is larger
-            "save": weights + compressed + largest}
-    disk = dict.fromkeys(phases_in_order(), 0) | {
-        "load": sh.params * 4 if sh.from_gguf else 0,
-        P.STATISTICS: sum(g * 16 for g in sh.groups) * L + L * H * 8,
-        P.FACTORS: factor_bytes(sh.matrices, s), P.FISHER: sum(i * 8 for _, _, i in sh.matrices)}
+    factors = sum(min(o2, i2) * (o2 + i2) * s + min(o2, i2) * 8 for _, o2, i2 in per_block)
+    factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factors
+    layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B
+    return Terms(sh, run, cuda, B, c, s, T, N, H, sh.n_blocks, sh.params * B, per_block,
+                 int((1 - run.ratio) * sh.targeted), window, acts, grams, factoring, layer_saved, 3 * T * sh.vocab * 4)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A phase's memory at its peak: `work` on the device that runs it (besides the runtime), `disk` written to the
+    cache folder, `host` kept in host memory on a GPU run besides the weights."""
+
+    work: int
+    disk: int = 0
+    host: int = 0
+
+
+COSTS: dict = {}  # phase -> (Terms) -> Cost; a probe's is _probe_work's, from the probes' registry
+
+
+def cost_of(phase: str):
+    """Register a phase's memory: one function per phase (a new pass adds its own here)."""
+    def register(f):
+        COSTS[phase] = f
+        return f
+    return register
+
+
+@cost_of("load")
+def _load(t: Terms) -> Cost:
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
-    loaded = 0 if sh.mapped(run) and not cuda else weights  # mapped pages become resident in the first pass
-    host = {"load": loaded + (3 * sh.params * 4 if sh.from_gguf else 0), P.FACTORS: factor_bytes(per_block, s),
-            P.REFINE: kept * B + refine_sets, P.FISHER: host_fisher, "surgery": one_matrix * s, P.SEARCH: sh.targeted * B,
-            "save": largest}  # on a GPU each tensor is copied to the host as it is written
-    if strategy(run.allocation).search_refines:  # a search that refines each candidate holds refine's working set
-        work[P.SEARCH] = max(work[P.SEARCH], work[P.REFINE])
-        host[P.SEARCH] = max(host[P.SEARCH], host[P.REFINE])
-    return work, disk, host
+    loaded = 0 if t.sh.mapped(t.run) and not t.cuda else t.weights  # mapped pages become resident in the first pass
+    gguf = t.sh.from_gguf
+    return Cost(t.weights, t.sh.params * 4 if gguf else 0, loaded + (3 * t.sh.params * 4 if gguf else 0))
+
+
+@cost_of(P.STATISTICS)
+def _statistics(t: Terms) -> Cost:
+    return Cost(t.weights + t.acts + t.grams, sum(g * 16 for g in t.sh.groups) * t.L + t.L * t.H * 8)
+
+
+@cost_of(P.FACTORS)
+def _factors(t: Terms) -> Cost:
+    return Cost(t.weights + (t.acts + t.grams if t.run.whitens else 0) + t.factoring,
+                t.factor_bytes(t.sh.matrices, t.s), t.factor_bytes(t.per_block, t.s))
+
+
+@cost_of(P.FISHER)
+def _fisher(t: Terms) -> Cost:
+    """Fisher runs block by block: the kept blocks' inputs (every block's where they fit, else every sqrt(L)-th and
+    one segment recomputed: fisher.checkpoint_every), on a GPU waiting in host memory with one block's back on the
+    device; the gradients at one level (on a GPU on the host), the last block's outputs (on the device while the
+    forward streams), one block's float32 gradient sums and float64 rows, one block's autograd, the logits of one
+    window."""
+    one_set = t.N * t.T * t.H * t.B
+    every = checkpoint_every(t.L, t.L * one_set)
+    saved = (t.L if every == 1 else math.ceil(t.L / every) + every - 1) * one_set
+    sums = sum(o * i * 4 + i * 8 for _, o, i in t.per_block)
+    work = (2 * one_set if t.cuda else saved + 2 * one_set) + sums + t.layer_saved + t.logits
+    return Cost(t.weights + work, sum(i * 8 for _, _, i in t.sh.matrices), saved + one_set)
+
+
+@cost_of(P.REFINE)
+def _refine(t: Terms) -> Cost:
+    sets, dev = _refine_memory(t.sh, t.run, t.cuda, t.acts, t.factoring, t.layer_saved)
+    return Cost(t.weights + dev + (t.kept * t.B if not t.cuda else 0), 0, t.kept * t.B + sets)
+
+
+@cost_of(P.SEARCH)
+def _search(t: Terms) -> Cost:
+    """BO: the allocation's low-rank modules swapped into the one model (on a GPU the swapped-out dense weights wait
+    on the host); a search that refines each candidate holds refine's working set."""
+    own = Cost(t.weights + t.kept * t.B - (t.sh.targeted * t.B if t.cuda else 0) + t.logits + t.window, 0,
+               t.sh.targeted * t.B)
+    if not strategy(t.run.allocation).search_refines:
+        return own
+    refine = _refine(t)
+    return Cost(max(own.work, refine.work), 0, max(own.host, refine.host))
+
+
+@cost_of(P.TRAINING)
+def _training(t: Terms) -> Cost:  # Dobi-SVD's training: every block's autograd for one window
+    return Cost(t.weights + t.L * t.layer_saved + t.logits)
+
+
+@cost_of(P.UPDATE)
+def _update(t: Terms) -> Cost:
+    """Dobi-SVD's weight update: the activations between blocks and one block's float64 incremental PCA states
+    (dobi.ipca_weights streams block by block)."""
+    return Cost(t.weights + t.acts + sum(o * o for _, o, _ in t.per_block) * 8 + t.window)
+
+
+@cost_of("surgery")
+def _surgery(t: Terms) -> Cost:
+    return Cost(t.weights + (0 if t.run.inplace else t.kept * t.B) + t.one_matrix * (t.s + t.B), 0, t.one_matrix * t.s)
+
+
+@cost_of("evaluation")
+def _evaluation(t: Terms) -> Cost:  # in place: the original's turn is the larger
+    return Cost(t.weights + max(t.compressed, 0) + t.logits + t.window)
+
+
+@cost_of("save")
+def _save(t: Terms) -> Cost:
+    """The compressed model and the serialized bytes of its largest tensor; measured at 32 blocks of SmolLM2-360M's
+    widths, 1,840 MB against 1,140 MB saved and the runtime. On a GPU each tensor is copied to the host as it is
+    written."""
+    return Cost(t.weights + t.compressed + t.largest, 0, t.largest)
+
+
+def _work(sh: Shapes, run: Run, cuda: bool) -> tuple[dict, dict, dict]:
+    """(work, disk, host) per phase, from each phase's registered cost (a probe's from the probes' registry: the
+    truncated factors of its largest group, _probe_work)."""
+    t = _terms(sh, run, cuda)
+    probes = {step: Cost(t.weights + group + t.logits + t.window) for step, group in _probe_work(sh).items()}
+    costs = {name: probes[name] if name in probes else COSTS[name](t) for name in phases_in_order()}
+    return ({n: c.work for n, c in costs.items()}, {n: c.disk for n, c in costs.items()},
+            {n: c.host for n, c in costs.items()})
 
 
 def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:

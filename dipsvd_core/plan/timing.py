@@ -1,5 +1,6 @@
 """The time model of a plan: a microbenchmark of one block and of the whitening's factorisations on the run's own
-device (Rates), scaled to every phase by its work (timing)."""
+device (Rates), scaled to every phase by its work (timing): each phase's seconds one function registered by
+`@time_of(phase)` over the shared `Clock`; a probe's, one held-out evaluation per group of the probes' registry."""
 from __future__ import annotations
 
 import math
@@ -114,52 +115,136 @@ def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
     return unit * r.eigh_512_s + cost.products * g**3 / r.matmul_flops
 
 
-def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
-    """Seconds of every phase from the microbenchmark's rates."""
+@dataclass(frozen=True)
+class Clock:
+    """What the phases' seconds are made of, for one model, run and set of rates: `forward`, every block over every
+    calibration window with the statistics hooks; `whiten` and `factor`, one block's whitenings and SVDs;
+    `fwd_model`, one window through the whole model; `probe_window`, an evaluation on the held-out windows."""
+
+    sh: Shapes
+    run: Run
+    r: Rates
+    L: int
+    N: int
+    forward: float
+    whiten: float
+    factor: float
+    fwd_model: float
+    probe_window: float
+
+    @property
+    def refine_once(self) -> float:
+        """The original block, the compressed block up to each input group with the finished attention replayed
+        (about 2.5 block forwards a window, measured on the bundled model), every group's G^ and C (the last group,
+        the residual-writing Linear: G^ and the H x g numerator) and the original inputs' X X^T, three whitenings
+        per group (the original inputs' on the fit windows, G^ on the fit windows, G^ on every window), a factoring
+        per candidate damping (refine.TAUS), one for the unrefined baseline and one for the refit, and the block
+        twice more on the held-out quarter of the windows (the block-level check)."""
+        *first, last = self.sh.groups
+        grams_flops = (sum(6 * g * g for g in first) + 2 * last * (2 * last + self.sh.hidden)) * self.run.seqlen * self.N
+        return 3 * self.forward + self.L * (3 * self.whiten + (len(TAUS) + 2) * self.factor
+                                            + grams_flops / self.r.matmul_flops)
+
+
+def _svd_units(o: int, i: int) -> float:
+    return o * i * min(o, i) / 512**3  # an SVD's cost, in 512^3 units
+
+
+def _clock(sh: Shapes, run: Run, r: Rates) -> Clock:
     L, N = sh.n_blocks, run.calib_windows
-    cost = lambda o, i: o * i * min(o, i) / 512**3  # noqa: E731  (SVD cost, in 512^3 units)
     per_block = [(o, i) for b, o, i in sh.matrices if b == 0]
-    forward = L * N * r.block_window_s
     whiten = sum(_whitening_seconds(run, g, r) for g in sh.groups)
     if run.compute_dtype == "float32":  # factors.factor_matrix: the SVDs themselves
-        factor = sum(cost(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
+        factor = sum(_svd_units(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
     else:  # float64: eigendecompositions of the smaller of A A^T and A^T A (A = W S)
-        factor = sum(cost(min(o, i), min(o, i)) * r.eigh_512_s + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops
+        factor = sum(_svd_units(min(o, i), min(o, i)) * r.eigh_512_s + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops
                      for o, i in per_block)
-    eval_windows = run.eval_sets * math.ceil(run.eval_tokens / run.seqlen)
     lm_head = 2 * run.seqlen * sh.hidden * sh.vocab / r.matmul_flops
-    fwd_model = L * r.block_forward_s + lm_head  # one window through the model
-    phases["load"].seconds = sh.params * DTYPE_BYTES[run.dtype] / r.copy_bytes_s
-    phases[P.STATISTICS].seconds = forward + L * cost(sh.hidden, sh.hidden) * r.eigh_512_s
-    phases["factors"].seconds = L * (whiten + factor)
-    phases["fisher"].seconds = 3 * N * fwd_model
-    # refine: the original block, the compressed block up to each input group with the finished attention
-    # replayed (about 2.5 block forwards a window, measured on the bundled model), every group's G^ and C (the
-    # last group, the residual-writing Linear: G^ and the H x g numerator) and the original inputs' X X^T, three
-    # whitenings per group (the original inputs' on the fit windows, G^ on the fit windows, G^ on every window),
-    # a factoring per candidate damping (refine.TAUS), one for the unrefined baseline and one for the refit, and
-    # the block twice more on the held-out quarter of the windows (the block-level check)
-    *first, last = sh.groups
-    grams_flops = (sum(6 * g * g for g in first) + 2 * last * (2 * last + sh.hidden)) * run.seqlen * N
-    refine_once = 3 * forward + L * (3 * whiten + (len(TAUS) + 2) * factor + grams_flops / r.matmul_flops)
-    phases["refine"].seconds = refine_once
-    if refine_choice(run.refine).tunes:  # the tuning: a forward and a backward (about 3 forwards) per epoch and window,
-        # on the fit windows (three quarters), every block (the dense-kept ones' are at most as long); the tuned block
-        # ships as trained there. Compensation (dense matrices refitted) is inside the per-block terms above, which
-        # count every block's every group.
-        phases["refine"].seconds += 3 * run.tune.epochs * 0.75 * forward
-    probe_window = fwd_model * run.bo_windows  # a probe's or a search's evaluation on the held-out windows
-    for step, groups in probe_groups_of(sh).items():  # a forward over the held-out windows per group
-        phases[step].seconds = len(groups) * probe_window
-    searching = strategy(run.allocation).search_refines  # refined-kl: a refine pass and an evaluation per candidate
-    phases[P.SEARCH].seconds = (searching * (refine_once + probe_window) if searching
-                                else run.bo_calls * probe_window)
+    fwd_model = L * r.block_forward_s + lm_head
+    return Clock(sh, run, r, L, N, L * N * r.block_window_s, whiten, factor, fwd_model, fwd_model * run.bo_windows)
+
+
+TIMES: dict = {}  # phase -> (Clock) -> seconds; a probe's is one held-out evaluation per group (probes' registry)
+
+
+def time_of(phase: str):
+    """Register a phase's seconds: one function per phase (a new pass adds its own here)."""
+    def register(f):
+        TIMES[phase] = f
+        return f
+    return register
+
+
+@time_of("load")
+def _load_s(k: Clock) -> float:
+    return k.sh.params * DTYPE_BYTES[k.run.dtype] / k.r.copy_bytes_s
+
+
+@time_of(P.STATISTICS)
+def _statistics_s(k: Clock) -> float:
+    return k.forward + k.L * _svd_units(k.sh.hidden, k.sh.hidden) * k.r.eigh_512_s
+
+
+@time_of(P.FACTORS)
+def _factors_s(k: Clock) -> float:
+    return k.L * (k.whiten + k.factor)
+
+
+@time_of(P.FISHER)
+def _fisher_s(k: Clock) -> float:
+    return 3 * k.N * k.fwd_model
+
+
+@time_of(P.REFINE)
+def _refine_s(k: Clock) -> float:
+    """refine_once; with block tuning, a forward and a backward (about 3 forwards) per epoch and window on the fit
+    windows (three quarters), every block (the dense-kept ones' are at most as long); the tuned block ships as
+    trained there. Compensation (dense matrices refitted) is inside refine_once's per-block terms, which count every
+    block's every group."""
+    tuning = 3 * k.run.tune.epochs * 0.75 * k.forward if refine_choice(k.run.refine).tunes else 0.0
+    return k.refine_once + tuning
+
+
+@time_of(P.SEARCH)
+def _search_s(k: Clock) -> float:
+    searching = strategy(k.run.allocation).search_refines  # refined-kl: a refine pass and an evaluation per candidate
+    return searching * (k.refine_once + k.probe_window) if searching else k.run.bo_calls * k.probe_window
+
+
+@time_of(P.TRAINING)
+def _training_s(k: Clock) -> float:
     # Dobi-SVD: a forward and a backward per training window and step, with an SVD of every layer's activations
-    phases[P.TRAINING].seconds = run.dobi.epochs * run.dobi.windows * (3 * fwd_model + L * factor)
-    phases[P.UPDATE].seconds = N * fwd_model
-    phases["save"].seconds = (sh.params - run.ratio * sh.targeted) * DTYPE_BYTES[run.dtype] / r.copy_bytes_s
-    phases["surgery"].seconds = (1 - run.ratio) * sh.targeted * DTYPE_BYTES[run.factor_dtype] / r.copy_bytes_s
-    phases["evaluation"].seconds = eval_windows * fwd_model * ((2 - run.ratio) if run.eval_original else 1)
+    return k.run.dobi.epochs * k.run.dobi.windows * (3 * k.fwd_model + k.L * k.factor)
+
+
+@time_of(P.UPDATE)
+def _update_s(k: Clock) -> float:
+    return k.N * k.fwd_model
+
+
+@time_of("save")
+def _save_s(k: Clock) -> float:
+    return (k.sh.params - k.run.ratio * k.sh.targeted) * DTYPE_BYTES[k.run.dtype] / k.r.copy_bytes_s
+
+
+@time_of("surgery")
+def _surgery_s(k: Clock) -> float:
+    return (1 - k.run.ratio) * k.sh.targeted * DTYPE_BYTES[k.run.factor_dtype] / k.r.copy_bytes_s
+
+
+@time_of("evaluation")
+def _evaluation_s(k: Clock) -> float:
+    windows = k.run.eval_sets * math.ceil(k.run.eval_tokens / k.run.seqlen)
+    return windows * k.fwd_model * ((2 - k.run.ratio) if k.run.eval_original else 1)
+
+
+def timing(phases: dict[str, Phase], sh: Shapes, run: Run, r: Rates) -> None:
+    """Seconds of every phase from the microbenchmark's rates: each phase's registered time, a probe's one
+    evaluation on the held-out windows per group."""
+    k = _clock(sh, run, r)
+    probes = {step: len(groups) * k.probe_window for step, groups in probe_groups_of(sh).items()}
+    for name in phases:
+        phases[name].seconds = probes[name] if name in probes else TIMES[name](k)
 
 
 # --- the plan ---

@@ -99,7 +99,7 @@ with right:
 # The plan for these choices: the default method (dipsvd) and the app's evaluation sizes, with the
 # original kept beside the compressed copy. Shown on request (reading a GGUF's config takes seconds on a
 # first start); the load job always checks it first and refuses a run that does not fit.
-run = {"method": "dipsvd", "calib_windows": int(n_windows), "seqlen": int(seqlen), "dtype": dtype,
+run = {"method": "dipsvd", "calib": calib, "calib_windows": int(n_windows), "seqlen": int(seqlen), "dtype": dtype,
        "eval_tokens": d["eval_tokens"], "eval_sets": max(1, len(d["eval"])), "offload": bool(offload),
        "inplace": False}
 if st.toggle("Show the plan: predicted memory, disk and time of each phase", key="k_plan_show",

@@ -116,8 +116,8 @@ def test_load_shows_architecture_and_statistics():
     at.toggle(key="k_plan_show").set_value(True)
     at.run()
     plan = next(df.value for df in at.dataframe if "phase" in df.value.columns)  # from the config alone
-    assert list(plan["phase"]) == ["load", "statistics", "factors", "fisher", "block probe", "type probe", "search",
-                                  "training", "weight update", "refine", "surgery", "evaluation", "save"]
+    assert list(plan["phase"]) == ["load", "writing", "statistics", "factors", "fisher", "block probe", "type probe",
+                                  "search", "training", "weight update", "refine", "surgery", "evaluation", "save"]
     # dipsvd + uniform: the statistics pass factors each block; no other pass is needed
     assert [n for n, needed in zip(plan["phase"], plan["needed"]) if needed == "yes"] == [
         "load", "statistics", "factors", "surgery", "evaluation"]

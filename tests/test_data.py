@@ -100,7 +100,9 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     stream = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, 5 * body)
     assert torch.equal(torch.cat([windows, held])[:, -body:].reshape(-1), stream[: 5 * body])
     said = []  # more windows than the text written so far: the writing reports each group to the progress
-    Calibration(tiny_lm, "self", 40, 32, seed=0).windows(lambda f, text: said.append((f, text)))
+    many = Calibration(tiny_lm, "self", 40, 32, seed=0)
+    many.windows(lambda f, text: said.append((f, text)))
+    assert many.timings_s["writing"] > 0 and "writing" in many.memory.phases  # the plan's writing phase, measured
     fractions = [f for f, _ in said]
     assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
     assert "the model writes its calibration text" in said[-1][1] and f"{40 * body:,} tokens" in said[-1][1]

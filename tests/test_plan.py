@@ -331,3 +331,25 @@ def test_an_offloaded_in_place_build_counts_its_pairs_and_the_cuda_runtime(llama
     assert ph["surgery"].device_bytes > pairs
     assert plan.peak_device_bytes == max(p.device_bytes for p in ph.values() if p.needed) + P.DEVICE_RUNTIME
     assert "device left free at the peak" in plan.table()
+
+
+def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir):
+    """A calibration that names `self` plans the model's writing: one group's key/value cache and logits beside the
+    weights, and a decode step per written token of enough groups for the self windows and the held-out ones."""
+    import math
+
+    from dipsvd_core.engine.data import mix_plan
+    from dipsvd_core.engine.self_text import BATCH, NEW_TOKENS
+
+    config, _ = P.load_config(tiny_model_dir)
+    sh = P.shapes_of(config)
+    run = P.Run(calib="mix:wiki=1,self=1", calib_windows=8, seqlen=128)
+    plain, written = P.memory(sh, P.Run(calib="wiki"), False, 0), P.memory(sh, run, False, 0)
+    assert not plain["writing"].needed and written["writing"].needed
+    assert P.phases_in_order()[:3] == ("load", "writing", "statistics")
+    kv = 2 * sh.n_blocks * sh.hidden * BATCH * (NEW_TOKENS + 64) * 4
+    assert written["writing"].host_bytes == sh.params * 4 + kv + 3 * BATCH * sh.vocab * 4
+    P.timing(written, sh, run, P.Rates(1.0, 1.0, 1.0, 1.0, 1e12, 1e9))
+    groups = math.ceil((mix_plan(8, {"wiki": 1, "self": 1}).count("self") + run.bo_windows) * 128 / (BATCH * NEW_TOKENS))
+    step = max(sh.params * 4 / 1e9, 2 * sh.params * BATCH / 1e12)
+    assert written["writing"].seconds == pytest.approx(groups * NEW_TOKENS * step)

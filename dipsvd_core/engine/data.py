@@ -262,6 +262,14 @@ def is_held(i: int, every: int = HOLDOUT) -> bool:
     return i % every == every - 1
 
 
+def self_windows(source: str, n_windows: int) -> int:
+    """How many of n calibration windows of `source` the model writes itself (the `self` source, alone or in a mix)."""
+    if source == SELF:
+        return n_windows
+    shares = mix_shares(source)
+    return mix_plan(n_windows, shares).count(SELF) if shares and SELF in shares else 0
+
+
 def mix_plan(n_windows: int, shares: dict[str, float]) -> list[str]:
     """The source of each of n calibration windows: the held-out positions (every HOLDOUT-th) and the others are
     each apportioned by the shares, and each part is interleaved, so refine's held-out check reads every source

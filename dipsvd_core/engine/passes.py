@@ -6,6 +6,8 @@ A strategy says which of these it reads for given settings (`needs(settings) -> 
 those declarations (methods.needs), never listed again. Each pass records its seconds in the run's timings under
 its own name, so a run can be checked against its plan.
 
+- writing: the model writes its own calibration text (the `self` source, engine/self_text.py) when the windows
+  are first drawn; a run reads it only where its calibration names `self`, not by a method's declaration.
 - statistics: one streaming pass over the calibration windows: alpha and mean |x| per input group, the
   block-output spectra (stats.py).
 - grams: a scaling that whitens by the input Grams factors each block inside the statistics pass, while the
@@ -21,6 +23,7 @@ its own name, so a run can be checked against its plan.
 """
 from __future__ import annotations
 
+WRITING = "writing"
 STATISTICS = "statistics"
 GRAMS = "grams"
 FISHER = "fisher"
@@ -30,11 +33,13 @@ TRAINING = "training"
 UPDATE = "weight update"
 REFINE = "refine"
 
-PASSES = [STATISTICS, GRAMS, FISHER, FACTORS, SEARCH, TRAINING, UPDATE, REFINE]  # in run order; probes register
+PASSES = [WRITING, STATISTICS, GRAMS, FISHER, FACTORS, SEARCH, TRAINING, UPDATE, REFINE]  # in run order; probes register
 # the plan's phase (and the timings key) each pass is counted in: the Gram whitening runs inside the statistics pass
 PHASE = {p: p for p in PASSES} | {GRAMS: STATISTICS}
 # what each pass costs, in a user's words (the app's buttons and the refusal messages)
-COST = {STATISTICS: "one forward pass over the calibration windows, collecting each layer's input statistics",
+COST = {WRITING: "the model writes its own calibration text (the self source): groups of 8 sampled documents of "
+                 "256 tokens, once per model and seed, then read from the cache",
+        STATISTICS: "one forward pass over the calibration windows, collecting each layer's input statistics",
         FISHER: "one backward pass per calibration window",
         FACTORS: "one SVD of every matrix (about a minute for the bundled model); after that every ratio is a slice",
         SEARCH: "one evaluation of the objective per call, each on a model sliced from the cached factors",

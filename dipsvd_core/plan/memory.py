@@ -16,6 +16,7 @@ from ..allocation.budget import matrix_params, rank_for
 from ..allocation.fisher import checkpoint_every
 from ..allocation.strategies import strategy
 from ..engine import passes as P
+from ..engine.self_text import BATCH, NEW_TOKENS
 from ..refine.choices import refine_choice
 from .shapes import (BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, Phase, Run, Shapes, memory_size, phases_in_order,
                      probe_groups_of)
@@ -140,6 +141,15 @@ def _load(t: Terms) -> Cost:
     loaded = 0 if t.sh.mapped(t.run) and not t.cuda else t.weights  # mapped pages become resident in the first pass
     gguf = t.sh.from_gguf
     return Cost(t.weights, t.sh.params * 4 if gguf else 0, loaded + (3 * t.sh.params * 4 if gguf else 0))
+
+
+@cost_of(P.WRITING)
+def _writing(t: Terms) -> Cost:
+    """The model samples a group of BATCH documents at once: the key/value cache of the group at its longest
+    (prompt and NEW_TOKENS; counted at the hidden width, an upper bound where keys and values are grouped), and the
+    group's float32 logits of one step with top-p's sorted copy."""
+    length = NEW_TOKENS + 64  # the prompts are a question about a subject or a story's first words
+    return Cost(t.weights + 2 * t.L * t.H * BATCH * length * t.B + 3 * BATCH * t.sh.vocab * 4)
 
 
 @cost_of(P.STATISTICS)

@@ -15,6 +15,7 @@ from torch import nn
 from ..allocation.probes import PROBES
 from ..common.errors import DipSVDError
 from ..engine import passes as P
+from ..engine.data import DEFAULT_CALIB, self_windows
 from ..methods.handlers import handler, needs
 from ..methods.settings import Settings
 from ..model.blocks import Target
@@ -30,7 +31,7 @@ def probe_groups_of(sh: Shapes) -> dict[str, list[list[Target]]]:
 
 def phases_in_order() -> tuple[str, ...]:
     """Every phase of a plan, in run order (a probe registered later is in it too)."""
-    first = (P.STATISTICS, P.FACTORS, P.FISHER)
+    first = (P.WRITING, P.STATISTICS, P.FACTORS, P.FISHER)
     rest = [p for p in P.PASSES if P.PHASE[p] == p and p not in first]
     return ("load", *first, *rest, "surgery", "evaluation", "save")
 
@@ -201,6 +202,7 @@ class Run:
     the run is carried out."""
 
     settings: Settings = field(default_factory=Settings)
+    calib: str = DEFAULT_CALIB  # the calibration source: one that the model writes itself adds the writing phase
     calib_windows: int = 32
     seqlen: int = 512
     eval_tokens: int = 16384
@@ -221,7 +223,8 @@ class Run:
     @property
     def phases(self) -> frozenset:
         """The phases these settings run (from the declared needs of the method, the scaling and the allocation)."""
-        return P.phases(needs(self.settings)) | frozenset(ALWAYS) | frozenset(("save",) if self.save else ())
+        writes = frozenset((P.WRITING,) if self_windows(self.calib, self.calib_windows) else ())
+        return P.phases(needs(self.settings)) | frozenset(ALWAYS) | frozenset(("save",) if self.save else ()) | writes
 
     @property
     def whitens(self) -> bool:

@@ -12,6 +12,8 @@ from torch import nn
 
 from ..allocation.strategies import strategy
 from ..engine import passes as P
+from ..engine.data import self_windows
+from ..engine.self_text import BATCH, NEW_TOKENS
 from ..lowrank.scalings import symmetric_eigh
 from ..methods.handlers import handler
 from ..refine.choices import TAUS, refine_choice
@@ -178,6 +180,16 @@ def time_of(phase: str):
 @time_of("load")
 def _load_s(k: Clock) -> float:
     return k.sh.params * DTYPE_BYTES[k.run.dtype] / k.r.copy_bytes_s
+
+
+@time_of(P.WRITING)
+def _writing_s(k: Clock) -> float:
+    """Groups of BATCH documents of up to NEW_TOKENS sampled tokens, enough for the self windows and the held-out
+    ones beside them; a decode step of a group reads every weight once (or is bound by its products)."""
+    tokens = (self_windows(k.run.calib, k.N) + k.run.bo_windows) * k.run.seqlen
+    groups = math.ceil(tokens / (BATCH * NEW_TOKENS))
+    step = max(k.sh.params * DTYPE_BYTES[k.run.dtype] / k.r.copy_bytes_s, 2 * k.sh.params * BATCH / k.r.matmul_flops)
+    return groups * NEW_TOKENS * step
 
 
 @time_of(P.STATISTICS)

@@ -45,7 +45,8 @@ class Calibration:
             raise DipSVDError(f"calibration text '{self.calib}' has the model write text itself, token by token; with "
                               "blocks offloaded every token would stream the model from the CPU (hours at 8B). Load it "
                               "on one device (a larger --device-memory) or calibrate on another source")
-        return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed, progress)
+        with self.timed(P.WRITING):  # inside whichever pass first drew the windows, if that was not the load
+            return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed, progress)
 
     @property
     def key(self) -> str:

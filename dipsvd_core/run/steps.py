@@ -34,6 +34,7 @@ def _make_factors(bench, s, progress, callback, cancel):
 
 
 STEPS = {p.name: p for p in (
+    Pass(P.WRITING),  # inside the first draw of the windows (run/calibration.py)
     Pass(P.STATISTICS, lambda bench, s: bench.data.has_stats,
          lambda bench, s, progress, callback, cancel: bench.stats(progress)),
     Pass(P.GRAMS, _factors_here, _make_factors),

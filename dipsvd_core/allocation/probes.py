@@ -5,7 +5,7 @@ model's targeted matrices, its cache version and its words. That registers its p
 everything else reads the registry: the run's step and disk cache (run.probes, run.steps), the plan's memory and
 time (one forward over the held-out windows per group, the largest group's truncated factors: plan.memory,
 plan.timing), the app's "Probe ..." button. An allocation that needs it names its pass in its `needs` and reads
-the result with `ctx.probe(kind)`.
+the result with `ctx.probe(settings, kind)` (a dict by group label).
 """
 from __future__ import annotations
 

@@ -103,6 +103,9 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     many = Calibration(tiny_lm, "self", 40, 32, seed=0)
     many.windows(lambda f, text: said.append((f, text)))
     assert many.timings_s["writing"] > 0 and "writing" in many.memory.phases  # the plan's writing phase, measured
+    first = many.timings_s["writing"]
+    many.heldout(8)  # held-out windows after the 40: more writing, added to the same pass
+    assert many.timings_s["writing"] > first
     fractions = [f for f, _ in said]
     assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
     assert "the model writes its calibration text" in said[-1][1] and f"{40 * body:,} tokens" in said[-1][1]

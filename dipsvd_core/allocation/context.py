@@ -6,8 +6,6 @@ adding one needs nothing of the run but what is here. `run/pipeline.py` (Workben
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,15 +29,8 @@ class Context:
     refine: Callable  # (settings, allocation) -> (weights, info): the refined factors of an allocation
     memory: object  # PhaseMemory: the measured peak of each pass
     record: Callable[[str, float], None]  # (phase, seconds): a pass's time, under its plan phase (engine.passes)
+    timed: Callable  # (phase) -> a context: the body run as that pass, its peak and seconds recorded (Calibration.timed)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.lm.model
-
-    @contextlib.contextmanager
-    def timed(self, phase: str):
-        """Run the body as pass `phase`: its peak measured, its seconds recorded."""
-        t0 = time.perf_counter()
-        with self.memory.phase(phase):
-            yield
-        self.record(phase, time.perf_counter() - t0)

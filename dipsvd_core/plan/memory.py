@@ -18,8 +18,8 @@ from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..engine.self_text import BATCH, NEW_TOKENS
 from ..refine.choices import refine_choice
-from .shapes import (BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, Phase, Run, Shapes, memory_size, phases_in_order,
-                     probe_groups_of)
+from .shapes import (BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, Phase, Run, Shapes, memory_size, per_phase,
+                     phases_in_order, probe_groups_of)
 
 
 def _refine_memory(sh: Shapes, run: Run, cuda: bool, acts: int, factoring: int, layer_saved: int) -> tuple[int, int]:
@@ -124,14 +124,7 @@ class Cost:
 
 
 COSTS: dict = {}  # phase -> (Terms) -> Cost; a probe's is _probe_work's, from the probes' registry
-
-
-def cost_of(phase: str):
-    """Register a phase's memory: one function per phase (a new pass adds its own here)."""
-    def register(f):
-        COSTS[phase] = f
-        return f
-    return register
+cost_of = per_phase(COSTS)  # a phase's memory: one function per phase (a new pass adds its own here)
 
 
 @cost_of("load")

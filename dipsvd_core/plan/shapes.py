@@ -20,8 +20,6 @@ from ..methods.handlers import handler, needs
 from ..methods.settings import Settings
 from ..model.blocks import Target
 
-# every pass of engine.passes has its phase (the Gram whitening is counted in the statistics phase; each registered
-# probe, allocation.probes, is its own), between loading and the build's surgery and evaluation, which every run has
 def probe_groups_of(sh: Shapes) -> dict[str, list[list[Target]]]:
     """Each registered probe's groups (allocation.probes), by its pass, as lists of the plan's targets."""
     targets = sh.targets()
@@ -29,6 +27,19 @@ def probe_groups_of(sh: Shapes) -> dict[str, list[list[Target]]]:
     return {p.step: [[by_name[n] for n in g] for g in p.groups(targets)[0]] for p in PROBES.values()}
 
 
+def per_phase(table: dict):
+    """The decorator that registers one function per phase into `table` (plan.memory's costs, plan.timing's
+    seconds): `@of(phase)` above the function."""
+    def of(phase: str):
+        def register(f):
+            table[phase] = f
+            return f
+        return register
+    return of
+
+
+# every pass of engine.passes has its phase (the Gram whitening is counted in the statistics phase; each registered
+# probe, allocation.probes, is its own), between loading and the build's surgery and evaluation, which every run has
 def phases_in_order() -> tuple[str, ...]:
     """Every phase of a plan, in run order (a probe registered later is in it too)."""
     first = (P.WRITING, P.STATISTICS, P.FACTORS, P.FISHER)
@@ -70,7 +81,7 @@ class Shapes:
     stored_dtype: str | None = None  # the dtype config.json says the weights are saved in
     names: list[str] = field(default_factory=list)  # the module name of each of `matrices` (what a probe groups by)
 
-    def targets(self) -> list:
+    def targets(self) -> list[Target]:
         """`matrices` as the model's targets (model.blocks.Target), for what groups them by name (the probes)."""
         return [Target(n, b, o, i, False) for n, (b, o, i) in zip(self.names, self.matrices)]
 

@@ -17,7 +17,7 @@ from ..engine.self_text import BATCH, NEW_TOKENS
 from ..lowrank.scalings import symmetric_eigh
 from ..methods.handlers import handler
 from ..refine.choices import TAUS, refine_choice
-from .shapes import DTYPE_BYTES, Phase, Run, Shapes, probe_groups_of
+from .shapes import DTYPE_BYTES, Phase, Run, Shapes, per_phase, probe_groups_of
 
 
 def _sync(device: torch.device) -> None:
@@ -167,14 +167,7 @@ def _clock(sh: Shapes, run: Run, r: Rates) -> Clock:
 
 
 TIMES: dict = {}  # phase -> (Clock) -> seconds; a probe's is one held-out evaluation per group (probes' registry)
-
-
-def time_of(phase: str):
-    """Register a phase's seconds: one function per phase (a new pass adds its own here)."""
-    def register(f):
-        TIMES[phase] = f
-        return f
-    return register
+time_of = per_phase(TIMES)  # a phase's seconds: one function per phase (a new pass adds its own here)
 
 
 @time_of("load")

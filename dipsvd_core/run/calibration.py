@@ -45,7 +45,8 @@ class Calibration:
             raise DipSVDError(f"calibration text '{self.calib}' has the model write text itself, token by token; with "
                               "blocks offloaded every token would stream the model from the CPU (hours at 8B). Load it "
                               "on one device (a larger --device-memory) or calibrate on another source")
-        with self.timed(P.WRITING):  # inside whichever pass first drew the windows, if that was not the load
+        # in parts (the calibration windows, then held-out ones), inside whichever pass first drew them
+        with self.timed(P.WRITING, accumulate=True):
             return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed, progress)
 
     @property
@@ -62,12 +63,13 @@ class Calibration:
         return self._fisher is not None
 
     @contextlib.contextmanager
-    def timed(self, phase: str):
-        """Run the body as pass `phase`: its peak measured, its seconds recorded in `timings_s`."""
+    def timed(self, phase: str, accumulate: bool = False):
+        """Run the body as pass `phase`: its peak measured, its seconds recorded in `timings_s` (added to what it
+        recorded before, with `accumulate`: a pass made in parts)."""
         t0 = time.perf_counter()
         with self.memory.phase(phase):
             yield
-        self.timings_s[phase] = time.perf_counter() - t0
+        self.timings_s[phase] = time.perf_counter() - t0 + (self.timings_s.get(phase, 0.0) if accumulate else 0.0)
 
     def stats(self, progress=None) -> Stats:
         if self._stats is None:

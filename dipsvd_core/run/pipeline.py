@@ -68,8 +68,8 @@ class Workbench:
         # what strategies and handlers get (allocation/context.py): these parts, never the Workbench itself
         self.context = Context(lm, lm.targets, self.data.windows, self.data.heldout, self.factor_cache.get,
                                self.factor_cache.has, self.importance, self.probes.coupled_weights,
-                               self.probes.nested_weights, self.probes.labelled, self.memo, self.allocate, self.refine, self.memory,
-                               self.timings_s.__setitem__)
+                               self.probes.nested_weights, self.probes.labelled, self.memo, self.allocate, self.refine,
+                               self.memory, self.timings_s.__setitem__, self.data.timed)
 
     @property
     def targets(self):

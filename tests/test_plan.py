@@ -333,7 +333,7 @@ def test_an_offloaded_in_place_build_counts_its_pairs_and_the_cuda_runtime(llama
     assert "device left free at the peak" in plan.table()
 
 
-def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir):
+def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir, capsys):
     """A calibration that names `self` plans the model's writing: one group's key/value cache and logits beside the
     weights, and a decode step per written token of enough groups for the self windows and the held-out ones."""
     import math
@@ -353,3 +353,8 @@ def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir):
     groups = math.ceil((mix_plan(8, {"wiki": 1, "self": 1}).count("self") + run.bo_windows) * 128 / (BATCH * NEW_TOKENS))
     step = max(sh.params * 4 / 1e9, 2 * sh.params * BATCH / 1e12)
     assert written["writing"].seconds == pytest.approx(groups * NEW_TOKENS * step)
+    from dipsvd_core.cli import main  # the plan command takes the calibration too
+
+    for calib, needed in (("mix:wiki=1,self=1", True), ("wiki", False)):
+        assert main(["plan", "--model", tiny_model_dir, "--calib", calib, "--no-bench", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["phases"]["writing"]["needed"] is needed

@@ -76,6 +76,7 @@ def timed(fn, repeats: int = 5) -> float:
 
 def core() -> dict:
     from dipsvd_core.engine.stats import stream_stats
+    from dipsvd_core.lowrank.scalings import ChannelOptions
     from dipsvd_core.run.pipeline import Settings
 
     out = {}
@@ -93,7 +94,7 @@ def core() -> dict:
     out["statistics_16x256_s"] = time.perf_counter() - t0
 
     bench = workbench(lm, **CALIB)
-    settings = Settings(ratio=0.1, whitening="paper")  # as in tests/test_browser.py
+    settings = Settings(ratio=0.1, dipsvd=ChannelOptions(whitening="paper"))  # as in tests/test_browser.py
     t0 = time.perf_counter()
     bench.factors(settings.spec)
     out["factors_from_disk_cache_s"] = time.perf_counter() - t0
@@ -126,7 +127,7 @@ def apptest_rerun() -> dict:
     studio = at.session_state["studio"]
     studio.job.wait()
     at.switch_page("pages/allocation.py").run()
-    at.radio(key="k_s_whitening").set_value("paper").run()
+    at.radio(key="k_s_dipsvd_whitening").set_value("paper").run()
     [b for b in at.button if b.label == "Factor matrices"][0].click().run()
     studio.job.wait()
     at.run()

@@ -48,7 +48,7 @@ def main() -> None:
         os.environ["DIPSVD_STUDIO_CACHE"] = str(cold)
 
     from dipsvd_core.engine.evaluate import perplexity, speed
-    from dipsvd_core.lowrank.factors import FactorSpec
+    from dipsvd_core.lowrank.scalings import ChannelOptions
     from dipsvd_core.run.pipeline import Settings
 
     steps, ppl = {}, {}
@@ -68,12 +68,12 @@ def main() -> None:
     sets = eval_sets(wb, args.eval_tokens)
     ppl["original"] = timed("eval_original", lambda: {s: perplexity(lm.model, w) for s, w in sets.items()})
     variants = {"svd": Settings(method="svd"), "svd-llm": Settings(method="svd-llm"),
-                "dipsvd-paper": Settings(method="dipsvd", whitening="paper"),
-                "dipsvd-code": Settings(method="dipsvd", whitening="code")}
+                "dipsvd-paper": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper")),
+                "dipsvd-code": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="code"))}
     ratios = [float(r) for r in args.ratios.split(",")]
     slices = {}
     for label, s in variants.items():
-        timed(f"factors[{label}]", lambda: wb.factors(FactorSpec(s.method, s.weight, s.bar, s.whitening)))
+        timed(f"factors[{label}]", lambda: wb.factors(s.spec))
         for r in ratios:
             s.ratio = r
             t0 = time.perf_counter()

@@ -11,8 +11,8 @@ from dipsvd_core.allocation.probes import probe_of
 from dipsvd_core.allocation.strategies import names_for, strategy
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.common.knobs import help_of
+from dipsvd_core.common.options import option_group
 from dipsvd_core.engine import passes as P
-from dipsvd_core.lowrank.factors import WHITENING_FORMS
 from dipsvd_core.methods.handlers import handler, method_names, refines
 from dipsvd_core.methods.settings import Settings, flat_settings, settings_dict
 from dipsvd_core.outputs import figures
@@ -26,7 +26,8 @@ METHOD_HELP = "; ".join(f"{m}: {handler(m).help}" for m in method_names())
 s = ui.need_model()
 bench, busy = s.bench, ui.busy()
 ui.header("Allocation", "How much each block keeps. Ratio, β, τ and the allocation only re-slice factors "
-          "already in memory; the channel weight a, bar, whitening form and method need a new factorization.")
+          "already in memory; the method and its own options (DipSVD's channel weight a, bar and whitening form) "
+          "need a new factorization.")
 
 cur = s.settings
 for name, value in flat_settings(cur).items():
@@ -50,35 +51,11 @@ with controls:
         st.markdown("**Local importance** · changes refactor")
         method = st.selectbox("Method", list(method_names()), key="k_s_method", persist_state="session", disabled=busy,
                               help=METHOD_HELP)
-        options = handler(method).options  # the widgets below that this method reads
-        weight = st.slider("Channel weight a", 1.0, 100.0, step=1.0, key="k_s_weight", persist_state="session",
-                           disabled=busy or "weight" not in options)
-        bar = st.slider("Protected fraction bar", 0.0, 0.2, step=0.005, key="k_s_bar",
-                        persist_state="session", format="%.3f",
-                        disabled=busy or "bar" not in options)
-        whitening = st.radio("Whitening form", list(WHITENING_FORMS), key="k_s_whitening",
-                             persist_state="session", horizontal=True,
-                             disabled=busy or "whitening" not in options,
-                             help=help_of(Settings, "whitening"))
-    if handler(method).own_settings:  # Dobi-SVD's own options (Settings.dobi)
+    own = handler(method).options_name  # the method's own options (common/options.py), drawn from their knobs
+    if own is not None:
         with st.container(border=True):
-            st.markdown("**Dobi-SVD** · changes retrain")
-            dobi_epochs = st.number_input("Epochs", 1, 50, step=1, key="k_s_dobi_epochs",
-                                          persist_state="session", disabled=busy)
-            dobi_windows = st.number_input("Training windows", 1, 256, step=1, key="k_s_dobi_windows",
-                                           persist_state="session", disabled=busy,
-                                           help="the first calibration windows; the IPCA weight update uses all of them")
-            dobi_lr = st.number_input("Learning rate (share of a matrix's rank range)", 0.001, 0.5, step=0.005,
-                                      format="%.3f", key="k_s_dobi_lr", persist_state="session", disabled=busy)
-            dobi_lambda = st.number_input("λ (weight of |ratio − target|)", 0.0, 100000.0, step=10.0,
-                                          key="k_s_dobi_lam", persist_state="session", disabled=busy)
-            dobi_beta = st.number_input("β of the tanh mask", 0.5, 100.0, step=0.5, key="k_s_dobi_beta",
-                                        persist_state="session", disabled=busy)
-            remap = st.checkbox("Remap: 8-bit factors (ratio counted in bytes against 16-bit weights)",
-                                key="k_s_dobi_remap", persist_state="session", disabled=busy)
-    else:
-        dobi_epochs, dobi_windows, dobi_lr, dobi_lambda, dobi_beta, remap = (
-            cur.dobi.epochs, cur.dobi.windows, cur.dobi.lr, cur.dobi.lam, cur.dobi.beta, False)
+            st.markdown(f"**{own}'s options** · {option_group(own).redoes}")
+            own_options = ui.options_box(own, getattr(cur, own), "k_s_", busy)
     with st.container(border=True):
         st.markdown("**Global importance** · instant")
         beta = st.slider("β (Fisher vs effective rank)", 0.0, 1.0, step=0.05, key="k_s_beta",
@@ -106,11 +83,9 @@ with controls:
         bo_windows = st.number_input("BO held-out windows", 1, 64, step=1, key="k_s_bo_windows",
                                      persist_state="session", disabled=busy)
 
-new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), weight=float(weight), bar=float(bar),
-              whitening=whitening, p_min=float(p_min), p_max=float(p_max), beta=float(beta), tau=float(tau),
-              energy=energy, rank_of=rank_of, bo_calls=int(bo_calls), bo_objective=bo_objective, bo_windows=int(bo_windows),
-              dobi=replace(cur.dobi, epochs=int(dobi_epochs), windows=int(dobi_windows), lr=float(dobi_lr),
-                           lam=float(dobi_lambda), beta=float(dobi_beta), remap=bool(remap)),
+new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), p_min=float(p_min), p_max=float(p_max),
+              beta=float(beta), tau=float(tau), energy=energy, rank_of=rank_of, bo_calls=int(bo_calls),
+              bo_objective=bo_objective, bo_windows=int(bo_windows), **({own: own_options} if own else {}),
               # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back
               refine=cur.refine if handler(method).refinable else "none")
 s.settings = new

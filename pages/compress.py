@@ -51,7 +51,6 @@ c_refine, c_comp, c_tune = st.columns(3)
 ui.seed("k_c_refine", refines(cur.refine))  # a starting value once, never beside a session-state value
 ui.seed("k_c_tune", refine_choice(cur.refine).tunes)
 ui.seed("k_c_compensate", cur.compensate)
-ui.seed("k_c_tune_epochs", cur.tune.epochs)
 ui.seed("k_lm_limit", 100)
 refine = c_refine.checkbox("Refine (sequential compensation)", key="k_c_refine",
                            persist_state="session", disabled=busy or not refinable,
@@ -71,11 +70,10 @@ tune = c_tune.checkbox("Also tune each block (AdamW)", key="k_c_tune", persist_s
                             "cosine decay on every parameter of the block (factors, dense matrices, norms) towards the "
                             "original block's outputs, kept only where it lowers the held-out error. Each epoch costs "
                             "about three block passes per window: on a CPU, a few epochs; AA-SVD trains 25.")
-epochs = c_tune.number_input("Tuning epochs", min_value=1, max_value=100, key="k_c_tune_epochs",
-                             persist_state="session",
-                             disabled=busy or not refinable or not (refine and tune))
-if refinable and (cur.compensate, cur.tune.epochs) != (compensate, int(epochs)):  # both read by refined builds only
-    s.settings = cur = replace(cur, compensate=compensate, tune=replace(cur.tune, epochs=int(epochs)))
+with c_tune.expander("Tuning options"):  # block tuning's own options (refine/choices.TuneConfig), from their knobs
+    tuning = ui.options_box("tune", cur.tune, "k_c_", disabled=busy or not refinable or not (refine and tune))
+if refinable and (cur.compensate, cur.tune) != (compensate, tuning):  # both read by refined builds only
+    s.settings = cur = replace(cur, compensate=compensate, tune=tuning)
 wanted = next(c.name for c in REFINE_CHOICES.values() if c.refits == refine and c.tunes == (refine and tune))
 if refinable and cur.refine != wanted:
     s.settings = cur = replace(cur, refine=wanted)

@@ -27,10 +27,10 @@ with tab_local:
     st.caption("α_j = ‖G[:, j]‖₂, the L2 norm of column j of the input Gram (paper Eq. 1), per block and input "
                "channel, log colour scale. A few bright channels per block are the outliers DipSVD protects.")
     block = c2.number_input("Block", 0, alpha.shape[0] - 1, key="k_imp_block", persist_state="session")
-    n_top = n_protected(alpha.shape[1], cur.bar)
+    n_top = n_protected(alpha.shape[1], cur.dipsvd.bar)
     st.plotly_chart(figures.sorted_alpha(alpha[block], n_top, block, group), key="fig_alpha_sorted")
-    st.caption(f"The same α for block {block}, sorted. The top bar = {cur.bar:g} fraction ({n_top} of "
-               f"{alpha.shape[1]} channels, left of the dashed line) is scaled by a = {cur.weight:g} in the "
+    st.caption(f"The same α for block {block}, sorted. The top bar = {cur.dipsvd.bar:g} fraction ({n_top} of "
+               f"{alpha.shape[1]} channels, left of the dashed line) is scaled by a = {cur.dipsvd.weight:g} in the "
                "whitening. Change bar and a on the Allocation page.")
 
 with tab_global, ui.guard("Block importance"):

@@ -3,6 +3,7 @@ the cached model loader and number formatting."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.common.options import option_group
 from dipsvd_core.outputs import figures
 from dipsvd_core.run.loading import load_model
 
@@ -233,6 +235,31 @@ def seed(key: str, value) -> None:
     to the browser and undid the presses a user made while the page reran: a slider's arrow keys, issue 36.)"""
     if key not in st.session_state:
         st.session_state[key] = value
+
+
+def _option_widget(f: dataclasses.Field, value, key: str, disabled: bool):
+    """One knob's widget, as its Widget (common/knobs.py) says: a checkbox for a bool, a radio for a knob with
+    choices, else a slider or a number box."""
+    w, help = f.metadata["widget"], f.metadata.get("help") or None
+    common = {"key": key, "persist_state": "session", "disabled": disabled, "help": help}
+    if isinstance(value, bool):
+        return st.checkbox(w.label, **common)
+    if f.metadata.get("choices"):
+        return st.radio(w.label, list(f.metadata["choices"]()), horizontal=True, **common)
+    widget = st.slider if w.slider else st.number_input
+    return widget(w.label, w.lo, w.hi, step=w.step, format=w.format, **common)
+
+
+def options_box(name: str, current, prefix: str, disabled: bool):
+    """The widgets of a method's own options (common/options.py), each drawn from its knob; keys
+    <prefix><name>_<field>. Returns the options they set (a field without a widget keeps its value)."""
+    values = {}
+    for f in dataclasses.fields(option_group(name).cls):
+        if f.metadata.get("widget") is not None:
+            value = getattr(current, f.name)
+            seed(f"{prefix}{name}_{f.name}", value)
+            values[f.name] = type(value)(_option_widget(f, value, f"{prefix}{name}_{f.name}", disabled))
+    return dataclasses.replace(current, **values)
 
 
 def follow_default(key: str, value) -> None:

@@ -5,6 +5,7 @@ and the conformance checks themselves pick them up with no other edit."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import extension_probe
 import torch
@@ -13,6 +14,7 @@ from dipsvd_core.allocation import budget as alloc
 from dipsvd_core.allocation.context import Context
 from dipsvd_core.allocation.strategies import register_allocation, unregister_allocation
 from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.common.knobs import Widget, knob
 from dipsvd_core.engine import passes
 from dipsvd_core.lowrank.scalings import DIAG_FLOOR, Scaling, diagonal_scale, register_scaling, unregister_scaling
 
@@ -31,17 +33,32 @@ def first_dense(ctx, settings, bounds, **_):
     return alloc.from_ranks(ranks, targets, settings.ratio, "first-dense")
 
 
+@dataclass(frozen=True)
+class GramDiagonalOptions:
+    """Its own option, declared once: the CLI's --gram-diag-power, the app's widget and the factor cache key follow."""
+
+    power: float = knob(0.5, "exponent on each channel's mean square (0.5: its RMS)",
+                        widget=Widget("Exponent on G_jj", 0.0, 2.0, 0.05))
+
+    def check(self):
+        if not 0 <= self.power <= 2:
+            raise DipSVDError(f"gram-diag's power must be in [0, 2] (got {self.power})")
+
+
 class GramDiagonal(Scaling):
-    """S = diag(sqrt(G_jj)): each input channel scaled by its RMS over the calibration tokens (a Jacobi scaling)."""
+    """S = diag(G_jj^power): each input channel scaled by its RMS over the calibration tokens (a Jacobi scaling) at
+    the default power 0.5."""
 
     name, help = "gram-diag", "channels scaled by their RMS activation (a test-only scaling)"
     needs = frozenset({passes.GRAMS})
+    Options = GramDiagonalOptions
 
     def key(self, spec) -> tuple:
-        return (self.name, DIAG_FLOOR)
+        return (self.name, DIAG_FLOOR, spec.options.power)
 
     def scale(self, spec, name, group, data, compute):
-        return diagonal_scale(torch.diagonal(data.grams[group]).clamp_min(0).sqrt(), f"RMS scale of {group}")
+        g = torch.diagonal(data.grams[group]).clamp_min(0)
+        return diagonal_scale(g ** spec.options.power, f"RMS scale of {group}")
 
 
 TEST_ONLY = {"first-dense", "gram-diag", "split-by-part"}  # the names registered here

@@ -247,10 +247,31 @@ def test_allocation_preview_slices_cached_factors_fast():
     loss = figure(at, "fig_loss")["data"]
     assert len(loss[0]["y"]) == 2 and all(v > 0 for v in loss[0]["y"])
 
-    at.slider(key="k_s_weight").set_value(10.0)
+    at.slider(key="k_s_dipsvd_weight").set_value(10.0)
     at.run()
     assert "No factors yet for method dipsvd with a=10" in at.warning[0].value  # a refactor is needed
     assert any(b.label == "Factor matrices" for b in at.button)
+
+
+def test_a_methods_own_options_are_drawn_from_its_knobs():
+    """The Allocation page draws the chosen method's own options (common/options.py) from their knobs: DipSVD's
+    three, none for SVD-LLM, and the test-only scaling's one option (tests/extensions.py) with no page edited."""
+    from extensions import registered
+
+    with registered():
+        at = page(loaded(), "allocation")
+        assert at.slider(key="k_s_dipsvd_bar").value == 0.03 and at.radio(key="k_s_dipsvd_whitening").value == "code"
+        at.selectbox(key="k_s_method").set_value("svd-llm")
+        settle(at)
+        assert not [w for w in at.slider if w.key.startswith("k_s_dipsvd_")]
+        at.selectbox(key="k_s_method").set_value("gram-diag")
+        settle(at)
+        box = at.number_input(key="k_s_gram-diag_power")
+        assert box.value == 0.5 and box.label == "Exponent on G_jj"
+        box.set_value(1.0)
+        settle(at)
+        assert getattr(at.session_state["studio"].settings, "gram-diag").power == 1.0
+        assert "No factors yet for method gram-diag" in at.warning[0].value
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
@@ -515,13 +536,13 @@ def test_report_and_allocation_csv_content():
 def test_work_survives_page_switches():
     at = factored(loaded())
     at.slider(key="k_s_ratio").set_value(0.25)
-    at.radio(key="k_s_whitening").set_value("paper")
+    at.radio(key="k_s_dipsvd_whitening").set_value("paper")
     settle(at)
     page(at, "compress")
     assert "ratio 0.25 removed, 75% kept" in at.markdown[0].value
     page(at, "importance")
     page(at, "allocation")
-    assert at.slider(key="k_s_ratio").value == 0.25 and at.radio(key="k_s_whitening").value == "paper"
+    assert at.slider(key="k_s_ratio").value == 0.25 and at.radio(key="k_s_dipsvd_whitening").value == "paper"
     page(at, "model_data")
     assert metric(at, "Decoder blocks") == "2"  # the loaded model is still there
 

@@ -234,7 +234,7 @@ def test_studio_in_a_real_browser(server, tmp_path):
             umask = os.umask(0)
             os.umask(umask)
             assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others
-            with page.expect_download() as download:
+            with page.expect_download(timeout=SLOW) as download:  # made on the click: 30 s was once too few beside a test run
                 page.get_by_role("button", name="Download report (HTML)").click()
             report = download.value.path().read_text()
             assert "dipsvd + heuristic · ratio 0.1 removed, 90% kept · refined (sequential)</title>" in report

@@ -17,6 +17,7 @@ from dipsvd_core.allocation.allocators import PROBE_KEEP
 from dipsvd_core.allocation.budget import matrix_params, rank_for
 from dipsvd_core.allocation.strategies import names_for, strategy
 from dipsvd_core.cli import main
+from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.engine import passes
 from dipsvd_core.io.compressed import load_compressed, save_compressed
 from dipsvd_core.methods.dobi import DobiConfig
@@ -214,10 +215,32 @@ def test_cli_plan_and_sweep_take_the_new_names(tiny_model_dir, tmp_path, capsys)
     report = tmp_path / "r.json"
     code = main(["compress", "--model", tiny_model_dir, "--method", "gram-diag", "--allocation", "first-dense",
                  "--ratio", "0.2", "--calib-windows", "4", "--seqlen", "64", "--eval", "wiki", "--eval-tokens", "128",
-                 "--quiet", "--report", str(report)])
+                 "--quiet", "--report", str(report), "--gram-diag-power", "1.0"])
     assert code == 0
     r = json.loads(report.read_text())
     assert r["method"] == "gram-diag" and all(k == "dense" for n, k in r["ranks"].items() if ".layers.0." in n)
+    assert r["settings"]["gram-diag"] == {"power": 1.0}  # its own option, from the flag its knob declared
+    code = main(["compress", "--model", tiny_model_dir, "--method", "svd-llm", "--gram-diag-power", "1.0"])
+    assert code != 0 and "--gram-diag-power is an option of gram-diag; use it with method gram-diag, not svd-llm" \
+        in capsys.readouterr().err
+
+
+def test_a_scaling_with_an_option_of_its_own(fresh):
+    """The test-only scaling's one option (extensions.GramDiagonalOptions) is settings["gram-diag"], keys its factors
+    and changes them as its math says: S = diag(G_jj^power), so at power 0 the factors are plain SVD's."""
+    import extensions
+
+    with registered():
+        default = Settings(method="gram-diag")
+        flat = Settings(method="gram-diag", **{"gram-diag": extensions.GramDiagonalOptions(power=0.0)})
+        assert default.spec.options.power == 0.5 and default.spec.key != flat.spec.key
+        name = fresh.lm.targets[0].name
+        by_power, by_svd = fresh.factors(flat.spec)[name], fresh.factors(Settings(method="svd").spec)[name]
+        for k in (1, 8):
+            torch.testing.assert_close(by_power.weight(k), by_svd.weight(k), rtol=0, atol=1e-5)
+        assert not torch.allclose(fresh.factors(default.spec)[name].weight(8), by_svd.weight(8), atol=1e-3)
+        with pytest.raises(DipSVDError, match="power must be in"):
+            Settings(method="gram-diag", **{"gram-diag": extensions.GramDiagonalOptions(power=3.0)}).check()
 
 
 def test_the_sweep_prefetches_what_its_rows_declare(fresh):

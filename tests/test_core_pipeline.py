@@ -13,6 +13,7 @@ from dipsvd_core.engine.evaluate import generate, perplexity, speed
 from dipsvd_core.engine.stats import stream_stats
 from dipsvd_core.io.compressed import load_compressed, save_compressed
 from dipsvd_core.lowrank.factors import FactorStore, factor_matrix
+from dipsvd_core.lowrank.scalings import ChannelOptions
 from dipsvd_core.lowrank.surgery import LowRankLinear, module_ranks
 from dipsvd_core.model.blocks import find_targets
 from dipsvd_core.model.models import count_params
@@ -140,7 +141,7 @@ def test_nan_activations_are_a_clear_error(tiny_model_dir):
                                          ("dipsvd", "code")])
 def test_compression_end_to_end(tiny_lm, bench, method, form):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    res = bench.build(Settings(method=method, ratio=0.3, whitening=form))
+    res = bench.build(Settings(method=method, ratio=0.3, dipsvd=ChannelOptions(whitening=form)))
     assert abs(res.allocation.ratio_realized - 0.3) <= 0.005
     ranks = module_ranks(res.model)
     assert len(ranks) == 14 and ranks == {n: k for n, k in res.allocation.ranks.items()}
@@ -317,7 +318,7 @@ def test_compressed_model_shares_what_it_does_not_change(tiny_lm, bench):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_pass_matches_the_cpu_pass(tiny_model_dir, tmp_path, monkeypatch):
     """The same streaming pass with the model on CUDA: Grams, whitening and SVD on the GPU (TF32 off)."""
-    spec = Settings(method="dipsvd", whitening="paper").spec
+    spec = Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper")).spec
     out = {}
     for device in ("cpu", "cuda"):
         monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path / device))  # its own cache: the pass really runs

@@ -147,8 +147,6 @@ def test_bad_dobi_settings_name_the_fix():
         Settings(method="dobi", allocation="uniform").check()
     with pytest.raises(DipSVDError, match="use it with method dobi"):
         Settings(method="dipsvd", allocation="trained").check()
-    with pytest.raises(DipSVDError, match="remap"):
-        Settings(method="svd-llm", dobi=DobiConfig(remap=True)).check()
     with pytest.raises(DipSVDError, match="epochs"):
         Settings(method="dobi", allocation="trained", dobi=DobiConfig(epochs=0)).check()
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dipsvd_core.engine.evaluate import generate, perplexity
+from dipsvd_core.lowrank.scalings import ChannelOptions
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def test_streamed_factors_equal_the_all_at_once_pass(smollm):
     cut = first_blocks(smollm, 8)
     assert len(cut.targets) == 8 * 7 and len(smollm.model.model.layers) == 30  # the bundled model is untouched
     bench = Workbench(cut, "wiki", calib_windows=4, seqlen=128, seed=0)
-    settings = Settings(method="dipsvd", whitening="paper", ratio=0.1)
+    settings = Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper"), ratio=0.1)
     streamed = bench.factors(settings.spec)
     reference = all_at_once_factors(cut, bench.windows(), settings.spec)
     assert set(streamed) == set(reference)

@@ -135,17 +135,18 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 KINDS = {"positive": _positive_int, "ratio": _ratio, "float": float, "int": int, "str": str}
-# the Settings fields every compressing subcommand takes (compress and plan add method, allocation and ratio)
-SHARED = ("weight", "bar", "whitening", "p_min", "p_max", "refine", "compute_dtype", "factor_dtype", "beta", "tau",
-          "energy", "rank_of", "bo_calls", "bo_objective", "bo_windows", "dobi", "compensate", "tune")
+# the Settings fields every compressing subcommand takes (compress and plan add method, allocation and ratio);
+# "options": every registered method's own options (common/options.py), a flag group each
+SHARED = ("p_min", "p_max", "refine", "compute_dtype", "factor_dtype", "beta", "tau", "energy", "rank_of",
+          "bo_calls", "bo_objective", "bo_windows", "compensate", "options")
 
 
-def _add_flag(p, f, dest: str, default=dataclasses.MISSING) -> None:
+def _add_flag(p, f, dest: str, default=dataclasses.MISSING, flag: str | None = None) -> None:
     """One flag from a knob (knobs.py): its flag, default, help, type and choices come from the field."""
     meta = f.metadata
     if default is dataclasses.MISSING:
         default = f.default
-    flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+    flag = flag or meta.get("flag") or "--" + f.name.replace("_", "-")
     text = meta.get("help", "").replace("%", "%%")
     if isinstance(default, bool):
         p.add_argument(flag, dest=dest, action="store_true", help=text)
@@ -160,39 +161,62 @@ def _add_flag(p, f, dest: str, default=dataclasses.MISSING) -> None:
     p.add_argument(flag, **kw)
 
 
+def _add_options(p) -> None:
+    """A flag group per registered method's options (common/options.py), each flag from its knob; dest
+    <group>.<field>."""
+    from ..common.options import OPTION_GROUPS, flag_of
+
+    for name, g in OPTION_GROUPS.items():
+        group = p.add_argument_group(g.title)
+        for f in dataclasses.fields(g.cls):
+            if f.metadata.get("cli", True):
+                _add_flag(group, f, f"{name}.{f.name}", flag=flag_of(name, f))
+
+
 def _add_settings(p, names, **defaults) -> None:
-    """Flags for these Settings fields (a nested settings dataclass gets a group of its own), with other defaults
-    where given (the CLI's --allocation defaults to the method's own)."""
+    """Flags for these Settings fields ("options": every method's own, a group each), with other defaults where
+    given (the CLI's --allocation defaults to the method's own)."""
     from ..methods.settings import Settings
 
     for f in dataclasses.fields(Settings):
         if f.name not in names or not f.metadata.get("cli", True):
             continue
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(value):
-            group = p.add_argument_group(f.metadata.get("help") or f.name)
-            for sub in dataclasses.fields(value):
-                if sub.metadata.get("cli", True):
-                    _add_flag(group, sub, f"{f.name}.{sub.name}")
+        if f.name == "options":
+            _add_options(p)
         else:
             _add_flag(p, f, f.name, defaults.get(f.name, dataclasses.MISSING))
 
 
 def settings_from(args, **over):
-    """The Settings of these flags: every Settings field a flag sets (a nested field's as <field>.<name>)."""
+    """The Settings of these flags: every Settings field a flag sets, and each method's options from theirs
+    (<group>.<field>)."""
+    from ..common.options import OPTION_GROUPS
     from ..methods.settings import Settings
 
-    fields = {}
-    for f in dataclasses.fields(Settings):
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if hasattr(args, f.name):
-            fields[f.name] = getattr(args, f.name)
-        elif dataclasses.is_dataclass(value):
-            sub = {s.name: getattr(args, f"{f.name}.{s.name}") for s in dataclasses.fields(value)
-                   if hasattr(args, f"{f.name}.{s.name}")}
-            fields[f.name] = dataclasses.replace(value, **sub)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    for name, g in OPTION_GROUPS.items():
+        given = {f.name: getattr(args, f"{name}.{f.name}") for f in dataclasses.fields(g.cls)
+                 if hasattr(args, f"{name}.{f.name}")}
+        if given:
+            fields[name] = g.cls(**given)
     fields.update(over)
+    if "method" in over:
+        _check_foreign_options(fields, over["method"])
     return Settings(**fields).check()
+
+
+def _check_foreign_options(fields: dict, method: str) -> None:
+    """A flag of another method's own options (--remap with --method svd-llm) would do nothing: say so."""
+    from ..common.options import OPTION_GROUPS, flag_of
+    from ..methods.handlers import method_names
+
+    for name in [n for n in OPTION_GROUPS if n in method_names() and n != method]:
+        cls = OPTION_GROUPS[name].cls
+        changed = [flag_of(name, f) for f in dataclasses.fields(cls)
+                   if name in fields and getattr(fields[name], f.name) != getattr(cls(), f.name)]
+        if changed:
+            raise DipSVDError(f"{', '.join(changed)} {'is an option' if len(changed) == 1 else 'are options'} of "
+                              f"{name}; use it with method {name}, not {method}")
 
 
 def _add_compress(sub) -> None:

@@ -2,21 +2,34 @@
 
 `knob(default, help, ...)` is a dataclasses.field whose metadata the CLI reads to make its flags (cli.py) and the
 app reads for its widgets' help, so that a new setting is one field, not a field plus a flag plus a widget text
-that each repeat the default. A nested settings dataclass (Dobi-SVD's DobiConfig inside Settings) is a field
-too; its own knobs become flags of their own group.
+that each repeat the default. A method's own options are a dataclass of knobs too (options.py); each becomes a
+flag group of its own and a box of widgets (a knob's `widget`).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
+
+
+class Widget(NamedTuple):
+    """How the app shows a knob (studio/ui.options_box): a number box by default, a slider, or for a knob with
+    choices a radio; a bool is a checkbox. Declared here, drawn there: this module imports no UI."""
+
+    label: str
+    lo: float | None = None
+    hi: float | None = None
+    step: float | None = None
+    format: str | None = None  # printf-style, e.g. "%.3f"
+    slider: bool = False
 
 
 def knob(default=dataclasses.MISSING, help: str = "", flag: str | None = None, kind: str | None = None,
-         choices=None, cli: bool = True, default_factory=dataclasses.MISSING):
+         choices=None, cli: bool = True, default_factory=dataclasses.MISSING, widget: Widget | None = None):
     """A dataclass field with its help text and flag. `flag` defaults to --name-with-dashes; `kind` names the
     parser type ("positive", "ratio", "float", "int", "str"; default: the default's type); `choices` is a
     callable giving the allowed values when the parser is built (registries may grow); `cli=False` keeps it
-    off the command line."""
-    meta = {"help": help, "flag": flag, "kind": kind, "choices": choices, "cli": cli}
+    off the command line; `widget` is how the app draws it (a knob without one is not in the app)."""
+    meta = {"help": help, "flag": flag, "kind": kind, "choices": choices, "cli": cli, "widget": widget}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -143,19 +143,24 @@ def _factor_by_eigh(W: torch.Tensor, A: torch.Tensor, S: torch.Tensor | None, S_
 @dataclass(frozen=True)
 class FactorSpec:
     """What the factors depend on, besides the model and the calibration windows. `method` names the scaling
-    (scalings.SCALINGS); weight, bar and whitening are read by the channel-weighted one."""
+    (scalings.SCALINGS); `options` are that scaling's own (its Options dataclass: dipsvd's weight, bar and
+    whitening), its defaults where not given, None for a scaling without options."""
 
     method: str = "dipsvd"
-    weight: float = 30.0
-    bar: float = 0.03
-    whitening: str = DEFAULT_WHITENING
+    options: object = None
     compute: str = "float64"  # dtype of the whitening and the SVD
     storage: str = "float32"  # dtype of the stored factors (bfloat16 halves the disk and the reads)
 
     def __post_init__(self):
-        scaling(self.method)  # an unknown name says which exist
-        if self.whitening not in WHITENING_FORMS:
-            raise DipSVDError(f"unknown whitening form '{self.whitening}'; use paper or code")
+        own = scaling(self.method).Options  # an unknown name says which exist
+        if own is None and self.options is not None:
+            raise DipSVDError(f"{self.method} has no options of its own (got {self.options!r})")
+        if own is not None:
+            if self.options is None:
+                object.__setattr__(self, "options", own())
+            elif not isinstance(self.options, own):
+                raise DipSVDError(f"{self.method}'s options are a {own.__name__}, not {type(self.options).__name__}")
+            self.options.check()
         if self.compute not in ("float64", "float32"):
             raise DipSVDError(f"unknown compute dtype '{self.compute}'; use float64 or float32")
         if self.storage not in ("float32", "bfloat16"):

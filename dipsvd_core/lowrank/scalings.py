@@ -4,6 +4,8 @@ What differs between svd, svd-llm, dipsvd, fwsvd and asvd is only S and the cali
 the factor store and every allocation are shared (factors.py). Each scaling declares
 - `needs`: the passes whose data it reads (passes.py): the Grams, the statistics (mean |x|), the Fisher rows;
 - `per_matrix`: one S per matrix, or one per input group shared by the group's matrices (q/k/v; gate/up);
+- `Options`: its own options, a frozen dataclass of knobs (common/options.py; dipsvd's weight, bar and whitening),
+  registered with it under its name: the CLI's flags, the app's widgets and FactorSpec.options come from it;
 - `key(spec)`: what its factors depend on besides the model and the windows (the factor cache key);
 - `scale(spec, name, group, data, compute)`: (S, S^-1, n_floored), or None for S = I; S^-1 is None where S is
   lower triangular (a Cholesky factor), which right_inverse solves with instead.
@@ -35,6 +37,8 @@ from typing import NamedTuple
 import torch
 
 from ..common.errors import DipSVDError
+from ..common.knobs import Widget, knob
+from ..common.options import register_options, unregister_options
 from ..engine import passes
 from ..engine.stats import channel_importance, mirror_lower, row_blocks, upper_gram_add
 
@@ -244,7 +248,7 @@ class Scaling:
     help = ""
     needs: frozenset = frozenset()
     per_matrix = False
-    options: tuple[str, ...] = ()  # the Settings fields it reads (the app enables their widgets)
+    Options: type | None = None  # its own options (a frozen dataclass of knobs), or None where it has none
 
     def describe(self, spec) -> str:
         """Its options in words, for the app ("" where it has none)."""
@@ -277,25 +281,45 @@ class GramWhitening(Scaling):
         return WhiteningCost(False, cholesky=True)
 
 
+@dataclass(frozen=True)
+class ChannelOptions:
+    """DipSVD's own options (settings.dipsvd): the channel scale d (channel_scale) and the whitening form."""
+
+    weight: float = knob(30.0, "scale of the important channels (DipSVD a)", "--weight",
+                         widget=Widget("Channel weight a", 1.0, 100.0, 1.0, slider=True))
+    bar: float = knob(0.03, "fraction of channels protected (DipSVD p)", "--bar",
+                      widget=Widget("Protected fraction bar", 0.0, 0.2, 0.005, "%.3f", slider=True))
+    whitening: str = knob(DEFAULT_WHITENING, "paper: D G D (Eq. 3); code: the authors' code, SVD of G D",
+                          "--whitening", choices=lambda: WHITENING_FORMS, widget=Widget("Whitening form"))
+
+    def check(self) -> "ChannelOptions":
+        channel_scale(torch.ones(1), self.weight, self.bar)  # the range checks, with their messages
+        if self.whitening not in WHITENING_FORMS:
+            raise DipSVDError(f"unknown whitening form '{self.whitening}'; use one of {', '.join(WHITENING_FORMS)}")
+        return self
+
+
 class ChannelWeighted(Scaling):
     name, help = "dipsvd", "whitened with the top `bar` channels by alpha weighted by a (DipSVD)"
     needs = frozenset({passes.GRAMS})
-    options = ("weight", "bar", "whitening")
+    Options = ChannelOptions
 
     def describe(self, spec) -> str:
-        return f" with a={spec.weight:g}, bar={spec.bar:g}, {spec.whitening} whitening"
+        o = spec.options
+        return f" with a={o.weight:g}, bar={o.bar:g}, {o.whitening} whitening"
 
     def key(self, spec) -> tuple:
-        return (self.name, float(spec.weight), float(spec.bar), spec.whitening)
+        o = spec.options
+        return (self.name, float(o.weight), float(o.bar), o.whitening)
 
     def scale(self, spec, name, group, data, compute):
-        gram = data.grams[group]
-        d = channel_scale(channel_importance(gram.double()), spec.weight, spec.bar)
-        return whitening(gram, d, spec.whitening, compute)
+        gram, o = data.grams[group], spec.options
+        d = channel_scale(channel_importance(gram.double()), o.weight, o.bar)
+        return whitening(gram, d, o.whitening, compute)
 
     def plan_cost(self, spec):
         # code: (G D)(G D)^T then its eigendecomposition, or in float32 the SVD of G D; paper: as svd-llm
-        return WhiteningCost(True, 2) if spec.whitening == "code" else WhiteningCost(False, cholesky=True)
+        return WhiteningCost(True, 2) if spec.options.whitening == "code" else WhiteningCost(False, cholesky=True)
 
 
 class FisherRows(Scaling):
@@ -328,13 +352,17 @@ SCALINGS: dict[str, Scaling] = {}
 
 
 def register_scaling(s: Scaling) -> Scaling:
-    """Make `s` a factor method by its name: the CLI, the plan, the sweep and the app list it from here."""
+    """Make `s` a factor method by its name: the CLI, the plan, the sweep and the app list it from here, and its
+    Options (if any) become settings.<name>, a flag group and a box of widgets."""
     SCALINGS[s.name] = s
+    if s.Options is not None:
+        register_options(s.name, s.Options, f"{s.name}: {s.help}", "changes refactor")
     return s
 
 
 def unregister_scaling(name: str) -> None:
     SCALINGS.pop(name, None)
+    unregister_options(name)
 
 
 def scaling(name: str) -> Scaling:

@@ -28,7 +28,7 @@ import torch
 
 from ..allocation.budget import DENSE, Allocation, check_ratio
 from ..common.errors import DipSVDError
-from ..common.knobs import knob
+from ..common.knobs import Widget, knob
 from ..lowrank.surgery import LowRankLinear
 from ..model.blocks import Target
 from .dobi_math import (IncrementalPCA, dense_storage_bytes, dequantize_absmax, lowrank_storage_bytes, masked_svd,
@@ -39,19 +39,24 @@ DENSE_BYTES = 2  # the 16-bit dense model that storage is counted against
 
 @dataclass(frozen=True)
 class DobiConfig:
-    """Dobi-SVD's own settings (Settings.dobi); each field's knob gives its flag and help."""
+    """Dobi-SVD's own options (settings.dobi, registered with its handler); each field's knob gives its flag, help
+    and widget."""
 
-    epochs: int = knob(2, "passes over the training windows", "--dobi-epochs", "positive")
+    epochs: int = knob(2, "passes over the training windows", "--dobi-epochs", "positive",
+                       widget=Widget("Epochs", 1, 50, 1))
     # Adam step on gamma / (its largest factored rank + 1), decayed linearly to lr / 10
-    lr: float = knob(0.02, "Adam step on each truncation position, as a share of its largest rank", "--dobi-lr")
-    lam: float = knob(100.0, "weight of |ratio - target| in the loss", "--dobi-lambda")
-    windows: int = knob(4, "calibration windows for training (the first of --calib-windows)", "--dobi-windows",
-                        "positive")
+    lr: float = knob(0.02, "Adam step on each truncation position, as a share of its largest rank", "--dobi-lr",
+                     widget=Widget("Learning rate (share of a matrix's rank range)", 0.001, 0.5, 0.005, "%.3f"))
+    lam: float = knob(100.0, "weight of |ratio - target| in the loss", "--dobi-lambda",
+                      widget=Widget("λ (weight of |ratio − target|)", 0.0, 100000.0, 10.0))
+    windows: int = knob(4, "calibration windows for training (the first of --calib-windows; the IPCA weight update "
+                           "uses all of them)", "--dobi-windows", "positive", widget=Widget("Training windows", 1, 256, 1))
     ipca_windows: int | None = knob(None, "calibration windows for the IPCA weight update (default: all "
                                           "--calib-windows)", "--dobi-ipca-windows", "positive")
-    beta: float = knob(10.0, "sharpness of the tanh truncation mask", "--dobi-beta")
+    beta: float = knob(10.0, "sharpness of the tanh truncation mask", "--dobi-beta",
+                       widget=Widget("β of the tanh mask", 0.5, 100.0, 0.5))
     remap: bool = knob(False, "store the factors in 8 bits (ratio then counted in bytes against 16-bit weights)",
-                       "--remap")
+                       "--remap", widget=Widget("Remap: 8-bit factors (ratio counted in bytes against 16-bit weights)"))
     # components IPCA keeps beyond the rank (more = closer to exact PCA, slower)
     ipca_extra: int = knob(64, "components the IPCA keeps beyond the rank", cli=False)
     # hold the budget by projection, not by lam alone (ours; see train_gammas)

@@ -26,8 +26,10 @@ import torch
 from ..allocation import budget as alloc
 from ..allocation.strategies import strategy
 from ..common.errors import DipSVDError
+from ..common.options import register_options
 from ..engine import passes as P
 from ..lowrank.scalings import SCALINGS
+from .dobi import DobiConfig
 
 
 def refines(refine: str) -> bool:
@@ -54,8 +56,12 @@ class MethodHandler:
     refinable = True  # sequential compensation (refine.py) refits its factored matrices
     default_allocation = "uniform"
     variants: dict = {}  # other names for this method: name -> (settings -> settings) (a sweep's grid may use them)
-    options: tuple[str, ...] = ()  # the Settings fields it reads beyond the shared ones (the app enables them)
-    own_settings: str | None = None  # the Settings field that nests this method's own options, if any
+    Options: type | None = None  # its own options (common/options.py), registered with it as settings.<name>
+
+    @property
+    def options_name(self) -> str | None:
+        """The name of its own options in Settings (settings.<name>), None where it has none."""
+        return self.name if self.Options is not None else None
 
     def describe(self, settings) -> str:
         """Its options in words, for the app ("" where it has none)."""
@@ -104,7 +110,7 @@ class FactorHandler(MethodHandler):
     """A method whose matrices are factored once with a scaling (scalings.py) and then sliced."""
 
     def __init__(self, scaling):
-        self.scaling, self.name, self.help, self.options = scaling, scaling.name, scaling.help, scaling.options
+        self.scaling, self.name, self.help, self.Options = scaling, scaling.name, scaling.help, scaling.Options
 
     def describe(self, settings) -> str:
         return self.scaling.describe(self.spec(settings))
@@ -112,8 +118,8 @@ class FactorHandler(MethodHandler):
     def spec(self, settings):
         from ..lowrank.factors import FactorSpec
 
-        return FactorSpec(self.name, settings.weight, settings.bar, settings.whitening, settings.compute_dtype,
-                          settings.factor_dtype)
+        own = getattr(settings, self.name) if self.Options is not None else None
+        return FactorSpec(self.name, own, settings.compute_dtype, settings.factor_dtype)
 
     def needs(self, settings, allocation_given: bool = False) -> frozenset:
         chosen = frozenset() if allocation_given else strategy(settings.allocation).needs
@@ -122,13 +128,11 @@ class FactorHandler(MethodHandler):
         return chosen | self.scaling.needs | {P.FACTORS} | ({P.REFINE} if refines(settings.refine) else frozenset())
 
     def check(self, settings) -> None:
-        self.spec(settings)  # validates whitening and dtypes
+        self.spec(settings)  # validates its options and the dtypes
         owner = strategy(settings.allocation).own_of
         if owner not in (None, self.name):
             raise DipSVDError(f"allocation '{settings.allocation}' is {handler(owner).help.split(',')[0]}'s own; "
                               f"use it with method {owner}, not {self.name}")
-        if settings.dobi.remap:
-            raise DipSVDError("remap (8-bit factors) is part of Dobi-SVD; use it with method dobi")
 
     def prepared(self, ctx, settings) -> bool:
         return ctx.has_factors(self.spec(settings))
@@ -154,7 +158,7 @@ class DobiHandler(MethodHandler):
     refinable = False  # its weights come from the IPCA update, not from factors refine can refit
     # grid names: Dobi-SVD with 8-bit remapping (settings -> the variant's settings)
     variants = {"dobi-remap": lambda s: dataclasses.replace(s, dobi=dataclasses.replace(s.dobi, remap=True))}
-    own_settings = "dobi"  # the Settings field holding its own options (dobi.DobiConfig)
+    Options = DobiConfig
 
     def spec(self, settings):
         raise DipSVDError("dobi has no SVD factors to slice: it trains truncation positions and rebuilds "
@@ -277,7 +281,19 @@ class DobiHandler(MethodHandler):
         return state
 
 
-HANDLERS: dict[str, MethodHandler] = {"dobi": DobiHandler()}  # the methods that are not a scaling's factors
+HANDLERS: dict[str, MethodHandler] = {}  # the methods that are not a scaling's factors
+
+
+def register_method(h: MethodHandler) -> MethodHandler:
+    """Make `h` a method by its name (a factor method is a registered scaling instead: scalings.register_scaling);
+    its Options (if any) become settings.<name>, a flag group and a box of widgets."""
+    HANDLERS[h.name] = h
+    if h.Options is not None:
+        register_options(h.name, h.Options, f"{h.name}: {h.help}", "changes retrain")
+    return h
+
+
+register_method(DobiHandler())
 _FACTORED: dict[str, FactorHandler] = {}  # one FactorHandler per registered scaling, made on first use
 
 

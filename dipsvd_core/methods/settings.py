@@ -1,10 +1,14 @@
 """The settings of one compression: what the CLI's flags and the app's widgets set, in one dataclass.
 
 Which method, allocation and refine a run uses are names looked up in their registries (methods.py,
-strategies.py, refine.REFINES); what each of them needs follows from these settings (methods.needs).
+strategies.py, refine.REFINES); what each of them needs follows from these settings (methods.needs). A method's
+own options are not fields here: each registered options dataclass (common/options.py: dipsvd's weight, bar and
+whitening, Dobi-SVD's, block tuning's) is one entry of `options`, read as settings.<name> and given as
+Settings(<name>=...) or dataclasses.replace(settings, <name>=...).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from ..allocation import budget as alloc
@@ -13,9 +17,9 @@ from ..allocation.importance import ENERGIES, RANKS_OF, check_importance, check_
 from ..allocation.strategies import strategy
 from ..common.errors import DipSVDError
 from ..common.knobs import knob
-from ..lowrank.factors import DEFAULT_WHITENING, WHITENING_FORMS, FactorSpec
-from ..refine.choices import COMPENSATIONS, REFINE_CHOICES, REFINES, TuneConfig, refine_choice
-from .dobi import DobiConfig
+from ..common.options import OPTION_GROUPS, check_options, default_options
+from ..lowrank.factors import FactorSpec
+from ..refine.choices import COMPENSATIONS, REFINE_CHOICES, REFINES, refine_choice
 from .handlers import handler, refines
 
 
@@ -31,19 +35,15 @@ def _allocations():
     return list(ALLOCATIONS)
 
 
-@dataclass
+@dataclass(init=False)
 class Settings:
-    """Every setting of one compression. A method's own options nest inside (Dobi-SVD's `dobi`); each field's knob
-    (knobs.py) holds its default, help and flag, which the CLI and the app read."""
+    """Every setting of one compression. Each field's knob (knobs.py) holds its default, help and flag, which the
+    CLI and the app read; each method's own options are in `options` (module docstring)."""
 
     method: str = knob("dipsvd", "the compression method", choices=_methods)
     allocation: str = knob("uniform", "per-block keep ratios (default: uniform, or the method's own)",
                            choices=_allocations)
     ratio: float = knob(0.2, "fraction of targeted parameters REMOVED (0.2 removes 20%, keeps 80%)", kind="ratio")
-    weight: float = knob(30.0, "scale of the important channels (DipSVD a)")
-    bar: float = knob(0.03, "fraction of channels protected (DipSVD p)")
-    whitening: str = knob(DEFAULT_WHITENING, "paper: D G D (Eq. 3); code: the authors' code, SVD of G D",
-                          choices=lambda: WHITENING_FORMS)
     compute_dtype: str = knob("float64", "dtype of the whitening and the SVD (float32 for GPUs without fast float64)",
                               choices=lambda: ("float64", "float32"))
     factor_dtype: str = knob("float32", "dtype of the factors stored on disk (bfloat16 halves them)",
@@ -66,8 +66,29 @@ class Settings:
                              choices=lambda: OBJECTIVES)
     bo_windows: int = knob(4, "held-out windows per BO evaluation", kind="positive")
     seed: int = knob(0, "the seed of the calibration windows and of the search", cli=False)  # --seed: the calibration's
-    dobi: DobiConfig = knob(help="Dobi-SVD (--method dobi)", default_factory=DobiConfig)
-    tune: TuneConfig = knob(help="block tuning (--refine block)", default_factory=TuneConfig)
+    options: dict = knob(help="each registered method's own options, by name", default_factory=default_options)
+
+    def __init__(self, options: dict | None = None, **given):
+        """Settings(ratio=0.3, dipsvd=ChannelOptions(bar=0.05)): a field by its name, a method's options by its
+        group's name; the rest at their defaults."""
+        groups = {name: given.pop(name) for name in list(given) if name in OPTION_GROUPS}
+        for f in dataclasses.fields(self):
+            if f.name != "options":
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                setattr(self, f.name, given.pop(f.name, default))
+        if given:
+            owners = {k: g.name for g in OPTION_GROUPS.values() for k in given if k in g.cls.__dataclass_fields__}
+            raise TypeError(f"Settings has no setting {', '.join(map(repr, given))}" + "".join(
+                f"; {k} is an option of {o}: Settings({o}=...)" for k, o in owners.items()))
+        self.options = {**default_options(), **(options or {}), **groups}
+
+    def __getattr__(self, name: str):
+        """settings.dipsvd, settings.dobi, settings.tune: a registered group's options (its defaults where these
+        settings were made before it was registered)."""
+        options = self.__dict__.get("options")
+        if options is None or name not in OPTION_GROUPS:
+            raise AttributeError(f"Settings has no setting or options named '{name}'")
+        return options.get(name) or OPTION_GROUPS[name].cls()
 
     @property
     def spec(self) -> FactorSpec:
@@ -80,7 +101,8 @@ class Settings:
         strategy(self.allocation)  # an unknown name says which exist
         method.check(self)
         refine_choice(self.refine)  # a clear message for an unknown name
-        self.tune.check()
+        for name in OPTION_GROUPS:
+            check_options(getattr(self, name))
         if self.compensate not in COMPENSATIONS:
             raise DipSVDError(f"unknown compensate '{self.compensate}'; use one of {', '.join(COMPENSATIONS)}")
         if refines(self.refine) and not method.refinable:
@@ -100,13 +122,16 @@ class Settings:
 
 
 def settings_dict(s: Settings) -> dict:
-    return asdict(s)
+    """The settings as a report keeps them: each field by its name, each method's options as one nested dict by
+    its group's name (dipsvd, dobi, tune)."""
+    out = asdict(s)
+    return {**{k: v for k, v in out.items() if k != "options"}, **out["options"]}
 
 
 def flat_settings(s: Settings) -> dict:
-    """Every setting by one name: the nested ones as <field>_<name> (dobi_epochs, dobi_remap, ...), as the app's
-    widget keys read them."""
+    """Every setting by one name: a group's options as <group>_<name> (dipsvd_weight, dobi_epochs, ...), as the
+    app's widget keys read them."""
     out = {}
-    for name, value in asdict(s).items():
+    for name, value in settings_dict(s).items():
         out.update({f"{name}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
     return out

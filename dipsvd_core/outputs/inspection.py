@@ -97,9 +97,9 @@ def n_protected(n_channels: int, bar: float) -> int:
 
 def comparison_specs(settings: Settings) -> dict[str, FactorSpec]:
     """Plain SVD, SVD-LLM whitening and the current channel-weighted whitening, for spectra and sweeps."""
-    s = settings.spec
+    o = settings.dipsvd
     return {"svd": FactorSpec("svd"), "svd-llm": FactorSpec("svd-llm"),
-            f"dipsvd (a={s.weight:g}, bar={s.bar:g}, {s.whitening})": FactorSpec("dipsvd", s.weight, s.bar, s.whitening)}
+            f"dipsvd (a={o.weight:g}, bar={o.bar:g}, {o.whitening})": FactorSpec("dipsvd", o)}
 
 
 def spectra(bench: Workbench, name: str, specs: dict[str, FactorSpec]) -> dict[str, np.ndarray]:

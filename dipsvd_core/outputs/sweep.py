@@ -25,6 +25,7 @@ from ..common.errors import DipSVDError
 from ..engine import passes as P
 from ..engine.evaluate import perplexity
 from ..methods.handlers import grid_names, handler, needs, refines, resolve
+from ..methods.settings import settings_dict
 from ..run.pipeline import Settings, Workbench
 
 REFINED = "+refine"  # an allocation with this suffix is built with sequential compensation
@@ -78,9 +79,7 @@ def run_sweep(bench: Workbench, base: Settings, grid: list[tuple[str, str]], rat
         _settings(base, method, allocation, ratios[0]).check()
     report = {"grid": [list(g) for g in grid], "ratios": ratios, "eval_sets": list(eval_sets),
               "eval_tokens": {n: int(w.numel()) for n, w in eval_sets.items()},
-              "settings": {k: getattr(base, k) for k in ("weight", "bar", "whitening", "p_min", "p_max", "beta",
-                                                        "tau", "energy", "bo_calls", "bo_objective", "bo_windows",
-                                                        "seed", "refine")},
+              "settings": {k: v for k, v in settings_dict(base).items() if k not in ("method", "allocation", "ratio")},
               "timings_s": {}, "rows": []}
     timings = report["timings_s"]
     t0 = time.perf_counter()

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 
 from ..common.errors import DipSVDError
-from ..common.knobs import knob
+from ..common.knobs import Widget, knob
+from ..common.options import register_options
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,19 @@ class TuneConfig:
     """Block tuning (refine "block"), the second stage of AA-SVD (arXiv 2604.02119) with its settings as defaults:
     AdamW, a linear warm-up then cosine decay, gradient clipping, float32 master weights."""
 
-    epochs: int = knob(25, "block tuning: epochs over the fit windows", "--tune-epochs", "positive")
-    lr: float = knob(1e-4, "block tuning: AdamW's peak learning rate", "--tune-lr")
-    weight_decay: float = knob(0.01, "block tuning: AdamW's weight decay", "--tune-weight-decay")
+    epochs: int = knob(25, "block tuning: epochs over the fit windows", "--tune-epochs", "positive",
+                       widget=Widget("Tuning epochs", 1, 100, 1))
+    lr: float = knob(1e-4, "block tuning: AdamW's peak learning rate", "--tune-lr",
+                     widget=Widget("Peak learning rate", 1e-6, 1e-2, 1e-5, "%.6f"))
+    weight_decay: float = knob(0.01, "block tuning: AdamW's weight decay", "--tune-weight-decay",
+                               widget=Widget("Weight decay", 0.0, 1.0, 0.01))
     warmup: float = knob(0.1, "block tuning: share of the steps that warm up linearly (then cosine decay to 0)",
-                         "--tune-warmup")
-    clip: float = knob(1.0, "block tuning: the gradients' norm is clipped to this (0: no clipping)", "--tune-clip")
+                         "--tune-warmup", widget=Widget("Warm-up share", 0.0, 0.9, 0.05))
+    clip: float = knob(1.0, "block tuning: the gradients' norm is clipped to this (0: no clipping)", "--tune-clip",
+                       widget=Widget("Gradient clip", 0.0, 100.0, 0.5))
     scope: str = knob("block", "block tuning trains: factors (the low-rank factors), or block (every parameter of "
                                "the block: factors, dense matrices, norms; an offloaded block tunes its factors)",
-                      "--tune-scope", choices=lambda: TUNE_SCOPES)
+                      "--tune-scope", choices=lambda: TUNE_SCOPES, widget=Widget("Trains"))
 
     def check(self) -> "TuneConfig":
         if self.scope not in TUNE_SCOPES:
@@ -99,6 +104,7 @@ class TuneConfig:
 
 
 TUNE_SCOPES = ("factors", "block")
+register_options("tune", TuneConfig, "block tuning (--refine block)", "changes rebuild")
 
 
 def lr_scale(step: int, total: int, warmup: float) -> float:

@@ -218,6 +218,28 @@ def test_a_placement_gives_the_device_map(tiny_model_dir):
     assert lm.model.hf_device_map == DEVICE_MAP and lm.offloaded
 
 
+def test_the_plan_hands_the_loader_its_device_map(tiny_model_dir, monkeypatch):
+    """The plan reads the config once: its placement carries the device map, and loading with that placement reads
+    no config again (issue 40, item 3)."""
+    from dipsvd_core import plan as P
+
+    monkeypatch.setenv("DIPSVD_STUDIO_RUNTIME", "1GiB")  # the runtime pinned, so the budget below is exact
+    run = P.run_of(offload=True)
+    roomy = P.make_plan(tiny_model_dir, "cpu", run, bench=False, budgets={"host": 10 ** 12})
+    streamed = P.memory(roomy.shape, roomy.run.replace(disk_blocks=2), False, roomy.runtime_bytes)
+    budget = max(p.host_bytes for p in streamed.values() if p.needed) + roomy.shape.block_params * 2  # half a block
+    plan = P.make_plan(tiny_model_dir, "cpu", run, bench=False, budgets={"host": budget})
+    assert (plan.placement.device, plan.placement.disk) == (0, 2) and dict(plan.placement.device_map) == dict(
+        DEVICE_MAP, **{"model.layers.0": "disk"})
+    assert "device_map" not in plan.to_dict()["placement"]
+
+    def no_second_read(*a, **k):
+        raise AssertionError("the loader read the config again")
+    monkeypatch.setattr(P, "load_config", no_second_read)
+    lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=plan.placement)
+    assert lm.model.hf_device_map == dict(plan.placement.device_map) and lm.offloaded
+
+
 def test_a_side_by_side_copy_of_an_offloaded_model_shares_its_weights(tiny_model_dir):
     """The app's build: a compressed copy beside the original. Offloaded, the copy's hooks read the original's host
     and disk weights (the same maps, nothing copied), its low-rank pairs compute on the execution device, and both

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -271,6 +271,9 @@ class Placement:
     host: int
     disk: int
     gpu: bool = True
+    # accelerate's device map of these counts (model.offload.block_device_map), made by the plan from the config it
+    # read, so that loading does not read it again: (module, where) pairs
+    device_map: tuple | None = field(default=None, compare=False)
 
     def words(self) -> str:
         if not self.gpu:

@@ -55,9 +55,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common.errors import DipSVDError
+from ..model.offload import block_device_map
 from .memory import Placement, free_device_bytes, free_host_bytes, memory, place_blocks, run_overhead, runtime_bytes
 from .shapes import (DEVICE_RUNTIME, DTYPE_BYTES, GiB, Phase, Run, Shapes, binary_size, load_config,  # noqa: F401
-                     memory_size, shapes_of)
+                     memory_size, meta_model, shapes_of)
 from .timing import microbenchmark, timing
 
 
@@ -106,7 +107,8 @@ class Plan:
                 "disk_bytes": self.disk_bytes, "seconds": self.seconds, "runtime_bytes": self.runtime_bytes,
                 "free_host_bytes": self.free_host_bytes, "free_device_bytes": self.free_device_bytes,
                 "free_disk_bytes": self.free_disk_bytes, "shapes": self.shapes, "notes": self.notes,
-                "placement": None if self.placement is None else dataclasses.asdict(self.placement)}
+                "placement": None if self.placement is None else  # its counts; the device map is for the loader
+                {k: v for k, v in dataclasses.asdict(self.placement).items() if k != "device_map"}}
 
     def table(self) -> str:
         rows = [f"plan for {self.model} on {self.device} ({_settings_words(self.settings)})",
@@ -175,6 +177,8 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
         placement = place_blocks(sh, run, runtime, budgets.get("device") or free_device,
                                  budgets.get("host") or free_host_bytes() or 2 ** 62, cuda)
         run = dataclasses.replace(run, device_blocks=placement.device if cuda else 0, disk_blocks=placement.disk)
+        placement = dataclasses.replace(placement, device_map=tuple(block_device_map(
+            meta_model(config, trust_remote_code), dev, placement.device, placement.host).items()))
     phases = memory(sh, run, cuda, runtime)
     notes = [f"offload: {placement.words()} (from the memory budgets)"] if placement else []
     if sh.grouped_by != "meta forward":

@@ -30,7 +30,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     spec = (spec or DEFAULT_MODEL).strip()
     if offload and blocks is not None and not blocks.gpu and blocks.disk == 0:
         offload = False  # on the CPU with every block in memory there is nothing to place
-    if offload and blocks is not None and device_map is None:
+    if offload and blocks is not None and device_map is None and blocks.device_map is not None:
+        device_map = dict(blocks.device_map)  # the plan's, from the config it read
+    elif offload and blocks is not None and device_map is None:
         from ..plan import load_config, meta_model
 
         config, _ = load_config(spec, trust_remote_code)

@@ -30,7 +30,7 @@ TEST_WORKERS ?= 2
 test: install browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-# tests/test_browser.py drives the app in Debian's chromium (Playwright's own browser download is not used).
+# tests/app/test_browser.py drives the app in Debian's chromium (Playwright's own browser download is not used).
 # Installed here when missing and this is root on Debian; otherwise those tests skip with the reason
 # (and fail under CI=true, so CI never skips them silently).
 browser:

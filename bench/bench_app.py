@@ -27,7 +27,7 @@ from pathlib import Path
 from common import RESULTS, ROOT, load_bundled, machine, repeat_times, replace_section, workbench
 
 SECTION = "## Studio app (issue 4)"
-CALIB = {"calib": "wiki", "calib_windows": 4, "seqlen": 128, "seed": 0}  # as in tests/test_browser.py
+CALIB = {"calib": "wiki", "calib_windows": 4, "seqlen": 128, "seed": 0}  # as in tests/app/test_browser.py
 
 
 def free_port() -> int:
@@ -94,7 +94,7 @@ def core() -> dict:
     out["statistics_16x256_s"] = time.perf_counter() - t0
 
     bench = workbench(lm, **CALIB)
-    settings = Settings(ratio=0.1, dipsvd=ChannelOptions(whitening="paper"))  # as in tests/test_browser.py
+    settings = Settings(ratio=0.1, dipsvd=ChannelOptions(whitening="paper"))  # as in tests/app/test_browser.py
     t0 = time.perf_counter()
     bench.factors(settings.spec)
     out["factors_from_disk_cache_s"] = time.perf_counter() - t0
@@ -151,7 +151,7 @@ Machine: {res['machine']}. Date: {time.strftime('%Y-%m-%d')}. Command: `make ben
 (`python bench/bench_app.py --write`), torch threads: {res['torch_threads']}. Heavy jobs running beside it
 (see the load average) make every time an upper bound.
 Calibration for the factors, Fisher and the slider: 4 x 128 tokens of wiki, dipsvd with "paper" whitening
-(as in tests/test_browser.py), factors and Fisher already in the disk cache.
+(as in tests/app/test_browser.py), factors and Fisher already in the disk cache.
 
 | step | time |
 |---|---|

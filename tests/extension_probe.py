@@ -2,7 +2,7 @@
 against its MLP matrices, each part truncated at once) declared by one `register_probe`, and the allocation that
 reads it by one `register_allocation`. Nothing else is edited: the pass, its button, its disk cache, the plan's
 memory and time for it, the conformance build and the refusals all read the two registries
-(tests/test_conformance.py registers both through extensions.registered and checks each of these)."""
+(tests/run/test_conformance.py registers both through extensions.registered and checks each of these)."""
 from __future__ import annotations
 
 from dipsvd_core.allocation import budget as alloc

@@ -49,6 +49,16 @@ def test_every_module_sits_in_a_layer():
     assert sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS + ("cli",))
 
 
+def test_the_tests_mirror_the_packages():
+    """tests/<package>/ holds the tests of dipsvd_core's <package> (cli included) and tests/app/ the app's; what runs
+    the whole project (the end-to-end build, the device check, this file) stays at the top."""
+    folders = sorted(p.name for p in (REPO / "tests").iterdir() if p.is_dir() and p.name not in ("artifacts",
+                                                                                                  "__pycache__"))
+    assert set(folders) <= set(LAYERS + ("cli", "app")), folders
+    top = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
+    assert top == ["test_e2e_smollm.py", "test_gpu_check.py", "test_layers.py"], top
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_import_points_up_a_layer(path):
     own = _layer(path.relative_to(ROOT).parts[:-1])
@@ -77,7 +87,7 @@ def test_every_file_the_code_cites_is_in_the_repository():
     design = (REPO / "docs" / "DESIGN.md").read_text()
     sections = set(re.findall(r"^## (\d+)\.", design, re.M))
     missing = []
-    for path in [*ROOT.rglob("*.py"), *(REPO / "tests").glob("*.py"), *(REPO / "pages").glob("*.py")]:
+    for path in [*ROOT.rglob("*.py"), *(REPO / "tests").rglob("*.py"), *(REPO / "pages").glob("*.py")]:
         if path.name == "test_layers.py":
             continue
         text = path.read_text()
@@ -98,6 +108,6 @@ def test_tests_and_benchmarks_share_only_devkit():
 
     bench = [p for p in (REPO / "bench").rglob("*.py")
              if re.search(r"^\s*(from tests\b|import tests\b|from conftest\b)", p.read_text(), re.M)]
-    tests = [p for p in (REPO / "tests").glob("*.py")
+    tests = [p for p in (REPO / "tests").rglob("*.py")
              if p.name != "test_layers.py" and re.search(r"\"bench\" /|bench/\w+\.py\"", p.read_text())]
     assert bench == [] and tests == []

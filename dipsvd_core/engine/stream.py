@@ -15,7 +15,7 @@ states by the block's output, which is the next block's input. A pass over the m
 so its peak memory is the model, one block's statistics and the activations between blocks, and
 does not grow with depth. Blocks placed by accelerate (`device_map`, CPU or disk offload) bring their
 own weights to the execution device through accelerate's hooks, and `models.input_device` follows the device
-map (tests/test_offload.py runs a model with blocks on CPU and disk). Those hooks would send a block's weights
+map (tests/model/test_offload.py runs a model with blocks on CPU and disk). Those hooks would send a block's weights
 again for every window; every pass holds the block it works on with `block_on_device`, so that each block is
 sent to the device once per pass (as llm-compressor's sequential pipeline onloads a subgraph once).
 """
@@ -154,7 +154,7 @@ def stood_in(blocks: nn.ModuleList, as_tuple: bool):
 def streamed_logits(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, progress=None):
     """(start, ids, logits) for each window (n, seqlen), the model run one block at a time over every window (each
     block sent to the device once, the windows' hidden states held between blocks), then its top per window. The
-    logits equal the model's own (tests/test_offload.py); for offloaded models, whose hooks would otherwise
+    logits equal the model's own (tests/model/test_offload.py); for offloaded models, whose hooks would otherwise
     send every block once per window."""
     inputs = capture_inputs(model, blocks, windows)
     for b, block in enumerate(blocks):

@@ -10,7 +10,7 @@ the factor store and every allocation are shared (factors.py). Each scaling decl
 - `scale(spec, name, group, data, compute)`: (S, S^-1, n_floored), or None for S = I; S^-1 is None where S is
   lower triangular (a Cholesky factor), which right_inverse solves with instead.
 `register_scaling` makes a new one a method everywhere (the CLI, the plan, the sweep, the app): see
-tests/test_conformance.py for one registered at test time.
+tests/run/test_conformance.py for one registered at test time.
 
 The math (docs/DESIGN.md section 3), for a Linear y = W x with input Gram G = X X^T and channel scale D = diag(d):
 - "paper" form (DipSVD Eq. 3): G~ = D G D = Q L Q^T, S = Q L^{1/2}, S^{-1} = L^{-1/2} Q^T. Any S with

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.test_cli import error_line, run
+from tests.cli.test_cli import error_line, run
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_an_existing_report_is_not_overwritten(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_the_report_opens_offline_in_a_browser(html_report):
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, need_chromium
+    from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, need_chromium
 
     need_chromium()
     from playwright.sync_api import sync_playwright

@@ -166,8 +166,6 @@ def test_compressed_weights_are_the_truncated_factors(tiny_lm, bench):
 
 
 def test_full_rank_low_rank_linear_keeps_bias_and_output(tmp_path):
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
     from devkit.models import make_tiny_llama
 
     lm = load_model(make_tiny_llama(tmp_path / "biased", seed=1, bias=True))

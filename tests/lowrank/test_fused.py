@@ -87,7 +87,7 @@ def test_training_and_moves_leave_the_group(built):
 
 
 def test_saved_folders_load_fused_with_the_same_logits(built, tiny_lm, tmp_path):
-    from test_portable import save_the_old_way
+    from tests.io.test_portable import save_the_old_way
 
     bench, model = built
     ids = bench.windows()[:2, :32]

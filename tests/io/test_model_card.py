@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dipsvd_core.io.model_card import BUNDLED_HUB_ID, base_model, front_matter
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 
 def parse_card(text: str) -> tuple[dict, str]:

@@ -11,7 +11,7 @@ import pytest
 from dipsvd_core.io.compressed import save_compressed
 from dipsvd_core.outputs.lm_tasks import CHOICE_WORDS, CONTEXT_WORDS, cloze_documents
 from dipsvd_core.run.pipeline import Settings, Workbench
-from tests.test_cli import error_line, run, run_here
+from tests.cli.test_cli import error_line, run, run_here
 
 
 def test_the_local_task_is_four_way_choices_over_held_out_sentences():

@@ -60,7 +60,7 @@ print(json.dumps({"eager": eager.tolist(), "compiled": compiled.tolist(), "fused
 
 @pytest.mark.slow
 def test_compiled_greedy_equals_eager(tiny_lm, compressed, tmp_path):
-    from test_portable import run_isolated
+    from tests.io.test_portable import run_isolated
 
     for model in (tiny_lm.model, compressed):
         eager = generate(model, tiny_lm.tokenizer, PROMPTS, max_new_tokens=8)

@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from studio import ui
 
-APP = os.path.join(os.path.dirname(__file__), "..", "app.py")
+APP = os.path.join(os.path.dirname(__file__), "..", "..", "app.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import plan
 from ..allocation.probes import PROBES, probe_of
 from ..engine import passes as P
 from ..methods.handlers import handler, needs
@@ -20,9 +21,38 @@ def _never(bench, settings) -> bool:
 
 @dataclass(frozen=True)
 class Pass:
+    """A pass with every verb a run, the plan and the app use: `done` and `run` here; its phase, its cost in a user's
+    words and the app's button from its declaration (engine.passes); `memory` and `seconds` from the plan's
+    registered function for its phase (plan.memory.cost_of, plan.timing.time_of; a probe's from the probes'
+    registry). The plan's functions live in the plan (a lower layer than this one) and are found by the phase."""
+
     name: str
     done: Callable[..., bool] = _never  # (bench, settings) -> its result is here
     run: Callable[..., object] | None = None  # (bench, settings, progress, callback, cancel) -> its result
+
+    @property
+    def phase(self) -> str:
+        return P.PHASE[self.name]
+
+    @property
+    def cost(self) -> str | None:
+        """Its cost in a user's words (the Grams', inside the statistics pass, are that pass's)."""
+        return P.COST.get(self.name) or P.COST.get(self.phase)
+
+    @property
+    def ask(self) -> tuple[str, str, str] | None:
+        """(what it gives, the app's button, the job's title), where the app runs it on its own."""
+        return P.ASK.get(self.name)
+
+    def memory(self, sh, run, cuda: bool, runtime: int = 0):
+        """Its phase's predicted bytes (plan.Phase: host, device, disk) for these shapes and run."""
+        return plan.memory(sh, run, cuda, runtime)[self.phase]
+
+    def seconds(self, sh, run, rates) -> float:
+        """Its phase's predicted seconds at the microbenchmark's `rates` (plan.timing.Rates)."""
+        phases = plan.memory(sh, run, False, 0)
+        plan.timing(phases, sh, run, rates)
+        return phases[self.phase].seconds
 
 
 def _factors_here(bench, s) -> bool:

@@ -5,6 +5,7 @@ realized ratio is on budget, the phases the plan says are needed are exactly the
 timings, and save and load round-trip. A new registration is tested here without editing this file."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -162,6 +163,24 @@ def test_an_allocation_with_a_probe_of_its_own_is_one_file(fresh, tiny_lm):
     again.factors(s.spec)
     assert steps.done(again, "part probe", s)
     assert "part probe" not in again.build(s).timings_s
+
+
+def test_every_pass_is_one_object_with_every_verb(tiny_lm):
+    """Each pass of the run order (the test-only probe's included) is one object (run/steps.py) that answers whether
+    its result is here and runs it, and gives its phase, its cost in words, its plan bytes and its plan seconds: the
+    same figures the plan's table has for that phase."""
+    s = Settings(method="dipsvd", allocation="split-by-part", ratio=0.3, refine="sequential", **FAST).check()
+    sh, run = P.shapes_of(tiny_lm.model.config), P.Run(s)
+    rates = P.Rates(1.0, 1.0, 1.0, 1.0, 1e9, 1e9)
+    table = P.memory(sh, run, False, 0)
+    P.timing(table, sh, run, rates)
+    for name in passes.PASSES:
+        p = steps.step(name)
+        assert p.name == name and p.phase in table and callable(p.done), name
+        assert p.cost, f"{name} has no cost in words"
+        assert p.memory(sh, run, False) == dataclasses.replace(table[p.phase], seconds=None), name
+        assert p.seconds(sh, run, rates) == table[p.phase].seconds, name
+    assert steps.step("part probe").ask[1] == "Probe the parts" and steps.step("factors").ask[1] == "Factor matrices"
 
 
 @pytest.mark.parametrize("method,allocation,refine", combinations())

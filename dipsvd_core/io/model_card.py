@@ -102,7 +102,9 @@ def _settings(report: dict) -> str:
     settings = report.get("settings") or {}
     if settings:
         rows.append(["refine", settings.get("refine", "none")])
-        rows.append(["all settings", ", ".join(f"{k}={v}" for k, v in settings.items())])
+        flat = [(f"{k}.{sub}" if sub else k, w) for k, v in settings.items()  # a method's options: dipsvd.weight
+                for sub, w in (v.items() if isinstance(v, dict) else [(None, v)])]
+        rows.append(["all settings", ", ".join(f"{k}={v}" for k, v in flat)])
     return _table(["", ""], rows)
 
 

@@ -40,6 +40,7 @@ def test_compress_out_writes_a_card_with_the_reports_figures(tiny_model_dir, tmp
     assert {"dipsvd-studio", "svd-llm"} <= set(meta["tags"])
     assert "base_model" not in meta  # a local folder has no hub id
     assert "ratio 0.2 removed, 80% kept" in body
+    assert "dipsvd.weight=30.0" in body and "tune.epochs=25" in body and "{'" not in body  # options by name, no repr
     ppl = table_rows(body, "Perplexity")
     assert set(ppl) == {"wiki", "news"}
     html = page.read_text()

@@ -80,20 +80,22 @@ def local_task_dir() -> Path:
     return folder
 
 
-@functools.lru_cache(maxsize=2)
-def _manager(include_path: str):
-    """lm-eval's task index with the local task (about 10 s to build: once per process)."""
+@functools.lru_cache(maxsize=4)
+def _manager(include_path: str, defaults: bool):
+    """lm-eval's task index with the local task: with lm-eval's own 14,000-odd tasks (defaults) about 10 s to build,
+    once per process; the local task alone, milliseconds."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
-def task_manager():
+def task_manager(tasks: list[str] | None = None):
+    """The index the tasks need: the local task's alone where they name only it, else lm-eval's whole index."""
     try:
         import lm_eval  # noqa: F401
     except ImportError as e:
         raise DipSVDError(f"--tasks needs lm-evaluation-harness ({e}); `pip install lm-eval`") from e
-    return _manager(str(local_task_dir()))
+    return _manager(str(local_task_dir()), tasks is None or any(t != LOCAL_TASK for t in tasks))
 
 
 def _dataset_paths(manager, name: str, depth: int = 0) -> set:
@@ -127,7 +129,7 @@ def check_tasks(tasks: list[str]) -> bool:
     evaluation runs offline (the hub unreachable, or only local data)."""
     from ..model.models import hub_reachable
 
-    manager = task_manager()
+    manager = task_manager(tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise DipSVDError(f"unknown lm-eval task(s) {', '.join(unknown)}; offline, use {LOCAL_TASK}")
@@ -175,7 +177,7 @@ def lm_eval_accuracy(model, tokenizer, tasks: list[str], limit: int | None = Non
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with datasets_offline(offline):
-        out = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(), limit=limit, num_fewshot=0,
+        out = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(tasks), limit=limit, num_fewshot=0,
                               log_samples=False)  # acc: a mean, its standard error in closed form
     results = {}
     for task in tasks:

@@ -81,6 +81,17 @@ def test_a_one_document_limit_gives_a_result(tiny_lm):
     assert _accuracy_words(LOCAL_TASK, r) == f"{LOCAL_TASK} {r['acc']:.3f} ± n/a (n=1)"
 
 
+def test_the_local_task_alone_skips_lm_evals_whole_index():
+    """Only the local task named: lm-eval's index of its own 14,000-odd tasks (about 10 s to build) is not built."""
+    import time
+
+    from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, task_manager
+
+    t0 = time.perf_counter()
+    assert list(task_manager([LOCAL_TASK]).all_tasks) == [LOCAL_TASK]
+    assert time.perf_counter() - t0 < 5
+
+
 def test_lm_eval_command_line_scores_a_saved_folder(tiny_lm, tmp_path):
     """The README's shell command, through lm-eval's own entry point, on a folder it loads with trust_remote_code:
     the same accuracy as the project's own loader through lm_eval_accuracy."""

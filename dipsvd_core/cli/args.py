@@ -210,10 +210,11 @@ def _check_foreign_options(fields: dict, method: str) -> None:
     from ..common.options import OPTION_GROUPS, flag_of
     from ..methods.handlers import method_names
 
-    for name in [n for n in OPTION_GROUPS if n in method_names() and n != method]:
+    for name in [n for n in OPTION_GROUPS if n in fields and n in method_names() and n != method]:
         cls = OPTION_GROUPS[name].cls
+        default = cls()
         changed = [flag_of(name, f) for f in dataclasses.fields(cls)
-                   if name in fields and getattr(fields[name], f.name) != getattr(cls(), f.name)]
+                   if getattr(fields[name], f.name) != getattr(default, f.name)]
         if changed:
             raise DipSVDError(f"{', '.join(changed)} {'is an option' if len(changed) == 1 else 'are options'} of "
                               f"{name}; use it with method {name}, not {method}")

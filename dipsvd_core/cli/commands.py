@@ -46,7 +46,8 @@ def _run_of(args):
 
     allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
     settings = settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
-    return Run(settings, calib=getattr(args, "calib", Run.calib), calib_windows=args.calib_windows, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
+    return Run(settings, calib=getattr(args, "calib", Run.calib), calib_windows=args.calib_windows,
+               seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
                eval_original=not args.no_eval_original, dtype=args.dtype, offload=getattr(args, "offload", False),
                save=bool(getattr(args, "out", None)))

@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..common.errors import DipSVDError
-from .scalings import (DEFAULT_WHITENING, EIG_FLOOR, WHITENING_FORMS, ScaleData, Scaling,  # noqa: F401 (re-exported)
+from ..common.options import check_options
+from .scalings import (EIG_FLOOR, ScaleData, Scaling,  # noqa: F401 (re-exported)
                        channel_scale, diagonal_scale, left_singular_by_eigh, lower_matmul, right_inverse, scaling,
                        whitening)
 
@@ -160,7 +161,7 @@ class FactorSpec:
                 object.__setattr__(self, "options", own())
             elif not isinstance(self.options, own):
                 raise DipSVDError(f"{self.method}'s options are a {own.__name__}, not {type(self.options).__name__}")
-            self.options.check()
+            check_options(self.options)
         if self.compute not in ("float64", "float32"):
             raise DipSVDError(f"unknown compute dtype '{self.compute}'; use float64 or float32")
         if self.storage not in ("float32", "bfloat16"):

@@ -53,12 +53,17 @@ ASVD_ALPHA = 0.5  # ASVD's exponent on mean |x_j|
 
 # --- the math ---
 
-def channel_scale(alpha: torch.Tensor, weight: float, bar: float) -> torch.Tensor:
-    """d_j = weight for the top `bar` fraction of channels by alpha (round(bar * n) of them), else 1."""
+def check_channel_scale(weight: float, bar: float) -> None:
+    """The channel scale's ranges: a positive weight, a fraction bar."""
     if weight <= 0:
         raise DipSVDError(f"weight must be positive (got {weight}); 1 disables channel protection")
     if not 0 <= bar <= 1:
         raise DipSVDError(f"bar must be a fraction in [0, 1] (got {bar})")
+
+
+def channel_scale(alpha: torch.Tensor, weight: float, bar: float) -> torch.Tensor:
+    """d_j = weight for the top `bar` fraction of channels by alpha (round(bar * n) of them), else 1."""
+    check_channel_scale(weight, bar)
     d = torch.ones_like(alpha, dtype=torch.float64)
     n_top = int(round(bar * alpha.numel()))
     if n_top > 0 and weight != 1:
@@ -293,7 +298,7 @@ class ChannelOptions:
                           "--whitening", choices=lambda: WHITENING_FORMS, widget=Widget("Whitening form"))
 
     def check(self) -> "ChannelOptions":
-        channel_scale(torch.ones(1), self.weight, self.bar)  # the range checks, with their messages
+        check_channel_scale(self.weight, self.bar)
         if self.whitening not in WHITENING_FORMS:
             raise DipSVDError(f"unknown whitening form '{self.whitening}'; use one of {', '.join(WHITENING_FORMS)}")
         return self

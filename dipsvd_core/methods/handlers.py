@@ -170,7 +170,6 @@ class DobiHandler(MethodHandler):
     def check(self, settings) -> None:
         if strategy(settings.allocation).own_of != self.name:
             raise DipSVDError("dobi learns its own per-matrix ranks: use allocation 'trained' with it")
-        settings.dobi.check()
 
     def _key(self, settings) -> tuple:
         return (settings.ratio, settings.dobi)

@@ -80,10 +80,6 @@ class Terms:
     layer_saved: int  # autograd of one block, one window
     logits: int
 
-    def factor_bytes(self, ms, b: int) -> int:
-        """Full-rank factors of these matrices at b bytes a value, their singular values in float64."""
-        return sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)
-
     @property
     def one_matrix(self) -> int:  # surgery reads one matrix's factors at a time
         return max(o * i for _, o, i in self.sh.matrices)
@@ -98,6 +94,11 @@ class Terms:
         return max(self.sh.vocab * self.sh.hidden, self.one_matrix) * self.B
 
 
+def factor_bytes(ms, b: int) -> int:
+    """Full-rank factors of these (block, out, in) matrices at b bytes a value, their singular values in float64."""
+    return sum(min(o, i) * (o + i) * b + min(o, i) * 8 for _, o, i in ms)
+
+
 def _terms(sh: Shapes, run: Run, cuda: bool) -> Terms:
     B, c, s = DTYPE_BYTES[run.dtype], DTYPE_BYTES[run.compute_dtype], DTYPE_BYTES[run.factor_dtype]
     T, N, H = run.seqlen, run.calib_windows, sh.hidden
@@ -106,8 +107,7 @@ def _terms(sh: Shapes, run: Run, cuda: bool) -> Terms:
     acts = N * T * H * B + N * 2 * T * (H // max(sh.heads, 1)) * B * 2 + window
     grams = sum(g * g * 8 for g in sh.groups) + H * H * 8 + max(sh.groups) ** 2 * 12
     o, i = max(((o, i) for _, o, i in per_block), key=lambda m: max(5 * m[1] ** 2, 2 * m[1] ** 2 + 6 * m[0] * m[1]))
-    factors = sum(min(o2, i2) * (o2 + i2) * s + min(o2, i2) * 8 for _, o2, i2 in per_block)
-    factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factors
+    factoring = max(5 * i * i if run.whitens else 2 * i * i, 2 * i * i + 6 * o * i) * c + factor_bytes(per_block, s)
     layer_saved = T * (10 * H + 4 * sh.window_width) * B + sh.heads * T * T * B
     return Terms(sh, run, cuda, B, c, s, T, N, H, sh.n_blocks, sh.params * B, per_block,
                  int((1 - run.ratio) * sh.targeted), window, acts, grams, factoring, layer_saved, 3 * T * sh.vocab * 4)
@@ -153,7 +153,7 @@ def _statistics(t: Terms) -> Cost:
 @cost_of(P.FACTORS)
 def _factors(t: Terms) -> Cost:
     return Cost(t.weights + (t.acts + t.grams if t.run.whitens else 0) + t.factoring,
-                t.factor_bytes(t.sh.matrices, t.s), t.factor_bytes(t.per_block, t.s))
+                factor_bytes(t.sh.matrices, t.s), factor_bytes(t.per_block, t.s))
 
 
 @cost_of(P.FISHER)

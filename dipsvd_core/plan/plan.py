@@ -168,7 +168,8 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
         run = dataclasses.replace(run, dtype="bfloat16" if cuda else "float32")
     runtime = runtime_bytes()
     config, from_gguf = load_config(model, trust_remote_code)
-    sh = shapes_of(config, trust_remote_code, from_gguf)
+    meta = meta_model(config, trust_remote_code)  # the module tree, no weights: the shapes and the device map
+    sh = shapes_of(config, trust_remote_code, from_gguf, meta)
     runtime += run_overhead(sh)
     budgets = budgets or {}
     free_device = free_device_bytes(dev) if cuda and has_cuda else None
@@ -178,7 +179,7 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
                                  budgets.get("host") or free_host_bytes() or 2 ** 62, cuda)
         run = dataclasses.replace(run, device_blocks=placement.device if cuda else 0, disk_blocks=placement.disk)
         placement = dataclasses.replace(placement, device_map=tuple(block_device_map(
-            meta_model(config, trust_remote_code), dev, placement.device, placement.host).items()))
+            meta, dev, placement.device, placement.host).items()))
     phases = memory(sh, run, cuda, runtime)
     notes = [f"offload: {placement.words()} (from the memory budgets)"] if placement else []
     if sh.grouped_by != "meta forward":

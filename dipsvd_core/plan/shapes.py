@@ -180,11 +180,13 @@ def _input_groups(model: nn.Module, block: nn.Module, linears: dict[str, nn.Line
     return None
 
 
-def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False) -> Shapes:
+def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False,
+              model: nn.Module | None = None) -> Shapes:
+    """The shapes of the model of `config`, read from its meta module tree (`model`, made here where not given)."""
     from ..model.blocks import find_blocks, find_targets
     from ..model.models import count_params
 
-    model = meta_model(config, trust_remote_code)
+    model = model if model is not None else meta_model(config, trust_remote_code)
     if getattr(config, "tie_word_embeddings", False):  # from_config on meta does not tie: count them once
         model.tie_weights()
     _, blocks = find_blocks(model)

@@ -2,8 +2,9 @@
 process, eager and compiled, medians of several runs, each beside its bytes bound.
 
 Bundled model: SmolLM2-135M in float32, batch 1, a 128-token prompt and 32 new tokens, dipsvd at each ratio (the
-benches' cached factors), fused siblings; plus dipsvd at the first ratio unfused (one call per pair only, eager) to
-split the gain. For every mode, each model is warmed up (the compile, timed apart), then the models run in turn,
+benches' cached factors), fused siblings, u factors column-major (lay_out_pairs); plus, eager, three rows that
+split the gain: dipsvd at the first ratio unfused (one call per pair only), the same with its u factors row-major,
+and the original with its wide block matrices (gate, up) column-major, a reference transformers does not load. For every mode, each model is warmed up (the compile, timed apart), then the models run in turn,
 --runs times. An eager decode step of the original and of the last ratio is profiled (torch.profiler, self CPU
 time by operator). 8B-width block: a one-layer Llama of Llama-3-8B's widths (hidden 4096, intermediate 14336, 32
 heads, 8 KV heads, a 256-token vocabulary so that the embedding and head weigh nothing), random weights, dense
@@ -13,16 +14,18 @@ figure.
 """
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
 
 import torch
 from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
+from torch import nn
 
 from dipsvd_core.allocation.budget import rank_for
 from dipsvd_core.engine.speed import Runner, decode_bytes, forget_compiled
-from dipsvd_core.lowrank.surgery import compress_model
+from dipsvd_core.lowrank.surgery import compress_model, lay_out_pairs
 from dipsvd_core.run.pipeline import Settings
 
 SECTION = "## Faster than the original (issue 38)"
@@ -82,12 +85,29 @@ def bundled(ratios: list[float], runs: int) -> dict:
     from dipsvd_core.lowrank.surgery import unfuse_siblings
 
     unfuse_siblings(unfused)
-    res["eager"] = alternate({**models, f"dipsvd {ratios[0]} unfused": unfused}, False, PROMPT, NEW, runs)
+    row_major = wb.build(Settings(method="dipsvd", ratio=ratios[0])).model
+    lay_out_pairs(row_major, inference=False)
+    references = {f"dipsvd {ratios[0]} unfused": unfused, f"dipsvd {ratios[0]} u row-major": row_major,
+                  "original, wide matrices column-major": column_major_wide(lm.model)}
+    res["eager"] = alternate({**models, **references}, False, PROMPT, NEW, runs)
+    del references, unfused, row_major
     res["compiled"] = alternate(models, True, PROMPT, NEW, runs)
     last = f"dipsvd {ratios[-1]}"
     res["profile"] = {n: profile_decode(models[n]) for n in ("original", last)}
     res["load_after"] = load()
     return res
+
+
+@torch.no_grad()
+def column_major_wide(model):
+    """A copy of `model` whose block Linears with more outputs than inputs (gate, up) are stored column-major, as
+    lay_out_pairs stores the u factors: the share of the compressed model's gain that is the layout's alone (a
+    reference: transformers loads the original row-major)."""
+    ref = copy.deepcopy(model)
+    for lin in ref.model.layers.modules():
+        if type(lin) is nn.Linear and lin.out_features > lin.in_features:
+            lin.weight = nn.Parameter(lin.weight.detach().T.contiguous().T, requires_grad=False)
+    return ref
 
 
 def block_model(dtype: torch.dtype):
@@ -185,12 +205,14 @@ def markdown(res: dict) -> str:
     if "bundled" in res:
         b = res["bundled"]
         lines += ["", f"The bundled SmolLM2-135M, float32, batch 1, prompt {PROMPT} tokens, {NEW} new tokens; dipsvd "
-                  f"with uniform allocation (the default; the benches' factors), siblings fused unless said. {b.get('runs', res['runs'])} runs; load "
+                  f"with uniform allocation (the default; the benches' factors), siblings fused and u factors column-major "
+                  f"(surgery.lay_out_pairs) unless said; the last eager row is the original with its gate and up "
+                  f"matrices stored column-major, a reference. {b.get('runs', res['runs'])} runs; load "
                   f"{b['load_before']} before, {b['load_after']} after.", "", *bundled_lines(b)]
     if "block" in res:
         k = res["block"]
         lines += ["", "One decoder block of Llama-3-8B's widths (a one-layer Llama, 256-token vocabulary), random "
-                  "weights; low-rank pairs at the uniform rank of each ratio, fused. Decode: 16 steps after a "
+                  "weights; low-rank pairs at the uniform rank of each ratio, fused, u column-major in float32. Decode: 16 steps after a "
                   "32-token prompt, tokens/s; prefill: 1024 tokens (in the first dtype only). On this CPU: an extrapolation to a GPU, not a "
                   f"GPU figure. {k.get('runs', res['runs'])} runs; load {k['load_before']} before, {k['load_after']} after.", "", *block_lines(k)]
     return "\n".join(lines)

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..common.errors import DipSVDError
-from ..lowrank.surgery import (LowRankLinear, densify, fuse_model, fuse_siblings, module_ranks, set_module,
-                               unfuse_siblings)
+from ..lowrank.surgery import (LowRankLinear, densify, fuse_model, fuse_siblings, lay_out_pairs, module_ranks,
+                               set_module, unfuse_siblings)
 from ..methods.handlers import handler
 from ..model.blocks import find_targets
 from ..model.models import LoadedModel, fingerprint, resolve_device
@@ -50,6 +50,7 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
     entry = dict(info or {})
     entry["ranks"] = module_ranks(model)
     groups = unfuse_siblings(model)  # each v its own tensor while saving (shared storage would be copied at once)
+    lay_out_pairs(model, inference=False)  # each u row-major, one at a time (transformers would copy a shard's)
     if groups:
         entry["siblings"] = groups  # the pairs that read one input, fused again on load (here and in plain transformers)
     reason = portable_reason(model, entry)
@@ -74,6 +75,7 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, info: dict | None
         return _write_folder(out_dir, force, write)
     finally:
         fuse_siblings(model, groups)
+        lay_out_pairs(model)
         if had is not None:  # the model's config as it was
             setattr(cfg, ENTRY, had)
         else:

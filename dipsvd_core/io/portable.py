@@ -158,6 +158,16 @@ def _fuse(model, groups, prefix=""):
             lo += m.rank
 
 
+@torch.no_grad()
+def _lay_out(model):
+    """Each pair's u factor (out > rank) stored column-major on the CPU in float32, the same values: faster there."""
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and _plain(m.u):
+            w = m.u.weight
+            if w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[0] > w.shape[1] and w.is_contiguous():
+                m.u.weight = nn.Parameter(w.detach().T.contiguous().T, requires_grad=w.requires_grad)
+
+
 class {base_model_cls}(_BaseModel):
     """{base_model} with the compressed Linears of config.dipsvd_compression["ranks"] as LowRankLinear modules."""
 
@@ -171,6 +181,7 @@ class {base_model_cls}(_BaseModel):
         out = super().train(mode)
         if not mode:
             _fuse(self, self.config.dipsvd_compression.get("siblings", []), "{prefix}.")
+            _lay_out(self)
         return out
 
 
@@ -187,6 +198,7 @@ class {cls}(_Base):
         out = super().train(mode)
         if not mode:
             _fuse(self, self.config.dipsvd_compression.get("siblings", []))
+            _lay_out(self)
         return out
 '''
 

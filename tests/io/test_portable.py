@@ -60,7 +60,9 @@ CHILD = textwrap.dedent("""
                       "base_class": type(base).__name__, "refusals": refusals, "prompt": prompt, "pipeline": text,
                       "backend_compatible": type(base).is_backend_compatible(),
                       "low_rank": sum(type(m).__name__ == "LowRankLinear" for m in model.modules()),
-                      "fused": sum(getattr(m, "siblings", None) is not None for m in model.modules())}))
+                      "fused": sum(getattr(m, "siblings", None) is not None for m in model.modules()),
+                      "column_major": sum(m.u.weight.stride(0) == 1 for m in model.modules()
+                                          if type(m).__name__ == "LowRankLinear")}))
 """)
 
 
@@ -107,6 +109,7 @@ def test_plain_transformers_refuses_without_the_flag_and_loads_with_it(tiny_lm, 
     assert info["backend_compatible"] is True  # what vLLM's Transformers backend asks of auto_map's AutoModel
     assert info["low_rank"] == len(entry["ranks"]) > 0
     assert info["fused"] == sum(map(len, entry["siblings"])) > 0  # the listed siblings fused in plain transformers
+    assert info["column_major"] == len(entry["ranks"])  # every u factor laid out for the CPU's products there too
     assert info["params"] == count_params(ours.model) == count_params(res.model) < count_params(tiny_lm.model)
     with torch.no_grad():
         logits = ours.model(ids).logits

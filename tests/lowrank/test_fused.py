@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dipsvd_core.io.compressed import load_compressed, save_compressed
-from dipsvd_core.lowrank.surgery import LowRankLinear, fuse_siblings, unfuse_siblings
+from dipsvd_core.lowrank.surgery import LowRankLinear, column_major, fuse_siblings, lay_out_pairs, unfuse_siblings
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 
@@ -103,3 +103,35 @@ def test_saved_folders_load_fused_with_the_same_logits(built, tiny_lm, tmp_path)
         assert sum(m.siblings is not None for m in pairs_of(loaded).values()) == 10
         with torch.no_grad():
             assert torch.allclose(loaded(ids).logits, want, atol=1e-6, rtol=1e-5)
+
+
+def test_u_factors_are_column_major_on_the_cpu_with_the_same_logits(built, tiny_lm, tmp_path):
+    """A pair's u (out x rank) is stored column-major for inference on the CPU (its matrix-vector product runs
+    faster so); the values, the state dict and the saved files do not change, and saving leaves the layout."""
+    bench, model = built
+    pairs = pairs_of(model)
+    assert all(column_major(m.u.weight) for m in pairs.values()) and not any(
+        column_major(m.v.weight) for m in pairs.values())
+    ids = bench.windows()[:2, :32]
+    with torch.no_grad():
+        laid = model(ids).logits
+        assert lay_out_pairs(model, inference=False) == len(pairs)
+        assert all(m.u.weight.is_contiguous() for m in pairs.values())
+        rows = model(ids).logits
+        assert lay_out_pairs(model) == len(pairs) and lay_out_pairs(model) == 0  # done once
+    assert torch.allclose(laid, rows, atol=1e-6, rtol=1e-5)
+    out = save_compressed(model, tmp_path / "saved", tiny_lm.tokenizer, {"method": "svd-llm"})
+    assert all(column_major(m.u.weight) for m in pairs.values())  # laid out again after saving
+    loaded = pairs_of(load_compressed(out).model)
+    assert all(column_major(m.u.weight) for m in loaded.values())
+    for name, m in pairs.items():
+        assert torch.equal(loaded[name].u.weight, m.u.weight)
+
+
+def test_bfloat16_pairs_keep_the_row_major_layout():
+    """In bfloat16 the CPU's kernel runs a column-major u slower at 8B widths (bench/RESULTS.md, issue 38): left."""
+    holder = nn.Sequential(LowRankLinear.from_weights(torch.randn(64, 8).bfloat16(), torch.randn(8, 32).bfloat16(),
+                                                      None))
+    assert lay_out_pairs(holder) == 0 and holder[0].u.weight.is_contiguous()
+    holder.float()
+    assert lay_out_pairs(holder) == 1 and column_major(holder[0].u.weight)

@@ -249,11 +249,13 @@ def memory(sh: Shapes, run: Run, cuda: bool, runtime: int) -> dict[str, Phase]:
             h, dev = runtime + max(0, (host["load"] if name == "load" else work[name]) - spared), 0
         elif run.offload:  # place_blocks: the embeddings, head and device_blocks on the device, the rest streamed
             on_device = run.device_blocks
-            streamed = block if on_device < sh.n_blocks else 0
-            # once built, the pairs take the streamed block's place (an evaluation of the original streams first)
+            # the block computing and the next one, sent ahead (offload.Ahead); its pinned host copy beside
+            streamed = block * min(2, sh.n_blocks - on_device)
+            staging = block if on_device < sh.n_blocks else 0
+            # once built, the pairs take the streamed blocks' place (an evaluation of the original streams first)
             streamed = max(streamed, pairs) if name in BUILT else streamed
             dev = work[name] - sh.n_blocks * block + on_device * block + streamed
-            h = runtime + (sh.n_blocks - on_device - on_disk) * block + {
+            h = runtime + (sh.n_blocks - on_device - on_disk) * block + staging + {
                 n: host[n] for n in (P.FACTORS, P.REFINE, P.FISHER)}.get(name, 0)
         else:
             dev, h = work[name], runtime + host.get(name, 0)
@@ -281,11 +283,11 @@ class Placement:
         return f"{self.device} blocks on the GPU, {self.host} in host memory, {self.disk} on disk"
 
 
-def _fit(budget: int, work: int, block: int, n_blocks: int) -> int:
-    """How many blocks a budget keeps beside a working set that holds one streamed block; all of them where all but
-    one fit, since then none streams."""
+def _fit(budget: int, work: int, block: int, n_blocks: int, streamed: int = 1) -> int:
+    """How many blocks a budget keeps beside a working set that holds `streamed` streamed blocks (on a GPU the one
+    computing and the next, sent ahead); all of them where all but those fit, since then none streams."""
     fit = max(0, (budget - work) // block)
-    return n_blocks if fit >= n_blocks - 1 else int(fit)
+    return n_blocks if fit >= n_blocks - streamed else int(fit)
 
 
 def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, host_budget: int,
@@ -303,7 +305,8 @@ def place_blocks(sh: Shapes, run: Run, runtime: int, device_budget: int | None, 
         return Placement(in_memory, 0, L - in_memory, gpu=False)
     streamed = memory(sh, dataclasses.replace(run, offload=True, device_blocks=0, disk_blocks=0), True, runtime)
     needed = [p for p in streamed.values() if p.needed]
-    on_device = _fit(device_budget - DEVICE_RUNTIME - DEVICE_HEADROOM, max(p.device_bytes for p in needed), block, L)
+    on_device = _fit(device_budget - DEVICE_RUNTIME - DEVICE_HEADROOM, max(p.device_bytes for p in needed), block, L,
+                     min(2, L))
     host_work = max(p.host_bytes for p in needed) - L * block  # the blocks' bytes apart
     on_host = min(L - on_device, max(0, (host_budget - host_work) // block))
     return Placement(on_device, int(on_host), int(L - on_device - on_host))

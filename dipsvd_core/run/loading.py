@@ -12,7 +12,7 @@ from ..io.compressed import is_compressed_folder, load_compressed
 from ..model.blocks import find_targets
 from ..model.models import (DEFAULT_MODEL, LoadedModel, bundled_gguf, fingerprint, first_line, hub_reachable,
                             load_folder, load_gguf, resolve_device, resolve_dtype)
-from ..model.offload import block_device_map, offload_placement
+from ..model.offload import block_device_map, link_blocks, offload_placement
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
@@ -79,6 +79,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         source = spec
     if placement is None:
         model.to(dev)
+    else:
+        link_blocks(model)  # each pass over the blocks sends the next one's weights ahead (offload.block_on_device)
     model.eval()
     lm = LoadedModel(model=model, tokenizer=tok, spec=spec, source=source, from_gguf=from_gguf)
     lm.targets = find_targets(model)

@@ -263,3 +263,34 @@ def test_a_side_by_side_copy_of_an_offloaded_model_shares_its_weights(tiny_model
     texts = [generate(m, off.tokenizer, ["The sea"], max_new_tokens=4)[0]["text"] for m in (off.model, ra.model)]
     assert texts[0] == generate(ref.model, ref.tokenizer, ["The sea"], max_new_tokens=4)[0]["text"]
     assert texts[1] == generate(rb.model, ref.tokenizer, ["The sea"], max_new_tokens=4)[0]["text"]
+
+
+def test_the_next_block_is_sent_ahead_and_the_figures_do_not_change(counted, pair, monkeypatch):
+    """With the next block's weights sent ahead (offload.Ahead: on CUDA a pinned, non-blocking copy on a side stream
+    from a background thread; here the CPU's disk reads, switched on for the test), a pass still reads each
+    offloaded tensor once, the block takes the copies sent for it, and the figures stay those of the model in
+    memory. A pass walking back (Fisher's backward) sends nothing ahead."""
+    from dipsvd_core.allocation.fisher import fisher_info
+    from dipsvd_core.engine.stats import stream_stats
+    from dipsvd_core.model import offload
+
+    off, counts = counted
+    _, ref = pair
+    monkeypatch.setattr(offload, "PREFETCH_ON", {"cuda", "cpu"})
+    installed = []
+    real = offload.Ahead.install
+    monkeypatch.setattr(offload.Ahead, "install", lambda self, m, h: installed.append(real(self, m, h)) or installed[-1])
+    offload._LAST[0] = lambda: None  # a fresh start: the first block of the next pass sends the second ahead
+    windows = Workbench(ref, "wiki", 4, 64).windows()
+    names = [t.name for t in ref.targets]
+    sa, sb = stream_stats(off.model, names, windows), stream_stats(ref.model, names, windows)
+    assert installed and all(installed)  # every module of block 1 took its copies
+    assert _reads_per_tensor(counts) == {1}
+    for g in sb.alphas:
+        torch.testing.assert_close(sa.alphas[g], sb.alphas[g], rtol=1e-9, atol=0)
+    counts.clear()
+    offload._LAST[0] = lambda: None
+    fa, fb = fisher_info(off.model, off.targets, windows), fisher_info(ref.model, ref.targets, windows)
+    assert _reads_per_tensor(counts) == {2}  # forward and backward, and nothing wasted ahead of the backward
+    np.testing.assert_allclose(fa.per_block, fb.per_block, rtol=1e-6)
+    assert not offload._AHEAD and off.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,9 +101,16 @@ def random_model(folder: Path, widths: dict, dtype: str, tok) -> Path:
     return folder
 
 
+STORED: dict = {}  # the rates case's stored eigh times (plan.rates), copied into each later case's cache
+
+
 def cli(*args: str, cache: Path, env: dict | None = None) -> tuple[dict, float]:
-    """One `python -m dipsvd_core` command with a --report; (the report, wall seconds)."""
+    """One `python -m dipsvd_core` command with a --report; (the report, wall seconds). The rates case's stored
+    eigh times go into its cache first, so that its plan reads them at the real widths."""
     report = cache.parent / f"report-{len(list(cache.parent.glob('report-*')))}.json"
+    if STORED.get("path"):
+        (cache / "rates").mkdir(parents=True, exist_ok=True)
+        shutil.copy(STORED["path"], cache / "rates")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dipsvd_core", *args, "--report", str(report), "--quiet"], cwd=ROOT,
                           env=dict(os.environ, DIPSVD_STUDIO_CACHE=str(cache), PYTHONPATH=_path(), **(env or {})),
@@ -164,7 +172,7 @@ def run_case(name: str, tok, device: str | None = None) -> dict:
             "ppl": {"compressed": compressed["ppl"]["compressed"], "loaded": loaded["ppl"]},
             "generated": {"compress": len(compressed["generations"]["compressed"]),
                           "loaded": len(loaded["generations"])},
-            "peak_memory_mb": compressed["peak_memory_mb"], "gpu": _gpu_name()}
+            "peak_memory_mb": compressed["peak_memory_mb"], "gpu": _gpu_name(), "versions": compressed.get("versions")}
 
 
 def _gpu_name() -> str | None:
@@ -218,56 +226,28 @@ def run_named(name: str, tok, device: str) -> dict:
         return {"case": name, "error": str(e)[-3000:]}
 
 
-def _seconds(fn, device) -> float:
-    """The best of two timed calls after a warm-up, the device synchronised around each."""
-    import torch
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    best = float("inf")
-    for _ in range(2):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _spd(n: int, dtype, device):
-    import torch
-
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    return a @ a.T + n * torch.eye(n, dtype=dtype, device=device)
-
-
 def run_rates(name: str, tok, device: str) -> dict:
     """What the plan's time model needs, measured: host-to-device bandwidth (pageable and pinned), eigh and
     Cholesky in float32 and float64 on the device and on the host, a bfloat16 and a TF32 matmul (FLOP/s)."""
     import torch
 
+    from dipsvd_core.plan.rates import best_seconds, device_name, measure_factorings, store
+
     dev, w = torch.device(device), RATE_WIDTHS[device]
-    out = {"case": name, "device": device, "gpu": _gpu_name(), "eigh_s": {}, "cholesky_s": {}}
-    for where, widths in (("device", w["device"]), ("host", w["host"])):
-        at = dev if where == "device" else torch.device("cpu")
-        for n in widths:
-            for dtype in (torch.float32, torch.float64):
-                g = _spd(n, dtype, at)
-                key = f"{where} {n} {str(dtype).removeprefix('torch.')}"
-                out["eigh_s"][key] = _seconds(lambda: torch.linalg.eigh(g), at)
-                out["cholesky_s"][key] = _seconds(lambda: torch.linalg.cholesky(g), at)
-                del g
+    out = {"case": name, "device": device, "gpu": _gpu_name(),
+           **measure_factorings(dev, w["device"], cholesky=True, host_widths=w["host"])}
+    out["stored"] = STORED["path"] = str(store(device_name(dev), out["eigh_s"], "gpu_check"))  # for later plans
     n = w["matmul"]
     for label, dtype, precision in (("bfloat16", torch.bfloat16, "ieee"), ("tf32", torch.float32, "tf32")):
         a = torch.randn(n, n, dtype=dtype, device=dev)
         prev, torch.backends.cuda.matmul.fp32_precision = torch.backends.cuda.matmul.fp32_precision, precision
-        out[f"matmul_{label}_flops"] = 2 * n**3 / _seconds(lambda: a @ a, dev)
+        out[f"matmul_{label}_flops"] = 2 * n**3 / best_seconds(lambda: a @ a, dev)
         torch.backends.cuda.matmul.fp32_precision = prev
     host = torch.empty(w["copy_mib"] << 18, dtype=torch.float32)  # copy_mib MiB
-    out["h2d_pageable_bytes_per_s"] = host.numel() * 4 / _seconds(lambda: host.to(dev), dev)
+    out["h2d_pageable_bytes_per_s"] = host.numel() * 4 / best_seconds(lambda: host.to(dev), dev)
     if device == "cuda":  # pinning needs a CUDA context
         pinned = host.pin_memory()
-        out["h2d_pinned_bytes_per_s"] = host.numel() * 4 / _seconds(lambda: pinned.to(dev, non_blocking=True), dev)
+        out["h2d_pinned_bytes_per_s"] = host.numel() * 4 / best_seconds(lambda: pinned.to(dev, non_blocking=True), dev)
     return out
 
 

@@ -16,14 +16,16 @@ from devkit.models import make_tiny_llama
 def isolated_cache(tmp_path_factory):
     """The suite never reads or writes the user's statistics, factors or training caches: a stale
     entry from older code could hide a change. Only the dequantized bundled model (keyed by its
-    GGUF file, 15 s to rebuild) is shared with the user cache."""
+    GGUF file, 15 s to rebuild) and the GPU machine's transformers wheels (devkit/device_versions.py, downloaded once)
+    are shared with the user cache."""
     from dipsvd_core.common.cache import cache_dir
 
     old = os.environ.get("DIPSVD_STUDIO_CACHE")
-    user_models = cache_dir() / "models"
-    user_models.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("cache")
-    (root / "models").symlink_to(user_models, target_is_directory=True)
+    for shared in ("models", "device-versions"):
+        user = cache_dir() / shared
+        user.mkdir(parents=True, exist_ok=True)
+        (root / shared).symlink_to(user, target_is_directory=True)
     os.environ["DIPSVD_STUDIO_CACHE"] = str(root)
     yield root
     if old is None:

@@ -14,7 +14,9 @@ def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan
     rates, row, oom = json.loads(out.read_text())
     assert row["case"] == "tiny" and row["device"] == "cpu"
     # the plan's rates, measured (at small widths on the CPU): every eigh and Cholesky timed, the matmuls' FLOP/s
-    assert rates["case"] == "rates" and len(rates["eigh_s"]) == len(rates["cholesky_s"]) == 4
+    assert rates["case"] == "rates" and len(rates["eigh_s"]) == len(rates["cholesky_s"]) == 2  # the CPU: host only
+    stored = json.loads(open(rates["stored"]).read())  # kept for the device (plan.rates): later plans read them
+    assert stored["source"] == "gpu_check" and stored["eigh_s"] == rates["eigh_s"]
     assert all(0 < t < 10 for t in [*rates["eigh_s"].values(), *rates["cholesky_s"].values()]), rates
     assert rates["matmul_bfloat16_flops"] > 1e8 and rates["matmul_tf32_flops"] > 1e8
     # the out-of-memory case (simulated on the CPU: refine raises torch.OutOfMemoryError): one line, the phase named
@@ -60,3 +62,18 @@ def test_the_gpu_bundle_fits_a_device_call_and_its_run_script_refuses_without_cu
     assert run.returncode == 3
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "no CUDA device" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tiny_path_runs_under_the_gpu_machines_transformers(tmp_path):
+    """The GPU machine has transformers 5.17 (this venv: 5.23). The device check's tiny case (compress, refine, save,
+    load, evaluate and generate, each phase beside the plan) runs with 5.17 and the huggingface_hub and httpx it
+    imports first on the path (devkit/device_versions.py: their wheels, downloaded from PyPI once into the cache)."""
+    from devkit.device_versions import TRANSFORMERS, env_with, site
+
+    out = tmp_path / "check.json"
+    proc = run_bench_script("gpu_check", "--tiny", "--cases", "tiny", "--out", str(out), env=env_with(site()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["versions"]["transformers"] == TRANSFORMERS and row["versions"]["torch"].startswith("2.13")
+    assert row["ppl"]["loaded"]["wiki"] == __import__("pytest").approx(row["ppl"]["compressed"]["wiki"], rel=1e-4)
+    assert row["generated"] == {"compress": 3, "loaded": 3} and {"factors", "refine", "save"} <= set(row["phases"])

@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--offload", action="store_true", help="weights on the host, one block at a time on the GPU")
     _add_budget_args(pl)
     pl.add_argument("--no-bench", action="store_true", help="memory only: skip the few-second microbenchmark")
+    pl.add_argument("--measure-rates", action="store_true",
+                    help="first time the eigendecompositions at this model's widths on the device (minutes for 8B "
+                         "widths) and store them in the cache for this device; later plans read their times from them")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
     e = sub.add_parser("evaluate", help="perplexity of any model, including a saved compressed one")

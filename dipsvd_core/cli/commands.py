@@ -57,7 +57,7 @@ def cmd_plan(args):
     from ..plan import make_plan, plan_json
 
     plan = make_plan(args.model, args.device, _run_of(args), bench=not args.no_bench,
-                     trust_remote_code=args.trust_remote_code, budgets=_budgets(args))
+                     trust_remote_code=args.trust_remote_code, budgets=_budgets(args), measure_rates=args.measure_rates)
     return plan_json(plan) if args.json else plan.table()
 
 

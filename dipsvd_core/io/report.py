@@ -20,7 +20,7 @@ def compression_report(lm, bench, result, params: dict | None, ppl: dict | None 
                            "seed": bench.seed},
            "params": params, "p_blocks": [float(x) for x in allocation.p_blocks],
            "ranks": {n: (k if k is not None else "dense") for n, k in allocation.ranks.items()},
-           "ppl": ppl or {}, "timings_s": dict(result.timings_s)}
+           "ppl": ppl or {}, "timings_s": dict(result.timings_s), "versions": library_versions()}
     out.update(handler(settings.method).report_fields(result.info, allocation))
     if "refine" in result.info:
         out["refine"] = result.info["refine"]
@@ -29,6 +29,19 @@ def compression_report(lm, bench, result, params: dict | None, ppl: dict | None 
     if generations:
         out["generations"] = generations
     return out
+
+
+def library_versions() -> dict:
+    """The versions of what ran (a report read later or from another machine says what made it)."""
+    import platform
+
+    import accelerate
+    import safetensors
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "safetensors": safetensors.__version__}
 
 
 def build_words(settings: dict) -> str:

@@ -146,11 +146,13 @@ def _settings_words(s: dict) -> str:
 
 
 def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bool = True,
-              trust_remote_code: bool = False, budgets: dict | None = None) -> Plan:
+              trust_remote_code: bool = False, budgets: dict | None = None, measure_rates: bool = False) -> Plan:
     """The plan for compressing `model` with these settings on `device` (auto: CUDA when present).
     `device="cuda"` on a machine without CUDA plans the memory only (no time, no free memory). `budgets`
     ({"device": bytes, "host": bytes}, None for what is free now) replace the free memory the plan is checked
-    against (check_fits); one smaller than a decoder block's weights is refused at once (`check_budgets`)."""
+    against (check_fits); one smaller than a decoder block's weights is refused at once (`check_budgets`). With
+    `measure_rates`, the eigendecompositions at this model's widths are timed on the device first and stored for it
+    (plan.rates), so that this plan and later ones read their times from them."""
     import transformers  # noqa: F401  (the runtime the plan measures includes it)
 
     from ..common.cache import cache_dir
@@ -185,7 +187,13 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     if sh.grouped_by != "meta forward":
         notes.append(f"shared inputs not found by a meta forward: {sh.grouped_by}")
     if bench and (not cuda or has_cuda):
-        timing(phases, sh, run, microbenchmark(config, sh, run, dev))
+        if measure_rates:
+            _measure_rates(dev, sh, run)
+        rates = microbenchmark(config, sh, run, dev)
+        timing(phases, sh, run, rates)
+        notes.append(f"times from this device's rates: the block pass, matmuls and copies measured now; {rates.words}"
+                     + ("" if measure_rates or "cubed" not in rates.words else
+                        " (`plan --measure-rates` times them at these widths once and stores them for this device)"))
         notes.append("load time is a host memory copy of the weights: reading the disk (and a GGUF's first "
                      "dequantization) comes on top")
         if cuda:
@@ -205,6 +213,16 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     plan.device_runtime_bytes = DEVICE_RUNTIME if cuda else 0
     check_budgets(plan, budgets)
     return plan
+
+
+def _measure_rates(dev: torch.device, sh: Shapes, run: Run) -> None:
+    """Time the eigendecompositions at this model's widths on `dev` (and its host) and store them (plan.rates)."""
+    from ..model.models import DTYPES
+    from .rates import device_name, measure_factorings, store
+
+    widths = sorted({*sh.groups, sh.hidden, *(min(o, i) for _, o, i in sh.matrices)})
+    measured = measure_factorings(dev, widths, (DTYPES.get(run.compute_dtype, torch.float64),))
+    store(device_name(dev), measured["eigh_s"], "plan --measure-rates")
 
 
 class BudgetError(DipSVDError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,23 @@ class Rates:
     block_forward_s: float  # the same without hooks (evaluation, Fisher)
     svd_512_s: float  # SVD of a 512 x 512 matrix in the compute dtype
     eigh_512_s: float
-    matmul_flops: float  # float32 or compute-dtype matmul rate (flop/s)
+    matmul_flops: float  # compute-dtype matmul rate (flop/s)
     copy_bytes_s: float  # host memory copy rate
+    eigh: Callable[[int], float] | None = None  # an eigh's seconds by width (rates.EighTimes); None: eigh_512_s cubed
+    gram_flops: float | None = None  # the Grams' matmul rate (TF32 for 16-bit inputs on CUDA); None: matmul_flops
+    model_flops: float | None = None  # the model dtype's matmul rate (lm_head); None: matmul_flops
+    words: str = ""  # where the rates came from, for the plan's note
+
+    def eigh_at(self, width: int) -> float:
+        return self.eigh(width) if self.eigh is not None else self.eigh_512_s * (width / 512) ** 3
+
+    @property
+    def gram_rate(self) -> float:
+        return self.gram_flops or self.matmul_flops
+
+    @property
+    def model_rate(self) -> float:
+        return self.model_flops or self.matmul_flops
 
 
 def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
@@ -96,11 +112,45 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
     svd_s = _best(lambda: torch.linalg.svd(a, full_matrices=False), device)
     g = a @ a.T
     eigh_s = _best(lambda: symmetric_eigh(g), device)  # where the engine runs it (scalings.eigh_on_host)
-    m = torch.randn(1024, 1024, device=device, dtype=cdt)
-    mm_s = _best(lambda: m @ m, device)
     host = torch.empty(64 << 20, dtype=torch.uint8)
     copy_s = _best(lambda: host.clone(), torch.device("cpu"))
-    return Rates(block_s, plain_s, svd_s, eigh_s, 2 * 1024**3 / mm_s, (64 << 20) / copy_s)
+    eigh, words = _eigh_model(device, run.compute_dtype, eigh_s, sh)
+    gram_dtype = torch.float32  # the statistics' and refine's Grams: float32 products (TF32 for 16-bit on CUDA)
+    tf32 = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return Rates(block_s, plain_s, svd_s, eigh_s, _matmul_flops(cdt, device), (64 << 20) / copy_s, eigh,
+                 _matmul_flops(gram_dtype, device, tf32), _matmul_flops(dtype, device), words)
+
+
+def _matmul_flops(dtype: torch.dtype, device: torch.device, tf32: bool = False) -> float:
+    """FLOP/s of a 1024-wide matmul in `dtype` on `device` (on the TF32 tensor cores with `tf32`)."""
+    from ..engine.stats import matmul_precision
+
+    m = torch.randn(1024, 1024, device=device, dtype=dtype)
+    with matmul_precision("tf32" if tf32 else "ieee"):
+        return 2 * 1024**3 / _best(lambda: m @ m, device)
+
+
+def _eigh_model(device: torch.device, compute: str, eigh_512_s: float, sh: Shapes):
+    """The eigh times by width in the compute dtype: what is stored for this device (plan.rates) over what was
+    measured now (the 512-wide eigh; on CUDA also scalings.eigh_rates' two widths on the device and on the host,
+    the engine taking the faster), and the plan's words for where they came from."""
+    from .rates import device_name, eigh_times
+
+    widths = sorted({*sh.groups, sh.hidden, *(min(o, i) for _, o, i in sh.matrices)})
+    name = device_name(device)
+    if device.type != "cuda" or compute != "float64":
+        times = eigh_times(device, compute, {512: eigh_512_s})
+        return times, f"eigh in {compute} on {name}: {times.words(widths)}"
+    from ..lowrank.scalings import EIGH_WIDTHS, eigh_rates
+
+    fits = dict(zip(("device", "host"), eigh_rates(device)))
+    places = {w: eigh_times(device, compute, {n: a + b * n**3 for n in EIGH_WIDTHS}, w) for w, (a, b) in fits.items()}
+
+    def faster(width: int) -> float:
+        return min(t(width) for t in places.values())
+
+    return faster, "; ".join(f"eigh in float64 on the {w} ({name if w == 'device' else 'host CPU'}): "
+                             f"{t.words(widths)}" for w, t in places.items())
 
 
 def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
@@ -109,12 +159,11 @@ def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
     cost = cost.plan_cost(run.spec) if cost is not None else None
     if cost is None:
         return 0.0
-    unit = (g / 512) ** 3
     if run.compute_dtype == "float32":
-        return unit * (r.svd_512_s if cost.svd_in_float32 else r.eigh_512_s)
+        return (g / 512) ** 3 * r.svd_512_s if cost.svd_in_float32 else r.eigh_at(g)
     if cost.cholesky:  # scalings.cholesky_root: the factor alone (g^3 / 3 products); its inverse is never formed
         return g**3 / 3 / r.matmul_flops
-    return unit * r.eigh_512_s + cost.products * g**3 / r.matmul_flops
+    return r.eigh_at(g) + cost.products * g**3 / r.matmul_flops
 
 
 @dataclass(frozen=True)
@@ -145,7 +194,7 @@ class Clock:
         *first, last = self.sh.groups
         grams_flops = (sum(6 * g * g for g in first) + 2 * last * (2 * last + self.sh.hidden)) * self.run.seqlen * self.N
         return 3 * self.forward + self.L * (3 * self.whiten + (len(TAUS) + 2) * self.factor
-                                            + grams_flops / self.r.matmul_flops)
+                                            + grams_flops / self.r.gram_rate)
 
 
 def _svd_units(o: int, i: int) -> float:
@@ -159,9 +208,8 @@ def _clock(sh: Shapes, run: Run, r: Rates) -> Clock:
     if run.compute_dtype == "float32":  # factors.factor_matrix: the SVDs themselves
         factor = sum(_svd_units(o, i) * r.svd_512_s + 4 * o * i * i / r.matmul_flops for o, i in per_block)
     else:  # float64: eigendecompositions of the smaller of A A^T and A^T A (A = W S)
-        factor = sum(_svd_units(min(o, i), min(o, i)) * r.eigh_512_s + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops
-                     for o, i in per_block)
-    lm_head = 2 * run.seqlen * sh.hidden * sh.vocab / r.matmul_flops
+        factor = sum(r.eigh_at(min(o, i)) + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops for o, i in per_block)
+    lm_head = 2 * run.seqlen * sh.hidden * sh.vocab / r.model_rate
     fwd_model = L * r.block_forward_s + lm_head
     return Clock(sh, run, r, L, N, L * N * r.block_window_s, whiten, factor, fwd_model, fwd_model * run.bo_windows)
 
@@ -187,7 +235,7 @@ def _writing_s(k: Clock) -> float:
 
 @time_of(P.STATISTICS)
 def _statistics_s(k: Clock) -> float:
-    return k.forward + k.L * _svd_units(k.sh.hidden, k.sh.hidden) * k.r.eigh_512_s
+    return k.forward + k.L * k.r.eigh_at(k.sh.hidden)
 
 
 @time_of(P.FACTORS)

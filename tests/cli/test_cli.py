@@ -109,6 +109,10 @@ def test_compress_then_evaluate_the_saved_model(tiny_model_dir, tmp_path):
     assert set(r["ppl"]["original"]) == set(r["ppl"]["compressed"]) == {"wiki", "news"}
     assert all(v > 1 for v in r["ppl"]["compressed"].values())
     assert {"load_model", "statistics", "factors", "surgery", "evaluation", "save"} <= set(r["timings_s"])
+    import torch
+    import transformers
+
+    assert r["versions"]["torch"] == torch.__version__ and r["versions"]["transformers"] == transformers.__version__
     # each phase's measured peaks: the host's at least the runtime and at most the run's own peak, none on a CPU
     phases = r["memory"]["phases"]
     assert {"load", "factors", "surgery", "evaluation", "save"} <= set(phases)

@@ -1,6 +1,6 @@
 """Issue 23's depth check: the whole best path, at 8 and at 32 blocks, and the plan's word per phase.
 
-    .venv/bin/python bench/bench_depth.py [--write] [--layers 8,32]
+    .venv/bin/python bench/bench_depth.py [--write] [--layers 8,32] [--path best|uniform]
 
 For each depth a random-init Llama of SmolLM2-360M's widths (hidden 960, intermediate 2560, 15 / 5 heads) is saved
 with the bundled tokenizer (float32), then run as a user would, each command in a process of its own on an empty
@@ -8,6 +8,8 @@ cache:
 1. `compress --method dipsvd --allocation nested --refine sequential --ratio 0.2 --calib-windows 8 --seqlen 256
    --out DIR` (float32, CPU);
 2. `evaluate --model DIR`.
+`--path uniform` runs `--allocation uniform --refine none` instead (issue 39: the plan within 25% of the measured
+peak on the uniform path too), into its own section and bench/depth_uniform.json.
 Peak RSS is each process's own lifetime peak (the report's peak_memory_mb). Target: from 8 to 32 blocks, each peak
 grows by at most 1.25x the added float32 weights (compress) or the added saved weights (evaluate, the load).
 The 32-block compress's measured per-phase host peaks are set beside the plan's prediction (the report's plan);
@@ -26,15 +28,21 @@ from gpu_check import cli
 
 SECTION = "## Depth, the whole path (issue 23)"
 COMMON = ["--device", "cpu", "--dtype", "float32"]
-COMPRESS = ["--method", "dipsvd", "--allocation", "nested", "--refine", "sequential", "--ratio", "0.2",
-            "--calib-windows", "8", "--seqlen", "256", "--eval", "wiki", "--eval-tokens", "2048", "--no-eval-original"]
+RUN = ["--ratio", "0.2", "--calib-windows", "8", "--seqlen", "256", "--eval", "wiki", "--eval-tokens", "2048",
+       "--no-eval-original"]
+PATHS = {  # --path: the compress options, the section of bench/RESULTS.md and the rows' file
+    "best": (["--method", "dipsvd", "--allocation", "nested", "--refine", "sequential", *RUN],
+             SECTION, "depth.json"),
+    "uniform": (["--method", "dipsvd", "--allocation", "uniform", "--refine", "none", *RUN],
+                "## Depth, the uniform path (issue 39)", "depth_uniform.json"),
+}
 
 
-def run_depth(layers: int) -> dict:
+def run_depth(layers: int, compress: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = random_llama(tmp / "model", layers, **SMOL360)
-        rep, compress_s = cli("compress", "--model", str(tmp / "model"), *COMMON, *COMPRESS, "--out", str(tmp / "out"),
+        rep, compress_s = cli("compress", "--model", str(tmp / "model"), *COMMON, *compress, "--out", str(tmp / "out"),
                               cache=tmp / "cache")
         saved = sum(f.stat().st_size for f in (tmp / "out").glob("*.safetensors"))
         loaded, evaluate_s = cli("evaluate", "--model", str(tmp / "out"), *COMMON, "--eval", "wiki", "--eval-tokens",
@@ -50,11 +58,14 @@ def run_depth(layers: int) -> dict:
             "timings_s": rep["timings_s"], "phases": phases}
 
 
-def markdown(rows: dict, date: str, mach: str) -> str:
+def markdown(rows: dict, date: str, mach: str, path: str = "best") -> str:
+    compress, section, saved = PATHS[path]
     mb = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
-    lines = [SECTION, "", f"Machine: {mach}. Date: {date}. Command: `.venv/bin/python bench/bench_depth.py --write` "
-             "(rows in bench/depth.json). Random-init Llamas of SmolLM2-360M's widths, float32 on the CPU; "
-             f"`compress {' '.join(COMPRESS)} --out DIR`, then `evaluate --model DIR`, each on an empty cache.", "",
+    layers = ",".join(rows)
+    command = ("" if path == "best" else f"--path {path} ") + ("" if layers == "8,32" else f"--layers {layers} ") + "--write"
+    lines = [section, "", f"Machine: {mach}. Date: {date}. Command: `.venv/bin/python bench/bench_depth.py {command}` "
+             f"(rows in bench/{saved}). Random-init Llamas of SmolLM2-360M's widths, float32 on the CPU; "
+             f"`compress {' '.join(compress)} --out DIR`, then `evaluate --model DIR`, each on an empty cache.", "",
              "| blocks | float32 weights MB | saved MB | compress peak MB | compress s | evaluate peak MB | "
              "wiki ppl (compress / loaded) |", "|---|---|---|---|---|---|---|"]
     for r in rows.values():
@@ -69,6 +80,9 @@ def markdown(rows: dict, date: str, mach: str) -> str:
                   f"({dc / dw:.2f}x; target at most 1.25x). Load (evaluate): {de:,.0f} MB against {ds:,.0f} MB of "
                   f"added saved weights ({de / ds:.2f}x)."]
     deepest = rows[max(rows, key=int)]
+    whole = deepest["plan_peak_host_bytes"] / 2**20
+    lines += ["", f"The whole run, {deepest['layers']} blocks: the plan's host peak {whole:,.0f} MB against the measured "
+              f"{deepest['compress_peak_mb']:,.0f} MB ({whole / deepest['compress_peak_mb']:.2f}x; target within 25%)."]
     lines += ["", f"Per phase, {deepest['layers']} blocks: measured host peak (VmHWM since the phase began) against the "
               "plan. Target: within 25% for every phase of 200 MB or more.", "",
               "| phase | measured MB | plan MB | plan / measured | s |", "|---|---|---|---|---|"]
@@ -82,17 +96,19 @@ def markdown(rows: dict, date: str, mach: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="8,32")
+    ap.add_argument("--path", choices=sorted(PATHS), default="best")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    compress, section, saved = PATHS[args.path]
     rows = {}
     for layers in map(int, args.layers.split(",")):
-        rows[str(layers)] = run_depth(layers)
-        write_json(BENCH / "depth.json", {"machine": machine(), "date": utc_date(), "rows": rows})
+        rows[str(layers)] = run_depth(layers, compress)
+        write_json(BENCH / saved, {"machine": machine(), "date": utc_date(), "rows": rows})
         print({k: v for k, v in rows[str(layers)].items() if k != "phases"}, flush=True)
-    text = markdown(rows, utc_date(), machine())
+    text = markdown(rows, utc_date(), machine(), args.path)
     print(text)
     if args.write:
-        replace_section(RESULTS, SECTION, text)
+        replace_section(RESULTS, section, text)
 
 
 if __name__ == "__main__":

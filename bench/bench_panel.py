@@ -68,7 +68,7 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
                "generations": _generations(lm.model, lm.tokenizer)}
         _append(out, row, done)
     for ratio in ratios:
-        if (name, ratio, args.calib) in done:
+        if (name, ratio, args.calib, args.tune_epochs if refine == "block" else None) in done:
             continue
         s = Settings(method="dipsvd", allocation=allocation, ratio=ratio, refine=refine, compensate=compensate,
                      tune=TuneConfig(epochs=args.tune_epochs))
@@ -93,7 +93,10 @@ def _append(out: Path, row: dict, done: set) -> None:
 
 
 def _key(row: dict):
-    return ("original", row["calib"]) if row["config"] == "original" else (row["config"], row["ratio"], row["calib"])
+    """A row's identity: its config, ratio and calibration, and a tuned row's epochs (4 and 25 are two rows)."""
+    if row["config"] == "original":
+        return ("original", row["calib"])
+    return (row["config"], row["ratio"], row["calib"], row.get("tune_epochs"))
 
 
 def _rows(out: Path) -> list[dict]:

@@ -199,7 +199,7 @@ def lay_out_pairs(model: nn.Module, inference: bool = True) -> int:
     0.7x-0.8x as fast column-major at 8B widths), and so does a GPU (not measured there). With
     `inference=False`, row-major again (for saving: safetensors writes contiguous tensors). One u at a time is
     copied; returns how many were re-laid."""
-    count = 0
+    count, mappings = 0, _file_mappings()
     for m in model.modules():
         if not (isinstance(m, LowRankLinear) and _plain(m.u)):
             continue
@@ -211,6 +211,8 @@ def lay_out_pairs(model: nn.Module, inference: bool = True) -> int:
             continue
         data = w.detach().T.contiguous().T if inference else w.detach().contiguous()
         m.u.weight = nn.Parameter(data, requires_grad=w.requires_grad)
+        _drop_file_pages(w, mappings)  # loaded from safetensors: the old layout's pages of the mapped file go
+        del w
         count += 1
     return count
 

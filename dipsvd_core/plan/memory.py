@@ -127,13 +127,19 @@ COSTS: dict = {}  # phase -> (Terms) -> Cost; a probe's is _probe_work's, from t
 cost_of = per_phase(COSTS)  # a phase's memory: one function per phase (a new pass adds its own here)
 
 
+# Drawing the calibration windows (in the load phase) tokenizes the calibration text at once: measured 160 MB more
+# than the phase before it on the tiny model and 178 MB at SmolLM2-360M's widths (bench/RESULTS.md, "Depth, the
+# uniform path"), whatever the model.
+DRAW_BYTES = 170 * 2**20
+
+
 @cost_of("load")
 def _load(t: Terms) -> Cost:
     # A GGUF not yet dequantized holds its float32 arrays, the model built from them and the serialized
     # copy being written at once (measured on the bundled model: 2,131 MB peak for 135M parameters).
     loaded = 0 if t.sh.mapped(t.run) and not t.cuda else t.weights  # mapped pages become resident in the first pass
     gguf = t.sh.from_gguf
-    return Cost(t.weights, t.sh.params * 4 if gguf else 0, loaded + (3 * t.sh.params * 4 if gguf else 0))
+    return Cost(t.weights, t.sh.params * 4 if gguf else 0, loaded + DRAW_BYTES + (3 * t.sh.params * 4 if gguf else 0))
 
 
 @cost_of(P.WRITING)

@@ -135,3 +135,18 @@ def test_bfloat16_pairs_keep_the_row_major_layout():
     assert lay_out_pairs(holder) == 0 and holder[0].u.weight.is_contiguous()
     holder.float()
     assert lay_out_pairs(holder) == 1 and column_major(holder[0].u.weight)
+
+
+def test_laying_out_a_loaded_folder_lets_go_of_the_old_layouts_file_pages(built, tiny_lm, tmp_path, monkeypatch):
+    """A folder loaded on the CPU keeps its tensors in the mapped safetensors file; each u copied column-major hands
+    the old layout's pages back (surgery._drop_file_pages, as an in-place build does), else they stay resident
+    beside the copy: +517 MB on a 1.2 GB folder of SmolLM2-360M's widths (bench/RESULTS.md, issue 39)."""
+    from dipsvd_core.lowrank import surgery
+
+    bench, model = built
+    out = save_compressed(model, tmp_path / "saved", tiny_lm.tokenizer, {"method": "svd-llm"})
+    dropped, real = [], surgery._drop_file_pages
+    monkeypatch.setattr(surgery, "_drop_file_pages", lambda w, m: dropped.append((tuple(w.shape), real(w, m))))
+    loaded = pairs_of(load_compressed(out).model)
+    assert sorted(s for s, _ in dropped) == sorted(tuple(m.u.weight.shape) for m in loaded.values())
+    assert sum(b for _, b in dropped) > 0  # pages of the mapped file were handed back

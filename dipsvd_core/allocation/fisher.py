@@ -21,7 +21,7 @@ from torch import nn
 
 from ..common.cache import load_tensors, make_key, save_tensors
 from ..common.errors import DipSVDError
-from ..engine.stream import stood_in
+from ..engine.stream import release_host_memory, stood_in
 from ..model.blocks import Target
 from ..model.offload import block_on_device, weights_of
 
@@ -302,6 +302,7 @@ def fisher_info(model: nn.Module, targets: list[Target], windows: torch.Tensor, 
         fwd.inputs.hidden = []  # the last block's outputs, not needed from here
         for b in reversed(range(len(blocks))):  # 3. block by block, from the top
             _backward_block(b, blocks, names_of.get(b, []), mods, fwd, grads, red, progress)
+            release_host_memory()  # the block's gradient sums and autograd, freed, back to the system
     return _assemble(targets, red, len(windows), windows.numel(), loss_sum, t0)  # 4.
 
 

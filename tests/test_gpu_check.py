@@ -16,7 +16,7 @@ def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan
     # the plan's rates, measured (at small widths on the CPU): every eigh and Cholesky timed, the matmuls' FLOP/s
     assert rates["case"] == "rates" and len(rates["eigh_s"]) == len(rates["cholesky_s"]) == 2  # the CPU: host only
     stored = json.loads(open(rates["stored"]).read())  # kept for the device (plan.rates): later plans read them
-    assert stored["source"] == "gpu_check" and stored["eigh_s"] == rates["eigh_s"]
+    assert stored["source"] == "gpu_check" and rates["eigh_s"].items() <= stored["eigh_s"].items()
     assert all(0 < t < 10 for t in [*rates["eigh_s"].values(), *rates["cholesky_s"].values()]), rates
     assert rates["matmul_bfloat16_flops"] > 1e8 and rates["matmul_tf32_flops"] > 1e8
     # the out-of-memory case (simulated on the CPU: refine raises torch.OutOfMemoryError): one line, the phase named

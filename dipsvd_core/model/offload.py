@@ -195,6 +195,7 @@ class Ahead:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self.stream)  # the copies are done before the block's kernels read them
+        h.tied_pointers_to_remove = set()  # pre_forward's bookkeeping, which post_forward reads (no tied weights here)
         for n in names:
             t = self.copies.pop((id(m), n))
             if self.stream is not None:

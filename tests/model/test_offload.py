@@ -294,3 +294,24 @@ def test_the_next_block_is_sent_ahead_and_the_figures_do_not_change(counted, pai
     assert _reads_per_tensor(counts) == {2}  # forward and backward, and nothing wasted ahead of the backward
     np.testing.assert_allclose(fa.per_block, fb.per_block, rtol=1e-6)
     assert not offload._AHEAD and off.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"
+
+
+def test_a_block_sent_ahead_on_its_first_pass_offloads_again_after(tiny_model_dir, monkeypatch):
+    """The first pass of a freshly loaded model: a block whose weights were sent ahead never ran its hooks'
+    pre_forward, yet its hooks offload it again after (their post_forward reads pre_forward's bookkeeping)."""
+    from accelerate.hooks import AlignDevicesHook
+
+    from dipsvd_core.engine.stats import stream_stats
+    from dipsvd_core.model import offload
+
+    monkeypatch.setattr(offload, "PREFETCH_ON", {"cuda", "cpu"})
+    lm = load_model(tiny_model_dir, "cpu", "float32", device_map=DEVICE_MAP)
+    for m in lm.model.modules():  # as if nothing had ever run through them
+        for h in offload.offload_hooks(m):
+            if hasattr(h, "tied_pointers_to_remove"):
+                del h.tied_pointers_to_remove
+    assert any(isinstance(h, AlignDevicesHook) for m in lm.model.modules() for h in offload.offload_hooks(m))
+    offload._LAST[0] = lambda: None
+    windows = Workbench(lm, "wiki", 2, 32).windows()
+    stream_stats(lm.model, [t.name for t in lm.targets], windows)
+    assert lm.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"

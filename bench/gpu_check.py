@@ -231,7 +231,8 @@ def run_rates(name: str, tok, device: str) -> dict:
     Cholesky in float32 and float64 on the device and on the host, a bfloat16 and a TF32 matmul (FLOP/s)."""
     import torch
 
-    from dipsvd_core.plan.rates import best_seconds, device_name, measure_factorings, store
+    from dipsvd_core.lowrank.scalings import best_seconds
+    from dipsvd_core.plan.rates import device_name, measure_factorings, store
 
     dev, w = torch.device(device), RATE_WIDTHS[device]
     out = {"case": name, "device": device, "gpu": _gpu_name(),

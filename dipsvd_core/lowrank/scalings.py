@@ -83,7 +83,9 @@ def _floor(values: torch.Tensor, what: str, rel: float) -> tuple[torch.Tensor, i
     return values.clamp_min(floor), n
 
 
-def _best_seconds(fn, device: torch.device, repeat: int = 2) -> float:
+def best_seconds(fn, device: torch.device, repeat: int = 2) -> float:
+    """The best of `repeat` timed calls of `fn` after a warm-up, a CUDA device synchronised around each (the
+    project's one timer of a few calls: eigh_rates, the plan's microbenchmark and rates, the device check)."""
     fn()  # warm-up (the solver's workspace, the first copy)
     best = float("inf")
     for _ in range(repeat):
@@ -95,6 +97,12 @@ def _best_seconds(fn, device: torch.device, repeat: int = 2) -> float:
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def spd_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A random symmetric positive-definite n x n matrix (for timing eigh and Cholesky)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    return a @ a.T + n * torch.eye(n, dtype=dtype, device=device)
 
 
 EIGH_WIDTHS = (512, 1536)  # where eigh_rates measures: latency-bound and cubic enough to fit both terms
@@ -112,10 +120,9 @@ def eigh_rates(device: torch.device) -> tuple[tuple[float, float], tuple[float, 
     n^3) each, from SPD matrices at EIGH_WIDTHS (best of 2 each way), measured once per device and process."""
     points = {"device": [], "host": []}
     for width in EIGH_WIDTHS:
-        g = torch.randn(width, width, dtype=torch.float64, device=device)
-        g = g @ g.T + width * torch.eye(width, dtype=torch.float64, device=device)
-        points["device"].append(_best_seconds(lambda: torch.linalg.eigh(g), device))
-        points["host"].append(_best_seconds(lambda: [t.to(device) for t in torch.linalg.eigh(g.cpu())], device))
+        g = spd_matrix(width, torch.float64, device)
+        points["device"].append(best_seconds(lambda: torch.linalg.eigh(g), device))
+        points["host"].append(best_seconds(lambda: [t.to(device) for t in torch.linalg.eigh(g.cpu())], device))
     n1, n2 = EIGH_WIDTHS
     fits = tuple(cubic_fit(n1, t[0], n2, t[1]) for t in (points["device"], points["host"]))
     log.info("float64 eigh on %s: %s s at widths %s; on the host: %s s", device, points["device"], EIGH_WIDTHS,

@@ -220,8 +220,7 @@ def _measure_rates(dev: torch.device, sh: Shapes, run: Run) -> None:
     from ..model.models import DTYPES
     from .rates import device_name, measure_factorings, store
 
-    widths = sorted({*sh.groups, sh.hidden, *(min(o, i) for _, o, i in sh.matrices)})
-    measured = measure_factorings(dev, widths, (DTYPES.get(run.compute_dtype, torch.float64),))
+    measured = measure_factorings(dev, sh.eigh_widths, (DTYPES.get(run.compute_dtype, torch.float64),))
     store(device_name(dev), measured["eigh_s"], "plan --measure-rates")
 
 

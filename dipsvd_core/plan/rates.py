@@ -65,39 +65,22 @@ def store(name: str, eigh_s: dict[str, float], source: str) -> Path:
     return path
 
 
-def best_seconds(fn, device: torch.device) -> float:
-    """The best of two timed calls after a warm-up, the device synchronised around each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    best = math.inf
-    for _ in range(2):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def spd(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    return a @ a.T + n * torch.eye(n, dtype=dtype, device=device)
-
-
 def measure_factorings(device: torch.device, widths, dtypes=(torch.float32, torch.float64), cholesky: bool = False,
                        host_widths=None) -> dict[str, dict[str, float]]:
     """Seconds of eigh (and Cholesky) of SPD matrices of each width and dtype, on `device` and, for a GPU, on the
     host too (at `host_widths`, default the same): {"eigh_s": {"<where> <width> <dtype>": s}, "cholesky_s": {...}};
     on the CPU the device is the host."""
+    from ..lowrank.scalings import best_seconds, spd_matrix
+
     out = {"eigh_s": {}, "cholesky_s": {}}
-    places = [("device", device, widths)]
+    places = [("host" if device.type == "cpu" else "device", device, widths)]
     if device.type != "cpu":
         places.append(("host", torch.device("cpu"), widths if host_widths is None else host_widths))
     for where, at, ns in places:
         for n in ns:
             for dtype in dtypes:
-                g = spd(n, dtype, at)
-                key = f"{where if device.type != 'cpu' else 'host'} {n} {str(dtype).removeprefix('torch.')}"
+                g = spd_matrix(n, dtype, at)
+                key = f"{where} {n} {str(dtype).removeprefix('torch.')}"
                 out["eigh_s"][key] = best_seconds(lambda: torch.linalg.eigh(g), at)
                 if cholesky:
                     out["cholesky_s"][key] = best_seconds(lambda: torch.linalg.cholesky(g), at)

@@ -95,6 +95,12 @@ class Shapes:
     def targeted(self) -> int:
         return sum(o * i for _, o, i in self.matrices)
 
+    @property
+    def eigh_widths(self) -> list[int]:
+        """The widths of the eigendecompositions a run takes: each input group's (the whitening), the hidden one
+        (the block output's spectrum) and each matrix's smaller side (its factors)."""
+        return sorted({*self.groups, self.hidden, *(min(o, i) for _, o, i in self.matrices)})
+
 
 def load_config(spec: str, trust_remote_code: bool = False):
     """(config, from_gguf) for the same specs as models.load_model, reading no weights."""

@@ -4,7 +4,6 @@ device (Rates), scaled to every phase by its work (timing): each phase's seconds
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,27 +14,10 @@ from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..engine.data import self_windows
 from ..engine.self_text import BATCH, NEW_TOKENS
-from ..lowrank.scalings import symmetric_eigh
+from ..lowrank.scalings import best_seconds, symmetric_eigh
 from ..methods.handlers import handler
 from ..refine.choices import TAUS, refine_choice
 from .shapes import DTYPE_BYTES, Phase, Run, Shapes, per_phase, probe_groups_of
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn, device, repeat: int = 2) -> float:
-    fn()  # warm-up
-    _sync(device)
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 @dataclass
@@ -99,21 +81,21 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
             for h in handles:
                 h.remove()
 
-    block_s = _best(block_pass, device)
+    block_s = best_seconds(block_pass, device)
 
     def plain():
         inputs.hidden[0] = x0
         forward_block(blocks[0], inputs)
 
-    plain_s = _best(plain, device)
+    plain_s = best_seconds(plain, device)
     del model
     cdt = DTYPES.get(run.compute_dtype, torch.float64)
     a = torch.randn(512, 512, device=device, dtype=cdt)
-    svd_s = _best(lambda: torch.linalg.svd(a, full_matrices=False), device)
+    svd_s = best_seconds(lambda: torch.linalg.svd(a, full_matrices=False), device)
     g = a @ a.T
-    eigh_s = _best(lambda: symmetric_eigh(g), device)  # where the engine runs it (scalings.eigh_on_host)
+    eigh_s = best_seconds(lambda: symmetric_eigh(g), device)  # where the engine runs it (scalings.eigh_on_host)
     host = torch.empty(64 << 20, dtype=torch.uint8)
-    copy_s = _best(lambda: host.clone(), torch.device("cpu"))
+    copy_s = best_seconds(lambda: host.clone(), torch.device("cpu"))
     eigh, words = _eigh_model(device, run.compute_dtype, eigh_s, sh)
     gram_dtype = torch.float32  # the statistics' and refine's Grams: float32 products (TF32 for 16-bit on CUDA)
     tf32 = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
@@ -127,7 +109,7 @@ def _matmul_flops(dtype: torch.dtype, device: torch.device, tf32: bool = False) 
 
     m = torch.randn(1024, 1024, device=device, dtype=dtype)
     with matmul_precision("tf32" if tf32 else "ieee"):
-        return 2 * 1024**3 / _best(lambda: m @ m, device)
+        return 2 * 1024**3 / best_seconds(lambda: m @ m, device)
 
 
 def _eigh_model(device: torch.device, compute: str, eigh_512_s: float, sh: Shapes):
@@ -136,7 +118,7 @@ def _eigh_model(device: torch.device, compute: str, eigh_512_s: float, sh: Shape
     the engine taking the faster), and the plan's words for where they came from."""
     from .rates import device_name, eigh_times
 
-    widths = sorted({*sh.groups, sh.hidden, *(min(o, i) for _, o, i in sh.matrices)})
+    widths = sh.eigh_widths
     name = device_name(device)
     if device.type != "cuda" or compute != "float64":
         times = eigh_times(device, compute, {512: eigh_512_s})

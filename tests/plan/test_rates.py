@@ -54,7 +54,7 @@ def test_a_stored_eigh_time_sets_the_plans_factor_time(tiny_model_dir, capsys):
     P.timing(b, sh, run, slow)
     P.timing(c, sh, run, stored)
     assert b["factors"].seconds == pytest.approx(a["factors"].seconds)  # the same 512-wide figure, cubed: no change
-    per_block = sum(100.0 for _, o, i in sh.matrices if _ == 0)  # one stored eigh per matrix of a block
+    per_block = sum(100.0 for b, _, _ in sh.matrices if b == 0)  # one stored eigh per matrix of a block
     assert c["factors"].seconds > sh.n_blocks * per_block > 100 * a["factors"].seconds
     assert main(["plan", "--model", str(tiny_model_dir), "--device", "cpu", "--compute-dtype", "float64", "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]

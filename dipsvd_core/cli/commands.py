@@ -56,6 +56,8 @@ def _run_of(args):
 def cmd_plan(args):
     from ..plan import make_plan, plan_json
 
+    if args.measure_rates and args.no_bench:
+        raise DipSVDError("--measure-rates times the device, and --no-bench skips the timing; drop one of them")
     plan = make_plan(args.model, args.device, _run_of(args), bench=not args.no_bench,
                      trust_remote_code=args.trust_remote_code, budgets=_budgets(args), measure_rates=args.measure_rates)
     return plan_json(plan) if args.json else plan.table()

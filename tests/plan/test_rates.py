@@ -64,5 +64,7 @@ def test_a_stored_eigh_time_sets_the_plans_factor_time(tiny_model_dir, capsys):
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("(plan --measure-rates)" in n for n in notes), notes
     data = R.stored(name)
+    assert main(["plan", "--model", str(tiny_model_dir), "--measure-rates", "--no-bench"]) == 2
+    assert "drop one of them" in capsys.readouterr().err
     assert data["source"] == "plan --measure-rates" and all(0 < data["eigh_s"][f"host {w} float64"] < 10
                                                              for w in widths)

@@ -28,6 +28,7 @@ from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_d
 
 SECTION = "## Quality panel (issue 35)"
 TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
+PANEL = TEXTS[2:]  # the texts no calibration source contains (wiki and news are sources of the mix)
 # name -> (calibration source, refine, compensate, allocation)
 CONFIGS = {
     "base": ("wiki-chat", "sequential", "none", "nested"),
@@ -40,6 +41,18 @@ CONFIGS = {
     # item 3's last source: the default mix and text the model writes itself (engine/self_text.py), a fifth of it
     "mix-self-comp": ("mix:wiki-chat=2,wiki=1,news=1,self=1", "sequential", "outputs", "nested"),
 }
+# The ablation: each item of issue 35 as (item, the config with it on, the same config with it off). A tuned row is
+# compared at each of its epochs.
+ABLATIONS = (
+    ("1. block tuning", "tune", "base"),
+    ("1. block tuning", "mix-comp-tune", "mix-comp"),
+    ("2. dense compensation", "comp", "base"),
+    ("2. dense compensation", "mix-comp", "mix"),
+    ("3. mix calibration", "mix", "base"),
+    ("3. mix calibration", "mix-comp", "comp"),
+    ("3. the model's own text in the mix", "mix-self-comp", "mix-comp"),
+    ("4. allocation scored after refinement", "mix-comp-kl", "mix-comp"),
+)
 
 
 def _ppl(model, sets: dict) -> dict:
@@ -67,17 +80,20 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
         row = {"config": "original", "calib": args.calib, "ppl": _ppl(lm.model, sets),
                "generations": _generations(lm.model, lm.tokenizer)}
         _append(out, row, done)
+    tuned = refine == "block"
+    lr = args.tune_lr if tuned and args.tune_lr != TuneConfig.lr else None  # a row names a learning rate not the default
     for ratio in ratios:
-        if (name, ratio, args.calib, args.tune_epochs if refine == "block" else None) in done:
+        if (name, ratio, args.calib, args.tune_epochs if tuned else None, lr) in done:
             continue
         s = Settings(method="dipsvd", allocation=allocation, ratio=ratio, refine=refine, compensate=compensate,
-                     tune=TuneConfig(epochs=args.tune_epochs))
+                     tune=TuneConfig(epochs=args.tune_epochs, lr=args.tune_lr))
         t0 = time.perf_counter()
         built = bench.build(s)
         seconds = time.perf_counter() - t0
         row = {"config": name, "ratio": ratio, "calib": args.calib, "source": calib, "refine": refine,
                "allocation": built.allocation.method,
-               "compensate": compensate, "tune_epochs": args.tune_epochs if refine == "block" else None,
+               "compensate": compensate, "tune_epochs": args.tune_epochs if tuned else None,
+               **({"tune_lr": lr} if lr else {}),
                "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
                "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},
                "blocks": [(b["block"], b["choice"]) for b in built.info.get("refine", {}).get("blocks", [])]}
@@ -93,10 +109,11 @@ def _append(out: Path, row: dict, done: set) -> None:
 
 
 def _key(row: dict):
-    """A row's identity: its config, ratio and calibration, and a tuned row's epochs (4 and 25 are two rows)."""
+    """A row's identity: its config, ratio and calibration, and a tuned row's epochs (4 and 25 are two rows) and
+    learning rate where it is not the default."""
     if row["config"] == "original":
         return ("original", row["calib"])
-    return (row["config"], row["ratio"], row["calib"], row.get("tune_epochs"))
+    return (row["config"], row["ratio"], row["calib"], row.get("tune_epochs"), row.get("tune_lr"))
 
 
 def _rows(out: Path) -> list[dict]:
@@ -114,7 +131,54 @@ def markdown(rows: list[dict], command: str) -> str:
              "calibration text reused."]
     for calib in dict.fromkeys(r["calib"] for r in rows):
         lines += ["", *_table([r for r in rows if r["calib"] == calib], calib)]
+        ablation = _ablation([r for r in rows if r["calib"] == calib], calib)
+        lines += ["", *ablation] if len(ablation) > 4 else []
     return "\n".join(lines) + "\n"
+
+
+def _ablation(rows: list[dict], calib: str) -> list[str]:
+    """Each item on against off (ABLATIONS), at every ratio where both rows exist: the change of each text's
+    perplexity, how many panel texts it makes worse, the lowest distinct-3-gram share and the build seconds. A text
+    the item makes worse is in bold."""
+    by_key = {(r["config"], r.get("ratio")): r for r in rows if not r.get("tune_epochs")}
+    original = next(r for r in rows if r["config"] == "original")
+    base_d3 = [g["distinct_3"] for g in original["generations"]]
+    lines = [f"Ablation at {calib}: each item on against the same path with it off (change of perplexity; a text it "
+             "makes worse in bold; d3 min and refine s: off -> on; refine s: the refine pass and any search by refined "
+             "candidates, the part of a build that does not depend on which earlier rows filled the caches):", "",
+             "| item | on | off | ratio | " + " | ".join(TEXTS) + " | panel texts worse | d3 min | refine s |",
+             "|---|---|---|---|" + "---|" * (len(TEXTS) + 3)]
+    for item, on, off in ABLATIONS:
+        for r in sorted((r for r in rows if r["config"] == on), key=lambda r: (r["ratio"], r.get("tune_epochs") or 0,
+                                                                                   r.get("tune_lr") or 0)):
+            base = by_key.get((off, r["ratio"]))
+            if base is None:
+                continue
+            change = [r["ppl"][t] / base["ppl"][t] - 1 for t in TEXTS]
+            cells = [f"**{c:+.1%}**" if c > 0 else f"{c:+.1%}" for c in change]
+            label = on + _tuning(r)
+            lines.append(f"| {item} | {label} | {off} | {r['ratio']} | " + " | ".join(cells)
+                         + f" | {sum(c > 0 for c, t in zip(change, TEXTS) if t in PANEL)} | "
+                         f"{_d3_min(base, base_d3):.2f} -> "
+                         f"{_d3_min(r, base_d3):.2f} | {_own_s(base):.0f} -> {_own_s(r):.0f} |")
+    return lines
+
+
+def _own_s(row: dict) -> float:
+    """A row's refine seconds and its search's (refined-kl): what its items cost whatever the caches held."""
+    return row["timings_s"].get("refine", 0) + row["timings_s"].get("search", 0)
+
+
+def _tuning(row: dict) -> str:
+    """A tuned row's epochs, and its learning rate where it is not the default: " (25 epochs, lr 0.0004)"."""
+    if not row.get("tune_epochs"):
+        return ""
+    return f" ({row['tune_epochs']} epochs" + (f", lr {row['tune_lr']:g}" if row.get("tune_lr") else "") + ")"
+
+
+def _d3_min(row: dict, base_d3: list[float]) -> float:
+    """The lowest of the default prompts' distinct-3-gram shares as a multiple of the original's."""
+    return min(g["distinct_3"] / b if b else 1.0 for g, b in zip(row["generations"], base_d3))
 
 
 def _table(rows: list[dict], calib: str) -> list[str]:
@@ -127,8 +191,8 @@ def _table(rows: list[dict], calib: str) -> list[str]:
              "| original | | | | | | " + " | ".join(f"{original['ppl'][t]:.2f}" for t in TEXTS) + " | | | |"]
     for r in sorted((r for r in rows if r["config"] != "original"), key=lambda r: (r["ratio"], r["config"])):
         mult = [r["ppl"][t] / original["ppl"][t] for t in TEXTS]
-        d3 = min(g["distinct_3"] / b if b else 1.0 for g, b in zip(r["generations"], base_d3))
-        refine = r["refine"] + (f" ({r['tune_epochs']} epochs)" if r.get("tune_epochs") else "")
+        d3 = _d3_min(r, base_d3)
+        refine = r["refine"] + _tuning(r)
         lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {r.get('allocation', 'nested')} | {refine} | "
                      f"{r['compensate']} | "
                      + " | ".join(f"{m:.2f}x" for m in mult) + f" | {max(mult):.2f}x | {d3:.2f} | {r['build_s']:.0f} |")
@@ -142,10 +206,15 @@ def main() -> None:
     p.add_argument("--calib", default="32x512")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--tune-epochs", type=int, default=4)
+    p.add_argument("--tune-lr", type=float, default=None, help="block tuning's peak learning rate (default: "
+                   "TuneConfig's)")
     p.add_argument("--out", default=str(BENCH / "panel.jsonl"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--from-out", action="store_true", help="only write the section from --out")
     args = p.parse_args()
+    from dipsvd_core.refine.choices import TuneConfig
+
+    args.tune_lr = TuneConfig.lr if args.tune_lr is None else args.tune_lr
     out = Path(args.out)
     if not args.from_out:
         lm = load_bundled("cpu", "float32")
@@ -155,6 +224,8 @@ def main() -> None:
     if args.write:
         command = (".venv/bin/python bench/bench_panel.py --configs " + args.configs + f" --ratios {args.ratios} "
                    f"--calib {args.calib} --eval-tokens {args.eval_tokens} --tune-epochs {args.tune_epochs} --write")
+        if args.tune_lr != TuneConfig.lr:
+            command = command.replace(" --write", f" --tune-lr {args.tune_lr:g} --write")
         replace_section(RESULTS, SECTION, markdown(_rows(out), command), keep_from="### ")
 
 

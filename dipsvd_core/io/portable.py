@@ -57,6 +57,9 @@ The ranks come from config.json's "dipsvd_compression" entry ("ranks": module na
 "siblings" lists the pairs that read one input (q/k/v; gate/up): in evaluation mode (from_pretrained ends in it)
 their v factors are stacked into one tensor that holds each v weight as a view, and one product serves the group.
 """
+import ctypes
+import mmap
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,14 +161,21 @@ def _fuse(model, groups, prefix=""):
             lo += m.rank
 
 
+{page_helpers}
+
 @torch.no_grad()
 def _lay_out(model):
-    """Each pair's u factor (out > rank) stored column-major on the CPU in float32, the same values: faster there."""
+    """Each pair's u factor (out > rank) stored column-major on the CPU in float32, the same values: faster there.
+    The old layout's pages of the mapped safetensors file are handed back (Linux): else a loaded folder would hold
+    both layouts of every u in memory. Returns the bytes handed back."""
+    released, mappings = 0, _file_mappings()
     for m in model.modules():
         if isinstance(m, LowRankLinear) and _plain(m.u):
             w = m.u.weight
             if w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[0] > w.shape[1] and w.is_contiguous():
                 m.u.weight = nn.Parameter(w.detach().T.contiguous().T, requires_grad=w.requires_grad)
+                released += _drop_file_pages(w, mappings)
+    return released
 
 
 class {base_model_cls}(_BaseModel):
@@ -255,7 +265,17 @@ def write_code_files(folder: Path, model, reason: str | None = None) -> None:
                  prefix=model.base_model_prefix, reason=reason)
     Path(folder, CONFIG_FILE).write_text(CONFIG_TEMPLATE.format(**names))
     body = MODELING_BODY if reason is None else REFUSING_BODY
-    Path(folder, MODELING_FILE).write_text((MODELING_HEAD + body).format(**names))
+    Path(folder, MODELING_FILE).write_text((MODELING_HEAD + body).format(**names, page_helpers=_page_helpers()))
+
+
+def _page_helpers() -> str:
+    """The source of surgery's file-page helpers, for the modeling file (which imports nothing of this project):
+    one definition, as this project's own loader runs it."""
+    import inspect
+
+    from ..lowrank import surgery
+
+    return "\n\n".join(inspect.getsource(f) for f in (surgery._file_mappings, surgery._drop_file_pages))
 
 
 def auto_map() -> dict:

@@ -44,8 +44,12 @@ CHILD = textwrap.dedent("""
             refusals[name] = str(e)
     ids = torch.tensor(json.load(open(ids_file)))
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    code = sys.modules[type(model).__module__]  # the folder's modeling file: its u layout hands the old pages back
+    handed, hand_back = [], code._drop_file_pages
+    code._drop_file_pages = lambda w, maps: handed.append(hand_back(w, maps)) or handed[-1]
     mapped = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
                                                   device_map="auto")
+    code._drop_file_pages = hand_back
     base = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     pipe = pipeline("text-generation", model=folder, trust_remote_code=True, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
@@ -62,7 +66,8 @@ CHILD = textwrap.dedent("""
                       "low_rank": sum(type(m).__name__ == "LowRankLinear" for m in model.modules()),
                       "fused": sum(getattr(m, "siblings", None) is not None for m in model.modules()),
                       "column_major": sum(m.u.weight.stride(0) == 1 for m in model.modules()
-                                          if type(m).__name__ == "LowRankLinear")}))
+                                          if type(m).__name__ == "LowRankLinear"),
+                      "handed_back": handed}))
 """)
 
 
@@ -110,6 +115,9 @@ def test_plain_transformers_refuses_without_the_flag_and_loads_with_it(tiny_lm, 
     assert info["low_rank"] == len(entry["ranks"]) > 0
     assert info["fused"] == sum(map(len, entry["siblings"])) > 0  # the listed siblings fused in plain transformers
     assert info["column_major"] == len(entry["ranks"])  # every u factor laid out for the CPU's products there too
+    # and the old layout's pages of the mapped file handed back, where a u spans a whole page
+    assert len(info["handed_back"]) == len(entry["ranks"])
+    assert sum(info["handed_back"]) > 0 or sys.platform != "linux"
     assert info["params"] == count_params(ours.model) == count_params(res.model) < count_params(tiny_lm.model)
     with torch.no_grad():
         logits = ours.model(ids).logits
@@ -255,7 +263,7 @@ def minimal_site(folder) -> str:
     return str(site)
 
 
-def test_modeling_file_imports_only_torch_and_transformers(tiny_lm, bench, tmp_path):
+def test_modeling_file_imports_only_torch_transformers_and_the_standard_library(tiny_lm, bench, tmp_path):
     import ast
 
     out = save_compressed(bench.build(Settings(method="svd", ratio=0.5)).model, tmp_path / "m", tiny_lm.tokenizer)
@@ -263,7 +271,8 @@ def test_modeling_file_imports_only_torch_and_transformers(tiny_lm, bench, tmp_p
     roots = {n.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) or
              isinstance(node, ast.ImportFrom) and node.level == 0
              for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])}
-    assert roots == {"torch", "transformers"}
+    assert roots - sys.stdlib_module_names == {"torch", "transformers"}
+    assert roots & sys.stdlib_module_names == {"ctypes", "mmap"}  # the hand-back of the mapped file's pages
     local = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
     assert local == {CONFIG_FILE.removesuffix(".py")}  # its only neighbour, which imports transformers alone
     config_tree = ast.parse((out / CONFIG_FILE).read_text())

@@ -81,19 +81,19 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
                "generations": _generations(lm.model, lm.tokenizer)}
         _append(out, row, done)
     tuned = refine == "block"
-    lr = args.tune_lr if tuned and args.tune_lr != TuneConfig.lr else None  # a row names a learning rate not the default
+    options = tune_options(args) if tuned else {}  # a row names its tuning options that are not the defaults
     for ratio in ratios:
-        if (name, ratio, args.calib, args.tune_epochs if tuned else None, lr) in done:
+        if (name, ratio, args.calib, args.tune_epochs if tuned else None, tuple(sorted(options.items()))) in done:
             continue
         s = Settings(method="dipsvd", allocation=allocation, ratio=ratio, refine=refine, compensate=compensate,
-                     tune=TuneConfig(epochs=args.tune_epochs, lr=args.tune_lr))
+                     tune=TuneConfig(epochs=args.tune_epochs, **options))
         t0 = time.perf_counter()
         built = bench.build(s)
         seconds = time.perf_counter() - t0
         row = {"config": name, "ratio": ratio, "calib": args.calib, "source": calib, "refine": refine,
                "allocation": built.allocation.method,
                "compensate": compensate, "tune_epochs": args.tune_epochs if tuned else None,
-               **({"tune_lr": lr} if lr else {}),
+               **({"tune_options": options} if options else {}),
                "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
                "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},
                "blocks": [(b["block"], b["choice"]) for b in built.info.get("refine", {}).get("blocks", [])]}
@@ -110,10 +110,19 @@ def _append(out: Path, row: dict, done: set) -> None:
 
 def _key(row: dict):
     """A row's identity: its config, ratio and calibration, and a tuned row's epochs (4 and 25 are two rows) and
-    learning rate where it is not the default."""
+    its tuning options that are not the defaults."""
     if row["config"] == "original":
         return ("original", row["calib"])
-    return (row["config"], row["ratio"], row["calib"], row.get("tune_epochs"), row.get("tune_lr"))
+    return (row["config"], row["ratio"], row["calib"], row.get("tune_epochs"),
+            tuple(sorted(row.get("tune_options", {}).items())))
+
+
+def tune_options(args) -> dict:
+    """The tuning options given on the command line that are not TuneConfig's defaults (lr, error)."""
+    from dipsvd_core.refine.choices import TuneConfig
+
+    given = {"lr": args.tune_lr, "error": args.tune_error}
+    return {k: v for k, v in given.items() if v is not None and v != getattr(TuneConfig, k)}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -149,8 +158,7 @@ def _ablation(rows: list[dict], calib: str) -> list[str]:
              "| item | on | off | ratio | " + " | ".join(TEXTS) + " | panel texts worse | d3 min | refine s |",
              "|---|---|---|---|" + "---|" * (len(TEXTS) + 3)]
     for item, on, off in ABLATIONS:
-        for r in sorted((r for r in rows if r["config"] == on), key=lambda r: (r["ratio"], r.get("tune_epochs") or 0,
-                                                                                   r.get("tune_lr") or 0)):
+        for r in sorted((r for r in rows if r["config"] == on), key=lambda r: _key(r)[1:]):
             base = by_key.get((off, r["ratio"]))
             if base is None:
                 continue
@@ -170,10 +178,11 @@ def _own_s(row: dict) -> float:
 
 
 def _tuning(row: dict) -> str:
-    """A tuned row's epochs, and its learning rate where it is not the default: " (25 epochs, lr 0.0004)"."""
+    """A tuned row's epochs, and its options that are not the defaults: " (25 epochs, error relative)"."""
     if not row.get("tune_epochs"):
         return ""
-    return f" ({row['tune_epochs']} epochs" + (f", lr {row['tune_lr']:g}" if row.get("tune_lr") else "") + ")"
+    return f" ({row['tune_epochs']} epochs" + "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}"
+                                                      for k, v in row.get("tune_options", {}).items()) + ")"
 
 
 def _d3_min(row: dict, base_d3: list[float]) -> float:
@@ -208,13 +217,12 @@ def main() -> None:
     p.add_argument("--tune-epochs", type=int, default=4)
     p.add_argument("--tune-lr", type=float, default=None, help="block tuning's peak learning rate (default: "
                    "TuneConfig's)")
+    p.add_argument("--tune-error", default=None, help="block tuning's error, absolute or relative (default: "
+                   "TuneConfig's)")
     p.add_argument("--out", default=str(BENCH / "panel.jsonl"))
     p.add_argument("--write", action="store_true")
     p.add_argument("--from-out", action="store_true", help="only write the section from --out")
     args = p.parse_args()
-    from dipsvd_core.refine.choices import TuneConfig
-
-    args.tune_lr = TuneConfig.lr if args.tune_lr is None else args.tune_lr
     out = Path(args.out)
     if not args.from_out:
         lm = load_bundled("cpu", "float32")
@@ -224,8 +232,8 @@ def main() -> None:
     if args.write:
         command = (".venv/bin/python bench/bench_panel.py --configs " + args.configs + f" --ratios {args.ratios} "
                    f"--calib {args.calib} --eval-tokens {args.eval_tokens} --tune-epochs {args.tune_epochs} --write")
-        if args.tune_lr != TuneConfig.lr:
-            command = command.replace(" --write", f" --tune-lr {args.tune_lr:g} --write")
+        command = command.replace(" --write", "".join(f" --tune-{k} {v}" for k, v in tune_options(args).items())
+                                  + " --write")
         replace_section(RESULTS, SECTION, markdown(_rows(out), command), keep_from="### ")
 
 

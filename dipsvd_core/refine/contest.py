@@ -11,8 +11,23 @@ from .choices import TuneConfig, lr_scale
 from .walk import BlockWalk, Park, block_out, low_rank, replace_forward
 
 
-def _held_error(reference: list, outputs: dict, held, park: Park) -> float:
-    return sum(float((park.get(reference[i]).double() - park.get(outputs[i]).double()).pow(2).sum()) for i in held)
+def token_errors(out: torch.Tensor, ref: torch.Tensor, error: str) -> torch.Tensor:
+    """Each token's error of a block's output `out` against the original's `ref` (choices.BLOCK_ERRORS): the mean
+    squared distance over the hidden size, or with "relative" that over the original output's mean square at the
+    token. In out's dtype, so it also serves as block tuning's loss (its mean)."""
+    sq = (out - ref.to(out.dtype)).pow(2).mean(-1)
+    if error == "relative":
+        sq = sq / ref.to(out.dtype).pow(2).mean(-1).clamp_min(torch.finfo(out.dtype).tiny)
+    return sq
+
+
+def _held_error(reference: list, outputs: dict, held, park: Park, error: str = "absolute") -> float:
+    """The held-out windows' error, summed over their tokens (absolute: their summed squared distance)."""
+    total = 0.0
+    for i in held:
+        out = park.get(outputs[i]).double()
+        total += float(token_errors(out, park.get(reference[i]), error).sum()) * out.shape[-1]
+    return total
 
 
 class Contest:
@@ -21,8 +36,8 @@ class Contest:
     original block's output. The contenders are fitted on the fit windows alone; the winner is what the block
     ships (the closed-form ones refitted on every window)."""
 
-    def __init__(self, walk: BlockWalk, chosen: dict, inputs: list, held):
-        self.walk, self.chosen, self.inputs, self.held = walk, chosen, inputs, held
+    def __init__(self, walk: BlockWalk, chosen: dict, inputs: list, held, error: str = "absolute"):
+        self.walk, self.chosen, self.inputs, self.held, self.kind = walk, chosen, inputs, held, error
         self.fit = [i for i in range(walk.n_win) if i not in held]
 
     def _put(self, weights: dict) -> None:
@@ -47,7 +62,8 @@ class Contest:
         return {i: self.walk.park.put(self._forward(i, extra)) for i in windows}
 
     def error(self, weights: dict, extra: dict | None = None) -> float:
-        return _held_error(self.walk.orig.hidden, self.run(weights, self.held, extra), self.held, self.walk.park)
+        return _held_error(self.walk.orig.hidden, self.run(weights, self.held, extra), self.held, self.walk.park,
+                           self.kind)
 
     def picks(self, which: str) -> dict:
         return {n: p[which] for n, p in self.chosen.items()}
@@ -77,8 +93,8 @@ class Contest:
     def tune(self, start: dict, windows: list, cfg: "TuneConfig") -> tuple[dict, dict]:
         """Block-level training (the second stage of AA-SVD, arXiv 2604.02119) from `start`: AdamW with a warm-up
         and cosine decay, gradients clipped, over `windows` (shuffled each epoch, seeded) for cfg.epochs; the loss
-        is the mean squared distance between the original block's output and the block's output on the
-        compressed-path inputs. Returns the tuned pairs (float32) and, with scope "block", the block's other
+        is the mean over tokens of the block's output error on the compressed-path inputs against the original
+        block's output (token_errors, by cfg.error; "absolute" is AA-SVD's squared distance). Returns the tuned pairs (float32) and, with scope "block", the block's other
         tuned parameters by block-local name."""
         pairs, extra = self._masters(start, cfg.scope)
         params = [t for uv in pairs.values() for t in uv if t is not None] + list(extra.values())
@@ -94,7 +110,8 @@ class Contest:
                         for group in opt.param_groups:
                             group["lr"] = cfg.lr * lr_scale(step, total, cfg.warmup)
                         out = self._forward(windows[k], extra).float()
-                        loss = (out - self.walk.park.get(self.walk.orig.hidden[windows[k]]).float()).pow(2).mean()
+                        ref = self.walk.park.get(self.walk.orig.hidden[windows[k]])
+                        loss = token_errors(out, ref, cfg.error).mean()
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         if cfg.clip > 0:
@@ -116,7 +133,7 @@ def keep_or_revert(walk: BlockWalk, b: int, chosen: dict, inputs: list, held, fa
     unrefined factors (`fallback`; a compensated dense matrix goes back to the original's), or the tuned block as
     trained on the fit windows (what the held-out windows scored), whose outputs give the next block its inputs
     (walk.hat, which holds the refined block's outputs). Returns the block's line of the report."""
-    contest = Contest(walk, chosen, inputs, held)
+    contest = Contest(walk, chosen, inputs, held, tune.error if tune is not None else "absolute")
     errors = {"refined": contest.error(contest.picks("fit")), "unrefined": contest.error(contest.picks("base"))}
     tuned = extra = None
     if tune is not None:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.lowrank.factors import factor_matrix, whitening
 from dipsvd_core.refine.closed_form import least_squares_target
 from dipsvd_core.refine.sequential import refine
@@ -453,6 +454,60 @@ def test_block_tuning_lowers_the_fit_error_and_each_block_ships_its_held_out_win
         assert all(not torch.equal(weights[n], norms[n]) for n in tuned_norms)
     assert all(torch.equal(p, norms[n]) for n, p in tiny_lm.model.named_parameters() if n in norms)
     assert ("tuned" in summary(info)) == any(b["choice"] == "tuned" for b in info["blocks"])
+
+
+def test_block_errors_absolute_and_relative():
+    """token_errors: "absolute" is each token's mean squared distance over the hidden size; "relative" divides it
+    by the original output's mean square at that token, so scaling one token (a massive activation) scales its
+    absolute error by the square and leaves its relative error as it was. The held-out sum of "absolute" is the
+    summed squared distance."""
+    from dipsvd_core.refine.contest import _held_error, token_errors
+    from dipsvd_core.refine.walk import Park
+
+    ref = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])  # mean squares 12.5 and 0.5
+    out = torch.tensor([[[3.0, 2.0], [0.0, 1.0]]])  # squared distances 4 and 2
+    assert token_errors(out, ref, "absolute").tolist() == [[2.0, 1.0]]
+    assert token_errors(out, ref, "relative").tolist() == [[pytest.approx(0.16), pytest.approx(2.0)]]
+    big_ref, big_out = ref.clone(), out.clone()
+    big_ref[0, 0] *= 1000
+    big_out[0, 0] *= 1000
+    assert token_errors(big_out, big_ref, "absolute")[0, 0] == pytest.approx(2e6)
+    assert token_errors(big_out, big_ref, "relative")[0, 0] == pytest.approx(0.16)
+    park = Park(torch.device("cpu"))
+    refs, outs = [park.put(ref)], {0: park.put(out)}
+    assert _held_error(refs, outs, [0], park) == pytest.approx(6.0)
+    assert _held_error(refs, outs, [0], park, "relative") == pytest.approx(2 * 2.16)
+
+
+def test_block_tuning_with_the_relative_error(tiny_lm, monkeypatch):
+    """TuneConfig(error="relative"): the tuning lowers each block's relative error on its training windows, and
+    the block check that follows scores every contender by that same error."""
+    from dipsvd_core.lowrank.surgery import low_rank_weights
+    from dipsvd_core.refine.choices import TuneConfig
+    from dipsvd_core.refine.contest import Contest, token_errors
+
+    bench = Workbench(tiny_lm, "wiki", 8, 64)
+    s = Settings(method="svd-llm", ratio=0.4, refine="block", tune=TuneConfig(epochs=3, lr=1e-3, error="relative"))
+    fallback = low_rank_weights(bench.factors(s.spec), bench.allocate(s).ranks)
+    drops, kinds = [], set()
+    tune = Contest.tune
+
+    def recorded(self, start, windows, cfg):
+        def error(weights, extra=None):
+            outs = self.run(weights, windows, extra)
+            return sum(float(token_errors(outs[i].double(), self.walk.orig.hidden[i], "relative").sum())
+                       for i in windows)
+        kinds.add(self.kind)
+        before = error(start)
+        tuned, extra = tune(self, start, windows, cfg)
+        drops.append((before, error(tuned, extra)))
+        return tuned, extra
+    monkeypatch.setattr(Contest, "tune", recorded)
+    _, info = bench.refine(s, bench.allocate(s), fallback=fallback)
+    assert kinds == {"relative"}
+    assert len(drops) >= tiny_lm.n_blocks and all(after < before for before, after in drops)
+    with pytest.raises(DipSVDError, match="unknown tune error 'mse'"):
+        TuneConfig(error="mse").check()
 
 
 def test_tuning_schedule_warms_up_then_decays():

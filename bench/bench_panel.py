@@ -230,10 +230,10 @@ def main() -> None:
         for name in args.configs.split(","):
             run_config(lm, name, [float(x) for x in args.ratios.split(",")], args, done, out)
     if args.write:
+        options = "".join(f" --tune-{k} {v}" for k, v in tune_options(args).items())
         command = (".venv/bin/python bench/bench_panel.py --configs " + args.configs + f" --ratios {args.ratios} "
-                   f"--calib {args.calib} --eval-tokens {args.eval_tokens} --tune-epochs {args.tune_epochs} --write")
-        command = command.replace(" --write", "".join(f" --tune-{k} {v}" for k, v in tune_options(args).items())
-                                  + " --write")
+                   f"--calib {args.calib} --eval-tokens {args.eval_tokens} --tune-epochs {args.tune_epochs}{options} "
+                   "--write")
         replace_section(RESULTS, SECTION, markdown(_rows(out), command), keep_from="### ")
 
 

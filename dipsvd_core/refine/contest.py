@@ -94,8 +94,8 @@ class Contest:
         """Block-level training (the second stage of AA-SVD, arXiv 2604.02119) from `start`: AdamW with a warm-up
         and cosine decay, gradients clipped, over `windows` (shuffled each epoch, seeded) for cfg.epochs; the loss
         is the mean over tokens of the block's output error on the compressed-path inputs against the original
-        block's output (token_errors, by cfg.error; "absolute" is AA-SVD's squared distance). Returns the tuned pairs (float32) and, with scope "block", the block's other
-        tuned parameters by block-local name."""
+        block's output (token_errors, by cfg.error; "absolute" is AA-SVD's squared distance). Returns the tuned
+        pairs (float32) and, with scope "block", the block's other tuned parameters by block-local name."""
         pairs, extra = self._masters(start, cfg.scope)
         params = [t for uv in pairs.values() for t in uv if t is not None] + list(extra.values())
         frozen = [p for p in self.walk.block.parameters() if p.requires_grad]

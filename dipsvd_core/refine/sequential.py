@@ -82,6 +82,7 @@ import time
 import torch
 from torch import nn
 
+from ..common import cores
 from ..common.errors import DipSVDError
 from ..engine.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS, HOLDOUT, is_held
 from ..engine.stream import BlockInputs, capture_inputs, release_host_memory
@@ -163,6 +164,7 @@ def refine(model: nn.Module, names: list[str], windows: torch.Tensor, spec: Fact
     out, floored, report = {}, 0, []
     n_blocks = len(blocks)
     for b, block in enumerate(blocks):
+        cores.share()  # each block its share of the cores as the machine's compute jobs are now
         with block_on_device(block):  # sent once for the block's every pass over the windows
             walk = BlockWalk(block, f"{prefix}.{b}" if prefix else str(b), wanted, orig, hat, park, held or None)
             block_ranks, last, leaders = _block_ranks(walk, ranks, comp, residual)

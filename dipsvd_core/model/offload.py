@@ -71,6 +71,19 @@ def offload_hooks(module: nn.Module) -> list:
     return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
 
 
+def offloads(module: nn.Module) -> bool:
+    """Some module in `module` has its weights offloaded, also while block_on_device holds them on the device (an
+    offloading hook keeps its weights map then; a hook that only moves inputs has none)."""
+    from accelerate.hooks import AlignDevicesHook
+
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
+            if isinstance(h, AlignDevicesHook) and (h.offload or getattr(h, "weights_map", None) is not None):
+                return True
+    return False
+
+
 def weights_of(module: nn.Module):
     """A context in which an offloaded module's weights are real tensors on its execution device
     (accelerate's align_module_device); a no-op for a module that holds its weights."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.offload import offload_hooks, weights_of
+from ..model.offload import offloads, weights_of
 from .choices import TuneConfig, lr_scale
 from .walk import BlockWalk, Park, block_out, low_rank, replace_forward
 
@@ -84,7 +84,7 @@ class Contest:
                              for t in (u, v))
             walk.swaps.append(replace_forward(walk.linears[n], low_rank(*pairs[n], bias)))
         extra = {}
-        if scope == "block" and not any(offload_hooks(m) for m in walk.block.modules()):
+        if scope == "block" and not offloads(walk.block):  # an offloaded block's other parameters stay as they are
             skip = {f"{n[len(walk.base) + 1:]}.{k}" for n in start for k in ("weight", "bias")}
             extra = {k: nn.Parameter(t.detach().float().clone()) for k, t in walk.block.named_parameters()
                      if k not in skip}

@@ -301,7 +301,8 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
 
 def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypatch):
     """Issue 23, item 3, in the browser: a host budget that holds no block beside the working set puts both of the tiny
-    model's blocks on disk; factor, a refined build, evaluate and generate side by side then run with no error. The
+    model's blocks on disk; factor, a refined build with block tuning (2 epochs, the relative error, set in the
+    tuning options box), evaluate and generate side by side then run with no error. The
     server's runtime is pinned (DIPSVD_STUDIO_RUNTIME) so that the test computes the same placement as the server's
     plan."""
     from playwright.sync_api import expect
@@ -342,6 +343,18 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypa
             go_to(page, "Compress and evaluate")
             page.get_by_text("Refine (sequential compensation)").click()
             settle(page)
+            page.get_by_text("Also tune each block (AdamW)").click()  # block tuning, with its options box
+            settle(page)
+            page.get_by_text("Tuning options").click()
+            epochs = page.get_by_role("spinbutton", name="Tuning epochs")
+            epochs.fill("2")
+            epochs.press("Enter")
+            settle(page)
+            page.get_by_role("radio", name="relative").click(force=True)
+            settle(page)
+            expect(page.get_by_role("radio", name="relative")).to_be_checked()
+            expect(page.get_by_role("spinbutton", name="Tuning epochs")).to_have_value("2")
+            page.screenshot(path=str(tmp_path / "offload-tuning.png"), full_page=True)
             cells = built_and_evaluated(page, "news")
             expect(page.get_by_text(re.compile(r"refined \d of 2 blocks"))).to_be_visible()  # refine's summary
             ppl = [float(c.replace(",", "")) for c in cells[1:3]]  # a random model's: tens of thousands
@@ -352,7 +365,7 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypa
             page.get_by_role("button", name="Generate").click()
             # the three default prompts, preselected, two columns each
             expect(page.get_by_text("tok/s")).to_have_count(6, timeout=SLOW)
-            expect(page.get_by_text("refined (sequential)", exact=False)).to_have_count(3)  # the compressed columns
+            expect(page.get_by_text("refined (block)", exact=False)).to_have_count(3)  # the compressed columns
             no_errors_on(page)
             page.screenshot(path=str(tmp_path / "offload.png"), full_page=True)
         except Exception:

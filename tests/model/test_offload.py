@@ -1,6 +1,7 @@
 """The offload path on the CPU: a tiny model whose device_map puts one block in CPU memory and one on
 disk (accelerate's big-model inference) gives the same statistics, factors, Fisher signals and
 compressed model as the same model held in memory."""
+import math
 import subprocess
 import sys
 
@@ -114,6 +115,36 @@ def test_refine_matches_the_model_in_memory(pair):
         torch.testing.assert_close(wa[n][0] @ wa[n][1], wb[n][0] @ wb[n][1], rtol=1e-5, atol=1e-6)
     assert off.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # still offloaded
     assert perplexity(off.model, ev) == before
+
+
+def test_block_tuning_on_an_offloaded_model_trains_the_factors_alone(pair, tiny_model_dir, monkeypatch):
+    """Block tuning's default scope trains every parameter of a block, but an offloaded block's norms cannot be
+    replaced in the compressed copy: there it trains the factors alone (TuneConfig.scope), also though refine
+    holds the block on the device while it tunes (block_on_device suspends the hooks' offloading). Both blocks on
+    disk: block 0 wins with its tuned factors, no norm is replaced, and the build runs; the model in memory tunes
+    its norms too."""
+    from dipsvd_core.refine.choices import TuneConfig
+    from dipsvd_core.refine.contest import Contest
+
+    off = load_model(tiny_model_dir, "cpu", "float32", device_map=dict(DEVICE_MAP, **{"model.layers.0": "disk"}))
+    s = Settings(method="svd-llm", ratio=0.4, refine="block", tune=TuneConfig(epochs=3, lr=1e-3))
+    trained = []
+    tune = Contest.tune
+
+    def recorded(self, start, windows, cfg):
+        tuned, extra = tune(self, start, windows, cfg)
+        trained.append(sorted(extra))
+        return tuned, extra
+    monkeypatch.setattr(Contest, "tune", recorded)
+    a, b = Workbench(off, "wiki", 8, 64), Workbench(pair[1], "wiki", 8, 64)
+    weights, info = a.refine(s, a.allocate(s))
+    assert trained == [[], []]  # factors alone
+    assert info["blocks"][0]["choice"] == "tuned" and not any("norm" in n for n in weights)
+    ev = a.eval_windows("wiki", 256)
+    assert math.isfinite(perplexity(a.build(s).model, ev))  # the surgery replaces no offloaded norm
+    trained.clear()
+    b.refine(s, b.allocate(s))
+    assert len(trained) == 2 and all(any("norm" in k for k in keys) for keys in trained)
 
 
 class _CountingMap:

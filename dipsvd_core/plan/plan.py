@@ -183,7 +183,7 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
         placement = dataclasses.replace(placement, device_map=tuple(block_device_map(
             meta, dev, placement.device, placement.host).items()))
     phases = memory(sh, run, cuda, runtime)
-    notes = [f"offload: {placement.words()} (from the memory budgets)"] if placement else []
+    notes = _offload_notes(placement, run) if placement else []
     if sh.grouped_by != "meta forward":
         notes.append(f"shared inputs not found by a meta forward: {sh.grouped_by}")
     if bench and (not cuda or has_cuda):
@@ -213,6 +213,19 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
     plan.device_runtime_bytes = DEVICE_RUNTIME if cuda else 0
     check_budgets(plan, budgets)
     return plan
+
+
+def _offload_notes(placement: Placement, run: Run) -> list[str]:
+    """The placement in words, and what it changes: block tuning's offloaded blocks train their factors alone."""
+    from ..refine.choices import refine_choice
+
+    notes = [f"offload: {placement.words()} (from the memory budgets)"]
+    streamed = placement.disk + (placement.host if placement.gpu else 0)
+    if streamed and refine_choice(run.refine).tunes and run.tune.scope == "block":
+        held = placement.device + (0 if placement.gpu else placement.host)
+        notes.append(f"block tuning: the {streamed} offloaded blocks train their low-rank factors alone (an "
+                     f"offloaded block's norms cannot be replaced); the {held} held blocks train every parameter")
+    return notes
 
 
 def _measure_rates(dev: torch.device, sh: Shapes, run: Run) -> None:

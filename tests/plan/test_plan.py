@@ -370,3 +370,21 @@ def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir, c
     for calib, needed in (("mix:wiki=1,self=1", True), ("wiki", False)):
         assert main(["plan", "--model", tiny_model_dir, "--calib", calib, "--no-bench", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["phases"]["writing"]["needed"] is needed
+
+
+def test_the_plan_says_block_tuning_trains_the_offloaded_blocks_factors_alone(llama8b_config):
+    """Llama-3-8B on 24 GiB, offloaded, with block tuning: the plan names how many blocks train their factors alone
+    (the streamed ones) and how many every parameter; without tuning, or tuning the factors alone, it says nothing."""
+    from dipsvd_core.refine.choices import TuneConfig
+
+    budgets = {"device": 24 * P.GiB, "host": 64 * P.GiB}
+    run = P.run_of(dtype="bfloat16", offload=True, allocation="nested", refine="block")
+    plan = P.make_plan(llama8b_config, "cuda", run, bench=False, budgets=budgets)
+    at = plan.placement
+    assert at.host + at.disk == 32 - at.device > 0
+    said = [n for n in plan.notes if n.startswith("block tuning")]
+    assert said == [f"block tuning: the {32 - at.device} offloaded blocks train their low-rank factors alone (an "
+                    f"offloaded block's norms cannot be replaced); the {at.device} held blocks train every parameter"]
+    for other in (run.replace(refine="sequential"), run.replace(tune=TuneConfig(scope="factors"))):
+        plan = P.make_plan(llama8b_config, "cuda", other, bench=False, budgets=budgets)
+        assert not [n for n in plan.notes if n.startswith("block tuning")]

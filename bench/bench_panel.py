@@ -118,10 +118,10 @@ def _key(row: dict):
 
 
 def tune_options(args) -> dict:
-    """The tuning options given on the command line that are not TuneConfig's defaults (lr, error)."""
+    """The tuning options given on the command line that are not TuneConfig's defaults (lr, error, scope)."""
     from dipsvd_core.refine.choices import TuneConfig
 
-    given = {"lr": args.tune_lr, "error": args.tune_error}
+    given = {"lr": args.tune_lr, "error": args.tune_error, "scope": args.tune_scope}
     return {k: v for k, v in given.items() if v is not None and v != getattr(TuneConfig, k)}
 
 
@@ -218,6 +218,8 @@ def main() -> None:
     p.add_argument("--tune-lr", type=float, default=None, help="block tuning's peak learning rate (default: "
                    "TuneConfig's)")
     p.add_argument("--tune-error", default=None, help="block tuning's error, absolute or relative (default: "
+                   "TuneConfig's)")
+    p.add_argument("--tune-scope", default=None, help="what block tuning trains, factors or block (default: "
                    "TuneConfig's)")
     p.add_argument("--out", default=str(BENCH / "panel.jsonl"))
     p.add_argument("--write", action="store_true")

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.errors import DipSVDError
 from ..model.models import shared_inputs
 from ..model.offload import offload_hooks, weights_of
 from .factors import Factor
@@ -291,20 +290,39 @@ def placement_of(linear: nn.Linear) -> tuple[torch.device, nn.Parameter | None]:
     return dev, bias
 
 
+class _Overlay(Mapping):
+    """An offload hook's weights map with some of its tensors replaced (an offloaded norm that block tuning trained):
+    the new ones from `new`, the others from the map it overlays, which the original model's hooks still read."""
+
+    def __init__(self, base: Mapping, new: dict):
+        self.base, self.new = base, new
+
+    def __getitem__(self, key):
+        return self.new[key] if key in self.new else self.base[key]
+
+    def __iter__(self):
+        return iter(self.base.keys())
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 def _replace_parameter(new: nn.Module, mods: dict, path: str, value: torch.Tensor) -> None:
     """The parameter at `path` (module.name) of `new` replaced by a new one holding `value`, in the old one's dtype
     and place; the original's parameter is left as it was (`new` is a copy whose modules are its own). A Linear's
     weight makes a new Linear (so an offloaded one computes on its hook's device with no offloading); another
-    offloaded module's parameter cannot be replaced."""
+    offloaded module's parameter (a norm's) stays offloaded: the copy's hooks read the new value (_Overlay)."""
     module_name, _, pname = path.rpartition(".")
     old = mods[module_name]
     if isinstance(old, nn.Linear) and pname == "weight":
         dev, bias = placement_of(old)
         set_module(new, module_name, _wrap_linear(value.to(dev, old.weight.dtype), bias))
         return
-    if offload_hooks(old):
-        raise DipSVDError(f"{path} is offloaded and cannot be replaced; tune only the factors (--tune-scope factors)")
     target = new.get_submodule(module_name)
+    if offload_hooks(old):  # the copy's own hooks read the new value from host memory, the rest from the shared map
+        for h in offload_hooks(target):
+            h.weights_map = _Overlay(h.weights_map, {pname: value.detach().to("cpu", getattr(old, pname).dtype)})
+        return
     ref = getattr(target, pname)
     setattr(target, pname, nn.Parameter(value.to(ref.device, ref.dtype), requires_grad=False))
 

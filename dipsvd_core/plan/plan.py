@@ -216,15 +216,16 @@ def make_plan(model: str, device: str | None = None, run: Run = Run(), bench: bo
 
 
 def _offload_notes(placement: Placement, run: Run) -> list[str]:
-    """The placement in words, and what it changes: block tuning's offloaded blocks train their factors alone."""
+    """The placement in words, and what it changes: block tuning's offloaded blocks train their factors and norms."""
     from ..refine.choices import refine_choice
 
     notes = [f"offload: {placement.words()} (from the memory budgets)"]
     streamed = placement.disk + (placement.host if placement.gpu else 0)
     if streamed and refine_choice(run.refine).tunes and run.tune.scope == "block":
         held = placement.device + (0 if placement.gpu else placement.host)
-        notes.append(f"block tuning: the {streamed} offloaded blocks train their low-rank factors alone (an "
-                     f"offloaded block's norms cannot be replaced); the {held} held blocks train every parameter")
+        notes.append(f"block tuning: the {streamed} offloaded blocks train their low-rank factors and norms, not "
+                     f"their dense matrices (tuned, those would be held on the device); the {held} held blocks train "
+                     "every parameter")
     return notes
 
 

@@ -105,7 +105,7 @@ class TuneConfig:
                       + "; ".join(f"{k}: {v}" for k, v in BLOCK_ERRORS.items()), "--tune-error",
                       choices=lambda: tuple(BLOCK_ERRORS), widget=Widget("Error"))
     scope: str = knob("block", "block tuning trains: factors (the low-rank factors), or block (every parameter of "
-                               "the block: factors, dense matrices, norms; an offloaded block tunes its factors)",
+                               "the block: factors, dense matrices, norms; an offloaded block its factors and norms)",
                       "--tune-scope", choices=lambda: TUNE_SCOPES, widget=Widget("Trains"))
 
     def check(self) -> "TuneConfig":

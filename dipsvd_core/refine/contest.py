@@ -71,7 +71,7 @@ class Contest:
     def _masters(self, start: dict, scope: str) -> tuple[dict, dict]:
         """float32 master copies of what block tuning trains: every pick's (u, v) (v None for a dense refit), put in
         place on the compressed path; with scope "block", also every other parameter of the block (its dense
-        matrices, biases and norms) by block-local name, unless the block is offloaded."""
+        matrices, biases and norms) by block-local name, of an offloaded block its norms alone."""
         walk = self.walk
         walk.restore()
         walk.swaps, walk.replayed = [], set()
@@ -84,8 +84,11 @@ class Contest:
                              for t in (u, v))
             walk.swaps.append(replace_forward(walk.linears[n], low_rank(*pairs[n], bias)))
         extra = {}
-        if scope == "block" and not offloads(walk.block):  # an offloaded block's other parameters stay as they are
+        if scope == "block":
             skip = {f"{n[len(walk.base) + 1:]}.{k}" for n in start for k in ("weight", "bias")}
+            if offloads(walk.block):  # its dense matrices stay: tuned, they would be held on the device after
+                skip |= {f"{m}.{k}" for m, mod in walk.block.named_modules() if isinstance(mod, nn.Linear)
+                         for k, _ in mod.named_parameters()}
             extra = {k: nn.Parameter(t.detach().float().clone()) for k, t in walk.block.named_parameters()
                      if k not in skip}
         return pairs, extra

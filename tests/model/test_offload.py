@@ -1,7 +1,6 @@
 """The offload path on the CPU: a tiny model whose device_map puts one block in CPU memory and one on
 disk (accelerate's big-model inference) gives the same statistics, factors, Fisher signals and
 compressed model as the same model held in memory."""
-import math
 import subprocess
 import sys
 
@@ -117,12 +116,16 @@ def test_refine_matches_the_model_in_memory(pair):
     assert perplexity(off.model, ev) == before
 
 
-def test_block_tuning_on_an_offloaded_model_trains_the_factors_alone(pair, tiny_model_dir, monkeypatch):
-    """Block tuning's default scope trains every parameter of a block, but an offloaded block's norms cannot be
-    replaced in the compressed copy: there it trains the factors alone (TuneConfig.scope), also though refine
-    holds the block on the device while it tunes (block_on_device suspends the hooks' offloading). Both blocks on
-    disk: block 0 wins with its tuned factors, no norm is replaced, and the build runs; the model in memory tunes
-    its norms too."""
+def test_block_tuning_on_an_offloaded_model_trains_its_factors_and_norms(pair, tiny_model_dir, monkeypatch,
+                                                                          tmp_path):
+    """Block tuning's default scope trains every parameter of a block. An offloaded block trains its factors and
+    norms but not its dense matrices (tuned, they would stay on the device): also though refine holds the block on
+    the device while it tunes (block_on_device suspends the hooks' offloading). Its tuned norms stay offloaded in
+    the compressed copy, read from host memory by the copy's own hooks: the copy computes, and saves, as the model
+    in memory with the same new weights does, and the original computes as before. The model in memory tunes its dense
+    matrices too."""
+    from dipsvd_core.io.compressed import save_compressed
+    from dipsvd_core.lowrank.surgery import compress_model
     from dipsvd_core.refine.choices import TuneConfig
     from dipsvd_core.refine.contest import Contest
 
@@ -137,14 +140,25 @@ def test_block_tuning_on_an_offloaded_model_trains_the_factors_alone(pair, tiny_
         return tuned, extra
     monkeypatch.setattr(Contest, "tune", recorded)
     a, b = Workbench(off, "wiki", 8, 64), Workbench(pair[1], "wiki", 8, 64)
-    weights, info = a.refine(s, a.allocate(s))
-    assert trained == [[], []]  # factors alone
-    assert info["blocks"][0]["choice"] == "tuned" and not any("norm" in n for n in weights)
+    allocation = a.allocate(s)
+    dense = "model.layers.0.self_attn.o_proj"
+    allocation.ranks[dense] = None  # one dense matrix
     ev = a.eval_windows("wiki", 256)
-    assert math.isfinite(perplexity(a.build(s).model, ev))  # the surgery replaces no offloaded norm
+    before = perplexity(off.model, ev)
+    weights, info = a.refine(s, allocation)
+    assert trained == [["input_layernorm.weight", "post_attention_layernorm.weight"]] * 2
+    assert info["blocks"][0]["choice"] == "tuned" and "model.layers.0.input_layernorm.weight" in weights
+    copy = compress_model(off.model, weights)
+    expected = perplexity(compress_model(pair[1].model, weights), ev)
+    assert perplexity(copy, ev) == pytest.approx(expected, rel=1e-6)
+    save_compressed(copy, tmp_path / "tuned", off.tokenizer)  # saved through the hooks: the tuned norms, not the original's
+    assert perplexity(load_model(str(tmp_path / "tuned"), "cpu", "float32").model, ev) == pytest.approx(expected,
+                                                                                                        rel=1e-6)
+    assert perplexity(off.model, ev) == before
+    assert off.model.model.layers[0].input_layernorm.weight.device.type == "meta"  # still offloaded
     trained.clear()
-    b.refine(s, b.allocate(s))
-    assert len(trained) == 2 and all(any("norm" in k for k in keys) for keys in trained)
+    b.refine(s, allocation)
+    assert len(trained) == 2 and "self_attn.o_proj.weight" in trained[0]
 
 
 class _CountingMap:

@@ -372,9 +372,9 @@ def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir, c
         assert json.loads(capsys.readouterr().out)["phases"]["writing"]["needed"] is needed
 
 
-def test_the_plan_says_block_tuning_trains_the_offloaded_blocks_factors_alone(llama8b_config):
-    """Llama-3-8B on 24 GiB, offloaded, with block tuning: the plan names how many blocks train their factors alone
-    (the streamed ones) and how many every parameter; without tuning, or tuning the factors alone, it says nothing."""
+def test_the_plan_says_what_block_tuning_trains_in_the_offloaded_blocks(llama8b_config):
+    """Llama-3-8B on 24 GiB, offloaded, with block tuning: the plan names how many blocks train their factors and
+    norms (the streamed ones) and how many every parameter; without tuning, or tuning the factors alone, it says nothing."""
     from dipsvd_core.refine.choices import TuneConfig
 
     budgets = {"device": 24 * P.GiB, "host": 64 * P.GiB}
@@ -383,8 +383,9 @@ def test_the_plan_says_block_tuning_trains_the_offloaded_blocks_factors_alone(ll
     at = plan.placement
     assert at.host + at.disk == 32 - at.device > 0
     said = [n for n in plan.notes if n.startswith("block tuning")]
-    assert said == [f"block tuning: the {32 - at.device} offloaded blocks train their low-rank factors alone (an "
-                    f"offloaded block's norms cannot be replaced); the {at.device} held blocks train every parameter"]
+    assert said == [f"block tuning: the {32 - at.device} offloaded blocks train their low-rank factors and norms, "
+                    "not their dense matrices (tuned, those would be held on the device); the "
+                    f"{at.device} held blocks train every parameter"]
     for other in (run.replace(refine="sequential"), run.replace(tune=TuneConfig(scope="factors"))):
         plan = P.make_plan(llama8b_config, "cuda", other, bench=False, budgets=budgets)
         assert not [n for n in plan.notes if n.startswith("block tuning")]

@@ -162,7 +162,7 @@ def _ablation(rows: list[dict], calib: str) -> list[str]:
             base = by_key.get((off, r["ratio"]))
             if base is None:
                 continue
-            change = [r["ppl"][t] / base["ppl"][t] - 1 for t in TEXTS]
+            change = [round(r["ppl"][t] / base["ppl"][t] - 1, 3) for t in TEXTS]  # as shown: worse is above +0.0%
             cells = [f"**{c:+.1%}**" if c > 0 else f"{c:+.1%}" for c in change]
             label = on + _tuning(r)
             lines.append(f"| {item} | {label} | {off} | {r['ratio']} | " + " | ".join(cells)

@@ -227,10 +227,13 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     if not args.from_out:
+        from dipsvd_core.common import cores
+
         lm = load_bundled("cpu", "float32")
         done = {_key(r) for r in _rows(out)}
-        for name in args.configs.split(","):
-            run_config(lm, name, [float(x) for x in args.ratios.split(",")], args, done, out)
+        with cores.job():  # one compute job of the machine: a test run beside it takes its share, not more
+            for name in args.configs.split(","):
+                run_config(lm, name, [float(x) for x in args.ratios.split(",")], args, done, out)
     if args.write:
         options = "".join(f" --tune-{k} {v}" for k, v in tune_options(args).items())
         command = (".venv/bin/python bench/bench_panel.py --configs " + args.configs + f" --ratios {args.ratios} "

@@ -70,8 +70,9 @@ tune = c_tune.checkbox("Also tune each block (AdamW)", key="k_c_tune", persist_s
                             "cosine decay on every parameter of the block (factors, dense matrices, norms) towards the "
                             "original block's outputs, kept only where it lowers the held-out error. Each epoch costs "
                             "about three block passes per window: on a CPU, a few epochs; AA-SVD trains 25.")
-with c_tune.expander("Tuning options"):  # block tuning's own options (refine/choices.TuneConfig), from their knobs
-    tuning = ui.options_box("tune", cur.tune, "k_c_", disabled=busy or not refinable or not (refine and tune))
+with st.expander("Tuning options"):  # block tuning's own options (refine/choices.TuneConfig), from their knobs
+    tuning = ui.options_box("tune", cur.tune, "k_c_", disabled=busy or not refinable or not (refine and tune),
+                            columns=3)
 if refinable and (cur.compensate, cur.tune) != (compensate, tuning):  # both read by refined builds only
     s.settings = cur = replace(cur, compensate=compensate, tune=tuning)
 wanted = next(c.name for c in REFINE_CHOICES.values() if c.refits == refine and c.tunes == (refine and tune))

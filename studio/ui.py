@@ -250,14 +250,17 @@ def _option_widget(f: dataclasses.Field, value, key: str, disabled: bool):
     return widget(w.label, w.lo, w.hi, step=w.step, format=w.format, **common)
 
 
-def options_box(name: str, current, prefix: str, disabled: bool):
-    """The widgets of a method's own options (common/options.py), each drawn from its knob; keys
-    <prefix><name>_<field>. Returns the options they set (a field without a widget keeps its value)."""
+def options_box(name: str, current, prefix: str, disabled: bool, columns: int = 1):
+    """The widgets of a method's own options (common/options.py), each drawn from its knob, in turn across
+    `columns` columns; keys <prefix><name>_<field>. Returns the options they set (a field without a widget keeps
+    its value)."""
     values = {}
-    for f in dataclasses.fields(option_group(name).cls):
-        if f.metadata.get("widget") is not None:
-            value = getattr(current, f.name)
-            seed(f"{prefix}{name}_{f.name}", value)
+    fields = [f for f in dataclasses.fields(option_group(name).cls) if f.metadata.get("widget") is not None]
+    places = st.columns(columns) if columns > 1 else [st.container()]
+    for i, f in enumerate(fields):
+        value = getattr(current, f.name)
+        seed(f"{prefix}{name}_{f.name}", value)
+        with places[i % len(places)]:
             values[f.name] = type(value)(_option_widget(f, value, f"{prefix}{name}_{f.name}", disabled))
     return dataclasses.replace(current, **values)
 

@@ -17,9 +17,9 @@ Cases on CUDA, cheapest first (each row is written as it ends, so a run cut shor
 Llama on the CPU and on CUDA (float32, the same ranks and perplexity expected: `conformance` gives the relative
 difference); a forced out-of-memory (the 1B widths under torch.cuda.set_per_process_memory_fraction: the answer must
 be one line naming the phase); Llama-3.2-1B's widths with 16 blocks, bfloat16; Llama-3-8B's widths with 8 blocks
-offloaded (`--offload --device-memory 25GiB --host-memory 5.8GiB`: the plan keeps 3 blocks on the GPU, the
-others stream from host memory (2) or disk (3), each sent once per pass); Llama-3-8B's widths with 3 blocks, bfloat16,
-no budget. With --tiny (no GPU needed): the tiny Llama on the CPU and the out-of-memory case
+offloaded (`--offload --device-memory 24GiB --host-memory 5.8GiB`: the plan keeps 4 blocks on the GPU, the
+others stream from host memory (1) or disk (3), each sent once per pass; tests/test_gpu_check.py plans it on the CPU); Llama-3-8B's widths with 3 blocks, bfloat16,
+no budget; last, the offloaded case again with block tuning (`--refine block --tune-epochs 2`). With --tiny (no GPU needed): the tiny Llama on the CPU and the out-of-memory case
 simulated (torch.OutOfMemoryError raised from refine), which is how tests/test_gpu_check.py runs this script. --write replaces the "## GPU check (issue 23)" section of
 bench/RESULTS.md (CUDA runs only).
 """
@@ -53,11 +53,17 @@ CASES = {  # name -> (widths, device, dtype, calibration windows x tokens, extra
     "Llama-3-8B x3": ("Llama-3-8B x3", "cuda", "bfloat16", (32, 512), []),  # its refine plans 23 GiB: no budget
     # offloaded: the budgets keep some blocks on the GPU and the others in host memory or on disk
     "Llama-3-8B x8 offload": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512),
-                              ["--offload", "--device-memory", "25GiB", "--host-memory", "5.8GiB"]),
+                              ["--offload", "--device-memory", "24GiB", "--host-memory", "5.8GiB"]),
+    # the same with block tuning, last: the bfloat16 model's float32 masters on CUDA, and the offloaded blocks' tuned
+    # norms read by the compressed copy's hooks (surgery._Overlay) through the blocks sent ahead
+    "Llama-3-8B x8 offload tuned": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512),
+                                    ["--offload", "--device-memory", "24GiB", "--host-memory", "5.8GiB",
+                                     "--refine", "block", "--tune-epochs", "2"]),
     "tiny": ("tiny", "cpu", "float32", (8, 64), []),
     "tiny cuda": ("tiny", "cuda", "float32", (8, 64), []),
 }
-GPU_CASES = ["rates", "tiny", "tiny cuda", "oom", "Llama-3.2-1B x16", "Llama-3-8B x8 offload", "Llama-3-8B x3"]
+GPU_CASES = ["rates", "tiny", "tiny cuda", "oom", "Llama-3.2-1B x16", "Llama-3-8B x8 offload", "Llama-3-8B x3",
+             "Llama-3-8B x8 offload tuned"]
 TINY_CASES = ["rates", "tiny", "oom"]
 # The rates the plan's time model needs, at the real widths on CUDA (the host's float64 eigh at 14,336 is left out:
 # minutes on the CPU), at small ones on the CPU (--tiny: the code runs, the figures mean nothing)
@@ -70,8 +76,9 @@ OOM = {"cuda": ("Llama-3.2-1B x16", "bfloat16", "import torch; torch.cuda.set_pe
                "def oom(*a, **k): raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
                "Workbench.refine = oom")}
 # The offloaded case's placement is pinned by a fixed runtime (the plan measures its own process otherwise): with
-# these budgets the plan keeps 3 blocks on the GPU, 2 in host memory and 3 on disk (checked here on the CPU)
-CASE_ENV = {"Llama-3-8B x8 offload": {"DIPSVD_STUDIO_RUNTIME": "1GiB"}}
+# these budgets the plan keeps 4 blocks on the GPU, 1 in host memory and 3 on disk (tests/test_gpu_check.py)
+CASE_ENV = {"Llama-3-8B x8 offload": {"DIPSVD_STUDIO_RUNTIME": "1GiB"},
+            "Llama-3-8B x8 offload tuned": {"DIPSVD_STUDIO_RUNTIME": "1GiB"}}
 TEXT = {"calib": "wiki", "eval": "wiki"}  # the texts each run reads (--text: the bundle's files)
 
 

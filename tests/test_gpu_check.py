@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from devkit.scripts import run_bench_script
+from devkit.scripts import ROOT, run_bench_script
 
 
 def test_gpu_check_script_runs_the_full_path_and_sets_each_phase_beside_the_plan(tmp_path):
@@ -77,3 +77,39 @@ def test_the_tiny_path_runs_under_the_gpu_machines_transformers(tmp_path):
     assert row["versions"]["transformers"] == TRANSFORMERS and row["versions"]["torch"].startswith("2.13")
     assert row["ppl"]["loaded"]["wiki"] == __import__("pytest").approx(row["ppl"]["compressed"]["wiki"], rel=1e-4)
     assert row["generated"] == {"compress": 3, "loaded": 3} and {"factors", "refine", "save"} <= set(row["phases"])
+
+
+PLACEMENTS = """
+import json, os, sys, tempfile
+sys.path.insert(0, "bench")
+import gpu_check as g
+from transformers import LlamaConfig
+from dipsvd_core import plan as P
+from dipsvd_core.cli.args import build_parser
+from dipsvd_core.cli.commands import _budgets, _run_of
+
+out = {}
+for name, (widths, device, dtype, (windows, seqlen), extra) in g.CASES.items():
+    if "--offload" not in extra:
+        continue
+    folder = tempfile.mkdtemp()
+    LlamaConfig(**g.WIDTHS[widths], max_position_embeddings=4096).save_pretrained(folder)
+    os.environ.update(g.CASE_ENV.get(name, {}))
+    args = build_parser().parse_args([*g._compress_args(folder, device, dtype, windows, seqlen), "--refine",
+                                      "sequential", "--generate", "--out", folder + "/out", *extra])
+    at = P.make_plan(args.model, args.device, _run_of(args), bench=False, budgets=_budgets(args)).placement
+    out[name] = [at.device, at.host, at.disk]
+print(json.dumps(out))
+"""
+
+
+def test_the_offloaded_cases_keep_blocks_on_the_gpu_in_host_memory_and_on_disk():
+    """The GPU check's offloaded cases, planned here as their compress command plans them on the GPU machine (the
+    runtime pinned): some blocks stay on the GPU, some stream from host memory and some from disk, so the case tests
+    all three. (At 25 GiB, a budget that once kept 3 blocks on the GPU, the plan came to keep all 8 as its working
+    set shrank, and the case offloaded nothing.)"""
+    proc = subprocess.run([sys.executable, "-c", PLACEMENTS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    placements = json.loads(proc.stdout.splitlines()[-1])
+    assert set(placements) == {"Llama-3-8B x8 offload", "Llama-3-8B x8 offload tuned"}
+    assert all(gpu > 0 and host > 0 and disk > 0 for gpu, host, disk in placements.values()), placements

@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
     _add_model_args(pl)
-    _add_settings(pl, ("method", "allocation", "ratio", "compute_dtype", "factor_dtype", "refine"), allocation=None)
+    _add_settings(pl, ("method", "allocation", "ratio", *SHARED), allocation=None)  # compress's: the same run
     pl.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (what counts: whether the model writes "
                     "some of it, the self source, which adds the writing phase)")
     pl.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)

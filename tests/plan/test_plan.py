@@ -389,3 +389,21 @@ def test_the_plan_says_what_block_tuning_trains_in_the_offloaded_blocks(llama8b_
     for other in (run.replace(refine="sequential"), run.replace(tune=TuneConfig(scope="factors"))):
         plan = P.make_plan(llama8b_config, "cuda", other, bench=False, budgets=budgets)
         assert not [n for n in plan.notes if n.startswith("block tuning")]
+
+
+def test_cli_plan_takes_the_settings_flags_compress_takes(config_only, capsys):
+    """`plan` plans the run that `compress` with the same flags would make: a method's own options too (block
+    tuning's epochs set refine's time), and a bad one is refused as compress refuses it."""
+    from dipsvd_core.cli import main
+
+    seconds = {}
+    for epochs in ("2", "25"):
+        assert main(["plan", "--model", str(config_only), "--device", "cpu", "--json", "--refine", "block",
+                     "--tune-epochs", epochs, "--compensate", "outputs", "--bo-calls", "3"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["settings"]["options"]["tune"]["epochs"] == int(epochs) and out["settings"]["compensate"] == "outputs"
+        seconds[epochs] = out["phases"]["refine"]["seconds"]
+    assert 0 < seconds["2"] < seconds["25"]
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", "--model", str(config_only), "--no-bench", "--tune-error", "mse"])
+    assert refused.value.code == 2 and "--tune-error" in capsys.readouterr().err

@@ -48,17 +48,16 @@ WIDTHS = {  # config.json values of the models our users bring
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
 }
+OFFLOAD = ["--offload", "--device-memory", "24GiB", "--host-memory", "5.8GiB"]  # some blocks in each place
 CASES = {  # name -> (widths, device, dtype, calibration windows x tokens, extra compress options)
     "Llama-3.2-1B x16": ("Llama-3.2-1B x16", "cuda", "bfloat16", (32, 512), ["--speed"]),
     "Llama-3-8B x3": ("Llama-3-8B x3", "cuda", "bfloat16", (32, 512), []),  # its refine plans 23 GiB: no budget
     # offloaded: the budgets keep some blocks on the GPU and the others in host memory or on disk
-    "Llama-3-8B x8 offload": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512),
-                              ["--offload", "--device-memory", "24GiB", "--host-memory", "5.8GiB"]),
+    "Llama-3-8B x8 offload": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512), OFFLOAD),
     # the same with block tuning, last: the bfloat16 model's float32 masters on CUDA, and the offloaded blocks' tuned
     # norms read by the compressed copy's hooks (surgery._Overlay) through the blocks sent ahead
     "Llama-3-8B x8 offload tuned": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512),
-                                    ["--offload", "--device-memory", "24GiB", "--host-memory", "5.8GiB",
-                                     "--refine", "block", "--tune-epochs", "2"]),
+                                    [*OFFLOAD, "--refine", "block", "--tune-epochs", "2"]),
     "tiny": ("tiny", "cpu", "float32", (8, 64), []),
     "tiny cuda": ("tiny", "cuda", "float32", (8, 64), []),
 }
@@ -77,8 +76,7 @@ OOM = {"cuda": ("Llama-3.2-1B x16", "bfloat16", "import torch; torch.cuda.set_pe
                "Workbench.refine = oom")}
 # The offloaded case's placement is pinned by a fixed runtime (the plan measures its own process otherwise): with
 # these budgets the plan keeps 4 blocks on the GPU, 1 in host memory and 3 on disk (tests/test_gpu_check.py)
-CASE_ENV = {"Llama-3-8B x8 offload": {"DIPSVD_STUDIO_RUNTIME": "1GiB"},
-            "Llama-3-8B x8 offload tuned": {"DIPSVD_STUDIO_RUNTIME": "1GiB"}}
+CASE_ENV = {name: {"DIPSVD_STUDIO_RUNTIME": "1GiB"} for name, case in CASES.items() if "--offload" in case[4]}
 TEXT = {"calib": "wiki", "eval": "wiki"}  # the texts each run reads (--text: the bundle's files)
 
 

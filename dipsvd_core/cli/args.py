@@ -139,6 +139,7 @@ KINDS = {"positive": _positive_int, "ratio": _ratio, "float": float, "int": int,
 # "options": every registered method's own options (common/options.py), a flag group each
 SHARED = ("p_min", "p_max", "refine", "compute_dtype", "factor_dtype", "beta", "tau", "energy", "rank_of",
           "bo_calls", "bo_objective", "bo_windows", "compensate", "options")
+RUN_SETTINGS = ("method", "allocation", "ratio", *SHARED)  # compress and plan: one run's settings
 
 
 def _add_flag(p, f, dest: str, default=dataclasses.MISSING, flag: str | None = None) -> None:
@@ -223,7 +224,7 @@ def _check_foreign_options(fields: dict, method: str) -> None:
 def _add_compress(sub) -> None:
     c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
     _add_model_args(c)
-    _add_settings(c, ("method", "allocation", "ratio", *SHARED), allocation=None)
+    _add_settings(c, RUN_SETTINGS, allocation=None)
     _add_calib_args(c)
     c.add_argument("--offload", action="store_true",
                    help="a model bigger than the GPU: as many blocks as --device-memory leaves room for beside the "
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
     _add_model_args(pl)
-    _add_settings(pl, ("method", "allocation", "ratio", *SHARED), allocation=None)  # compress's: the same run
+    _add_settings(pl, RUN_SETTINGS, allocation=None)  # compress's: the plan is of the same run
     pl.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (what counts: whether the model writes "
                     "some of it, the self source, which adds the writing phase)")
     pl.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)

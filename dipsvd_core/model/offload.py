@@ -60,28 +60,26 @@ def block_device_map(model: nn.Module, device: torch.device, on_device: int, on_
     return device_map
 
 
-def offload_hooks(module: nn.Module) -> list:
-    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
+def _align_hooks(module: nn.Module) -> list:
+    """accelerate's AlignDevicesHooks on `module` (alone or inside a SequentialHook)."""
     hook = getattr(module, "_hf_hook", None)
     if hook is None:
         return []
     from accelerate.hooks import AlignDevicesHook
 
-    hooks = getattr(hook, "hooks", (hook,))
-    return [h for h in hooks if isinstance(h, AlignDevicesHook) and h.offload]
+    return [h for h in getattr(hook, "hooks", (hook,)) if isinstance(h, AlignDevicesHook)]
+
+
+def offload_hooks(module: nn.Module) -> list:
+    """accelerate's AlignDevicesHooks on `module` that offload its weights (alone or inside a SequentialHook)."""
+    return [h for h in _align_hooks(module) if h.offload]
 
 
 def offloads(module: nn.Module) -> bool:
     """Some module in `module` has its weights offloaded, also while block_on_device holds them on the device (an
     offloading hook keeps its weights map then; a hook that only moves inputs has none)."""
-    from accelerate.hooks import AlignDevicesHook
-
-    for m in module.modules():
-        hook = getattr(m, "_hf_hook", None)
-        for h in getattr(hook, "hooks", (hook,)) if hook is not None else ():
-            if isinstance(h, AlignDevicesHook) and (h.offload or getattr(h, "weights_map", None) is not None):
-                return True
-    return False
+    return any(h.offload or getattr(h, "weights_map", None) is not None
+               for m in module.modules() for h in _align_hooks(m))
 
 
 def weights_of(module: nn.Module):

@@ -67,9 +67,10 @@ def main() -> None:
     timed("statistics", wb.stats)
     sets = eval_sets(wb, args.eval_tokens)
     ppl["original"] = timed("eval_original", lambda: {s: perplexity(lm.model, w) for s, w in sets.items()})
-    variants = {"svd": Settings(method="svd"), "svd-llm": Settings(method="svd-llm"),
-                "dipsvd-paper": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper")),
-                "dipsvd-code": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="code"))}
+    plain = {"allocation": "uniform", "refine": "none"}  # every method on the same uniform, unrefined path
+    variants = {"svd": Settings(method="svd", **plain), "svd-llm": Settings(method="svd-llm", **plain),
+                "dipsvd-paper": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper"), **plain),
+                "dipsvd-code": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="code"), **plain)}
     ratios = [float(r) for r in args.ratios.split(",")]
     slices = {}
     for label, s in variants.items():
@@ -82,7 +83,7 @@ def main() -> None:
             ppl[f"{label}@{r}"] = {n: perplexity(res.model, w) for n, w in sets.items()}
             ppl[f"{label}@{r}"]["ratio_realized"] = res.allocation.ratio_realized
             print(label, r, ppl[f"{label}@{r}"], f"build {slices[f'{label}@{r}']}s", flush=True)
-    res = wb.build(Settings(method="dipsvd", ratio=0.2))
+    res = wb.build(Settings(method="dipsvd", ratio=0.2, **plain))
     spd = {"original": speed(lm.model), "dipsvd@0.2": speed(res.model)}
     compress_total = sum(steps[k]["seconds"] for k in ("load_model", "calibration_text", "statistics",
                                                       "factors[dipsvd-code]")) + slices["dipsvd-code@0.2"]

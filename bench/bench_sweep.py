@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--grid", default=None)
     ap.add_argument("--out", default=str(BENCH / "sweep_smollm"))
     args = ap.parse_args()
-    report = run(args.grid, args.ratios, args.eval_tokens, args.out, Settings(bo_calls=args.bo_calls))
+    report = run(args.grid, args.ratios, args.eval_tokens, args.out, Settings(bo_calls=args.bo_calls, refine="none"))
     report["checks"] = checks(report)
     write_json(args.out + ".json", report, default=str)
     print(markdown(report))

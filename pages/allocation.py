@@ -41,9 +41,11 @@ with controls:
                            "0.1: their spectra are flat, so 0.05 to 0.2 is the useful range.")
     st.markdown(f"**{describe_ratio(ratio)}**")
     # A method with its own allocation (Dobi-SVD) has exactly that one; the factor-based methods all the others.
-    names = names_for(st.session_state.get("k_s_method", cur.method))
-    if st.session_state.get("k_s_allocation") not in names:
-        st.session_state["k_s_allocation"] = names[0]
+    chosen_method = st.session_state.get("k_s_method", cur.method)
+    names = names_for(chosen_method)
+    if st.session_state.get("k_s_allocation") not in names:  # to or from Dobi-SVD: the method's own allocation
+        own_allocation = handler(chosen_method).default_allocation
+        st.session_state["k_s_allocation"] = own_allocation if own_allocation in names else names[0]
     allocation = st.radio("Allocation", names, key="k_s_allocation",
                           persist_state="session", horizontal=True, disabled=busy)
     st.caption(strategy(allocation).help)
@@ -86,8 +88,10 @@ with controls:
 new = replace(cur, method=method, allocation=allocation, ratio=float(ratio), p_min=float(p_min), p_max=float(p_max),
               beta=float(beta), tau=float(tau), energy=energy, rank_of=rank_of, bo_calls=int(bo_calls),
               bo_objective=bo_objective, bo_windows=int(bo_windows), **({own: own_options} if own else {}),
-              # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back
-              refine=cur.refine if handler(method).refinable else "none")
+              # Refine (the Compress page's box) is off for a method it cannot refit; the box puts it back, and
+              # coming back from such a method, refine is the new method's own
+              refine=(cur.refine if handler(cur.method).refinable else handler(method).default_refine)
+              if handler(method).refinable else "none")
 s.settings = new
 if not handler(method).refinable:
     st.session_state.pop("k_c_refine", None)  # the Compress page's box, kept across pages, follows: seeded off
@@ -142,6 +146,18 @@ with view:
     # every pass these settings still need (the declared needs), each with its button; the ones the allocation
     # itself reads stop the preview until they have run
     todo = [p for p in steps.missing(bench, new) if p in P.ASK]
+    if len(todo) > 1:  # one click for them all (the default nested allocation needs three), each still on its own
+
+        def run_all(job, todo=tuple(todo)):
+            for i, step in enumerate(todo):
+                part = P.ASK[step][2]
+                steps.run(bench, step, new, lambda f, msg="", i=i, part=part: job.progress(
+                    (i + f) / len(todo), f"{i + 1}/{len(todo)} {part}" + (f": {msg}" if msg else "")))
+                if step == P.FISHER:
+                    s.fisher = bench.fisher()
+
+        if st.button(f"Run all {len(todo)} passes ({', '.join(todo)})", type="primary"):
+            ui.start(f"The {len(todo)} passes of the {new.allocation} allocation", run_all)
     for i, step in enumerate(todo):
         what, button, title = P.ASK[step]
         if step == P.FACTORS:
@@ -158,7 +174,7 @@ with view:
             if step == P.FISHER:
                 s.fisher = bench.fisher()
 
-        if st.button(button, type="primary" if i == 0 else "secondary"):
+        if st.button(button, type="primary" if i == 0 and len(todo) == 1 else "secondary"):
             ui.start(title, run)
     # a path meant to be refined (refine on, or an allocation that is meant to be): say when the calibration is small
     if (refines(new.refine) or chosen_strategy.unrefined_note) and \

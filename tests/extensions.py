@@ -52,6 +52,7 @@ class GramDiagonal(Scaling):
     name, help = "gram-diag", "channels scaled by their RMS activation (a test-only scaling)"
     needs = frozenset({passes.GRAMS})
     Options = GramDiagonalOptions
+    default_allocation = "first-dense"  # its own default path: a build that names no allocation gets it
 
     def key(self, spec) -> tuple:
         return (self.name, DIAG_FLOOR, spec.options.power)

@@ -21,7 +21,8 @@ def test_bundled_model_loads_dequantized(smollm):
 
 def test_dipsvd_at_ratio_0_2_on_smollm(smollm):
     bench = Workbench(smollm, "wiki", calib_windows=8, seqlen=256, seed=0)
-    result = bench.build(Settings(method="dipsvd", ratio=0.2))
+    # uniform, unrefined: the slicing path (the default path, nested and refined, is the browser walk's)
+    result = bench.build(Settings(method="dipsvd", allocation="uniform", refine="none", ratio=0.2))
     assert abs(result.allocation.ratio_realized - 0.2) <= 0.005
     ev = bench.eval_windows("wiki", max_tokens=2048)
     original = perplexity(smollm.model, ev)
@@ -32,7 +33,7 @@ def test_dipsvd_at_ratio_0_2_on_smollm(smollm):
                    max_new_tokens=16, chat=True)[0]
     assert out["new_tokens"] > 0 and len(out["text"].strip()) > 0
     # A second ratio only slices the cached factors.
-    second = bench.build(Settings(method="dipsvd", ratio=0.1))
+    second = bench.build(Settings(method="dipsvd", allocation="uniform", refine="none", ratio=0.1))
     assert second.timings_s["surgery"] < 10 and abs(second.allocation.ratio_realized - 0.1) <= 0.005
     assert perplexity(second.model, ev) < compressed
 
@@ -67,7 +68,7 @@ def test_streamed_factors_equal_the_all_at_once_pass(smollm):
     cut = first_blocks(smollm, 8)
     assert len(cut.targets) == 8 * 7 and len(smollm.model.model.layers) == 30  # the bundled model is untouched
     bench = Workbench(cut, "wiki", calib_windows=4, seqlen=128, seed=0)
-    settings = Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper"), ratio=0.1)
+    settings = Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper"), allocation="uniform", ratio=0.1)
     streamed = bench.factors(settings.spec)
     reference = all_at_once_factors(cut, bench.windows(), settings.spec)
     assert set(streamed) == set(reference)

@@ -145,10 +145,12 @@ RUN_SETTINGS = ("method", "allocation", "ratio", *SHARED)  # compress and plan: 
 def _add_flag(p, f, dest: str, default=dataclasses.MISSING, flag: str | None = None) -> None:
     """One flag from a knob (knobs.py): its flag, default, help, type and choices come from the field."""
     meta = f.metadata
+    text = meta.get("help", "").replace("%", "%%")
     if default is dataclasses.MISSING:
         default = f.default
+    elif default != f.default:  # a subcommand's own default replaces the knob's "(default: ...)"
+        text = text.split(" (default:")[0] + f" (default here: {default})"
     flag = flag or meta.get("flag") or "--" + f.name.replace("_", "-")
-    text = meta.get("help", "").replace("%", "%%")
     if isinstance(default, bool):
         p.add_argument(flag, dest=dest, action="store_true", help=text)
         return
@@ -176,7 +178,7 @@ def _add_options(p) -> None:
 
 def _add_settings(p, names, **defaults) -> None:
     """Flags for these Settings fields ("options": every method's own, a group each), with other defaults where
-    given (the CLI's --allocation defaults to the method's own)."""
+    given (the sweep's --refine is none: its grid names the refined rows)."""
     from ..methods.settings import Settings
 
     for f in dataclasses.fields(Settings):
@@ -224,7 +226,7 @@ def _check_foreign_options(fields: dict, method: str) -> None:
 def _add_compress(sub) -> None:
     c = sub.add_parser("compress", help="compress a model, evaluate it, optionally save it")
     _add_model_args(c)
-    _add_settings(c, RUN_SETTINGS, allocation=None)
+    _add_settings(c, RUN_SETTINGS)
     _add_calib_args(c)
     c.add_argument("--offload", action="store_true",
                    help="a model bigger than the GPU: as many blocks as --device-memory leaves room for beside the "
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows as method:allocation, comma-separated (default: the ablation plus baselines), "
                         "e.g. svd-llm:uniform,dipsvd:heuristic")
     w.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated fractions REMOVED")
-    _add_settings(w, SHARED)
+    _add_settings(w, SHARED, refine="none")  # a row is refined where its grid name says so (method:allocation+refine)
     _add_calib_args(w)
     w.add_argument("--eval", default="wiki,news", help="comma-separated evaluation sets")
     w.add_argument("--eval-tokens", type=_positive_int, default=16384, help="tokens per evaluation set")
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predicted memory, disk and time of each phase, from the config alone")
     _add_model_args(pl)
-    _add_settings(pl, RUN_SETTINGS, allocation=None)  # compress's: the plan is of the same run
+    _add_settings(pl, RUN_SETTINGS)  # compress's: the plan is of the same run
     pl.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (what counts: whether the model writes "
                     "some of it, the self source, which adds the writing phase)")
     pl.add_argument("--calib-windows", type=_positive_int, default=DEFAULT_WINDOWS)

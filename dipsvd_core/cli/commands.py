@@ -41,11 +41,9 @@ def _perplexities(model, sets, progress) -> dict:
 
 def _run_of(args):
     """The plan's Run: the settings these flags give, and how the run is carried out."""
-    from ..methods.handlers import handler
     from ..plan import Run
 
-    allocation = getattr(args, "allocation", None) or handler(args.method).default_allocation
-    settings = settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
+    settings = settings_from(args, method=args.method, ratio=args.ratio)  # allocation, refine: the method's own
     return Run(settings, calib=getattr(args, "calib", Run.calib), calib_windows=args.calib_windows,
                seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
@@ -147,13 +145,11 @@ def cmd_compress(args) -> dict:
     from ..allocation.budget import param_report
     from ..engine.memwatch import PhaseMemory, lifetime_device_peak
     from ..io.report import compression_report
-    from ..methods.handlers import handler
     from ..model.models import count_params
     from ..run.loading import load_model
     from ..run.pipeline import Workbench, peak_memory_mb
 
-    allocation = args.allocation or handler(args.method).default_allocation
-    settings = settings_from(args, method=args.method, allocation=allocation, ratio=args.ratio)
+    settings = settings_from(args, method=args.method, ratio=args.ratio)  # allocation, refine: the method's own
     _check_paths(args)
     t0 = time.perf_counter()
     plan, blocks = _check_plan(args)

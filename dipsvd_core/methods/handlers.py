@@ -54,7 +54,8 @@ class MethodHandler:
     help = ""
     trains_ranks = False  # True: the method learns its own ranks (allocation "trained")
     refinable = True  # sequential compensation (refine.py) refits its factored matrices
-    default_allocation = "uniform"
+    default_allocation = "uniform"  # what Settings gives where no allocation is named
+    default_refine = "none"  # and where no refine is named
     variants: dict = {}  # other names for this method: name -> (settings -> settings) (a sweep's grid may use them)
     Options: type | None = None  # its own options (common/options.py), registered with it as settings.<name>
 
@@ -111,6 +112,7 @@ class FactorHandler(MethodHandler):
 
     def __init__(self, scaling):
         self.scaling, self.name, self.help, self.Options = scaling, scaling.name, scaling.help, scaling.Options
+        self.default_allocation, self.default_refine = scaling.default_allocation, scaling.default_refine
 
     def describe(self, settings) -> str:
         return self.scaling.describe(self.spec(settings))

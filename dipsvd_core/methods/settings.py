@@ -41,15 +41,16 @@ class Settings:
     CLI and the app read; each method's own options are in `options` (module docstring)."""
 
     method: str = knob("dipsvd", "the compression method", choices=_methods)
-    allocation: str = knob("uniform", "per-block keep ratios (default: uniform, or the method's own)",
-                           choices=_allocations)
+    allocation: str = knob(None, "per-block keep ratios (default: the method's own: nested for "
+                           "dipsvd, trained for dobi, uniform for the baselines)", choices=_allocations)
     ratio: float = knob(0.2, "fraction of targeted parameters REMOVED (0.2 removes 20%, keeps 80%)", kind="ratio")
     compute_dtype: str = knob("float64", "dtype of the whitening and the SVD (float32 for GPUs without fast float64)",
                               choices=lambda: ("float64", "float32"))
     factor_dtype: str = knob("float32", "dtype of the factors stored on disk (bfloat16 halves them)",
                              choices=lambda: ("float32", "bfloat16"))
-    refine: str = knob("none", "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
-                       + " (refine is one more streaming pass at build time)", choices=lambda: REFINES)
+    refine: str = knob(None, "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
+                       + "; refine is one more streaming pass at build time (default: the method's own: sequential "
+                       "for dipsvd, none for the others)", choices=lambda: REFINES)
     compensate: str = knob("auto", "a refined build also refits dense-kept matrices to the drifted inputs, where "
                            "that lowers the held-out error: " + "; ".join(f"{c.name}: {c.help}" for c in COMPENSATIONS.values()),
                            choices=lambda: tuple(COMPENSATIONS))
@@ -81,6 +82,19 @@ class Settings:
             raise TypeError(f"Settings has no setting {', '.join(map(repr, given))}" + "".join(
                 f"; {k} is an option of {o}: Settings({o}=...)" for k, o in owners.items()))
         self.options = {**default_options(), **(options or {}), **groups}
+        self._method_defaults()
+
+    def _method_defaults(self) -> None:
+        """An allocation or refine not named is the method's own (MethodHandler.default_allocation, default_refine);
+        for an unknown method, uniform and none, and check() names the methods."""
+        try:
+            own = handler(self.method)
+        except DipSVDError:
+            own = None
+        if self.allocation is None:
+            self.allocation = own.default_allocation if own else "uniform"
+        if self.refine is None:
+            self.refine = own.default_refine if own else "none"
 
     def __getattr__(self, name: str):
         """settings.dipsvd, settings.dobi, settings.tune: a registered group's options (its defaults where these

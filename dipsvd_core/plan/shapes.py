@@ -264,8 +264,11 @@ class Run:
 
 
 def run_of(**fields) -> Run:
-    """A Run from flat fields: the settings' fields go into its settings, the others are the run's own."""
-    return Run().replace(**fields)
+    """A Run from flat fields: the settings' fields go into its settings, the others are the run's own. An allocation
+    or refine not given is the method's own, as in Settings (run_of(method="svd-llm") plans uniform, unrefined)."""
+    own = {f.name for f in dataclasses.fields(Run)}
+    return Run(settings=Settings(**{k: v for k, v in fields.items() if k not in own}),
+               **{k: v for k, v in fields.items() if k in own})
 
 
 @dataclass

@@ -248,7 +248,7 @@ def test_block_probe_equals_writing_the_truncated_weights_into_a_copy(bench, tin
 def test_quick_build_only_when_nothing_but_a_slice_is_left(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))  # nothing cached by other tests
     fresh = Workbench(tiny_lm, "wiki", 4, 64)
-    s = Settings(method="dipsvd", allocation="uniform", ratio=0.3)
+    s = Settings(method="dipsvd", allocation="uniform", refine="none", ratio=0.3)
     assert not fresh.quick_build(s)  # the factors are not in memory yet
     fresh.factors(s.spec)
     assert fresh.quick_build(s) and fresh.quick_build(replace(s, allocation="bayes"))
@@ -291,7 +291,7 @@ def test_bayes_is_reproducible_and_never_breaks_the_budget(bench, tiny_lm):
     assert_on_budget(first, tiny_lm.targets, 0.3, 0.05, 1.0)
     # the warm starts are the first two calls: uniform, then heuristic
     assert seen[0][1] == pytest.approx(bench.memo.get("objective", (s.spec.key, "ppl", 2), None)(
-        bench.allocate(Settings(method="dipsvd", ratio=0.3)).ranks), rel=1e-9)
+        bench.allocate(Settings(method="dipsvd", allocation="uniform", ratio=0.3)).ranks), rel=1e-9)
 
 
 def test_bo_objective_swaps_into_the_one_model_and_puts_it_back(bench, tiny_lm):
@@ -301,7 +301,7 @@ def test_bo_objective_swaps_into_the_one_model_and_puts_it_back(bench, tiny_lm):
     model = tiny_lm.model
     before = {n: (id(m), m.weight.clone()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     params_before = sum(p.numel() for p in model.parameters())
-    s = Settings(method="dipsvd", ratio=0.3)
+    s = Settings(method="dipsvd", allocation="uniform", refine="none", ratio=0.3)  # the swap is of unrefined factors
     held = bench.heldout(2)
     objective = Objective(model, tiny_lm.targets, bench.factors(s.spec), held)
     built = bench.build(s)
@@ -376,7 +376,7 @@ def test_type_probe_equals_writing_every_matrix_of_the_type_into_a_copy(bench, t
 
 
 def test_nested_weights_are_calibrated_so_that_each_type_probe_is_predicted(bench, tiny_lm):
-    s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
+    s = Settings(method="dipsvd", allocation="nested", refine="none", ratio=0.3)
     targets, factors = tiny_lm.targets, bench.factors(s.spec)
     raw = allocators.coupled_weights(factors, bench.fisher(), targets)
     w = bench.probes.nested_weights(s)
@@ -425,7 +425,7 @@ def test_nested_spends_each_blocks_budget_better_than_the_even_split(ratio):
 
 def test_nested_type_probe_is_cached_on_disk_and_makes_the_build_quick(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("DIPSVD_STUDIO_CACHE", str(tmp_path))
-    s = Settings(method="dipsvd", allocation="nested", ratio=0.3)
+    s = Settings(method="dipsvd", allocation="nested", refine="none", ratio=0.3)
     first = Workbench(tiny_lm, "wiki", 4, 64)
     first.factors(s.spec)
     first.fisher()

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,8 +99,19 @@ def page(at: AppTest, name: str) -> AppTest:
 
 
 def factored(at: AppTest) -> AppTest:
+    """The fast path most tests start from: uniform, factored, unrefined (the defaults, nested and refined, are
+    test_the_defaults_are_the_best_path's and prepared's)."""
     page(at, "allocation")
+    at.radio(key="k_s_allocation").set_value("uniform")
+    settle(at)
+    at.session_state["studio"].settings = replace(at.session_state["studio"].settings, refine="none")
     return click(at, "Factor matrices")
+
+
+def prepared(at: AppTest) -> AppTest:
+    """The defaults' passes run, in one click on the Allocation page."""
+    page(at, "allocation")
+    return click(at, "Run all 3 passes (fisher, factors, type probe)")
 
 
 # --- Model and data -----------------------------------------------------------------------------
@@ -118,9 +130,10 @@ def test_load_shows_architecture_and_statistics():
     plan = next(df.value for df in at.dataframe if "phase" in df.value.columns)  # from the config alone
     assert list(plan["phase"]) == ["load", "writing", "statistics", "factors", "fisher", "block probe", "type probe",
                                   "search", "training", "weight update", "refine", "surgery", "evaluation", "save"]
-    # dipsvd + uniform: the statistics pass factors each block; no other pass is needed
+    # the defaults, dipsvd + nested + refine: the statistics pass factors each block; nested reads Fisher and the type
+    # probe, and refine is one more pass
     assert [n for n, needed in zip(plan["phase"], plan["needed"]) if needed == "yes"] == [
-        "load", "statistics", "factors", "surgery", "evaluation"]
+        "load", "statistics", "factors", "fisher", "type probe", "refine", "surgery", "evaluation"]
     assert list(rows["linear"]) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert list(rows["out x in"])[-1] == "64 x 128" and list(rows["blocks"]) == [2] * 7
@@ -232,6 +245,8 @@ def test_importance_figures():
 
 def test_allocation_preview_slices_cached_factors_fast():
     at = page(loaded(), "allocation")
+    at.radio(key="k_s_allocation").set_value("uniform")
+    settle(at)
     assert "No factors yet" in at.warning[0].value
     click(at, "Factor matrices")
     assert metric(at, "Target ratio removed") == "0.1"
@@ -271,7 +286,7 @@ def test_a_methods_own_options_are_drawn_from_its_knobs():
         box.set_value(1.0)
         settle(at)
         assert getattr(at.session_state["studio"].settings, "gram-diag").power == 1.0
-        assert "No factors yet for method gram-diag" in at.warning[0].value
+        assert any("No factors yet for method gram-diag" in w.value for w in at.warning)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
@@ -396,6 +411,30 @@ def test_dobi_trains_previews_builds_and_exports(tmp_path):
 
 # --- Compress and evaluate ----------------------------------------------------------------------
 
+def test_the_defaults_are_the_best_path():
+    """A new session starts on the best path of the quality panel: dipsvd + nested, refined with compensation. The
+    Allocation page runs the three passes nested reads in one click, and the first build refines (a background job,
+    not a quick slice)."""
+    at = loaded()
+    studio = at.session_state["studio"]
+    assert (studio.settings.method, studio.settings.allocation, studio.settings.refine, studio.settings.compensate) \
+        == ("dipsvd", "nested", "sequential", "auto")
+    page(at, "allocation")
+    assert [w.value.split(":")[0] for w in at.warning][:3] == [
+        "The nested allocation needs Fisher sensitivity", "No factors yet for method dipsvd with a=30, bar=0.03, code "
+        "whitening", "The nested allocation needs a calibration of its estimate by probing every matrix type once"]
+    assert [b.label for b in at.button if b.proto.type == "primary"] == ["Run all 3 passes (fisher, factors, type probe)"]
+    click(at, "Run all 3 passes (fisher, factors, type probe)")
+    assert figure(at, "fig_keep")["data"][0]["name"] == "nested" and studio.fisher is not None
+    page(at, "compress")
+    assert at.checkbox(key="k_c_refine").value and not at.checkbox(key="k_c_tune").value
+    click(at, "Build compressed model")
+    assert studio.job.thread.ident is not None  # refine is a pass of its own: a background job
+    refined = studio.result.info["refine"]
+    assert studio.result.settings.allocation == "nested" and refined["compensate"] == "outputs"  # auto at 0.1
+    assert any("refined" in c.value for c in at.caption)
+
+
 def test_compress_evaluate_sweep_and_speed():
     at = factored(loaded())
     at.slider(key="k_s_ratio").set_value(0.2)
@@ -447,7 +486,7 @@ def test_compress_evaluate_sweep_and_speed():
 # --- Side by side -------------------------------------------------------------------------------
 
 def test_side_by_side_generations():
-    at = factored(loaded())
+    at = prepared(loaded())  # at the defaults
     page(at, "compress")
     click(at, "Build compressed model")
     page(at, "side_by_side")
@@ -458,8 +497,9 @@ def test_side_by_side_generations():
     click(at, "Generate")
     labels = [m.value for m in at.markdown if m.value.startswith("**")]
     # each column names method, allocation, ratio removed and kept, and whether refined
-    assert labels[:3] == ["**Original**", "**Compressed · dipsvd + uniform · ratio 0.1 removed, 90% kept · not refined**",
-                          "**Compressed · dipsvd + uniform · ratio 0.2 removed, 80% kept · not refined**"]
+    assert labels[:3] == ["**Original**",
+                          "**Compressed · dipsvd + nested · ratio 0.1 removed, 90% kept · refined (sequential)**",
+                          "**Compressed · dipsvd + nested · ratio 0.2 removed, 80% kept · refined (sequential)**"]
     from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS
 
     # all three default prompts preselected, then the user's own
@@ -640,11 +680,12 @@ def test_refine_on_then_dobi_chosen_is_not_an_error():
     settle(at)
     assert not errors(at) and studio.settings.refine == "none"
     assert any(b.label == "Train truncation positions" for b in at.button)
-    at.selectbox(key="k_s_method").set_value("dipsvd")
+    at.selectbox(key="k_s_method").set_value("dipsvd")  # back: dipsvd's own allocation and refine
     settle(at)
+    assert (studio.settings.allocation, studio.settings.refine) == ("nested", "sequential")
     page(at, "compress")
     settle(at)
-    assert studio.settings.refine == "none" and not at.checkbox(key="k_c_refine").value
+    assert studio.settings.refine == "sequential" and at.checkbox(key="k_c_refine").value
 
 
 def test_settle_heap_collects_garbage_and_freezes_the_living():
@@ -681,7 +722,7 @@ def test_an_offloaded_model_builds_evaluates_and_generates_side_by_side(tiny_mod
     from dipsvd_core.engine.evaluate import perplexity
     from dipsvd_core import plan as P
     from dipsvd_core.run.loading import load_model
-    from dipsvd_core.run.pipeline import Settings, Workbench
+    from dipsvd_core.run.pipeline import Workbench
 
     monkeypatch.setattr("dipsvd_core.plan.plan.runtime_bytes", lambda: 10 ** 9)  # the same runtime in the test's plan and the page's
     run = {"method": "dipsvd", "calib_windows": 4, "seqlen": 64, "dtype": "auto", "eval_tokens": 256, "eval_sets": 2,
@@ -706,7 +747,7 @@ def test_an_offloaded_model_builds_evaluates_and_generates_side_by_side(tiny_mod
     table = at.table[0].value
     ref = load_model(tiny_model_dir, "cpu", "float32")
     bench = Workbench(ref, os.environ["DIPSVD_STUDIO_CALIB"], 4, 64)
-    built = bench.build(Settings(ratio=studio.settings.ratio, seed=0))
+    built = bench.build(studio.settings)  # the page's settings (uniform, unrefined: factored's) on the model in memory
     news = bench.eval_windows("news", 256)
     assert table["original"][0] == pytest.approx(perplexity(ref.model, news), rel=1e-6)
     assert table["compressed"][0] == pytest.approx(perplexity(built.model, news), rel=1e-5)

@@ -149,11 +149,10 @@ def server(tmp_path, smollm):
 @pytest.mark.slow
 def test_studio_in_a_real_browser(server, tmp_path):
     """All six pages as a new user walks them (issue 36): load, Fisher from the Importance page's block tab (the tab
-    stays open), factors and the heuristic allocation, a build at the app's defaults (no refine) with its quality
-    verdict, generations for the three default prompts, and the export (a saved folder readable by others, the HTML
-    report). Every page is checked for a traceback, an error box, a plot without data and a browser console error.
-    A refined build in the browser is test_an_offloaded_model_in_a_real_browser's (the tiny model: refining the
-    bundled one's 30 blocks took 132 s of this walk's 311 on one core)."""
+    stays open), the rest of the default nested allocation's passes (factors, the type probe) in one click, a build
+    at the app's defaults (refined, with compensation) with its quality verdict, generations for the three default
+    prompts, and the export (a saved folder readable by others, the HTML report). Every page is checked for a
+    traceback, an error box, a plot without data and a browser console error."""
     from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -196,9 +195,7 @@ def test_studio_in_a_real_browser(server, tmp_path):
                 if page.get_by_text("paper whitening").count():
                     break
             expect(page.get_by_text("paper whitening")).to_be_visible(timeout=30_000)
-            page.get_by_role("radio", name="heuristic").click(force=True)
-            settle(page)
-            page.get_by_role("button", name="Factor matrices").click()
+            page.get_by_role("button", name="Run all 2 passes (factors, type probe)").click()  # Fisher ran above
             # every matrix of the model factored: on 2 cores shared with other jobs it ran past 300 s (issue 36)
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=2 * SLOW)
             expect(page.get_by_text("ratio 0.1 removed, 90% kept").first).to_be_visible()
@@ -217,7 +214,7 @@ def test_studio_in_a_real_browser(server, tmp_path):
             page.get_by_role("button", name="Generate").click()
             expect(page.get_by_text("tok/s")).to_have_count(6, timeout=SLOW)  # three prompts, two columns
             expect(page.get_by_text("Original", exact=True)).to_have_count(3)  # a column per prompt
-            expect(page.get_by_text("Compressed · dipsvd + heuristic · ratio 0.1 removed, 90% kept · not refined",
+            expect(page.get_by_text("Compressed · dipsvd + nested · ratio 0.1 removed, 90% kept · refined (sequential)",
                                     exact=True)).to_have_count(3)
             page_is_whole(page, console)
             shot("6-side-by-side")
@@ -236,7 +233,7 @@ def test_studio_in_a_real_browser(server, tmp_path):
             with page.expect_download(timeout=SLOW) as download:  # made on the click: 30 s was once too few beside a test run
                 page.get_by_role("button", name="Download report (HTML)").click()
             report = download.value.path().read_text()
-            assert "dipsvd + heuristic · ratio 0.1 removed, 90% kept · not refined</title>" in report
+            assert "dipsvd + nested · ratio 0.1 removed, 90% kept · refined (sequential)</title>" in report
             page_is_whole(page, console)
             shot("7-export")
         except Exception:
@@ -301,7 +298,7 @@ def test_app_job_runs_at_direct_speed(tmp_path, smollm, monkeypatch):
 
 def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypatch):
     """Issue 23, item 3, in the browser: a host budget that holds no block beside the working set puts both of the tiny
-    model's blocks on disk; factor, a refined build with block tuning (2 epochs, the relative error, set in the
+    model's blocks on disk; the default allocation's passes, a refined build with block tuning (2 epochs, the relative error, set in the
     tuning options box), evaluate and generate side by side then run with no error. The
     server's runtime is pinned (DIPSVD_STUDIO_RUNTIME) so that the test computes the same placement as the server's
     plan."""
@@ -336,13 +333,12 @@ def test_an_offloaded_model_in_a_real_browser(tmp_path, tiny_model_dir, monkeypa
             no_errors_on(page)
 
             go_to(page, "Allocation")
-            page.get_by_role("button", name="Factor matrices").click()
+            page.get_by_role("button", name="Run all 3 passes (fisher, factors, type probe)").click()
             expect(page.get_by_text("the energy of the dropped singular values")).to_be_visible(timeout=SLOW)
             no_errors_on(page)
 
             go_to(page, "Compress and evaluate")
-            page.get_by_text("Refine (sequential compensation)").click()
-            settle(page)
+            expect(page.get_by_role("checkbox", name="Refine (sequential compensation)")).to_be_checked()  # the default
             page.get_by_text("Also tune each block (AdamW)").click()  # block tuning, with its options box
             settle(page)
             page.get_by_text("Tuning options").click()

@@ -172,3 +172,20 @@ def test_dobi_remap_compress_then_evaluate(tiny_model_dir, tmp_path):
 def test_dobi_bad_combinations(args, needle):
     proc = run(*args, "--quiet")
     assert proc.returncode == 2 and needle in error_line(proc)
+
+
+@pytest.mark.parametrize("argv,allocation,refine", [
+    (["compress"], "nested", "sequential"),  # dipsvd's own: the best path of the quality panel
+    (["plan"], "nested", "sequential"),  # the plan is of the run compress makes
+    (["compress", "--method", "svd-llm"], "uniform", "none"),  # a baseline as published
+    (["compress", "--method", "dobi"], "trained", "none"),
+    (["compress", "--allocation", "heuristic", "--refine", "none"], "heuristic", "none"),  # named: as named
+    (["sweep"], "nested", "none"),  # a sweep refines the rows its grid names (method:allocation+refine)
+])
+def test_an_allocation_or_refine_not_given_is_the_methods_own(argv, allocation, refine):
+    from dipsvd_core.cli.args import build_parser, settings_from
+
+    args = build_parser().parse_args(argv)
+    over = {"method": args.method, "ratio": args.ratio} if hasattr(args, "method") else {"ratio": 0.2}
+    settings = settings_from(args, **over)
+    assert (settings.allocation, settings.refine) == (allocation, refine)

@@ -14,8 +14,7 @@ from tests.cli.test_cli import error_line, run
 def html_report(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("html")
     page, report = tmp / "report.html", tmp / "r.json"
-    proc = run("compress", "--model", tiny_model_dir, "--method", "dipsvd", "--allocation", "heuristic",
-               "--ratio", "0.3", "--calib", "wiki", "--calib-windows", "4", "--seqlen", "64", "--eval", "wiki,news",
+    proc = run("compress", "--model", tiny_model_dir, "--ratio", "0.3",  # dipsvd's own: nested, refined "--calib", "wiki", "--calib-windows", "4", "--seqlen", "64", "--eval", "wiki,news",
                "--eval-tokens", "256", "--generate", "--html", str(page), "--report", str(report), "--quiet")
     assert proc.returncode == 0, proc.stderr
     return page, json.loads(report.read_text())
@@ -32,7 +31,7 @@ def test_the_report_is_one_self_contained_file(html_report):
         assert f"<h2>{title}</h2>" in text
     # the title names method, allocation, ratio removed and kept, and whether refined; no setting is a dict's repr
     assert "<title>DipSVD Studio: " in text and \
-        "dipsvd + heuristic · ratio 0.3 removed, 70% kept · not refined</title>" in text
+        "dipsvd + nested · ratio 0.3 removed, 70% kept · refined (sequential)</title>" in text
     settings = text.split("<summary>every setting</summary>")[1].split("</details>")[0]
     assert "<td>dobi.epochs</td>" in settings and "{" not in settings
     wiki = report["ppl"]["compressed"]["wiki"]

@@ -34,7 +34,8 @@ def test_no_verdict_without_both_models_on_one_set():
 def test_advice_reads_the_settings():
     far = ppl(3.0, 3.0)
     assert quality_verdict(ppl(1.1, 1.1), Settings(ratio=0.3), 2048)["help"] == []  # close: nothing to advise
-    small = quality_verdict(far, Settings(method="dipsvd", allocation="heuristic", ratio=0.2), 8 * 256)["help"]
+    small = quality_verdict(far, Settings(method="dipsvd", allocation="heuristic", refine="none", ratio=0.2),
+                           8 * 256)["help"]
     assert [h.split(" ")[0] for h in small] == ["refine", "another", "more", "a"]
     assert "heuristic" not in small[1].split(":")[1] and "uniform" in small[1]
     assert "2,048 tokens now" in small[2] and "16,384 advised" in small[2]

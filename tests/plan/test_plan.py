@@ -35,7 +35,7 @@ def test_shapes_from_the_config_alone(config_only, tiny_lm):
 def test_memory_terms_are_the_documented_sums(config_only):
     config, _ = P.load_config(str(config_only))
     sh = P.shapes_of(config)
-    run = P.run_of(method="dipsvd", calib_windows=4, seqlen=32, ratio=0.25)
+    run = P.run_of(method="dipsvd", allocation="uniform", refine="none", calib_windows=4, seqlen=32, ratio=0.25)
     runtime = 1000
     ph = P.memory(sh, run, cuda=False, runtime=runtime)
     weights = sh.params * 4
@@ -257,7 +257,7 @@ def test_a_memory_budget_replaces_the_free_memory_the_plan_is_checked_against(co
     help there, and no single option does.) The cache folder's free disk is set to 1 TiB, so the outcome does not
     hang on the test machine's disk (8B's factors need about 36 GiB there)."""
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, 2**40))
-    run = P.run_of(dtype="bfloat16", calib_windows=8, seqlen=64)
+    run = P.run_of(dtype="bfloat16", calib_windows=8, seqlen=64, allocation="uniform", refine="none")
     for config, fix in ((config_only, "no single option makes it fit"), (llama8b_config, "would fit")):
         plan = P.make_plan(str(config), "cuda", run, bench=False, budgets={"device": 2**40, "host": 2**40})
         assert plan.free_device_bytes == plan.free_host_bytes == 2**40

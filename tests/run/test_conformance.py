@@ -232,12 +232,13 @@ def test_cli_plan_and_sweep_take_the_new_names(tiny_model_dir, tmp_path, capsys)
     first = next(r for r in rows if r["allocation"] == "first-dense" and r["method"] == "gram-diag")
     assert first["p_blocks"][0] == 1.0 and first["p_blocks"][1] < 0.5
     report = tmp_path / "r.json"
-    code = main(["compress", "--model", tiny_model_dir, "--method", "gram-diag", "--allocation", "first-dense",
+    code = main(["compress", "--model", tiny_model_dir, "--method", "gram-diag",  # first-dense: its declared own
                  "--ratio", "0.2", "--calib-windows", "4", "--seqlen", "64", "--eval", "wiki", "--eval-tokens", "128",
                  "--quiet", "--report", str(report), "--gram-diag-power", "1.0"])
     assert code == 0
     r = json.loads(report.read_text())
-    assert r["method"] == "gram-diag" and all(k == "dense" for n, k in r["ranks"].items() if ".layers.0." in n)
+    assert r["method"] == "gram-diag" and r["allocation"] == "first-dense" and r["settings"]["refine"] == "none"
+    assert all(k == "dense" for n, k in r["ranks"].items() if ".layers.0." in n)
     assert r["settings"]["gram-diag"] == {"power": 1.0}  # its own option, from the flag its knob declared
     code = main(["compress", "--model", tiny_model_dir, "--method", "svd-llm", "--gram-diag-power", "1.0"])
     assert code != 0 and "--gram-diag-power is an option of gram-diag; use it with method gram-diag, not svd-llm" \

@@ -141,7 +141,8 @@ def test_nan_activations_are_a_clear_error(tiny_model_dir):
                                          ("dipsvd", "code")])
 def test_compression_end_to_end(tiny_lm, bench, method, form):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    res = bench.build(Settings(method=method, ratio=0.3, dipsvd=ChannelOptions(whitening=form)))
+    res = bench.build(Settings(method=method, allocation="uniform", refine="none", ratio=0.3,
+                                 dipsvd=ChannelOptions(whitening=form)))
     assert abs(res.allocation.ratio_realized - 0.3) <= 0.005
     ranks = module_ranks(res.model)
     assert len(ranks) == 14 and ranks == {n: k for n, k in res.allocation.ranks.items()}

@@ -6,7 +6,7 @@ import streamlit as st
 from dipsvd_core.allocation.strategies import strategy
 from dipsvd_core.engine.evaluate import DEFAULT_PROMPTS, generate
 from dipsvd_core.io.report import build_words
-from dipsvd_core.methods.handlers import handler
+from dipsvd_core.methods.handlers import handler, refines
 from dipsvd_core.run.pipeline import settings_dict
 from studio import ui
 from studio.state import defaults
@@ -43,8 +43,10 @@ with c2:
                            persist_state="session", disabled=busy,
                            help="Dobi-SVD trains its truncation positions once per ratio: minutes each on a CPU"
                            if handler(cur.method).trains_ranks else
-                           "Extra compressed models from the same cached factors (uniform allocation "
-                           "when the current one is Bayesian optimization)")
+                           "Extra compressed models from the same cached factors (a search's fallback allocation "
+                           "when the current one is a search)"
+                           + ("; each is refined as the built one is: a refine pass per ratio, minutes each on a "
+                              "CPU at 32 x 512" if refines(s.result.settings.refine) else ""))
 prompts = chosen + [line.strip() for line in own.splitlines() if line.strip()]
 
 

@@ -71,3 +71,52 @@ def smollm():
     from dipsvd_core.run.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+class _Machine:
+    """The compute jobs of a machine with `full` cores, kept in a folder of the test's own (common/cores.py)."""
+
+    def __init__(self, jobs, monkeypatch):
+        self.jobs, self.monkeypatch, self.others = jobs, monkeypatch, []
+
+    def with_cores(self, full: int) -> "_Machine":
+        from dipsvd_core.common import cores
+
+        self.monkeypatch.setattr(cores, "_FULL", full)
+        return self
+
+    def other_job(self):
+        """A live process of its own registered as another compute job; its job file (unlink it to end the job)."""
+        import subprocess
+        import sys
+
+        from dipsvd_core.common import cores
+
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.others.append(other)
+        cores._folder()
+        job = self.jobs / f"{other.pid}-1-0.job"
+        job.write_text("")
+        return job
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """The cores' bookkeeping isolated: its own jobs folder, no thread count fixed by the environment; afterwards the
+    other jobs' processes end and torch's thread count is restored."""
+    import torch
+
+    from dipsvd_core.common import cores
+
+    monkeypatch.setenv("DIPSVD_STUDIO_JOBS", str(tmp_path / "jobs"))
+    monkeypatch.delenv("DIPSVD_STUDIO_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before, state = torch.get_num_threads(), _Machine(tmp_path / "jobs", monkeypatch)
+    try:
+        yield state
+    finally:
+        for other in state.others:
+            other.kill()
+            other.wait()
+        torch.set_num_threads(before)
+        cores._blas_threads.clear()

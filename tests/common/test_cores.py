@@ -9,34 +9,24 @@ import torch
 from dipsvd_core.common import cores
 
 
-def test_jobs_share_the_cores_and_ended_ones_do_not_count(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIPSVD_STUDIO_JOBS", str(tmp_path / "jobs"))
-    monkeypatch.delenv("DIPSVD_STUDIO_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cores, "_FULL", 4)
-    before = torch.get_num_threads()
-    try:
-        assert cores.running() == 0 and cores.share() == 4
-        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        try:
-            (tmp_path / "jobs" / f"{other.pid}-1-0.job").write_text("")  # another process's job
-            with cores.job():
-                assert cores.running() == 2 and torch.get_num_threads() == 2
-                with cores.job():  # a second job in this process (the app serving two sessions)
-                    assert cores.running() == 3 and cores.share() == 1
-                assert cores.share() == 2
-        finally:
-            other.kill()
-            other.wait()
-        assert cores.running() == 0  # the ended process's file is removed
-        assert not list((tmp_path / "jobs").iterdir())
-        assert cores.share() == 4
-        monkeypatch.setenv("DIPSVD_STUDIO_THREADS", "3")
-        with cores.job():
-            assert torch.get_num_threads() == 3  # fixed by the user
-    finally:
-        torch.set_num_threads(before)
-        cores._blas_threads.clear()
+def test_jobs_share_the_cores_and_ended_ones_do_not_count(machine, tmp_path, monkeypatch):
+    machine.with_cores(4)
+    assert cores.running() == 0 and cores.share() == 4
+    other = machine.other_job()  # another process's job
+    with cores.job():
+        assert cores.running() == 2 and torch.get_num_threads() == 2
+        with cores.job():  # a second job in this process (the app serving two sessions)
+            assert cores.running() == 3 and cores.share() == 1
+        assert cores.share() == 2
+    for process in machine.others:
+        process.kill()
+        process.wait()
+    assert other.exists() and cores.running() == 0  # the ended process's file is removed
+    assert not list((tmp_path / "jobs").iterdir())
+    assert cores.share() == 4
+    monkeypatch.setenv("DIPSVD_STUDIO_THREADS", "3")
+    with cores.job():
+        assert torch.get_num_threads() == 3  # fixed by the user
 
 
 def test_a_cli_run_registers_while_it_runs(tmp_path, tiny_model_dir):

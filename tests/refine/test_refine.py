@@ -110,39 +110,26 @@ def test_refined_model_fits_the_original_output_better(tiny_lm):
         assert e_refined < e_plain, name
 
 
-def test_refine_takes_its_share_of_the_cores_at_every_block(tiny_lm, tmp_path, monkeypatch):
+def test_refine_takes_its_share_of_the_cores_at_every_block(tiny_lm, machine):
     """A long refine started beside another compute job takes the cores back once that job ends: each block
     re-reads the machine's jobs (cores.share), not only the phase's start."""
     from dipsvd_core.common import cores
 
-    monkeypatch.setenv("DIPSVD_STUDIO_JOBS", str(tmp_path / "jobs"))
-    monkeypatch.delenv("DIPSVD_STUDIO_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cores, "_FULL", 2)
+    machine.with_cores(2)
     settings = Settings(method="svd-llm", ratio=0.4)
     bench = Workbench(tiny_lm, "wiki", 4, 64)
     bench.factors(settings.spec)
     ranks = bench.allocate(settings).ranks
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    job = tmp_path / "jobs" / f"{other.pid}-1-0.job"
+    job = machine.other_job()
     threads = {}
 
     def progress(fraction, words):  # the other job ends during block 1's first group
         threads.setdefault(words.split(":")[0], torch.get_num_threads())
         job.unlink(missing_ok=True)
 
-    before = torch.get_num_threads()
-    try:
-        cores._folder()
-        job.write_text("")
-        with cores.job():  # this refine and the other job: one thread each at the start
-            refine(tiny_lm.model, [t.name for t in tiny_lm.targets], bench.windows(), settings.spec, ranks,
-                   progress=progress)
-    finally:
-        other.kill()
-        other.wait()
-        torch.set_num_threads(before)
-        cores._blas_threads.clear()
+    with cores.job():  # this refine and the other job: one thread each at the start
+        refine(tiny_lm.model, [t.name for t in tiny_lm.targets], bench.windows(), settings.spec, ranks,
+               progress=progress)
     assert threads["block 1/2"] == 1 and threads["block 2/2"] == 2, threads
 
 

@@ -35,22 +35,33 @@ def _allocations():
     return list(ALLOCATIONS)
 
 
+def _own_defaults(attr: str) -> str:
+    """The methods' own defaults (MethodHandler.default_allocation or default_refine) in words, from the registry:
+    "uniform for svd, svd-llm, ...; nested for dipsvd; ...", for the knobs' help."""
+    from .handlers import method_names
+
+    by_value: dict = {}
+    for m in method_names():
+        by_value.setdefault(getattr(handler(m), attr), []).append(m)
+    return "; ".join(f"{value} for {', '.join(ms)}" for value, ms in by_value.items())
+
+
 @dataclass(init=False)
 class Settings:
     """Every setting of one compression. Each field's knob (knobs.py) holds its default, help and flag, which the
     CLI and the app read; each method's own options are in `options` (module docstring)."""
 
     method: str = knob("dipsvd", "the compression method", choices=_methods)
-    allocation: str = knob(None, "per-block keep ratios (default: the method's own: nested for "
-                           "dipsvd, trained for dobi, uniform for the baselines)", choices=_allocations)
+    allocation: str = knob(None, "per-block keep ratios (default: the method's own: "
+                           + _own_defaults("default_allocation") + ")", choices=_allocations)
     ratio: float = knob(0.2, "fraction of targeted parameters REMOVED (0.2 removes 20%, keeps 80%)", kind="ratio")
     compute_dtype: str = knob("float64", "dtype of the whitening and the SVD (float32 for GPUs without fast float64)",
                               choices=lambda: ("float64", "float32"))
     factor_dtype: str = knob("float32", "dtype of the factors stored on disk (bfloat16 halves them)",
                              choices=lambda: ("float32", "bfloat16"))
     refine: str = knob(None, "; ".join(f"{c.name}: {c.help}" for c in REFINE_CHOICES.values())
-                       + "; refine is one more streaming pass at build time (default: the method's own: sequential "
-                       "for dipsvd, none for the others)", choices=lambda: REFINES)
+                       + "; refine is one more streaming pass at build time (default: the method's own: "
+                       + _own_defaults("default_refine") + ")", choices=lambda: REFINES)
     compensate: str = knob("auto", "a refined build also refits dense-kept matrices to the drifted inputs, where "
                            "that lowers the held-out error: " + "; ".join(f"{c.name}: {c.help}" for c in COMPENSATIONS.values()),
                            choices=lambda: tuple(COMPENSATIONS))

@@ -35,6 +35,7 @@ CONFIGS = {
     "comp": ("wiki-chat", "sequential", "outputs", "nested"),
     "mix": ("mix", "sequential", "none", "nested"),
     "mix-comp": ("mix", "sequential", "outputs", "nested"),
+    "mix-comp-all": ("mix", "sequential", "all", "nested"),  # item 2 on every dense matrix, q/k/v/gate/up too
     "tune": ("wiki-chat", "block", "none", "nested"),
     "mix-comp-tune": ("mix", "block", "outputs", "nested"),
     "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
@@ -48,6 +49,7 @@ ABLATIONS = (
     ("1. block tuning", "mix-comp-tune", "mix-comp"),
     ("2. dense compensation", "comp", "base"),
     ("2. dense compensation", "mix-comp", "mix"),
+    ("2. every dense matrix compensated", "mix-comp-all", "mix-comp"),
     ("3. mix calibration", "mix", "base"),
     ("3. mix calibration", "mix-comp", "comp"),
     ("3. the model's own text in the mix", "mix-self-comp", "mix-comp"),

@@ -55,7 +55,8 @@ COMPENSATIONS = {c.name: c for c in (
     Compensation("none", lambda walk, n: False, "dense matrices stay the original's"),
     Compensation("outputs", lambda walk, n: walk.solo(n), "the dense matrices that alone read their input (o_proj "
                                                           "and down_proj in Llama): they write the residual stream"),
-    Compensation("all", lambda walk, n: True, "every dense matrix"))}
+    Compensation("all", lambda walk, n: True, "every dense matrix (measured at 0.2-0.3: lower perplexity than "
+                                              "outputs on every text, more repetitive greedy text)"))}
 
 
 def compensation(name: str) -> Compensation:

@@ -227,7 +227,12 @@ def _factors_s(k: Clock) -> float:
 
 @time_of(P.FISHER)
 def _fisher_s(k: Clock) -> float:
-    return 3 * k.N * k.fwd_model
+    """Per window, four block-forwards of work in every block (fisher.py: the pass that saves the inputs, the forward
+    again with autograd, the input gradient, and the weight gradient its hooks form, g^T x) and two of the top (the
+    lm_head forward and its input gradient). It counted three whole-model forwards until the default build measured
+    94.5 s against 57 s predicted on the bundled model at 32 x 512 (bench/RESULTS.md, "The defaults a user gets")."""
+    lm_head = k.fwd_model - k.L * k.r.block_forward_s
+    return k.N * (4 * k.L * k.r.block_forward_s + 2 * lm_head)
 
 
 @time_of(P.REFINE)

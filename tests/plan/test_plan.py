@@ -407,3 +407,16 @@ def test_cli_plan_takes_the_settings_flags_compress_takes(config_only, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["plan", "--model", str(config_only), "--no-bench", "--tune-error", "mse"])
     assert refused.value.code == 2 and "--tune-error" in capsys.readouterr().err
+
+
+def test_fisher_time_counts_four_block_forwards_and_two_of_the_top(config_only):
+    """Fisher's seconds per window: every block's saved-input pass, its forward with autograd, its input gradient and
+    its hooks' weight gradient (four block-forwards), and the lm_head's forward and input gradient (two)."""
+    config, _ = P.load_config(str(config_only))
+    sh = P.shapes_of(config)
+    run = P.run_of(allocation="heuristic", refine="none", calib_windows=8, seqlen=64)
+    phases = P.memory(sh, run, False, 0)
+    block_s, matmul = 0.5, 1e9  # block_forward_s; the model dtype's matmul rate times the lm_head
+    P.timing(phases, sh, run, P.Rates(1.0, block_s, 1.0, 1.0, matmul, 1e9))
+    lm_head = 2 * 64 * sh.hidden * sh.vocab / matmul
+    assert phases["fisher"].seconds == pytest.approx(8 * (4 * sh.n_blocks * block_s + 2 * lm_head))

@@ -146,15 +146,19 @@ with view:
     # every pass these settings still need (the declared needs), each with its button; the ones the allocation
     # itself reads stop the preview until they have run
     todo = [p for p in steps.missing(bench, new) if p in P.ASK]
+
+    def run_pass(step, progress):
+        steps.run(bench, step, new, progress)
+        if step == P.FISHER:
+            s.fisher = bench.fisher()
+
     if len(todo) > 1:  # one click for them all (the default nested allocation needs three), each still on its own
 
         def run_all(job, todo=tuple(todo)):
             for i, step in enumerate(todo):
                 part = P.ASK[step][2]
-                steps.run(bench, step, new, lambda f, msg="", i=i, part=part: job.progress(
+                run_pass(step, lambda f, msg="", i=i, part=part: job.progress(
                     (i + f) / len(todo), f"{i + 1}/{len(todo)} {part}" + (f": {msg}" if msg else "")))
-                if step == P.FISHER:
-                    s.fisher = bench.fisher()
 
         if st.button(f"Run all {len(todo)} passes ({', '.join(todo)})", type="primary"):
             ui.start(f"The {len(todo)} passes of the {new.allocation} allocation", run_all)
@@ -170,9 +174,7 @@ with view:
                        icon=":material/calculate:")
 
         def run(job, step=step):
-            steps.run(bench, step, new, job.progress)
-            if step == P.FISHER:
-                s.fisher = bench.fisher()
+            run_pass(step, job.progress)
 
         if st.button(button, type="primary" if i == 0 and len(todo) == 1 else "secondary"):
             ui.start(title, run)

@@ -152,7 +152,8 @@ def _whitening_seconds(run: Run, g: int, r: Rates) -> float:
 class Clock:
     """What the phases' seconds are made of, for one model, run and set of rates: `forward`, every block over every
     calibration window with the statistics hooks; `whiten` and `factor`, one block's whitenings and SVDs;
-    `fwd_model`, one window through the whole model; `probe_window`, an evaluation on the held-out windows."""
+    `lm_head`, the lm_head over one window, and `fwd_model`, one window through the whole model; `probe_window`, an
+    evaluation on the held-out windows."""
 
     sh: Shapes
     run: Run
@@ -162,8 +163,12 @@ class Clock:
     forward: float
     whiten: float
     factor: float
-    fwd_model: float
+    lm_head: float
     probe_window: float
+
+    @property
+    def fwd_model(self) -> float:
+        return self.L * self.r.block_forward_s + self.lm_head
 
     @property
     def refine_once(self) -> float:
@@ -193,7 +198,7 @@ def _clock(sh: Shapes, run: Run, r: Rates) -> Clock:
         factor = sum(r.eigh_at(min(o, i)) + 2 * o * i * (i + 2 * min(o, i)) / r.matmul_flops for o, i in per_block)
     lm_head = 2 * run.seqlen * sh.hidden * sh.vocab / r.model_rate
     fwd_model = L * r.block_forward_s + lm_head
-    return Clock(sh, run, r, L, N, L * N * r.block_window_s, whiten, factor, fwd_model, fwd_model * run.bo_windows)
+    return Clock(sh, run, r, L, N, L * N * r.block_window_s, whiten, factor, lm_head, fwd_model * run.bo_windows)
 
 
 TIMES: dict = {}  # phase -> (Clock) -> seconds; a probe's is one held-out evaluation per group (probes' registry)
@@ -231,8 +236,7 @@ def _fisher_s(k: Clock) -> float:
     again with autograd, the input gradient, and the weight gradient its hooks form, g^T x) and two of the top (the
     lm_head forward and its input gradient). It counted three whole-model forwards until the default build measured
     94.5 s against 57 s predicted on the bundled model at 32 x 512 (bench/RESULTS.md, "The defaults a user gets")."""
-    lm_head = k.fwd_model - k.L * k.r.block_forward_s
-    return k.N * (4 * k.L * k.r.block_forward_s + 2 * lm_head)
+    return k.N * (4 * k.L * k.r.block_forward_s + 2 * k.lm_head)
 
 
 @time_of(P.REFINE)

@@ -10,7 +10,8 @@ with one item of issue 35 switched on or off (CONFIGS): the calibration text (wi
 the model's own text),
 dense compensation (refine --compensate outputs), block tuning (refine block, AdamW; --tune-epochs on this CPU) and
 the allocation scored after refinement (refined-kl, which refines uniform, heuristic and nested and keeps the one
-closest to the original by KL on mixed held-out windows).
+closest to the original by KL on mixed held-out windows); `mix-comp-distill` is the default path distilled end to end
+from the original afterwards (--distill-epochs 4, refine/distill.py).
 Each row: perplexity of the original and the compressed model on every text (the first --eval-tokens tokens of its
 evaluation half, in windows of the calibration's length), the greedy generations of the default prompts (chat
 template on, 48 new tokens) with their distinct-3-gram shares against the original's, and the build's seconds.
@@ -29,7 +30,7 @@ from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_d
 SECTION = "## Quality panel (issue 35)"
 TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
 PANEL = TEXTS[2:]  # the texts no calibration source contains (wiki and news are sources of the mix)
-# name -> (calibration source, refine, compensate, allocation)
+# name -> (calibration source, refine, compensate, allocation[, epochs of end-to-end distillation after the build])
 CONFIGS = {
     "base": ("wiki-chat", "sequential", "none", "nested"),
     "comp": ("wiki-chat", "sequential", "outputs", "nested"),
@@ -38,22 +39,28 @@ CONFIGS = {
     "mix-comp-all": ("mix", "sequential", "all", "nested"),  # item 2 on every dense matrix, q/k/v/gate/up too
     "tune": ("wiki-chat", "block", "none", "nested"),
     "mix-comp-tune": ("mix", "block", "outputs", "nested"),
+    "mix-comp-all-tune": ("mix", "block", "all", "nested"),  # items 1 and 2 together, every dense matrix
+    # the default path, then the whole model distilled from the original (refine/distill.py; --distill-epochs)
+    "mix-comp-distill": ("mix", "sequential", "outputs", "nested", 4),
     "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
     # item 3's last source: the default mix and text the model writes itself (engine/self_text.py), a fifth of it
     "mix-self-comp": ("mix:wiki-chat=2,wiki=1,news=1,self=1", "sequential", "outputs", "nested"),
 }
 # The ablation: each item of issue 35 as (item, the config with it on, the same config with it off). A tuned row is
 # compared at each of its epochs.
-ABLATIONS = (
+ABLATIONS = (  # the last one is no item of issue 35: the build distilled end to end from the original afterwards
     ("1. block tuning", "tune", "base"),
     ("1. block tuning", "mix-comp-tune", "mix-comp"),
+    ("1. block tuning", "mix-comp-all-tune", "mix-comp-all"),
     ("2. dense compensation", "comp", "base"),
     ("2. dense compensation", "mix-comp", "mix"),
     ("2. every dense matrix compensated", "mix-comp-all", "mix-comp"),
+    ("2. every dense matrix compensated", "mix-comp-all-tune", "mix-comp-tune"),
     ("3. mix calibration", "mix", "base"),
     ("3. mix calibration", "mix-comp", "comp"),
     ("3. the model's own text in the mix", "mix-self-comp", "mix-comp"),
     ("4. allocation scored after refinement", "mix-comp-kl", "mix-comp"),
+    ("end-to-end distillation", "mix-comp-distill", "mix-comp"),
 )
 
 
@@ -71,10 +78,10 @@ def _generations(model, tokenizer) -> list[dict]:
 
 
 def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -> None:
-    from dipsvd_core.refine.choices import TuneConfig
+    from dipsvd_core.refine.choices import DistillConfig, TuneConfig
     from dipsvd_core.run.pipeline import Settings
 
-    calib, refine, compensate, allocation = CONFIGS[name]
+    calib, refine, compensate, allocation, *distilled = CONFIGS[name]
     windows, seqlen = (int(v) for v in args.calib.split("x"))
     bench = workbench(lm, windows, seqlen, calib=calib)
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
@@ -88,13 +95,15 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
         if (name, ratio, args.calib, args.tune_epochs if tuned else None, tuple(sorted(options.items()))) in done:
             continue
         s = Settings(method="dipsvd", allocation=allocation, ratio=ratio, refine=refine, compensate=compensate,
-                     tune=TuneConfig(epochs=args.tune_epochs, **options))
+                     tune=TuneConfig(epochs=args.tune_epochs, **options),
+                     distill=DistillConfig(epochs=distilled[0] if distilled else 0))
         t0 = time.perf_counter()
         built = bench.build(s)
         seconds = time.perf_counter() - t0
         row = {"config": name, "ratio": ratio, "calib": args.calib, "source": calib, "refine": refine,
                "allocation": built.allocation.method,
                "compensate": compensate, "tune_epochs": args.tune_epochs if tuned else None,
+               **({"distill_epochs": distilled[0]} if distilled else {}),
                **({"tune_options": options} if options else {}),
                "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
                "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},
@@ -150,8 +159,8 @@ def markdown(rows: list[dict], command: str) -> str:
 def _ablation(rows: list[dict], calib: str) -> list[str]:
     """Each item on against off (ABLATIONS), at every ratio where both rows exist: the change of each text's
     perplexity, how many panel texts it makes worse, the lowest distinct-3-gram share and the build seconds. A text
-    the item makes worse is in bold."""
-    by_key = {(r["config"], r.get("ratio")): r for r in rows if not r.get("tune_epochs")}
+    the item makes worse is in bold. An off row that is tuned is the one tuned alike (epochs and options)."""
+    by_key = {_key(r): r for r in rows}
     original = next(r for r in rows if r["config"] == "original")
     base_d3 = [g["distinct_3"] for g in original["generations"]]
     lines = [f"Ablation at {calib}: each item on against the same path with it off (change of perplexity; a text it "
@@ -161,7 +170,8 @@ def _ablation(rows: list[dict], calib: str) -> list[str]:
              "|---|---|---|---|" + "---|" * (len(TEXTS) + 3)]
     for item, on, off in ABLATIONS:
         for r in sorted((r for r in rows if r["config"] == on), key=lambda r: _key(r)[1:]):
-            base = by_key.get((off, r["ratio"]))
+            base = by_key.get(_key({**r, "config": off}) if CONFIGS[off][1] == "block"  # a tuned off: same tuning
+                              else (off, r["ratio"], r["calib"], None, ()))
             if base is None:
                 continue
             change = [round(r["ppl"][t] / base["ppl"][t] - 1, 3) for t in TEXTS]  # as shown: worse is above +0.0%
@@ -175,8 +185,9 @@ def _ablation(rows: list[dict], calib: str) -> list[str]:
 
 
 def _own_s(row: dict) -> float:
-    """A row's refine seconds and its search's (refined-kl): what its items cost whatever the caches held."""
-    return row["timings_s"].get("refine", 0) + row["timings_s"].get("search", 0)
+    """A row's refine seconds, its search's (refined-kl) and its distillation's: what its items cost whatever the
+    caches held."""
+    return sum(row["timings_s"].get(step, 0) for step in ("refine", "search", "distill"))
 
 
 def _tuning(row: dict) -> str:
@@ -203,7 +214,8 @@ def _table(rows: list[dict], calib: str) -> list[str]:
     for r in sorted((r for r in rows if r["config"] != "original"), key=lambda r: (r["ratio"], r["config"])):
         mult = [r["ppl"][t] / original["ppl"][t] for t in TEXTS]
         d3 = _d3_min(r, base_d3)
-        refine = r["refine"] + _tuning(r)
+        refine = r["refine"] + _tuning(r) + (f" + distilled {r['distill_epochs']} epochs" if r.get("distill_epochs")
+                                             else "")
         lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {r.get('allocation', 'nested')} | {refine} | "
                      f"{r['compensate']} | "
                      + " | ".join(f"{m:.2f}x" for m in mult) + f" | {max(mult):.2f}x | {d3:.2f} | {r['build_s']:.0f} |")

@@ -18,6 +18,7 @@ from dipsvd_core.outputs.lm_tasks import LOCAL_TASK, lm_eval_accuracy
 from dipsvd_core.outputs.sweep import REFINED, run_sweep
 from dipsvd_core.plan import binary_size
 from dipsvd_core.refine.choices import AUTO, COMPENSATIONS, REFINE_CHOICES, compensation_for, refine_choice
+from dipsvd_core.refine.distill import distilled_summary
 from dipsvd_core.refine.sequential import calibration_advice, refine_table, summary
 from studio import ui
 from studio.state import defaults
@@ -73,6 +74,14 @@ tune = c_tune.checkbox("Also tune each block (AdamW)", key="k_c_tune", persist_s
 with st.expander("Tuning options"):  # block tuning's own options (refine/choices.TuneConfig), from their knobs
     tuning = ui.options_box("tune", cur.tune, "k_c_", disabled=busy or not refinable or not (refine and tune),
                             columns=3)
+with st.expander("Distillation after the build"):  # end-to-end distillation's options (refine/choices.DistillConfig)
+    st.caption("The built model's low-rank factors and norms trained, end to end, to give the original's next-token "
+               "distribution on the calibration windows; the epoch with the lowest KL on held-out calibration windows "
+               "is kept (0: the build itself). Each epoch costs about four model passes a window, with the whole "
+               "model on one device. 0 epochs: off.")
+    distilling = ui.options_box("distill", cur.distill, "k_c_", disabled=busy, columns=3)
+if cur.distill != distilling:
+    s.settings = cur = replace(cur, distill=distilling)
 if refinable and (cur.compensate, cur.tune) != (compensate, tuning):  # both read by refined builds only
     s.settings = cur = replace(cur, compensate=compensate, tune=tuning)
 wanted = next(c.name for c in REFINE_CHOICES.values() if c.refits == refine and c.tunes == (refine and tune))
@@ -113,6 +122,7 @@ if s.result is not None and s.params is not None:
     st.caption(f"Built with {s.result.settings.method} + {s.result.settings.allocation} at "
                f"{describe_ratio(s.result.settings.ratio)}"
                + (f", {summary(refined)}" if refined else "")
+               + (f", {distilled_summary(s.result.info['distill'])}" if "distill" in s.result.info else "")
                + f"; surgery {s.result.timings_s.get('surgery', 0):.2f} s.")
     if refined and refined.get("blocks"):
         with st.expander("Refine, block by block"):

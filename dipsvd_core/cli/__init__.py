@@ -84,4 +84,8 @@ def _summary(report: dict) -> str:
         from ..refine.sequential import summary
 
         lines.append(f"  refine: {summary(report['refine'])}")
+    if "distill" in report:
+        from ..refine.distill import distilled_summary
+
+        lines.append(f"  distill: {distilled_summary(report['distill'])}")
     return "\n".join(lines)

@@ -48,7 +48,7 @@ def _run_of(args):
                seqlen=args.seqlen, eval_tokens=args.eval_tokens,
                eval_sets=len([s for s in args.eval.split(",") if s.strip()]),
                eval_original=not args.no_eval_original, dtype=args.dtype, offload=getattr(args, "offload", False),
-               save=bool(getattr(args, "out", None)))
+               save=bool(getattr(args, "out", None)), inplace=not settings.distill.epochs)
 
 
 def cmd_plan(args):
@@ -176,7 +176,8 @@ def cmd_compress(args) -> dict:
     if args.tasks:
         extra["lm_eval"] = {"original": _tasks(args, lm.model, lm.tokenizer)}
     params_before = count_params(lm.model)
-    result = bench.build(settings, progress=progress, inplace=True)
+    # distillation needs the original as its teacher: that build keeps it
+    result = bench.build(settings, progress=progress, inplace=not settings.distill.epochs)
     timings.update(result.timings_s)
     progress.close()
     t0 = time.perf_counter()

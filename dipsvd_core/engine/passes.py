@@ -20,6 +20,7 @@ its own name, so a run can be checked against its plan.
 - training: Dobi-SVD's gradient descent on truncation positions (dobi.py).
 - weight update: Dobi-SVD's incremental PCA of every layer's outputs at build time (dobi.ipca_weights).
 - refine: sequential compensation, one more streaming pass at build time (refine.py).
+- distill: end-to-end distillation of the built model from the original (refine/distill.py), after surgery.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ SEARCH = "search"
 TRAINING = "training"
 UPDATE = "weight update"
 REFINE = "refine"
+DISTILL = "distill"
 
-PASSES = [WRITING, STATISTICS, GRAMS, FISHER, FACTORS, SEARCH, TRAINING, UPDATE, REFINE]  # in run order; probes register
+PASSES = [WRITING, STATISTICS, GRAMS, FISHER, FACTORS, SEARCH, TRAINING, UPDATE, REFINE, DISTILL]  # in run order; probes register
 # the plan's phase (and the timings key) each pass is counted in: the Gram whitening runs inside the statistics pass
 PHASE = {p: p for p in PASSES} | {GRAMS: STATISTICS}
 # what each pass costs, in a user's words (the app's buttons and the refusal messages)
@@ -45,7 +47,9 @@ COST = {WRITING: "the model writes its own calibration text (the self source): g
         SEARCH: "one evaluation of the objective per call, each on a model sliced from the cached factors",
         TRAINING: "gradient steps on every matrix's truncation position (minutes on a CPU)",
         UPDATE: "one forward pass over the calibration windows with an incremental PCA of every layer's outputs",
-        REFINE: "one more streaming pass at build time, refitting each block to the compressed inputs"}
+        REFINE: "one more streaming pass at build time, refitting each block to the compressed inputs",
+        DISTILL: "after the build, a forward of the original and a forward and backward of the compressed model per "
+                 "calibration window and epoch, the whole model on one device"}
 
 # how the app asks for a pass that has not run: (what it gives, the button, the job's title)
 ASK = {STATISTICS: ("the calibration statistics", "Collect statistics", "Collecting statistics"),

@@ -22,8 +22,9 @@ def compression_report(lm, bench, result, params: dict | None, ppl: dict | None 
            "ranks": {n: (k if k is not None else "dense") for n, k in allocation.ranks.items()},
            "ppl": ppl or {}, "timings_s": dict(result.timings_s), "versions": library_versions()}
     out.update(handler(settings.method).report_fields(result.info, allocation))
-    if "refine" in result.info:
-        out["refine"] = result.info["refine"]
+    for step in ("refine", "distill"):
+        if step in result.info:
+            out[step] = result.info[step]
     if speed:
         out["speed"] = speed
     if generations:
@@ -48,8 +49,10 @@ def build_words(settings: dict) -> str:
     """A build in words, for a report's title and the app's column labels (settings_dict of its Settings):
     'dipsvd + heuristic · ratio 0.2 removed, 80% kept · refined (sequential)'."""
     refine = settings.get("refine", "none")
+    epochs = settings.get("distill", {}).get("epochs", 0)
     return (f"{settings['method']} + {settings['allocation']} · {describe_ratio(settings['ratio'])} · "
-            + (f"refined ({refine})" if refines(refine) else "not refined"))
+            + (f"refined ({refine})" if refines(refine) else "not refined")
+            + (f" · distilled ({epochs} epochs)" if epochs else ""))
 
 
 def sweep_row(report: dict) -> dict:

@@ -328,5 +328,6 @@ def resolve(name: str):
 
 def needs(settings, allocation_given: bool = False) -> frozenset:
     """The passes a build for these settings runs (passes.py); with an allocation given, the allocation's own
-    passes are left out."""
-    return handler(settings.method).needs(settings, allocation_given)
+    passes are left out. Distillation, after surgery, is any method's where its epochs are set."""
+    return handler(settings.method).needs(settings, allocation_given) | (
+        {P.DISTILL} if settings.distill.epochs else frozenset())

@@ -183,6 +183,18 @@ def _refine(t: Terms) -> Cost:
     return Cost(t.weights + dev + (t.kept * t.B if not t.cuda else 0), 0, t.kept * t.B + sets)
 
 
+@cost_of(P.DISTILL)
+def _distill(t: Terms) -> Cost:
+    """End-to-end distillation (refine/distill.py): the original (the teacher) and the compressed model on the device
+    at once, the trainable parameters (at most the kept factors, or the norms alone) with their
+    gradients, AdamW's two float32 moments and the best epoch's float32 copy (16-bit weights add a float32 master
+    and its gradient), one window's autograd through every block, and the logits of both models and their
+    gradient."""
+    params = t.kept if t.run.distill.scope == "factors" else (2 * t.L + 1) * t.H  # "norms": two a block and the last
+    trainable = params * (t.B + 12 + (8 if t.B < 4 else 0))
+    return Cost(t.weights + t.kept * t.B + trainable + t.L * t.layer_saved + 2 * t.logits + t.window)
+
+
 @cost_of(P.SEARCH)
 def _search(t: Terms) -> Cost:
     """BO: the allocation's low-rank modules swapped into the one model (on a GPU the swapped-out dense weights wait

@@ -43,8 +43,8 @@ def per_phase(table: dict):
 def phases_in_order() -> tuple[str, ...]:
     """Every phase of a plan, in run order (a probe registered later is in it too)."""
     first = (P.WRITING, P.STATISTICS, P.FACTORS, P.FISHER)
-    rest = [p for p in P.PASSES if P.PHASE[p] == p and p not in first]
-    return ("load", *first, *rest, "surgery", "evaluation", "save")
+    rest = [p for p in P.PASSES if P.PHASE[p] == p and p not in first and p != P.DISTILL]
+    return ("load", *first, *rest, "surgery", P.DISTILL, "evaluation", "save")
 
 
 ALWAYS = ("load", "surgery", "evaluation")
@@ -265,10 +265,12 @@ class Run:
 
 def run_of(**fields) -> Run:
     """A Run from flat fields: the settings' fields go into its settings, the others are the run's own. An allocation
-    or refine not given is the method's own, as in Settings (run_of(method="svd-llm") plans uniform, unrefined)."""
+    or refine not given is the method's own, as in Settings (run_of(method="svd-llm") plans uniform, unrefined). A
+    distilled build keeps the original as its teacher, so `inplace` not given is then false, as compress builds it."""
     own = {f.name for f in dataclasses.fields(Run)}
-    return Run(settings=Settings(**{k: v for k, v in fields.items() if k not in own}),
-               **{k: v for k, v in fields.items() if k in own})
+    settings = Settings(**{k: v for k, v in fields.items() if k not in own})
+    return Run(settings=settings, **{"inplace": not settings.distill.epochs,
+                                     **{k: v for k, v in fields.items() if k in own}})
 
 
 @dataclass

@@ -249,6 +249,15 @@ def _refine_s(k: Clock) -> float:
     return k.refine_once + tuning
 
 
+@time_of(P.DISTILL)
+def _distill_s(k: Clock) -> float:
+    """Per epoch and calibration window, the original's forward and the compressed model's forward and backward
+    (about three forwards), each a whole-model forward at most; per epoch and once before, the held-out windows
+    through both models."""
+    cfg = k.run.distill
+    return (cfg.epochs * k.N * 4 + (cfg.epochs + 1) * cfg.held * 2) * k.fwd_model
+
+
 @time_of(P.SEARCH)
 def _search_s(k: Clock) -> float:
     searching = strategy(k.run.allocation).search_refines  # refined-kl: a refine pass and an evaluation per candidate

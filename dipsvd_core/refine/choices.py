@@ -1,5 +1,6 @@
 """The choices of refine, each declared once: the refine choices (none, sequential, block), what dense matrices
-are compensated, the block tuning's settings (TuneConfig, with its learning-rate schedule) and the closed form's
+are compensated, the block tuning's settings (TuneConfig, with its learning-rate schedule), end-to-end
+distillation's (DistillConfig) and the closed form's
 constants (damping, the held-out dampings, the residual target)."""
 from __future__ import annotations
 
@@ -124,6 +125,54 @@ class TuneConfig:
 
 TUNE_SCOPES = ("factors", "block")
 register_options("tune", TuneConfig, "block tuning (--refine block)", "changes rebuild")
+
+
+# what distillation trains (refine/distill.trainable); the plan counts their optimizer state
+DISTILL_SCOPES = {
+    "factors": "the low-rank factors and every norm (their gradients, AdamW's moments and the best epoch's copy are 4x "
+               "the factors' bytes in float32, 11x in bfloat16: the plan gives 145 GiB for Llama-3-8B, more than "
+               "an 80 GB card)",
+    "norms": "every norm alone (thousands of parameters: the original and the compressed model on the device, and "
+             "one window's autograd; the plan gives 30 GiB for Llama-3-8B at 512 tokens, 52 GiB at 2048)",
+}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """End-to-end distillation after the build (refine/distill.py): the compressed model's low-rank factors and norms
+    trained to give the original's next-token distribution (KL) on the calibration windows, AdamW with block tuning's
+    schedule, the best epoch by the KL on held-out calibration windows kept (the build itself, epoch 0, included).
+    Off (0 epochs) by default; measured on the bundled model in bench/RESULTS.md ("End-to-end distillation")."""
+
+    epochs: int = knob(0, "distillation: epochs over the calibration windows after the build (0: off); each costs "
+                       "about four whole-model forwards a window", "--distill-epochs", "int",
+                       widget=Widget("Distillation epochs", 0, 50, 1))
+    lr: float = knob(1e-4, "distillation: AdamW's peak learning rate", "--distill-lr",
+                     widget=Widget("Peak learning rate", 1e-7, 1e-2, 1e-5, "%.6f"))
+    weight_decay: float = knob(0.01, "distillation: AdamW's weight decay", "--distill-weight-decay",
+                               widget=Widget("Weight decay", 0.0, 1.0, 0.01))
+    warmup: float = knob(0.1, "distillation: share of the steps that warm up linearly (then cosine decay to 0)",
+                         "--distill-warmup", widget=Widget("Warm-up share", 0.0, 0.9, 0.05))
+    clip: float = knob(1.0, "distillation: the gradients' norm is clipped to this (0: no clipping)", "--distill-clip",
+                       widget=Widget("Gradient clip", 0.0, 100.0, 0.5))
+    held: int = knob(4, "distillation: held-out calibration windows whose KL picks the epoch kept", "--distill-held",
+                     "positive", widget=Widget("Held-out windows", 1, 64, 1))
+    scope: str = knob("factors", "distillation trains: " + "; ".join(f"{k}: {v}" for k, v in DISTILL_SCOPES.items()),
+                      "--distill-scope", choices=lambda: tuple(DISTILL_SCOPES), widget=Widget("Trains"))
+
+    def check(self) -> "DistillConfig":
+        if self.scope not in DISTILL_SCOPES:
+            raise DipSVDError(f"unknown distill scope '{self.scope}'; use one of {', '.join(DISTILL_SCOPES)}")
+        if not (self.epochs >= 0 and self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1
+                and self.clip >= 0 and self.held >= 1):
+            raise DipSVDError("distillation needs epochs >= 0, lr > 0, weight_decay >= 0, 0 <= warmup < 1, clip >= 0 "
+                              f"and held >= 1 (got {self.epochs}, {self.lr}, {self.weight_decay}, {self.warmup}, "
+                              f"{self.clip}, {self.held})")
+        return self
+
+
+register_options("distill", DistillConfig, "end-to-end distillation after the build (--distill-epochs)",
+                 "changes rebuild")
 
 
 def lr_scale(step: int, total: int, warmup: float) -> float:

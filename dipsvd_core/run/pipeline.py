@@ -124,6 +124,10 @@ class Workbench:
         Workbench then builds nothing more. The method's handler (methods.py) builds the new state;
         surgery is the same for every method."""
         settings.check()
+        if settings.distill.epochs:  # before the build's passes: a build that cannot be distilled says so first
+            from ..refine.distill import check_distillable
+
+            check_distillable(self.lm.model, inplace)
         state = handler(settings.method).new_state(self.context, settings, allocation, progress)
         if refines(settings.refine):
             with self.memory.phase(P.REFINE):
@@ -133,8 +137,22 @@ class Workbench:
         t0 = time.perf_counter()
         with self.memory.phase("surgery"):
             model = self._surgery(state.weights, inplace)
-        timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
-        return Result(model, state.allocation, settings, timings, state.info)
+        state.timings_s["surgery"] = time.perf_counter() - t0
+        if settings.distill.epochs:
+            info = self.distill(model, settings, progress)
+            state.timings_s[P.DISTILL] = info["seconds"]
+            state.info = dict(state.info, distill=info)
+        return Result(model, state.allocation, settings, dict(self.timings_s, **state.timings_s), state.info)
+
+    def distill(self, model: torch.nn.Module, settings: Settings, progress=None) -> dict:
+        """End-to-end distillation of a built model from the original (refine/distill.py), in place: its factors
+        and norms trained on the calibration windows, the epoch kept by the KL on held-out calibration windows."""
+        from ..refine.distill import check_distillable, distill
+
+        check_distillable(model, self._converted)
+        with self.memory.phase(P.DISTILL):
+            return distill(model, self.lm.model, self.windows(), self.heldout(settings.distill.held),
+                           settings.distill, progress)
 
     def refine(self, settings: Settings, allocation: alloc.Allocation, progress=None,
                fallback: dict | None = None) -> tuple[dict, dict]:

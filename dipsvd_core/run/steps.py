@@ -77,6 +77,7 @@ STEPS = {p.name: p for p in (
                                                                                 cancel)),
     Pass(P.UPDATE),
     Pass(P.REFINE),
+    Pass(P.DISTILL),
 )}
 
 assert set(STEPS) == set(P.PASSES) - {p.step for p in PROBES.values()}, "every pass but the probes has its object here"

@@ -129,7 +129,8 @@ def test_load_shows_architecture_and_statistics():
     at.run()
     plan = next(df.value for df in at.dataframe if "phase" in df.value.columns)  # from the config alone
     assert list(plan["phase"]) == ["load", "writing", "statistics", "factors", "fisher", "block probe", "type probe",
-                                  "search", "training", "weight update", "refine", "surgery", "evaluation", "save"]
+                                  "search", "training", "weight update", "refine", "surgery", "distill", "evaluation",
+                                  "save"]
     # the defaults, dipsvd + nested + refine: the statistics pass factors each block; nested reads Fisher and the type
     # probe, and refine is one more pass
     assert [n for n, needed in zip(plan["phase"], plan["needed"]) if needed == "yes"] == [

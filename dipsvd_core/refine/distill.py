@@ -1,0 +1,162 @@
+"""End-to-end distillation after the build (DistillConfig in choices.py): the compressed model's low-rank factors and
+its norms trained so that its next-token distribution matches the original's, KL(original || compressed) on every
+token of the calibration windows, one window a step, AdamW with a linear warm-up and cosine decay and gradient
+clipping (block tuning's schedule, choices.lr_scale). After every epoch the KL on held-out calibration windows
+(disjoint from the fit) is measured, and the best epoch's weights are kept, the build itself (epoch 0) included: it
+never makes that held-out KL worse.
+
+Unlike refine, this is not block by block: the compressed model, its trainable parameters' float32 masters, their
+gradients and AdamW's two moments, and one window's autograd through the whole model are held on its device at once
+(the plan counts them), and the original runs beside it as the teacher, one window at a time. So it needs the
+original (not a build in place) and a model that is not offloaded. The norms the compressed model shares with the
+original are given their own copies first: nothing writes into the original.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..common.errors import DipSVDError
+from ..lowrank.surgery import LowRankLinear
+from ..model.offload import offload_hooks
+from .choices import DistillConfig, lr_scale
+
+
+def trainable(model: nn.Module, original: nn.Module, scope: str = "factors") -> list[nn.Parameter]:
+    """The parameters distillation trains, made trainable: every LowRankLinear's factors (scope "factors") and every
+    norm's weight (a module whose class name holds "Norm"); the embeddings, the lm_head, the biases and the dense
+    matrices stay. A norm shared with the original is first replaced by a copy of its own."""
+    theirs = {p.data_ptr() for p in original.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = []
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            chosen += [module.u.weight, module.v.weight] if scope == "factors" else []
+        elif "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
+            if module.weight.data_ptr() in theirs:
+                module.weight = nn.Parameter(module.weight.detach().clone())
+            chosen.append(module.weight)
+    for p in chosen:
+        p.requires_grad_(True)
+    return chosen
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions, in float32."""
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def held_kl(student: nn.Module, teacher: nn.Module, held: torch.Tensor) -> float:
+    """The mean KL of the student from the teacher over the held-out windows, each window's logits taken in turn."""
+    dev = _device_of(student)
+    total = 0.0
+    for w in held:
+        w = w[None].to(dev)
+        total += float(kl_divergence(student(w).logits[0], teacher(w).logits[0].to(dev)))
+    return total / len(held)
+
+
+class _Masters:
+    """float32 master copies of 16-bit parameters (a float32 parameter is its own master): AdamW steps the masters,
+    and each step's result is copied back into the model's parameter."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.pairs = [(p, p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True))
+                      for p in params]
+        self.masters = [m for _, m in self.pairs]
+
+    def take_grads(self) -> None:
+        for p, m in self.pairs:
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            for p, m in self.pairs:
+                if m is not p:
+                    p.copy_(m)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for m in self.masters]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for m, s in zip(self.masters, saved):
+                m.copy_(s)
+        self.write_back()
+
+
+def check_distillable(student: nn.Module, inplace: bool) -> None:
+    if inplace:
+        raise DipSVDError("distillation needs the original model as its teacher, and an in-place build converts it: "
+                          "build a copy (leave out --no-eval-original) or use --distill-epochs 0")
+    if offload_hooks(student):
+        raise DipSVDError("distillation trains the whole compressed model on one device, and this model is "
+                          "offloaded: use --distill-epochs 0, or a device that holds the model (see `plan`)")
+
+
+def distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: torch.Tensor, cfg: DistillConfig,
+            progress=None) -> dict:
+    """Train `student` (in place) towards `teacher` on the `fit` windows for cfg.epochs; keep the epoch whose KL on
+    the `held` windows is lowest (0: the student as given). Returns what a report keeps."""
+    t0 = time.perf_counter()
+    dev = _device_of(student)
+    params = trainable(student, teacher, cfg.scope)
+    masters = _Masters(params)
+    opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * len(fit)
+    curve = [held_kl(student, teacher, held)]
+    best, kept = masters.snapshot(), 0
+    order = torch.Generator().manual_seed(0)
+    step = 0
+    for epoch in range(cfg.epochs):
+        for n, i in enumerate(torch.randperm(len(fit), generator=order).tolist()):
+            w = fit[i][None].to(dev)
+            with torch.no_grad():
+                target = teacher(w).logits[0].to(dev)
+            loss = kl_divergence(student(w).logits[0], target)
+            if not torch.isfinite(loss):
+                raise DipSVDError(f"distillation's loss is not finite at epoch {epoch + 1}; lower --distill-lr "
+                                  f"(now {cfg.lr:g}) or load the model in float32")
+            loss.backward()
+            masters.take_grads()
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_scale(step, total, cfg.warmup)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            masters.write_back()
+            step += 1
+            if progress:
+                progress(step / (total + 1), f"distilling: epoch {epoch + 1}/{cfg.epochs}, window {n + 1}/{len(fit)}")
+        curve.append(held_kl(student, teacher, held))
+        if curve[-1] < curve[kept]:
+            best, kept = masters.snapshot(), epoch + 1
+    masters.restore(best)
+    for p in params:
+        p.requires_grad_(False)
+    if progress:
+        progress(1.0, f"distilled: kept epoch {kept} of {cfg.epochs}")
+    return {"held_kl": curve, "kept_epoch": kept, "epochs": cfg.epochs,
+            "trained_params": sum(p.numel() for p in params), "fit_windows": len(fit), "held_windows": len(held),
+            "seconds": time.perf_counter() - t0}
+
+
+def distilled_summary(info: dict) -> str:
+    """One line for a report or the app: "distilled 4 epochs, kept epoch 4 (held-out KL 0.459 -> 0.382)"."""
+    kl = info["held_kl"]
+    return (f"distilled {info['epochs']} epochs, kept epoch {info['kept_epoch']} (held-out KL {kl[0]:.3f} -> "
+            f"{kl[info['kept_epoch']]:.3f}, {info['seconds']:.0f} s)")

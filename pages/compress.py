@@ -78,8 +78,9 @@ with st.expander("Distillation after the build"):  # end-to-end distillation's o
     st.caption("The built model's low-rank factors and norms trained, end to end, to give the original's next-token "
                "distribution on the calibration windows; the epoch with the lowest KL on held-out calibration windows "
                "is kept (0: the build itself). Each epoch costs about four model passes a window, with the whole "
-               "model on one device. 0 epochs: off.")
-    distilling = ui.options_box("distill", cur.distill, "k_c_", disabled=busy, columns=3)
+               "model on one device. 0 epochs: off."
+               + (" This model is offloaded, so it cannot be distilled here." if lm.offloaded else ""))
+    distilling = ui.options_box("distill", cur.distill, "k_c_", disabled=busy or lm.offloaded, columns=3)
 if cur.distill != distilling:
     s.settings = cur = replace(cur, distill=distilling)
 if refinable and (cur.compensate, cur.tune) != (compensate, tuning):  # both read by refined builds only

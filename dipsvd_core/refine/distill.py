@@ -156,7 +156,11 @@ def distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: tor
 
 
 def distilled_summary(info: dict) -> str:
-    """One line for a report or the app: "distilled 4 epochs, kept epoch 4 (held-out KL 0.459 -> 0.382)"."""
-    kl = info["held_kl"]
-    return (f"distilled {info['epochs']} epochs, kept epoch {info['kept_epoch']} (held-out KL {kl[0]:.3f} -> "
-            f"{kl[info['kept_epoch']]:.3f}, {info['seconds']:.0f} s)")
+    """One line for a report or the app: "distilled 4 epochs, kept epoch 4 (held-out KL 0.459 -> 0.382, 320 s)", or
+    where no epoch lowered the held-out KL, that the build was kept as it was."""
+    kl, kept = info["held_kl"], info["kept_epoch"]
+    if kept == 0:
+        return (f"distilled {info['epochs']} epochs, none lowered the held-out KL ({kl[0]:.3f}; best "
+                f"{min(kl[1:]):.3f}): the build kept as it was ({info['seconds']:.0f} s)")
+    return (f"distilled {info['epochs']} epochs, kept epoch {kept} (held-out KL {kl[0]:.3f} -> {kl[kept]:.3f}, "
+            f"{info['seconds']:.0f} s)")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dipsvd_core.common.errors import DipSVDError
 from dipsvd_core.refine.choices import DistillConfig
-from dipsvd_core.refine.distill import distill, held_kl, kl_divergence
+from dipsvd_core.refine.distill import distill, distilled_summary, held_kl, kl_divergence
 from dipsvd_core.run.pipeline import Settings, Workbench
 
 
@@ -71,6 +71,7 @@ def test_an_epoch_that_does_not_help_is_not_kept(tiny_lm):
     logits = built.model(held[:1]).logits.detach().clone()
     info = distill(built.model, tiny_lm.model, bench.windows(), held, DistillConfig(epochs=2, lr=5.0, warmup=0.0))
     assert info["kept_epoch"] == 0 and min(info["held_kl"][1:]) > info["held_kl"][0]
+    assert "none lowered the held-out KL" in distilled_summary(info)
     assert torch.allclose(built.model(held[:1]).logits, logits, atol=1e-5)
 
 

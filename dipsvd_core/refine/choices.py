@@ -89,20 +89,29 @@ BLOCK_ERRORS = {
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class AdamWSchedule:
+    """The optimiser's settings that block tuning and distillation share (AA-SVD's values as defaults): AdamW's peak
+    learning rate and weight decay, a linear warm-up then cosine decay (lr_scale), gradient clipping. Each owner's
+    flags are --<its name>-lr and so on (common/options.flag_of)."""
+
+    lr: float = knob(1e-4, "AdamW's peak learning rate", widget=Widget("Peak learning rate", 1e-7, 1e-2, 1e-5, "%.6f"))
+    weight_decay: float = knob(0.01, "AdamW's weight decay", widget=Widget("Weight decay", 0.0, 1.0, 0.01))
+    warmup: float = knob(0.1, "share of the steps that warm up linearly (then cosine decay to 0)",
+                         widget=Widget("Warm-up share", 0.0, 0.9, 0.05))
+    clip: float = knob(1.0, "the gradients' norm is clipped to this (0: no clipping)",
+                       widget=Widget("Gradient clip", 0.0, 100.0, 0.5))
+
+    def schedule_ok(self) -> bool:
+        return self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1 and self.clip >= 0
+
+
+@dataclass(frozen=True)
+class TuneConfig(AdamWSchedule):
     """Block tuning (refine "block"), the second stage of AA-SVD (arXiv 2604.02119) with its settings as defaults:
     AdamW, a linear warm-up then cosine decay, gradient clipping, float32 master weights."""
 
     epochs: int = knob(25, "block tuning: epochs over the fit windows", "--tune-epochs", "positive",
                        widget=Widget("Tuning epochs", 1, 100, 1))
-    lr: float = knob(1e-4, "block tuning: AdamW's peak learning rate", "--tune-lr",
-                     widget=Widget("Peak learning rate", 1e-6, 1e-2, 1e-5, "%.6f"))
-    weight_decay: float = knob(0.01, "block tuning: AdamW's weight decay", "--tune-weight-decay",
-                               widget=Widget("Weight decay", 0.0, 1.0, 0.01))
-    warmup: float = knob(0.1, "block tuning: share of the steps that warm up linearly (then cosine decay to 0)",
-                         "--tune-warmup", widget=Widget("Warm-up share", 0.0, 0.9, 0.05))
-    clip: float = knob(1.0, "block tuning: the gradients' norm is clipped to this (0: no clipping)", "--tune-clip",
-                       widget=Widget("Gradient clip", 0.0, 100.0, 0.5))
     error: str = knob("absolute", "block tuning minimises, and the block check that follows it scores: "
                       + "; ".join(f"{k}: {v}" for k, v in BLOCK_ERRORS.items()), "--tune-error",
                       choices=lambda: tuple(BLOCK_ERRORS), widget=Widget("Error"))
@@ -115,8 +124,7 @@ class TuneConfig:
             raise DipSVDError(f"unknown tune error '{self.error}'; use one of {', '.join(BLOCK_ERRORS)}")
         if self.scope not in TUNE_SCOPES:
             raise DipSVDError(f"unknown tune scope '{self.scope}'; use one of {', '.join(TUNE_SCOPES)}")
-        if not (self.epochs >= 1 and self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1
-                and self.clip >= 0):
+        if not (self.epochs >= 1 and self.schedule_ok()):
             raise DipSVDError("block tuning needs epochs >= 1, lr > 0, weight_decay >= 0, 0 <= warmup < 1 and "
                               f"clip >= 0 (got {self.epochs}, {self.lr}, {self.weight_decay}, {self.warmup}, "
                               f"{self.clip})")
@@ -138,7 +146,7 @@ DISTILL_SCOPES = {
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(AdamWSchedule):
     """End-to-end distillation after the build (refine/distill.py): the compressed model's low-rank factors and norms
     trained to give the original's next-token distribution (KL) on the calibration windows, AdamW with block tuning's
     schedule, the best epoch by the KL on held-out calibration windows kept (the build itself, epoch 0, included).
@@ -147,14 +155,6 @@ class DistillConfig:
     epochs: int = knob(0, "distillation: epochs over the calibration windows after the build (0: off); each costs "
                        "about four whole-model forwards a window", "--distill-epochs", "int",
                        widget=Widget("Distillation epochs", 0, 50, 1))
-    lr: float = knob(1e-4, "distillation: AdamW's peak learning rate", "--distill-lr",
-                     widget=Widget("Peak learning rate", 1e-7, 1e-2, 1e-5, "%.6f"))
-    weight_decay: float = knob(0.01, "distillation: AdamW's weight decay", "--distill-weight-decay",
-                               widget=Widget("Weight decay", 0.0, 1.0, 0.01))
-    warmup: float = knob(0.1, "distillation: share of the steps that warm up linearly (then cosine decay to 0)",
-                         "--distill-warmup", widget=Widget("Warm-up share", 0.0, 0.9, 0.05))
-    clip: float = knob(1.0, "distillation: the gradients' norm is clipped to this (0: no clipping)", "--distill-clip",
-                       widget=Widget("Gradient clip", 0.0, 100.0, 0.5))
     held: int = knob(4, "distillation: held-out calibration windows whose KL picks the epoch kept", "--distill-held",
                      "positive", widget=Widget("Held-out windows", 1, 64, 1))
     scope: str = knob("factors", "distillation trains: " + "; ".join(f"{k}: {v}" for k, v in DISTILL_SCOPES.items()),
@@ -163,8 +163,7 @@ class DistillConfig:
     def check(self) -> "DistillConfig":
         if self.scope not in DISTILL_SCOPES:
             raise DipSVDError(f"unknown distill scope '{self.scope}'; use one of {', '.join(DISTILL_SCOPES)}")
-        if not (self.epochs >= 0 and self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1
-                and self.clip >= 0 and self.held >= 1):
+        if not (self.epochs >= 0 and self.schedule_ok() and self.held >= 1):
             raise DipSVDError("distillation needs epochs >= 0, lr > 0, weight_decay >= 0, 0 <= warmup < 1, clip >= 0 "
                               f"and held >= 1 (got {self.epochs}, {self.lr}, {self.weight_decay}, {self.warmup}, "
                               f"{self.clip}, {self.held})")

@@ -31,10 +31,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # bench/: common.py and bench_panel.py
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import bench_panel  # noqa: E402
 from common import load_bundled, workbench  # noqa: E402
+from dipsvd_core.refine.distill import kl_divergence as kl  # noqa: E402  (the product's, the same KL)
 
 OUT = HERE / "distill.jsonl"
 
@@ -52,13 +52,6 @@ def trainable(model: torch.nn.Module, scope: str) -> list[torch.nn.Parameter]:
         if p.requires_grad:
             chosen.append(p)
     return chosen
-
-
-def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of the next-token distributions."""
-    t = F.log_softmax(teacher_logits.float(), -1)
-    s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 def held_kl(student, teacher_logits: list[torch.Tensor], held: torch.Tensor) -> float:

@@ -202,7 +202,8 @@ def quality_verdict(ppl: dict[str, dict[str, float]], settings: Settings, calib_
 
 def quality_help(settings: Settings, calib_tokens: int) -> list[str]:
     """What would most likely bring the compressed model closer to the original, from the settings chosen: the
-    measured levers of this project (refine, a refine-ready allocation, more calibration), then a lower ratio."""
+    measured levers of this project (refine, distillation after the build, a refine-ready allocation, more
+    calibration), then a lower ratio."""
     from ..allocation.strategies import names_for
     from ..engine.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
     from ..methods.handlers import handler, refines
@@ -210,6 +211,10 @@ def quality_help(settings: Settings, calib_tokens: int) -> list[str]:
     out = []
     if handler(settings.method).refinable and not refines(settings.refine):
         out.append("refine (the Refine box above): same size, each block refitted to the original's outputs")
+    if not settings.distill.epochs:
+        out.append("distillation after the build (its box above, 4 epochs): same size, the whole model trained "
+                   "towards the original's next-token distribution; 4% to 42% lower perplexity on the bundled model at "
+                   "0.1 to 0.4, for about one more build's time (bench/RESULTS.md)")
     others = [a for a in names_for(settings.method) if a != settings.allocation]
     if others:
         out.append(f"another allocation than {settings.allocation} (Allocation page: {', '.join(others)})")

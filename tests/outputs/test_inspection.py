@@ -6,6 +6,7 @@ import pytest
 
 from dipsvd_core.methods.settings import Settings
 from dipsvd_core.outputs.inspection import VERDICT_BANDS, quality_verdict
+from dipsvd_core.refine.choices import DistillConfig
 
 
 def ppl(wiki: float, news: float) -> dict:
@@ -36,11 +37,12 @@ def test_advice_reads_the_settings():
     assert quality_verdict(ppl(1.1, 1.1), Settings(ratio=0.3), 2048)["help"] == []  # close: nothing to advise
     small = quality_verdict(far, Settings(method="dipsvd", allocation="heuristic", refine="none", ratio=0.2),
                            8 * 256)["help"]
-    assert [h.split(" ")[0] for h in small] == ["refine", "another", "more", "a"]
-    assert "heuristic" not in small[1].split(":")[1] and "uniform" in small[1]
-    assert "2,048 tokens now" in small[2] and "16,384 advised" in small[2]
-    done = quality_verdict(far, Settings(allocation="heuristic", refine="sequential", ratio=0.1), 32 * 512)["help"]
-    assert [h.split(" ")[0] for h in done] == ["another"]  # refined, advised calibration, ratio not above 0.1
+    assert [h.split(" ")[0] for h in small] == ["refine", "distillation", "another", "more", "a"]
+    assert "heuristic" not in small[2].split(":")[1] and "uniform" in small[2]
+    assert "2,048 tokens now" in small[3] and "16,384 advised" in small[3]
+    done = quality_verdict(far, Settings(allocation="heuristic", refine="sequential", ratio=0.1,
+                                         distill=DistillConfig(epochs=4)), 32 * 512)["help"]
+    assert [h.split(" ")[0] for h in done] == ["another"]  # refined, distilled, advised calibration, ratio <= 0.1
 
 
 def test_refine_summary_and_table_give_the_gain_one_sign():

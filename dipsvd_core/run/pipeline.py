@@ -137,12 +137,12 @@ class Workbench:
         t0 = time.perf_counter()
         with self.memory.phase("surgery"):
             model = self._surgery(state.weights, inplace)
-        state.timings_s["surgery"] = time.perf_counter() - t0
+        timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
         if settings.distill.epochs:
             info = self.distill(model, settings, progress)
-            state.timings_s[P.DISTILL] = info["seconds"]
+            timings[P.DISTILL] = info["seconds"]
             state.info = dict(state.info, distill=info)
-        return Result(model, state.allocation, settings, dict(self.timings_s, **state.timings_s), state.info)
+        return Result(model, state.allocation, settings, timings, state.info)
 
     def distill(self, model: torch.nn.Module, settings: Settings, progress=None) -> dict:
         """End-to-end distillation of a built model from the original (refine/distill.py), in place: its factors

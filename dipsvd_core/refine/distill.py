@@ -110,7 +110,20 @@ def check_distillable(student: nn.Module, inplace: bool) -> None:
 def distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: torch.Tensor, cfg: DistillConfig,
             progress=None) -> dict:
     """Train `student` (in place) towards `teacher` on the `fit` windows for cfg.epochs; keep the epoch whose KL on
-    the `held` windows is lowest (0: the student as given). Returns what a report keeps."""
+    the `held` windows is lowest (0: the student as given). Returns what a report keeps. Every parameter's
+    requires_grad is as it was afterwards (the student shares most of its tensors with the teacher: a flag turned
+    off there would change how the original computes, a fused pair's product for one)."""
+    both = [*student.parameters(), *teacher.parameters()]
+    flags = {id(p): p.requires_grad for p in both}  # given back after: the shared ones are the original's
+    try:
+        return _distill(student, teacher, fit, held, cfg, progress)
+    finally:
+        for p in [*student.parameters(), *both]:  # a norm copied from the original's takes its flag (default True)
+            p.requires_grad_(flags.get(id(p), True))
+
+
+def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: torch.Tensor, cfg: DistillConfig,
+             progress=None) -> dict:
     t0 = time.perf_counter()
     dev = _device_of(student)
     params = trainable(student, teacher, cfg.scope)
@@ -146,8 +159,6 @@ def distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: tor
         if curve[-1] < curve[kept]:
             best, kept = masters.snapshot(), epoch + 1
     masters.restore(best)
-    for p in params:
-        p.requires_grad_(False)
     if progress:
         progress(1.0, f"distilled: kept epoch {kept} of {cfg.epochs}")
     return {"held_kl": curve, "kept_epoch": kept, "epochs": cfg.epochs,

@@ -1,6 +1,7 @@
 """End-to-end distillation after the build (refine/distill.py): what it trains, that it lowers the held-out KL or
 keeps the build, that the original is untouched, its float32 masters for 16-bit weights, its refusals, and its
 place in the plan and the CLI."""
+import copy
 import json
 import math
 import subprocess
@@ -35,6 +36,7 @@ def test_distillation_lowers_the_kl_and_leaves_the_original(tiny_lm):
     more than 30% in three epochs (0.00103 to 0.00057 when written)."""
     bench, built = _built(tiny_lm)
     original = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in tiny_lm.model.named_parameters()}
     held = bench.windows()[:2]
     before = held_kl(built.model, tiny_lm.model, held)
     info = distill(built.model, tiny_lm.model, bench.windows(), held, DistillConfig(epochs=3, lr=3e-4,
@@ -47,8 +49,7 @@ def test_distillation_lowers_the_kl_and_leaves_the_original(tiny_lm):
     norms = sum(p.numel() for n, p in built.model.named_parameters() if n.endswith("norm.weight"))
     assert info["trained_params"] == factors + norms
     for n, p in tiny_lm.model.named_parameters():
-        assert torch.equal(p, original[n]), n
-    assert not any(p.requires_grad for p in built.model.parameters())
+        assert torch.equal(p, original[n]) and p.requires_grad == flags[n], n
 
 
 def test_the_norms_scope_trains_the_norms_alone(tiny_lm):
@@ -79,13 +80,12 @@ def test_sixteen_bit_weights_train_float32_masters(tiny_lm):
     """bfloat16 factors step in float32 (a bfloat16 AdamW loses updates below its 8 bits of mantissa): the weights
     change and stay bfloat16."""
     bench, built = _built(tiny_lm)
-    model = built.model.to(torch.bfloat16)
-    teacher = tiny_lm.model
+    # copies: a cast of the built model would cast the tensors it shares with the session's original
+    model = copy.deepcopy(built.model).to(torch.bfloat16)
+    teacher = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
     first = next(m for m in model.modules() if hasattr(m, "u"))
     u0 = first.u.weight.detach().clone()
-    info = distill(model, teacher.to(torch.bfloat16), bench.windows(), bench.heldout(2),
-                   DistillConfig(epochs=1, lr=1e-3, held=2))
-    teacher.float()
+    info = distill(model, teacher, bench.windows(), bench.heldout(2), DistillConfig(epochs=1, lr=1e-3, held=2))
     assert first.u.weight.dtype == torch.bfloat16
     if info["kept_epoch"] == 1:
         assert not torch.equal(first.u.weight, u0)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import DipSVDError
-from ..engine.evaluate import window_logits
+from ..engine.evaluate import token_kl, window_logits
 from ..lowrank.surgery import compress_model
 from ..refine.choices import refine_choice
 from .budget import Allocation
@@ -43,10 +43,8 @@ def kl_divergence(reference: list[torch.Tensor], model, windows: torch.Tensor) -
     """Mean over tokens of KL(original || model) from the original's log-probabilities `reference`."""
     total, tokens = 0.0, 0
     for ref, (_, _, logits) in zip(reference, window_logits(model, windows)):
-        q = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-        p = ref.to(q.device, torch.float32)
-        total += float((p.exp() * (p - q)).sum())
-        tokens += p.shape[0]
+        total += float(token_kl(ref, logits).sum())
+        tokens += ref.shape[0]
     value = total / max(tokens, 1)
     if not value == value:  # NaN
         raise DipSVDError("the refined model's logits are not finite on the held-out windows; load the model in "

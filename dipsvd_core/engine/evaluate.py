@@ -39,6 +39,15 @@ def window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, 
         yield i, batch, model(batch).logits
 
 
+def token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || softmax(logits)) at each token, in float32: `reference` the next-token log-probabilities
+    (..., vocab) of the model compared against (any dtype), `logits` the other model's, of the same tokens. Returns
+    (tokens,); differentiable in `logits`."""
+    q = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    p = reference.to(q.device, torch.float32).reshape(-1, reference.shape[-1])
+    return (p.exp() * (p - q)).sum(-1)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress=None) -> float:
     total_nll, total_tokens = 0.0, 0

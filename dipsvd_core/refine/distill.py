@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.errors import DipSVDError
+from ..engine.evaluate import token_kl, window_logits
+from ..engine.stream import window_ids
 from ..lowrank.surgery import LowRankLinear
-from ..model.offload import offload_hooks
+from ..model.offload import is_offloaded
 from .choices import DistillConfig, lr_scale
 
 
@@ -46,24 +48,16 @@ def trainable(model: nn.Module, original: nn.Module, scope: str = "factors") -> 
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of the next-token distributions, in float32."""
-    t = F.log_softmax(teacher_logits.float(), -1)
-    s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Mean over tokens of KL(teacher || student) of the next-token distributions, in float32 (evaluate.token_kl)."""
+    return token_kl(F.log_softmax(teacher_logits.float(), -1), student_logits).mean()
 
 
 @torch.no_grad()
 def held_kl(student: nn.Module, teacher: nn.Module, held: torch.Tensor) -> float:
     """The mean KL of the student from the teacher over the held-out windows, each window's logits taken in turn."""
-    dev = _device_of(student)
     total = 0.0
-    for w in held:
-        w = w[None].to(dev)
-        total += float(kl_divergence(student(w).logits[0], teacher(w).logits[0].to(dev)))
+    for (_, _, s), (_, _, t) in zip(window_logits(student, held), window_logits(teacher, held)):
+        total += float(kl_divergence(s, t.to(s.device)))
     return total / len(held)
 
 
@@ -98,11 +92,13 @@ class _Masters:
         self.write_back()
 
 
-def check_distillable(student: nn.Module, inplace: bool) -> None:
+def check_distillable(model: nn.Module, inplace: bool) -> None:
+    """Refuse, before any pass runs, a build that cannot be distilled: one in place (no teacher left), or of an
+    offloaded model (the training holds the whole model on one device)."""
     if inplace:
         raise DipSVDError("distillation needs the original model as its teacher, and an in-place build converts it: "
                           "build a copy (leave out --no-eval-original) or use --distill-epochs 0")
-    if offload_hooks(student):
+    if is_offloaded(model):
         raise DipSVDError("distillation trains the whole compressed model on one device, and this model is "
                           "offloaded: use --distill-epochs 0, or a device that holds the model (see `plan`)")
 
@@ -125,7 +121,6 @@ def distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: tor
 def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: torch.Tensor, cfg: DistillConfig,
              progress=None) -> dict:
     t0 = time.perf_counter()
-    dev = _device_of(student)
     params = trainable(student, teacher, cfg.scope)
     masters = _Masters(params)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -136,9 +131,9 @@ def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: to
     step = 0
     for epoch in range(cfg.epochs):
         for n, i in enumerate(torch.randperm(len(fit), generator=order).tolist()):
-            w = fit[i][None].to(dev)
+            _, w = next(window_ids(student, fit[i:i + 1]))
             with torch.no_grad():
-                target = teacher(w).logits[0].to(dev)
+                target = teacher(w).logits[0].to(w.device)
             loss = kl_divergence(student(w).logits[0], target)
             if not torch.isfinite(loss):
                 raise DipSVDError(f"distillation's loss is not finite at epoch {epoch + 1}; lower --distill-lr "

@@ -139,17 +139,17 @@ class Workbench:
             model = self._surgery(state.weights, inplace)
         timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
         if settings.distill.epochs:
-            info = self.distill(model, settings, progress)
+            info = self._distill(model, settings, progress)
             timings[P.DISTILL] = info["seconds"]
             state.info = dict(state.info, distill=info)
         return Result(model, state.allocation, settings, timings, state.info)
 
-    def distill(self, model: torch.nn.Module, settings: Settings, progress=None) -> dict:
+    def _distill(self, model: torch.nn.Module, settings: Settings, progress=None) -> dict:
         """End-to-end distillation of a built model from the original (refine/distill.py), in place: its factors
-        and norms trained on the calibration windows, the epoch kept by the KL on held-out calibration windows."""
-        from ..refine.distill import check_distillable, distill
+        and norms trained on the calibration windows, the epoch kept by the KL on held-out calibration windows.
+        build() checked that it can run (check_distillable) before its passes."""
+        from ..refine.distill import distill
 
-        check_distillable(model, self._converted)
         with self.memory.phase(P.DISTILL):
             return distill(model, self.lm.model, self.windows(), self.heldout(settings.distill.held),
                            settings.distill, progress)

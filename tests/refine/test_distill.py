@@ -105,6 +105,17 @@ def test_workbench_build_distills_and_refuses_what_it_cannot(tiny_lm):
         Settings(distill=DistillConfig(epochs=-1)).check()
 
 
+def test_an_offloaded_model_is_refused_before_any_pass(tiny_model_dir):
+    from dipsvd_core.plan import Placement
+    from dipsvd_core.run.loading import load_model
+
+    lm = load_model(tiny_model_dir, "cpu", "float32", offload=True, blocks=Placement(1, 0, 1, gpu=False))
+    bench = Workbench(lm, "wiki", 4, 32)
+    with pytest.raises(DipSVDError, match="offloaded: use --distill-epochs 0"):
+        bench.build(Settings(method="svd-llm", ratio=0.4, distill=DistillConfig(epochs=1)))
+    assert not bench.data.has_stats  # refused before the statistics pass
+
+
 def test_the_plan_counts_distillation(tiny_model_dir):
     """Its phase is needed only where its epochs are set, keeps the original beside the copy, holds more than the
     surgery before it, and takes (epochs x windows x 4 + (epochs + 1) x held x 2) whole-model forwards."""

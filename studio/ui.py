@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from dipsvd_core.common.errors import DipSVDError
+from dipsvd_core.common.knobs import knobs_in_order
 from dipsvd_core.common.options import option_group
 from dipsvd_core.outputs import figures
 from dipsvd_core.run.loading import load_model
@@ -255,7 +256,7 @@ def options_box(name: str, current, prefix: str, disabled: bool, columns: int = 
     `columns` columns; keys <prefix><name>_<field>. Returns the options they set (a field without a widget keeps
     its value)."""
     values = {}
-    fields = [f for f in dataclasses.fields(option_group(name).cls) if f.metadata.get("widget") is not None]
+    fields = [f for f in knobs_in_order(option_group(name).cls) if f.metadata.get("widget") is not None]
     places = st.columns(columns) if columns > 1 else [st.container()]
     for i, f in enumerate(fields):
         value = getattr(current, f.name)

@@ -167,11 +167,12 @@ def _add_flag(p, f, dest: str, default=dataclasses.MISSING, flag: str | None = N
 def _add_options(p) -> None:
     """A flag group per registered method's options (common/options.py), each flag from its knob; dest
     <group>.<field>."""
+    from ..common.knobs import knobs_in_order
     from ..common.options import OPTION_GROUPS, flag_of
 
     for name, g in OPTION_GROUPS.items():
         group = p.add_argument_group(g.title)
-        for f in dataclasses.fields(g.cls):
+        for f in knobs_in_order(g.cls):
             if f.metadata.get("cli", True):
                 _add_flag(group, f, f"{name}.{f.name}", flag=flag_of(name, f))
 

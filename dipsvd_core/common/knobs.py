@@ -35,6 +35,14 @@ def knob(default=dataclasses.MISSING, help: str = "", flag: str | None = None, k
     return dataclasses.field(default=default, metadata=meta)
 
 
+def knobs_in_order(cls) -> list[dataclasses.Field]:
+    """A dataclass's fields in the order a person reads them, in its flag group and its box of widgets: its own
+    first, then those it inherits (block tuning's and distillation's epochs before the AdamW schedule they share)."""
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]
+
+
 def help_of(cls, name: str) -> str:
     """The help text of field `name` of dataclass `cls`."""
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)

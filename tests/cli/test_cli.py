@@ -189,3 +189,17 @@ def test_an_allocation_or_refine_not_given_is_the_methods_own(argv, allocation, 
     over = {"method": args.method, "ratio": args.ratio} if hasattr(args, "method") else {"ratio": 0.2}
     settings = settings_from(args, **over)
     assert (settings.allocation, settings.refine) == (allocation, refine)
+
+
+def test_an_option_groups_own_knobs_come_before_the_schedule_it_shares(capsys):
+    """Block tuning's and distillation's epochs are listed (in --help, as in the app's box) before the AdamW schedule
+    both inherit; the inherited knobs still reach the settings."""
+    from dipsvd_core.common.knobs import knobs_in_order
+    from dipsvd_core.refine.choices import DistillConfig, TuneConfig
+
+    assert [f.name for f in knobs_in_order(TuneConfig)] == ["epochs", "error", "scope", "lr", "weight_decay",
+                                                            "warmup", "clip"]
+    assert [f.name for f in knobs_in_order(DistillConfig)][:1] == ["epochs"]
+    text = run_here(capsys, "compress", "--help").stdout
+    for group in ("tune", "distill"):
+        assert text.index(f"--{group}-epochs") < text.index(f"--{group}-lr") < text.index(f"--{group}-clip")

@@ -189,10 +189,12 @@ def _distill(t: Terms) -> Cost:
     at once, the trainable parameters (at most the kept factors, or the norms alone) with their
     gradients, AdamW's two float32 moments and the best epoch's float32 copy (16-bit weights add a float32 master
     and its gradient), one window's autograd through every block, and the logits of both models and their
-    gradient."""
+    gradient. With recompute (gradient checkpointing), autograd keeps every block's input and one block's working
+    set at a time instead of every block's."""
     params = t.kept if t.run.distill.scope == "factors" else (2 * t.L + 1) * t.H  # "norms": two a block and the last
     trainable = params * (t.B + 12 + (8 if t.B < 4 else 0))
-    return Cost(t.weights + t.kept * t.B + trainable + t.L * t.layer_saved + 2 * t.logits + t.window)
+    saved = t.L * t.run.seqlen * t.H * t.B + t.layer_saved if t.run.distill.recompute else t.L * t.layer_saved
+    return Cost(t.weights + t.kept * t.B + trainable + saved + 2 * t.logits + t.window)
 
 
 @cost_of(P.SEARCH)

@@ -252,10 +252,10 @@ def _refine_s(k: Clock) -> float:
 @time_of(P.DISTILL)
 def _distill_s(k: Clock) -> float:
     """Per epoch and calibration window, the original's forward and the compressed model's forward and backward
-    (about three forwards), each a whole-model forward at most; per epoch and once before, the held-out windows
-    through both models."""
+    (about three forwards; with recompute one more), each a whole-model forward at most; per epoch and once before,
+    the held-out windows through both models."""
     cfg = k.run.distill
-    return (cfg.epochs * k.N * 4 + (cfg.epochs + 1) * cfg.held * 2) * k.fwd_model
+    return (cfg.epochs * k.N * (4 + cfg.recompute) + (cfg.epochs + 1) * cfg.held * 2) * k.fwd_model
 
 
 @time_of(P.SEARCH)

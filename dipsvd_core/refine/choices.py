@@ -141,7 +141,8 @@ DISTILL_SCOPES = {
                "the factors' bytes in float32, 11x in bfloat16: the plan gives 145 GiB for Llama-3-8B, more than "
                "an 80 GB card)",
     "norms": "every norm alone (thousands of parameters: the original and the compressed model on the device, and "
-             "one window's autograd; the plan gives 30 GiB for Llama-3-8B at 512 tokens, 52 GiB at 2048)",
+             "one window's autograd; the plan gives 30 GiB for Llama-3-8B at 512 tokens, 52 GiB at 2048, and 27 "
+             "and 33 GiB with recompute)",
 }
 
 
@@ -159,6 +160,10 @@ class DistillConfig(AdamWSchedule):
                      "positive", widget=Widget("Held-out windows", 1, 64, 1))
     scope: str = knob("factors", "distillation trains: " + "; ".join(f"{k}: {v}" for k, v in DISTILL_SCOPES.items()),
                       "--distill-scope", choices=lambda: tuple(DISTILL_SCOPES), widget=Widget("Trains"))
+    recompute: bool = knob(False, "distillation keeps only each block's input for the backward and recomputes the "
+                           "rest there (gradient checkpointing): one block's activations on the device instead of "
+                           "every block's, for about a quarter more time", "--distill-recompute",
+                           widget=Widget("Recompute activations in the backward"))
 
     def check(self) -> "DistillConfig":
         if self.scope not in DISTILL_SCOPES:

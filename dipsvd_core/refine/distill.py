@@ -13,16 +13,20 @@ original are given their own copies first: nothing writes into the original.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..common.errors import DipSVDError
 from ..engine.evaluate import token_kl, window_logits
 from ..engine.stream import window_ids
 from ..lowrank.surgery import LowRankLinear
+from ..model.blocks import find_blocks
 from ..model.offload import is_offloaded
 from .choices import DistillConfig, lr_scale
 
@@ -59,6 +63,26 @@ def held_kl(student: nn.Module, teacher: nn.Module, held: torch.Tensor) -> float
     for (_, _, s), (_, _, t) in zip(window_logits(student, held), window_logits(teacher, held)):
         total += float(kl_divergence(s, t.to(s.device)))
     return total / len(held)
+
+
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module, on: bool = True):
+    """While open (and `on`), each decoder block's forward runs under non-reentrant gradient checkpointing: autograd
+    keeps the block's inputs and recomputes its activations in the backward, so one window's backward holds one
+    block's working set at a time, not every block's. The model must run without a KV cache (a recompute would
+    append to it twice). The blocks' own forwards are given back on leaving."""
+    blocks = find_blocks(model)[1] if on else []
+    before = [block.__dict__.get("forward") for block in blocks]  # an instance forward (a hook's) kept
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, before):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 class _Masters:
@@ -134,7 +158,8 @@ def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: to
             _, w = next(window_ids(student, fit[i:i + 1]))
             with torch.no_grad():
                 target = teacher(w).logits[0].to(w.device)
-            loss = kl_divergence(student(w).logits[0], target)
+            with recomputed_blocks(student, cfg.recompute):
+                loss = kl_divergence(student(w, use_cache=False).logits[0], target)
             if not torch.isfinite(loss):
                 raise DipSVDError(f"distillation's loss is not finite at epoch {epoch + 1}; lower --distill-lr "
                                   f"(now {cfg.lr:g}) or load the model in float32")

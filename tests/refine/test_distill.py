@@ -2,6 +2,7 @@
 keeps the build, that the original is untouched, its float32 masters for 16-bit weights, its refusals, and its
 place in the plan and the CLI."""
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -63,6 +64,27 @@ def test_the_norms_scope_trains_the_norms_alone(tiny_lm):
     assert any(not torch.equal(p, torch.ones_like(p)) for p in norms)  # the tiny model's norms start at 1
     with pytest.raises(DipSVDError, match="distill scope"):
         DistillConfig(scope="block").check()
+
+
+def test_recomputed_activations_give_the_same_training(tiny_lm, monkeypatch):
+    """Gradient checkpointing changes what autograd keeps, not what it computes: the curve matches the run that keeps
+    every block's activations, every block of every step went through the checkpoint, and the blocks' own forwards
+    are back afterwards."""
+    from dipsvd_core.model.blocks import find_blocks
+    from dipsvd_core.refine import distill as module
+
+    bench, built = _built(tiny_lm)
+    twin = copy.deepcopy(built.model)
+    fit, cfg = bench.windows(), DistillConfig(epochs=2, lr=3e-4, weight_decay=0.0, held=2)
+    kept = distill(built.model, tiny_lm.model, fit, fit[:2], cfg)
+    calls = []
+    monkeypatch.setattr(module, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(
+        *a, **k))
+    recomputed = distill(twin, tiny_lm.model, fit, fit[:2], dataclasses.replace(cfg, recompute=True))
+    assert recomputed["held_kl"] == pytest.approx(kept["held_kl"], rel=1e-4)
+    assert recomputed["held_kl"][-1] < 0.9 * recomputed["held_kl"][0]
+    assert len(calls) == 2 * len(fit) * len(find_blocks(twin)[1])
+    assert all("forward" not in block.__dict__ for block in find_blocks(twin)[1])
 
 
 def test_an_epoch_that_does_not_help_is_not_kept(tiny_lm):
@@ -133,6 +155,17 @@ def test_the_plan_counts_distillation(tiny_model_dir):
     P.timing(phases, sh, on, P.Rates(1.0, block_s, 1.0, 1.0, matmul, 1e9))
     forward = sh.n_blocks * block_s + 2 * 64 * sh.hidden * sh.vocab / matmul
     assert phases["distill"].seconds == pytest.approx((4 * 8 * 4 + 5 * 2 * 2) * forward)
+    # recompute: every block's input and one block's autograd kept instead of every block's; one more forward
+    from dipsvd_core.plan.memory import _terms
+
+    recomputing = P.run_of(method="svd-llm", calib_windows=8, seqlen=64,
+                           distill=DistillConfig(epochs=4, held=2, recompute=True))
+    again = P.memory(sh, recomputing, False, 0)
+    t = _terms(sh, on, False)
+    saved = t.L * 64 * t.H * t.B + t.layer_saved
+    assert phases["distill"].host_bytes - again["distill"].host_bytes == t.L * t.layer_saved - saved > 0
+    P.timing(again, sh, recomputing, P.Rates(1.0, block_s, 1.0, 1.0, matmul, 1e9))
+    assert again["distill"].seconds == pytest.approx((4 * 8 * 5 + 5 * 2 * 2) * forward)
 
 
 def test_compress_distills_from_the_command_line(tiny_model_dir, tmp_path):

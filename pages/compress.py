@@ -177,7 +177,7 @@ if rows:
     st.caption(f"exp(mean next-token NLL) over the first {s.ppl['config'][0]:,} tokens of each set, in "
                f"non-overlapping windows of {s.ppl['config'][1]} tokens.")
     built = s.result.settings if s.result is not None else cur
-    if verdict := quality_verdict(s.ppl, built, bench.n_windows * bench.seqlen):
+    if verdict := quality_verdict(s.ppl, built, bench.n_windows * bench.seqlen, lm.offloaded):
         helps = "".join(f"\n- {h}" for h in verdict["help"])
         with st.container(border=True, key="verdict"):
             st.markdown(f":{verdict['color']}[:material/speed: **{verdict['words']}**]"

@@ -185,10 +185,12 @@ VERDICT_BANDS = ((1.2, "close", "green", "within 1.2x of the original"),
 LOW_RATIO = 0.1  # a lower ratio is offered as help only above this
 
 
-def quality_verdict(ppl: dict[str, dict[str, float]], settings: Settings, calib_tokens: int) -> dict | None:
+def quality_verdict(ppl: dict[str, dict[str, float]], settings: Settings, calib_tokens: int,
+                    offloaded: bool = False) -> dict | None:
     """The verdict on a compressed model from its perplexities (ppl_rows' input: {"original": {set: ppl},
     "compressed": {...}}): None until one set has both; else {"level", "color", "worst": (set, x), "words",
-    "help": [what would most likely help, most likely first]} (no help within the first band)."""
+    "help": [what would most likely help, most likely first]} (no help within the first band; none an offloaded
+    model cannot take)."""
     both = [(n, c / ppl["original"][n]) for n, c in ppl.get("compressed", {}).items()
             if ppl.get("original", {}).get(n)]
     if not both:
@@ -196,14 +198,14 @@ def quality_verdict(ppl: dict[str, dict[str, float]], settings: Settings, calib_
     name, x = max(both, key=lambda item: item[1])
     _, level, color, band = next(b for b in VERDICT_BANDS if x <= b[0])
     words = f"The compressed model is {band} (worst set: {name}, {x:.2f}x)."
-    helps = [] if level == VERDICT_BANDS[0][1] else quality_help(settings, calib_tokens)
+    helps = [] if level == VERDICT_BANDS[0][1] else quality_help(settings, calib_tokens, offloaded)
     return {"level": level, "color": color, "worst": (name, x), "words": words, "help": helps}
 
 
-def quality_help(settings: Settings, calib_tokens: int) -> list[str]:
+def quality_help(settings: Settings, calib_tokens: int, offloaded: bool = False) -> list[str]:
     """What would most likely bring the compressed model closer to the original, from the settings chosen: the
-    measured levers of this project (refine, distillation after the build, a refine-ready allocation, more
-    calibration), then a lower ratio."""
+    measured levers of this project (refine, distillation after the build where the model is not offloaded, a
+    refine-ready allocation, more calibration), then a lower ratio."""
     from ..allocation.strategies import names_for
     from ..engine.data import DEFAULT_SEQLEN, DEFAULT_WINDOWS
     from ..methods.handlers import handler, refines
@@ -211,7 +213,7 @@ def quality_help(settings: Settings, calib_tokens: int) -> list[str]:
     out = []
     if handler(settings.method).refinable and not refines(settings.refine):
         out.append("refine (the Refine box above): same size, each block refitted to the original's outputs")
-    if not settings.distill.epochs:
+    if not settings.distill.epochs and not offloaded:  # distillation refuses an offloaded model
         out.append("distillation after the build (its box above, 4 epochs): same size, the whole model trained "
                    "towards the original's next-token distribution; 4% to 42% lower perplexity on the bundled model at "
                    "0.1 to 0.4, for about one more build's time (bench/RESULTS.md)")

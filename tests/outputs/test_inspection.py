@@ -38,6 +38,9 @@ def test_advice_reads_the_settings():
     small = quality_verdict(far, Settings(method="dipsvd", allocation="heuristic", refine="none", ratio=0.2),
                            8 * 256)["help"]
     assert [h.split(" ")[0] for h in small] == ["refine", "distillation", "another", "more", "a"]
+    offloaded = quality_verdict(far, Settings(method="dipsvd", allocation="heuristic", refine="none", ratio=0.2),
+                                8 * 256, offloaded=True)["help"]
+    assert [h.split(" ")[0] for h in offloaded] == ["refine", "another", "more", "a"]  # it cannot be distilled
     assert "heuristic" not in small[2].split(":")[1] and "uniform" in small[2]
     assert "2,048 tokens now" in small[3] and "16,384 advised" in small[3]
     done = quality_verdict(far, Settings(allocation="heuristic", refine="sequential", ratio=0.1,

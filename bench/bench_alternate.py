@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
+from common import BENCH, PLAIN, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
 from torch import nn
 
 from dipsvd_core.allocation.budget import rank_for
@@ -78,15 +78,14 @@ def bundled(ratios: list[float], runs: int) -> dict:
     lm = load_bundled("cpu", "float32")
     wb = workbench(lm)
     models = {"original": lm.model}
-    plain = {"allocation": "uniform", "refine": "none"}  # speed: the ranks, not their refit
     for ratio in ratios:
-        models[f"dipsvd {ratio}"] = wb.build(Settings(method="dipsvd", ratio=ratio, **plain)).model
+        models[f"dipsvd {ratio}"] = wb.build(Settings(method="dipsvd", ratio=ratio, **PLAIN)).model
     res = {"load_before": load()}
-    unfused = wb.build(Settings(method="dipsvd", ratio=ratios[0], **plain)).model
+    unfused = wb.build(Settings(method="dipsvd", ratio=ratios[0], **PLAIN)).model
     from dipsvd_core.lowrank.surgery import unfuse_siblings
 
     unfuse_siblings(unfused)
-    row_major = wb.build(Settings(method="dipsvd", ratio=ratios[0], **plain)).model
+    row_major = wb.build(Settings(method="dipsvd", ratio=ratios[0], **PLAIN)).model
     lay_out_pairs(row_major, inference=False)
     references = {f"dipsvd {ratios[0]} unfused": unfused, f"dipsvd {ratios[0]} u row-major": row_major,
                   "original, wide matrices column-major": column_major_wide(lm.model)}

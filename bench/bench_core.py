@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH, eval_sets, load_bundled, workbench, write_json
+from common import BENCH, PLAIN, eval_sets, load_bundled, workbench, write_json
 
 
 def rss_mb() -> float:
@@ -67,10 +67,9 @@ def main() -> None:
     timed("statistics", wb.stats)
     sets = eval_sets(wb, args.eval_tokens)
     ppl["original"] = timed("eval_original", lambda: {s: perplexity(lm.model, w) for s, w in sets.items()})
-    plain = {"allocation": "uniform", "refine": "none"}  # every method on the same uniform, unrefined path
-    variants = {"svd": Settings(method="svd", **plain), "svd-llm": Settings(method="svd-llm", **plain),
-                "dipsvd-paper": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper"), **plain),
-                "dipsvd-code": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="code"), **plain)}
+    variants = {"svd": Settings(method="svd", **PLAIN), "svd-llm": Settings(method="svd-llm", **PLAIN),
+                "dipsvd-paper": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="paper"), **PLAIN),
+                "dipsvd-code": Settings(method="dipsvd", dipsvd=ChannelOptions(whitening="code"), **PLAIN)}
     ratios = [float(r) for r in args.ratios.split(",")]
     slices = {}
     for label, s in variants.items():
@@ -83,7 +82,7 @@ def main() -> None:
             ppl[f"{label}@{r}"] = {n: perplexity(res.model, w) for n, w in sets.items()}
             ppl[f"{label}@{r}"]["ratio_realized"] = res.allocation.ratio_realized
             print(label, r, ppl[f"{label}@{r}"], f"build {slices[f'{label}@{r}']}s", flush=True)
-    res = wb.build(Settings(method="dipsvd", ratio=0.2, **plain))
+    res = wb.build(Settings(method="dipsvd", ratio=0.2, **PLAIN))
     spd = {"original": speed(lm.model), "dipsvd@0.2": speed(res.model)}
     compress_total = sum(steps[k]["seconds"] for k in ("load_model", "calibration_text", "statistics",
                                                       "factors[dipsvd-code]")) + slices["dipsvd-code@0.2"]

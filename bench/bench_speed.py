@@ -25,7 +25,7 @@ import argparse
 import time
 
 import torch
-from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
+from common import BENCH, PLAIN, RESULTS, load_bundled, machine, replace_section, utc_date, workbench, write_json
 
 from dipsvd_core.allocation.budget import rank_for
 from dipsvd_core.engine.evaluate import speed
@@ -126,8 +126,7 @@ def main() -> None:
     wb = workbench(lm)
     models = {"original": lm.model}
     for ratio in ratios:
-        models[f"dipsvd {ratio}"] = wb.build(Settings(method="dipsvd", allocation="uniform", refine="none",
-                                                      ratio=ratio)).model  # speed: the ranks, not their refit
+        models[f"dipsvd {ratio}"] = wb.build(Settings(method="dipsvd", ratio=ratio, **PLAIN)).model
     res = {"machine": machine(), "date": utc_date(), "models": model_speeds(models)}
     p = next(lm.model.parameters())
     res["linears"] = linear_speeds({(t.out_features, t.in_features) for t in wb.targets}, ratios, p.dtype, p.device)

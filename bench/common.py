@@ -28,6 +28,9 @@ MODEL = "smollm2-135m"  # the bundled SmolLM2-135M (dequantized from its 4-bit G
 CALIBRATION = {"source": "wiki", "windows": 32, "seqlen": 512, "seed": 0}
 EVAL_SETS = ("wiki", "news")
 EVAL_SEQLEN = 512  # the evaluation windows' length where no Workbench gives one
+# The plain path: every method on the same uniform ranks, unrefined (the speed benchmarks time the ranks, not
+# their refit; bench_core compares the methods on one footing)
+PLAIN = {"allocation": "uniform", "refine": "none"}
 
 
 def load_bundled(device: str | None = None, dtype: str | None = None):

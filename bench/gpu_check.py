@@ -19,7 +19,8 @@ difference); a forced out-of-memory (the 1B widths under torch.cuda.set_per_proc
 be one line naming the phase); Llama-3.2-1B's widths with 16 blocks, bfloat16; Llama-3-8B's widths with 8 blocks
 offloaded (`--offload --device-memory 24GiB --host-memory 5.8GiB`: the plan keeps 4 blocks on the GPU, the
 others stream from host memory (1) or disk (3), each sent once per pass; tests/test_gpu_check.py plans it on the CPU); Llama-3-8B's widths with 3 blocks, bfloat16,
-no budget; last, the offloaded case again with block tuning (`--refine block --tune-epochs 2`). With --tiny (no GPU needed): the tiny Llama on the CPU and the out-of-memory case
+no budget; the offloaded case again with block tuning (`--refine block --tune-epochs 2`); last, the 1B widths
+distilled for one epoch after the build with recomputed activations (`--distill-epochs 1 --distill-recompute`). With --tiny (no GPU needed): the tiny Llama on the CPU and the out-of-memory case
 simulated (torch.OutOfMemoryError raised from refine), which is how tests/test_gpu_check.py runs this script. --write replaces the "## GPU check (issue 23)" section of
 bench/RESULTS.md (CUDA runs only).
 """
@@ -58,11 +59,15 @@ CASES = {  # name -> (widths, device, dtype, calibration windows x tokens, extra
     # norms read by the compressed copy's hooks (surgery._Overlay) through the blocks sent ahead
     "Llama-3-8B x8 offload tuned": ("Llama-3-8B x8", "cuda", "bfloat16", (32, 512),
                                     [*OFFLOAD, "--refine", "block", "--tune-epochs", "2"]),
+    # distillation after the build on CUDA: bfloat16 factors stepping float32 masters, the original as the teacher
+    # beside the copy, each block's activations recomputed in the backward (--distill-recompute)
+    "Llama-3.2-1B x16 distilled": ("Llama-3.2-1B x16", "cuda", "bfloat16", (32, 512),
+                                   ["--distill-epochs", "1", "--distill-recompute"]),
     "tiny": ("tiny", "cpu", "float32", (8, 64), []),
     "tiny cuda": ("tiny", "cuda", "float32", (8, 64), []),
 }
 GPU_CASES = ["rates", "tiny", "tiny cuda", "oom", "Llama-3.2-1B x16", "Llama-3-8B x8 offload", "Llama-3-8B x3",
-             "Llama-3-8B x8 offload tuned"]
+             "Llama-3-8B x8 offload tuned", "Llama-3.2-1B x16 distilled"]
 TINY_CASES = ["rates", "tiny", "oom"]
 # The rates the plan's time model needs, at the real widths on CUDA (the host's float64 eigh at 14,336 is left out:
 # minutes on the CPU), at small ones on the CPU (--tiny: the code runs, the figures mean nothing)

@@ -11,7 +11,8 @@ the model's own text),
 dense compensation (refine --compensate outputs), block tuning (refine block, AdamW; --tune-epochs on this CPU) and
 the allocation scored after refinement (refined-kl, which refines uniform, heuristic and nested and keeps the one
 closest to the original by KL on mixed held-out windows); `mix-comp-distill` is the default path distilled end to end
-from the original afterwards (--distill-epochs 4, refine/distill.py).
+from the original afterwards (--distill-epochs 4, refine/distill.py; `mix-comp-distill8` for 8 epochs,
+`mix-comp-all-distill` with every dense matrix compensated first, `mix-comp-all-tune-distill` tuned too).
 Each row: perplexity of the original and the compressed model on every text (the first --eval-tokens tokens of its
 evaluation half, in windows of the calibration's length), the greedy generations of the default prompts (chat
 template on, 48 new tokens) with their distinct-3-gram shares against the original's, and the build's seconds.
@@ -42,6 +43,9 @@ CONFIGS = {
     "mix-comp-all-tune": ("mix", "block", "all", "nested"),  # items 1 and 2 together, every dense matrix
     # the default path, then the whole model distilled from the original (refine/distill.py; --distill-epochs)
     "mix-comp-distill": ("mix", "sequential", "outputs", "nested", 4),
+    "mix-comp-distill8": ("mix", "sequential", "outputs", "nested", 8),  # twice the epochs
+    "mix-comp-all-distill": ("mix", "sequential", "all", "nested", 4),  # every dense matrix compensated, distilled
+    "mix-comp-all-tune-distill": ("mix", "block", "all", "nested", 4),  # items 1 and 2, then distilled
     "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
     # item 3's last source: the default mix and text the model writes itself (engine/self_text.py), a fifth of it
     "mix-self-comp": ("mix:wiki-chat=2,wiki=1,news=1,self=1", "sequential", "outputs", "nested"),
@@ -61,6 +65,11 @@ ABLATIONS = (  # the last one is no item of issue 35: the build distilled end to
     ("3. the model's own text in the mix", "mix-self-comp", "mix-comp"),
     ("4. allocation scored after refinement", "mix-comp-kl", "mix-comp"),
     ("end-to-end distillation", "mix-comp-distill", "mix-comp"),
+    ("end-to-end distillation", "mix-comp-distill8", "mix-comp"),
+    ("end-to-end distillation", "mix-comp-all-distill", "mix-comp-all"),
+    ("2. every dense matrix compensated", "mix-comp-all-distill", "mix-comp-distill"),
+    ("1. block tuning", "mix-comp-all-tune-distill", "mix-comp-all-distill"),
+    ("end-to-end distillation", "mix-comp-all-tune-distill", "mix-comp-all-tune"),
 )
 
 
@@ -103,7 +112,9 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
         row = {"config": name, "ratio": ratio, "calib": args.calib, "source": calib, "refine": refine,
                "allocation": built.allocation.method,
                "compensate": compensate, "tune_epochs": args.tune_epochs if tuned else None,
-               **({"distill_epochs": distilled[0]} if distilled else {}),
+               **({"distill_epochs": distilled[0], "distill_held_kl": [round(k, 5) for k in
+                                                                       built.info["distill"]["held_kl"]],
+                   "distill_kept": built.info["distill"]["kept_epoch"]} if distilled else {}),
                **({"tune_options": options} if options else {}),
                "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
                "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},

@@ -44,6 +44,7 @@ CONFIGS = {
     # the default path, then the whole model distilled from the original (refine/distill.py; --distill-epochs)
     "mix-comp-distill": ("mix", "sequential", "outputs", "nested", 4),
     "mix-comp-distill8": ("mix", "sequential", "outputs", "nested", 8),  # twice the epochs
+    "comp-distill": ("wiki-chat", "sequential", "outputs", "nested", 4),  # one calibration source, distilled
     "mix-comp-all-distill": ("mix", "sequential", "all", "nested", 4),  # every dense matrix compensated, distilled
     "mix-comp-all-tune-distill": ("mix", "block", "all", "nested", 4),  # items 1 and 2, then distilled
     "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
@@ -66,6 +67,8 @@ ABLATIONS = (  # the last one is no item of issue 35: the build distilled end to
     ("4. allocation scored after refinement", "mix-comp-kl", "mix-comp"),
     ("end-to-end distillation", "mix-comp-distill", "mix-comp"),
     ("end-to-end distillation", "mix-comp-distill8", "mix-comp"),
+    ("end-to-end distillation", "comp-distill", "comp"),
+    ("3. mix calibration", "mix-comp-distill", "comp-distill"),
     ("end-to-end distillation", "mix-comp-all-distill", "mix-comp-all"),
     ("2. every dense matrix compensated", "mix-comp-all-distill", "mix-comp-distill"),
     ("1. block tuning", "mix-comp-all-tune-distill", "mix-comp-all-distill"),

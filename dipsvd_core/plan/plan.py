@@ -268,16 +268,15 @@ def misfit(plan: Plan, margin: float = 1.0) -> str | None:
     return None
 
 
-def check_fits(plan: Plan, override: str = "pass --ignore-plan") -> None:
-    """Raise a DipSVDError naming the one option that would fit, when the plan does not; `override` says how to run
-    anyway (the CLI's flag by default)."""
-    problem = misfit(plan)
-    if problem is None:
-        return
-    run = plan.run
-    cuda = plan.device.startswith("cuda")
-    shapes = plan.shape
+def _single_options(run: Run, cuda: bool, n_blocks: int) -> list[tuple[str, Run]]:
+    """The options check_fits tries one at a time, the one that costs least first: distillation's recomputed
+    activations (time only) and its norms alone, then less calibration, float32 compute, offload (not for a run that
+    distils: distillation refuses an offloaded model) and bfloat16 factors."""
     tries = []
+    if run.distill.epochs and not run.distill.recompute:
+        tries.append(("--distill-recompute", run.replace(distill=dataclasses.replace(run.distill, recompute=True))))
+    if run.distill.epochs and run.distill.scope == "factors":
+        tries.append(("--distill-scope norms", run.replace(distill=dataclasses.replace(run.distill, scope="norms"))))
     for n in (run.calib_windows // 2, run.calib_windows // 4, run.calib_windows // 8):
         if n >= 1:
             tries.append((f"--calib-windows {n}", dataclasses.replace(run, calib_windows=n)))
@@ -286,11 +285,22 @@ def check_fits(plan: Plan, override: str = "pass --ignore-plan") -> None:
             tries.append((f"--seqlen {t}", dataclasses.replace(run, seqlen=t)))
     if run.compute_dtype == "float64":
         tries.append(("--compute-dtype float32", run.replace(compute_dtype="float32")))
-    if not run.offload:  # on a GPU every block streamed, on the CPU every block on disk: the least it holds
-        tries.append(("--offload", dataclasses.replace(run, offload=True, disk_blocks=0 if cuda else shapes.n_blocks)))
+    if not run.offload and not run.distill.epochs:  # on a GPU every block streamed, on the CPU every block on disk
+        tries.append(("--offload", dataclasses.replace(run, offload=True, disk_blocks=0 if cuda else n_blocks)))
     if run.factor_dtype == "float32":
         tries.append(("--factor-dtype bfloat16", run.replace(factor_dtype="bfloat16")))
-    for option, other in tries:
+    return tries
+
+
+def check_fits(plan: Plan, override: str = "pass --ignore-plan") -> None:
+    """Raise a DipSVDError naming the one option that would fit, when the plan does not; `override` says how to run
+    anyway (the CLI's flag by default)."""
+    problem = misfit(plan)
+    if problem is None:
+        return
+    cuda = plan.device.startswith("cuda")
+    shapes = plan.shape
+    for option, other in _single_options(plan.run, cuda, shapes.n_blocks):
         alt = dataclasses.replace(plan, phases=memory(shapes, other, cuda, plan.runtime_bytes))
         if misfit(alt) is None:
             raise DipSVDError(f"this run does not fit: {problem}. {option} would fit "

@@ -420,3 +420,25 @@ def test_fisher_time_counts_four_block_forwards_and_two_of_the_top(config_only):
     P.timing(phases, sh, run, P.Rates(1.0, block_s, 1.0, 1.0, matmul, 1e9))
     lm_head = 2 * 64 * sh.hidden * sh.vocab / matmul
     assert phases["fisher"].seconds == pytest.approx(8 * (4 * sh.n_blocks * block_s + 2 * lm_head))
+
+
+def test_a_distillation_that_does_not_fit_is_told_what_would(llama8b_config):
+    """Llama-3-8B in bfloat16 distilling its norms at 256 x 2,048 on a 40 GiB card: recomputing the activations is
+    the one option that fits (the plan: 52 GiB -> 33 GiB), offered before less calibration. With it, a 28 GiB card
+    is not told to offload, as it once was (distillation refuses an offloaded model)."""
+    from dipsvd_core.refine.choices import DistillConfig
+
+    run = P.run_of(dtype="bfloat16", method="dipsvd", allocation="nested", refine="sequential", calib_windows=256,
+                   seqlen=2048, distill=DistillConfig(epochs=4, scope="norms"))
+    plan = P.make_plan(llama8b_config, "cuda", run, bench=False, budgets={"device": 40 * P.GiB, "host": 2**40})
+    assert plan.phases["distill"].device_bytes > 40 * P.GiB
+    with pytest.raises(DipSVDError, match="--distill-recompute would fit"):
+        P.check_fits(plan)
+    fixed = P.make_plan(llama8b_config, "cuda", run.replace(distill=DistillConfig(epochs=4, scope="norms",
+                                                                                  recompute=True)),
+                        bench=False, budgets={"device": 40 * P.GiB, "host": 2**40})
+    assert fixed.phases["distill"].device_bytes < 34 * P.GiB
+    P.check_fits(fixed)
+    small = P.make_plan(llama8b_config, "cuda", fixed.run, bench=False, budgets={"device": 28 * P.GiB, "host": 2**40})
+    with pytest.raises(DipSVDError, match="no single option makes it fit"):
+        P.check_fits(small)

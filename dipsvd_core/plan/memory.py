@@ -193,7 +193,7 @@ def _distill(t: Terms) -> Cost:
     set at a time instead of every block's."""
     params = t.kept if t.run.distill.scope == "factors" else (2 * t.L + 1) * t.H  # "norms": two a block and the last
     trainable = params * (t.B + 12 + (8 if t.B < 4 else 0))
-    saved = t.L * t.run.seqlen * t.H * t.B + t.layer_saved if t.run.distill.recompute else t.L * t.layer_saved
+    saved = t.L * t.T * t.H * t.B + t.layer_saved if t.run.distill.recompute else t.L * t.layer_saved
     return Cost(t.weights + t.kept * t.B + trainable + saved + 2 * t.logits + t.window)
 
 

@@ -66,12 +66,11 @@ def held_kl(student: nn.Module, teacher: nn.Module, held: torch.Tensor) -> float
 
 
 @contextlib.contextmanager
-def recomputed_blocks(model: nn.Module, on: bool = True):
-    """While open (and `on`), each decoder block's forward runs under non-reentrant gradient checkpointing: autograd
+def recomputed(blocks: list[nn.Module]):
+    """While open, each of these decoder blocks' forward runs under non-reentrant gradient checkpointing: autograd
     keeps the block's inputs and recomputes its activations in the backward, so one window's backward holds one
     block's working set at a time, not every block's. The model must run without a KV cache (a recompute would
     append to it twice). The blocks' own forwards are given back on leaving."""
-    blocks = find_blocks(model)[1] if on else []
     before = [block.__dict__.get("forward") for block in blocks]  # an instance forward (a hook's) kept
     for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
@@ -133,12 +132,11 @@ def distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: tor
     the `held` windows is lowest (0: the student as given). Returns what a report keeps. Every parameter's
     requires_grad is as it was afterwards (the student shares most of its tensors with the teacher: a flag turned
     off there would change how the original computes, a fused pair's product for one)."""
-    both = [*student.parameters(), *teacher.parameters()]
-    flags = {id(p): p.requires_grad for p in both}  # given back after: the shared ones are the original's
+    flags = {id(p): p.requires_grad for p in [*student.parameters(), *teacher.parameters()]}  # shared: the original's
     try:
         return _distill(student, teacher, fit, held, cfg, progress)
-    finally:
-        for p in [*student.parameters(), *both]:  # a norm copied from the original's takes its flag (default True)
+    finally:  # a norm copied from the original's takes its flag (default True)
+        for p in [*student.parameters(), *teacher.parameters()]:
             p.requires_grad_(flags.get(id(p), True))
 
 
@@ -152,13 +150,14 @@ def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: to
     curve = [held_kl(student, teacher, held)]
     best, kept = masters.snapshot(), 0
     order = torch.Generator().manual_seed(0)
+    blocks = find_blocks(student)[1] if cfg.recompute else []  # checkpointed in each step's forward
     step = 0
     for epoch in range(cfg.epochs):
         for n, i in enumerate(torch.randperm(len(fit), generator=order).tolist()):
             _, w = next(window_ids(student, fit[i:i + 1]))
             with torch.no_grad():
                 target = teacher(w).logits[0].to(w.device)
-            with recomputed_blocks(student, cfg.recompute):
+            with recomputed(blocks):
                 loss = kl_divergence(student(w, use_cache=False).logits[0], target)
             if not torch.isfinite(loss):
                 raise DipSVDError(f"distillation's loss is not finite at epoch {epoch + 1}; lower --distill-lr "

@@ -12,7 +12,8 @@ dense compensation (refine --compensate outputs), block tuning (refine block, Ad
 the allocation scored after refinement (refined-kl, which refines uniform, heuristic and nested and keeps the one
 closest to the original by KL on mixed held-out windows); `mix-comp-distill` is the default path distilled end to end
 from the original afterwards (--distill-epochs 4, refine/distill.py; `mix-comp-distill8` for 8 epochs,
-`mix-comp-all-distill` with every dense matrix compensated first, `mix-comp-all-tune-distill` tuned too).
+`mix-comp-all-distill` with every dense matrix compensated first, `mix-comp-all-tune-distill` tuned too,
+`comp-distill` on the one source wiki-chat).
 Each row: perplexity of the original and the compressed model on every text (the first --eval-tokens tokens of its
 evaluation half, in windows of the calibration's length), the greedy generations of the default prompts (chat
 template on, 48 new tokens) with their distinct-3-gram shares against the original's, and the build's seconds.

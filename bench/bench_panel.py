@@ -13,7 +13,8 @@ the allocation scored after refinement (refined-kl, which refines uniform, heuri
 closest to the original by KL on mixed held-out windows); `mix-comp-distill` is the default path distilled end to end
 from the original afterwards (--distill-epochs 4, refine/distill.py; `mix-comp-distill8` for 8 epochs,
 `mix-comp-all-distill` with every dense matrix compensated first, `mix-comp-all-tune-distill` tuned too,
-`comp-distill` on the one source wiki-chat).
+`comp-distill` on the one source wiki-chat, `mix-comp-all-distill-own` one epoch on the calibration windows and 96
+windows of the original's own text, --distill-own-text).
 Each row: perplexity of the original and the compressed model on every text (the first --eval-tokens tokens of its
 evaluation half, in windows of the calibration's length), the greedy generations of the default prompts (chat
 template on, 48 new tokens) with their distinct-3-gram shares against the original's, and the build's seconds.
@@ -32,7 +33,8 @@ from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_d
 SECTION = "## Quality panel (issue 35)"
 TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
 PANEL = TEXTS[2:]  # the texts no calibration source contains (wiki and news are sources of the mix)
-# name -> (calibration source, refine, compensate, allocation[, epochs of end-to-end distillation after the build])
+# name -> (calibration source, refine, compensate, allocation[, epochs of end-to-end distillation after the build[,
+# windows of the model's own text it trains on besides]])
 CONFIGS = {
     "base": ("wiki-chat", "sequential", "none", "nested"),
     "comp": ("wiki-chat", "sequential", "outputs", "nested"),
@@ -48,6 +50,8 @@ CONFIGS = {
     "comp-distill": ("wiki-chat", "sequential", "outputs", "nested", 4),  # one calibration source, distilled
     "mix-comp-all-distill": ("mix", "sequential", "all", "nested", 4),  # every dense matrix compensated, distilled
     "mix-comp-all-tune-distill": ("mix", "block", "all", "nested", 4),  # items 1 and 2, then distilled
+    # distilled one epoch on the calibration windows and 96 of the original's own text: 4 epochs' steps
+    "mix-comp-all-distill-own": ("mix", "sequential", "all", "nested", 1, 96),
     "mix-comp-kl": ("mix", "sequential", "outputs", "refined-kl"),  # item 4: the allocation scored after refinement
     # item 3's last source: the default mix and text the model writes itself (engine/self_text.py), a fifth of it
     "mix-self-comp": ("mix:wiki-chat=2,wiki=1,news=1,self=1", "sequential", "outputs", "nested"),
@@ -74,6 +78,7 @@ ABLATIONS = (  # the last one is no item of issue 35: the build distilled end to
     ("2. every dense matrix compensated", "mix-comp-all-distill", "mix-comp-distill"),
     ("1. block tuning", "mix-comp-all-tune-distill", "mix-comp-all-distill"),
     ("end-to-end distillation", "mix-comp-all-tune-distill", "mix-comp-all-tune"),
+    ("distillation on the model's own text", "mix-comp-all-distill-own", "mix-comp-all-distill"),
 )
 
 
@@ -109,7 +114,8 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
             continue
         s = Settings(method="dipsvd", allocation=allocation, ratio=ratio, refine=refine, compensate=compensate,
                      tune=TuneConfig(epochs=args.tune_epochs, **options),
-                     distill=DistillConfig(epochs=distilled[0] if distilled else 0))
+                     distill=DistillConfig(epochs=distilled[0] if distilled else 0,
+                                           own_text=distilled[1] if len(distilled) > 1 else 0))
         t0 = time.perf_counter()
         built = bench.build(s)
         seconds = time.perf_counter() - t0
@@ -118,7 +124,8 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
                "compensate": compensate, "tune_epochs": args.tune_epochs if tuned else None,
                **({"distill_epochs": distilled[0], "distill_held_kl": [round(k, 5) for k in
                                                                        built.info["distill"]["held_kl"]],
-                   "distill_kept": built.info["distill"]["kept_epoch"]} if distilled else {}),
+                   "distill_kept": built.info["distill"]["kept_epoch"],
+                   "distill_own_text": built.info["distill"]["own_text"]} if distilled else {}),
                **({"tune_options": options} if options else {}),
                "ppl": _ppl(built.model, sets), "generations": _generations(built.model, lm.tokenizer),
                "build_s": round(seconds, 1), "timings_s": {k: round(v, 1) for k, v in built.timings_s.items()},
@@ -218,6 +225,15 @@ def _d3_min(row: dict, base_d3: list[float]) -> float:
     return min(g["distinct_3"] / b if b else 1.0 for g, b in zip(row["generations"], base_d3))
 
 
+def _distilled(row: dict) -> str:
+    """A distilled row's epochs, and the windows of the model's own text it trained on besides: " + distilled 1
+    epoch (+ 96 own)"."""
+    epochs, own = row.get("distill_epochs"), row.get("distill_own_text")
+    if not epochs:
+        return ""
+    return f" + distilled {epochs} epoch{'s' if epochs != 1 else ''}" + (f" (+ {own} own)" if own else "")
+
+
 def _table(rows: list[dict], calib: str) -> list[str]:
     original = next(r for r in rows if r["config"] == "original")
     base_d3 = [g["distinct_3"] for g in original["generations"]]
@@ -229,8 +245,7 @@ def _table(rows: list[dict], calib: str) -> list[str]:
     for r in sorted((r for r in rows if r["config"] != "original"), key=lambda r: (r["ratio"], r["config"])):
         mult = [r["ppl"][t] / original["ppl"][t] for t in TEXTS]
         d3 = _d3_min(r, base_d3)
-        refine = r["refine"] + _tuning(r) + (f" + distilled {r['distill_epochs']} epochs" if r.get("distill_epochs")
-                                             else "")
+        refine = r["refine"] + _tuning(r) + _distilled(r)
         lines.append(f"| {r['config']} | {r['ratio']} | {r['source']} | {r.get('allocation', 'nested')} | {refine} | "
                      f"{r['compensate']} | "
                      + " | ".join(f"{m:.2f}x" for m in mult) + f" | {max(mult):.2f}x | {d3:.2f} | {r['build_s']:.0f} |")

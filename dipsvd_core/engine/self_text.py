@@ -9,7 +9,9 @@ words of that article where the tokenizer has no template), and the opening PROM
 
 Documents are written BATCH at a time; group g is seeded by (seed, g) alone, so the stream of the first n groups is
 the same whatever was asked for before, and a longer request extends the cached stream (cache folder `text/`)
-instead of writing it anew. Windows of `self` are the stream's chunks in order (they are drawn independently
+instead of writing it anew. A stream has a purpose: the calibration's (the `self` source) or distillation's
+(DISTILL_TEXT: more text to train on, refine/distill.py); each purpose's documents are sampled with their own seeds,
+so the two never share a document. Windows of `self` are the stream's chunks in order (they are drawn independently
 already): the calibration windows are the first ones, the held-out windows the next.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ NEW_TOKENS = 256  # tokens the model writes per prompt
 PROMPT_WORDS = 8  # a plain prompt: the opening words of a news story (or of an article, without a template)
 BATCH = 8  # prompts written together (a group)
 TOP_P = 0.95
+CALIBRATION_TEXT = ""  # the `self` source's stream (its key and seeds predate purposes)
+DISTILL_TEXT = "distill"
 
 
 def prompts(tokenizer, group: int) -> list[list[int]]:
@@ -47,7 +51,7 @@ def prompts(tokenizer, group: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def write_group(model, tokenizer, group: int, seed: int) -> list[list[int]]:
+def write_group(model, tokenizer, group: int, seed: int, purpose: str = CALIBRATION_TEXT) -> list[list[int]]:
     """Group `group`'s documents: each prompt followed by what the model wrote, up to and with its end token."""
     from ..model.models import input_device
 
@@ -61,7 +65,7 @@ def write_group(model, tokenizer, group: int, seed: int) -> list[list[int]]:
     mask = (torch.arange(width) >= torch.tensor([[width - len(lead) - len(p)] for p in ids])).long().to(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(make_key("self-text", seed, group)[:8], 16))
+        torch.manual_seed(int(make_key("self-text", seed, group, *([purpose] if purpose else []))[:8], 16))
         out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0,
                              top_p=TOP_P, top_k=0, pad_token_id=pad)
     docs = []
@@ -72,21 +76,24 @@ def write_group(model, tokenizer, group: int, seed: int) -> list[list[int]]:
     return docs
 
 
-def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0, progress=None) -> torch.Tensor:
+def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0, progress=None,
+                purpose: str = CALIBRATION_TEXT) -> torch.Tensor:
     """At least `n_tokens` tokens of the model's own documents, joined by the tokenizer's blank line (cached per
-    model weights and seed; extended group by group, each written group reported to `progress`)."""
-    key = make_key("self-v1", fingerprint, seed, NEW_TOKENS, PROMPT_WORDS, BATCH, TOP_P)
+    model weights, seed and purpose; extended group by group, each written group reported to `progress`)."""
+    key = make_key("self-v1", fingerprint, seed, NEW_TOKENS, PROMPT_WORDS, BATCH, TOP_P,
+                   *([purpose] if purpose else []))
     path = cache_dir() / "text" / f"self-{key}.json"
     groups: list[list[list[int]]] = json.loads(path.read_text()) if path.exists() else []
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     have = sum(len(d) + len(sep) for g in groups for d in g)
     while have < n_tokens:
-        groups.append(write_group(model, tokenizer, len(groups), seed))
+        groups.append(write_group(model, tokenizer, len(groups), seed, purpose))
         have += sum(len(d) + len(sep) for d in groups[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(groups))
         if progress:
-            progress(min(1.0, have / n_tokens), f"the model writes its calibration text: {min(have, n_tokens):,} of "
+            what = "text to distil on" if purpose == DISTILL_TEXT else "calibration text"
+            progress(min(1.0, have / n_tokens), f"the model writes its {what}: {min(have, n_tokens):,} of "
                                                 f"{n_tokens:,} tokens ({len(groups)} groups of {BATCH})")
     stream = [t for g in groups for d in g for t in d + sep]
     return torch.tensor(stream, dtype=torch.long)

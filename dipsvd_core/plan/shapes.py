@@ -242,8 +242,13 @@ class Run:
     @property
     def phases(self) -> frozenset:
         """The phases these settings run (from the declared needs of the method, the scaling and the allocation)."""
-        writes = frozenset((P.WRITING,) if self_windows(self.calib, self.calib_windows) else ())
+        writes = frozenset((P.WRITING,) if self_windows(self.calib, self.calib_windows) or self.own_text else ())
         return P.phases(needs(self.settings)) | frozenset(ALWAYS) | frozenset(("save",) if self.save else ()) | writes
+
+    @property
+    def own_text(self) -> int:
+        """The windows of its own text the model writes for distillation to train on (none when it does not distil)."""
+        return self.distill.own_text if self.distill.epochs else 0
 
     @property
     def whitens(self) -> bool:

@@ -213,8 +213,10 @@ def _load_s(k: Clock) -> float:
 @time_of(P.WRITING)
 def _writing_s(k: Clock) -> float:
     """Groups of BATCH documents of up to NEW_TOKENS sampled tokens, enough for the self windows and the held-out
-    ones beside them; a decode step of a group reads every weight once (or is bound by its products)."""
-    tokens = (self_windows(k.run.calib, k.N) + k.run.bo_windows) * k.run.seqlen
+    ones beside them, and for distillation's own text (a stream of its own); a decode step of a group reads every
+    weight once (or is bound by its products)."""
+    calibration = self_windows(k.run.calib, k.N)
+    tokens = ((calibration + k.run.bo_windows if calibration else 0) + k.run.own_text) * k.run.seqlen
     groups = math.ceil(tokens / (BATCH * NEW_TOKENS))
     step = max(k.sh.params * DTYPE_BYTES[k.run.dtype] / k.r.copy_bytes_s, 2 * k.sh.params * BATCH / k.r.matmul_flops)
     return groups * NEW_TOKENS * step
@@ -251,11 +253,11 @@ def _refine_s(k: Clock) -> float:
 
 @time_of(P.DISTILL)
 def _distill_s(k: Clock) -> float:
-    """Per epoch and calibration window, the original's forward and the compressed model's forward and backward
-    (about three forwards; with recompute one more), each a whole-model forward at most; per epoch and once before,
-    the held-out windows through both models."""
+    """Per epoch and fit window (the calibration windows and the model's own text), the original's forward and the
+    compressed model's forward and backward (about three forwards; with recompute one more), each a whole-model
+    forward at most; per epoch and once before, the held-out windows through both models."""
     cfg = k.run.distill
-    return (cfg.epochs * k.N * (4 + cfg.recompute) + (cfg.epochs + 1) * cfg.held * 2) * k.fwd_model
+    return (cfg.epochs * (k.N + k.run.own_text) * (4 + cfg.recompute) + (cfg.epochs + 1) * cfg.held * 2) * k.fwd_model
 
 
 @time_of(P.SEARCH)

@@ -149,17 +149,22 @@ DISTILL_SCOPES = {
 @dataclass(frozen=True)
 class DistillConfig(AdamWSchedule):
     """End-to-end distillation after the build (refine/distill.py): the compressed model's low-rank factors and norms
-    trained to give the original's next-token distribution (KL) on the calibration windows, AdamW with block tuning's
-    schedule, the best epoch by the KL on held-out calibration windows kept (the build itself, epoch 0, included).
-    Off (0 epochs) by default; measured on the bundled model in bench/RESULTS.md ("End-to-end distillation")."""
+    trained to give the original's next-token distribution (KL) on the calibration windows and `own_text` windows of
+    text the original writes itself, AdamW with block tuning's schedule, the best epoch by the KL on held-out
+    calibration windows kept (the build itself, epoch 0, included). Off (0 epochs) by default; measured on the
+    bundled model in bench/RESULTS.md ("End-to-end distillation")."""
 
-    epochs: int = knob(0, "distillation: epochs over the calibration windows after the build (0: off); each costs "
-                       "about four whole-model forwards a window", "--distill-epochs", "int",
+    epochs: int = knob(0, "distillation: epochs over the calibration windows (and the model's own text) after the "
+                       "build (0: off); each costs about four whole-model forwards a window", "--distill-epochs", "int",
                        widget=Widget("Distillation epochs", 0, 50, 1))
     held: int = knob(4, "distillation: held-out calibration windows whose KL picks the epoch kept", "--distill-held",
                      "positive", widget=Widget("Held-out windows", 1, 64, 1))
     scope: str = knob("factors", "distillation trains: " + "; ".join(f"{k}: {v}" for k, v in DISTILL_SCOPES.items()),
                       "--distill-scope", choices=lambda: tuple(DISTILL_SCOPES), widget=Widget("Trains"))
+    own_text: int = knob(0, "distillation: windows of text the original writes itself (sampled from prompts of the "
+                         "calibration halves, a stream apart from the `self` source's) trained on beside the calibration "
+                         "windows; written once per model and seed, then read from the cache", "--distill-own-text",
+                         "int", widget=Widget("Windows of the model's own text", 0, 1024, 16))
     recompute: bool = knob(False, "distillation keeps only each block's input for the backward and recomputes the "
                            "rest there (gradient checkpointing): one block's activations on the device instead of "
                            "every block's, for about a quarter more time", "--distill-recompute",
@@ -168,10 +173,10 @@ class DistillConfig(AdamWSchedule):
     def check(self) -> "DistillConfig":
         if self.scope not in DISTILL_SCOPES:
             raise DipSVDError(f"unknown distill scope '{self.scope}'; use one of {', '.join(DISTILL_SCOPES)}")
-        if not (self.epochs >= 0 and self.schedule_ok() and self.held >= 1):
-            raise DipSVDError("distillation needs epochs >= 0, lr > 0, weight_decay >= 0, 0 <= warmup < 1, clip >= 0 "
-                              f"and held >= 1 (got {self.epochs}, {self.lr}, {self.weight_decay}, {self.warmup}, "
-                              f"{self.clip}, {self.held})")
+        if not (self.epochs >= 0 and self.schedule_ok() and self.held >= 1 and self.own_text >= 0):
+            raise DipSVDError("distillation needs epochs >= 0, lr > 0, weight_decay >= 0, 0 <= warmup < 1, clip >= 0, "
+                              f"held >= 1 and own text >= 0 (got {self.epochs}, {self.lr}, {self.weight_decay}, "
+                              f"{self.warmup}, {self.clip}, {self.held}, {self.own_text})")
         return self
 
 

@@ -187,10 +187,13 @@ def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: to
 
 def distilled_summary(info: dict) -> str:
     """One line for a report or the app: "distilled 4 epochs, kept epoch 4 (held-out KL 0.459 -> 0.382, 320 s)", or
-    where no epoch lowered the held-out KL, that the build was kept as it was."""
-    kl, kept = info["held_kl"], info["kept_epoch"]
+    where no epoch lowered the held-out KL, that the build was kept as it was; with the model's own text, how many
+    of the fit windows it was ("distilled 1 epoch on 128 windows, 96 of them the model's own text, ...")."""
+    kl, kept, epochs = info["held_kl"], info["kept_epoch"], info["epochs"]
+    own = info.get("own_text", 0)
+    head = f"distilled {epochs} epoch{'s' if epochs != 1 else ''}" + (
+        f" on {info['fit_windows']} windows, {own} of them the model's own text" if own else "")
     if kept == 0:
-        return (f"distilled {info['epochs']} epochs, none lowered the held-out KL ({kl[0]:.3f}; best "
-                f"{min(kl[1:]):.3f}): the build kept as it was ({info['seconds']:.0f} s)")
-    return (f"distilled {info['epochs']} epochs, kept epoch {kept} (held-out KL {kl[0]:.3f} -> {kl[kept]:.3f}, "
-            f"{info['seconds']:.0f} s)")
+        return (f"{head}, none lowered the held-out KL ({kl[0]:.3f}; best {min(kl[1:]):.3f}): the build kept as it "
+                f"was ({info['seconds']:.0f} s)")
+    return f"{head}, kept epoch {kept} (held-out KL {kl[0]:.3f} -> {kl[kept]:.3f}, {info['seconds']:.0f} s)"

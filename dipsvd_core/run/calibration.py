@@ -14,9 +14,9 @@ import torch
 from ..allocation.fisher import FisherInfo, cached_fisher
 from ..common.errors import DipSVDError
 from ..engine import passes as P
-from ..engine.data import calibration_windows, heldout_windows
+from ..engine.data import SELF, calibration_windows, heldout_windows
 from ..engine.memwatch import PhaseMemory
-from ..engine.self_text import self_stream
+from ..engine.self_text import CALIBRATION_TEXT, DISTILL_TEXT, self_stream
 from ..engine.stats import Stats, cached_stats, save_stats, stats_key
 from ..model.models import LoadedModel
 
@@ -39,15 +39,23 @@ class Calibration:
                                                 lambda n: self._writer(n, progress))
         return self._windows
 
-    def _writer(self, n_tokens: int, progress=None) -> torch.Tensor:
-        """The model's own text, for the `self` source (written once per model and seed, then read from the cache)."""
+    def own_text(self, n_windows: int, progress=None) -> torch.Tensor:
+        """`n_windows` windows of the text the model writes for distillation to train on (self_text.DISTILL_TEXT: a
+        stream apart from the `self` source's, so none of it is a calibration or held-out window), timed as writing."""
+        return calibration_windows(self.lm.tokenizer, SELF, n_windows, self.seqlen, self.seed,
+                                   lambda n: self._writer(n, progress, DISTILL_TEXT))
+
+    def _writer(self, n_tokens: int, progress=None, purpose: str = CALIBRATION_TEXT) -> torch.Tensor:
+        """The model's own text, for the `self` source or for distillation (written once per model, seed and purpose,
+        then read from the cache)."""
         if self.lm.offloaded:
             raise DipSVDError(f"calibration text '{self.calib}' has the model write text itself, token by token; with "
                               "blocks offloaded every token would stream the model from the CPU (hours at 8B). Load it "
                               "on one device (a larger --device-memory) or calibrate on another source")
         # in parts (the calibration windows, then held-out ones), inside whichever pass first drew them
         with self.timed(P.WRITING, accumulate=True):
-            return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed, progress)
+            return self_stream(self.lm.model, self.lm.tokenizer, self.lm.fingerprint, n_tokens, self.seed, progress,
+                               purpose)
 
     @property
     def key(self) -> str:

@@ -137,22 +137,27 @@ class Workbench:
         t0 = time.perf_counter()
         with self.memory.phase("surgery"):
             model = self._surgery(state.weights, inplace)
-        timings = dict(self.timings_s, **state.timings_s, surgery=time.perf_counter() - t0)
+        surgery_s = time.perf_counter() - t0
+        if settings.distill.epochs:  # its own text, when it has some, is written first: the timings after it
+            state.info = dict(state.info, distill=self._distill(model, settings, progress))
+        timings = dict(self.timings_s, **state.timings_s, surgery=surgery_s)
         if settings.distill.epochs:
-            info = self._distill(model, settings, progress)
-            timings[P.DISTILL] = info["seconds"]
-            state.info = dict(state.info, distill=info)
+            timings[P.DISTILL] = state.info["distill"]["seconds"]
         return Result(model, state.allocation, settings, timings, state.info)
 
     def _distill(self, model: torch.nn.Module, settings: Settings, progress=None) -> dict:
         """End-to-end distillation of a built model from the original (refine/distill.py), in place: its factors
-        and norms trained on the calibration windows, the epoch kept by the KL on held-out calibration windows.
-        build() checked that it can run (check_distillable) before its passes."""
+        and norms trained on the calibration windows and the model's own text (written first, timed as writing),
+        the epoch kept by the KL on held-out calibration windows. build() checked that it can run
+        (check_distillable) before its passes."""
         from ..refine.distill import distill
 
+        cfg = settings.distill
+        own = self.data.own_text(cfg.own_text, progress) if cfg.own_text else None
+        fit = torch.cat([self.windows(), own]) if own is not None else self.windows()
         with self.memory.phase(P.DISTILL):
-            return distill(model, self.lm.model, self.windows(), self.heldout(settings.distill.held),
-                           settings.distill, progress)
+            info = distill(model, self.lm.model, fit, self.heldout(cfg.held), cfg, progress)
+        return dict(info, own_text=cfg.own_text)
 
     def refine(self, settings: Settings, allocation: alloc.Allocation, progress=None,
                fallback: dict | None = None) -> tuple[dict, dict]:

@@ -88,6 +88,8 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     assert all(len(asked[i]) < len(d) <= len(asked[i]) + 24 for i, d in enumerate(docs))
     assert docs == self_text.write_group(tiny_lm.model, tok, 0, seed=0)
     assert docs != self_text.write_group(tiny_lm.model, tok, 0, seed=1)
+    own = self_text.write_group(tiny_lm.model, tok, 0, seed=0, purpose=self_text.DISTILL_TEXT)  # distillation's text
+    assert [d[: len(q)] for d, q in zip(own, asked)] == asked and own != docs  # the same prompts, sampled apart
 
     short = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, 100)
     long = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, short.numel() + 1)
@@ -109,6 +111,11 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     fractions = [f for f, _ in said]
     assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
     assert "the model writes its calibration text" in said[-1][1] and f"{40 * body:,} tokens" in said[-1][1]
+    written = many.timings_s["writing"]  # distillation's own text: a stream of its own, timed as writing too
+    own = many.own_text(3, lambda f, text: said.append((f, text)))
+    assert own.shape == (3, 32) and many.timings_s["writing"] > written and "text to distil on" in said[-1][1]
+    assert torch.equal(own, Calibration(tiny_lm, "wiki", 3, 32, seed=0).own_text(3))  # cached: one per model, seed
+    assert not torch.equal(own, many.windows()[:3])  # the same prompts (a first window may be all prompt), sampled apart
     mixed = Calibration(tiny_lm, "mix:self=1,news=1", 4, 32, seed=0).windows()
     plan = data.mix_plan(4, {"self": 1, "news": 1})
     assert plan.count("self") == 3 and torch.equal(mixed[[i for i, s in enumerate(plan) if s == "self"]], windows)

@@ -127,6 +127,23 @@ def test_workbench_build_distills_and_refuses_what_it_cannot(tiny_lm):
         Settings(distill=DistillConfig(epochs=-1)).check()
 
 
+def test_the_model_s_own_text_is_trained_on_beside_the_calibration(tiny_lm, monkeypatch):
+    """--distill-own-text N: the fit windows are the calibration windows and N windows the original writes (timed as
+    writing, after the build); the held-out windows are the same calibration windows as without it."""
+    from dipsvd_core.engine import self_text
+
+    monkeypatch.setattr(self_text, "NEW_TOKENS", 24)
+    bench = Workbench(tiny_lm, "wiki", 6, 32)
+    cfg = DistillConfig(epochs=1, lr=3e-3, held=2, own_text=3)
+    built = bench.build(Settings(method="svd-llm", ratio=0.4, distill=cfg))
+    info = built.info["distill"]
+    assert info["fit_windows"] == 9 and info["own_text"] == 3 and info["held_windows"] == 2
+    assert built.timings_s["writing"] > 0 and "writing" in bench.memory.phases
+    assert "on 9 windows, 3 of them the model's own text" in distilled_summary(info)
+    with pytest.raises(DipSVDError, match="own text >= 0"):
+        Settings(distill=DistillConfig(epochs=1, own_text=-1)).check()
+
+
 def test_an_offloaded_model_is_refused_before_any_pass(tiny_model_dir):
     from dipsvd_core.plan import Placement
     from dipsvd_core.run.loading import load_model
@@ -166,6 +183,15 @@ def test_the_plan_counts_distillation(tiny_model_dir):
     assert phases["distill"].host_bytes - again["distill"].host_bytes == t.L * t.layer_saved - saved > 0
     P.timing(again, sh, recomputing, P.Rates(1.0, block_s, 1.0, 1.0, matmul, 1e9))
     assert again["distill"].seconds == pytest.approx((4 * 8 * 5 + 5 * 2 * 2) * forward)
+    # the model's own text: 3 more fit windows each epoch, and a writing phase (none without it on wiki)
+    own = P.run_of(method="svd-llm", calib_windows=8, seqlen=64, distill=DistillConfig(epochs=4, held=2, own_text=3))
+    assert "writing" in own.phases and "writing" not in on.phases and own.own_text == 3
+    timed = P.memory(sh, own, False, 0)
+    P.timing(timed, sh, own, P.Rates(1.0, block_s, 1.0, 1.0, matmul, 1e9))
+    assert timed["distill"].seconds == pytest.approx((4 * 11 * 4 + 5 * 2 * 2) * forward)
+    assert timed["writing"].seconds > 0
+    undistilled = P.run_of(method="svd-llm", calib_windows=8, seqlen=64, distill=DistillConfig(epochs=0, own_text=3))
+    assert "writing" not in undistilled.phases and undistilled.own_text == 0
 
 
 def test_compress_distills_from_the_command_line(tiny_model_dir, tmp_path):
@@ -177,4 +203,4 @@ def test_compress_distills_from_the_command_line(tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(report.read_text())
     assert r["distill"]["epochs"] == 1 and len(r["distill"]["held_kl"]) == 2 and "distill" in r["timings_s"]
-    assert "distill: distilled 1 epochs" in out.stdout
+    assert "distill: distilled 1 epoch, " in out.stdout

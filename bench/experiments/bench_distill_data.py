@@ -36,7 +36,8 @@ VARIANTS = {
     "lr3e-4": (True, 0, 4, 3e-4),
     "self96": (True, 96, 1, 1e-4),  # 128 windows once: the steps of 4 epochs over 32
     "self128": (False, 128, 1, 1e-4),
-    "self96x2": (True, 96, 2, 1e-4),
+    "self96x2": (True, 96, 2, 1e-4),  # twice the steps
+    "self224": (True, 224, 1, 1e-4),  # twice the steps, each window seen once
 }
 
 

@@ -216,7 +216,9 @@ def quality_help(settings: Settings, calib_tokens: int, offloaded: bool = False)
     if not settings.distill.epochs and not offloaded:  # distillation refuses an offloaded model
         out.append("distillation after the build (its box above, 4 epochs): same size, the whole model trained "
                    "towards the original's next-token distribution; 4% to 42% lower perplexity on the bundled model at "
-                   "0.1 to 0.4, for about one more build's time (bench/RESULTS.md)")
+                   "0.1 to 0.4, for about one more build's time; 1 epoch with 96 windows of the model's own text "
+                   "instead lowers the texts outside the calibration by 5-22% more at 0.2-0.3, once the model has "
+                   "written them (bench/RESULTS.md)")
     others = [a for a in names_for(settings.method) if a != settings.allocation]
     if others:
         out.append(f"another allocation than {settings.allocation} (Allocation page: {', '.join(others)})")

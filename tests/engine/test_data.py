@@ -111,11 +111,12 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     fractions = [f for f, _ in said]
     assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
     assert "the model writes its calibration text" in said[-1][1] and f"{40 * body:,} tokens" in said[-1][1]
-    written = many.timings_s["writing"]  # distillation's own text: a stream of its own, timed as writing too
-    own = many.own_text(3, lambda f, text: said.append((f, text)))
-    assert own.shape == (3, 32) and many.timings_s["writing"] > written and "text to distil on" in said[-1][1]
-    assert torch.equal(own, Calibration(tiny_lm, "wiki", 3, 32, seed=0).own_text(3))  # cached: one per model, seed
-    assert not torch.equal(own, many.windows()[:3])  # the same prompts (a first window may be all prompt), sampled apart
+    # distillation's own text: a stream of its own, timed as writing too (seed 5: no other test has written it)
+    apart = Calibration(tiny_lm, "self", 3, 32, seed=5)
+    own = apart.own_text(3, lambda f, text: said.append((f, text)))
+    assert own.shape == (3, 32) and apart.timings_s["writing"] > 0 and "text to distil on" in said[-1][1]
+    assert torch.equal(own, Calibration(tiny_lm, "wiki", 3, 32, seed=5).own_text(3))  # cached: one per model, seed
+    assert not torch.equal(own, apart.windows())  # the same prompts (a first window may be all prompt), sampled apart
     mixed = Calibration(tiny_lm, "mix:self=1,news=1", 4, 32, seed=0).windows()
     plan = data.mix_plan(4, {"self": 1, "news": 1})
     assert plan.count("self") == 3 and torch.equal(mixed[[i for i, s in enumerate(plan) if s == "self"]], windows)

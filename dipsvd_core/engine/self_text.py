@@ -31,6 +31,12 @@ CALIBRATION_TEXT = ""  # the `self` source's stream (its key and seeds predate p
 DISTILL_TEXT = "distill"
 
 
+def _key(*parts, purpose: str) -> str:
+    """make_key of the parts and the purpose; the calibration's purpose adds nothing, so its keys (the cache's file
+    names and the groups' seeds) are those it had before there were purposes."""
+    return make_key(*parts, *([purpose] if purpose else []))
+
+
 def prompts(tokenizer, group: int) -> list[list[int]]:
     """The token ids of group `group`'s BATCH prompts."""
     wiki, news = load_documents("wiki", "calib"), load_documents("news", "calib")
@@ -65,7 +71,7 @@ def write_group(model, tokenizer, group: int, seed: int, purpose: str = CALIBRAT
     mask = (torch.arange(width) >= torch.tensor([[width - len(lead) - len(p)] for p in ids])).long().to(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(make_key("self-text", seed, group, *([purpose] if purpose else []))[:8], 16))
+        torch.manual_seed(int(_key("self-text", seed, group, purpose=purpose)[:8], 16))
         out = model.generate(batch, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0,
                              top_p=TOP_P, top_k=0, pad_token_id=pad)
     docs = []
@@ -80,8 +86,7 @@ def self_stream(model, tokenizer, fingerprint: str, n_tokens: int, seed: int = 0
                 purpose: str = CALIBRATION_TEXT) -> torch.Tensor:
     """At least `n_tokens` tokens of the model's own documents, joined by the tokenizer's blank line (cached per
     model weights, seed and purpose; extended group by group, each written group reported to `progress`)."""
-    key = make_key("self-v1", fingerprint, seed, NEW_TOKENS, PROMPT_WORDS, BATCH, TOP_P,
-                   *([purpose] if purpose else []))
+    key = _key("self-v1", fingerprint, seed, NEW_TOKENS, PROMPT_WORDS, BATCH, TOP_P, purpose=purpose)
     path = cache_dir() / "text" / f"self-{key}.json"
     groups: list[list[list[int]]] = json.loads(path.read_text()) if path.exists() else []
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]

@@ -153,8 +153,9 @@ class Workbench:
         from ..refine.distill import distill
 
         cfg = settings.distill
-        own = self.data.own_text(cfg.own_text, progress) if cfg.own_text else None
-        fit = torch.cat([self.windows(), own]) if own is not None else self.windows()
+        fit = self.windows()
+        if cfg.own_text:
+            fit = torch.cat([fit, self.data.own_text(cfg.own_text, progress)])
         with self.memory.phase(P.DISTILL):
             info = distill(model, self.lm.model, fit, self.heldout(cfg.held), cfg, progress)
         return dict(info, own_text=cfg.own_text)

@@ -38,6 +38,7 @@ VARIANTS = {
     "self128": (False, 128, 1, 1e-4),
     "self96x2": (True, 96, 2, 1e-4),  # twice the steps
     "self224": (True, 224, 1, 1e-4),  # twice the steps, each window seen once
+    "self448": (True, 448, 1, 1e-4),  # 3.75x the steps, each window seen once
 }
 
 

@@ -24,6 +24,8 @@ its own name, so a run can be checked against its plan.
 """
 from __future__ import annotations
 
+from .self_text import BATCH, NEW_TOKENS
+
 WRITING = "writing"
 STATISTICS = "statistics"
 GRAMS = "grams"
@@ -39,8 +41,8 @@ PASSES = [WRITING, STATISTICS, GRAMS, FISHER, FACTORS, SEARCH, TRAINING, UPDATE,
 # the plan's phase (and the timings key) each pass is counted in: the Gram whitening runs inside the statistics pass
 PHASE = {p: p for p in PASSES} | {GRAMS: STATISTICS}
 # what each pass costs, in a user's words (the app's buttons and the refusal messages)
-COST = {WRITING: "the model writes its own calibration text (the self source): groups of 8 sampled documents of "
-                 "256 tokens, once per model and seed, then read from the cache",
+COST = {WRITING: f"the model writes its own text (the self source, distillation's own text): groups of {BATCH} sampled "
+                 f"documents of {NEW_TOKENS} tokens, once per model and seed, then read from the cache",
         STATISTICS: "one forward pass over the calibration windows, collecting each layer's input statistics",
         FISHER: "one backward pass per calibration window",
         FACTORS: "one SVD of every matrix (about a minute for the bundled model); after that every ratio is a slice",

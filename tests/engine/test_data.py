@@ -79,6 +79,7 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     from dipsvd_core.run.calibration import Calibration
 
     monkeypatch.setattr(self_text, "NEW_TOKENS", 24)
+    monkeypatch.setattr(self_text, "BATCH", 8)  # the logic at a quarter of the product's group: a quarter of the time
     tok = tiny_lm.tokenizer
     asked = self_text.prompts(tok, 0)
     assert len(asked) == self_text.BATCH and tok.decode(asked[0]).count("Tell me about") == 1
@@ -102,15 +103,15 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     stream = self_text.self_stream(tiny_lm.model, tok, tiny_lm.fingerprint, 5 * body)
     assert torch.equal(torch.cat([windows, held])[:, -body:].reshape(-1), stream[: 5 * body])
     said = []  # more windows than the text written so far: the writing reports each group to the progress
-    many = Calibration(tiny_lm, "self", 40, 32, seed=0)
+    many = Calibration(tiny_lm, "self", 5 * self_text.BATCH, 32, seed=0)  # a few groups past the text so far
     many.windows(lambda f, text: said.append((f, text)))
     assert many.timings_s["writing"] > 0 and "writing" in many.memory.phases  # the plan's writing phase, measured
     first = many.timings_s["writing"]
-    many.heldout(8)  # held-out windows after the 40: more writing, added to the same pass
+    many.heldout(self_text.BATCH)  # held-out windows after those: more writing, added to the same pass
     assert many.timings_s["writing"] > first
     fractions = [f for f, _ in said]
     assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert "the model writes its calibration text" in said[-1][1] and f"{40 * body:,} tokens" in said[-1][1]
+    assert "the model writes its calibration text" in said[-1][1] and f"{5 * self_text.BATCH * body:,} tokens" in said[-1][1]
     # distillation's own text: a stream of its own, timed as writing too (seed 5: no other test has written it)
     apart = Calibration(tiny_lm, "self", 3, 32, seed=5)
     own = apart.own_text(3, lambda f, text: said.append((f, text)))

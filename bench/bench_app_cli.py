@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH, RESULTS, ROOT, machine, replace_section, utc_date, write_json
+from common import BENCH, RESULTS, ROOT, calib_size, machine, replace_section, utc_date, write_json
 
 SECTION = "## App against CLI (issue 9)"
 ANALYSIS = "What starved the job, and what was done"  # the hand-written part of the section, kept by --write
@@ -343,7 +343,7 @@ def main() -> None:
     ap.add_argument("--calib", default="8x256", help="calibration windows x tokens, on both sides")
     args = ap.parse_args()
     global CALIB_WINDOWS, SEQLEN
-    CALIB_WINDOWS, SEQLEN = (int(v) for v in args.calib.split("x"))
+    CALIB_WINDOWS, SEQLEN = calib_size(args.calib)
     res = earlier_runs() if args.more else {"runs": []}
     res["machine"] = f"{machine()}, load average {os.getloadavg()[0]:.1f} at the start"
     first, today = res.get("date", utc_date()).split(" to ")[0], utc_date()  # --more's runs can span days

@@ -28,7 +28,7 @@ import json
 import time
 from pathlib import Path
 
-from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench
+from common import BENCH, RESULTS, calib_size, load_bundled, machine, replace_section, utc_date, workbench
 
 SECTION = "## Quality panel (issue 35)"
 TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
@@ -100,7 +100,7 @@ def run_config(lm, name: str, ratios: list[float], args, done: set, out: Path) -
     from dipsvd_core.run.pipeline import Settings
 
     calib, refine, compensate, allocation, *distilled = CONFIGS[name]
-    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib=calib)
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
     if ("original", args.calib) not in done:

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from common import BENCH, RESULTS, load_bundled, machine, replace_section, utc_date, workbench
+from common import BENCH, RESULTS, calib_size, load_bundled, machine, replace_section, utc_date, workbench
 
 SECTION = "## The paper's R_l against the trimmed one (issue 36)"
 TEXTS = ("wiki", "news", "python-docs", "kjv", "fortunes")
@@ -68,7 +68,7 @@ def main() -> None:
         from dipsvd_core.engine.evaluate import perplexity
 
         lm = load_bundled("cpu", "float32")
-        windows, seqlen = (int(v) for v in args.calib.split("x"))
+        windows, seqlen = calib_size(args.calib)
         bench = workbench(lm, windows, seqlen, calib=args.source)
         sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
         done = {(r.get("ratio"), r.get("rank_of"), r.get("refine")) for r in rows}

@@ -61,6 +61,12 @@ def eval_sets(source, tokens: int | None) -> dict:
     return {s: evaluation_windows(source.tokenizer, s, EVAL_SEQLEN, tokens) for s in EVAL_SETS}
 
 
+def calib_size(text: str) -> tuple[int, int]:
+    """A calibration size as the scripts' --calib gives it, "32x512": (windows, tokens a window)."""
+    windows, seqlen = (int(v) for v in text.lower().split("x"))
+    return windows, seqlen
+
+
 def machine() -> str:
     """The machine as the reports name it."""
     return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"

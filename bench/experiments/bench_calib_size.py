@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's resu
 sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
 
 from bench_refine_safe import measured, pair
-from common import RESULTS, eval_sets, load_bundled, machine, replace_section, utc_date, workbench
+from common import RESULTS, calib_size, eval_sets, load_bundled, machine, replace_section, utc_date, workbench
 
 SECTION = "## Calibration size (issue 25)"
 KEEP = "### "
@@ -62,14 +62,14 @@ def originals(rows: list[dict], path) -> dict:
 
 def table(rows: list[dict], orig: dict) -> str:
     def key(r):
-        w, t = (int(v) for v in r["calib"].split("x"))
+        w, t = calib_size(r["calib"])
         return r["allocation"], r["ratio"], t, w, refine_of(r)
 
     lines = ["| allocation | ratio | calibration | tokens | refine | original wiki | unrefined wiki | refined wiki "
              "| original news | unrefined news | refined news | blocks refined | passes s | refine s | eval tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=key):
-        w, t = (int(v) for v in r["calib"].split("x"))
+        w, t = calib_size(r["calib"])
         passes = sum(r.get("passes_s", {}).values())
         tokens = eval_tokens_of(r)
         o = orig[t, tokens]
@@ -107,7 +107,7 @@ def main() -> None:
         if not todo:
             continue
         lm = lm or load_bundled("cpu", "float32")
-        windows, seqlen = (int(v) for v in calib.split("x"))
+        windows, seqlen = calib_size(calib)
         bench = workbench(lm, windows, seqlen)
         sets = eval_sets(bench, args.eval_tokens)
         for allocation, ratio in todo:

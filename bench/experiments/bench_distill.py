@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))  # bench/: common.py and bench_panel.py
 import torch  # noqa: E402
 
 import bench_panel  # noqa: E402
-from common import load_bundled, workbench  # noqa: E402
+from common import calib_size, load_bundled, workbench  # noqa: E402
 from dipsvd_core.refine.distill import kl_divergence as kl  # noqa: E402  (the product's, the same KL)
 
 OUT = HERE / "distill.jsonl"
@@ -109,7 +109,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     lm = load_bundled("cpu", "float32")
-    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib="mix")
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in bench_panel.TEXTS}
     built = bench.build(Settings(method="dipsvd", ratio=args.ratio))

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # bench/: common.py
 
 from bench_panel import TEXTS, _generations, _ppl  # noqa: E402
-from common import load_bundled, machine, utc_date, workbench  # noqa: E402
+from common import calib_size, load_bundled, machine, utc_date, workbench  # noqa: E402
 
 OUT = HERE / "distill_data.jsonl"
 # name -> (calibration windows in the fit, windows of the model's own text in the fit, epochs, peak lr)
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     args = p.parse_args()
     lm = load_bundled("cpu", "float32")
-    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib="mix")
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
     built = bench.build(Settings(method="dipsvd", ratio=args.ratio, refine="sequential", compensate="all"))

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
 sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
 
-from common import RESULTS, load_bundled, machine, replace_section, utc_date, workbench
+from common import RESULTS, calib_size, load_bundled, machine, replace_section, utc_date, workbench
 
 SECTION = "## Compressed text that reads (issue 25)"
 
@@ -43,7 +43,7 @@ def run(args) -> dict:
     from dipsvd_core.run.pipeline import Settings
 
     lm = load_bundled("cpu", "float32")
-    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib=args.source)
     openings = continuation_prompts(lm.tokenizer, args.continuations) if args.continuations else []
 

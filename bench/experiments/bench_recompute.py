@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # bench/: common.py
 
-from common import load_bundled, machine, utc_date, workbench  # noqa: E402
+from common import calib_size, load_bundled, machine, utc_date, workbench  # noqa: E402
 
 OUT = HERE / "recompute.jsonl"
 
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
     lm = load_bundled("cpu", "float32")
-    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib="mix")
     built = bench.build(Settings(method="dipsvd", ratio=args.ratio))
     for recompute in (False, True):

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent  # bench/experiments/: this script's results sit beside it
 sys.path.insert(0, str(HERE.parent))  # bench/: common.py and the maintained scripts
 
-from common import RESULTS, eval_sets, load_bundled, machine, print_row, replace_section, utc_date, workbench
+from common import RESULTS, calib_size, eval_sets, load_bundled, machine, print_row, replace_section, utc_date, workbench
 
 SECTION = "## Refine that never hurts (issue 25)"
 KEEP = "### "
@@ -115,7 +115,7 @@ def main() -> None:
         if not todo:
             continue
         lm = lm or load_bundled("cpu", "float32")
-        windows, seqlen = (int(v) for v in calib.split("x"))
+        windows, seqlen = calib_size(calib)
         bench = workbench(lm, windows, seqlen, calib=args.source)
         sets = eval_sets(bench, args.eval_tokens)
         for allocation, ratio in todo:

@@ -9,8 +9,9 @@ The default path with every dense matrix compensated (bench_panel's mix-comp-all
 variant distils its own copy of it from the original with refine/distill.distill (the product's pass), the epoch
 kept by the KL on the same 4 held-out calibration windows. Variants (VARIANTS): the fit windows, the epochs and the
 peak learning rate. The model's own text is sampled from the original at temperature 1 (top-p 0.95) from prompts of
-the calibration halves, so no panel text and no evaluation half is in it. Rows are appended to
-bench/experiments/distill_data.jsonl.
+the calibration halves, so no panel text and no evaluation half is in it. A variant named in DENSE also trains the
+decoder blocks' dense matrices (those the allocation kept whole), beside the product's factors and norms. Rows are
+appended to bench/experiments/distill_data.jsonl.
 """
 from __future__ import annotations
 
@@ -39,10 +40,35 @@ VARIANTS = {
     "self96x2": (True, 96, 2, 1e-4),  # twice the steps
     "self224": (True, 224, 1, 1e-4),  # twice the steps, each window seen once
     "self448": (True, 448, 1, 1e-4),  # 3.75x the steps, each window seen once
+    "dense96": (True, 96, 1, 1e-4),  # self96, the dense matrices trained too
 }
+DENSE = ("dense96",)
+
+
+def with_dense(model, original, scope: str = "factors") -> list:
+    """refine/distill.trainable's parameters and every dense matrix's weight in the decoder blocks (a copy of its own
+    where it is the original's), made trainable."""
+    from torch import nn
+
+    from dipsvd_core.lowrank.surgery import LowRankLinear
+    from dipsvd_core.model.blocks import find_blocks
+    from dipsvd_core.refine.distill import trainable
+
+    chosen = trainable(model, original, scope)
+    theirs, mine = {p.data_ptr() for p in original.parameters()}, {id(p) for p in chosen}
+    for block in find_blocks(model)[1]:
+        low = {id(m) for lr in block.modules() if isinstance(lr, LowRankLinear) for m in (lr.u, lr.v)}
+        for m in block.modules():
+            if isinstance(m, nn.Linear) and id(m) not in low and id(m.weight) not in mine:
+                if m.weight.data_ptr() in theirs:
+                    m.weight = nn.Parameter(m.weight.detach().clone())
+                m.weight.requires_grad_(True)
+                chosen.append(m.weight)
+    return chosen
 
 
 def main() -> None:
+    from dipsvd_core.refine import distill as distill_module
     from dipsvd_core.refine.choices import DistillConfig
     from dipsvd_core.refine.distill import distill
     from dipsvd_core.run.pipeline import Settings
@@ -66,9 +92,15 @@ def main() -> None:
         writing = time.perf_counter() - t0
         cfg = DistillConfig(epochs=epochs, lr=lr)
         student = copy.deepcopy(built.model)
-        info = distill(student, lm.model, fit, bench.heldout(cfg.held), cfg)
+        product = distill_module.trainable
+        distill_module.trainable = with_dense if name in DENSE else product
+        try:
+            info = distill(student, lm.model, fit, bench.heldout(cfg.held), cfg)
+        finally:
+            distill_module.trainable = product
         row = {"date": utc_date(), "machine": machine(), "variant": name, "ratio": args.ratio, "calib": args.calib,
                "fit_calib": windows if with_calib else 0, "fit_self": n_self, "epochs": epochs, "lr": lr,
+               "dense": name in DENSE,
                "held_kl": [round(k, 5) for k in info["held_kl"]], "kept_epoch": info["kept_epoch"],
                "self_text_s": round(writing, 1), "distill_s": round(info["seconds"], 1),
                "ppl": _ppl(student, sets), "original_ppl": _ppl(lm.model, sets) if name == args.variants.split(",")[0]

@@ -45,26 +45,28 @@ VARIANTS = {
 DENSE = ("dense96",)
 
 
-def with_dense(model, original, scope: str = "factors") -> list:
-    """refine/distill.trainable's parameters and every dense matrix's weight in the decoder blocks (a copy of its own
-    where it is the original's), made trainable."""
+def with_dense(trainable):
+    """A stand-in for refine/distill.trainable: its parameters and every dense matrix's weight in the decoder blocks
+    (a copy of its own where it is the original's), made trainable."""
     from torch import nn
 
     from dipsvd_core.lowrank.surgery import LowRankLinear
     from dipsvd_core.model.blocks import find_blocks
-    from dipsvd_core.refine.distill import trainable
 
-    chosen = trainable(model, original, scope)
-    theirs, mine = {p.data_ptr() for p in original.parameters()}, {id(p) for p in chosen}
-    for block in find_blocks(model)[1]:
-        low = {id(m) for lr in block.modules() if isinstance(lr, LowRankLinear) for m in (lr.u, lr.v)}
-        for m in block.modules():
-            if isinstance(m, nn.Linear) and id(m) not in low and id(m.weight) not in mine:
-                if m.weight.data_ptr() in theirs:
-                    m.weight = nn.Parameter(m.weight.detach().clone())
-                m.weight.requires_grad_(True)
-                chosen.append(m.weight)
-    return chosen
+    def chosen_with_dense(model, original, scope: str = "factors") -> list:
+        chosen = trainable(model, original, scope)
+        theirs, mine = {p.data_ptr() for p in original.parameters()}, {id(p) for p in chosen}
+        for block in find_blocks(model)[1]:
+            low = {id(m) for lr in block.modules() if isinstance(lr, LowRankLinear) for m in (lr.u, lr.v)}
+            for m in block.modules():
+                if isinstance(m, nn.Linear) and id(m) not in low and id(m.weight) not in mine:
+                    if m.weight.data_ptr() in theirs:
+                        m.weight = nn.Parameter(m.weight.detach().clone())
+                    m.weight.requires_grad_(True)
+                    chosen.append(m.weight)
+        return chosen
+
+    return chosen_with_dense
 
 
 def main() -> None:
@@ -93,7 +95,7 @@ def main() -> None:
         cfg = DistillConfig(epochs=epochs, lr=lr)
         student = copy.deepcopy(built.model)
         product = distill_module.trainable
-        distill_module.trainable = with_dense if name in DENSE else product
+        distill_module.trainable = with_dense(product) if name in DENSE else product
         try:
             info = distill(student, lm.model, fit, bench.heldout(cfg.held), cfg)
         finally:

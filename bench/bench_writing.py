@@ -15,7 +15,7 @@ import argparse
 import math
 import time
 
-from common import RESULTS, load_bundled, machine, print_row, replace_section, utc_date
+from common import MODEL, RESULTS, load_bundled, machine, print_row, replace_section, utc_date
 
 SECTION = "## Writing the model's text"
 OWN_WINDOWS, SEQLEN = 96, 512  # the panel's own-text row
@@ -43,7 +43,7 @@ def planned_seconds() -> float:
     from dipsvd_core.refine.choices import DistillConfig
 
     run = run_of(calib="wiki", seqlen=SEQLEN, distill=DistillConfig(epochs=1, own_text=OWN_WINDOWS))
-    return make_plan("smollm2-135m", "cpu", run).phases["writing"].seconds
+    return make_plan(MODEL, "cpu", run).phases["writing"].seconds
 
 
 def report(rows: list[dict], planned: float) -> str:
@@ -52,14 +52,14 @@ def report(rows: list[dict], planned: float) -> str:
     need = OWN_WINDOWS * SEQLEN
     lines = [SECTION, "", f"{utc_date()}, {machine()}, the bundled model in float32. Command: `.venv/bin/python "
              f"bench/bench_writing.py --batches {','.join(str(r['batch']) for r in rows)} --write`.", "",
-             "| documents a group | seconds a group | tokens a group | tokens / s | 96 x 512 tokens, from one group (s) |",
-             "|---|---|---|---|---|"]
+             f"| documents a group | seconds a group | tokens a group | tokens / s | {OWN_WINDOWS} x {SEQLEN} tokens, "
+             "from one group (s) |", "|---|---|---|---|---|"]
     for r in rows:
         whole = math.ceil(need / r["tokens"]) * r["seconds"]
         mark = " (the product's)" if r["batch"] == BATCH else ""
         lines.append(f"| {r['batch']}{mark} | {r['seconds']} | {r['tokens']:,} | {r['rate']} | {whole:.0f} |")
-    lines += ["", f"The plan's writing phase for 96 windows of 512 tokens of distillation's own text at {BATCH} "
-              f"documents a group: {planned:.0f} s."]
+    lines += ["", f"The plan's writing phase for {OWN_WINDOWS} windows of {SEQLEN} tokens of distillation's own text "
+              f"at {BATCH} documents a group: {planned:.0f} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ The default path with every dense matrix compensated (bench_panel's mix-comp-all
 variant distils its own copy of it from the original with refine/distill.distill (the product's pass), the epoch
 kept by the KL on the same 4 held-out calibration windows. Variants (VARIANTS): the fit windows, the epochs and the
 peak learning rate. The model's own text is sampled from the original at temperature 1 (top-p 0.95) from prompts of
-the calibration halves, so no panel text and no evaluation half is in it. A variant named in DENSE also trains the
+the calibration halves, so no panel text and no evaluation half is in it. A variant whose last field is true also trains the
 decoder blocks' dense matrices (those the allocation kept whole), beside the product's factors and norms. Rows are
 appended to bench/experiments/distill_data.jsonl.
 """
@@ -31,18 +31,18 @@ from bench_panel import TEXTS, _generations, _ppl  # noqa: E402
 from common import calib_size, load_bundled, machine, utc_date, workbench  # noqa: E402
 
 OUT = HERE / "distill_data.jsonl"
-# name -> (calibration windows in the fit, windows of the model's own text in the fit, epochs, peak lr)
+# name -> (calibration windows in the fit, windows of the model's own text in the fit, epochs, peak lr, whether the
+# dense matrices are trained too)
 VARIANTS = {
-    "calib": (True, 0, 4, 1e-4),  # the product's pass at its defaults
-    "lr3e-4": (True, 0, 4, 3e-4),
-    "self96": (True, 96, 1, 1e-4),  # 128 windows once: the steps of 4 epochs over 32
-    "self128": (False, 128, 1, 1e-4),
-    "self96x2": (True, 96, 2, 1e-4),  # twice the steps
-    "self224": (True, 224, 1, 1e-4),  # twice the steps, each window seen once
-    "self448": (True, 448, 1, 1e-4),  # 3.75x the steps, each window seen once
-    "dense96": (True, 96, 1, 1e-4),  # self96, the dense matrices trained too
+    "calib": (True, 0, 4, 1e-4, False),  # the product's pass at its defaults
+    "lr3e-4": (True, 0, 4, 3e-4, False),
+    "self96": (True, 96, 1, 1e-4, False),  # 128 windows once: the steps of 4 epochs over 32
+    "self128": (False, 128, 1, 1e-4, False),
+    "self96x2": (True, 96, 2, 1e-4, False),  # twice the steps
+    "self224": (True, 224, 1, 1e-4, False),  # twice the steps, each window seen once
+    "self448": (True, 448, 1, 1e-4, False),  # 3.75x the steps, each window seen once
+    "dense96": (True, 96, 1, 1e-4, True),  # self96, the dense matrices trained too
 }
-DENSE = ("dense96",)
 
 
 def with_dense(trainable):
@@ -87,7 +87,7 @@ def main() -> None:
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
     built = bench.build(Settings(method="dipsvd", ratio=args.ratio, refine="sequential", compensate="all"))
     for name in args.variants.split(","):
-        with_calib, n_self, epochs, lr = VARIANTS[name]
+        with_calib, n_self, epochs, lr, dense = VARIANTS[name]
         t0 = time.perf_counter()
         own = workbench(lm, n_self, seqlen, calib="self").windows() if n_self else bench.windows()[:0]
         fit = torch.cat([bench.windows(), own]) if with_calib else own
@@ -95,14 +95,14 @@ def main() -> None:
         cfg = DistillConfig(epochs=epochs, lr=lr)
         student = copy.deepcopy(built.model)
         product = distill_module.trainable
-        distill_module.trainable = with_dense(product) if name in DENSE else product
+        distill_module.trainable = with_dense(product) if dense else product
         try:
             info = distill(student, lm.model, fit, bench.heldout(cfg.held), cfg)
         finally:
             distill_module.trainable = product
         row = {"date": utc_date(), "machine": machine(), "variant": name, "ratio": args.ratio, "calib": args.calib,
                "fit_calib": windows if with_calib else 0, "fit_self": n_self, "epochs": epochs, "lr": lr,
-               "dense": name in DENSE,
+               "dense": dense,
                "held_kl": [round(k, 5) for k in info["held_kl"]], "kept_epoch": info["kept_epoch"],
                "self_text_s": round(writing, 1), "distill_s": round(info["seconds"], 1),
                "ppl": _ppl(student, sets), "original_ppl": _ppl(lm.model, sets) if name == args.variants.split(",")[0]

@@ -26,7 +26,8 @@ from .data import CHAT_ASK, article_subject, bos_id, load_documents
 NEW_TOKENS = 256  # tokens the model writes per prompt
 PROMPT_WORDS = 8  # a plain prompt: the opening words of a news story (or of an article, without a template)
 # prompts written together (a group): on the 2-core CPU, 32 write 141 tokens a second where 8 wrote 74 (64: 159);
-# a GPU gains more, a decode step costing about the same at 8 as at 32 (bench/RESULTS.md, "Writing the model's text")
+# on a GPU a large model's decode step is bound by reading its weights, so the gain should be larger (not measured;
+# bench/RESULTS.md, "Writing the model's text")
 BATCH = 32
 TOP_P = 0.95
 CALIBRATION_TEXT = ""  # the `self` source's stream (its key and seeds predate purposes)

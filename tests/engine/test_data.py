@@ -111,7 +111,8 @@ def test_self_text_is_the_models_own_seeded_and_extended_in_place(tiny_lm, monke
     assert many.timings_s["writing"] > first
     fractions = [f for f, _ in said]
     assert len(said) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert "the model writes its calibration text" in said[-1][1] and f"{5 * self_text.BATCH * body:,} tokens" in said[-1][1]
+    assert "the model writes its calibration text" in said[-1][1]
+    assert f"{5 * self_text.BATCH * body:,} tokens" in said[-1][1]
     # distillation's own text: a stream of its own, timed as writing too (seed 5: no other test has written it)
     apart = Calibration(tiny_lm, "self", 3, 32, seed=5)
     own = apart.own_text(3, lambda f, text: said.append((f, text)))

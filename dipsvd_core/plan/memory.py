@@ -145,10 +145,10 @@ def _load(t: Terms) -> Cost:
 @cost_of(P.WRITING)
 def _writing(t: Terms) -> Cost:
     """The model samples a group of BATCH documents at once: the key/value cache of the group at its longest
-    (prompt and NEW_TOKENS; counted at the hidden width, an upper bound where keys and values are grouped), and the
+    (prompt and NEW_TOKENS) at the width of its key/value heads, and the
     group's float32 logits of one step with top-p's sorted copy."""
     length = NEW_TOKENS + 64  # the prompts are a question about a subject or a story's first words
-    return Cost(t.weights + 2 * t.L * t.H * BATCH * length * t.B + 3 * BATCH * t.sh.vocab * 4)
+    return Cost(t.weights + 2 * t.L * (t.sh.kv_width or t.H) * BATCH * length * t.B + 3 * BATCH * t.sh.vocab * 4)
 
 
 @cost_of(P.STATISTICS)

@@ -80,6 +80,7 @@ class Shapes:
     grouped_by: str = "meta forward"  # or "one Gram per Linear (an upper bound)"
     stored_dtype: str | None = None  # the dtype config.json says the weights are saved in
     names: list[str] = field(default_factory=list)  # the module name of each of `matrices` (what a probe groups by)
+    kv_width: int = 0  # a token's keys (or values) in one block: key/value heads x head width; 0: the hidden width
 
     def targets(self) -> list[Target]:
         """`matrices` as the model's targets (model.blocks.Target), for what groups them by name (the probes)."""
@@ -207,12 +208,14 @@ def shapes_of(config, trust_remote_code: bool = False, from_gguf: bool = False,
     widest = max(max(t.out_features, t.in_features) for t in first)
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_width = int(getattr(config, "head_dim", 0) or hidden // heads)
+    kv_width = int(getattr(config, "num_key_value_heads", 0) or heads) * head_width
     vocab = int(getattr(config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     stored = str(stored).removeprefix("torch.") if stored is not None else None
     return Shapes(len(blocks), hidden, vocab, heads, count_params(model), block_params,
                   [(t.block, t.out_features, t.in_features) for t in targets], groups, widest, from_gguf, grouped_by,
-                  stored, [t.name for t in targets])
+                  stored, [t.name for t in targets], kv_width)
 
 
 @dataclass(frozen=True)

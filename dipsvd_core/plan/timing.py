@@ -13,7 +13,7 @@ from torch import nn
 from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..engine.data import self_windows
-from ..engine.self_text import BATCH, NEW_TOKENS
+from ..engine.self_text import BATCH, NEW_TOKENS, TOP_P
 from ..lowrank.scalings import best_seconds, symmetric_eigh
 from ..methods.handlers import handler
 from ..refine.choices import TAUS, refine_choice
@@ -32,6 +32,11 @@ class Rates:
     gram_flops: float | None = None  # the Grams' matmul rate (TF32 for 16-bit inputs on CUDA); None: matmul_flops
     model_flops: float | None = None  # the model dtype's matmul rate (lm_head); None: matmul_flops
     words: str = ""  # where the rates came from, for the plan's note
+    # the model writing its own text (engine/self_text.py): one decoder block's decode step for a group of BATCH
+    # documents against a key/value cache of a document's mean length, and the group's top-p sampling over the
+    # whole vocabulary; None where not measured (a decode step is then one read of the weights or the group's matmuls)
+    decode_block_s: float | None = None
+    sample_s: float = 0.0
 
     def eigh_at(self, width: int) -> float:
         return self.eigh(width) if self.eigh is not None else self.eigh_512_s * (width / 512) ** 3
@@ -82,6 +87,7 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
                 h.remove()
 
     block_s = best_seconds(block_pass, device)
+    decode_s = _decode_block_s(model, cfg.vocab_size, device)
 
     def plain():
         inputs.hidden[0] = x0
@@ -100,7 +106,30 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
     gram_dtype = torch.float32  # the statistics' and refine's Grams: float32 products (TF32 for 16-bit on CUDA)
     tf32 = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     return Rates(block_s, plain_s, svd_s, eigh_s, _matmul_flops(cdt, device), (64 << 20) / copy_s, eigh,
-                 _matmul_flops(gram_dtype, device, tf32), _matmul_flops(dtype, device), words)
+                 _matmul_flops(gram_dtype, device, tf32), _matmul_flops(dtype, device), words, decode_s,
+                 _sample_s(sh.vocab, device))
+
+
+@torch.no_grad()
+def _decode_block_s(model, vocab: int, device: torch.device) -> float:
+    """One decode step of the one-block model for a group of BATCH documents, its key/value cache as long as a
+    prompt and half a document (the group's mean while it writes); with its embedding and small head, what a step
+    costs beside the blocks."""
+    ids = torch.randint(0, vocab, (BATCH, 64 + NEW_TOKENS // 2), device=device)
+    cache = model(ids, use_cache=True).past_key_values
+    last = ids[:, -1:]  # each timed step adds one token to the cache (three in all)
+    return best_seconds(lambda: model(last, past_key_values=cache, use_cache=True), device)
+
+
+def _sample_s(vocab: int, device: torch.device) -> float:
+    """The group's sampling at one step as `generate` does it (temperature 1, top-p TOP_P): its logits sorted over
+    the whole vocabulary, the nucleus kept, one token drawn a document."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    keep = TopPLogitsWarper(TOP_P)
+    logits = torch.randn(BATCH, vocab, device=device)
+    ids = torch.zeros(BATCH, 1, dtype=torch.long, device=device)
+    return best_seconds(lambda: torch.multinomial(torch.softmax(keep(ids, logits.clone()), -1), 1), device)
 
 
 def _matmul_flops(dtype: torch.dtype, device: torch.device, tf32: bool = False) -> float:
@@ -213,13 +242,18 @@ def _load_s(k: Clock) -> float:
 @time_of(P.WRITING)
 def _writing_s(k: Clock) -> float:
     """Groups of BATCH documents of up to NEW_TOKENS sampled tokens, enough for the self windows and the held-out
-    ones beside them, and for distillation's own text (a stream of its own); a decode step of a group reads every
-    weight once (or is bound by its products)."""
+    ones beside them, and for distillation's own text (a stream of its own). A decode step of a group: every block's
+    measured decode step, the lm_head's products and the sampling; unmeasured, one read of every weight (or the
+    group's products, if slower)."""
     calibration = self_windows(k.run.calib, k.N)
     tokens = ((calibration + k.run.bo_windows if calibration else 0) + k.run.own_text) * k.run.seqlen
     groups = math.ceil(tokens / (BATCH * NEW_TOKENS))
-    step = max(k.sh.params * DTYPE_BYTES[k.run.dtype] / k.r.copy_bytes_s, 2 * k.sh.params * BATCH / k.r.matmul_flops)
-    return groups * NEW_TOKENS * step
+    if k.r.decode_block_s is None:
+        weights = k.sh.params * DTYPE_BYTES[k.run.dtype]
+        step = max(weights / k.r.copy_bytes_s, 2 * k.sh.params * BATCH / k.r.matmul_flops)
+    else:
+        step = k.L * k.r.decode_block_s + 2 * BATCH * k.sh.hidden * k.sh.vocab / k.r.model_rate
+    return groups * NEW_TOKENS * (step + k.r.sample_s)
 
 
 @time_of(P.STATISTICS)

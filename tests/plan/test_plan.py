@@ -165,10 +165,22 @@ def test_refusal_names_the_option_that_fits(config_only, monkeypatch):
 
 
 def test_microbenchmark_times_every_phase(config_only):
-    plan = P.make_plan(str(config_only), "cpu", P.run_of(calib_windows=2, seqlen=64), bench=True)
+    plan = P.make_plan(str(config_only), "cpu", P.run_of(calib_windows=2, seqlen=64, calib="mix:wiki=1,self=1"),
+                       bench=True)
     for name, phase in plan.phases.items():
         assert phase.seconds is not None and phase.seconds >= 0, name
     assert plan.phases["statistics"].seconds > 0 and plan.phases["evaluation"].seconds > 0
+    assert plan.phases["writing"].needed and plan.phases["writing"].seconds > 0
+
+
+def test_the_microbenchmark_times_a_decode_step_and_the_sampling(config_only, llama8b_config):
+    """The writing phase's rates: one block's decode step for a group against a key/value cache, and the group's
+    top-p sampling over the whole vocabulary; the cache counted at the key/value heads' width (Llama-3-8B: 8 x 128)."""
+    config, _ = P.load_config(str(config_only))
+    sh = P.shapes_of(config)
+    r = P.microbenchmark(config, sh, P.run_of(seqlen=64), torch.device("cpu"))
+    assert r.decode_block_s > 0 and r.sample_s > 0
+    assert P.shapes_of(P.load_config(llama8b_config)[0]).kv_width == 8 * 128
 
 
 def test_cli_plan_json_on_a_config_only_folder(config_only):
@@ -359,11 +371,18 @@ def test_a_calibration_the_model_writes_adds_the_writing_phase(tiny_model_dir, c
     plain, written = P.memory(sh, P.Run(calib="wiki"), False, 0), P.memory(sh, run, False, 0)
     assert not plain["writing"].needed and written["writing"].needed
     assert P.phases_in_order()[:3] == ("load", "writing", "statistics")
-    kv = 2 * sh.n_blocks * sh.hidden * BATCH * (NEW_TOKENS + 64) * 4
+    kv_width = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert sh.kv_width == kv_width
+    kv = 2 * sh.n_blocks * kv_width * BATCH * (NEW_TOKENS + 64) * 4
     assert written["writing"].host_bytes == sh.params * 4 + kv + 3 * BATCH * sh.vocab * 4
     P.timing(written, sh, run, P.Rates(1.0, 1.0, 1.0, 1.0, 1e12, 1e9))
     groups = math.ceil((mix_plan(8, {"wiki": 1, "self": 1}).count("self") + run.bo_windows) * 128 / (BATCH * NEW_TOKENS))
     step = max(sh.params * 4 / 1e9, 2 * sh.params * BATCH / 1e12)
+    assert written["writing"].seconds == pytest.approx(groups * NEW_TOKENS * step)
+    # with a measured decode step: every block's, the lm_head's products at the model's rate, and the sampling
+    P.timing(written, sh, run, P.Rates(1.0, 1.0, 1.0, 1.0, 1e12, 1e9, model_flops=1e11, decode_block_s=0.01,
+                                       sample_s=0.02))
+    step = sh.n_blocks * 0.01 + 2 * BATCH * sh.hidden * sh.vocab / 1e11 + 0.02
     assert written["writing"].seconds == pytest.approx(groups * NEW_TOKENS * step)
     from dipsvd_core.cli import main  # the plan command takes the calibration too
 

@@ -87,7 +87,8 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
                 h.remove()
 
     block_s = best_seconds(block_pass, device)
-    decode_s = _decode_block_s(model, cfg.vocab_size, device)
+    writes = P.WRITING in run.phases  # the decode step and the sampling timed only for a run that writes text
+    decode_s = _decode_block_s(model, cfg.vocab_size, device) if writes else None
 
     def plain():
         inputs.hidden[0] = x0
@@ -107,7 +108,7 @@ def microbenchmark(config, sh: Shapes, run: Run, device: torch.device) -> Rates:
     tf32 = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     return Rates(block_s, plain_s, svd_s, eigh_s, _matmul_flops(cdt, device), (64 << 20) / copy_s, eigh,
                  _matmul_flops(gram_dtype, device, tf32), _matmul_flops(dtype, device), words, decode_s,
-                 _sample_s(sh.vocab, device))
+                 _sample_s(sh.vocab, device) if writes else 0.0)
 
 
 @torch.no_grad()

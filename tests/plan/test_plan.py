@@ -178,8 +178,10 @@ def test_the_microbenchmark_times_a_decode_step_and_the_sampling(config_only, ll
     top-p sampling over the whole vocabulary; the cache counted at the key/value heads' width (Llama-3-8B: 8 x 128)."""
     config, _ = P.load_config(str(config_only))
     sh = P.shapes_of(config)
-    r = P.microbenchmark(config, sh, P.run_of(seqlen=64), torch.device("cpu"))
+    r = P.microbenchmark(config, sh, P.run_of(seqlen=64, calib="mix:wiki=1,self=1"), torch.device("cpu"))
     assert r.decode_block_s > 0 and r.sample_s > 0
+    quiet = P.microbenchmark(config, sh, P.run_of(seqlen=64, calib="wiki"), torch.device("cpu"))
+    assert quiet.decode_block_s is None and quiet.sample_s == 0  # a run that writes no text times neither
     assert P.shapes_of(P.load_config(llama8b_config)[0]).kv_width == 8 * 128
 
 

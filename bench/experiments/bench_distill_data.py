@@ -3,7 +3,7 @@ the calibration windows with text the original writes itself (engine/self_text.p
 number of steps. The panel's texts scored as bench_panel.py scores them.
 
     .venv/bin/python bench/experiments/bench_distill_data.py [--ratio 0.2] [--calib 32x512]
-        [--variants lr3e-4,self96,self128] [--eval-tokens 4096]
+        [--variants lr3e-4,self96,self128] [--eval-tokens 4096] [--allocation nested]
 
 The default path with every dense matrix compensated (bench_panel's mix-comp-all) is built once at --ratio; each
 variant distils its own copy of it from the original with refine/distill.distill (the product's pass), the epoch
@@ -32,7 +32,7 @@ from common import calib_size, load_bundled, machine, utc_date, workbench  # noq
 
 OUT = HERE / "distill_data.jsonl"
 # name -> (calibration windows in the fit, windows of the model's own text in the fit, epochs, peak lr, whether the
-# dense matrices are trained too)
+# dense matrices are trained too[, the prompts of the model's text: PROMPTS])
 VARIANTS = {
     "calib": (True, 0, 4, 1e-4, False),  # the product's pass at its defaults
     "lr3e-4": (True, 0, 4, 3e-4, False),
@@ -42,7 +42,47 @@ VARIANTS = {
     "self224": (True, 224, 1, 1e-4, False),  # twice the steps, each window seen once
     "self448": (True, 448, 1, 1e-4, False),  # 3.75x the steps, each window seen once
     "dense96": (True, 96, 1, 1e-4, True),  # self96, the dense matrices trained too
+    "dense448": (True, 448, 1, 1e-4, True),  # self448, the dense matrices trained too
+    "wikiopen96": (True, 96, 1, 1e-4, False, "wiki-openings"),  # self96 from other prompts
 }
+
+
+def wiki_openings(prompts):
+    """A stand-in for self_text.prompts: every other chat question about a wiki article's subject replaced by the
+    article's opening words (a quarter of the prompts), so the model also writes on as an encyclopedia article."""
+    from dipsvd_core.engine import self_text
+    from dipsvd_core.engine.data import load_documents
+
+    def chosen(tokenizer, group: int) -> list[list[int]]:
+        out, wiki = prompts(tokenizer, group), load_documents("wiki", "calib")
+        for j in range(2, len(out), 4):  # the product's prompt i is a chat question where i is even
+            doc = wiki[((group * self_text.BATCH + j) // 2) % len(wiki)]
+            out[j] = tokenizer(" ".join(doc.split()[:self_text.PROMPT_WORDS]), add_special_tokens=False)["input_ids"]
+        return out
+
+    return chosen
+
+
+# the prompts of the model's own text, beside the product's: name -> a wrapper of self_text.prompts
+PROMPTS = {"wiki-openings": wiki_openings}
+PRODUCT_BATCH = 32  # self_text.BATCH as the product has it (main reads it before it sets the group of the old rows)
+
+
+def own_text(lm, windows: int, seqlen: int, prompts: str | None):
+    """`windows` of the `self` source's text; from other prompts (PROMPTS), a stream of their own: its cache key and
+    its groups' seeds take the prompts' name."""
+    from dipsvd_core.engine import self_text
+
+    if prompts is None:
+        return workbench(lm, windows, seqlen, calib="self").windows()
+    product, key, batch = self_text.prompts, self_text._key, self_text.BATCH
+    self_text.prompts = PROMPTS[prompts](product)
+    self_text._key = lambda *parts, purpose: key(*parts, prompts, purpose=purpose)
+    self_text.BATCH = PRODUCT_BATCH  # a new stream: written in the product's groups
+    try:
+        return workbench(lm, windows, seqlen, calib="self").windows()
+    finally:
+        self_text.prompts, self_text._key, self_text.BATCH = product, key, batch
 
 
 def with_dense(trainable):
@@ -80,16 +120,23 @@ def main() -> None:
     p.add_argument("--calib", default="32x512")
     p.add_argument("--variants", default="lr3e-4,self96,self128")
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--allocation", default="nested", help="the build's allocation (the product's default: nested)")
     args = p.parse_args()
+    # The model's own text in groups of 8, as the rows before the product's group grew to 32 were written: the group
+    # size is part of the stream's cache key and of what is sampled, so every row reads the same windows.
+    from dipsvd_core.engine import self_text
+    global PRODUCT_BATCH
+    PRODUCT_BATCH, self_text.BATCH = self_text.BATCH, 8
     lm = load_bundled("cpu", "float32")
     windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib="mix")
     sets = {t: bench.eval_windows(t, args.eval_tokens) for t in TEXTS}
-    built = bench.build(Settings(method="dipsvd", ratio=args.ratio, refine="sequential", compensate="all"))
+    built = bench.build(Settings(method="dipsvd", ratio=args.ratio, allocation=args.allocation, refine="sequential",
+                                 compensate="all"))
     for name in args.variants.split(","):
-        with_calib, n_self, epochs, lr, dense = VARIANTS[name]
+        with_calib, n_self, epochs, lr, dense, *prompts = VARIANTS[name]
         t0 = time.perf_counter()
-        own = workbench(lm, n_self, seqlen, calib="self").windows() if n_self else bench.windows()[:0]
+        own = own_text(lm, n_self, seqlen, (prompts or [None])[0]) if n_self else bench.windows()[:0]
         fit = torch.cat([bench.windows(), own]) if with_calib else own
         writing = time.perf_counter() - t0
         cfg = DistillConfig(epochs=epochs, lr=lr)
@@ -101,8 +148,9 @@ def main() -> None:
         finally:
             distill_module.trainable = product
         row = {"date": utc_date(), "machine": machine(), "variant": name, "ratio": args.ratio, "calib": args.calib,
+               "allocation": args.allocation,
                "fit_calib": windows if with_calib else 0, "fit_self": n_self, "epochs": epochs, "lr": lr,
-               "dense": dense,
+               "dense": dense, "prompts": (prompts or ["product"])[0],
                "held_kl": [round(k, 5) for k in info["held_kl"]], "kept_epoch": info["kept_epoch"],
                "self_text_s": round(writing, 1), "distill_s": round(info["seconds"], 1),
                "ppl": _ppl(student, sets), "original_ppl": _ppl(lm.model, sets) if name == args.variants.split(",")[0]

@@ -9,8 +9,9 @@ The default path with every dense matrix compensated (bench_panel's mix-comp-all
 variant distils its own copy of it from the original with refine/distill.distill (the product's pass), the epoch
 kept by the KL on the same 4 held-out calibration windows. Variants (VARIANTS): the fit windows, the epochs and the
 peak learning rate. The model's own text is sampled from the original at temperature 1 (top-p 0.95) from prompts of
-the calibration halves, so no panel text and no evaluation half is in it. A variant whose last field is true also trains the
-decoder blocks' dense matrices (those the allocation kept whole), beside the product's factors and norms. Rows are
+the calibration halves, so no panel text and no evaluation half is in it. A variant whose fifth field is true also
+trains the decoder blocks' dense matrices (those the allocation kept whole: the product's scope `blocks`), beside the
+factors and norms. Rows are
 appended to bench/experiments/distill_data.jsonl.
 """
 from __future__ import annotations
@@ -85,32 +86,7 @@ def own_text(lm, windows: int, seqlen: int, prompts: str | None):
         self_text.prompts, self_text._key, self_text.BATCH = product, key, batch
 
 
-def with_dense(trainable):
-    """A stand-in for refine/distill.trainable: its parameters and every dense matrix's weight in the decoder blocks
-    (a copy of its own where it is the original's), made trainable."""
-    from torch import nn
-
-    from dipsvd_core.lowrank.surgery import LowRankLinear
-    from dipsvd_core.model.blocks import find_blocks
-
-    def chosen_with_dense(model, original, scope: str = "factors") -> list:
-        chosen = trainable(model, original, scope)
-        theirs, mine = {p.data_ptr() for p in original.parameters()}, {id(p) for p in chosen}
-        for block in find_blocks(model)[1]:
-            low = {id(m) for lr in block.modules() if isinstance(lr, LowRankLinear) for m in (lr.u, lr.v)}
-            for m in block.modules():
-                if isinstance(m, nn.Linear) and id(m) not in low and id(m.weight) not in mine:
-                    if m.weight.data_ptr() in theirs:
-                        m.weight = nn.Parameter(m.weight.detach().clone())
-                    m.weight.requires_grad_(True)
-                    chosen.append(m.weight)
-        return chosen
-
-    return chosen_with_dense
-
-
 def main() -> None:
-    from dipsvd_core.refine import distill as distill_module
     from dipsvd_core.refine.choices import DistillConfig
     from dipsvd_core.refine.distill import distill
     from dipsvd_core.run.pipeline import Settings
@@ -139,14 +115,9 @@ def main() -> None:
         own = own_text(lm, n_self, seqlen, (prompts or [None])[0]) if n_self else bench.windows()[:0]
         fit = torch.cat([bench.windows(), own]) if with_calib else own
         writing = time.perf_counter() - t0
-        cfg = DistillConfig(epochs=epochs, lr=lr)
+        cfg = DistillConfig(epochs=epochs, lr=lr, scope="blocks" if dense else "factors")
         student = copy.deepcopy(built.model)
-        product = distill_module.trainable
-        distill_module.trainable = with_dense(product) if dense else product
-        try:
-            info = distill(student, lm.model, fit, bench.heldout(cfg.held), cfg)
-        finally:
-            distill_module.trainable = product
+        info = distill(student, lm.model, fit, bench.heldout(cfg.held), cfg)
         row = {"date": utc_date(), "machine": machine(), "variant": name, "ratio": args.ratio, "calib": args.calib,
                "allocation": args.allocation,
                "fit_calib": windows if with_calib else 0, "fit_self": n_self, "epochs": epochs, "lr": lr,

@@ -17,7 +17,7 @@ from ..allocation.fisher import checkpoint_every
 from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..engine.self_text import BATCH, NEW_TOKENS
-from ..refine.choices import refine_choice
+from ..refine.choices import DISTILL_SCOPES, refine_choice
 from .shapes import (BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, Phase, Run, Shapes, memory_size, per_phase,
                      phases_in_order, probe_groups_of)
 
@@ -186,15 +186,17 @@ def _refine(t: Terms) -> Cost:
 @cost_of(P.DISTILL)
 def _distill(t: Terms) -> Cost:
     """End-to-end distillation (refine/distill.py): the original (the teacher) and the compressed model on the device
-    at once, the trainable parameters (at most the kept factors, or the norms alone) with their
-    gradients, AdamW's two float32 moments and the best epoch's float32 copy (16-bit weights add a float32 master
-    and its gradient), one window's autograd through every block, and the logits of both models and their
-    gradient. With recompute (gradient checkpointing), autograd keeps every block's input and one block's working
+    at once, the trainable parameters (at most the kept parameters, or the norms alone; with the dense matrices, their
+    copies too) with their gradients, AdamW's two float32 moments and the best epoch's float32 copy (16-bit weights
+    add a float32 master and its gradient), one window's autograd through every block, and the logits of both models
+    and their gradient. With recompute (gradient checkpointing), autograd keeps every block's input and one block's working
     set at a time instead of every block's."""
-    params = t.kept if t.run.distill.scope == "factors" else (2 * t.L + 1) * t.H  # "norms": two a block and the last
+    scope = DISTILL_SCOPES[t.run.distill.scope]
+    params = t.kept if scope.factors else (2 * t.L + 1) * t.H  # norms alone: two a block and the last
     trainable = params * (t.B + 12 + (8 if t.B < 4 else 0))
+    copies = t.kept * t.B if scope.dense else 0  # the dense matrices' own copies, at most the kept parameters
     saved = t.L * t.T * t.H * t.B + t.layer_saved if t.run.distill.recompute else t.L * t.layer_saved
-    return Cost(t.weights + t.kept * t.B + trainable + saved + 2 * t.logits + t.window)
+    return Cost(t.weights + t.kept * t.B + copies + trainable + saved + 2 * t.logits + t.window)
 
 
 @cost_of(P.SEARCH)

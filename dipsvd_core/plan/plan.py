@@ -56,6 +56,7 @@ import torch
 
 from ..common.errors import DipSVDError
 from ..model.offload import block_device_map
+from ..refine.choices import DISTILL_SCOPES
 from .memory import Placement, free_device_bytes, free_host_bytes, memory, place_blocks, run_overhead, runtime_bytes
 from .shapes import (DEVICE_RUNTIME, DTYPE_BYTES, GiB, Phase, Run, Shapes, binary_size, load_config,  # noqa: F401
                      memory_size, meta_model, shapes_of)
@@ -275,7 +276,7 @@ def _single_options(run: Run, cuda: bool, n_blocks: int) -> list[tuple[str, Run]
     tries = []
     if run.distill.epochs and not run.distill.recompute:
         tries.append(("--distill-recompute", run.replace(distill=dataclasses.replace(run.distill, recompute=True))))
-    if run.distill.epochs and run.distill.scope == "factors":
+    if run.distill.epochs and DISTILL_SCOPES[run.distill.scope].factors:
         tries.append(("--distill-scope norms", run.replace(distill=dataclasses.replace(run.distill, scope="norms"))))
     for n in (run.calib_windows // 2, run.calib_windows // 4, run.calib_windows // 8):
         if n >= 1:

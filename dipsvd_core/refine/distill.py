@@ -28,27 +28,41 @@ from ..engine.stream import window_ids
 from ..lowrank.surgery import LowRankLinear
 from ..model.blocks import find_blocks
 from ..model.offload import is_offloaded
-from .choices import DistillConfig, lr_scale
+from .choices import DISTILL_SCOPES, DistillConfig, lr_scale
 
 
 def trainable(model: nn.Module, original: nn.Module, scope: str = "factors") -> list[nn.Parameter]:
-    """The parameters distillation trains, made trainable: every LowRankLinear's factors (scope "factors") and every
-    norm's weight (a module whose class name holds "Norm"); the embeddings, the lm_head, the biases and the dense
-    matrices stay. A norm shared with the original is first replaced by a copy of its own."""
+    """The parameters distillation trains (choices.DISTILL_SCOPES), made trainable: every norm's weight (a module
+    whose class name holds "Norm"), with its scope every LowRankLinear's factors and the decoder blocks' dense
+    matrices; the embeddings, the lm_head and the biases stay. A parameter shared with the original is first
+    replaced by a copy of its own."""
+    what = DISTILL_SCOPES[scope]
     theirs = {p.data_ptr() for p in original.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = []
-    for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            chosen += [module.u.weight, module.v.weight] if scope == "factors" else []
-        elif "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
-            if module.weight.data_ptr() in theirs:
-                module.weight = nn.Parameter(module.weight.detach().clone())
-            chosen.append(module.weight)
+    whole = [m for m in model.modules() if _is_norm(m)] + (_dense(model) if what.dense else [])
+    for module in whole:
+        if module.weight.data_ptr() in theirs:
+            module.weight = nn.Parameter(module.weight.detach().clone())
+    chosen = [m.weight for m in whole]
+    if what.factors:
+        chosen += [f.weight for m in model.modules() if isinstance(m, LowRankLinear) for f in (m.u, m.v)]
     for p in chosen:
         p.requires_grad_(True)
     return chosen
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _dense(model: nn.Module) -> list[nn.Linear]:
+    """The decoder blocks' Linears the allocation kept dense: every nn.Linear but a LowRankLinear's factors."""
+    out = []
+    for block in find_blocks(model)[1]:
+        factors = {id(f) for m in block.modules() if isinstance(m, LowRankLinear) for f in (m.u, m.v)}
+        out += [m for m in block.modules() if isinstance(m, nn.Linear) and id(m) not in factors]
+    return out
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,39 @@ def test_the_norms_scope_trains_the_norms_alone(tiny_lm):
         DistillConfig(scope="block").check()
 
 
+def test_the_blocks_scope_trains_the_dense_matrices_too(tiny_lm, tiny_model_dir):
+    """Scope "blocks": the factors, every norm and the matrices the allocation kept dense, each dense matrix first
+    copied from the original, which stays as it was; the plan counts those copies beside scope "factors"."""
+    from dipsvd_core import plan as P
+    from dipsvd_core.plan.memory import _terms
+    from dipsvd_core.refine.distill import _dense
+
+    bench = Workbench(tiny_lm, "wiki", 6, 32)
+    built = bench.build(Settings(method="dipsvd", ratio=0.2))  # nested keeps some matrices dense here
+    original = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    theirs = {p.data_ptr() for p in tiny_lm.model.parameters()}
+    dense = _dense(built.model)
+    assert dense and all(m.weight.data_ptr() in theirs for m in dense)  # shared with the original before
+    before = [m.weight.detach().clone() for m in dense]
+    info = distill(built.model, tiny_lm.model, bench.windows(), bench.windows()[:2],
+                   DistillConfig(epochs=3, lr=3e-4, weight_decay=0.0, scope="blocks"))
+    factors = sum(m.u.weight.numel() + m.v.weight.numel() for m in built.model.modules() if hasattr(m, "u"))
+    norms = sum(p.numel() for n, p in built.model.named_parameters() if n.endswith("norm.weight"))
+    assert info["trained_params"] == factors + norms + sum(m.weight.numel() for m in dense)
+    assert info["kept_epoch"] >= 1
+    assert all(m.weight.data_ptr() not in theirs for m in dense)
+    assert sum(not torch.equal(m.weight, w) for m, w in zip(dense, before)) == len(dense)
+    for n, p in tiny_lm.model.named_parameters():
+        assert torch.equal(p, original[n]), n
+    config, _ = P.load_config(str(tiny_model_dir))
+    sh = P.shapes_of(config)
+    runs = {scope: P.run_of(method="svd-llm", calib_windows=8, seqlen=64, distill=DistillConfig(epochs=1, scope=scope))
+            for scope in ("factors", "blocks")}
+    costs = {scope: P.memory(sh, run, False, 0)["distill"].host_bytes for scope, run in runs.items()}
+    t = _terms(sh, runs["blocks"], False)
+    assert costs["blocks"] - costs["factors"] == t.kept * t.B > 0
+
+
 def test_recomputed_activations_give_the_same_training(tiny_lm, monkeypatch):
     """Gradient checkpointing changes what autograd keeps, not what it computes: the curve matches the run that keeps
     every block's activations, every block of every step went through the checkpoint, and the blocks' own forwards

@@ -75,11 +75,11 @@ with st.expander("Tuning options"):  # block tuning's own options (refine/choice
     tuning = ui.options_box("tune", cur.tune, "k_c_", disabled=busy or not refinable or not (refine and tune),
                             columns=3)
 with st.expander("Distillation after the build"):  # end-to-end distillation's options (refine/choices.DistillConfig)
-    st.caption("The built model's low-rank factors and norms trained, end to end, to give the original's next-token "
-               "distribution on the calibration windows, and on windows of text the original writes itself if you "
-               "ask for some (written once, then cached); the epoch with the lowest KL on held-out calibration "
-               "windows is kept (0: the build itself). Each epoch costs about four model passes a window, with the "
-               "whole model on one device. 0 epochs: off."
+    st.caption("The built model trained (what \"Trains\" picks: its low-rank factors and norms by default), end to "
+               "end, to give the original's next-token distribution on the calibration windows, and on windows of "
+               "text the original writes itself if you ask for some (written once, then cached); the epoch with the "
+               "lowest KL on held-out calibration windows is kept (0: the build itself). Each epoch costs about four "
+               "model passes a window, with the whole model on one device. 0 epochs: off."
                + (" This model is offloaded, so it cannot be distilled here." if lm.offloaded else ""))
     distilling = ui.options_box("distill", cur.distill, "k_c_", disabled=busy or lm.offloaded, columns=3)
 if cur.distill != distilling:

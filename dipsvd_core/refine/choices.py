@@ -141,6 +141,7 @@ class DistillScope:
     counts their optimizer state."""
 
     help: str
+    trains: str  # in a summary's words: "distilled 4 epochs (<trains>)"
     factors: bool  # the low-rank factors
     dense: bool = False  # the decoder blocks' matrices the allocation kept dense, each a copy of the original's
 
@@ -148,14 +149,14 @@ class DistillScope:
 DISTILL_SCOPES = {
     "factors": DistillScope("the low-rank factors and every norm (their gradients, AdamW's moments and the best "
                             "epoch's copy are 4x the factors' bytes in float32, 11x in bfloat16: the plan gives "
-                            "145 GiB for Llama-3-8B, more than an 80 GB card)", factors=True),
+                            "145 GiB for Llama-3-8B, more than an 80 GB card)", "the factors and norms", factors=True),
     "norms": DistillScope("every norm alone (thousands of parameters: the original and the compressed model on the "
                           "device, and one window's autograd; the plan gives 30 GiB for Llama-3-8B at 512 tokens, 52 "
-                          "GiB at 2048, and 27 and 33 GiB with recompute)", factors=False),
+                          "GiB at 2048, and 27 and 33 GiB with recompute)", "the norms", factors=False),
     "blocks": DistillScope("every parameter of the decoder blocks: the factors, the matrices kept dense (copied from "
                            "the original first) and every norm; on the bundled model 1-4% lower perplexity than "
-                           "factors, for 10-22% more time; the plan gives 155 GiB for Llama-3-8B", factors=True,
-                           dense=True),
+                           "factors, for 10-22% more time; the plan gives 155 GiB for Llama-3-8B",
+                           "every parameter of the blocks", factors=True, dense=True),
 }
 
 

@@ -194,18 +194,20 @@ def _distill(student: nn.Module, teacher: nn.Module, fit: torch.Tensor, held: to
     masters.restore(best)
     if progress:
         progress(1.0, f"distilled: kept epoch {kept} of {cfg.epochs}")
-    return {"held_kl": curve, "kept_epoch": kept, "epochs": cfg.epochs,
+    return {"held_kl": curve, "kept_epoch": kept, "epochs": cfg.epochs, "scope": cfg.scope,
             "trained_params": sum(p.numel() for p in params), "fit_windows": len(fit), "held_windows": len(held),
             "seconds": time.perf_counter() - t0}
 
 
 def distilled_summary(info: dict) -> str:
-    """One line for a report or the app: "distilled 4 epochs, kept epoch 4 (held-out KL 0.459 -> 0.382, 320 s)", or
-    where no epoch lowered the held-out KL, that the build was kept as it was; with the model's own text, how many
-    of the fit windows it was ("distilled 1 epoch on 128 windows, 96 of them the model's own text, ...")."""
+    """One line for a report or the app: "distilled 4 epochs (the factors and norms), kept epoch 4 (held-out KL
+    0.459 -> 0.382, 320 s)", or where no epoch lowered the held-out KL, that the build was kept as it was; with the
+    model's own text, how many of the fit windows it was ("distilled 1 epoch (...) on 128 windows, 96 of them the
+    model's own text, ..."). What was trained is named where the run says (a summary saved before it did, not)."""
     kl, kept, epochs = info["held_kl"], info["kept_epoch"], info["epochs"]
     own = info.get("own_text", 0)
-    head = f"distilled {epochs} epoch{'s' if epochs != 1 else ''}" + (
+    trains = DISTILL_SCOPES[info["scope"]].trains if "scope" in info else ""
+    head = f"distilled {epochs} epoch{'s' if epochs != 1 else ''}" + (f" ({trains})" if trains else "") + (
         f" on {info['fit_windows']} windows, {own} of them the model's own text" if own else "")
     if kept == 0:
         return (f"{head}, none lowered the held-out KL ({kl[0]:.3f}; best {min(kl[1:]):.3f}): the build kept as it "

@@ -86,6 +86,7 @@ def test_the_blocks_scope_trains_the_dense_matrices_too(tiny_lm, tiny_model_dir)
     norms = sum(p.numel() for n, p in built.model.named_parameters() if n.endswith("norm.weight"))
     assert info["trained_params"] == factors + norms + sum(m.weight.numel() for m in dense)
     assert info["kept_epoch"] >= 1
+    assert "distilled 3 epochs (every parameter of the blocks), kept" in distilled_summary(info)
     assert all(m.weight.data_ptr() not in theirs for m in dense)
     assert sum(not torch.equal(m.weight, w) for m, w in zip(dense, before)) == len(dense)
     for n, p in tiny_lm.model.named_parameters():
@@ -236,4 +237,4 @@ def test_compress_distills_from_the_command_line(tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(report.read_text())
     assert r["distill"]["epochs"] == 1 and len(r["distill"]["held_kl"]) == 2 and "distill" in r["timings_s"]
-    assert "distill: distilled 1 epoch, " in out.stdout
+    assert "distill: distilled 1 epoch (the factors and norms), " in out.stdout

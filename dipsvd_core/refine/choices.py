@@ -154,8 +154,8 @@ DISTILL_SCOPES = {
                           "device, and one window's autograd; the plan gives 30 GiB for Llama-3-8B at 512 tokens, 52 "
                           "GiB at 2048, and 27 and 33 GiB with recompute)", "the norms", factors=False),
     "blocks": DistillScope("every parameter of the decoder blocks: the factors, the matrices kept dense (copied from "
-                           "the original first) and every norm; on the bundled model 1-4% lower perplexity than "
-                           "factors, for 10-22% more time; the plan gives 155 GiB for Llama-3-8B",
+                           "the original first) and every norm; on the bundled model 1-7% lower perplexity than "
+                           "factors, for 10-36% more time; the plan gives 155 GiB for Llama-3-8B",
                            "every parameter of the blocks", factors=True, dense=True),
 }
 

@@ -189,8 +189,8 @@ def _distill(t: Terms) -> Cost:
     at once, the trainable parameters (at most the kept parameters, or the norms alone; with the dense matrices, their
     copies too) with their gradients, AdamW's two float32 moments and the best epoch's float32 copy (16-bit weights
     add a float32 master and its gradient), one window's autograd through every block, and the logits of both models
-    and their gradient. With recompute (gradient checkpointing), autograd keeps every block's input and one block's working
-    set at a time instead of every block's."""
+    and their gradient. With recompute (gradient checkpointing), autograd keeps every block's input and one block's
+    working set at a time instead of every block's."""
     scope = DISTILL_SCOPES[t.run.distill.scope]
     params = t.kept if scope.factors else (2 * t.L + 1) * t.H  # norms alone: two a block and the last
     trainable = params * (t.B + 12 + (8 if t.B < 4 else 0))

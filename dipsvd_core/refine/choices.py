@@ -173,7 +173,8 @@ class DistillConfig(AdamWSchedule):
                        widget=Widget("Distillation epochs", 0, 50, 1))
     held: int = knob(4, "distillation: held-out calibration windows whose KL picks the epoch kept", "--distill-held",
                      "positive", widget=Widget("Held-out windows", 1, 64, 1))
-    scope: str = knob("factors", "distillation trains: " + "; ".join(f"{k}: {v.help}" for k, v in DISTILL_SCOPES.items()),
+    scope: str = knob("factors", "distillation trains: " + "; ".join(f"{k}: {s.help}" for k, s in
+                                                                      DISTILL_SCOPES.items()),
                       "--distill-scope", choices=lambda: tuple(DISTILL_SCOPES), widget=Widget("Trains"))
     own_text: int = knob(0, "distillation: windows of text the original writes itself (sampled from prompts of the "
                          "calibration halves, a stream apart from the `self` source's) trained on beside the calibration "

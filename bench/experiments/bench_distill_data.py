@@ -11,8 +11,7 @@ kept by the KL on the same 4 held-out calibration windows. Variants (VARIANTS): 
 peak learning rate. The model's own text is sampled from the original at temperature 1 (top-p 0.95) from prompts of
 the calibration halves, so no panel text and no evaluation half is in it. A variant whose fifth field is true also
 trains the decoder blocks' dense matrices (those the allocation kept whole: the product's scope `blocks`), beside the
-factors and norms. Rows are
-appended to bench/experiments/distill_data.jsonl.
+factors and norms. Rows are appended to bench/experiments/distill_data.jsonl.
 """
 from __future__ import annotations
 
@@ -57,8 +56,7 @@ def wiki_openings(prompts):
     def chosen(tokenizer, group: int) -> list[list[int]]:
         out, wiki = prompts(tokenizer, group), load_documents("wiki", "calib")
         for j in range(2, len(out), 4):  # the product's prompt i is a chat question where i is even
-            doc = wiki[((group * self_text.BATCH + j) // 2) % len(wiki)]
-            out[j] = tokenizer(" ".join(doc.split()[:self_text.PROMPT_WORDS]), add_special_tokens=False)["input_ids"]
+            out[j] = self_text.opening(tokenizer, wiki[((group * self_text.BATCH + j) // 2) % len(wiki)])
         return out
 
     return chosen
@@ -66,24 +64,26 @@ def wiki_openings(prompts):
 
 # the prompts of the model's own text, beside the product's: name -> a wrapper of self_text.prompts
 PROMPTS = {"wiki-openings": wiki_openings}
-PRODUCT_BATCH = 32  # self_text.BATCH as the product has it (main reads it before it sets the group of the old rows)
+# the group the rows before the product's grew to 32 were written in: the group size is part of the stream's cache
+# key and of what is sampled, so the rows of the product's prompts read the same cached windows
+EARLIER_BATCH = 8
 
 
 def own_text(lm, windows: int, seqlen: int, prompts: str | None):
-    """`windows` of the `self` source's text; from other prompts (PROMPTS), a stream of their own: its cache key and
-    its groups' seeds take the prompts' name."""
+    """`windows` of the `self` source's text, in groups of EARLIER_BATCH; from other prompts (PROMPTS), a stream of
+    their own in the product's groups, its cache key and its groups' seeds taking the prompts' name."""
+    from unittest import mock
+
     from dipsvd_core.engine import self_text
 
     if prompts is None:
+        patched = {"BATCH": EARLIER_BATCH}
+    else:
+        key = self_text._key
+        patched = {"prompts": PROMPTS[prompts](self_text.prompts),
+                   "_key": lambda *parts, purpose: key(*parts, prompts, purpose=purpose)}
+    with mock.patch.multiple(self_text, **patched):
         return workbench(lm, windows, seqlen, calib="self").windows()
-    product, key, batch = self_text.prompts, self_text._key, self_text.BATCH
-    self_text.prompts = PROMPTS[prompts](product)
-    self_text._key = lambda *parts, purpose: key(*parts, prompts, purpose=purpose)
-    self_text.BATCH = PRODUCT_BATCH  # a new stream: written in the product's groups
-    try:
-        return workbench(lm, windows, seqlen, calib="self").windows()
-    finally:
-        self_text.prompts, self_text._key, self_text.BATCH = product, key, batch
 
 
 def main() -> None:
@@ -98,11 +98,6 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--allocation", default="nested", help="the build's allocation (the product's default: nested)")
     args = p.parse_args()
-    # The model's own text in groups of 8, as the rows before the product's group grew to 32 were written: the group
-    # size is part of the stream's cache key and of what is sampled, so every row reads the same windows.
-    from dipsvd_core.engine import self_text
-    global PRODUCT_BATCH
-    PRODUCT_BATCH, self_text.BATCH = self_text.BATCH, 8
     lm = load_bundled("cpu", "float32")
     windows, seqlen = calib_size(args.calib)
     bench = workbench(lm, windows, seqlen, calib="mix")

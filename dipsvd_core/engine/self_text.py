@@ -25,6 +25,7 @@ from .data import CHAT_ASK, article_subject, bos_id, load_documents
 
 NEW_TOKENS = 256  # tokens the model writes per prompt
 PROMPT_WORDS = 8  # a plain prompt: the opening words of a news story (or of an article, without a template)
+PROMPT_TOKENS = 64  # what the plan counts for a prompt: a question about a subject or a story's first words
 # prompts written together (a group): on the 2-core CPU, 32 write 141 tokens a second where 8 wrote 74 (64: 159);
 # on a GPU a large model's decode step is bound by reading its weights, so the gain should be larger (not measured;
 # bench/RESULTS.md, "Writing the model's text")
@@ -54,9 +55,13 @@ def prompts(tokenizer, group: int) -> list[list[int]]:
             out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
             continue
         docs = wiki if i % 2 == 0 else news
-        doc = docs[k % len(docs)]
-        out.append(tokenizer(" ".join(doc.split()[:PROMPT_WORDS]), add_special_tokens=False)["input_ids"])
+        out.append(opening(tokenizer, docs[k % len(docs)]))
     return out
+
+
+def opening(tokenizer, doc: str) -> list[int]:
+    """A plain prompt's token ids: the document's first PROMPT_WORDS words."""
+    return tokenizer(" ".join(doc.split()[:PROMPT_WORDS]), add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from ..allocation.budget import matrix_params, rank_for
 from ..allocation.fisher import checkpoint_every
 from ..allocation.strategies import strategy
 from ..engine import passes as P
-from ..engine.self_text import BATCH, NEW_TOKENS
+from ..engine.self_text import BATCH, NEW_TOKENS, PROMPT_TOKENS
 from ..refine.choices import DISTILL_SCOPES, refine_choice
 from .shapes import (BUILT, DEVICE_HEADROOM, DEVICE_RUNTIME, DTYPE_BYTES, Phase, Run, Shapes, memory_size, per_phase,
                      phases_in_order, probe_groups_of)
@@ -147,7 +147,7 @@ def _writing(t: Terms) -> Cost:
     """The model samples a group of BATCH documents at once: the key/value cache of the group at its longest
     (prompt and NEW_TOKENS) at the width of its key/value heads, and the
     group's float32 logits of one step with top-p's sorted copy."""
-    length = NEW_TOKENS + 64  # the prompts are a question about a subject or a story's first words
+    length = PROMPT_TOKENS + NEW_TOKENS
     return Cost(t.weights + 2 * t.L * (t.sh.kv_width or t.H) * BATCH * length * t.B + 3 * BATCH * t.sh.vocab * 4)
 
 

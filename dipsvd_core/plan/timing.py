@@ -13,7 +13,7 @@ from torch import nn
 from ..allocation.strategies import strategy
 from ..engine import passes as P
 from ..engine.data import self_windows
-from ..engine.self_text import BATCH, NEW_TOKENS, TOP_P
+from ..engine.self_text import BATCH, NEW_TOKENS, PROMPT_TOKENS, TOP_P
 from ..lowrank.scalings import best_seconds, symmetric_eigh
 from ..methods.handlers import handler
 from ..refine.choices import TAUS, refine_choice
@@ -116,7 +116,7 @@ def _decode_block_s(model, vocab: int, device: torch.device) -> float:
     """One decode step of the one-block model for a group of BATCH documents, its key/value cache as long as a
     prompt and half a document (the group's mean while it writes); with its embedding and small head, what a step
     costs beside the blocks."""
-    ids = torch.randint(0, vocab, (BATCH, 64 + NEW_TOKENS // 2), device=device)
+    ids = torch.randint(0, vocab, (BATCH, PROMPT_TOKENS + NEW_TOKENS // 2), device=device)
     cache = model(ids, use_cache=True).past_key_values
     last = ids[:, -1:]  # each timed step adds one token to the cache (three in all)
     return best_seconds(lambda: model(last, past_key_values=cache, use_cache=True), device)

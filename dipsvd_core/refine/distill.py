@@ -203,11 +203,10 @@ def distilled_summary(info: dict) -> str:
     """One line for a report or the app: "distilled 4 epochs (the factors and norms), kept epoch 4 (held-out KL
     0.459 -> 0.382, 320 s)", or where no epoch lowered the held-out KL, that the build was kept as it was; with the
     model's own text, how many of the fit windows it was ("distilled 1 epoch (...) on 128 windows, 96 of them the
-    model's own text, ..."). What was trained is named where the run says (a summary saved before it did, not)."""
+    model's own text, ...")."""
     kl, kept, epochs = info["held_kl"], info["kept_epoch"], info["epochs"]
     own = info.get("own_text", 0)
-    trains = DISTILL_SCOPES[info["scope"]].trains if "scope" in info else ""
-    head = f"distilled {epochs} epoch{'s' if epochs != 1 else ''}" + (f" ({trains})" if trains else "") + (
+    head = f"distilled {epochs} epoch{'s' if epochs != 1 else ''} ({DISTILL_SCOPES[info['scope']].trains})" + (
         f" on {info['fit_windows']} windows, {own} of them the model's own text" if own else "")
     if kept == 0:
         return (f"{head}, none lowered the held-out KL ({kl[0]:.3f}; best {min(kl[1:]):.3f}): the build kept as it "
